@@ -1,0 +1,27 @@
+"""Enumerated CLI choices, kept free of heavy imports so `ptqflow --help` stays fast."""
+
+from enum import Enum
+
+
+class Preprocessing(str, Enum):
+    raw = "raw"  # float32 0..255, what the MLPerf Tiny ResNet8 expects
+    unit = "unit"  # float32 0..1
+    standardize = "standardize"  # (x - CIFAR-10 mean) / std, per channel
+
+
+class LayoutChoice(str, Enum):
+    auto = "auto"  # read it from the model's input shape
+    nhwc = "NHWC"
+    nchw = "NCHW"
+
+
+class CalibrationMethod(str, Enum):
+    minmax = "MinMax"
+    entropy = "Entropy"
+    percentile = "Percentile"
+    distribution = "Distribution"
+
+
+VARIANT_NAMES = ("pytorch-fx-int8", "pytorch-fx-int8-x86", "ort-int8", "ort-uint8", "pytorch-fx-uint8")
+PYTORCH_VARIANTS = tuple(n for n in VARIANT_NAMES if n.startswith("pytorch"))
+ORT_VARIANTS = tuple(n for n in VARIANT_NAMES if n.startswith("ort"))
