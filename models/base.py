@@ -1,0 +1,82 @@
+"""What every quantization backend shares: the float model it starts from and what it hands back."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.onnx_model import OnnxClassifier, to_torch
+
+
+class UnsupportedVariant(Exception):
+    """The backend library refuses this configuration; `reason` is the library's own words."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class FloatModel:
+    """The FP32 model in each form a backend needs, each made once per sweep and shared by all variants."""
+
+    onnx: OnnxClassifier
+    work_dir: Path
+    _torch_module: object = field(default=None, repr=False)
+    _ort_ready: Path | None = field(default=None, repr=False)
+
+    @property
+    def torch_module(self):
+        if self._torch_module is None:
+            self._torch_module = to_torch(self.onnx)
+        return self._torch_module
+
+    @property
+    def ort_ready_path(self) -> Path:
+        """The model after onnxruntime's quantization pre-processing (shape inference, graph optimization)."""
+        if self._ort_ready is None:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            target = self.work_dir / "fp32_preprocessed.onnx"
+            quant_pre_process(str(self.onnx.path), str(target), skip_symbolic_shape=False)
+            self._ort_ready = target
+        return self._ort_ready
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    path: Path
+    format: str  # "torchscript" or "onnx"
+
+
+def config_dict(config) -> dict:
+    return asdict(config)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path` and rename, so a failure never leaves a partial file in its place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    write_atomic(path, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def batches(array: np.ndarray, batch_size: int):
+    for start in range(0, len(array), batch_size):
+        yield array[start:start + batch_size]

@@ -1,0 +1,130 @@
+"""PyTorch FX graph-mode static quantization: prepare_fx → calibrate → convert_fx → TorchScript.
+
+FX GraphModules do not pickle reliably, so the quantized model is traced and saved as TorchScript.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from models.base import FloatModel, QuantizedModel, UnsupportedVariant, batches, write_atomic
+
+BACKENDS = ("fbgemm", "x86")
+MODEL_FILE_NAME = "model.pt"
+
+
+@dataclass(frozen=True)
+class PytorchFxConfig:
+    """One FX static quantization recipe. Every field is logged as an MLflow param."""
+
+    backend: str = "fbgemm"  # quantized engine and backend config: fbgemm or x86
+    weight_dtype: str = "qint8"  # qint8; quint8 is attempted to record that fbgemm/x86 refuse it
+    activation_dtype: str = "quint8"
+    per_channel: bool = True  # per-output-channel weight scales for conv and linear
+    activation_observer: str = "histogram"  # histogram or minmax
+    reduce_range: bool = True  # 7-bit activations, the default qconfigs' guard for CPUs without VNNI
+    calibration_batch_size: int = 100
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.weight_dtype not in ("qint8", "quint8") or self.activation_dtype not in ("quint8", "qint8"):
+            raise ValueError("dtypes must be qint8 or quint8")
+        if self.activation_observer not in ("histogram", "minmax"):
+            raise ValueError("activation_observer must be histogram or minmax")
+
+    @property
+    def quant_format(self) -> str:
+        return "fx-static"
+
+    def qconfig_summary(self) -> str:
+        weights = f"{'per-channel' if self.per_channel else 'per-tensor'} symmetric {self.weight_dtype}"
+        acts = f"{self.activation_observer} {self.activation_dtype}{' reduce_range' if self.reduce_range else ''}"
+        return f"weights: {weights}; activations: {acts}; backend: {self.backend}"
+
+
+def _qconfig(config: PytorchFxConfig):
+    import torch
+    from torch.ao.quantization import QConfig
+    from torch.ao.quantization.observer import (
+        HistogramObserver,
+        MinMaxObserver,
+        PerChannelMinMaxObserver,
+    )
+
+    act_dtype = getattr(torch, config.activation_dtype)
+    weight_dtype = getattr(torch, config.weight_dtype)
+    act_observer = HistogramObserver if config.activation_observer == "histogram" else MinMaxObserver
+    activation = act_observer.with_args(dtype=act_dtype, reduce_range=config.reduce_range)
+    symmetric = torch.per_channel_symmetric if config.per_channel else torch.per_tensor_symmetric
+    if weight_dtype == torch.quint8:  # symmetric schemes need a signed type
+        symmetric = torch.per_channel_affine if config.per_channel else torch.per_tensor_affine
+    weight_observer = PerChannelMinMaxObserver if config.per_channel else MinMaxObserver
+    weight = weight_observer.with_args(dtype=weight_dtype, qscheme=symmetric)
+    return QConfig(activation=activation, weight=weight)
+
+
+def _backend_config(config: PytorchFxConfig):
+    """The backend's own pattern config; for non-default dtypes, widened so FX attempts them instead of silently
+    leaving conv/linear in float, and the kernel library gives its verdict."""
+    import torch
+    from torch.ao.quantization.backend_config import BackendConfig, DTypeConfig, get_fbgemm_backend_config
+    from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
+
+    base = get_fbgemm_backend_config() if config.backend == "fbgemm" else get_x86_backend_config()
+    if config.weight_dtype == "qint8" and config.activation_dtype == "quint8":
+        return base
+    act, weight = getattr(torch, config.activation_dtype), getattr(torch, config.weight_dtype)
+    extra = DTypeConfig(input_dtype=act, output_dtype=act, weight_dtype=weight, bias_dtype=torch.float)
+    widened = BackendConfig(f"{base.name}_{config.activation_dtype}_{config.weight_dtype}")
+    for pattern_config in base.configs:
+        if any(dc.weight_dtype is not None for dc in pattern_config.dtype_configs):
+            pattern_config.add_dtype_config(extra)
+        widened.set_backend_pattern_config(pattern_config)
+    return widened
+
+
+def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.ndarray, out_dir: Path,
+             advance: Callable[[int], None] = lambda n: None) -> QuantizedModel:
+    """Quantize the onnx2torch module with `config`, calibrating on model-ready `calibration` inputs, and save the
+    traced TorchScript as out_dir/model.pt. Raises UnsupportedVariant when the kernels refuse the dtypes."""
+    import copy
+
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    example = torch.from_numpy(calibration[:2])
+    backend_config = _backend_config(config)
+    mapping = get_default_qconfig_mapping(config.backend).set_global(_qconfig(config))
+    previous_engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = config.backend
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao deprecation notices on every call
+            module = copy.deepcopy(float_model.torch_module)
+            prepared = prepare_fx(module, mapping, example_inputs=(example,), backend_config=backend_config)
+            with torch.no_grad():  # observers update their buffers in place
+                for batch in batches(calibration, config.calibration_batch_size):
+                    prepared(torch.from_numpy(batch))
+                    advance(len(batch))
+            try:
+                quantized = convert_fx(prepared, backend_config=backend_config)
+            except RuntimeError as exc:
+                raise UnsupportedVariant(f"{config.backend} cannot pack {config.weight_dtype} weights: "
+                                         f"{str(exc).splitlines()[0]}") from exc
+            with torch.no_grad():
+                traced = torch.jit.trace(quantized, example)
+            buffer = io.BytesIO()
+            torch.jit.save(traced, buffer)
+    finally:
+        torch.backends.quantized.engine = previous_engine
+    path = out_dir / MODEL_FILE_NAME
+    write_atomic(path, buffer.getvalue())
+    return QuantizedModel(path=path, format="torchscript")

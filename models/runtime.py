@@ -1,0 +1,56 @@
+"""Run a model file with its own runtime: an onnxruntime session or a TorchScript module.
+
+Both expose `predict(batch) -> np.ndarray` on model-ready float32 input, so evaluation and benchmarking do not
+care which framework produced a variant.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def cpu_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class OrtRunner:
+    def __init__(self, model: Path | bytes, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or cpu_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # the quantizer's shape warnings are noise to users
+        source = str(model) if isinstance(model, Path) else model
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+class TorchRunner:
+    def __init__(self, module):
+        import torch
+
+        self._torch = torch
+        self.module = module.eval()
+
+    @classmethod
+    def from_torchscript(cls, path: Path) -> "TorchRunner":
+        import torch
+
+        return cls(torch.jit.load(str(path), map_location="cpu"))
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            out = self.module(self._torch.from_numpy(batch))
+        return out.float().numpy() if not out.is_quantized else out.dequantize().numpy()
+
+
+def load_runner(path: Path):
+    """Pick the runtime by file type: .onnx → onnxruntime, anything else → TorchScript."""
+    return OrtRunner(path) if path.suffix == ".onnx" else TorchRunner.from_torchscript(path)
