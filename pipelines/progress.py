@@ -1,0 +1,29 @@
+"""Rich progress bars for long steps; silent when output is not a terminal so logs stay readable."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def progress_task(description: str, total: int):
+    """Yields advance(n). Transient: the bar disappears when the step ends, the step's summary line stays."""
+    enabled = console.is_terminal
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not enabled) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)
+
+
+def say(message: str) -> None:
+    console.print(message, highlight=False)
+
+
+def is_interactive() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,84 @@
+"""Get a registered model back: download, verify its SHA-256 before loading, optionally re-check accuracy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.onnx_model import file_sha256
+from pipelines.errors import IntegrityError, TrackingError
+
+ACCURACY_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class PullResult:
+    name: str
+    version: str
+    model_file: Path
+    sha256: str
+    logged_accuracy: float | None
+    accuracy: float | None = None  # re-computed with --evaluate
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None]:
+    """NAME@ALIAS → (NAME, ALIAS); NAME → (NAME, None)."""
+    name, _, alias = ref.partition("@")
+    if not name:
+        raise TrackingError(f"'{ref}' is not a registered model name (NAME or NAME@ALIAS)")
+    return name, alias or None
+
+
+def pull(name: str, version: str | None, alias: str | None, output_dir: Path,
+         data_dir: Path | None = None) -> PullResult:
+    from tracking import registry
+    from tracking.keys import VersionTag as V
+
+    registered = registry.resolve(name, version, alias)
+    expected_sha = registered.tags.get(V.SHA256)
+    relative_file = registered.tags.get(V.MODEL_FILE)
+    if not expected_sha or not relative_file:
+        raise IntegrityError(f"{name} version {registered.version} has no '{V.SHA256}'/'{V.MODEL_FILE}' tags; "
+                             "it was not registered by ptqflow and cannot be verified")
+    model_dir = registry.download(registered, output_dir / f"{name}-v{registered.version}")
+    model_file = (model_dir / relative_file).resolve()
+    if model_dir.resolve() not in model_file.parents or not model_file.is_file():
+        raise IntegrityError(f"{name} version {registered.version}: model file '{relative_file}' is missing "
+                             "from the download")
+    actual_sha = file_sha256(model_file)
+    if actual_sha != expected_sha:
+        # TorchScript loading runs code and has no safe mode: a changed file is never loaded.
+        raise IntegrityError(f"{name} version {registered.version}: {model_file.name} has SHA-256 "
+                             f"{actual_sha[:12]}…, registered {expected_sha[:12]}…; refusing to load it")
+    logged = float(registered.tags[V.ACCURACY]) if V.ACCURACY in registered.tags else None
+    result = PullResult(name, registered.version, model_file, actual_sha, logged)
+    from models.runtime import load_runner
+
+    runner = load_runner(model_file)  # loading proves the file is usable
+    if data_dir is None:
+        return result
+    return _reevaluate(result, runner, registered.tags, data_dir)
+
+
+def _reevaluate(result: PullResult, runner, tags: dict[str, str], data_dir: Path) -> PullResult:
+    from dataclasses import replace
+
+    from pipelines.cifar import load_cifar10
+    from pipelines.evaluation import evaluate, predict_scores
+    from pipelines.preprocessing import InputTransform, Preprocessing
+    from tracking.keys import VersionTag as V
+
+    data = load_cifar10(data_dir)
+    limit = int(tags[V.TEST_IMAGES]) if V.TEST_IMAGES in tags else None
+    if V.DATASET_DIGEST in tags and tags[V.DATASET_DIGEST] != data.digest:
+        raise IntegrityError(f"{data_dir} is not the dataset {result.name} v{result.version} was measured on "
+                             "(dataset SHA-256 differs); pass the same --data-dir as the sweep")
+    test = data.test.head(limit)
+    transform = InputTransform(tags.get(V.INPUT_LAYOUT, "NHWC"), Preprocessing(tags.get(V.PREPROCESSING, "raw")))
+    scores = predict_scores(runner, test.images, transform, f"evaluating {result.name} v{result.version}")
+    accuracy = evaluate(scores, test.labels, data.class_names).accuracy
+    result = replace(result, accuracy=accuracy)
+    if result.logged_accuracy is not None and abs(accuracy - result.logged_accuracy) > ACCURACY_TOLERANCE:
+        raise IntegrityError(f"{result.name} v{result.version}: accuracy {accuracy:.6f} differs from the "
+                             f"registered {result.logged_accuracy:.6f} by more than {ACCURACY_TOLERANCE}")
+    return result

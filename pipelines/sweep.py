@@ -1,0 +1,444 @@
+"""The sweep: FP32 baseline plus every quantization variant, each an MLflow child run of one parent run.
+
+Inputs (data, calibration set, converted models) are built once and shared by every variant. A variant that fails
+ends its own run FAILED and the sweep goes on; the library's refusal of an unsupported configuration is recorded
+as such, not as an error.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from models.base import FloatModel, UnsupportedVariant, write_json_atomic
+from models.onnx_model import OnnxClassifier, file_sha256, load_classifier
+from pipelines import report
+from pipelines.calibration import indices_digest, stratified_indices
+from pipelines.cifar import Cifar10, Split, load_cifar10
+from pipelines.errors import ConfigError, PtqflowError
+from pipelines.evaluation import Evaluation, Fidelity, evaluate, fidelity, predict_scores
+from pipelines.choices import LayoutChoice, Preprocessing
+from pipelines.preprocessing import InputTransform, resolve_layout
+from pipelines.progress import progress_task, say
+from pipelines.variants import DEFAULT_VARIANTS, FP32, ONNXRUNTIME, PYTORCH, VariantSpec, select
+
+DEFAULT_MODEL = Path("models/resnet8.onnx")
+DEFAULT_DATA_DIR = Path("data/cifar-10-batches-py")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+FP32_AGREEMENT_WARNING = 0.999  # torch vs ORT FP32 top-1 agreement below this is tagged as a warning
+TRACKED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnx2torch", "mlflow", "numpy")
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    model_path: Path = DEFAULT_MODEL
+    data_dir: Path = DEFAULT_DATA_DIR
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    experiment: str = "resnet8-quantization"
+    registered_model: str = "resnet8-int8"
+    registered_onnx_model: str = "resnet8-int8-onnx"
+    register: bool = True
+    calibration_size: int = 1000
+    calibration_seed: int = 0
+    test_limit: int | None = None
+    input_layout: LayoutChoice = LayoutChoice.auto
+    preprocessing: Preprocessing = Preprocessing.raw
+    ort_per_channel: bool | None = None
+    ort_calibration_method: str | None = None
+    run_name: str | None = None
+
+    def __post_init__(self):
+        if self.test_limit is not None and self.test_limit <= 0:
+            raise ConfigError(f"--test-limit must be positive, got {self.test_limit}")
+
+
+@dataclass(frozen=True)
+class SweepInputs:
+    """Everything loaded and derived once per sweep."""
+
+    data: Cifar10
+    model: OnnxClassifier
+    transform: InputTransform
+    calibration_indices: np.ndarray
+    calibration: np.ndarray  # model-ready float32
+    test: Split
+
+    @property
+    def calibration_digest(self) -> str:
+        return indices_digest(self.calibration_indices)
+
+
+def prepare_inputs(options: SweepOptions) -> SweepInputs:
+    """Load and validate model and data, build the calibration set. Raises PtqflowError on bad input."""
+    model = load_classifier(options.model_path)
+    data = load_cifar10(options.data_dir)
+    transform = InputTransform(resolve_layout(options.input_layout, model.input.layout), options.preprocessing)
+    if options.calibration_size > len(data.train):
+        raise ConfigError(f"--calibration-size {options.calibration_size} exceeds the {len(data.train)} training "
+                          "images; pass a smaller --calibration-size")
+    indices = stratified_indices(data.train.labels, options.calibration_size, options.calibration_seed)
+    return SweepInputs(data=data, model=model, transform=transform, calibration_indices=indices,
+                       calibration=transform(data.train.images[indices]), test=data.test.head(options.test_limit))
+
+
+@dataclass
+class VariantOutcome:
+    name: str
+    framework: str
+    status: str  # ok, unsupported or failed
+    run_id: str
+    spec: VariantSpec | None = None
+    evaluation: Evaluation | None = None
+    fidelity: Fidelity | None = None
+    model_file: Path | None = None  # the file inside the logged MLflow model
+    model_file_in_artifacts: str = ""
+    model_sha256: str = ""
+    quantized_engine: str = ""
+    reason: str = ""
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    outcomes: list[VariantOutcome]
+    rows: list[report.VariantRow]
+    registered: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[VariantOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _quantized_engine() -> str:
+    import torch
+
+    return torch.backends.quantized.engine
+
+
+class Sweep:
+    """One sweep: owns the parent run and runs each variant as a child run."""
+
+    def __init__(self, options: SweepOptions, inputs: SweepInputs, work_dir: Path):
+        from tracking import runs
+        from tracking.keys import Artifact, Metric, Param, Tag, VersionTag
+
+        self.runs, self.Artifact, self.Metric, self.Param, self.Tag, self.VersionTag = (
+            runs, Artifact, Metric, Param, Tag, VersionTag)
+        self.options = options
+        self.inputs = inputs
+        self.work_dir = work_dir
+        self.float_model = FloatModel(inputs.model, work_dir)
+        self.specs = select(options.variants, options.ort_per_channel, options.ort_calibration_method)
+        self.versions = package_versions()
+        self.example_input = inputs.transform(inputs.test.images[:1])
+        self.reference: Evaluation | None = None
+
+    # ---- shared run metadata -------------------------------------------------------------------------------
+    def _common_tags(self, parent_run_id: str | None) -> dict[str, str]:
+        tags = {self.Tag.MODEL_SHA256: self.inputs.model.sha256,
+                self.Tag.DATASET_DIGEST: self.inputs.data.digest,
+                self.Tag.CALIBRATION_DIGEST: self.inputs.calibration_digest,
+                **self.runs.process_tags(),
+                **{self.Tag.VERSION_PREFIX + k: v for k, v in self.versions.items()}}
+        commit = git_commit()
+        if commit:
+            tags[self.Tag.GIT_COMMIT] = commit
+        if parent_run_id:
+            tags[self.Tag.SWEEP_RUN_ID] = parent_run_id
+        return tags
+
+    def _variant_params(self, spec: VariantSpec | None) -> dict:
+        P = self.Param
+        common = {P.CALIBRATION_SIZE: len(self.inputs.calibration_indices), P.CALIBRATION_SEED: self.options.calibration_seed,
+                  P.INPUT_LAYOUT: self.inputs.transform.layout, P.PREPROCESSING: self.inputs.transform.preprocessing.value}
+        if spec is None:
+            return {P.VARIANT: FP32, P.FRAMEWORK: ONNXRUNTIME, P.BACKEND: "onnxruntime-cpu",
+                    P.WEIGHT_DTYPE: "float32", P.ACTIVATION_DTYPE: "float32", P.QUANT_FORMAT: "none",
+                    P.PER_CHANNEL: False, P.CALIBRATION_METHOD: "none", P.QCONFIG: "none (FP32 reference)", **common}
+        return {P.VARIANT: spec.name, P.FRAMEWORK: spec.framework, P.BACKEND: spec.config.backend,
+                P.WEIGHT_DTYPE: spec.weight_dtype, P.ACTIVATION_DTYPE: spec.activation_dtype,
+                P.QUANT_FORMAT: spec.quant_format, P.PER_CHANNEL: spec.config.per_channel,
+                P.CALIBRATION_METHOD: spec.calibration_method, P.QCONFIG: spec.config.qconfig_summary(), **common}
+
+    def _log_datasets(self) -> None:
+        data, source = self.inputs.data, str(self.inputs.data.root.resolve())
+        self.runs.log_dataset(self.inputs.test.images, self.inputs.test.labels, source, "cifar10-test",
+                              data.digest, self.Artifact.DATASET_CONTEXT_TEST)
+
+    # ---- FP32 reference ------------------------------------------------------------------------------------
+    def run_fp32(self, experiment_id: str, parent_run_id: str) -> VariantOutcome:
+        from models.runtime import OrtRunner, TorchRunner
+
+        test, transform, names = self.inputs.test, self.inputs.transform, self.inputs.data.class_names
+        with self.runs.run_scope(experiment_id, FP32, nested=True,
+                                 tags={self.Tag.ROLE: self.Tag.ROLE_VARIANT, self.Tag.VARIANT: FP32}) as run_id:
+            self.runs.set_tags(self._common_tags(parent_run_id))
+            self.runs.log_params(self._variant_params(None))
+            self._log_datasets()
+            batch = self.inputs.model.input.batch_size or 500
+            ort_scores = predict_scores(OrtRunner(self.inputs.model.path), test.images, transform,
+                                        "FP32 onnxruntime", batch)
+            torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), test.images, transform,
+                                          "FP32 onnx2torch", batch)
+            self.reference = evaluate(ort_scores, test.labels, names)
+            torch_eval = evaluate(torch_scores, test.labels, names)
+            torch_agreement = fidelity(self.reference, torch_eval).top1_agreement
+            if torch_agreement < FP32_AGREEMENT_WARNING:
+                self.runs.set_tags({self.Tag.WARNING: f"{self.Tag.WARNING_FP32_MISMATCH}: onnx2torch and onnxruntime "
+                                                      f"agree on {100 * torch_agreement:.2f}% of top-1"})
+            with tempfile.TemporaryDirectory(dir=self.work_dir) as d:
+                model_dir = Path(d) / "mlflow_model"
+                model_file = self.runs.save_onnx_model(self.inputs.model.path, model_dir, self.example_input,
+                                                       ort_scores[:1], self._onnx_requirements())
+                self.runs.log_model_dir(model_dir)
+            self.runs.log_file(self.inputs.model.path, self.Artifact.MODEL_FILE_DIR)
+            self.runs.log_json({"variant": FP32, "note": "FP32 reference, no quantization"}, self.Artifact.QCONFIG)
+            self.runs.log_json(self.reference.per_class_accuracy, self.Artifact.PER_CLASS_ACCURACY)
+            self.runs.log_metrics({
+                self.Metric.ACCURACY: self.reference.accuracy, self.Metric.ACCURACY_DELTA_PP: 0.0,
+                self.Metric.TOP1_AGREEMENT: 1.0, self.Metric.KL_DIVERGENCE: 0.0,
+                self.Metric.MODEL_SIZE_BYTES: self.inputs.model.size_bytes, self.Metric.COMPRESSION_RATIO: 1.0,
+                self.Metric.TORCH_ORT_AGREEMENT: torch_agreement, self.Metric.TEST_IMAGES: len(test)})
+            self.runs.set_tags({self.Tag.STATUS: self.Tag.STATUS_OK})
+        say(f"[green]✓[/] fp32: accuracy {100 * self.reference.accuracy:.2f}% (onnx2torch agrees on "
+            f"{100 * torch_agreement:.2f}%)")
+        return VariantOutcome(FP32, ONNXRUNTIME, "ok", run_id, evaluation=self.reference,
+                              fidelity=Fidelity(1.0, 0.0, float("inf")))
+
+    def _onnx_requirements(self) -> list[str]:
+        return [f"onnx=={self.versions['onnx']}", f"onnxruntime=={self.versions['onnxruntime']}",
+                f"numpy=={self.versions['numpy']}"]
+
+    # ---- one variant ---------------------------------------------------------------------------------------
+    def run_variant(self, spec: VariantSpec, experiment_id: str, parent_run_id: str) -> VariantOutcome:
+        outcome = VariantOutcome(spec.name, spec.framework, "failed", "", spec=spec)
+        try:
+            with self.runs.run_scope(experiment_id, spec.name, nested=True,
+                                     tags={self.Tag.ROLE: self.Tag.ROLE_VARIANT, self.Tag.VARIANT: spec.name}) as run_id:
+                outcome.run_id = run_id
+                try:
+                    self._quantize_and_log(spec, outcome)
+                except UnsupportedVariant as exc:
+                    outcome.status, outcome.reason = "unsupported", exc.reason
+                    self.runs.set_tags({self.Tag.STATUS: self.Tag.STATUS_UNSUPPORTED, self.Tag.REASON: exc.reason})
+                    raise
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:
+                    outcome.reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                    self.runs.set_tags({self.Tag.STATUS: self.Tag.STATUS_FAILED, self.Tag.REASON: outcome.reason[:5000]})
+                    raise
+        except UnsupportedVariant:
+            say(f"[yellow]–[/] {spec.name}: unsupported ({outcome.reason})")
+            return outcome
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:
+            say(f"[red]✗[/] {spec.name}: failed ({outcome.reason})")
+            return outcome
+        outcome.status = "ok"
+        say(f"[green]✓[/] {spec.name}: accuracy {100 * outcome.evaluation.accuracy:.2f}% "
+            f"({100 * (outcome.evaluation.accuracy - self.reference.accuracy):+.2f} pp), "
+            f"agreement {100 * outcome.fidelity.top1_agreement:.2f}%")
+        return outcome
+
+    def _quantize_and_log(self, spec: VariantSpec, outcome: VariantOutcome) -> None:
+        from models.runtime import OrtRunner, TorchRunner
+
+        A, M, T = self.Artifact, self.Metric, self.Tag
+        self.runs.set_tags(self._common_tags(self.parent_run_id))
+        self.runs.log_params(self._variant_params(spec))
+        self._log_datasets()
+        self.runs.log_json({"variant": spec.name, "framework": spec.framework, "backend": spec.config.backend,
+                            "config": _config_payload(spec.config)}, A.QCONFIG)
+        variant_dir = self.work_dir / spec.name
+        with progress_task(f"calibrating {spec.name}", total=len(self.inputs.calibration)) as advance:
+            quantized = spec.quantize(self.float_model, self.inputs.calibration, variant_dir, advance)
+        write_json_atomic(variant_dir / A.QCONFIG, _config_payload(spec.config))
+        model_dir = variant_dir / "mlflow_model"
+        if quantized.format == "torchscript":
+            import torch
+
+            # Evaluate and register the exact file users get, loaded the way they load it.
+            script = torch.jit.load(str(quantized.path))
+            example_out = script(torch.from_numpy(self.example_input)).numpy()
+            model_file = self.runs.save_torchscript_model(script, model_dir, self.example_input, example_out,
+                                                          [f"torch=={self.versions['torch']}",
+                                                           f"numpy=={self.versions['numpy']}"])
+            runner = TorchRunner.from_torchscript(model_file)
+            outcome.quantized_engine = _quantized_engine()
+            self.runs.set_tags({T.QUANTIZED_ENGINE: outcome.quantized_engine})
+        else:
+            runner = OrtRunner(quantized.path)
+            example_out = runner.predict(self.example_input)
+            model_file = self.runs.save_onnx_model(quantized.path, model_dir, self.example_input, example_out,
+                                                   self._onnx_requirements())
+            runner = OrtRunner(model_file)
+        batch = self.inputs.model.input.batch_size or 500
+        scores = predict_scores(runner, self.inputs.test.images, self.inputs.transform, f"evaluating {spec.name}", batch)
+        outcome.evaluation = evaluate(scores, self.inputs.test.labels, self.inputs.data.class_names)
+        outcome.fidelity = fidelity(self.reference, outcome.evaluation)
+        outcome.model_file = model_file
+        outcome.model_file_in_artifacts = str(model_file.relative_to(model_dir))
+        outcome.model_sha256 = file_sha256(model_file)
+        size = model_file.stat().st_size
+        self.runs.log_model_dir(model_dir)
+        public_name = "model.pt" if quantized.format == "torchscript" else "model.onnx"
+        shutil.copyfile(model_file, variant_dir / public_name)  # same bytes as the registered file
+        self.runs.log_file(variant_dir / public_name, A.MODEL_FILE_DIR)
+        self.runs.log_json(outcome.evaluation.per_class_accuracy, A.PER_CLASS_ACCURACY)
+        self.runs.log_metrics({
+            M.ACCURACY: outcome.evaluation.accuracy,
+            M.ACCURACY_DELTA_PP: 100 * (outcome.evaluation.accuracy - self.reference.accuracy),
+            M.TOP1_AGREEMENT: outcome.fidelity.top1_agreement, M.KL_DIVERGENCE: outcome.fidelity.kl_divergence,
+            M.SQNR_DB: outcome.fidelity.sqnr_db, M.MODEL_SIZE_BYTES: size,
+            M.COMPRESSION_RATIO: self.inputs.model.size_bytes / size, M.TEST_IMAGES: len(self.inputs.test)})
+        self.runs.set_tags({T.STATUS: T.STATUS_OK})
+
+    # ---- registry ------------------------------------------------------------------------------------------
+    def register_best(self, outcomes: list[VariantOutcome]) -> list:
+        from tracking import registry
+
+        registered = []
+        for framework, name in ((PYTORCH, self.options.registered_model),
+                                (ONNXRUNTIME, self.options.registered_onnx_model)):
+            candidates = [o for o in outcomes if o.framework == framework and o.status == "ok" and o.name != FP32
+                          and o.spec is not None and o.spec.weight_dtype == "int8"]
+            if not candidates:
+                continue
+            # Agreement with FP32 is the sharper measure on 10,000 images; accuracy breaks ties.
+            best = max(candidates, key=lambda o: (o.fidelity.top1_agreement, o.evaluation.accuracy))
+            V = self.VersionTag
+            tags = {V.ACCURACY: f"{best.evaluation.accuracy:.6f}",
+                    V.ACCURACY_DELTA_PP: f"{100 * (best.evaluation.accuracy - self.reference.accuracy):.4f}",
+                    V.TOP1_AGREEMENT: f"{best.fidelity.top1_agreement:.6f}", V.VARIANT: best.name,
+                    V.SOURCE_RUN_ID: best.run_id, V.SHA256: best.model_sha256, V.MODEL_FILE: best.model_file_in_artifacts,
+                    V.TEST_IMAGES: str(len(self.inputs.test)), V.DATASET_DIGEST: self.inputs.data.digest,
+                    V.INPUT_LAYOUT: self.inputs.transform.layout,
+                    V.PREPROCESSING: self.inputs.transform.preprocessing.value}
+            if best.quantized_engine:
+                tags[V.QUANTIZED_ENGINE] = best.quantized_engine
+            description = (f"{best.name}: {self.inputs.model.path.name} quantized by ptqflow. Top-1 accuracy "
+                           f"{100 * best.evaluation.accuracy:.2f}% on {len(self.inputs.test)} CIFAR-10 test images "
+                           f"({100 * (best.evaluation.accuracy - self.reference.accuracy):+.2f} pp vs FP32), "
+                           f"agreement with FP32 {100 * best.fidelity.top1_agreement:.2f}%. Source run {best.run_id}.")
+            version = registry.register(f"runs:/{best.run_id}/{self.Artifact.LOGGED_MODEL_NAME}", name, tags, description)
+            self.runs.set_run_tags(best.run_id, {self.Tag.REGISTERED_VERSION: f"{name}/{version.version}"})
+            say(f"[green]✓[/] registered {best.name} as [bold]{name}[/] version {version.version}")
+            registered.append(version)
+        return registered
+
+    # ---- the whole sweep -----------------------------------------------------------------------------------
+    def run(self) -> SweepResult:
+        import mlflow  # only for the active run's experiment under `mlflow run`
+
+        started = time.perf_counter()
+        experiment_id = self.runs.ensure_experiment(self.options.experiment)
+        with self.runs.run_scope(experiment_id, self.options.run_name) as parent_run_id:
+            self.parent_run_id = parent_run_id
+            experiment_id = mlflow.active_run().info.experiment_id  # `mlflow run` may have chosen another one
+            self.runs.set_tags({self.Tag.ROLE: self.Tag.ROLE_SWEEP, **self._common_tags(None)})
+            P = self.Param
+            self.runs.log_params({P.MODEL_PATH: str(self.options.model_path), P.DATA_DIR: str(self.options.data_dir),
+                                  P.VARIANTS: ",".join(s.name for s in self.specs),
+                                  P.CALIBRATION_SIZE: len(self.inputs.calibration_indices),
+                                  P.CALIBRATION_SEED: self.options.calibration_seed,
+                                  P.INPUT_LAYOUT: self.inputs.transform.layout,
+                                  P.PREPROCESSING: self.inputs.transform.preprocessing.value,
+                                  P.TEST_LIMIT: self.options.test_limit or "none"})
+            self._log_datasets()
+            self.runs.log_json({"indices": self.inputs.calibration_indices.tolist(),
+                                "sha256": self.inputs.calibration_digest}, self.Artifact.CALIBRATION_INDICES)
+            outcomes = [self.run_fp32(experiment_id, parent_run_id)]
+            outcomes += [self.run_variant(spec, experiment_id, parent_run_id) for spec in self.specs]
+            registered = self.register_best(outcomes) if self.options.register else []
+            rows = [self._row(o) for o in outcomes]
+            title = f"{self.inputs.model.path.name} on {len(self.inputs.test)} CIFAR-10 test images"
+            self.runs.log_text(report.to_markdown(rows, title), self.Artifact.COMPARISON_MD)
+            self.runs.log_text(report.to_csv(rows), self.Artifact.COMPARISON_CSV)
+            seconds = time.perf_counter() - started
+            self._log_summary(outcomes, seconds)
+            result = SweepResult(parent_run_id, outcomes, rows, registered, seconds)
+            if result.failed:
+                raise VariantsFailed(result)
+        return result
+
+    def _log_summary(self, outcomes: list[VariantOutcome], seconds: float) -> None:
+        M = self.Metric
+        quantized = [o for o in outcomes if o.status == "ok" and o.name != FP32]
+        summary = {M.VARIANTS_OK: len(quantized), M.VARIANTS_FAILED: sum(o.status == "failed" for o in outcomes),
+                   M.VARIANTS_UNSUPPORTED: sum(o.status == "unsupported" for o in outcomes),
+                   M.ACCURACY: self.reference.accuracy, M.SWEEP_SECONDS: seconds}
+        if quantized:
+            summary[M.BEST_INT8_ACCURACY] = max(o.evaluation.accuracy for o in quantized)
+            summary[M.BEST_INT8_AGREEMENT] = max(o.fidelity.top1_agreement for o in quantized)
+        self.runs.log_metrics(summary)
+
+    def _row(self, o: VariantOutcome) -> report.VariantRow:
+        params = self._variant_params(o.spec)
+        P = self.Param
+        size = (o.model_file.stat().st_size if o.model_file else
+                self.inputs.model.size_bytes if o.name == FP32 else None)
+        return report.VariantRow(
+            variant=o.name, framework=params[P.FRAMEWORK], backend=params[P.BACKEND],
+            weight_dtype=params[P.WEIGHT_DTYPE], activation_dtype=params[P.ACTIVATION_DTYPE],
+            quant_format=params[P.QUANT_FORMAT], per_channel=params[P.PER_CHANNEL],
+            calibration_method=params[P.CALIBRATION_METHOD], status=o.status,
+            accuracy=o.evaluation.accuracy if o.evaluation else None,
+            accuracy_delta_pp=100 * (o.evaluation.accuracy - self.reference.accuracy) if o.evaluation else None,
+            top1_agreement=o.fidelity.top1_agreement if o.fidelity else None, model_size_bytes=size,
+            compression_ratio=self.inputs.model.size_bytes / size if size else None, reason=o.reason, run_id=o.run_id)
+
+
+class VariantsFailed(PtqflowError):
+    """Some variants failed unexpectedly; the others were logged. Ends the parent run FAILED."""
+
+    exit_code = 1
+
+    def __init__(self, result: SweepResult):
+        names = ", ".join(f"{o.name} ({o.reason})" for o in result.failed)
+        super().__init__(f"{len(result.failed)} variant(s) failed: {names}; the other runs are logged "
+                         f"under sweep run {result.parent_run_id}")
+        self.result = result
+
+
+def _config_payload(config) -> dict:
+    from dataclasses import asdict
+
+    payload = asdict(config)
+    payload["type"] = type(config).__name__
+    return payload
+
+
+def run_sweep(options: SweepOptions) -> SweepResult:
+    """Prepare inputs, then run the sweep in a scratch directory that is removed afterwards."""
+    inputs = prepare_inputs(options)
+    with tempfile.TemporaryDirectory(prefix="ptqflow-sweep-") as work_dir:
+        return Sweep(options, inputs, Path(work_dir)).run()

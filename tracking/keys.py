@@ -1,0 +1,109 @@
+"""Every MLflow name ptqflow writes or reads: experiment, params, metrics, tags, artifacts, registered models.
+
+Defined once here so the sweep, the reports, the pull command and the tests cannot drift apart.
+"""
+
+DEFAULT_EXPERIMENT = "resnet8-quantization"
+DEFAULT_REGISTERED_MODEL = "resnet8-int8"
+DEFAULT_REGISTERED_ONNX_MODEL = "resnet8-int8-onnx"
+
+
+class Param:
+    VARIANT = "variant"
+    FRAMEWORK = "framework"
+    BACKEND = "backend"
+    WEIGHT_DTYPE = "weight_dtype"
+    ACTIVATION_DTYPE = "activation_dtype"
+    QUANT_FORMAT = "quant_format"
+    PER_CHANNEL = "per_channel"
+    CALIBRATION_METHOD = "calibration_method"
+    CALIBRATION_SIZE = "calibration_size"
+    CALIBRATION_SEED = "calibration_seed"
+    INPUT_LAYOUT = "input_layout"
+    PREPROCESSING = "preprocessing"
+    QCONFIG = "qconfig"
+    MODEL_PATH = "model_path"
+    DATA_DIR = "data_dir"
+    TEST_LIMIT = "test_limit"
+    VARIANTS = "variants"
+
+    VARIANT_PARAMS = (
+        VARIANT, FRAMEWORK, BACKEND, WEIGHT_DTYPE, ACTIVATION_DTYPE, QUANT_FORMAT, PER_CHANNEL,
+        CALIBRATION_METHOD, CALIBRATION_SIZE, CALIBRATION_SEED, INPUT_LAYOUT, PREPROCESSING, QCONFIG,
+    )
+
+
+class Metric:
+    ACCURACY = "accuracy"
+    ACCURACY_DELTA_PP = "accuracy_delta_pp"
+    TOP1_AGREEMENT = "top1_agreement"
+    KL_DIVERGENCE = "kl_divergence_vs_fp32"
+    SQNR_DB = "sqnr_db_logits"
+    MODEL_SIZE_BYTES = "model_size_bytes"
+    COMPRESSION_RATIO = "compression_ratio"
+    TORCH_ORT_AGREEMENT = "fp32_torch_vs_ort_agreement"
+    TEST_IMAGES = "test_images"
+    # Parent-run summaries
+    VARIANTS_OK = "variants_ok"
+    VARIANTS_FAILED = "variants_failed"
+    VARIANTS_UNSUPPORTED = "variants_unsupported"
+    BEST_INT8_ACCURACY = "best_int8_accuracy"
+    BEST_INT8_AGREEMENT = "best_int8_top1_agreement"
+    SWEEP_SECONDS = "sweep_seconds"
+
+    VARIANT_METRICS = (ACCURACY, ACCURACY_DELTA_PP, TOP1_AGREEMENT, MODEL_SIZE_BYTES, COMPRESSION_RATIO)
+
+
+class Tag:
+    ROLE = "ptqflow.role"  # "sweep" on the parent run, "variant" on children
+    VARIANT = "ptqflow.variant"
+    STATUS = "ptqflow.status"  # ok, unsupported or failed
+    REASON = "ptqflow.reason"  # why a variant is unsupported or failed
+    QUANTIZED_ENGINE = "ptqflow.quantized_engine"  # torch engine the accuracy was measured under
+    WARNING = "ptqflow.warning"
+    MODEL_SHA256 = "ptqflow.model_sha256"  # of the FP32 input model
+    DATASET_DIGEST = "ptqflow.dataset_sha256"
+    CALIBRATION_DIGEST = "ptqflow.calibration_indices_sha256"
+    GIT_COMMIT = "ptqflow.git_commit"
+    PID = "ptqflow.pid"
+    HOST = "ptqflow.host"
+    SWEEP_RUN_ID = "ptqflow.sweep_run_id"
+    VERSION_PREFIX = "ptqflow.version."  # + package name
+    REGISTERED_VERSION = "ptqflow.registered_version"  # "name/version" on the run that was registered
+    MLFLOW_PARENT = "mlflow.parentRunId"
+
+    STATUS_OK = "ok"
+    STATUS_UNSUPPORTED = "unsupported"
+    STATUS_FAILED = "failed"
+    ROLE_SWEEP = "sweep"
+    ROLE_VARIANT = "variant"
+    WARNING_FP32_MISMATCH = "fp32_torch_ort_mismatch"
+
+
+class VersionTag:
+    """Tags on a registered model version."""
+
+    ACCURACY = "accuracy"
+    ACCURACY_DELTA_PP = "accuracy_delta_pp"
+    TOP1_AGREEMENT = "top1_agreement"
+    VARIANT = "variant"
+    SOURCE_RUN_ID = "source_run_id"
+    SHA256 = "sha256"
+    MODEL_FILE = "model_file"  # path of the model file inside the registered model's artifacts
+    QUANTIZED_ENGINE = "quantized_engine"
+    TEST_IMAGES = "test_images"
+    DATASET_DIGEST = "dataset_sha256"
+    INPUT_LAYOUT = "input_layout"
+    PREPROCESSING = "preprocessing"
+
+
+class Artifact:
+    MODEL_FILE_DIR = "model_file"
+    QCONFIG = "qconfig.json"
+    PER_CLASS_ACCURACY = "per_class_accuracy.json"
+    COMPARISON_MD = "comparison.md"
+    COMPARISON_CSV = "comparison.csv"
+    CALIBRATION_INDICES = "calibration_indices.json"
+    LOGGED_MODEL_NAME = "model"  # name of the MLflow-flavored model logged on each variant run
+    DATASET_CONTEXT_TEST = "test"
+    DATASET_CONTEXT_CALIBRATION = "calibration"

@@ -1,0 +1,59 @@
+"""The MLflow model registry: create versions (never overwrite), resolve a version or alias, download files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from pipelines.errors import TrackingError
+from tracking.runs import client, tracking_uri
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    tags: dict[str, str]
+    run_id: str | None
+    aliases: tuple[str, ...]
+
+
+def register(model_uri: str, name: str, tags: dict[str, str], description: str | None = None) -> RegisteredVersion:
+    """A new version of `name`; the registry numbers versions itself, so an existing one is never replaced.
+    Called only after the model's artifacts are fully uploaded."""
+    try:
+        version = mlflow.register_model(model_uri, name, tags=tags)
+        if description:
+            client().update_model_version(name, version.version, description=description)
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"registry at {tracking_uri()} refused to register '{name}': "
+                            f"{exc.message.splitlines()[0]}") from exc
+    return RegisteredVersion(name, str(version.version), dict(tags), version.run_id, ())
+
+
+def resolve(name: str, version: str | None = None, alias: str | None = None) -> RegisteredVersion:
+    """The version given by number or alias; a clear TrackingError when it does not exist."""
+    if (version is None) == (alias is None):
+        raise TrackingError("give exactly one of --version or --alias (or NAME@ALIAS)")
+    c = client()
+    try:
+        mv = c.get_model_version(name, version) if version is not None else c.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException as exc:
+        which = f"version {version}" if version is not None else f"alias '{alias}'"
+        raise TrackingError(f"registered model '{name}' has no {which} at {tracking_uri()}; "
+                            "`mlflow ui` lists what exists") from exc
+    return RegisteredVersion(mv.name, str(mv.version), dict(mv.tags), mv.run_id, tuple(mv.aliases or ()))
+
+
+def download(version: RegisteredVersion, destination: Path) -> Path:
+    """Download the registered model's files into destination; returns the model directory."""
+    destination.mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
+                                                    dst_path=str(destination))
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"cannot download {version.name} version {version.version}: "
+                            f"{exc.message.splitlines()[0]}") from exc
+    return Path(local)
