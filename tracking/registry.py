@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,8 @@ def register(model_uri: str, name: str, tags: dict[str, str], description: str |
     """A new version of `name`; the registry numbers versions itself, so an existing one is never replaced.
     Called only after the model's artifacts are fully uploaded."""
     try:
-        version = mlflow.register_model(model_uri, name, tags=tags)
+        with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints its own "Successfully registered" lines
+            version = mlflow.register_model(model_uri, name, tags=tags)
         if description:
             client().update_model_version(name, version.version, description=description)
     except mlflow.exceptions.MlflowException as exc:

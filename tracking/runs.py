@@ -16,12 +16,17 @@ from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import logging  # noqa: E402
+
 import mlflow  # noqa: E402
 from mlflow.entities import RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipelines.errors import TrackingError  # noqa: E402
 from tracking.keys import Artifact, Tag  # noqa: E402
+
+# MLflow's INFO lines (database migrations, "registered model") would bury ptqflow's own one-line messages.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def tracking_uri() -> str:

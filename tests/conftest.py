@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny CIFAR-format dataset, a tiny NHWC ONNX CNN, a throw-away MLflow sqlite store, and one
+completed sweep that many read-only tests inspect."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+from cifar_fixture import write_cifar_dir  # noqa: E402
+from onnx_fixture import write_tiny_cnn  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_MODEL = SHARED / "models" / "resnet8.onnx"
+SHARED_DATA = SHARED / "data" / "cifar-10-batches-py"
+
+# Tiny data: 20 training images per class (calibration 100 = 10 per class), 10 test images per class.
+CALIBRATION_SIZE = 100
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory) -> Path:
+    return write_cifar_dir(tmp_path_factory.mktemp("data") / "cifar-10-batches-py", train_per_class=20,
+                           test_per_class=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_cnn(tmp_path_factory.mktemp("models") / "tiny.onnx")
+
+
+def _point_mlflow_at(mp: pytest.MonkeyPatch, root: Path) -> str:
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.chdir(root)  # the default artifact root (./mlruns) lands in the temp dir too
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@pytest.fixture()
+def tracking_store(tmp_path) -> Path:
+    """A fresh sqlite MLflow store in a temp dir, active for this test only."""
+    with pytest.MonkeyPatch.context() as mp:
+        _point_mlflow_at(mp, tmp_path)
+        yield tmp_path
+        import mlflow
+
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def completed_sweep(tmp_path_factory, cifar_dir, tiny_model):
+    """One default sweep on the tiny fixtures, in its own store; yields (result, store_dir)."""
+    from pipelines.sweep import SweepOptions, run_sweep
+
+    root = tmp_path_factory.mktemp("sweep_store")
+    with pytest.MonkeyPatch.context() as mp:
+        _point_mlflow_at(mp, root)
+        result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir,
+                                        calibration_size=CALIBRATION_SIZE))
+        yield result, root
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+
+
+def runs_by_name(experiment: str = "resnet8-quantization") -> dict:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    exp = mlflow.get_experiment_by_name(experiment)
+    runs = MlflowClient().search_runs([exp.experiment_id], max_results=1000)
+    return {r.info.run_name: r for r in runs}
+
+
+def all_runs() -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=1000)]

@@ -1,0 +1,57 @@
+"""Small ONNX CNNs built in the test, shaped like the MLPerf Tiny ResNet8 export (tf2onnx): NHWC float input of raw
+0..255 pixels, a Transpose to NCHW, Conv/Relu with a stride-2 asymmetric pad, AveragePool, Reshape, MatMul + Add and
+Softmax."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def tiny_cnn(layout: str = "NHWC", batch: int | None = None, seed: int = 0, input_shape=None) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    n = batch if batch is not None else "N"
+    shape = input_shape or ([n, 32, 32, 3] if layout == "NHWC" else [n, 3, 32, 32])
+    nodes, inits = [], []
+    x = "input_1:0"
+    if layout == "NHWC":
+        nodes.append(helper.make_node("Transpose", [x], ["x_nchw"], perm=[0, 3, 1, 2]))
+        x = "x_nchw"
+    # Weights scaled for raw 0..255 inputs so activations stay in a sane range.
+    inits += [_init("w1", rng.normal(0, 1 / (27 * 255) ** 0.5 * 4, (8, 3, 3, 3)).astype(np.float32)),
+              _init("b1", rng.normal(0, 0.1, 8).astype(np.float32)),
+              _init("w2", rng.normal(0, (2 / 72) ** 0.5, (16, 8, 3, 3)).astype(np.float32)),
+              _init("b2", rng.normal(0, 0.1, 16).astype(np.float32)),
+              _init("wd", rng.normal(0, (2 / 16) ** 0.5, (16, 10)).astype(np.float32)),
+              _init("bd", rng.normal(0, 0.1, 10).astype(np.float32)),
+              _init("flat_shape", np.array([-1, 16], dtype=np.int64))]
+    nodes += [
+        helper.make_node("Conv", [x, "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[3, 3], pads=[0, 0, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("AveragePool", ["r2"], ["pool"], kernel_shape=[16, 16], strides=[16, 16]),
+        helper.make_node("Reshape", ["pool", "flat_shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "wd"], ["logits_mm"]),
+        helper.make_node("Add", ["logits_mm", "bd"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["Identity:0"], axis=-1),
+    ]
+    graph = helper.make_graph(nodes, "tiny_cnn", [helper.make_tensor_value_info("input_1:0", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("Identity:0", TensorProto.FLOAT, [n, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="ptqflow-tests")
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_tiny_cnn(path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(tiny_cnn(**kwargs), str(path))
+    return path

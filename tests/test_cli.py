@@ -1,0 +1,198 @@
+"""The CLI as a user meets it: one clear line and a non-zero exit for bad input, nothing left RUNNING."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cifar_fixture import batch_bytes
+from conftest import CALIBRATION_SIZE, all_runs, runs_by_name
+from onnx_fixture import write_tiny_cnn
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def sweep_args(model: Path, data_dir: Path, *extra) -> list:
+    return ["sweep", "--model", model, "--data-dir", data_dir, "--calibration-size", CALIBRATION_SIZE, *extra]
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code != 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output + result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def assert_nothing_running() -> None:
+    assert not [r for r in all_runs() if r.info.status == "RUNNING"]
+
+
+@pytest.fixture()
+def data_copy(cifar_dir, tmp_path) -> Path:
+    target = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(cifar_dir, target)
+    return target
+
+
+def test_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("sweep", "baseline", "quantize", "pull", "compare"):
+        assert command in result.output
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = ("import sys; from typer.testing import CliRunner; from pipelines.cli import app; "
+            "CliRunner().invoke(app, ['sweep', '--help']); "
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'mlflow', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_missing_model_file(tracking_store, cifar_dir):
+    result = invoke(*sweep_args(tracking_store / "nope.onnx", cifar_dir))
+    assert_one_line_error(result, "nope.onnx", "--model")
+    assert all_runs() == []
+
+
+def test_missing_data_dir(tracking_store, tiny_model):
+    result = invoke(*sweep_args(tiny_model, tracking_store / "nowhere"))
+    assert_one_line_error(result, "nowhere", "--data-dir")
+
+
+def test_file_that_is_not_onnx(tracking_store, cifar_dir):
+    bogus = tracking_store / "model.onnx"
+    bogus.write_text("definitely not protobuf \x00\x01\x02")
+    assert_one_line_error(invoke(*sweep_args(bogus, cifar_dir)), "not a readable ONNX model")
+
+
+def test_model_whose_input_is_not_32x32x3(tracking_store, cifar_dir):
+    model = write_tiny_cnn(tracking_store / "wrong.onnx", input_shape=["N", 28, 28, 1])
+    assert_one_line_error(invoke(*sweep_args(model, cifar_dir)), "32x32")
+
+
+def test_missing_batch(tracking_store, tiny_model, data_copy):
+    (data_copy / "data_batch_3").unlink()
+    assert_one_line_error(invoke(*sweep_args(tiny_model, data_copy)), "data_batch_3")
+
+
+def test_truncated_batch(tracking_store, tiny_model, data_copy):
+    batch = data_copy / "test_batch"
+    batch.write_bytes(batch.read_bytes()[:5000])
+    assert_one_line_error(invoke(*sweep_args(tiny_model, data_copy)), "test_batch")
+    assert_nothing_running()
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_batch_whose_pickle_calls_a_function_is_refused_without_running_it(tracking_store, tiny_model, data_copy):
+    marker = tracking_store / "pwned"
+    (data_copy / "data_batch_1").write_bytes(pickle.dumps({b"data": _Exploit(marker), b"labels": [0]}, protocol=2))
+    result = invoke(*sweep_args(tiny_model, data_copy))
+    assert_one_line_error(result, "data_batch_1", "not allowed")
+    assert not marker.exists()
+
+
+def test_labels_outside_0_to_9(tracking_store, tiny_model, data_copy):
+    images = np.zeros((3, 3072), dtype=np.uint8)
+    (data_copy / "test_batch").write_bytes(batch_bytes(images, [0, 12, 3]))
+    assert_one_line_error(invoke(*sweep_args(tiny_model, data_copy)), "label 12")
+
+
+def test_calibration_size_larger_than_the_training_set(tracking_store, tiny_model, cifar_dir):
+    result = invoke("sweep", "--model", tiny_model, "--data-dir", cifar_dir, "--calibration-size", 5000)
+    assert_one_line_error(result, "--calibration-size")
+
+
+def test_calibration_size_not_a_multiple_of_10(tracking_store, tiny_model, cifar_dir):
+    result = invoke("sweep", "--model", tiny_model, "--data-dir", cifar_dir, "--calibration-size", 55)
+    assert_one_line_error(result, "multiple of 10")
+
+
+def test_unknown_variant(tracking_store, tiny_model, cifar_dir):
+    result = invoke(*sweep_args(tiny_model, cifar_dir, "--variant", "tflite-int4"))
+    assert_one_line_error(result, "tflite-int4")
+    assert_nothing_running()
+
+
+def test_pull_of_a_version_that_does_not_exist(tracking_store):
+    assert_one_line_error(invoke("pull", "resnet8-int8", "--version", "7"), "resnet8-int8")
+
+
+def test_unexpected_exception_fails_that_variant_only(tracking_store, tiny_model, cifar_dir, monkeypatch):
+    from models import quantize_ort
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated crash inside the ORT backend")
+
+    monkeypatch.setattr(quantize_ort, "quantize", broken)
+    result = invoke(*sweep_args(tiny_model, cifar_dir, "--variant", "ort-int8", "--variant", "pytorch-fx-int8",
+                                "--no-register"))
+    assert result.exit_code == 1
+    assert "ort-int8" in result.stderr and "simulated crash" in result.stderr
+    runs = runs_by_name()
+    assert runs["ort-int8"].info.status == "FAILED"
+    assert runs["pytorch-fx-int8"].info.status == "FINISHED"
+    assert runs["fp32"].info.status == "FINISHED"
+    parent = next(r for r in runs.values() if r.data.tags.get("ptqflow.role") == "sweep")
+    assert parent.info.status == "FAILED"
+    assert_nothing_running()
+
+
+def test_sweep_cli_prints_the_table_and_compare_reprints_it(tracking_store, tiny_model, cifar_dir):
+    result = invoke(*sweep_args(tiny_model, cifar_dir, "--variant", "ort-uint8", "--no-register"))
+    assert result.exit_code == 0, result.output
+    assert "ort-uint8" in result.stdout and "fp32" in result.stdout
+    compared = invoke("compare")
+    assert compared.exit_code == 0, compared.output
+    assert "ort-uint8" in compared.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_ends_open_runs_as_killed(tracking_store, tiny_model, cifar_dir):
+    import mlflow
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *map(str, sweep_args(tiny_model, cifar_dir))],
+                            cwd=tracking_store, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until a variant run is in progress
+        running = [r for r in all_runs() if r.info.status == "RUNNING" and r.info.run_name != "fp32"
+                   and r.data.tags.get("ptqflow.role") == "variant"]
+        if running:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    runs = all_runs()
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert len(killed) >= 2  # the parent and the variant in progress
+    assert all(r.info.end_time for r in killed)

@@ -1,0 +1,164 @@
+"""End to end: a sweep on tiny fixtures into a real sqlite MLflow store, read back through MlflowClient."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+from conftest import CALIBRATION_SIZE, runs_by_name
+from mlflow.tracking import MlflowClient
+
+from pipelines.variants import DEFAULT_VARIANTS
+from tracking.keys import Artifact, Metric, Param, Tag, VersionTag
+
+QUANTIZED_OK = ("pytorch-fx-int8", "pytorch-fx-int8-x86", "ort-int8", "ort-uint8")
+
+
+def test_one_parent_and_a_child_run_per_variant(completed_sweep):
+    result, _ = completed_sweep
+    runs = runs_by_name()
+    parents = [r for r in runs.values() if r.data.tags.get(Tag.ROLE) == Tag.ROLE_SWEEP]
+    assert len(parents) == 1 and parents[0].info.run_id == result.parent_run_id
+    assert parents[0].info.status == "FINISHED"
+    children = {name: r for name, r in runs.items() if r.data.tags.get(Tag.ROLE) == Tag.ROLE_VARIANT}
+    assert set(children) == {"fp32", *DEFAULT_VARIANTS}
+    for run in children.values():
+        assert run.data.tags[Tag.MLFLOW_PARENT] == result.parent_run_id
+        assert run.info.end_time is not None
+
+
+@pytest.mark.parametrize("variant", ("fp32", *QUANTIZED_OK))
+def test_variant_run_has_every_param_metric_artifact_and_tag(completed_sweep, variant):
+    run = runs_by_name()[variant]
+    assert run.info.status == "FINISHED"
+    assert set(Param.VARIANT_PARAMS) <= set(run.data.params)
+    assert run.data.params[Param.VARIANT] == variant
+    assert run.data.params[Param.CALIBRATION_SIZE] == str(CALIBRATION_SIZE)
+    assert run.data.params[Param.INPUT_LAYOUT] == "NHWC"
+    assert set(Metric.VARIANT_METRICS) <= set(run.data.metrics)
+    assert 0.0 <= run.data.metrics[Metric.ACCURACY] <= 1.0
+    assert 0.0 <= run.data.metrics[Metric.TOP1_AGREEMENT] <= 1.0
+    assert run.data.metrics[Metric.MODEL_SIZE_BYTES] > 0
+    tags = run.data.tags
+    assert tags[Tag.VARIANT] == variant and tags[Tag.STATUS] == Tag.STATUS_OK
+    for package in ("torch", "onnx", "onnxruntime", "onnx2torch", "mlflow"):
+        assert tags[Tag.VERSION_PREFIX + package]
+    client = MlflowClient()
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {Artifact.MODEL_FILE_DIR, Artifact.QCONFIG, Artifact.PER_CLASS_ACCURACY,
+            Artifact.LOGGED_MODEL_NAME} <= top
+    model_files = [a.path for a in client.list_artifacts(run.info.run_id, Artifact.MODEL_FILE_DIR)]
+    assert len(model_files) == 1
+    assert model_files[0].endswith(".pt" if variant.startswith("pytorch") else ".onnx")
+    per_class = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{Artifact.PER_CLASS_ACCURACY}"))
+    assert len(per_class) == 10
+    mlmodel = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{Artifact.LOGGED_MODEL_NAME}/MLmodel")
+    assert ("pytorch:" if variant.startswith("pytorch") else "onnx:") in mlmodel
+    assert "signature:" in mlmodel and "saved_input_example_info" in mlmodel
+    [dataset_input] = run.inputs.dataset_inputs
+    assert {t.key: t.value for t in dataset_input.tags}["sha256"] == tags[Tag.DATASET_DIGEST]
+
+
+def test_delta_and_agreement_are_relative_to_the_fp32_run(completed_sweep):
+    runs = runs_by_name()
+    fp32 = runs["fp32"].data.metrics[Metric.ACCURACY]
+    for name in QUANTIZED_OK:
+        m = runs[name].data.metrics
+        assert m[Metric.ACCURACY_DELTA_PP] == pytest.approx(100 * (m[Metric.ACCURACY] - fp32))
+        assert m[Metric.COMPRESSION_RATIO] == pytest.approx(
+            runs["fp32"].data.metrics[Metric.MODEL_SIZE_BYTES] / m[Metric.MODEL_SIZE_BYTES])
+
+
+def test_uint8_pytorch_variant_is_recorded_as_unsupported_with_the_reason(completed_sweep):
+    run = runs_by_name()["pytorch-fx-uint8"]
+    assert run.info.status == "FAILED"
+    assert run.data.tags[Tag.STATUS] == Tag.STATUS_UNSUPPORTED
+    assert "quint8" in run.data.tags[Tag.REASON] or "QUInt8" in run.data.tags[Tag.REASON]
+    assert run.data.params[Param.WEIGHT_DTYPE] == "uint8"
+
+
+def test_parent_run_has_comparison_table_and_calibration_digest(completed_sweep):
+    result, _ = completed_sweep
+    parent = MlflowClient().get_run(result.parent_run_id)
+    md = mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/{Artifact.COMPARISON_MD}")
+    csv_text = mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/{Artifact.COMPARISON_CSV}")
+    for name in ("fp32", *DEFAULT_VARIANTS):
+        assert name in md and name in csv_text
+    indices = json.loads(mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/{Artifact.CALIBRATION_INDICES}"))
+    assert len(indices["indices"]) == CALIBRATION_SIZE
+    assert parent.data.tags[Tag.CALIBRATION_DIGEST] == indices["sha256"]
+    assert parent.data.metrics[Metric.VARIANTS_OK] == len(QUANTIZED_OK)
+    assert parent.data.metrics[Metric.VARIANTS_UNSUPPORTED] == 1
+
+
+def test_best_int8_models_are_registered_with_verifiable_tags(completed_sweep):
+    result, _ = completed_sweep
+    client = MlflowClient()
+    for name, framework in (("resnet8-int8", "pytorch"), ("resnet8-int8-onnx", "onnxruntime")):
+        mv = client.get_model_version(name, "1")
+        tags = mv.tags
+        assert tags[VersionTag.VARIANT].startswith("pytorch-fx-int8" if framework == "pytorch" else "ort-")
+        source = client.get_run(tags[VersionTag.SOURCE_RUN_ID])
+        assert float(tags[VersionTag.ACCURACY]) == pytest.approx(source.data.metrics[Metric.ACCURACY])
+        assert len(tags[VersionTag.SHA256]) == 64
+        assert mv.description
+
+
+def test_registered_torchscript_reproduces_logged_accuracy_with_plain_jit_load(completed_sweep, cifar_dir, tmp_path):
+    from pipelines.cifar import load_cifar10
+    from tracking.registry import download, resolve
+
+    version = resolve("resnet8-int8", version="1")
+    model_dir = download(version, tmp_path)
+    module = torch.jit.load(str(model_dir / version.tags[VersionTag.MODEL_FILE]))
+    test = load_cifar10(cifar_dir).test
+    x = torch.from_numpy(test.images.transpose(0, 2, 3, 1).astype("float32"))
+    accuracy = (module(x).argmax(1).numpy() == test.labels).mean()
+    assert accuracy == pytest.approx(float(version.tags[VersionTag.ACCURACY]), abs=1e-4)
+
+
+def test_pull_by_version_verifies_and_reevaluates(completed_sweep, cifar_dir, tmp_path):
+    from pipelines.pull import pull
+
+    result = pull("resnet8-int8", "1", None, tmp_path, cifar_dir)
+    assert result.model_file.is_file()
+    assert result.accuracy == pytest.approx(result.logged_accuracy, abs=1e-4)
+    onnx_result = pull("resnet8-int8-onnx", "1", None, tmp_path / "onnx", cifar_dir)
+    assert onnx_result.model_file.suffix == ".onnx"
+
+
+def test_pull_refuses_a_file_changed_after_registration(completed_sweep, tmp_path, monkeypatch):
+    from pipelines.errors import IntegrityError
+    from pipelines.pull import pull
+    from tracking import registry
+
+    real_download = registry.download
+
+    def tampering_download(version, destination):
+        model_dir = real_download(version, destination)
+        target = model_dir / version.tags[VersionTag.MODEL_FILE]
+        target.write_bytes(target.read_bytes() + b"tampered")
+        return model_dir
+
+    loaded = []
+    monkeypatch.setattr(registry, "download", tampering_download)
+    monkeypatch.setattr("models.runtime.load_runner", lambda path: loaded.append(path))
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        pull("resnet8-int8", "1", None, tmp_path, None)
+    assert loaded == []  # never loaded
+
+
+def test_second_sweep_adds_version_2_and_leaves_version_1_alone(completed_sweep, cifar_dir, tiny_model):
+    from pipelines.sweep import SweepOptions, run_sweep
+
+    client = MlflowClient()
+    before = client.get_model_version("resnet8-int8", "1")
+    result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
+                                    variants=("pytorch-fx-int8",), registered_onnx_model="unused"))
+    assert [v.version for v in result.registered] == ["2"]
+    after = client.get_model_version("resnet8-int8", "1")
+    assert after.tags == before.tags and after.source == before.source
+    assert client.get_model_version("resnet8-int8", "2").tags[VersionTag.SOURCE_RUN_ID] != \
+        before.tags[VersionTag.SOURCE_RUN_ID]
