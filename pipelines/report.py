@@ -1,8 +1,9 @@
-"""The comparison table of a sweep: one row per variant, rendered as Markdown and CSV."""
+"""The comparison table of a sweep: one row per variant, rendered as Markdown, CSV and HTML."""
 
 from __future__ import annotations
 
 import csv
+import html
 import io
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ class VariantRow:
     compression_ratio: float | None = None
     reason: str = ""
     run_id: str = ""
+    latency_ms_b1: float | None = None
+    speedup_vs_fp32: float | None = None
 
 
 COLUMNS = (
@@ -32,7 +35,7 @@ COLUMNS = (
     ("activations", "activation_dtype"), ("format", "quant_format"), ("per-channel", "per_channel"),
     ("calibration", "calibration_method"), ("accuracy %", "accuracy"), ("Δ pp", "accuracy_delta_pp"),
     ("agreement %", "top1_agreement"), ("size KiB", "model_size_bytes"), ("compression", "compression_ratio"),
-    ("status", "status"),
+    ("latency ms", "latency_ms_b1"), ("speedup", "speedup_vs_fp32"), ("status", "status"),
 )
 
 
@@ -47,6 +50,10 @@ def cell(row: VariantRow, field: str) -> str:
     if field == "model_size_bytes":
         return f"{value / 1024:.1f}"
     if field == "compression_ratio":
+        return f"{value:.2f}x"
+    if field == "latency_ms_b1":
+        return f"{value:.3f}"
+    if field == "speedup_vs_fp32":
         return f"{value:.2f}x"
     if field == "per_channel":
         return "yes" if value else "no"
@@ -73,3 +80,48 @@ def to_csv(rows: list[VariantRow]) -> str:
     for row in rows:
         writer.writerow({f: getattr(row, f) for f in fields})
     return out.getvalue()
+
+
+NUMERIC_FIELDS = frozenset({"accuracy", "accuracy_delta_pp", "top1_agreement", "model_size_bytes",
+                            "compression_ratio", "latency_ms_b1", "speedup_vs_fp32"})
+
+# Inline so the page renders on its own wherever it is opened: the MLflow artifact preview or a downloaded file.
+_HTML_STYLE = """
+body { font-family: system-ui, sans-serif; font-size: 14px; margin: 16px; color: #222; }
+h1 { font-size: 18px; }
+table { border-collapse: collapse; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; white-space: nowrap; }
+th { background: #f2f2f2; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.ok td.status { background: #e3f4e3; color: #1b5e20; }
+tr.unsupported { color: #6d5a00; }
+tr.unsupported td.status { background: #fff4cc; }
+tr.failed { color: #8b1a1a; }
+tr.failed td.status { background: #fbdada; }
+ul.reasons { margin-top: 12px; padding-left: 20px; }
+code { background: #f2f2f2; padding: 0 3px; }
+"""
+
+
+def to_html(rows: list[VariantRow], title: str = "") -> str:
+    """A self-contained page (inline CSS, no scripts or external resources) with the comparison table."""
+    esc = html.escape
+    header = "".join(f"<th>{esc(h)}</th>" for h, _ in COLUMNS)
+    body = []
+    for row in rows:
+        cells = []
+        for _, field in COLUMNS:
+            css_class = "num" if field in NUMERIC_FIELDS else "status" if field == "status" else ""
+            attr = f' class="{css_class}"' if css_class else ""
+            cells.append(f"<td{attr}>{esc(cell(row, field))}</td>")
+        body.append(f'<tr class="{esc(row.status)}">{"".join(cells)}</tr>')
+    reasons = [f"<li><code>{esc(r.variant)}</code> {esc(r.status)}: {esc(r.reason)}</li>" for r in rows if r.reason]
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f"<title>{esc(title or 'comparison')}</title>", f"<style>{_HTML_STYLE}</style>", "</head>", "<body>",
+        f"<h1>{esc(title)}</h1>" if title else "",
+        "<table>", f"<thead><tr>{header}</tr></thead>", "<tbody>", *body, "</tbody>", "</table>",
+        f'<ul class="reasons">{"".join(reasons)}</ul>' if reasons else "",
+        "</body>", "</html>",
+    ]
+    return "\n".join(p for p in parts if p) + "\n"
