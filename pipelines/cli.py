@@ -27,6 +27,9 @@ app = typer.Typer(help="Experiment-tracked post-training quantization of small i
 quantize_app = typer.Typer(help="Quantize with one framework only (plus the FP32 reference run).",
                            no_args_is_help=True)
 app.add_typer(quantize_app, name="quantize")
+fetch_app = typer.Typer(help="Download CIFAR-10 or the MLPerf Tiny ResNet8 (verified, resumable).",
+                        no_args_is_help=True)
+app.add_typer(fetch_app, name="fetch")
 
 EXIT_INTERRUPTED = 130
 
@@ -51,9 +54,18 @@ CalSizeOpt = Annotated[int, typer.Option("--calibration-size", min=10,
                                               "(a multiple of 10).", rich_help_panel="Calibration")]
 CalSeedOpt = Annotated[int, typer.Option("--calibration-seed", help="Seed of the calibration subset.",
                                          rich_help_panel="Calibration")]
-TestLimitOpt = Annotated[Optional[int], typer.Option("--test-limit", min=1,
+TestLimitOpt = Annotated[Optional[int], typer.Option("--test-limit", min=0,
                                                      help="Evaluate on the first N test images only "
-                                                          "(default: all 10,000).", rich_help_panel="Evaluation")]
+                                                          "(default or 0: all 10,000).", rich_help_panel="Evaluation")]
+FetchOpt = Annotated[bool, typer.Option("--fetch/--no-fetch",
+                                        help="Fetch the default model and data paths when they are missing.",
+                                        rich_help_panel="Fetch")]
+Cifar10UrlOpt = Annotated[Optional[str], typer.Option("--cifar10-url", envvar="PTQFLOW_CIFAR10_URL",
+                                                      help="Mirror of cifar-10-python.tar.gz (same MD5).",
+                                                      rich_help_panel="Fetch")]
+Resnet8UrlOpt = Annotated[Optional[str], typer.Option("--resnet8-url", envvar="PTQFLOW_RESNET8_URL",
+                                                      help="Mirror of the MLPerf Tiny pretrainedResnet.h5 "
+                                                           "(same SHA-256).", rich_help_panel="Fetch")]
 LayoutOpt = Annotated[LayoutChoice, typer.Option("--input-layout", case_sensitive=False,
                                                  help="Input layout; auto reads it from the model.",
                                                  rich_help_panel="Inputs")]
@@ -109,21 +121,12 @@ def cli_errors(fn):
     return wrapper
 
 
-def _sweep(variants: tuple[str, ...], model: Path, data_dir: Path, experiment: str, registered_model: str,
-           registered_onnx_model: str, register: bool, calibration_size: int, calibration_seed: int,
-           test_limit: int | None, input_layout: LayoutChoice, preprocessing: Preprocessing,
-           per_channel: bool | None, calibration_method: CalibrationMethod | None) -> None:
+def _run_sweep(**options) -> None:
     from pipelines.sweep import SweepOptions, VariantsFailed, run_sweep
     from pipelines.tables import print_rows
 
-    options = SweepOptions(
-        model_path=model, data_dir=data_dir, variants=variants, experiment=experiment,
-        registered_model=registered_model, registered_onnx_model=registered_onnx_model, register=register,
-        calibration_size=calibration_size, calibration_seed=calibration_seed, test_limit=test_limit,
-        input_layout=input_layout, preprocessing=preprocessing, ort_per_channel=per_channel,
-        ort_calibration_method=calibration_method.value if calibration_method else None)
     try:
-        result = run_sweep(options)
+        result = run_sweep(SweepOptions(**options))
     except VariantsFailed as exc:
         print_rows(exc.result.rows)
         raise
@@ -149,11 +152,18 @@ def sweep(
     preprocessing: PreprocessingOpt = Preprocessing.raw,
     per_channel: PerChannelOpt = None,
     calibration_method: CalMethodOpt = None,
+    fetch: FetchOpt = True,
+    cifar10_url: Cifar10UrlOpt = None,
+    resnet8_url: Resnet8UrlOpt = None,
 ):
     """FP32 baseline and every quantization variant, each an MLflow run; registers the best int8 models."""
-    _sweep(tuple(variant) if variant else VARIANT_NAMES, model, data_dir, experiment, registered_model,
-           registered_onnx_model, register, calibration_size, calibration_seed, test_limit, input_layout,
-           preprocessing, per_channel, calibration_method)
+    _run_sweep(model_path=model, data_dir=data_dir, variants=tuple(variant) if variant else VARIANT_NAMES,
+               experiment=experiment, registered_model=registered_model,
+               registered_onnx_model=registered_onnx_model, register=register, calibration_size=calibration_size,
+               calibration_seed=calibration_seed, test_limit=test_limit, input_layout=input_layout,
+               preprocessing=preprocessing, ort_per_channel=per_channel,
+               ort_calibration_method=calibration_method.value if calibration_method else None,
+               fetch_missing=fetch, cifar10_url=cifar10_url, resnet8_url=resnet8_url)
 
 
 @app.command()
@@ -165,10 +175,11 @@ def baseline(
     test_limit: TestLimitOpt = None,
     input_layout: LayoutOpt = LayoutChoice.auto,
     preprocessing: PreprocessingOpt = Preprocessing.raw,
+    fetch: FetchOpt = True,
 ):
     """FP32 accuracy through onnxruntime and through the onnx2torch module, and their top-1 agreement."""
-    _sweep((), model, data_dir, experiment, "", "", False, 1000, 0, test_limit, input_layout, preprocessing,
-           None, None)
+    _run_sweep(model_path=model, data_dir=data_dir, variants=(), experiment=experiment, register=False,
+               test_limit=test_limit, input_layout=input_layout, preprocessing=preprocessing, fetch_missing=fetch)
 
 
 @quantize_app.command("pytorch")
@@ -186,11 +197,13 @@ def quantize_pytorch(
     test_limit: TestLimitOpt = None,
     input_layout: LayoutOpt = LayoutChoice.auto,
     preprocessing: PreprocessingOpt = Preprocessing.raw,
+    fetch: FetchOpt = True,
 ):
     """PyTorch FX static quantization (fbgemm, x86) to TorchScript."""
-    chosen = tuple(variant) if variant else PYTORCH_VARIANTS
-    _sweep(chosen, model, data_dir, experiment, registered_model, "", register, calibration_size,
-           calibration_seed, test_limit, input_layout, preprocessing, None, None)
+    _run_sweep(model_path=model, data_dir=data_dir, variants=tuple(variant) if variant else PYTORCH_VARIANTS,
+               experiment=experiment, registered_model=registered_model, register=register,
+               calibration_size=calibration_size, calibration_seed=calibration_seed, test_limit=test_limit,
+               input_layout=input_layout, preprocessing=preprocessing, fetch_missing=fetch)
 
 
 @quantize_app.command("ort")
@@ -210,11 +223,15 @@ def quantize_ort(
     preprocessing: PreprocessingOpt = Preprocessing.raw,
     per_channel: PerChannelOpt = None,
     calibration_method: CalMethodOpt = None,
+    fetch: FetchOpt = True,
 ):
     """ONNX Runtime static quantization (quantize_static, QDQ and QOperator)."""
-    chosen = tuple(variant) if variant else ORT_VARIANTS
-    _sweep(chosen, model, data_dir, experiment, "", registered_onnx_model, register, calibration_size,
-           calibration_seed, test_limit, input_layout, preprocessing, per_channel, calibration_method)
+    _run_sweep(model_path=model, data_dir=data_dir, variants=tuple(variant) if variant else ORT_VARIANTS,
+               experiment=experiment, registered_onnx_model=registered_onnx_model, register=register,
+               calibration_size=calibration_size, calibration_seed=calibration_seed, test_limit=test_limit,
+               input_layout=input_layout, preprocessing=preprocessing, ort_per_channel=per_channel,
+               ort_calibration_method=calibration_method.value if calibration_method else None,
+               fetch_missing=fetch)
 
 
 @app.command()
@@ -252,6 +269,38 @@ def compare(
     from pipelines.tables import print_sweep_table
 
     print_sweep_table(run_id, experiment)
+
+
+@fetch_app.command("cifar10")
+@cli_errors
+def fetch_cifar10(
+    url: Annotated[Optional[str], typer.Option("--url", envvar="PTQFLOW_CIFAR10_URL",
+                                               help="Mirror URL (default: the official archive).")] = None,
+    md5: Annotated[Optional[str], typer.Option("--md5", help="Expected MD5 of the archive "
+                                                             "(default: the official one).")] = None,
+    dest: Annotated[Path, typer.Option("--dest", help="Directory that receives cifar-10-batches-py.")] = Path("data"),
+):
+    """Download cifar-10-python.tar.gz, verify its MD5, extract it safely to DEST/cifar-10-batches-py."""
+    from pipelines import fetch
+
+    root = fetch.fetch_cifar10(dest, url=url or fetch.CIFAR10_URL, md5=md5 or fetch.CIFAR10_MD5)
+    typer.echo(f"CIFAR-10 ready in {root}")
+
+
+@fetch_app.command("resnet8")
+@cli_errors
+def fetch_resnet8(
+    url: Annotated[Optional[str], typer.Option("--url", envvar="PTQFLOW_RESNET8_URL",
+                                               help="Mirror URL (default: mlcommons/tiny at a pinned commit).")] = None,
+    sha256: Annotated[Optional[str], typer.Option("--sha256", help="Expected SHA-256 of the Keras file "
+                                                                   "(default: the pinned one).")] = None,
+    dest: Annotated[Path, typer.Option("--dest", help="Directory that receives resnet8.onnx.")] = Path("models"),
+):
+    """Download the MLPerf Tiny ResNet8 Keras file, verify it, and convert it to DEST/resnet8.onnx."""
+    from pipelines import fetch
+
+    path = fetch.fetch_resnet8(dest, url=url or fetch.RESNET8_H5_URL, sha256=sha256 or fetch.RESNET8_H5_SHA256)
+    typer.echo(f"ResNet8 ready at {path}")
 
 
 def main() -> None:  # pragma: no cover - console entry point convenience

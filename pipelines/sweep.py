@@ -23,14 +23,13 @@ from pipelines import report
 from pipelines.calibration import indices_digest, stratified_indices
 from pipelines.cifar import Cifar10, Split, load_cifar10
 from pipelines.errors import ConfigError, PtqflowError
+from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL, ensure_data, ensure_model
 from pipelines.evaluation import Evaluation, Fidelity, evaluate, fidelity, predict_scores
 from pipelines.choices import LayoutChoice, Preprocessing
 from pipelines.preprocessing import InputTransform, resolve_layout
 from pipelines.progress import progress_task, say
 from pipelines.variants import DEFAULT_VARIANTS, FP32, ONNXRUNTIME, PYTORCH, VariantSpec, select
 
-DEFAULT_MODEL = Path("models/resnet8.onnx")
-DEFAULT_DATA_DIR = Path("data/cifar-10-batches-py")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FP32_AGREEMENT_WARNING = 0.999  # torch vs ORT FP32 top-1 agreement below this is tagged as a warning
 TRACKED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnx2torch", "mlflow", "numpy")
@@ -53,10 +52,13 @@ class SweepOptions:
     ort_per_channel: bool | None = None
     ort_calibration_method: str | None = None
     run_name: str | None = None
+    fetch_missing: bool = True  # fetch the default model/data paths when they are missing
+    cifar10_url: str | None = None  # mirrors for that fetch; None = the pinned official URLs
+    resnet8_url: str | None = None
 
     def __post_init__(self):
-        if self.test_limit is not None and self.test_limit <= 0:
-            raise ConfigError(f"--test-limit must be positive, got {self.test_limit}")
+        if self.test_limit is not None and self.test_limit < 0:
+            raise ConfigError(f"--test-limit must be positive (0 = all), got {self.test_limit}")
 
 
 @dataclass(frozen=True)
@@ -77,15 +79,15 @@ class SweepInputs:
 
 def prepare_inputs(options: SweepOptions) -> SweepInputs:
     """Load and validate model and data, build the calibration set. Raises PtqflowError on bad input."""
-    model = load_classifier(options.model_path)
-    data = load_cifar10(options.data_dir)
+    model = load_classifier(ensure_model(options.model_path, options.fetch_missing, options.resnet8_url))
+    data = load_cifar10(ensure_data(options.data_dir, options.fetch_missing, options.cifar10_url))
     transform = InputTransform(resolve_layout(options.input_layout, model.input.layout), options.preprocessing)
     if options.calibration_size > len(data.train):
         raise ConfigError(f"--calibration-size {options.calibration_size} exceeds the {len(data.train)} training "
                           "images; pass a smaller --calibration-size")
     indices = stratified_indices(data.train.labels, options.calibration_size, options.calibration_seed)
     return SweepInputs(data=data, model=model, transform=transform, calibration_indices=indices,
-                       calibration=transform(data.train.images[indices]), test=data.test.head(options.test_limit))
+                       calibration=transform(data.train.images[indices]), test=data.test.head(options.test_limit or None))
 
 
 @dataclass
@@ -361,7 +363,8 @@ class Sweep:
 
         started = time.perf_counter()
         experiment_id = self.runs.ensure_experiment(self.options.experiment)
-        with self.runs.run_scope(experiment_id, self.options.run_name) as parent_run_id:
+        run_name = self.options.run_name or f"sweep-{self.inputs.model.path.stem}"
+        with self.runs.run_scope(experiment_id, run_name) as parent_run_id:
             self.parent_run_id = parent_run_id
             experiment_id = mlflow.active_run().info.experiment_id  # `mlflow run` may have chosen another one
             self.runs.set_tags({self.Tag.ROLE: self.Tag.ROLE_SWEEP, **self._common_tags(None)})
@@ -372,7 +375,7 @@ class Sweep:
                                   P.CALIBRATION_SEED: self.options.calibration_seed,
                                   P.INPUT_LAYOUT: self.inputs.transform.layout,
                                   P.PREPROCESSING: self.inputs.transform.preprocessing.value,
-                                  P.TEST_LIMIT: self.options.test_limit or "none"})
+                                  P.TEST_LIMIT: self.options.test_limit or "all"})
             self._log_datasets()
             self.runs.log_json({"indices": self.inputs.calibration_indices.tolist(),
                                 "sha256": self.inputs.calibration_digest}, self.Artifact.CALIBRATION_INDICES)
