@@ -58,13 +58,30 @@ def _decode(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+# ResNet8 has ~78k weights; a (compressed) dataset far larger than any layer of it is refused before it is read.
+_MAX_WEIGHT_VALUES = 10_000_000
+
+
 def _read_weights(group: h5py.Group) -> dict[str, np.ndarray]:
     # weight_names are paths relative to the layer's group, e.g. "conv2d/kernel:0".
     weights = {}
     for weight_name in map(_decode, group.attrs.get("weight_names", [])):
         short_name = weight_name.rsplit("/", 1)[-1].split(":")[0]
-        weights[short_name] = np.asarray(group[weight_name], dtype=np.float64)
+        dataset = group[weight_name]
+        if not isinstance(dataset, h5py.Dataset) or dataset.size > _MAX_WEIGHT_VALUES:
+            raise ValueError(f"weight {weight_name} is not an array of at most {_MAX_WEIGHT_VALUES} values")
+        weights[short_name] = np.asarray(dataset, dtype=np.float64)
     return weights
+
+
+def _check_layer_types(input_name, output_name, layers: list[_KerasLayer]) -> None:
+    """Names must be strings and configs dicts, so later lookups fail as ModelError rather than deep inside."""
+    for layer in layers:
+        if not (isinstance(layer.class_name, str) and isinstance(layer.name, str) and isinstance(layer.config, dict)
+                and all(isinstance(name, str) for name in layer.inputs)):
+            raise TypeError(f"layer {str(layer.name)[:60]!r} has a non-string name or input, or a non-dict config")
+    if not isinstance(input_name, str) or not isinstance(output_name, str):
+        raise TypeError("input_layers and output_layers must name layers")
 
 
 def _read_keras_file(path: Path) -> tuple[list[_KerasLayer], str, str]:
@@ -74,10 +91,10 @@ def _read_keras_file(path: Path) -> tuple[list[_KerasLayer], str, str]:
     except OSError as exc:
         raise ModelError(f"{path} is not a readable HDF5 file ({exc}); expected the MLPerf Tiny ResNet8 .h5") from exc
     with h5:
-        if "model_config" not in h5.attrs or "model_weights" not in h5:
-            raise ModelError(f"{path} is not a Keras model file saved with its config and weights "
-                             "(no model_config or model_weights)")
         try:
+            if "model_config" not in h5.attrs or "model_weights" not in h5:
+                raise ModelError(f"{path} is not a Keras model file saved with its config and weights "
+                                 "(no model_config or model_weights)")
             model = json.loads(_decode(h5.attrs["model_config"]))
             if model["class_name"] not in ("Functional", "Model"):
                 raise ModelError(f"{path} holds a Keras {model['class_name']} model; the converter reads the "
@@ -94,13 +111,21 @@ def _read_keras_file(path: Path) -> tuple[list[_KerasLayer], str, str]:
                 inputs = tuple(inbound[0] for inbound in nodes[0]) if nodes else ()
                 weights = _read_weights(h5["model_weights"][layer["name"]])
                 layers.append(_KerasLayer(layer["class_name"], layer["name"], layer["config"], inputs, weights))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            _check_layer_types(input_name, output_name, layers)
+        # OSError and RuntimeError: h5py reading a damaged file; RecursionError: absurdly nested JSON.
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OSError, RuntimeError,
+                MemoryError) as exc:
             raise ModelError(f"{path}: cannot read its Keras 2 model config and weights "
-                             f"({type(exc).__name__}: {exc})") from exc
+                             f"({type(exc).__name__}: {_one_line(exc)})") from exc
     names = {layer.name for layer in layers}
     if input_name not in names or output_name not in names:
         raise ModelError(f"{path}: its model input or output layer is not among its layers")
     return layers, input_name, output_name
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
@@ -277,11 +302,16 @@ class _Converter:
                 raise self.fail(layer, "is a layer type the converter does not support")
             try:
                 handlers[layer.class_name](layer)
-            except (KeyError, TypeError, ValueError) as exc:  # a config entry or input the model should have
-                raise self.fail(layer, f"has an unexpected config or input ({type(exc).__name__}: {exc})") from exc
+            # A config entry or input the model should have, or one of an absurd value (zero stride, ...).
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError,
+                    MemoryError) as exc:
+                raise self.fail(layer, f"has an unexpected config or input "
+                                       f"({type(exc).__name__}: {_one_line(exc)})") from exc
         if self.layers[input_name].class_name != "InputLayer":
             raise self.fail(self.layers[input_name], "is the model input but not an InputLayer")
-        output = self.outputs[output_name]
+        output = self.outputs.get(output_name)
+        if output is None or not self.nodes:
+            raise self.fail(self.layers[output_name], "is the model output but computes nothing")
         if output.shape != (NUM_CLASSES,) or self.nodes[-1].op_type != "Softmax" \
                 or self.nodes[-1].output[0] != output.name:
             raise self.fail(self.layers[output_name], f"does not end the model with a softmax over {NUM_CLASSES} "
@@ -312,7 +342,11 @@ def convert_h5_to_onnx(h5_path: Path, onnx_path: Path) -> Path:
     layers, input_name, output_name = _read_keras_file(h5_path)
     model = _Converter(layers, h5_path).convert(input_name, output_name)
     helper.set_model_props(model, {SOURCE_SHA256_KEY: _sha256(h5_path), "source_file": h5_path.name})
-    onnx.checker.check_model(model, full_check=True)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ModelError(f"{h5_path}: the converted graph fails the ONNX checker ({_one_line(exc)}); "
+                         "this is not the MLPerf Tiny ResNet8 the converter supports") from exc
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     partial = onnx_path.with_name(onnx_path.name + ".tmp")
     onnx.save(model, partial)

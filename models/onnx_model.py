@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,23 +76,129 @@ def read_input_spec(proto, path: Path) -> InputSpec:
     return InputSpec(name=value_info.name, layout=layout, batch_size=batch)
 
 
+def _subgraph_tensors(attribute) -> Iterator:
+    """Every TensorProto held by one node attribute, including those inside its subgraphs."""
+    if attribute.HasField("t"):
+        yield attribute.t
+    yield from attribute.tensors
+    if attribute.HasField("sparse_tensor"):
+        yield attribute.sparse_tensor.values
+        yield attribute.sparse_tensor.indices
+    for sparse in attribute.sparse_tensors:
+        yield sparse.values
+        yield sparse.indices
+    if attribute.HasField("g"):
+        yield from _graph_tensors(attribute.g)
+    for graph in attribute.graphs:
+        yield from _graph_tensors(graph)
+
+
+def _graph_tensors(graph) -> Iterator:
+    """Every TensorProto of a GraphProto or FunctionProto: initializers, sparse initializers and node attributes,
+    recursively through subgraphs (If/Loop/Scan bodies)."""
+    yield from getattr(graph, "initializer", ())
+    for sparse in getattr(graph, "sparse_initializer", ()):
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            yield from _subgraph_tensors(attribute)
+
+
+def all_tensors(proto) -> Iterator:
+    """Every TensorProto of a ModelProto, in its graph (with subgraphs) and its local functions."""
+    yield from _graph_tensors(proto.graph)
+    for function in proto.functions:
+        yield from _graph_tensors(function)
+
+
+def _uses_external_data(tensor) -> bool:
+    return tensor.data_location == 1  # onnx.TensorProto.EXTERNAL
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """A location as it may be shown in a one-line message: escaped, shortened."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
+def check_external_data(proto, path: Path) -> None:
+    """Refuse external data that lives anywhere but inside the model file's own folder, before reading any of it.
+
+    Each external tensor's `location` is resolved (following symlinks, `..` and absolute paths) against the
+    folder of `path` and must name an existing regular file inside that folder; `offset` and `length` must be
+    non-negative integers within that file.
+    """
+    base = path.parent.resolve()
+    for tensor in all_tensors(proto):
+        if not _uses_external_data(tensor):
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        location = entries.get("location", "")
+        name = _one_line(tensor.name)
+        if not location:
+            raise ModelError(f"{path}: tensor {name} is stored externally but names no location; "
+                             "pass a self-contained ONNX file or keep its data file next to it")
+        try:
+            target = (base / location).resolve()
+            inside = target != base and target.is_relative_to(base)
+            is_file = inside and target.is_file()
+        except (OSError, ValueError, RuntimeError) as exc:  # embedded NUL, symlink loop, name too long
+            raise ModelError(f"{path}: tensor {name} has an unusable external data location "
+                             f"{_one_line(location)} ({type(exc).__name__})") from exc
+        if not inside:
+            raise ModelError(f"{path}: tensor {name} reads external data from {_one_line(location)}, which is "
+                             f"outside the model's folder {base}; refusing to load it (keep external data files "
+                             "next to the model, without symlinks out of its folder)")
+        if not is_file:
+            raise ModelError(f"{path}: external data file {_one_line(location)} of tensor {name} is missing or "
+                             "not a regular file; keep the model's data files next to it")
+        size = target.stat().st_size
+        numbers = {}
+        for key in ("offset", "length"):
+            text = entries.get(key)
+            if text is None:
+                continue
+            if not text.isascii() or not text.isdigit():
+                raise ModelError(f"{path}: tensor {name} has external data {key} {_one_line(text)}, "
+                                 "not a non-negative integer")
+            numbers[key] = int(text)
+        offset = numbers.get("offset", 0)
+        if offset > size or offset + numbers.get("length", 0) > size:
+            raise ModelError(f"{path}: tensor {name} claims bytes beyond the end of its external data file "
+                             f"{_one_line(location)} ({size} bytes); the model or its data file is truncated")
+
+
 def load_classifier(path: Path | str) -> OnnxClassifier:
-    """Parse, check and describe the model; any problem is one ModelError line."""
+    """Parse, check and describe the model; any problem is one ModelError line.
+
+    External data (weights in separate files, as for models over 2 GB) is read only after every tensor's location
+    was checked to stay inside the model's folder, so a hostile model cannot make ptqflow read other files.
+    """
     import onnx
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} not found: put the ONNX model there or pass --model")
     try:
-        proto = onnx.load(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeError or ValueError depending on damage
         raise ModelError(f"{path} is not a readable ONNX model ({type(exc).__name__}); "
                          "pass an .onnx file exported from your framework") from exc
+    check_external_data(proto, path)
+    if any(_uses_external_data(tensor) for tensor in all_tensors(proto)):
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except Exception as exc:  # onnx's own location checks, or a file that changed under us
+            raise ModelError(f"{path}: cannot load its external data ({type(exc).__name__}: "
+                             f"{_first_line(exc)})") from exc
+        if any(_uses_external_data(tensor) for tensor in all_tensors(proto)):
+            raise ModelError(f"{path} keeps sparse or function tensors in external data, which ptqflow does not "
+                             "load; save the model with its data embedded")
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path} fails the ONNX checker: {first_line}") from exc
+        raise ModelError(f"{path} fails the ONNX checker: {_first_line(exc)}") from exc
     if len(proto.graph.output) != 1:
         raise ModelError(f"{path} has {len(proto.graph.output)} outputs; expected one class-score output")
     return OnnxClassifier(
@@ -102,6 +209,11 @@ def load_classifier(path: Path | str) -> OnnxClassifier:
         sha256=file_sha256(path),
         size_bytes=path.stat().st_size,
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def to_torch(model: OnnxClassifier):

@@ -47,12 +47,45 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR-10 batch")
         if module in ("__builtin__", "builtins"):
-            return bytearray
+            return _bytearray_of_data
         if module == "_codecs":
-            import codecs
-
-            return codecs.encode
+            return _latin1_encode
+        if name == "_reconstruct":
+            return _reconstruct_empty
         return super().find_class(module, name)
+
+
+def _bytearray_of_data(source=b"", *args):
+    """`bytearray` as pickles of bytearrays use it (from bytes or a latin-1 str); `bytearray(n)` would let a few
+    bytes of pickle allocate gigabytes, so sizes are refused."""
+    if not isinstance(source, (bytes, bytearray, str)):
+        raise pickle.UnpicklingError(f"bytearray({type(source).__name__}) is not allowed in a CIFAR-10 batch")
+    return bytearray(source, *args)
+
+
+def _reconstruct_empty(subtype, shape, dtype):
+    """numpy's `_reconstruct` as ndarray pickles call it: an empty ndarray that BUILD then fills from the file's own
+    bytes. Any other shape would allocate memory the file does not hold, so only (0,) is accepted."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+
+    if subtype is not np.ndarray or not isinstance(shape, tuple) or shape != (0,):
+        raise pickle.UnpicklingError("numpy _reconstruct is only allowed for an empty ndarray in a CIFAR-10 batch")
+    return _reconstruct(subtype, shape, dtype)
+
+
+def _latin1_encode(obj, encoding="latin1", errors="strict"):
+    """`_codecs.encode` as protocol-2 pickles of bytes use it; any codec but latin-1 is refused, so a batch cannot
+    reach other codecs (an unknown name would also escape as LookupError)."""
+    import codecs
+
+    if not isinstance(obj, str) or not isinstance(encoding, str) or errors != "strict" \
+            or encoding.lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with {type(obj).__name__} and codec "
+                                     f"{str(encoding)[:40]!r} is not allowed in a CIFAR-10 batch")
+    return codecs.encode(obj, "latin1")
 
 
 def safe_unpickle(path: Path) -> dict:
@@ -64,9 +97,10 @@ def safe_unpickle(path: Path) -> dict:
     try:
         obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except pickle.UnpicklingError as exc:
-        raise DataError(f"{path} is not a valid CIFAR-10 batch: {exc}") from exc
-    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError,
-            MemoryError, OverflowError, UnicodeDecodeError) as exc:
+        reason = " ".join(str(exc).split())[:200]  # some pickle messages span two lines; the CLI shows one
+        raise DataError(f"{path} is not a valid CIFAR-10 batch: {reason}") from exc
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError, LookupError,
+            MemoryError, OverflowError, RecursionError) as exc:  # LookupError covers KeyError and IndexError
         raise DataError(f"{path} is truncated or not a CIFAR-10 batch ({type(exc).__name__}); "
                         "re-download the dataset") from exc
     if not isinstance(obj, dict):
@@ -125,8 +159,9 @@ def _read_batch(path: Path) -> Split:
 def _class_names(path: Path) -> tuple[str, ...]:
     meta = safe_unpickle(path)
     names = meta.get("label_names")
-    if not isinstance(names, list) or len(names) != NUM_CLASSES:
-        raise DataError(f"{path}: 'label_names' must list {NUM_CLASSES} class names")
+    if not isinstance(names, list) or len(names) != NUM_CLASSES \
+            or not all(isinstance(n, (bytes, str)) and 0 < len(n) <= 100 for n in names):
+        raise DataError(f"{path}: 'label_names' must list {NUM_CLASSES} class names (1 to 100 characters each)")
     return tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
 
 

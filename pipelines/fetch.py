@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import lzma
 import os
 import shutil
 import tarfile
@@ -183,8 +184,18 @@ def safe_extract_tar(archive: Path, dest: Path) -> None:
             dest.mkdir(parents=True, exist_ok=True)
             # The "data" filter repeats these checks inside tarfile and also drops set-uid and owner bits.
             tar.extractall(dest, members=members, filter="data")
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise FetchError(f"{archive} is not a readable tar archive ({exc}); delete it and fetch again") from exc
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as exc:
+        # tarfile's "could not be opened" message spans several lines; the CLI shows one.
+        raise FetchError(f"{archive} is not a readable tar archive ({_one_line(exc)}); "
+                         "delete it and fetch again") from exc
+    except OSError as exc:  # a damaged bz2 stream, or a member the file system refuses (name too long, ...)
+        raise FetchError(f"cannot extract {archive} into {dest} ({_one_line(exc)}); "
+                         "delete the archive and fetch again") from exc
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_fetched_dataset(root: Path, md5: str | None) -> bool:
