@@ -30,6 +30,13 @@ class FloatModel:
     _torch_module: object = field(default=None, repr=False)
     _ort_ready: Path | None = field(default=None, repr=False)
 
+    def prepare(self, torch: bool, onnxruntime: bool) -> None:
+        """Build the requested forms now (instead of lazily inside the first variant), e.g. to time them."""
+        if torch:
+            _ = self.torch_module
+        if onnxruntime:
+            _ = self.ort_ready_path
+
     @property
     def torch_module(self):
         if self._torch_module is None:
@@ -43,7 +50,8 @@ class FloatModel:
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
             target = self.work_dir / "fp32_preprocessed.onnx"
-            quant_pre_process(str(self.onnx.path), str(target), skip_symbolic_shape=False)
+            # ONNX shape inference suffices for fixed-size image models; symbolic inference costs seconds (sympy).
+            quant_pre_process(str(self.onnx.path), str(target), skip_symbolic_shape=True)
             self._ort_ready = target
         return self._ort_ready
 

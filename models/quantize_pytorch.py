@@ -90,6 +90,27 @@ def _backend_config(config: PytorchFxConfig):
     return widened
 
 
+def _check_kernels_accept(float_model: FloatModel, mapping, backend_config, example, config: PytorchFxConfig) -> None:
+    """Convert once after a single example batch: the kernel library refuses unsupported dtypes at weight-packing
+    time, and finding that out should not cost a full calibration."""
+    if config.weight_dtype == "qint8":
+        return
+    import copy
+
+    import torch
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    probe = prepare_fx(copy.deepcopy(float_model.torch_module), mapping, example_inputs=(example,),
+                       backend_config=backend_config)
+    with torch.no_grad():
+        probe(example)
+    try:
+        convert_fx(probe, backend_config=backend_config)
+    except RuntimeError as exc:
+        raise UnsupportedVariant(f"{config.backend} cannot pack {config.weight_dtype} weights: "
+                                 f"{str(exc).splitlines()[0]}") from exc
+
+
 def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.ndarray, out_dir: Path,
              advance: Callable[[int], None] = lambda n: None) -> QuantizedModel:
     """Quantize the onnx2torch module with `config`, calibrating on model-ready `calibration` inputs, and save the
@@ -108,17 +129,14 @@ def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.n
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao deprecation notices on every call
+            _check_kernels_accept(float_model, mapping, backend_config, example, config)
             module = copy.deepcopy(float_model.torch_module)
             prepared = prepare_fx(module, mapping, example_inputs=(example,), backend_config=backend_config)
             with torch.no_grad():  # observers update their buffers in place
                 for batch in batches(calibration, config.calibration_batch_size):
                     prepared(torch.from_numpy(batch))
                     advance(len(batch))
-            try:
-                quantized = convert_fx(prepared, backend_config=backend_config)
-            except RuntimeError as exc:
-                raise UnsupportedVariant(f"{config.backend} cannot pack {config.weight_dtype} weights: "
-                                         f"{str(exc).splitlines()[0]}") from exc
+            quantized = convert_fx(prepared, backend_config=backend_config)
             with torch.no_grad():
                 traced = torch.jit.trace(quantized, example)
             buffer = io.BytesIO()

@@ -57,6 +57,15 @@ CalSeedOpt = Annotated[int, typer.Option("--calibration-seed", help="Seed of the
 TestLimitOpt = Annotated[Optional[int], typer.Option("--test-limit", min=0,
                                                      help="Evaluate on the first N test images only "
                                                           "(default or 0: all 10,000).", rich_help_panel="Evaluation")]
+MaxDropOpt = Annotated[float, typer.Option("--max-accuracy-drop", min=0.0,
+                                           help="Promotion gate: most accuracy points a new version may lose vs "
+                                                "FP32 and still become @champion.", rich_help_panel="Registry")]
+MinAgreementOpt = Annotated[float, typer.Option("--min-agreement", min=0.0, max=1.0,
+                                                help="Promotion gate: least top-1 agreement with FP32 for "
+                                                     "@champion.", rich_help_panel="Registry")]
+BenchOpt = Annotated[bool, typer.Option("--bench/--no-bench",
+                                        help="Measure batch-1 latency and batch-256 throughput of every variant.",
+                                        rich_help_panel="Evaluation")]
 FetchOpt = Annotated[bool, typer.Option("--fetch/--no-fetch",
                                         help="Fetch the default model and data paths when they are missing.",
                                         rich_help_panel="Fetch")]
@@ -121,6 +130,12 @@ def cli_errors(fn):
     return wrapper
 
 
+def _gate_policy(max_accuracy_drop: float, min_agreement: float):
+    from pipelines.promotion import GatePolicy
+
+    return GatePolicy(max_accuracy_drop_pp=max_accuracy_drop, min_agreement=min_agreement)
+
+
 def _run_sweep(**options) -> None:
     from pipelines.sweep import SweepOptions, VariantsFailed, run_sweep
     from pipelines.tables import print_rows
@@ -152,6 +167,9 @@ def sweep(
     preprocessing: PreprocessingOpt = Preprocessing.raw,
     per_channel: PerChannelOpt = None,
     calibration_method: CalMethodOpt = None,
+    max_accuracy_drop: MaxDropOpt = 0.5,
+    min_agreement: MinAgreementOpt = 0.97,
+    bench: BenchOpt = True,
     fetch: FetchOpt = True,
     cifar10_url: Cifar10UrlOpt = None,
     resnet8_url: Resnet8UrlOpt = None,
@@ -163,7 +181,8 @@ def sweep(
                calibration_seed=calibration_seed, test_limit=test_limit, input_layout=input_layout,
                preprocessing=preprocessing, ort_per_channel=per_channel,
                ort_calibration_method=calibration_method.value if calibration_method else None,
-               fetch_missing=fetch, cifar10_url=cifar10_url, resnet8_url=resnet8_url)
+               gate=_gate_policy(max_accuracy_drop, min_agreement), bench=bench, fetch_missing=fetch,
+               cifar10_url=cifar10_url, resnet8_url=resnet8_url)
 
 
 @app.command()
@@ -249,10 +268,16 @@ def pull(
     from pipelines.pull import parse_model_ref
     from pipelines.pull import pull as pull_model
 
+    from pipelines.names import validate_alias, validate_name, validate_output_dir
+
     model_name, ref_alias = parse_model_ref(name)
     if ref_alias and alias and ref_alias != alias:
         _fail(f"{name} names alias '{ref_alias}' but --alias says '{alias}'", 2)
-    result = pull_model(model_name, version, alias or ref_alias, output, data_dir if evaluate else None)
+    validate_name("registered model name", model_name)
+    if alias or ref_alias:
+        validate_alias(alias or ref_alias)
+    result = pull_model(model_name, version, alias or ref_alias, validate_output_dir(output),
+                        data_dir if evaluate else None)
     typer.echo(f"{result.name} version {result.version}: {result.model_file} (sha256 {result.sha256[:12]}…, "
                "verified)")
     if result.accuracy is not None:
@@ -262,13 +287,83 @@ def pull(
 @app.command()
 @cli_errors
 def compare(
-    run_id: Annotated[Optional[str], typer.Argument(help="Sweep (parent) run id; default: the latest sweep.")] = None,
+    refs: Annotated[Optional[list[str]], typer.Argument(
+        help="Sweep run ids, variant run ids, or registered NAME/VERSION or NAME@ALIAS. None: the latest sweep's "
+             "table; one sweep: its table; two sweeps: variant by variant with deltas.")] = None,
     experiment: ExperimentOpt = "resnet8-quantization",
 ):
-    """Print the comparison table of a sweep run."""
-    from pipelines.tables import print_sweep_table
+    """Compare sweeps, registered versions or runs side by side."""
+    from pipelines.tables import print_comparison, print_sweep_table
 
-    print_sweep_table(run_id, experiment)
+    if not refs or (len(refs) == 1 and "/" not in refs[0] and "@" not in refs[0]):
+        print_sweep_table(refs[0] if refs else None, experiment)
+    else:
+        print_comparison(refs)
+
+
+@app.command()
+@cli_errors
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version to point the alias at.")],
+    alias: Annotated[str, typer.Option("--alias", help="Alias to set.")] = "champion",
+):
+    """Point an alias at a version by hand (no gate); the decision is recorded as tags on the version."""
+    from pipelines.names import validate_alias, validate_name
+    from tracking import aliases, registry
+
+    validate_name("registered model name", name)
+    validate_alias(alias)
+    registry.resolve(name, version=version)  # a clear error for a version that does not exist
+    aliases.set_alias(name, alias, version)
+    aliases.record_decision(name, version, "manual", f"@{alias} set by hand with `ptqflow promote`", "none")
+    typer.echo(f"{name}@{alias} -> version {version}")
+
+
+@app.command("models")
+@cli_errors
+def list_models(
+    name: Annotated[Optional[str], typer.Argument(help="Only this registered model.")] = None,
+):
+    """Registered models with their versions, aliases and key numbers."""
+    from pipelines.tables import print_registered_models
+    from tracking.aliases import list_registered
+
+    print_registered_models(list_registered(name))
+
+
+@app.command()
+@cli_errors
+def bench(
+    targets: Annotated[list[str], typer.Argument(
+        help="ONNX or TorchScript files, or registered models NAME@ALIAS / NAME/VERSION.")],
+    data_dir: DataDirOpt = Path("data/cifar-10-batches-py"),
+    threads: Annotated[int, typer.Option("--threads", min=0, help="Threads per runtime (0: all cores).")] = 0,
+    input_layout: LayoutOpt = LayoutChoice.auto,
+    preprocessing: PreprocessingOpt = Preprocessing.raw,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="Log the numbers to this MLflow run "
+                                                                   "(one target only).")] = None,
+    output: Annotated[Path, typer.Option("--output", help="Where registered models are downloaded.")] = Path("pulled"),
+):
+    """Batch-1 latency and batch-256 throughput, on real test images, the way the sweep measures them."""
+    from models.benchmark import BenchConfig
+    from pipelines.bench import bench_files, resolve_target
+    from pipelines.cifar import load_cifar10
+    from pipelines.errors import ConfigError
+    from pipelines.tables import print_bench
+
+    if run_id and len(targets) != 1:
+        raise ConfigError("--run-id logs one target's numbers; pass a single target")
+    layout = None if input_layout is LayoutChoice.auto else input_layout.value
+    resolved = [resolve_target(t, output, layout, preprocessing.value) for t in targets]
+    images = load_cifar10(data_dir).test.images[:256]
+    results = bench_files(resolved, images, BenchConfig(threads=threads))
+    print_bench(results)
+    if run_id:
+        from tracking.runs import log_bench_to_run
+
+        log_bench_to_run(run_id, results[0][1])
+        typer.echo(f"logged to run {run_id}")
 
 
 @fetch_app.command("cifar10")

@@ -18,16 +18,20 @@ from pathlib import Path
 import numpy as np
 
 from models.base import FloatModel, UnsupportedVariant, write_json_atomic
+from models.benchmark import BenchConfig, BenchResult, benchmark
 from models.onnx_model import OnnxClassifier, file_sha256, load_classifier
-from pipelines import report
+from pipelines import plots, report
 from pipelines.calibration import indices_digest, stratified_indices
 from pipelines.cifar import Cifar10, Split, load_cifar10
 from pipelines.errors import ConfigError, PtqflowError
+from pipelines.names import validate_name
 from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL, ensure_data, ensure_model
 from pipelines.evaluation import Evaluation, Fidelity, evaluate, fidelity, predict_scores
 from pipelines.choices import LayoutChoice, Preprocessing
 from pipelines.preprocessing import InputTransform, resolve_layout
+from pipelines.promotion import GatePolicy
 from pipelines.progress import progress_task, say
+from pipelines.timing import PhaseTimer
 from pipelines.variants import DEFAULT_VARIANTS, FP32, ONNXRUNTIME, PYTORCH, VariantSpec, select
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -52,11 +56,18 @@ class SweepOptions:
     ort_per_channel: bool | None = None
     ort_calibration_method: str | None = None
     run_name: str | None = None
+    gate: GatePolicy = GatePolicy()  # when a new registry version takes the champion alias
+    bench: bool = True  # measure latency and throughput of every variant
     fetch_missing: bool = True  # fetch the default model/data paths when they are missing
     cifar10_url: str | None = None  # mirrors for that fetch; None = the pinned official URLs
     resnet8_url: str | None = None
 
     def __post_init__(self):
+        validate_name("--experiment", self.experiment)
+        for kind, value in (("--registered-model", self.registered_model),
+                            ("--registered-onnx-model", self.registered_onnx_model)):
+            if value:  # empty when the command registers no model of that kind
+                validate_name(kind, value)
         if self.test_limit is not None and self.test_limit < 0:
             raise ConfigError(f"--test-limit must be positive (0 = all), got {self.test_limit}")
 
@@ -104,6 +115,7 @@ class VariantOutcome:
     model_sha256: str = ""
     quantized_engine: str = ""
     reason: str = ""
+    bench: "BenchResult | None" = None
 
 
 @dataclass
@@ -113,6 +125,7 @@ class SweepResult:
     rows: list[report.VariantRow]
     registered: list = field(default_factory=list)
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[VariantOutcome]:
@@ -147,7 +160,7 @@ def _quantized_engine() -> str:
 class Sweep:
     """One sweep: owns the parent run and runs each variant as a child run."""
 
-    def __init__(self, options: SweepOptions, inputs: SweepInputs, work_dir: Path):
+    def __init__(self, options: SweepOptions, inputs: SweepInputs, work_dir: Path, timer: PhaseTimer | None = None):
         from tracking import runs
         from tracking.keys import Artifact, Metric, Param, Tag, VersionTag
 
@@ -155,12 +168,17 @@ class Sweep:
             runs, Artifact, Metric, Param, Tag, VersionTag)
         self.options = options
         self.inputs = inputs
+        self.timer = timer or PhaseTimer()
         self.work_dir = work_dir
         self.float_model = FloatModel(inputs.model, work_dir)
         self.specs = select(options.variants, options.ort_per_channel, options.ort_calibration_method)
         self.versions = package_versions()
         self.example_input = inputs.transform(inputs.test.images[:1])
         self.reference: Evaluation | None = None
+        self.reference_bench: BenchResult | None = None
+        self.bench_config = BenchConfig()
+        # A few hundred real test images, model-ready, reused by every benchmark.
+        self.bench_images = inputs.transform(inputs.test.images[:256])
 
     # ---- shared run metadata -------------------------------------------------------------------------------
     def _common_tags(self, parent_run_id: str | None) -> dict[str, str]:
@@ -205,10 +223,11 @@ class Sweep:
             self.runs.log_params(self._variant_params(None))
             self._log_datasets()
             batch = self.inputs.model.input.batch_size or 500
-            ort_scores = predict_scores(OrtRunner(self.inputs.model.path), test.images, transform,
-                                        "FP32 onnxruntime", batch)
-            torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), test.images, transform,
-                                          "FP32 onnx2torch", batch)
+            with self.timer.phase("evaluate"):
+                ort_scores = predict_scores(OrtRunner(self.inputs.model.path), test.images, transform,
+                                            "FP32 onnxruntime", batch)
+                torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), test.images, transform,
+                                              "FP32 onnx2torch", batch)
             self.reference = evaluate(ort_scores, test.labels, names)
             torch_eval = evaluate(torch_scores, test.labels, names)
             torch_agreement = fidelity(self.reference, torch_eval).top1_agreement
@@ -223,6 +242,10 @@ class Sweep:
             self.runs.log_file(self.inputs.model.path, self.Artifact.MODEL_FILE_DIR)
             self.runs.log_json({"variant": FP32, "note": "FP32 reference, no quantization"}, self.Artifact.QCONFIG)
             self.runs.log_json(self.reference.per_class_accuracy, self.Artifact.PER_CLASS_ACCURACY)
+            self._log_confusion_matrix(FP32, self.reference)
+            if self.options.bench:
+                self.reference_bench = self._bench(OrtRunner(self.inputs.model.path), FP32)
+                self._log_bench(self.reference_bench)
             self.runs.log_metrics({
                 self.Metric.ACCURACY: self.reference.accuracy, self.Metric.ACCURACY_DELTA_PP: 0.0,
                 self.Metric.TOP1_AGREEMENT: 1.0, self.Metric.KL_DIVERGENCE: 0.0,
@@ -232,7 +255,28 @@ class Sweep:
         say(f"[green]✓[/] fp32: accuracy {100 * self.reference.accuracy:.2f}% (onnx2torch agrees on "
             f"{100 * torch_agreement:.2f}%)")
         return VariantOutcome(FP32, ONNXRUNTIME, "ok", run_id, evaluation=self.reference,
-                              fidelity=Fidelity(1.0, 0.0, float("inf")))
+                              fidelity=Fidelity(1.0, 0.0, float("inf")), bench=self.reference_bench)
+
+    def _bench(self, runner, name: str) -> BenchResult:
+        with self.timer.phase("bench"), progress_task(f"benchmarking {name}", total=1) as advance:
+            result = benchmark(runner.predict, self.bench_images, self.bench_config)
+            advance()
+        return result
+
+    def _log_bench(self, bench: BenchResult) -> None:
+        M = self.Metric
+        metrics = {M.LATENCY_MS_B1_P50: bench.latency_ms_b1_p50, M.LATENCY_MS_B1_P90: bench.latency_ms_b1_p90,
+                   M.THROUGHPUT_IPS_B256: bench.throughput_ips_b256}
+        if self.reference_bench:
+            metrics[M.SPEEDUP_VS_FP32] = bench.throughput_ips_b256 / self.reference_bench.throughput_ips_b256
+            metrics[M.LATENCY_RATIO_VS_FP32] = bench.latency_ms_b1_p50 / self.reference_bench.latency_ms_b1_p50
+        self.runs.log_metrics(metrics)
+        self.runs.log_params({self.Param.BENCH_THREADS: bench.threads})
+
+    def _log_confusion_matrix(self, name: str, evaluation: Evaluation) -> None:
+        png = plots.confusion_matrix(self.inputs.test.labels, evaluation.predictions, self.inputs.data.class_names,
+                                     f"{name}: confusion matrix ({len(self.inputs.test)} test images)")
+        self.runs.log_bytes(png, self.Artifact.CONFUSION_MATRIX)
 
     def _onnx_requirements(self) -> list[str]:
         return [f"onnx=={self.versions['onnx']}", f"onnxruntime=={self.versions['onnxruntime']}",
@@ -281,7 +325,8 @@ class Sweep:
         self.runs.log_json({"variant": spec.name, "framework": spec.framework, "backend": spec.config.backend,
                             "config": _config_payload(spec.config)}, A.QCONFIG)
         variant_dir = self.work_dir / spec.name
-        with progress_task(f"calibrating {spec.name}", total=len(self.inputs.calibration)) as advance:
+        with self.timer.phase("quantize"), \
+                progress_task(f"calibrating {spec.name}", total=len(self.inputs.calibration)) as advance:
             quantized = spec.quantize(self.float_model, self.inputs.calibration, variant_dir, advance)
         write_json_atomic(variant_dir / A.QCONFIG, _config_payload(spec.config))
         model_dir = variant_dir / "mlflow_model"
@@ -304,7 +349,9 @@ class Sweep:
                                                    self._onnx_requirements())
             runner = OrtRunner(model_file)
         batch = self.inputs.model.input.batch_size or 500
-        scores = predict_scores(runner, self.inputs.test.images, self.inputs.transform, f"evaluating {spec.name}", batch)
+        with self.timer.phase("evaluate"):
+            scores = predict_scores(runner, self.inputs.test.images, self.inputs.transform,
+                                    f"evaluating {spec.name}", batch)
         outcome.evaluation = evaluate(scores, self.inputs.test.labels, self.inputs.data.class_names)
         outcome.fidelity = fidelity(self.reference, outcome.evaluation)
         outcome.model_file = model_file
@@ -316,6 +363,10 @@ class Sweep:
         shutil.copyfile(model_file, variant_dir / public_name)  # same bytes as the registered file
         self.runs.log_file(variant_dir / public_name, A.MODEL_FILE_DIR)
         self.runs.log_json(outcome.evaluation.per_class_accuracy, A.PER_CLASS_ACCURACY)
+        self._log_confusion_matrix(spec.name, outcome.evaluation)
+        if self.options.bench:
+            outcome.bench = self._bench(runner, spec.name)
+            self._log_bench(outcome.bench)
         self.runs.log_metrics({
             M.ACCURACY: outcome.evaluation.accuracy,
             M.ACCURACY_DELTA_PP: 100 * (outcome.evaluation.accuracy - self.reference.accuracy),
@@ -347,6 +398,8 @@ class Sweep:
                     V.PREPROCESSING: self.inputs.transform.preprocessing.value}
             if best.quantized_engine:
                 tags[V.QUANTIZED_ENGINE] = best.quantized_engine
+            if best.bench:
+                tags[V.LATENCY_MS_B1] = f"{best.bench.latency_ms_b1_p50:.4f}"
             description = (f"{best.name}: {self.inputs.model.path.name} quantized by ptqflow. Top-1 accuracy "
                            f"{100 * best.evaluation.accuracy:.2f}% on {len(self.inputs.test)} CIFAR-10 test images "
                            f"({100 * (best.evaluation.accuracy - self.reference.accuracy):+.2f} pp vs FP32), "
@@ -354,8 +407,31 @@ class Sweep:
             version = registry.register(f"runs:/{best.run_id}/{self.Artifact.LOGGED_MODEL_NAME}", name, tags, description)
             self.runs.set_run_tags(best.run_id, {self.Tag.REGISTERED_VERSION: f"{name}/{version.version}"})
             say(f"[green]✓[/] registered {best.name} as [bold]{name}[/] version {version.version}")
+            self._gate(name, version.version, best)
             registered.append(version)
         return registered
+
+    def _gate(self, name: str, version: str, best: VariantOutcome) -> None:
+        """Move the champion alias to the new version only if it passes the gate and beats the champion."""
+        from pipelines.promotion import CHAMPION_ALIAS, Candidate, decide
+        from tracking import aliases
+        from tracking.keys import VersionTag as V
+
+        candidate = Candidate(version, 100 * (best.evaluation.accuracy - self.reference.accuracy),
+                              best.fidelity.top1_agreement, best.bench.latency_ms_b1_p50 if best.bench else None)
+        current = aliases.alias_target(name, CHAMPION_ALIAS)
+        champion = None
+        if current is not None and V.TOP1_AGREEMENT in current.tags:
+            latency = current.tags.get(V.LATENCY_MS_B1)
+            champion = Candidate(str(current.version), float(current.tags.get(V.ACCURACY_DELTA_PP, 0.0)),
+                                 float(current.tags[V.TOP1_AGREEMENT]), float(latency) if latency else None)
+        decision = decide(candidate, champion, self.options.gate)
+        if decision.promote:
+            aliases.set_alias(name, CHAMPION_ALIAS, version)
+        aliases.record_decision(name, version, "promoted" if decision.promote else "rejected", decision.reason,
+                                self.options.gate.describe())
+        mark = "[green]✓[/]" if decision.promote else "[yellow]–[/]"
+        say(f"{mark} {name} v{version} {'is now' if decision.promote else 'not'} @{CHAMPION_ALIAS}: {decision.reason}")
 
     # ---- the whole sweep -----------------------------------------------------------------------------------
     def run(self) -> SweepResult:
@@ -375,23 +451,40 @@ class Sweep:
                                   P.CALIBRATION_SEED: self.options.calibration_seed,
                                   P.INPUT_LAYOUT: self.inputs.transform.layout,
                                   P.PREPROCESSING: self.inputs.transform.preprocessing.value,
-                                  P.TEST_LIMIT: self.options.test_limit or "all"})
+                                  P.TEST_LIMIT: self.options.test_limit or "all",
+                                  P.MAX_ACCURACY_DROP_PP: self.options.gate.max_accuracy_drop_pp,
+                                  P.MIN_AGREEMENT: self.options.gate.min_agreement})
             self._log_datasets()
             self.runs.log_json({"indices": self.inputs.calibration_indices.tolist(),
                                 "sha256": self.inputs.calibration_digest}, self.Artifact.CALIBRATION_INDICES)
+            with self.timer.phase("convert"):  # each backend's starting point, made once for all variants
+                self.float_model.prepare(torch=True,
+                                         onnxruntime=any(spec.framework == ONNXRUNTIME for spec in self.specs))
             outcomes = [self.run_fp32(experiment_id, parent_run_id)]
             outcomes += [self.run_variant(spec, experiment_id, parent_run_id) for spec in self.specs]
-            registered = self.register_best(outcomes) if self.options.register else []
+            with self.timer.phase("register"):
+                registered = self.register_best(outcomes) if self.options.register else []
             rows = [self._row(o) for o in outcomes]
             title = f"{self.inputs.model.path.name} on {len(self.inputs.test)} CIFAR-10 test images"
             self.runs.log_text(report.to_markdown(rows, title), self.Artifact.COMPARISON_MD)
             self.runs.log_text(report.to_csv(rows), self.Artifact.COMPARISON_CSV)
+            self.runs.log_text(report.to_html(rows, title), self.Artifact.COMPARISON_HTML)
+            self._log_sweep_plots(outcomes, rows)
             seconds = time.perf_counter() - started
             self._log_summary(outcomes, seconds)
             result = SweepResult(parent_run_id, outcomes, rows, registered, seconds)
             if result.failed:
                 raise VariantsFailed(result)
         return result
+
+    def _log_sweep_plots(self, outcomes: list[VariantOutcome], rows: list[report.VariantRow]) -> None:
+        A = self.Artifact
+        latency = {o.name: o.bench.latency_ms_b1_p50 for o in outcomes if o.bench}
+        per_class = {o.name: o.evaluation.per_class_accuracy for o in outcomes if o.evaluation}
+        self.runs.log_bytes(plots.accuracy_vs_size(rows), A.PLOT_ACCURACY_VS_SIZE)
+        self.runs.log_bytes(plots.accuracy_vs_latency(rows, latency), A.PLOT_ACCURACY_VS_LATENCY)
+        self.runs.log_bytes(plots.per_class_accuracy(per_class), A.PLOT_PER_CLASS)
+        self.runs.log_bytes(plots.agreement(rows), A.PLOT_AGREEMENT)
 
     def _log_summary(self, outcomes: list[VariantOutcome], seconds: float) -> None:
         M = self.Metric
@@ -417,7 +510,10 @@ class Sweep:
             accuracy=o.evaluation.accuracy if o.evaluation else None,
             accuracy_delta_pp=100 * (o.evaluation.accuracy - self.reference.accuracy) if o.evaluation else None,
             top1_agreement=o.fidelity.top1_agreement if o.fidelity else None, model_size_bytes=size,
-            compression_ratio=self.inputs.model.size_bytes / size if size else None, reason=o.reason, run_id=o.run_id)
+            compression_ratio=self.inputs.model.size_bytes / size if size else None, reason=o.reason, run_id=o.run_id,
+            latency_ms_b1=o.bench.latency_ms_b1_p50 if o.bench else None,
+            speedup_vs_fp32=(o.bench.throughput_ips_b256 / self.reference_bench.throughput_ips_b256
+                             if o.bench and self.reference_bench else None))
 
 
 class VariantsFailed(PtqflowError):
@@ -442,6 +538,10 @@ def _config_payload(config) -> dict:
 
 def run_sweep(options: SweepOptions) -> SweepResult:
     """Prepare inputs, then run the sweep in a scratch directory that is removed afterwards."""
-    inputs = prepare_inputs(options)
+    timer = PhaseTimer()
+    with timer.phase("load"):
+        inputs = prepare_inputs(options)
     with tempfile.TemporaryDirectory(prefix="ptqflow-sweep-") as work_dir:
-        return Sweep(options, inputs, Path(work_dir)).run()
+        result = Sweep(options, inputs, Path(work_dir), timer).run()
+    result.phase_seconds = timer.summary()
+    return result

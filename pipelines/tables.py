@@ -71,3 +71,116 @@ def print_sweep_table(run_id: str | None, experiment: str) -> None:
     run_id = run_id or runs.latest_sweep_run_id(experiment)
     rows = rows_from_csv(runs.download_text(run_id, Artifact.COMPARISON_CSV))
     print_rows(rows, title=f"sweep {run_id}")
+
+
+# ---- comparing runs, sweeps and registered versions ---------------------------------------------------------------
+COMPARED_METRICS = (  # (metric key, header, scale, format, higher is better)
+    ("accuracy", "accuracy %", 100, "{:.2f}", True),
+    ("top1_agreement", "agreement %", 100, "{:.2f}", True),
+    ("model_size_bytes", "size KiB", 1 / 1024, "{:.1f}", False),
+    ("latency_ms_b1_p50", "latency ms", 1, "{:.3f}", False),
+    ("throughput_ips_b256", "img/s b256", 1, "{:.0f}", True),
+)
+
+
+def _fmt(value, scale, fmt) -> str:
+    return "—" if value is None else fmt.format(value * scale)
+
+
+def _delta(a, b, scale, fmt, higher_better) -> str:
+    if a is None or b is None:
+        return "—"
+    d = (b - a) * scale
+    colour = "green" if (d > 0) == higher_better and d != 0 else ("red" if d != 0 else "dim")
+    return f"[{colour}]{'+' if d >= 0 else ''}{fmt.format(d)}[/]"
+
+
+def resolve_reference(ref: str) -> tuple[str, list]:
+    """A sweep run id (→ its variant runs), a variant run id, or a registered NAME/VERSION or NAME@ALIAS
+    (→ the run that produced it). Returns (label, runs)."""
+    from tracking import registry, runs
+    from tracking.keys import Tag
+
+    if "/" in ref or "@" in ref:
+        name, sep, rest = ref.partition("/") if "/" in ref else ref.partition("@")
+        version = registry.resolve(name, version=rest) if sep == "/" else registry.resolve(name, alias=rest)
+        return f"{name} v{version.version}", [runs.get_run(version.run_id)]
+    run = runs.get_run(ref)
+    if run.data.tags.get(Tag.ROLE) == Tag.ROLE_SWEEP:
+        children = sorted(runs.child_runs(ref), key=lambda r: r.info.start_time)
+        return f"sweep {ref[:8]}", children
+    return f"run {ref[:8]}", [run]
+
+
+def print_comparison(refs: list[str]) -> None:
+    """Two sweeps: per variant, side by side with deltas. Anything else: one row per run, deltas vs the first."""
+    resolved = [resolve_reference(ref) for ref in refs]
+    console = _console()
+    if len(resolved) == 2 and all(len(r) > 1 for _, r in resolved):
+        (label_a, runs_a), (label_b, runs_b) = resolved
+        by_a = {r.info.run_name: r for r in runs_a}
+        by_b = {r.info.run_name: r for r in runs_b}
+        table = Table(title=f"{label_a} → {label_b}")
+        table.add_column("variant", no_wrap=True)
+        for _, header, *_ in COMPARED_METRICS:
+            table.add_column(f"{header}: A → B (Δ)", justify="right", no_wrap=True)
+        for name in dict.fromkeys([*by_a, *by_b]):
+            a, b = by_a.get(name), by_b.get(name)
+            cells = [name]
+            for key, _, scale, fmt, better in COMPARED_METRICS:
+                va = a.data.metrics.get(key) if a else None
+                vb = b.data.metrics.get(key) if b else None
+                cells.append(f"{_fmt(va, scale, fmt)} → {_fmt(vb, scale, fmt)} ({_delta(va, vb, scale, fmt, better)})")
+            table.add_row(*cells)
+        console.print(table)
+        return
+    table = Table(title="runs compared (Δ vs the first row)")
+    for header in ("source", "variant", "run"):
+        table.add_column(header, no_wrap=True)
+    for _, header, *_ in COMPARED_METRICS:
+        table.add_column(header, justify="right", no_wrap=True)
+        table.add_column("Δ", justify="right", no_wrap=True)
+    first = None
+    for label, runs in resolved:
+        for run in runs:
+            first = first or run
+            cells = [label, run.info.run_name or "", run.info.run_id[:8]]
+            for key, _, scale, fmt, better in COMPARED_METRICS:
+                value = run.data.metrics.get(key)
+                cells += [_fmt(value, scale, fmt),
+                          "" if run is first else _delta(first.data.metrics.get(key), value, scale, fmt, better)]
+            table.add_row(*cells)
+    console.print(table)
+
+
+def print_registered_models(listing: list[dict]) -> None:
+    from tracking.keys import VersionTag as V
+
+    table = Table(title="registered models")
+    for header in ("model", "version", "aliases", "variant", "accuracy %", "Δ pp", "agreement %", "latency ms",
+                   "gate", "source run"):
+        table.add_column(header, no_wrap=True)
+    for entry in listing:
+        tags = entry["tags"]
+
+        def num(key, scale=1.0, fmt="{:.2f}"):
+            return fmt.format(float(tags[key]) * scale) if key in tags else "—"
+
+        table.add_row(entry["name"], entry["version"], ", ".join(f"@{a}" for a in entry["aliases"]) or "—",
+                      tags.get(V.VARIANT, "—"), num(V.ACCURACY, 100), num(V.ACCURACY_DELTA_PP, fmt="{:+.2f}"),
+                      num(V.TOP1_AGREEMENT, 100), num(V.LATENCY_MS_B1, fmt="{:.3f}"),
+                      tags.get(V.PROMOTION_DECISION, "—"), tags.get(V.SOURCE_RUN_ID, "—")[:8])
+    _console().print(table)
+
+
+def print_bench(results) -> None:
+    table = Table(title="latency and throughput (real CIFAR-10 test images)")
+    for header in ("model", "threads", "b1 p50 ms", "b1 p90 ms", "b256 img/s", "µs/img b1", "µs/img b256",
+                   "b256 vs first"):
+        table.add_column(header, justify="left" if header == "model" else "right", no_wrap=True)
+    first = results[0][1].throughput_ips_b256 if results else None
+    for target, r in results:
+        table.add_row(target.label, str(r.threads), f"{r.latency_ms_b1_p50:.3f}", f"{r.latency_ms_b1_p90:.3f}",
+                      f"{r.throughput_ips_b256:.0f}", f"{1000 * r.latency_ms_b1_p50:.0f}",
+                      f"{1e6 / r.throughput_ips_b256:.0f}", f"{r.throughput_ips_b256 / first:.2f}x")
+    _console().print(table)

@@ -11,7 +11,8 @@ import pytest
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 from cifar_fixture import write_cifar_dir  # noqa: E402
-from onnx_fixture import write_tiny_cnn  # noqa: E402
+import numpy as np  # noqa: E402
+from onnx_fixture import fit_dense_head, tiny_cnn  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_MODEL = SHARED / "models" / "resnet8.onnx"
@@ -28,8 +29,17 @@ def cifar_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return write_tiny_cnn(tmp_path_factory.mktemp("models") / "tiny.onnx")
+def tiny_model(tmp_path_factory, cifar_dir) -> Path:
+    """The tiny NHWC CNN with its dense head fitted to the fixture's training images."""
+    import onnx
+
+    from pipelines.cifar import load_cifar10
+
+    train = load_cifar10(cifar_dir).train
+    model = fit_dense_head(tiny_cnn(), train.images.transpose(0, 2, 3, 1).astype(np.float32), train.labels)
+    path = tmp_path_factory.mktemp("models") / "tiny.onnx"
+    onnx.save(model, str(path))
+    return path
 
 
 def _point_mlflow_at(mp: pytest.MonkeyPatch, root: Path) -> str:

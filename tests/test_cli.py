@@ -196,3 +196,22 @@ def test_sigterm_ends_open_runs_as_killed(tracking_store, tiny_model, cifar_dir)
     killed = [r for r in runs if r.info.status == "KILLED"]
     assert len(killed) >= 2  # the parent and the variant in progress
     assert all(r.info.end_time for r in killed)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--experiment", "../etc"], "--experiment"),
+    (["--registered-model", "a/b"], "--registered-model"),
+    (["--registered-onnx-model", "x#y"], "--registered-onnx-model"),
+])
+def test_names_with_path_or_uri_characters_are_refused(tracking_store, tiny_model, cifar_dir, args, fragment):
+    assert_one_line_error(invoke(*sweep_args(tiny_model, cifar_dir, *args)), fragment)
+    assert all_runs() == []
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["pull", "../model", "--version", "1"], "registered model name"),
+    (["pull", "resnet8-int8@v1"], "alias"),
+    (["promote", "resnet8-int8", "1", "--alias", "a/b"], "alias"),
+])
+def test_pull_and_promote_refuse_unsafe_names(tracking_store, args, fragment):
+    assert_one_line_error(invoke(*args), fragment)

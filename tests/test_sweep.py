@@ -48,7 +48,11 @@ def test_variant_run_has_every_param_metric_artifact_and_tag(completed_sweep, va
     client = MlflowClient()
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {Artifact.MODEL_FILE_DIR, Artifact.QCONFIG, Artifact.PER_CLASS_ACCURACY,
-            Artifact.LOGGED_MODEL_NAME} <= top
+            Artifact.LOGGED_MODEL_NAME, Artifact.CONFUSION_MATRIX} <= top
+    for metric in (Metric.LATENCY_MS_B1_P50, Metric.LATENCY_MS_B1_P90, Metric.THROUGHPUT_IPS_B256):
+        assert run.data.metrics[metric] > 0
+    assert run.data.metrics[Metric.LATENCY_MS_B1_P90] >= run.data.metrics[Metric.LATENCY_MS_B1_P50]
+    assert int(run.data.params[Param.BENCH_THREADS]) >= 1
     model_files = [a.path for a in client.list_artifacts(run.info.run_id, Artifact.MODEL_FILE_DIR)]
     assert len(model_files) == 1
     assert model_files[0].endswith(".pt" if variant.startswith("pytorch") else ".onnx")
@@ -86,6 +90,16 @@ def test_parent_run_has_comparison_table_and_calibration_digest(completed_sweep)
     csv_text = mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/{Artifact.COMPARISON_CSV}")
     for name in ("fp32", *DEFAULT_VARIANTS):
         assert name in md and name in csv_text
+    html = mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/{Artifact.COMPARISON_HTML}")
+    assert "<table" in html and "pytorch-fx-int8" in html
+    local = mlflow.artifacts.download_artifacts(f"runs:/{result.parent_run_id}/plots")
+    from pathlib import Path
+
+    pngs = {p.name: p.read_bytes() for p in Path(local).glob("*.png")}
+    expected = {Path(a).name for a in (Artifact.PLOT_ACCURACY_VS_SIZE, Artifact.PLOT_ACCURACY_VS_LATENCY,
+                                       Artifact.PLOT_PER_CLASS, Artifact.PLOT_AGREEMENT)}
+    assert set(pngs) == expected
+    assert all(data.startswith(b"\x89PNG") for data in pngs.values())
     indices = json.loads(mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/{Artifact.CALIBRATION_INDICES}"))
     assert len(indices["indices"]) == CALIBRATION_SIZE
     assert parent.data.tags[Tag.CALIBRATION_DIGEST] == indices["sha256"]

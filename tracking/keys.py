@@ -26,6 +26,9 @@ class Param:
     DATA_DIR = "data_dir"
     TEST_LIMIT = "test_limit"
     VARIANTS = "variants"
+    BENCH_THREADS = "bench_threads"
+    MAX_ACCURACY_DROP_PP = "gate_max_accuracy_drop_pp"
+    MIN_AGREEMENT = "gate_min_agreement"
 
     VARIANT_PARAMS = (
         VARIANT, FRAMEWORK, BACKEND, WEIGHT_DTYPE, ACTIVATION_DTYPE, QUANT_FORMAT, PER_CHANNEL,
@@ -43,6 +46,11 @@ class Metric:
     COMPRESSION_RATIO = "compression_ratio"
     TORCH_ORT_AGREEMENT = "fp32_torch_vs_ort_agreement"
     TEST_IMAGES = "test_images"
+    LATENCY_MS_B1_P50 = "latency_ms_b1_p50"
+    LATENCY_MS_B1_P90 = "latency_ms_b1_p90"
+    THROUGHPUT_IPS_B256 = "throughput_ips_b256"
+    SPEEDUP_VS_FP32 = "speedup_vs_fp32"  # batch-256 throughput relative to FP32 onnxruntime in the same sweep
+    LATENCY_RATIO_VS_FP32 = "latency_ratio_vs_fp32_b1"  # batch-1 p50 latency relative to FP32 onnxruntime
     # Parent-run summaries
     VARIANTS_OK = "variants_ok"
     VARIANTS_FAILED = "variants_failed"
@@ -95,6 +103,10 @@ class VersionTag:
     DATASET_DIGEST = "dataset_sha256"
     INPUT_LAYOUT = "input_layout"
     PREPROCESSING = "preprocessing"
+    LATENCY_MS_B1 = "latency_ms_b1_p50"
+    PROMOTION_DECISION = "promotion_decision"  # promoted, rejected or manual
+    PROMOTION_REASON = "promotion_reason"
+    PROMOTION_POLICY = "promotion_policy"
 
 
 class Artifact:
@@ -104,6 +116,12 @@ class Artifact:
     COMPARISON_MD = "comparison.md"
     COMPARISON_CSV = "comparison.csv"
     CALIBRATION_INDICES = "calibration_indices.json"
+    COMPARISON_HTML = "comparison.html"
+    CONFUSION_MATRIX = "confusion_matrix.png"
+    PLOT_ACCURACY_VS_SIZE = "plots/accuracy_vs_size.png"
+    PLOT_ACCURACY_VS_LATENCY = "plots/accuracy_vs_latency.png"
+    PLOT_PER_CLASS = "plots/per_class_accuracy.png"
+    PLOT_AGREEMENT = "plots/top1_agreement.png"
     LOGGED_MODEL_NAME = "model"  # name of the MLflow-flavored model logged on each variant run
     DATASET_CONTEXT_TEST = "test"
     DATASET_CONTEXT_CALIBRATION = "calibration"

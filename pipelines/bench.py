@@ -1,0 +1,61 @@
+"""`ptqflow bench`: time model files (or registered versions) the way the sweep times its variants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.benchmark import BenchConfig, BenchResult, benchmark
+from pipelines.errors import ModelError
+
+
+@dataclass(frozen=True)
+class BenchTarget:
+    label: str
+    path: Path
+    layout: str
+    preprocessing: str
+
+
+def resolve_target(ref: str, download_dir: Path, layout: str | None, preprocessing: str) -> BenchTarget:
+    """A file path (.onnx or TorchScript), or a registered model NAME@ALIAS or NAME/VERSION (downloaded and
+    SHA-256-checked by pull before it is loaded)."""
+    path = Path(ref)
+    if path.exists():
+        return BenchTarget(path.name, path, layout or _layout_of(path), preprocessing)
+    if "@" in ref or ("/" in ref and not ref.endswith((".onnx", ".pt", ".pth"))):
+        from pipelines.pull import pull
+        from tracking import registry
+        from tracking.keys import VersionTag as V
+
+        name, sep, rest = ref.partition("@") if "@" in ref else ref.partition("/")
+        version, alias = (None, rest) if sep == "@" else (rest, None)
+        pulled = pull(name, version, alias, download_dir)
+        tags = registry.resolve(name, version=pulled.version).tags
+        return BenchTarget(f"{name} v{pulled.version}", pulled.model_file,
+                           layout or tags.get(V.INPUT_LAYOUT, "NHWC"), tags.get(V.PREPROCESSING, preprocessing))
+    raise ModelError(f"{ref} is neither a model file nor a registered NAME@ALIAS or NAME/VERSION")
+
+
+def _layout_of(path: Path) -> str:
+    if path.suffix == ".onnx":
+        from models.onnx_model import load_classifier
+
+        return load_classifier(path).input.layout
+    return "NHWC"  # TorchScript files carry no input description; ptqflow's own are traced on NHWC by default
+
+
+def bench_files(targets: list[BenchTarget], images_nchw, config: BenchConfig) -> list[tuple[BenchTarget, BenchResult]]:
+    from models.benchmark import set_torch_threads
+    from models.runtime import OrtRunner, TorchRunner
+    from pipelines.choices import Preprocessing
+    from pipelines.preprocessing import InputTransform
+
+    set_torch_threads(config.resolved_threads)
+    results = []
+    for target in targets:
+        runner = (OrtRunner(target.path, config.resolved_threads) if target.path.suffix == ".onnx"
+                  else TorchRunner.from_torchscript(target.path))
+        images = InputTransform(target.layout, Preprocessing(target.preprocessing))(images_nchw)
+        results.append((target, benchmark(runner.predict, images, config)))
+    return results

@@ -1,0 +1,55 @@
+"""Latency/throughput measurement, `ptqflow bench`, and the phase timer."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from typer.testing import CliRunner
+
+from models.benchmark import BATCH_THROUGHPUT, BenchConfig, benchmark
+from pipelines.cli import app
+from pipelines.timing import PHASES, PhaseTimer
+
+
+def test_benchmark_times_single_images_and_full_batches():
+    seen = []
+
+    def predict(batch):
+        seen.append(batch.shape[0])
+        time.sleep(0.0005 * batch.shape[0] ** 0.5)
+        return batch
+
+    images = np.zeros((10, 32, 32, 3), dtype=np.float32)
+    config = BenchConfig(warmup_runs=3, latency_runs=20, throughput_runs=4, threads=1)
+    result = benchmark(predict, images, config)
+    assert seen.count(1) == 3 + 20 and seen.count(BATCH_THROUGHPUT) == 1 + 4
+    assert 0.4 < result.latency_ms_b1_p50 <= result.latency_ms_b1_p90
+    # 256 images take ~8 ms here, so throughput is far below 256 / 0.5 ms.
+    assert 10_000 < result.throughput_ips_b256 < 256 / 0.0005
+    assert result.threads == 1
+
+
+def test_phase_timer_counts_nested_blocks_once():
+    timer = PhaseTimer()
+    with timer.phase("quantize"):
+        with timer.phase("evaluate"):
+            time.sleep(0.02)
+    with timer.phase("evaluate"):
+        time.sleep(0.01)
+    summary = timer.summary()
+    assert set(PHASES) | {"total"} == set(summary)
+    assert summary["quantize"] >= 0.02 and 0.01 <= summary["evaluate"] < 0.02
+    assert summary["total"] >= summary["quantize"] + summary["evaluate"]
+
+
+def test_bench_command_on_a_model_file(tiny_model, cifar_dir):
+    result = CliRunner().invoke(app, ["bench", str(tiny_model), "--data-dir", str(cifar_dir), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "tiny.onnx" in result.stdout and "b256 img/s" in result.stdout
+
+
+def test_bench_command_refuses_run_id_with_several_targets(tiny_model, cifar_dir):
+    result = CliRunner().invoke(app, ["bench", str(tiny_model), str(tiny_model), "--data-dir", str(cifar_dir),
+                                      "--run-id", "abc"])
+    assert result.exit_code != 0 and "single target" in result.stderr

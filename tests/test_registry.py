@@ -1,0 +1,79 @@
+"""The champion alias and its gate, promote/models/compare commands, pull by alias."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CALIBRATION_SIZE
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.promotion import Candidate, GatePolicy, decide
+from tracking.keys import VersionTag
+
+POLICY = GatePolicy(max_accuracy_drop_pp=0.5, min_agreement=0.97)
+
+
+@pytest.mark.parametrize("candidate,champion,promote,reason", [
+    (Candidate("2", -0.6, 0.99), None, False, "accuracy drop"),
+    (Candidate("2", -0.1, 0.96), None, False, "below"),
+    (Candidate("2", -0.1, 0.975), None, True, "no champion yet"),
+    (Candidate("2", 0.0, 0.98), Candidate("1", 0.0, 0.975), True, "beats champion v1"),
+    (Candidate("2", 0.0, 0.975), Candidate("1", 0.0, 0.98), False, "does not beat"),
+    (Candidate("2", 0.0, 0.98, 0.10), Candidate("1", 0.0, 0.98, 0.20), True, "faster"),
+    (Candidate("2", 0.0, 0.98, 0.30), Candidate("1", 0.0, 0.98, 0.20), False, "does not beat"),
+])
+def test_gate_decisions(candidate, champion, promote, reason):
+    decision = decide(candidate, champion, POLICY)
+    assert decision.promote is promote and reason in decision.reason
+
+
+def _sweep(tiny_model, cifar_dir, gate: GatePolicy):
+    from pipelines.sweep import SweepOptions, run_sweep
+
+    return run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
+                                  variants=("pytorch-fx-int8", "ort-uint8"), bench=False, gate=gate))
+
+
+def test_champion_moves_only_through_the_gate_and_by_hand(tracking_store, tiny_model, cifar_dir):
+    client = MlflowClient()
+    _sweep(tiny_model, cifar_dir, GatePolicy(max_accuracy_drop_pp=100, min_agreement=0.0))
+    assert str(client.get_model_version_by_alias("resnet8-int8", "champion").version) == "1"
+    v1 = client.get_model_version("resnet8-int8", "1").tags
+    assert v1[VersionTag.PROMOTION_DECISION] == "promoted" and "no champion yet" in v1[VersionTag.PROMOTION_REASON]
+    # A gate nothing can pass: version 2 is registered but the alias stays on version 1.
+    _sweep(tiny_model, cifar_dir, GatePolicy(max_accuracy_drop_pp=-100, min_agreement=0.0))
+    assert str(client.get_model_version_by_alias("resnet8-int8", "champion").version) == "1"
+    v2 = client.get_model_version("resnet8-int8", "2").tags
+    assert v2[VersionTag.PROMOTION_DECISION] == "rejected" and "accuracy drop" in v2[VersionTag.PROMOTION_REASON]
+    assert "agreement >=" in v2[VersionTag.PROMOTION_POLICY]
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["models"])
+    assert listed.exit_code == 0, listed.output
+    assert "resnet8-int8" in listed.stdout and "@champion" in listed.stdout and "rejected" in listed.stdout
+
+    promoted = runner.invoke(app, ["promote", "resnet8-int8", "2", "--alias", "champion"])
+    assert promoted.exit_code == 0, promoted.output
+    assert str(client.get_model_version_by_alias("resnet8-int8", "champion").version) == "2"
+    assert client.get_model_version("resnet8-int8", "2").tags[VersionTag.PROMOTION_DECISION] == "manual"
+
+    missing = runner.invoke(app, ["promote", "resnet8-int8", "9"])
+    assert missing.exit_code != 0 and "no version 9" in missing.stderr
+
+
+def test_pull_by_alias_and_compare_two_sweeps(tracking_store, tiny_model, cifar_dir, tmp_path):
+    first = _sweep(tiny_model, cifar_dir, GatePolicy(max_accuracy_drop_pp=100, min_agreement=0.0))
+    second = _sweep(tiny_model, cifar_dir, GatePolicy(max_accuracy_drop_pp=100, min_agreement=0.0))
+    runner = CliRunner()
+    pulled = runner.invoke(app, ["pull", "resnet8-int8@champion", "--output", str(tmp_path), "--evaluate",
+                                 "--data-dir", str(cifar_dir)])
+    assert pulled.exit_code == 0, pulled.output
+    assert "verified" in pulled.stdout and "matches the registered" in pulled.stdout
+
+    compared = runner.invoke(app, ["compare", first.parent_run_id, second.parent_run_id])
+    assert compared.exit_code == 0, compared.output
+    assert "pytorch-fx-int8" in compared.stdout and "ort-uint8" in compared.stdout and "Δ" in compared.stdout
+    versions = runner.invoke(app, ["compare", "resnet8-int8/1", "resnet8-int8/2"])
+    assert versions.exit_code == 0, versions.output
+    assert "resnet8-int8 v1" in versions.stdout and "resnet8-int8 v2" in versions.stdout
