@@ -170,6 +170,8 @@ def sweep(
     max_accuracy_drop: MaxDropOpt = 0.5,
     min_agreement: MinAgreementOpt = 0.97,
     bench: BenchOpt = True,
+    resume: Annotated[bool, typer.Option("--resume", help="Reuse finished variant runs whose inputs (model, "
+                                                          "data, calibration, config) are identical.")] = False,
     fetch: FetchOpt = True,
     cifar10_url: Cifar10UrlOpt = None,
     resnet8_url: Resnet8UrlOpt = None,
@@ -181,7 +183,8 @@ def sweep(
                calibration_seed=calibration_seed, test_limit=test_limit, input_layout=input_layout,
                preprocessing=preprocessing, ort_per_channel=per_channel,
                ort_calibration_method=calibration_method.value if calibration_method else None,
-               gate=_gate_policy(max_accuracy_drop, min_agreement), bench=bench, fetch_missing=fetch,
+               gate=_gate_policy(max_accuracy_drop, min_agreement), bench=bench, resume=resume,
+               fetch_missing=fetch,
                cifar10_url=cifar10_url, resnet8_url=resnet8_url)
 
 

@@ -7,6 +7,8 @@ as such, not as an error.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import subprocess
 import tempfile
@@ -57,6 +59,7 @@ class SweepOptions:
     ort_calibration_method: str | None = None
     run_name: str | None = None
     gate: GatePolicy = GatePolicy()  # when a new registry version takes the champion alias
+    resume: bool = False  # reuse finished variant runs with identical inputs instead of recomputing them
     bench: bool = True  # measure latency and throughput of every variant
     fetch_missing: bool = True  # fetch the default model/data paths when they are missing
     cifar10_url: str | None = None  # mirrors for that fetch; None = the pinned official URLs
@@ -116,6 +119,7 @@ class VariantOutcome:
     quantized_engine: str = ""
     reason: str = ""
     bench: "BenchResult | None" = None
+    size_bytes: int | None = None
 
 
 @dataclass
@@ -283,7 +287,43 @@ class Sweep:
                 f"numpy=={self.versions['numpy']}"]
 
     # ---- one variant ---------------------------------------------------------------------------------------
+    def input_key(self, spec: VariantSpec) -> str:
+        """SHA-256 of everything that determines a variant's result: same key, same numbers."""
+        payload = {"model_sha256": self.inputs.model.sha256, "dataset_sha256": self.inputs.data.digest,
+                   "calibration_sha256": self.inputs.calibration_digest, "variant": spec.name,
+                   "config": _config_payload(spec.config), "test_images": len(self.inputs.test),
+                   "layout": self.inputs.transform.layout, "preprocessing": self.inputs.transform.preprocessing.value,
+                   "bench": self.options.bench,
+                   "versions": {k: self.versions[k] for k in ("torch", "onnxruntime", "onnx2torch", "onnx")}}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _reuse(self, spec: VariantSpec, run) -> VariantOutcome:
+        from tracking.recovery import load_json_artifact
+
+        M, T = self.Metric, self.Tag
+        m, tags = run.data.metrics, run.data.tags
+        bench = None
+        if M.LATENCY_MS_B1_P50 in m:
+            bench = BenchResult(m[M.LATENCY_MS_B1_P50], m[M.LATENCY_MS_B1_P90], m[M.THROUGHPUT_IPS_B256],
+                                int(run.data.params.get(self.Param.BENCH_THREADS, 0)))
+        per_class = load_json_artifact(run.info.run_id, self.Artifact.PER_CLASS_ACCURACY)
+        say(f"[green]↺[/] {spec.name}: reused finished run {run.info.run_id} (same inputs)")
+        return VariantOutcome(
+            spec.name, spec.framework, "ok", run.info.run_id, spec=spec,
+            evaluation=Evaluation(m[M.ACCURACY], per_class, None, None),
+            fidelity=Fidelity(m[M.TOP1_AGREEMENT], m.get(M.KL_DIVERGENCE, float("nan")), m.get(M.SQNR_DB, float("nan"))),
+            model_file_in_artifacts=tags.get(T.MODEL_FILE_IN_MODEL, ""), model_sha256=tags.get(T.MODEL_FILE_SHA256, ""),
+            quantized_engine=tags.get(T.QUANTIZED_ENGINE, ""), reason=f"reused run {run.info.run_id[:8]}",
+            bench=bench, size_bytes=int(m[M.MODEL_SIZE_BYTES]))
+
     def run_variant(self, spec: VariantSpec, experiment_id: str, parent_run_id: str) -> VariantOutcome:
+        if self.options.resume:
+            from tracking.recovery import find_reusable
+
+            previous = find_reusable(experiment_id, self.input_key(spec))
+            if previous is not None:
+                self.runs.set_tags({self.Tag.REUSED_FROM + spec.name: previous.info.run_id})
+                return self._reuse(spec, previous)
         outcome = VariantOutcome(spec.name, spec.framework, "failed", "", spec=spec)
         try:
             with self.runs.run_scope(experiment_id, spec.name, nested=True,
@@ -319,7 +359,7 @@ class Sweep:
         from models.runtime import OrtRunner, TorchRunner
 
         A, M, T = self.Artifact, self.Metric, self.Tag
-        self.runs.set_tags(self._common_tags(self.parent_run_id))
+        self.runs.set_tags({**self._common_tags(self.parent_run_id), T.INPUT_KEY: self.input_key(spec)})
         self.runs.log_params(self._variant_params(spec))
         self._log_datasets()
         self.runs.log_json({"variant": spec.name, "framework": spec.framework, "backend": spec.config.backend,
@@ -357,7 +397,8 @@ class Sweep:
         outcome.model_file = model_file
         outcome.model_file_in_artifacts = str(model_file.relative_to(model_dir))
         outcome.model_sha256 = file_sha256(model_file)
-        size = model_file.stat().st_size
+        size = outcome.size_bytes = model_file.stat().st_size
+        self.runs.set_tags({T.MODEL_FILE_SHA256: outcome.model_sha256, T.MODEL_FILE_IN_MODEL: outcome.model_file_in_artifacts})
         self.runs.log_model_dir(model_dir)
         public_name = "model.pt" if quantized.format == "torchscript" else "model.onnx"
         shutil.copyfile(model_file, variant_dir / public_name)  # same bytes as the registered file
@@ -439,6 +480,12 @@ class Sweep:
 
         started = time.perf_counter()
         experiment_id = self.runs.ensure_experiment(self.options.experiment)
+        from tracking.recovery import mark_orphans_failed
+
+        orphans = mark_orphans_failed(experiment_id)
+        if orphans:
+            say(f"[yellow]![/] marked {len(orphans)} run(s) FAILED whose process on this host had died: "
+                f"{', '.join(o[:8] for o in orphans)}")
         run_name = self.options.run_name or f"sweep-{self.inputs.model.path.stem}"
         with self.runs.run_scope(experiment_id, run_name) as parent_run_id:
             self.parent_run_id = parent_run_id
@@ -500,8 +547,7 @@ class Sweep:
     def _row(self, o: VariantOutcome) -> report.VariantRow:
         params = self._variant_params(o.spec)
         P = self.Param
-        size = (o.model_file.stat().st_size if o.model_file else
-                self.inputs.model.size_bytes if o.name == FP32 else None)
+        size = o.size_bytes or (self.inputs.model.size_bytes if o.name == FP32 else None)
         return report.VariantRow(
             variant=o.name, framework=params[P.FRAMEWORK], backend=params[P.BACKEND],
             weight_dtype=params[P.WEIGHT_DTYPE], activation_dtype=params[P.ACTIVATION_DTYPE],

@@ -177,6 +177,7 @@ def test_sigterm_ends_open_runs_as_killed(tracking_store, tiny_model, cifar_dir)
     import mlflow
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    assert all_runs() == []  # creates the store's tables now, not concurrently with the subprocess
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *map(str, sweep_args(tiny_model, cifar_dir))],
                             cwd=tracking_store, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

@@ -77,7 +77,12 @@ class Tag:
     HOST = "ptqflow.host"
     SWEEP_RUN_ID = "ptqflow.sweep_run_id"
     VERSION_PREFIX = "ptqflow.version."  # + package name
-    REGISTERED_VERSION = "ptqflow.registered_version"  # "name/version" on the run that was registered
+    REGISTERED_VERSION = "ptqflow.registered_version"
+    MODEL_FILE_SHA256 = "ptqflow.model_file_sha256"  # of the variant's own model file
+    MODEL_FILE_IN_MODEL = "ptqflow.model_file_in_model"  # its path inside the logged MLflow model
+    INPUT_KEY = "ptqflow.input_key"  # SHA-256 of everything that determines a variant's result
+    REUSED_FROM = "ptqflow.reused."  # + variant, on a resumed sweep's parent: the run reused for it
+    ORPHANS_MARKED = "ptqflow.orphans_marked_failed"  # "name/version" on the run that was registered
     MLFLOW_PARENT = "mlflow.parentRunId"
 
     STATUS_OK = "ok"

@@ -1,0 +1,85 @@
+"""Crash and resume: orphaned runs of a killed process end FAILED; --resume reuses finished variants."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import CALIBRATION_SIZE, all_runs
+
+from pipelines.sweep import SweepOptions, VariantsFailed, run_sweep
+from tracking.keys import Tag
+
+VARIANTS = ("pytorch-fx-int8", "ort-uint8")
+
+
+def _options(tiny_model, cifar_dir, **overrides) -> SweepOptions:
+    settings = {"calibration_size": CALIBRATION_SIZE, "variants": VARIANTS, "bench": False, "register": False}
+    return SweepOptions(model_path=tiny_model, data_dir=cifar_dir, **{**settings, **overrides})
+
+
+def _runs_named(name: str) -> list:
+    return [r for r in all_runs() if r.info.run_name == name]
+
+
+def test_resume_reuses_finished_variants_and_recomputes_failed_ones(tracking_store, tiny_model, cifar_dir,
+                                                                    monkeypatch):
+    from models import quantize_ort
+
+    real_quantize = quantize_ort.quantize
+    monkeypatch.setattr(quantize_ort, "quantize", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(VariantsFailed):
+        run_sweep(_options(tiny_model, cifar_dir))
+    monkeypatch.setattr(quantize_ort, "quantize", real_quantize)
+
+    resumed = run_sweep(_options(tiny_model, cifar_dir, resume=True))
+    by_name = {o.name: o for o in resumed.outcomes}
+    first_fx_run = _runs_named("pytorch-fx-int8")[0].info.run_id
+    assert by_name["pytorch-fx-int8"].run_id == first_fx_run and by_name["pytorch-fx-int8"].reason.startswith("reused")
+    assert by_name["ort-uint8"].status == "ok" and not by_name["ort-uint8"].reason
+    assert len(_runs_named("pytorch-fx-int8")) == 1  # not recomputed
+    assert len(_runs_named("ort-uint8")) == 2  # the failed run and the recomputed one
+    parent = next(r for r in all_runs() if r.info.run_id == resumed.parent_run_id)
+    assert parent.data.tags[Tag.REUSED_FROM + "pytorch-fx-int8"] == first_fx_run
+    assert by_name["pytorch-fx-int8"].evaluation.accuracy == pytest.approx(
+        _runs_named("pytorch-fx-int8")[0].data.metrics["accuracy"])
+
+
+def test_resume_recomputes_when_any_input_changes(tracking_store, tiny_model, cifar_dir):
+    run_sweep(_options(tiny_model, cifar_dir))
+    changed = run_sweep(_options(tiny_model, cifar_dir, resume=True, calibration_seed=1))
+    assert not any(o.reason.startswith("reused") for o in changed.outcomes)
+    assert len(_runs_named("pytorch-fx-int8")) == 2
+
+
+@pytest.mark.slow
+def test_runs_of_a_killed_process_are_marked_failed_by_the_next_sweep(tracking_store, tiny_model, cifar_dir):
+    import mlflow
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    assert all_runs() == []  # creates the store's tables now, not concurrently with the subprocess
+    args = ["sweep", "--model", tiny_model, "--data-dir", cifar_dir, "--calibration-size", CALIBRATION_SIZE,
+            "--no-register"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *map(str, args)], cwd=tracking_store, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not [r for r in all_runs() if r.info.status == "RUNNING"
+                                          and r.data.tags.get(Tag.ROLE) == Tag.ROLE_VARIANT
+                                          and r.info.run_name != "fp32"]:
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    stranded = [r.info.run_id for r in all_runs() if r.info.status == "RUNNING"]
+    assert len(stranded) >= 2  # SIGKILL gives the process no chance to end its runs
+
+    run_sweep(_options(tiny_model, cifar_dir, variants=("ort-uint8",)))
+    after = {r.info.run_id: r for r in all_runs()}
+    for run_id in stranded:
+        assert after[run_id].info.status == "FAILED"
+        assert f"process {proc.pid}" in after[run_id].data.tags[Tag.REASON]
+    assert not [r for r in after.values() if r.info.status == "RUNNING"]
