@@ -72,6 +72,9 @@ FetchOpt = Annotated[bool, typer.Option("--fetch/--no-fetch",
 Cifar10UrlOpt = Annotated[Optional[str], typer.Option("--cifar10-url", envvar="PTQFLOW_CIFAR10_URL",
                                                       help="Mirror of cifar-10-python.tar.gz (same MD5).",
                                                       rich_help_panel="Fetch")]
+Cifar10Md5Opt = Annotated[Optional[str], typer.Option("--cifar10-md5", envvar="PTQFLOW_CIFAR10_MD5",
+                                                      help="MD5 of the archive at --cifar10-url when it is not the "
+                                                           "official one.", rich_help_panel="Fetch")]
 Resnet8UrlOpt = Annotated[Optional[str], typer.Option("--resnet8-url", envvar="PTQFLOW_RESNET8_URL",
                                                       help="Mirror of the MLPerf Tiny pretrainedResnet.h5 "
                                                            "(same SHA-256).", rich_help_panel="Fetch")]
@@ -174,6 +177,7 @@ def sweep(
                                                           "data, calibration, config) are identical.")] = False,
     fetch: FetchOpt = True,
     cifar10_url: Cifar10UrlOpt = None,
+    cifar10_md5: Cifar10Md5Opt = None,
     resnet8_url: Resnet8UrlOpt = None,
 ):
     """FP32 baseline and every quantization variant, each an MLflow run; registers the best int8 models."""
@@ -185,7 +189,7 @@ def sweep(
                ort_calibration_method=calibration_method.value if calibration_method else None,
                gate=_gate_policy(max_accuracy_drop, min_agreement), bench=bench, resume=resume,
                fetch_missing=fetch,
-               cifar10_url=cifar10_url, resnet8_url=resnet8_url)
+               cifar10_url=cifar10_url, cifar10_md5=cifar10_md5, resnet8_url=resnet8_url)
 
 
 @app.command()
@@ -374,7 +378,7 @@ def bench(
 def fetch_cifar10(
     url: Annotated[Optional[str], typer.Option("--url", envvar="PTQFLOW_CIFAR10_URL",
                                                help="Mirror URL (default: the official archive).")] = None,
-    md5: Annotated[Optional[str], typer.Option("--md5", help="Expected MD5 of the archive "
+    md5: Annotated[Optional[str], typer.Option("--md5", envvar="PTQFLOW_CIFAR10_MD5", help="Expected MD5 of the archive "
                                                              "(default: the official one).")] = None,
     dest: Annotated[Path, typer.Option("--dest", help="Directory that receives cifar-10-batches-py.")] = Path("data"),
 ):

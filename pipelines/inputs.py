@@ -21,7 +21,7 @@ def ensure_model(path: Path, fetch: bool, url: str | None = None) -> Path:
     return fetching.fetch_resnet8(path.parent, url=url or fetching.RESNET8_H5_URL)
 
 
-def ensure_data(path: Path, fetch: bool, url: str | None = None) -> Path:
+def ensure_data(path: Path, fetch: bool, url: str | None = None, md5: str | None = None) -> Path:
     """`path` if it exists; CIFAR-10 fetched into place when `path` is the default and may be fetched."""
     if path.exists() or path != DEFAULT_DATA_DIR:
         return path
@@ -29,4 +29,4 @@ def ensure_data(path: Path, fetch: bool, url: str | None = None) -> Path:
         raise DataError(f"data directory {path} not found: run `ptqflow fetch cifar10`, or pass --data-dir")
     from pipelines import fetch as fetching
 
-    return fetching.fetch_cifar10(path.parent, url=url or fetching.CIFAR10_URL)
+    return fetching.fetch_cifar10(path.parent, url=url or fetching.CIFAR10_URL, md5=md5 or fetching.CIFAR10_MD5)

@@ -64,6 +64,7 @@ class SweepOptions:
     fetch_missing: bool = True  # fetch the default model/data paths when they are missing
     cifar10_url: str | None = None  # mirrors for that fetch; None = the pinned official URLs
     resnet8_url: str | None = None
+    cifar10_md5: str | None = None  # for a mirror holding another copy of the archive
 
     def __post_init__(self):
         validate_name("--experiment", self.experiment)
@@ -94,7 +95,8 @@ class SweepInputs:
 def prepare_inputs(options: SweepOptions) -> SweepInputs:
     """Load and validate model and data, build the calibration set. Raises PtqflowError on bad input."""
     model = load_classifier(ensure_model(options.model_path, options.fetch_missing, options.resnet8_url))
-    data = load_cifar10(ensure_data(options.data_dir, options.fetch_missing, options.cifar10_url))
+    data = load_cifar10(ensure_data(options.data_dir, options.fetch_missing, options.cifar10_url,
+                                  options.cifar10_md5))
     transform = InputTransform(resolve_layout(options.input_layout, model.input.layout), options.preprocessing)
     if options.calibration_size > len(data.train):
         raise ConfigError(f"--calibration-size {options.calibration_size} exceeds the {len(data.train)} training "
