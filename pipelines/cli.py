@@ -4,6 +4,7 @@ one line on stderr and a non-zero exit. Heavy libraries (torch, onnxruntime, mlf
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from functools import wraps
@@ -129,6 +130,12 @@ def cli_errors(fn):
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; open runs were ended as KILLED", EXIT_INTERRUPTED)
+        except Exception as exc:
+            if os.environ.get("PTQFLOW_DEBUG"):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _fail(f"unexpected {type(exc).__name__}: {first[:500]} (open runs were ended as FAILED; "
+                  "set PTQFLOW_DEBUG=1 for the traceback)", 1)
 
     return wrapper
 

@@ -500,7 +500,7 @@ class Sweep:
                                   P.CALIBRATION_SEED: self.options.calibration_seed,
                                   P.INPUT_LAYOUT: self.inputs.transform.layout,
                                   P.PREPROCESSING: self.inputs.transform.preprocessing.value,
-                                  P.TEST_LIMIT: self.options.test_limit or "all",
+                                  P.TEST_LIMIT: self.options.test_limit or 0,  # 0 = all, as in MLproject
                                   P.MAX_ACCURACY_DROP_PP: self.options.gate.max_accuracy_drop_pp,
                                   P.MIN_AGREEMENT: self.options.gate.min_agreement})
             self._log_datasets()

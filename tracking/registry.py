@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 
 from pipelines.errors import TrackingError
-from tracking.runs import client, tracking_uri
+from tracking.runs import client, refused_credentials, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,8 @@ def register(model_uri: str, name: str, tags: dict[str, str], description: str |
         if description:
             client().update_model_version(name, version.version, description=description)
     except mlflow.exceptions.MlflowException as exc:
-        raise TrackingError(f"registry at {tracking_uri()} refused to register '{name}': "
-                            f"{exc.message.splitlines()[0]}") from exc
+        raise refused_credentials(exc) or TrackingError(
+            f"registry at {tracking_uri()} refused to register '{name}': {exc.message.splitlines()[0]}") from exc
     return RegisteredVersion(name, str(version.version), dict(tags), version.run_id, ())
 
 
@@ -44,6 +44,9 @@ def resolve(name: str, version: str | None = None, alias: str | None = None) -> 
     try:
         mv = c.get_model_version(name, version) if version is not None else c.get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException as exc:
+        refused = refused_credentials(exc)
+        if refused:
+            raise refused from exc
         which = f"version {version}" if version is not None else f"alias '{alias}'"
         raise TrackingError(f"registered model '{name}' has no {which} at {tracking_uri()}; "
                             "`mlflow ui` lists what exists") from exc
@@ -57,6 +60,6 @@ def download(version: RegisteredVersion, destination: Path) -> Path:
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
                                                     dst_path=str(destination))
     except mlflow.exceptions.MlflowException as exc:
-        raise TrackingError(f"cannot download {version.name} version {version.version}: "
-                            f"{exc.message.splitlines()[0]}") from exc
+        raise refused_credentials(exc) or TrackingError(
+            f"cannot download {version.name} version {version.version}: {exc.message.splitlines()[0]}") from exc
     return Path(local)

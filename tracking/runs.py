@@ -37,17 +37,97 @@ def client() -> MlflowClient:
     return MlflowClient()
 
 
+def public_tracking_uri() -> str:
+    """The tracking URI without any user:password@ part, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    uri = tracking_uri()
+    parts = urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+def refused_credentials(exc: Exception) -> TrackingError | None:
+    """The one-line error for a server's HTTP 401/403 (MLflow raises a plain MlflowException with error_code
+    UNAUTHENTICATED or PERMISSION_DENIED), naming the user but never the password; None for any other error."""
+    code = getattr(exc, "error_code", None)
+    status = exc.get_http_status_code() if isinstance(exc, mlflow.exceptions.MlflowException) else None
+    if code not in ("UNAUTHENTICATED", "PERMISSION_DENIED") and status not in (401, 403):
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none)"
+    if code == "PERMISSION_DENIED" or status == 403:
+        return TrackingError(f"tracking server refused the credentials for user {user} at {public_tracking_uri()} "
+                             "(HTTP 403: no permission for this request); ask the server's admin for access")
+    return TrackingError(f"tracking server refused the credentials for user {user} at {public_tracking_uri()} "
+                         "(HTTP 401); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account on it")
+
+
+def one_line(exc: Exception) -> str:
+    """An MlflowException's message cut to its first line."""
+    message = getattr(exc, "message", None) or str(exc)
+    return message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path).resolve() if path and path != ":memory:" else None
+
+
+@contextmanager
+def sqlite_setup_lock():
+    """MLflow creates a new sqlite store's tables (and upgrades an old one) on first use in each process; two
+    sweeps doing that at once crash ("duplicate column", "database is locked"). On a sqlite store, hold an
+    inter-process lock around that first use; a process that has to wait says so on stderr, in one line."""
+    db = _sqlite_file(tracking_uri())
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    if db is None or fcntl is None:
+        yield
+        return
+    import hashlib
+    import sys
+
+    lock_path = Path(tempfile.gettempdir()) / f"ptqflow-sqlite-{hashlib.sha256(str(db).encode()).hexdigest()[:16]}.lock"
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process to finish setting up the sqlite store {db}", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def ensure_experiment(name: str) -> str:
+    with sqlite_setup_lock():  # the first call that opens the store
+        return _ensure_experiment(name)
+
+
+def _ensure_experiment(name: str) -> str:
     try:
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
-            return mlflow.create_experiment(name)
+            try:
+                return mlflow.create_experiment(name)
+            except mlflow.exceptions.MlflowException as exc:
+                # Another sweep created it between our lookup and create: use theirs.
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS" or mlflow.get_experiment_by_name(name) is None:
+                    raise
+                experiment = mlflow.get_experiment_by_name(name)
         if experiment.lifecycle_stage == "deleted":
             raise TrackingError(f"experiment '{name}' is deleted; restore it in the MLflow UI or pass --experiment")
         return experiment.experiment_id
     except mlflow.exceptions.MlflowException as exc:
-        raise TrackingError(f"tracking server at {tracking_uri()} refused to open experiment '{name}': "
-                            f"{exc.message.splitlines()[0]}") from exc
+        raise refused_credentials(exc) or TrackingError(
+            f"tracking server at {public_tracking_uri()} refused to open experiment '{name}': {one_line(exc)}") from exc
 
 
 def process_tags() -> dict[str, str]:
@@ -61,8 +141,8 @@ def run_scope(experiment_id: str | None = None, run_name: str | None = None, nes
     try:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested, tags=tags)
     except mlflow.exceptions.MlflowException as exc:
-        raise TrackingError(f"tracking server at {tracking_uri()} refused to start a run: "
-                            f"{exc.message.splitlines()[0]}") from exc
+        raise refused_credentials(exc) or TrackingError(
+            f"tracking server at {public_tracking_uri()} refused to start a run: {one_line(exc)}") from exc
     status = RunStatus.FINISHED
     try:
         yield run.info.run_id
@@ -77,7 +157,13 @@ def run_scope(experiment_id: str | None = None, run_name: str | None = None, nes
 
 
 def log_params(params: dict) -> None:
-    mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+    """Log params on the active run, skipping keys it already has: under `mlflow run` the entry point's own
+    parameters are on the run already, and MLflow refuses to change a param's value."""
+    run = mlflow.active_run()
+    existing = client().get_run(run.info.run_id).data.params if run else {}
+    fresh = {k: ("" if v is None else v) for k, v in params.items() if k not in existing}
+    if fresh:
+        mlflow.log_params(fresh)
 
 
 def log_metrics(metrics: dict[str, float]) -> None:
@@ -100,6 +186,15 @@ def log_json(payload, artifact_file: str) -> None:
 
 def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
+
+
+def log_bytes(data: bytes, artifact_file: str) -> None:
+    """Log in-memory bytes (a PNG, say) under artifact_file, e.g. "plots/x.png"."""
+    artifact = Path(artifact_file)
+    with tempfile.TemporaryDirectory(prefix="ptqflow-artifact-") as d:
+        local = Path(d) / artifact.name
+        local.write_bytes(data)
+        mlflow.log_artifact(str(local), str(artifact.parent) if str(artifact.parent) != "." else None)
 
 
 def log_file(path: Path, artifact_dir: str | None = None) -> None:
@@ -186,3 +281,18 @@ def latest_sweep_run_id(experiment: str) -> str:
     if not runs:
         raise TrackingError(f"experiment '{experiment}' has no sweep run yet; run `ptqflow sweep` first")
     return runs[0].info.run_id
+
+
+def log_bench_to_run(run_id: str, bench) -> None:
+    """Latency/throughput numbers from `ptqflow bench` on an existing run, under the sweep's metric names."""
+    from tracking.keys import Metric, Param
+
+    c = client()
+    for key, value in ((Metric.LATENCY_MS_B1_P50, bench.latency_ms_b1_p50),
+                       (Metric.LATENCY_MS_B1_P90, bench.latency_ms_b1_p90),
+                       (Metric.THROUGHPUT_IPS_B256, bench.throughput_ips_b256)):
+        c.log_metric(run_id, key, value)
+    try:
+        c.log_param(run_id, Param.BENCH_THREADS, bench.threads)
+    except mlflow.exceptions.MlflowException:
+        pass  # already logged by the sweep with the same or another thread count; params cannot change
