@@ -32,7 +32,10 @@ def main() -> int:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.chdir(store)
+        from pipelines.progress import quiet_library_warnings
         from pipelines.sweep import SweepOptions, run_sweep
+
+        quiet_library_warnings()
 
         result = run_sweep(SweepOptions(model_path=model, data_dir=data_dir, bench=not args.no_bench,
                                         test_limit=args.test_limit))

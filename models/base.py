@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from models.onnx_model import OnnxClassifier, to_torch
+
+
+ADAROUND_VERSION = "adaround-v1:batch=32,lambda=1,lr=0.01,seed=0"
+
+
+def adaround_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ptqflow" / "adaround"
 
 
 class UnsupportedVariant(Exception):
@@ -29,6 +39,7 @@ class FloatModel:
     work_dir: Path
     _torch_module: object = field(default=None, repr=False)
     _ort_ready: Path | None = field(default=None, repr=False)
+    _rounded: dict = field(default_factory=dict, repr=False)
 
     def prepare(self, torch: bool, onnxruntime: bool) -> None:
         """Build the requested forms now (instead of lazily inside the first variant), e.g. to time them."""
@@ -42,6 +53,34 @@ class FloatModel:
         if self._torch_module is None:
             self._torch_module = to_torch(self.onnx)
         return self._torch_module
+
+    def with_adarounded_weights(self, scheme: str, calibration: np.ndarray, calibration_digest: str,
+                                advance: Callable[[int], None] = lambda n: None,
+                                iterations: int = 1000) -> "FloatModel":
+        """The same FP32 model with every Conv/MatMul/Gemm weight moved onto `scheme`'s int8 grid by AdaRound, so
+        any quantizer with that scheme reproduces the optimized integers. Computed once per scheme and cached on
+        disk (keyed by model, calibration set and scheme), since it is the slowest step of a sweep."""
+        if (scheme, iterations) in self._rounded:
+            return self._rounded[(scheme, iterations)]
+        import onnx
+
+        from models.onnx_model import file_sha256, read_input_spec
+
+        key = hashlib.sha256(f"{ADAROUND_VERSION}|{iterations}|{self.onnx.sha256}|{calibration_digest}|{scheme}".encode()).hexdigest()
+        cached = adaround_cache_dir() / f"{key}.onnx"
+        if not cached.is_file():
+            from models.weight_correction import adaround_onnx
+
+            rounded = adaround_onnx(self.onnx.proto, calibration, scheme, iters=iterations)
+            advance(1)
+            write_atomic(cached, rounded.SerializeToString())
+        proto = onnx.load(str(cached))
+        variant = FloatModel(replace(self.onnx, path=cached, proto=proto, sha256=file_sha256(cached),
+                                     size_bytes=cached.stat().st_size, input=read_input_spec(proto, cached)),
+                             self.work_dir / f"adaround-{scheme}")
+        variant.work_dir.mkdir(parents=True, exist_ok=True)
+        self._rounded[(scheme, iterations)] = variant
+        return variant
 
     @property
     def ort_ready_path(self) -> Path:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,16 +21,19 @@ CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
 
 @dataclass(frozen=True)
 class OrtStaticConfig:
-    """One quantize_static recipe. Every field is logged as an MLflow param."""
+    """One quantize_static recipe. Every field is logged as an MLflow param or in qconfig.json."""
 
     quant_format: str = "QDQ"  # QDQ (quantize/dequantize pairs) or QOperator (QLinearConv etc.)
     activation_dtype: str = "int8"
     weight_dtype: str = "int8"
-    per_channel: bool = False
-    calibration_method: str = "MinMax"
+    per_channel: bool = True
+    calibration_method: str = "Percentile"
+    # 99.995 measured best on resnet8 for all three ORT variants (98.40-98.73% agreement vs 98.29-98.43% at 99.999).
+    extra_options: tuple[tuple[str, object], ...] = (("CalibPercentile", 99.995),)
     reduce_range: bool = False  # 7-bit weights, for CPUs without VNNI
+    weight_rounding: str = "adaround"  # adaround (weights pre-rounded on the FP32 model) or nearest
+    float_head: bool = True  # pool, dense and softmax stay float: 8-bit logits tie under argmax
     calibration_batch_size: int = 100  # histogram calibrators need every batch the same size
-    extra_options: tuple[tuple[str, object], ...] = field(default=())
 
     def __post_init__(self):
         if self.quant_format not in QUANT_FORMATS:
@@ -37,16 +42,32 @@ class OrtStaticConfig:
             raise ValueError(f"dtypes must be one of {DTYPES}")
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ValueError(f"calibration_method must be one of {CALIBRATION_METHODS}")
+        if self.weight_rounding not in ("adaround", "nearest"):
+            raise ValueError("weight_rounding must be adaround or nearest")
 
     @property
     def backend(self) -> str:
         return "onnxruntime-cpu"
 
+    @property
+    def adaround_scheme(self) -> str | None:
+        """The weight grid AdaRound must target so onnxruntime reproduces its integers, or None."""
+        if self.weight_rounding != "adaround" or self.reduce_range:
+            return None
+        if self.weight_dtype == "int8" and self.per_channel:
+            return "per_channel_sym_int8"
+        if self.weight_dtype == "uint8" and not self.per_channel:
+            return "per_tensor_asym_uint8"
+        if self.weight_dtype == "int8":
+            return "per_tensor_sym_int8"
+        return None
+
     def qconfig_summary(self) -> str:
         weights = f"{'per-channel' if self.per_channel else 'per-tensor'} {self.weight_dtype}"
         extra = "; " + ", ".join(f"{k}={v}" for k, v in self.extra_options) if self.extra_options else ""
+        extras = [self.weight_rounding + " rounding"] + (["float head"] if self.float_head else [])
         return (f"{self.quant_format} weights: {weights}; activations: {self.calibration_method} "
-                f"{self.activation_dtype}{' reduce_range' if self.reduce_range else ''}{extra}")
+                f"{self.activation_dtype}{' reduce_range' if self.reduce_range else ''}{extra}; {', '.join(extras)}")
 
 
 class _ArrayReader:
@@ -77,7 +98,15 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
     batch_size = float_model.onnx.input.batch_size or config.calibration_batch_size
     reader = _ArrayReader(float_model.onnx.input.name, calibration, batch_size, advance)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+    excluded = []
+    if config.float_head:
+        import onnx
+
+        from models.weight_correction import onnx_classifier_head_nodes
+
+        excluded = onnx_classifier_head_nodes(onnx.load(str(float_model.ort_ready_path)))
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch, contextlib.redirect_stdout(io.StringIO()):
+        # (stdout: the histogram calibrators print their progress there)
         tmp_model = Path(scratch) / MODEL_FILE_NAME
         quantize_static(
             str(float_model.ort_ready_path),
@@ -90,6 +119,7 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
             reduce_range=config.reduce_range,
             calibrate_method=getattr(CalibrationMethod, config.calibration_method),
             extra_options=dict(config.extra_options),
+            nodes_to_exclude=excluded,
         )
         path = out_dir / MODEL_FILE_NAME
         write_atomic(path, tmp_model.read_bytes())

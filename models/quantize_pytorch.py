@@ -21,14 +21,18 @@ MODEL_FILE_NAME = "model.pt"
 
 @dataclass(frozen=True)
 class PytorchFxConfig:
-    """One FX static quantization recipe. Every field is logged as an MLflow param."""
+    """One FX static quantization recipe. Every field is logged as an MLflow param or in qconfig.json."""
 
     backend: str = "fbgemm"  # quantized engine and backend config: fbgemm or x86
     weight_dtype: str = "qint8"  # qint8; quint8 is attempted to record that fbgemm/x86 refuse it
     activation_dtype: str = "quint8"
-    per_channel: bool = True  # per-output-channel weight scales for conv and linear
-    activation_observer: str = "histogram"  # histogram or minmax
-    reduce_range: bool = True  # 7-bit activations, the default qconfigs' guard for CPUs without VNNI
+    per_channel: bool = True  # per-output-channel symmetric weight scales, range [-127, 127]
+    activation_observer: str = "percentile"  # percentile, histogram, minmax or moving_minmax
+    percentile: float = 99.995  # for the percentile observer: clip the rarest activation outliers
+    reduce_range: bool = False  # 7-bit activations only matter on CPUs without VNNI
+    weight_rounding: str = "adaround"  # adaround (weights pre-rounded on the FP32 model) or nearest
+    float_head: bool = True  # pool, dense and softmax stay float: 8-bit logits tie under argmax
+    graph_preparation: bool = True  # models.graph_prep rewrites before prepare_fx
     calibration_batch_size: int = 100
 
     def __post_init__(self):
@@ -36,17 +40,29 @@ class PytorchFxConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.weight_dtype not in ("qint8", "quint8") or self.activation_dtype not in ("quint8", "qint8"):
             raise ValueError("dtypes must be qint8 or quint8")
-        if self.activation_observer not in ("histogram", "minmax"):
-            raise ValueError("activation_observer must be histogram or minmax")
+        if self.activation_observer not in ("percentile", "histogram", "minmax", "moving_minmax"):
+            raise ValueError("activation_observer must be percentile, histogram, minmax or moving_minmax")
+        if self.weight_rounding not in ("adaround", "nearest"):
+            raise ValueError("weight_rounding must be adaround or nearest")
 
     @property
     def quant_format(self) -> str:
         return "fx-static"
 
+    @property
+    def adaround_scheme(self) -> str | None:
+        """The weight grid AdaRound must target so this backend reproduces its integers, or None."""
+        if self.weight_rounding != "adaround" or self.weight_dtype != "qint8" or not self.per_channel:
+            return None
+        return "per_channel_sym_int8"
+
     def qconfig_summary(self) -> str:
         weights = f"{'per-channel' if self.per_channel else 'per-tensor'} symmetric {self.weight_dtype}"
-        acts = f"{self.activation_observer} {self.activation_dtype}{' reduce_range' if self.reduce_range else ''}"
-        return f"weights: {weights}; activations: {acts}; backend: {self.backend}"
+        observer = (f"percentile {self.percentile:g}" if self.activation_observer == "percentile"
+                    else self.activation_observer)
+        acts = f"{observer} {self.activation_dtype}{' reduce_range' if self.reduce_range else ''}"
+        extras = [self.weight_rounding + " rounding"] + (["float head"] if self.float_head else [])
+        return f"weights: {weights}; activations: {acts}; {', '.join(extras)}; backend: {self.backend}"
 
 
 def _qconfig(config: PytorchFxConfig):
@@ -60,7 +76,7 @@ def _qconfig(config: PytorchFxConfig):
 
     act_dtype = getattr(torch, config.activation_dtype)
     weight_dtype = getattr(torch, config.weight_dtype)
-    act_observer = HistogramObserver if config.activation_observer == "histogram" else MinMaxObserver
+    act_observer = MinMaxObserver if config.activation_observer == "minmax" else HistogramObserver
     activation = act_observer.with_args(dtype=act_dtype, reduce_range=config.reduce_range)
     symmetric = torch.per_channel_symmetric if config.per_channel else torch.per_tensor_symmetric
     if weight_dtype == torch.quint8:  # symmetric schemes need a signed type
@@ -90,7 +106,21 @@ def _backend_config(config: PytorchFxConfig):
     return widened
 
 
-def _check_kernels_accept(float_model: FloatModel, mapping, backend_config, example, config: PytorchFxConfig) -> None:
+def _qconfig_mapping(config: PytorchFxConfig, module):
+    """The recipe's mapping for qint8 weights; for other weight dtypes the same observers with those dtypes."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+
+    if config.weight_dtype != "qint8" or not config.graph_preparation:
+        return get_default_qconfig_mapping(config.backend).set_global(_qconfig(config))
+    from models.graph_prep import classifier_head, qconfig_mapping
+
+    return qconfig_mapping(config.backend, activation_observer=config.activation_observer,
+                           percentile=config.percentile, reduce_range=config.reduce_range,
+                           weight_observer="perchannel_minmax" if config.per_channel else "minmax",
+                           float_modules=classifier_head(module) if config.float_head else ())
+
+
+def _check_kernels_accept(source, mapping, backend_config, example, config: PytorchFxConfig) -> None:
     """Convert once after a single example batch: the kernel library refuses unsupported dtypes at weight-packing
     time, and finding that out should not cost a full calibration."""
     if config.weight_dtype == "qint8":
@@ -100,7 +130,7 @@ def _check_kernels_accept(float_model: FloatModel, mapping, backend_config, exam
     import torch
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    probe = prepare_fx(copy.deepcopy(float_model.torch_module), mapping, example_inputs=(example,),
+    probe = prepare_fx(copy.deepcopy(source), mapping, example_inputs=(example,),
                        backend_config=backend_config)
     with torch.no_grad():
         probe(example)
@@ -118,19 +148,23 @@ def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.n
     import copy
 
     import torch
-    from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     example = torch.from_numpy(calibration[:2])
     backend_config = _backend_config(config)
-    mapping = get_default_qconfig_mapping(config.backend).set_global(_qconfig(config))
+    source = float_model.torch_module
+    if config.graph_preparation:
+        from models.graph_prep import prepare_graph
+
+        source = prepare_graph(source, example_input=example)
+    mapping = _qconfig_mapping(config, source)
     previous_engine = torch.backends.quantized.engine
     torch.backends.quantized.engine = config.backend
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao deprecation notices on every call
-            _check_kernels_accept(float_model, mapping, backend_config, example, config)
-            module = copy.deepcopy(float_model.torch_module)
+            _check_kernels_accept(source, mapping, backend_config, example, config)
+            module = copy.deepcopy(source)
             prepared = prepare_fx(module, mapping, example_inputs=(example,), backend_config=backend_config)
             with torch.no_grad():  # observers update their buffers in place
                 for batch in batches(calibration, config.calibration_batch_size):

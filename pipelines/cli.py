@@ -20,8 +20,10 @@ from pipelines.choices import (
     CalibrationMethod,
     LayoutChoice,
     Preprocessing,
+    WeightRounding,
 )
 from pipelines.errors import PtqflowError
+from pipelines.progress import quiet_library_warnings
 
 app = typer.Typer(help="Experiment-tracked post-training quantization of small image classifiers.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -64,6 +66,10 @@ MaxDropOpt = Annotated[float, typer.Option("--max-accuracy-drop", min=0.0,
 MinAgreementOpt = Annotated[float, typer.Option("--min-agreement", min=0.0, max=1.0,
                                                 help="Promotion gate: least top-1 agreement with FP32 for "
                                                      "@champion.", rich_help_panel="Registry")]
+RoundingOpt = Annotated[Optional[WeightRounding], typer.Option(
+    "--weight-rounding", help="adaround: move FP32 weights onto the int8 grid with AdaRound first (default of every "
+                              "int8 variant, cached per model and calibration set); nearest: the quantizer's own "
+                              "rounding (fast).", rich_help_panel="Calibration")]
 BenchOpt = Annotated[bool, typer.Option("--bench/--no-bench",
                                         help="Measure batch-1 latency and batch-256 throughput of every variant.",
                                         rich_help_panel="Evaluation")]
@@ -104,14 +110,6 @@ def _install_sigterm_handler() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _quiet_library_warnings() -> None:
-    """torch.ao and torch.jit print deprecation notices on every call; users need ptqflow's own output."""
-    import warnings
-
-    for category in (DeprecationWarning, FutureWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(torch|onnxruntime|onnx2torch|mlflow)(\.|$)")
-
-
 def _fail(message: str, code: int) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -123,7 +121,7 @@ def cli_errors(fn):
     @wraps(fn)
     def wrapper(*args, **kwargs):
         _install_sigterm_handler()
-        _quiet_library_warnings()
+        quiet_library_warnings()
         try:
             return fn(*args, **kwargs)
         except PtqflowError as exc:
@@ -177,6 +175,10 @@ def sweep(
     preprocessing: PreprocessingOpt = Preprocessing.raw,
     per_channel: PerChannelOpt = None,
     calibration_method: CalMethodOpt = None,
+    weight_rounding: RoundingOpt = None,
+    adaround_iterations: Annotated[int, typer.Option("--adaround-iterations", min=1,
+                                                     help="AdaRound optimization steps per layer.",
+                                                     rich_help_panel="Calibration")] = 1000,
     max_accuracy_drop: MaxDropOpt = 0.5,
     min_agreement: MinAgreementOpt = 0.97,
     bench: BenchOpt = True,
@@ -194,6 +196,8 @@ def sweep(
                calibration_seed=calibration_seed, test_limit=test_limit, input_layout=input_layout,
                preprocessing=preprocessing, ort_per_channel=per_channel,
                ort_calibration_method=calibration_method.value if calibration_method else None,
+               weight_rounding=weight_rounding.value if weight_rounding else None,
+               adaround_iterations=adaround_iterations,
                gate=_gate_policy(max_accuracy_drop, min_agreement), bench=bench, resume=resume,
                fetch_missing=fetch,
                cifar10_url=cifar10_url, cifar10_md5=cifar10_md5, resnet8_url=resnet8_url)

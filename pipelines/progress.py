@@ -27,3 +27,11 @@ def say(message: str) -> None:
 
 def is_interactive() -> bool:
     return sys.stderr.isatty()
+
+
+def quiet_library_warnings() -> None:
+    """torch.ao and torch.jit print deprecation notices on every call; users need ptqflow's own output."""
+    import warnings
+
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(torch|onnxruntime|onnx2torch|mlflow)(\.|$)")

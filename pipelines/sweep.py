@@ -59,6 +59,8 @@ class SweepOptions:
     ort_calibration_method: str | None = None
     run_name: str | None = None
     gate: GatePolicy = GatePolicy()  # when a new registry version takes the champion alias
+    weight_rounding: str | None = None  # override every variant's weight rounding (adaround or nearest)
+    adaround_iterations: int = 1000  # optimization steps per layer
     resume: bool = False  # reuse finished variant runs with identical inputs instead of recomputing them
     bench: bool = True  # measure latency and throughput of every variant
     fetch_missing: bool = True  # fetch the default model/data paths when they are missing
@@ -177,7 +179,8 @@ class Sweep:
         self.timer = timer or PhaseTimer()
         self.work_dir = work_dir
         self.float_model = FloatModel(inputs.model, work_dir)
-        self.specs = select(options.variants, options.ort_per_channel, options.ort_calibration_method)
+        self.specs = select(options.variants, options.ort_per_channel, options.ort_calibration_method,
+                            options.weight_rounding)
         self.versions = package_versions()
         self.example_input = inputs.transform(inputs.test.images[:1])
         self.reference: Evaluation | None = None
@@ -263,6 +266,16 @@ class Sweep:
         return VariantOutcome(FP32, ONNXRUNTIME, "ok", run_id, evaluation=self.reference,
                               fidelity=Fidelity(1.0, 0.0, float("inf")), bench=self.reference_bench)
 
+    def _weights_for(self, spec: VariantSpec) -> FloatModel:
+        """The FP32 model whose weights this variant quantizes: AdaRound-ed onto its grid when it asks for that."""
+        scheme = spec.config.adaround_scheme
+        if scheme is None:
+            return self.float_model
+        with self.timer.phase("adaround"), progress_task(f"AdaRound weights ({scheme})", total=1) as advance:
+            return self.float_model.with_adarounded_weights(scheme, self.inputs.calibration,
+                                                            self.inputs.calibration_digest, advance,
+                                                            iterations=self.options.adaround_iterations)
+
     def _bench(self, runner, name: str) -> BenchResult:
         with self.timer.phase("bench"), progress_task(f"benchmarking {name}", total=1) as advance:
             result = benchmark(runner.predict, self.bench_images, self.bench_config)
@@ -295,7 +308,7 @@ class Sweep:
                    "calibration_sha256": self.inputs.calibration_digest, "variant": spec.name,
                    "config": _config_payload(spec.config), "test_images": len(self.inputs.test),
                    "layout": self.inputs.transform.layout, "preprocessing": self.inputs.transform.preprocessing.value,
-                   "bench": self.options.bench,
+                   "bench": self.options.bench, "adaround_iterations": self.options.adaround_iterations,
                    "versions": {k: self.versions[k] for k in ("torch", "onnxruntime", "onnx2torch", "onnx")}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -367,9 +380,10 @@ class Sweep:
         self.runs.log_json({"variant": spec.name, "framework": spec.framework, "backend": spec.config.backend,
                             "config": _config_payload(spec.config)}, A.QCONFIG)
         variant_dir = self.work_dir / spec.name
+        source = self._weights_for(spec)
         with self.timer.phase("quantize"), \
                 progress_task(f"calibrating {spec.name}", total=len(self.inputs.calibration)) as advance:
-            quantized = spec.quantize(self.float_model, self.inputs.calibration, variant_dir, advance)
+            quantized = spec.quantize(source, self.inputs.calibration, variant_dir, advance)
         write_json_atomic(variant_dir / A.QCONFIG, _config_payload(spec.config))
         model_dir = variant_dir / "mlflow_model"
         if quantized.format == "torchscript":
@@ -377,7 +391,8 @@ class Sweep:
 
             # Evaluate and register the exact file users get, loaded the way they load it.
             script = torch.jit.load(str(quantized.path))
-            example_out = script(torch.from_numpy(self.example_input)).numpy()
+            with torch.no_grad():  # a float head keeps parameters that require grad
+                example_out = script(torch.from_numpy(self.example_input)).numpy()
             model_file = self.runs.save_torchscript_model(script, model_dir, self.example_input, example_out,
                                                           [f"torch=={self.versions['torch']}",
                                                            f"numpy=={self.versions['numpy']}"])

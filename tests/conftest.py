@@ -4,11 +4,14 @@ completed sweep that many read-only tests inspect."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+# AdaRound results are cached under $XDG_CACHE_HOME/ptqflow: keep the suite's cache its own and throw-away.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ptqflow-test-cache-")
 
 from cifar_fixture import write_cifar_dir  # noqa: E402
 import numpy as np  # noqa: E402
@@ -20,6 +23,8 @@ SHARED_DATA = SHARED / "data" / "cifar-10-batches-py"
 
 # Tiny data: 20 training images per class (calibration 100 = 10 per class), 10 test images per class.
 CALIBRATION_SIZE = 100
+# The default recipe (AdaRound) with few steps: the code path is the real one, the tiny model needs no more.
+ADAROUND_ITERATIONS = 20
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +79,7 @@ def completed_sweep(tmp_path_factory, cifar_dir, tiny_model):
     with pytest.MonkeyPatch.context() as mp:
         _point_mlflow_at(mp, root)
         result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir,
-                                        calibration_size=CALIBRATION_SIZE))
+                                        calibration_size=CALIBRATION_SIZE, adaround_iterations=ADAROUND_ITERATIONS))
         yield result, root
         import mlflow
 

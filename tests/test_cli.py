@@ -28,7 +28,8 @@ def invoke(*args: str):
 
 
 def sweep_args(model: Path, data_dir: Path, *extra) -> list:
-    return ["sweep", "--model", model, "--data-dir", data_dir, "--calibration-size", CALIBRATION_SIZE, *extra]
+    return ["sweep", "--model", model, "--data-dir", data_dir, "--calibration-size", CALIBRATION_SIZE,
+            "--weight-rounding", "nearest", *extra]
 
 
 def assert_one_line_error(result, *fragments: str) -> None:

@@ -738,7 +738,7 @@ def test_sweep_never_connects_beyond_loopback(tracking_store, tiny_model, cifar_
     monkeypatch.setattr(socket, "create_connection", create_connection)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
-                                    bench=False, variants=("ort-int8",), test_limit=20))
+                                    bench=False, variants=("ort-int8",), test_limit=20, weight_rounding="nearest"))
     assert attempts == []
     assert not result.failed
     assert {o.name for o in result.outcomes} >= {"ort-int8"}

@@ -18,7 +18,8 @@ VARIANTS = ("pytorch-fx-int8", "ort-uint8")
 
 
 def _options(tiny_model, cifar_dir, **overrides) -> SweepOptions:
-    settings = {"calibration_size": CALIBRATION_SIZE, "variants": VARIANTS, "bench": False, "register": False}
+    settings = {"calibration_size": CALIBRATION_SIZE, "variants": VARIANTS, "bench": False, "register": False,
+                "weight_rounding": "nearest"}
     return SweepOptions(model_path=tiny_model, data_dir=cifar_dir, **{**settings, **overrides})
 
 
@@ -63,7 +64,7 @@ def test_runs_of_a_killed_process_are_marked_failed_by_the_next_sweep(tracking_s
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     assert all_runs() == []  # creates the store's tables now, not concurrently with the subprocess
     args = ["sweep", "--model", tiny_model, "--data-dir", cifar_dir, "--calibration-size", CALIBRATION_SIZE,
-            "--no-register"]
+            "--no-register", "--weight-rounding", "nearest"]
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *map(str, args)], cwd=tracking_store, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

@@ -32,7 +32,8 @@ def _sweep(tiny_model, cifar_dir, gate: GatePolicy):
     from pipelines.sweep import SweepOptions, run_sweep
 
     return run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
-                                  variants=("pytorch-fx-int8", "ort-uint8"), bench=False, gate=gate))
+                                  variants=("pytorch-fx-int8", "ort-uint8"), bench=False, gate=gate,
+                                  weight_rounding="nearest"))
 
 
 def test_champion_moves_only_through_the_gate_and_by_hand(tracking_store, tiny_model, cifar_dir):

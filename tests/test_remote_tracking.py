@@ -38,6 +38,7 @@ def cli_command(*args) -> list[str]:
 
 def sweep_args(model: Path, data_dir: Path, experiment: str, registered: str) -> list:
     return ["sweep", "--model", model, "--data-dir", data_dir, "--calibration-size", CALIBRATION_SIZE, "--no-bench",
+            "--weight-rounding", "nearest",
             "--experiment", experiment, "--registered-model", registered, "--registered-onnx-model",
             f"{registered}-onnx", *(f"--variant={v}" for v in VARIANTS)]
 

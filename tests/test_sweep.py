@@ -7,13 +7,13 @@ import json
 import mlflow
 import pytest
 import torch
-from conftest import CALIBRATION_SIZE, runs_by_name
+from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, runs_by_name
 from mlflow.tracking import MlflowClient
 
 from pipelines.variants import DEFAULT_VARIANTS
 from tracking.keys import Artifact, Metric, Param, Tag, VersionTag
 
-QUANTIZED_OK = ("pytorch-fx-int8", "pytorch-fx-int8-x86", "ort-int8", "ort-uint8")
+QUANTIZED_OK = ("pytorch-fx-int8", "pytorch-fx-int8-x86", "ort-int8", "ort-uint8", "ort-int8-u8s8")
 
 
 def test_one_parent_and_a_child_run_per_variant(completed_sweep):
@@ -170,7 +170,8 @@ def test_second_sweep_adds_version_2_and_leaves_version_1_alone(completed_sweep,
     client = MlflowClient()
     before = client.get_model_version("resnet8-int8", "1")
     result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
-                                    variants=("pytorch-fx-int8",), registered_onnx_model="unused"))
+                                    variants=("pytorch-fx-int8",), registered_onnx_model="unused",
+                                    adaround_iterations=ADAROUND_ITERATIONS))
     assert [v.version for v in result.registered] == ["2"]
     after = client.get_model_version("resnet8-int8", "1")
     assert after.tags == before.tags and after.source == before.source

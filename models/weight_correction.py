@@ -1,0 +1,454 @@
+"""Weight-side corrections applied to the FP32 model *before* quantization.
+
+Main entry point: :func:`adaround_onnx` -- AdaRound (Nagel et al. 2020) layer-wise
+rounding optimisation of every Conv / MatMul / Gemm weight of an ONNX model,
+computed with torch on the onnx2torch conversion and written back into the ONNX
+initializers as FP32 values that lie *exactly* on the target int8 grid.  A later
+quantizer with the matching scheme (per-channel symmetric int8 for
+onnxruntime per_channel=True / torch ``PerChannelMinMaxObserver(qint8,
+per_channel_symmetric, quant_min=-127, quant_max=127)``; per-tensor asymmetric
+uint8 for onnxruntime QUInt8 weights) then reproduces the optimised integers
+bit-exactly, so the same corrected FP32 ONNX file improves both the onnxruntime
+and the torch.ao FX variants.
+
+Schemes (``scheme=``):
+* ``"per_channel_sym_int8"``: scale_c = max|w_c| / 127, q in [-127, 127]
+  (the channel's max-|w| element is kept fixed so re-quantization finds the same scale).
+* ``"per_tensor_asym_uint8"``: onnxruntime's uint8 MinMax weight quantization,
+  rmin = min(w, 0), rmax = max(w, 0), scale = (rmax - rmin) / 255,
+  zp = round(-rmin / scale); min and max elements are snapped to q=0 / q=255.
+* ``"per_tensor_sym_int8"``: scale = max|w| / 127.
+
+Also: :func:`bias_correction_onnx` (empirical bias correction of the output mean)
+and :func:`quantize_weights_like` (plain round-to-nearest snapping, for ablations).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "adaround_onnx",
+    "adaround_module",
+    "grid_params",
+    "quantize_weights_like",
+    "bias_correction_onnx",
+    "activation_sim",
+    "onnx_classifier_head_nodes",
+    "ort_recipe",
+    "rtn_onnx",
+]
+
+_ZETA, _GAMMA = 1.1, -0.1
+_DEBUG = False
+
+
+# --------------------------------------------------------------------------- grids
+def grid_params(w: torch.Tensor, scheme: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (scale, kmin, kmax) broadcastable to ``w`` (dim 0 = output channels).
+
+    Values on the grid are ``scale * k`` with integer ``k`` in ``[kmin, kmax]``.
+    """
+    w = w.detach().double()
+    if scheme == "per_channel_sym_int8":
+        amax = w.abs().flatten(1).max(1)[0].clamp_min(1e-12)
+        s = (amax / 127.0).view(-1, *[1] * (w.dim() - 1))
+        return s, torch.full_like(s, -127.0), torch.full_like(s, 127.0)
+    if scheme == "per_tensor_sym_int8":
+        s = (w.abs().max().clamp_min(1e-12) / 127.0).reshape([1] * w.dim())
+        return s, torch.full_like(s, -127.0), torch.full_like(s, 127.0)
+    if scheme == "per_tensor_asym_uint8":
+        rmin = min(float(w.min()), 0.0)
+        rmax = max(float(w.max()), 0.0)
+        s_ = np.float32((rmax - rmin) / 255.0) if rmax > rmin else np.float32(1.0)
+        zp = float(np.clip(np.round(np.float32(-rmin) / s_), 0, 255))
+        s = torch.full([1] * w.dim(), float(s_), dtype=torch.float64)
+        return s, torch.full_like(s, -zp), torch.full_like(s, 255.0 - zp)
+    raise ValueError(f"unknown scheme {scheme!r}")
+
+
+def _anchor_mask(w: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Elements whose value defines the quantization range: kept at their nearest extreme."""
+    if scheme == "per_channel_sym_int8":
+        a = w.abs().flatten(1)
+        m = torch.zeros_like(a, dtype=torch.bool)
+        m[torch.arange(a.shape[0]), a.argmax(1)] = True
+        return m.view_as(w)
+    m = torch.zeros(w.numel(), dtype=torch.bool)
+    if scheme == "per_tensor_sym_int8":
+        m[w.abs().flatten().argmax()] = True
+    else:
+        m[w.flatten().argmax()] = True
+        m[w.flatten().argmin()] = True
+    return m.view_as(w)
+
+
+def _snap_anchors(w: torch.Tensor, k: torch.Tensor, s, kmin, kmax, mask, scheme) -> torch.Tensor:
+    k = k.clone()
+    if scheme == "per_tensor_asym_uint8":
+        kmin_b, kmax_b = kmin.expand_as(w), kmax.expand_as(w)
+        k = torch.where(mask & (w >= 0) & (w == w.max()), kmax_b, k)
+        k = torch.where(mask & (w <= 0) & (w == w.min()), kmin_b, k)
+    else:
+        k = torch.where(mask, torch.sign(w) * kmax.expand_as(w), k)
+    return k
+
+
+def quantize_weights_like(w: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Round-to-nearest fake quantization of ``w`` on ``scheme``'s grid (FP32 result)."""
+    s, kmin, kmax = grid_params(w, scheme)
+    wd = w.detach().double()
+    k = torch.clamp(torch.round(wd / s), kmin, kmax)
+    k = _snap_anchors(wd, k, s, kmin, kmax, _anchor_mask(wd, scheme), scheme)
+    return (k * s).to(w.dtype)
+
+
+# --------------------------------------------------------------------------- AdaRound
+def _h(v):
+    return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+
+
+def _layer_fn(mod: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if isinstance(mod, nn.Conv2d):
+        return lambda x, w: F.conv2d(x, w, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+    if isinstance(mod, nn.Conv1d):
+        return lambda x, w: F.conv1d(x, w, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+    if isinstance(mod, nn.Linear):
+        return lambda x, w: F.linear(x, w, mod.bias)
+    raise TypeError(type(mod))
+
+
+def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, relu_after=False):
+    w = mod.weight.detach()
+    s, kmin, kmax = grid_params(w, scheme)
+    s, kmin, kmax = s.float(), kmin.float(), kmax.float()
+    wf = torch.floor(w / s)
+    rest = (w / s - wf).clamp(1e-4, 1 - 1e-4)
+    v = (-torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1)).clone().requires_grad_(True)
+    mask = _anchor_mask(w.double(), scheme)
+    fn = _layer_fn(mod)
+    opt = torch.optim.Adam([v], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    n = x_in.shape[0]
+    warm = int(0.2 * iters)
+    for it in range(iters):
+        idx = torch.randint(0, n, (min(batch, n),), generator=g)
+        xb, yb = x_in[idx], y_target[idx]
+        wq = s * torch.clamp(wf + _h(v), kmin, kmax)
+        out = fn(xb, wq)
+        if relu_after:
+            out, yb = F.relu(out), F.relu(yb)
+        rec = (out - yb).pow(2).flatten(1).sum(1).mean()
+        if it < warm:
+            loss = rec
+        else:
+            beta = 20 + (2 - 20) * (it - warm) / max(1, iters - warm)
+            loss = rec + lam * (1 - (2 * _h(v) - 1).abs().pow(beta)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        if _DEBUG:
+            hv = _h(v)
+            soft = (fn(x_in[:256], s * torch.clamp(wf + hv, kmin, kmax)) - y_target[:256]).pow(2).mean()
+            hard = (fn(x_in[:256], s * torch.clamp(wf + (v >= 0).float(), kmin, kmax)) - y_target[:256]).pow(2).mean()
+            rtn = (fn(x_in[:256], s * torch.clamp(torch.round(w / s), kmin, kmax)) - y_target[:256]).pow(2).mean()
+            print(f"  nonbinary={((hv > 0.01) & (hv < 0.99)).float().mean():.3f} soft={soft:.3e} hard={hard:.3e} rtn={rtn:.3e}")
+        k = torch.clamp(wf + (v >= 0).float(), kmin, kmax).double()
+        k = _snap_anchors(w.double(), k, s.double(), kmin.double(), kmax.double(), mask, scheme)
+        return (k * s.double()).float()
+
+
+@torch.no_grad()
+def _collect(gm, names, x, bs=250):
+    """Inputs and outputs of the named modules for data x."""
+    store: Dict[str, List] = {n: [[], []] for n in names}
+    hooks = []
+    for n in names:
+        def hook(m, inp, out, n=n):
+            store[n][0].append(inp[0].detach())
+            store[n][1].append(out.detach())
+        hooks.append(gm.get_submodule(n).register_forward_hook(hook))
+    for i in range(0, x.shape[0], bs):
+        gm(x[i:i + bs])
+    for h in hooks:
+        h.remove()
+    return {n: (torch.cat(a), torch.cat(b)) for n, (a, b) in store.items()}
+
+
+def adaround_module(gm: nn.Module, calib: np.ndarray, scheme: str = "per_channel_sym_int8", *,
+                    iters: int = 1000, batch: int = 32, lam: float = 1.0, lr: float = 1e-2,
+                    seed: int = 0, relu_aware: bool = True, layers: Optional[List[str]] = None,
+                    verbose: bool = False) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """AdaRound all Conv/Linear modules of ``gm`` (an FX graph, e.g. from ``prepare_graph``) in place.
+
+    Layers are processed in graph order; each layer's input comes from the model
+    whose earlier layers are already rounded, its target from the FP32 model.
+    Returns {module name: (old weight, new weight)}.
+    """
+    import torch.fx as fx
+
+    x = torch.from_numpy(np.ascontiguousarray(calib)).float()
+    fp = copy.deepcopy(gm).eval()
+    gm.eval()
+    order = []
+    if isinstance(gm, fx.GraphModule):
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                relu = len(node.users) == 1 and next(iter(node.users)).op == "call_module" and isinstance(
+                    gm.get_submodule(next(iter(node.users)).target), nn.ReLU)
+                order.append((node.target, relu))
+    else:
+        order = [(n, False) for n, m in gm.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    if layers is not None:
+        order = [o for o in order if o[0] in layers]
+    changes = {}
+    for i, (name, relu) in enumerate(order):
+        x_in = _collect(gm, [name], x)[name][0]
+        y_t = _collect(fp, [name], x)[name][1]
+        mod = gm.get_submodule(name)
+        with torch.enable_grad():
+            new_w = _adaround_layer(mod, x_in, y_t, scheme, iters, batch, lam, lr, seed + i,
+                                    relu_after=relu and relu_aware)
+        old = mod.weight.detach().clone()
+        mod.weight.data.copy_(new_w)
+        changes[name] = (old, new_w)
+        if verbose:
+            print(f"adaround {name}: changed {(quantize_weights_like(old, scheme) != new_w).float().mean():.3f}")
+    return changes
+
+
+def _replace_initializers(onnx_model, changes) -> "onnx.ModelProto":
+    """Write torch weights back into the ONNX initializers, matched by value (W or W^T)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = copy.deepcopy(onnx_model)
+    inits = {i.name: i for i in model.graph.initializer}
+    arrays = {n: numpy_helper.to_array(i) for n, i in inits.items()}
+    for name, (old, new) in changes.items():
+        old_np, new_np = old.numpy(), new.numpy()
+        done = False
+        for iname, arr in arrays.items():
+            if arr.dtype != np.float32:
+                continue
+            if arr.shape == old_np.shape and np.array_equal(arr, old_np):
+                rep = new_np
+            elif arr.ndim == 2 and arr.shape == old_np.T.shape and np.array_equal(arr, old_np.T):
+                rep = np.ascontiguousarray(new_np.T)
+            else:
+                continue
+            inits[iname].CopyFrom(numpy_helper.from_array(rep.astype(np.float32), iname))
+            done = True
+        if not done:
+            raise RuntimeError(f"could not find the ONNX initializer of {name}")
+    return model
+
+
+class _FakeQuantAct(nn.Module):
+    """Per-tensor affine uint8 fake quantization with frozen qparams of a calibrated observer."""
+
+    def __init__(self, observer):
+        super().__init__()
+        scale, zp = observer.calculate_qparams()
+        self.scale, self.zero_point = float(scale), int(zp)
+        self.qmin, self.qmax = int(observer.quant_min), int(observer.quant_max)
+        self.enabled = True
+
+    def forward(self, x):
+        if not self.enabled:
+            return x
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+
+def activation_sim(gm, calib: np.ndarray, activation_observer: str = "histogram", float_head: bool = True,
+                   backend: str = "x86"):
+    """FP32 simulation of the FX int8 recipe's activation quantization: ``prepare_fx`` with
+    ``graph_prep.qconfig_mapping`` (calibrated on ``calib``), observers replaced by frozen
+    fake-quant modules.  Weights stay float (they are what AdaRound optimises)."""
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    from models.graph_prep import classifier_head, qconfig_mapping
+
+    x = torch.from_numpy(np.ascontiguousarray(calib)).float()
+    head = classifier_head(gm) if float_head else []
+    qm = qconfig_mapping(backend, activation_observer=activation_observer, float_modules=head)
+    pm = prepare_fx(gm, qm, example_inputs=(x[:2],))
+    with torch.no_grad():
+        for i in range(0, x.shape[0], 250):
+            pm(x[i:i + 250])
+    fq = {}
+    for name, mod in list(pm._modules.items()):
+        if name.startswith("activation_post_process"):
+            if id(mod) not in fq:
+                fq[id(mod)] = _FakeQuantAct(mod)
+            setattr(pm, name, fq[id(mod)])
+    pm.recompile()
+    return pm
+
+
+def _set_fq(sim, enabled: bool):
+    for m in sim.modules():
+        if isinstance(m, _FakeQuantAct):
+            m.enabled = enabled
+
+
+def adaround_onnx(onnx_model, calib: np.ndarray, scheme: str = "per_channel_sym_int8", *,
+                  act_aware: bool = False, activation_observer: str = "histogram", **kw):
+    """AdaRound the weights of ``onnx_model`` (onnx.ModelProto) on ``calib`` (model-input layout,
+    e.g. NHWC float32 0..255); returns a new ModelProto whose Conv/MatMul/Gemm weight
+    initializers lie on ``scheme``'s grid.  kwargs go to :func:`adaround_module`.
+
+    ``act_aware=True``: each layer's input comes from a model whose activations are
+    fake-quantized as in the FX recipe (see :func:`activation_sim`) and whose earlier
+    layers are already rounded, the target is the FP32 output, so the rounding also
+    compensates upstream activation-quantization error."""
+    import onnx2torch
+    from models.graph_prep import prepare_graph
+
+    gm = prepare_graph(onnx2torch.convert(onnx_model), fold_pad=False)
+    if not act_aware:
+        changes = adaround_module(gm, calib, scheme, **kw)
+        return _replace_initializers(onnx_model, changes)
+    sim = activation_sim(gm, calib, activation_observer)
+    fp = copy.deepcopy(sim)
+    _set_fq(fp, False)
+    changes = _adaround_sim(sim, fp, calib, scheme, **kw)
+    return _replace_initializers(onnx_model, changes)
+
+
+def _adaround_sim(sim, fp, calib, scheme, *, iters=1000, batch=32, lam=1.0, lr=1e-2, seed=0,
+                  relu_aware=True, verbose=False):
+    x = torch.from_numpy(np.ascontiguousarray(calib)).float()
+    order = []
+    for node in sim.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = sim.get_submodule(node.target)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            order.append((node.target, False))
+        elif isinstance(m, nn.Sequential) and len(m) >= 1 and isinstance(m[0], (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            order.append((f"{node.target}.0", len(m) > 1 and isinstance(m[1], nn.ReLU)))
+    changes = {}
+    for i, (name, relu) in enumerate(order):
+        x_in = _collect(sim, [name], x)[name][0]
+        y_t = _collect(fp, [name], x)[name][1]
+        mod = sim.get_submodule(name)
+        with torch.enable_grad():
+            new_w = _adaround_layer(mod, x_in, y_t, scheme, iters, batch, lam, lr, seed + i,
+                                    relu_after=relu and relu_aware)
+        old = fp.get_submodule(name).weight.detach().clone()
+        mod.weight.data.copy_(new_w)
+        changes[name] = (old, new_w)
+        if verbose:
+            print(f"adaround(act-aware) {name}: changed {(quantize_weights_like(old, scheme) != new_w).float().mean():.3f}")
+    return changes
+
+
+def rtn_onnx(onnx_model, scheme: str = "per_channel_sym_int8"):
+    """Round-to-nearest snapping of all Conv/Linear weights (ablation baseline)."""
+    import onnx2torch
+    from models.graph_prep import prepare_graph
+
+    gm = prepare_graph(onnx2torch.convert(onnx_model), fold_pad=False)
+    changes = {}
+    for n, m in gm.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            changes[n] = (m.weight.detach().clone(), quantize_weights_like(m.weight.detach(), scheme))
+    return _replace_initializers(onnx_model, changes)
+
+
+@torch.no_grad()
+def bias_correction_onnx(onnx_model, calib: np.ndarray, scheme: str = "per_channel_sym_int8"):
+    """Empirical bias correction: quantize weights (round to nearest on ``scheme``), and shift each
+    layer's bias by E[y_fp32 - y_q] over ``calib`` (sequentially, with quantized upstream)."""
+    import onnx2torch
+    from models.graph_prep import prepare_graph
+    from onnx import numpy_helper
+
+    gm = prepare_graph(onnx2torch.convert(onnx_model), fold_pad=False)
+    fp = copy.deepcopy(gm)
+    x = torch.from_numpy(np.ascontiguousarray(calib)).float()
+    changes, bias_changes = {}, {}
+    for n, m in list(gm.named_modules()):
+        if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            continue
+        old = m.weight.detach().clone()
+        m.weight.data.copy_(quantize_weights_like(old, scheme))
+        changes[n] = (old, m.weight.detach().clone())
+        yq = _collect(gm, [n], x)[n][1]
+        yf = _collect(fp, [n], x)[n][1]
+        dims = [0] + list(range(2, yq.dim()))
+        delta = (yf - yq).mean(dims)
+        if m.bias is not None:
+            bias_changes[n] = (m.bias.detach().clone(), m.bias.detach() + delta)
+            m.bias.data.add_(delta)
+    model = _replace_initializers(onnx_model, changes)
+    return _replace_initializers(model, bias_changes)
+
+
+# --------------------------------------------------------------------------- onnxruntime recipe helpers
+def onnx_classifier_head_nodes(onnx_model) -> List[str]:
+    """Names of the ONNX nodes of the classifier head, to pass as ``nodes_to_exclude`` to
+    ``quantize_static`` (compute them on the model actually quantized, i.e. *after*
+    ``quant_pre_process``, which renames/fuses e.g. MatMul+Add -> Gemm 'MatMulAddFusion').
+
+    Walks back from the graph outputs through Softmax/Reshape/Flatten/... to the first
+    MatMul/Gemm/Conv (included) and on through the pooling / reshape nodes feeding it
+    (GlobalAveragePool, AveragePool, ReduceMean, Reshape, Flatten, Squeeze, Transpose).
+    Keeping these in float (weights already on the int8 grid via :func:`adaround_onnx`)
+    avoids 8-bit logits (ties under argmax) and re-quantization of the pooled features."""
+    nodes = list(onnx_model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    compute = {"MatMul", "Gemm", "Conv"}
+    passthrough = {"Softmax", "LogSoftmax", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Add",
+                   "Transpose", "Cast"}
+    pools = {"GlobalAveragePool", "AveragePool", "ReduceMean", "Reshape", "Flatten", "Squeeze", "Transpose"}
+    out: List[str] = []
+    todo = [producer[o.name] for o in onnx_model.graph.output if o.name in producer]
+    seen = set()
+    while todo:
+        n = todo.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.op_type in compute:
+            out.append(n.name)
+            up = [producer[i] for i in n.input[:1] if i in producer]
+            while up:
+                u = up.pop()
+                if u.op_type in pools:
+                    out.append(u.name)
+                    up.extend(producer[i] for i in u.input[:1] if i in producer)
+            continue
+        if n.op_type in passthrough:
+            out.append(n.name)
+            todo.extend(producer[i] for i in n.input if i in producer)
+    return out
+
+
+def ort_recipe(variant: str) -> dict:
+    """``quantize_static`` keyword arguments of the ptqflow default recipes (besides model paths,
+    calibration reader and ``nodes_to_exclude=onnx_classifier_head_nodes(preprocessed model)``),
+    plus ``adaround_scheme``: the :func:`adaround_onnx` scheme to apply to the FP32 model first."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+    common = dict(calibrate_method=CalibrationMethod.Percentile, reduce_range=False,
+                  extra_options={"CalibPercentile": 99.999})
+    recipes = {
+        "ort-int8": dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                         weight_type=QuantType.QInt8, per_channel=True, adaround_scheme="per_channel_sym_int8"),
+        "ort-uint8": dict(quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
+                          weight_type=QuantType.QUInt8, per_channel=False, adaround_scheme="per_tensor_asym_uint8"),
+        "ort-int8-u8s8": dict(quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
+                              weight_type=QuantType.QInt8, per_channel=True, adaround_scheme="per_channel_sym_int8"),
+    }
+    r = dict(common)
+    r.update(recipes[variant])
+    return r

@@ -1,0 +1,267 @@
+"""Unit tests of models.graph_prep / models.weight_correction on small ONNX graphs (no /work/shared)."""
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+onnx2torch = pytest.importorskip("onnx2torch")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.graph_prep import classifier_head, prepare_graph, qconfig_mapping  # noqa: E402
+
+warnings.filterwarnings("ignore")
+RNG = np.random.default_rng(0)
+
+
+def _init(name, arr):
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+def _model(nodes, inputs, outputs, inits, opset=13):
+    g = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def _vi(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _convert(m):
+    return onnx2torch.convert(m).eval()
+
+
+def _targets(gm):
+    return [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"]
+
+
+def _check_equal(module, gm, x):
+    with torch.no_grad():
+        a, b = module(x), gm(x)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+
+
+def _quantize(gm, x, backend="x86", float_head=False):
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = backend
+    qm = qconfig_mapping(backend, float_modules=classifier_head(gm) if float_head else ())
+    pm = prepare_fx(gm, qm, example_inputs=(x,))
+    with torch.no_grad():
+        pm(x)
+    q = convert_fx(pm)
+    tq = torch.jit.trace(q, (x,))
+    return q, tq
+
+
+def _w(*shape):
+    return RNG.standard_normal(shape).astype(np.float32) * 0.3
+
+
+def test_matmul_add_softmax_to_linear():
+    m = _model(
+        [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"),
+         helper.make_node("Add", ["mm", "b"], ["logits"], name="add"),
+         helper.make_node("Softmax", ["logits"], ["y"], name="sm", axis=-1)],
+        [_vi("x", [4, 8])], [_vi("y", [4, 5])], [_init("W", _w(8, 5)), _init("b", _w(5))])
+    mod = _convert(m)
+    gm = prepare_graph(mod)
+    names = _targets(gm)
+    assert "Linear" in names and "OnnxMatMul" not in names and "OnnxBinaryMathOperation" not in names
+    assert not any(n.target in (torch.matmul,) for n in gm.graph.nodes)
+    x = torch.randn(4, 8)
+    _check_equal(mod, gm, x)
+    # softmax stays float: the quantized graph dequantizes before it and returns probabilities
+    q, tq = _quantize(gm, x)
+    sm_node = [n for n in q.graph.nodes if n.op == "call_module" and isinstance(q.get_submodule(n.target), torch.nn.Softmax)]
+    assert sm_node and sm_node[0].args[0].target == "dequantize"
+    out = tq(x)
+    assert out.dtype == torch.float32 and torch.allclose(out.sum(1), torch.ones(4), atol=1e-5)
+
+
+def test_asymmetric_pad_folded_into_conv_nhwc():
+    # NHWC input, Transpose, TF-"SAME" stride-2 conv: Pad end-only, then Conv without pads
+    m = _model(
+        [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+         helper.make_node("Pad", ["t", "pads"], ["p"], mode="constant"),
+         helper.make_node("Conv", ["p", "W", "B"], ["c"], kernel_shape=[3, 3], strides=[2, 2]),
+         helper.make_node("Relu", ["c"], ["y"])],
+        [_vi("x", [2, 8, 8, 3])], [_vi("y", [2, 4, 4, 4])],
+        [_init("pads", np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64)), _init("W", _w(4, 3, 3, 3)),
+         _init("B", _w(4))])
+    mod = _convert(m)
+    gm = prepare_graph(mod)
+    names = _targets(gm)
+    assert not any("Pad" in n for n in names), names
+    convs = [gm.get_submodule(n.target) for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.Conv2d)]
+    assert len(convs) == 1 and convs[0].padding == (1, 1) and convs[0].kernel_size == (4, 4)
+    assert not any(n.op == "call_module" and "Transpose" in type(gm.get_submodule(n.target)).__name__
+                   for n in gm.graph.nodes)
+    x = torch.rand(2, 8, 8, 3) * 255
+    _check_equal(mod, gm, x)
+    q, tq = _quantize(gm, x)
+    assert any(type(mm).__module__.startswith("torch.ao.nn.intrinsic.quantized") and "ConvReLU2d" in type(mm).__name__
+               for mm in q.modules())
+
+
+def test_symmetric_pad_folded_and_static_pad_op():
+    m = _model(
+        [helper.make_node("Pad", ["x"], ["p"], mode="constant", pads=[0, 0, 1, 2, 0, 0, 1, 2]),
+         helper.make_node("Conv", ["p", "W"], ["y"], kernel_shape=[3, 3], pads=[1, 0, 1, 0])],
+        [_vi("x", [1, 3, 6, 6])], [_vi("y", [1, 2, 8, 8])], [_init("W", _w(2, 3, 3, 3))], opset=10)
+    mod = _convert(m)
+    gm = prepare_graph(mod)
+    convs = [mm for mm in gm.modules() if isinstance(mm, torch.nn.Conv2d)]
+    assert len(convs) == 1 and convs[0].padding == (2, 2) and convs[0].kernel_size == (3, 3)
+    assert not any("Pad" in n for n in _targets(gm))
+    _check_equal(mod, gm, torch.randn(1, 3, 6, 6))
+
+
+def test_nonzero_pad_value_not_folded():
+    m = _model(
+        [helper.make_node("Pad", ["x", "pads", "v"], ["p"], mode="constant"),
+         helper.make_node("Conv", ["p", "W"], ["y"], kernel_shape=[3, 3])],
+        [_vi("x", [1, 3, 6, 6])], [_vi("y", [1, 2, 6, 6])],
+        [_init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)), _init("v", np.array(2.0, np.float32)),
+         _init("W", _w(2, 3, 3, 3))])
+    mod = _convert(m)
+    gm = prepare_graph(mod)
+    assert any("Pad" in n for n in _targets(gm))
+    _check_equal(mod, gm, torch.randn(1, 3, 6, 6))
+
+
+def test_pad_from_shape_ops_folded_with_example_input():
+    # pads computed from Shape(x): end pad = 9 - H  (= 1 for 8x8 inputs), as exported by PyTorch
+    m = _model(
+        [helper.make_node("Shape", ["x"], ["s"]),
+         helper.make_node("Gather", ["s", "i2"], ["h"], axis=0),
+         helper.make_node("Sub", ["nine", "h"], ["e"]),
+         helper.make_node("Unsqueeze", ["e", "ax0"], ["e1"]),
+         helper.make_node("Concat", ["zeros6", "e1", "e1"], ["pads"], axis=0),
+         helper.make_node("Pad", ["x", "pads"], ["p"], mode="constant"),
+         helper.make_node("Conv", ["p", "W"], ["y"], kernel_shape=[3, 3], strides=[2, 2])],
+        [_vi("x", ["N", 3, 8, 8])], [_vi("y", ["N", 2, 4, 4])],
+        [_init("i2", np.array(2, np.int64)), _init("nine", np.array(9, np.int64)),
+         _init("ax0", np.array([0], np.int64)), _init("zeros6", np.zeros(6, np.int64)),
+         _init("W", _w(2, 3, 3, 3))])
+    mod = _convert(m)
+    x = torch.randn(3, 3, 8, 8)
+    gm0 = prepare_graph(mod)  # without example input: kept, still equal
+    _check_equal(mod, gm0, x)
+    gm = prepare_graph(mod, example_input=x)
+    assert not any("Pad" in n or "Shape" in n for n in _targets(gm)), _targets(gm)
+    _check_equal(mod, gm, x)
+    _check_equal(mod, gm, torch.randn(5, 3, 8, 8))  # batch size is not baked in
+
+
+def test_gemm_bn_gap_flatten_model():
+    # PyTorch-export style: Conv, BatchNormalization, Relu, GlobalAveragePool, Flatten, Gemm(transB)
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "beta", "mean", "var"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "Wd", "bd"], ["y"], transB=1, alpha=0.5, beta=2.0),
+    ]
+    inits = [_init("W", _w(4, 3, 3, 3)), _init("g", np.abs(_w(4)) + 0.5), _init("beta", _w(4)),
+             _init("mean", _w(4)), _init("var", np.abs(_w(4)) + 0.5), _init("Wd", _w(10, 4)),
+             _init("bd", _w(1, 10))]  # 2-D bias: onnx2torch keeps OnnxGemm
+    m = _model(nodes, [_vi("x", [2, 3, 8, 8])], [_vi("y", [2, 10])], inits)
+    mod = _convert(m)
+    gm = prepare_graph(mod)
+    names = _targets(gm)
+    assert "Linear" in names and "OnnxGemm" not in names, names
+    assert not any("OnnxGlobalAveragePool" in n for n in names)
+    x = torch.randn(2, 3, 8, 8)
+    _check_equal(mod, gm, x)
+    assert not gm.training
+    q, tq = _quantize(gm, x, backend="fbgemm", float_head=True)
+    with torch.no_grad():
+        assert torch.allclose(tq(x), q(x))
+    # head kept float -> output is a float Linear on dequantized features
+    assert any(type(mm) is torch.nn.Linear for mm in q.modules())
+    assert not any(type(mm).__name__.startswith("BatchNorm") for mm in q.modules())  # fused into conv
+
+
+def test_residual_add_becomes_quantized_add_relu():
+    m = _model(
+        [helper.make_node("Conv", ["x", "W1"], ["a"], kernel_shape=[1, 1]),
+         helper.make_node("Relu", ["a"], ["ar"]),
+         helper.make_node("Conv", ["ar", "W2"], ["b"], kernel_shape=[1, 1]),
+         helper.make_node("Add", ["ar", "b"], ["s"]),
+         helper.make_node("Relu", ["s"], ["y"])],
+        [_vi("x", [1, 3, 4, 4])], [_vi("y", [1, 3, 4, 4])], [_init("W1", _w(3, 3, 1, 1)), _init("W2", _w(3, 3, 1, 1))])
+    mod = _convert(m)
+    gm = prepare_graph(mod)
+    x = torch.randn(1, 3, 4, 4)
+    _check_equal(mod, gm, x)
+    q, _ = _quantize(gm, x)
+    assert any(n.target is torch.ops.quantized.add_relu for n in q.graph.nodes)
+
+
+def test_weight_correction_grid_and_onnx_roundtrip():
+    from models.weight_correction import adaround_onnx, grid_params, quantize_weights_like
+
+    w = torch.randn(4, 3, 3, 3)
+    for scheme in ("per_channel_sym_int8", "per_tensor_asym_uint8", "per_tensor_sym_int8"):
+        wq = quantize_weights_like(w, scheme)
+        s, kmin, kmax = grid_params(wq, scheme)  # re-derived range must give the same grid
+        k = wq.double() / s
+        assert torch.allclose(k, k.round(), atol=1e-3) and (k.round() >= kmin).all() and (k.round() <= kmax).all()
+    m = _model(
+        [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("Flatten", ["r"], ["f"]),
+         helper.make_node("MatMul", ["f", "Wd"], ["y"])],
+        [_vi("x", [2, 3, 4, 4])], [_vi("y", [2, 5])], [_init("W", _w(4, 3, 3, 3)), _init("Wd", _w(64, 5))])
+    calib = RNG.standard_normal((16, 3, 4, 4)).astype(np.float32)
+    m2 = adaround_onnx(m, calib, "per_channel_sym_int8", iters=20, batch=8)
+    W2 = numpy_helper.to_array([i for i in m2.graph.initializer if i.name == "W"][0])
+    s = np.abs(W2).reshape(4, -1).max(1) / 127
+    k = W2 / s[:, None, None, None]
+    assert np.allclose(k, np.round(k), atol=1e-3)
+    Wd2 = numpy_helper.to_array([i for i in m2.graph.initializer if i.name == "Wd"][0])
+    kd = Wd2 / (np.abs(Wd2).max(0) / 127)[None, :]  # MatMul weight: per output column
+    assert np.allclose(kd, np.round(kd), atol=1e-3)
+
+
+def test_classifier_head_kept_float_and_onnx_head_nodes():
+    from models.weight_correction import onnx_classifier_head_nodes
+
+    m = _model(
+        [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="conv"),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("AveragePool", ["r"], ["p"], kernel_shape=[4, 4], strides=[4, 4], name="pool"),
+         helper.make_node("Reshape", ["p", "shape"], ["f"], name="reshape"),
+         helper.make_node("MatMul", ["f", "Wd"], ["mm"], name="mm"),
+         helper.make_node("Add", ["mm", "bd"], ["l"], name="bias"),
+         helper.make_node("Softmax", ["l"], ["y"], axis=-1, name="sm")],
+        [_vi("x", [2, 3, 4, 4])], [_vi("y", [2, 5])],
+        [_init("W", _w(4, 3, 3, 3)), _init("shape", np.array([-1, 4], np.int64)), _init("Wd", _w(4, 5)),
+         _init("bd", _w(5))])
+    assert set(onnx_classifier_head_nodes(m)) == {"pool", "reshape", "mm", "bias", "sm"}
+    mod = _convert(m)
+    gm = prepare_graph(mod)
+    x = torch.randn(2, 3, 4, 4)
+    head = classifier_head(gm)
+    assert any(isinstance(gm.get_submodule(h), torch.nn.Linear) for h in head)
+    assert any(isinstance(gm.get_submodule(h), torch.nn.AvgPool2d) for h in head)
+    _check_equal(mod, gm, x)
+    q, tq = _quantize(gm, x, float_head=True)
+    # conv+relu quantized, then dequantize -> float pool -> float reshape -> float Linear -> softmax
+    assert any("ConvReLU2d" in type(mm).__name__ for mm in q.modules())
+    lin = [n for n in q.graph.nodes if n.op == "call_module" and type(q.get_submodule(n.target)) is torch.nn.Linear]
+    assert len(lin) == 1
+    assert not any(n.op == "call_function" and n.target is torch.quantize_per_tensor
+                   for n in q.graph.nodes if n.name.startswith("quantize_per_tensor") and n.args[0] in lin[0].all_input_nodes)
+    with torch.no_grad():
+        assert torch.allclose(tq(x), mod(x), atol=0.05)
