@@ -9,13 +9,13 @@ Runs against a throw-away sqlite store in a temp dir (your own store is not touc
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_line, run_default_sweep  # noqa: E402
 
 
 def main() -> int:
@@ -28,22 +28,11 @@ def main() -> int:
     model, data_dir = args.model.resolve(), args.data_dir.resolve()
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ptqflow-bench-") as store:
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        os.chdir(store)
-        from pipelines.progress import quiet_library_warnings
-        from pipelines.sweep import SweepOptions, run_sweep
-
-        quiet_library_warnings()
-
-        result = run_sweep(SweepOptions(model_path=model, data_dir=data_dir, bench=not args.no_bench,
-                                        test_limit=args.test_limit))
+    result = run_default_sweep(model, data_dir, bench=not args.no_bench, test_limit=args.test_limit)
     wall = time.perf_counter() - started
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}")
+    print(f"\nmachine: {machine_line()}")
     print(f"sweep: {'without' if args.no_bench else 'with'} benchmarking, {model.name}\n")
     print("| phase | seconds |\n|---|---|")
     for phase, seconds in result.phase_seconds.items():
