@@ -134,6 +134,7 @@ def _post_json(url: str, payload: dict) -> dict:
         raise AssertionError(f"POST {url} -> {exc.code}: {exc.read()[:500]!r}") from exc
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_served_champion_predicts_like_the_registered_torchscript(champion_store, model_server, cifar_dir,
                                                                   tmp_path):
     import torch
