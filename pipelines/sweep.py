@@ -462,7 +462,15 @@ class Sweep:
                            f"{100 * best.evaluation.accuracy:.2f}% on {len(self.inputs.test)} CIFAR-10 test images "
                            f"({100 * (best.evaluation.accuracy - self.reference.accuracy):+.2f} pp vs FP32), "
                            f"agreement with FP32 {100 * best.fidelity.top1_agreement:.2f}%. Source run {best.run_id}.")
-            version = registry.register(f"runs:/{best.run_id}/{self.Artifact.LOGGED_MODEL_NAME}", name, tags, description)
+            model_description = (
+                f"{'TorchScript' if framework == PYTORCH else 'ONNX'} int8 quantizations of "
+                f"{self.inputs.model.path.name} (CIFAR-10 classifier, {self.inputs.transform.layout} 32x32x3, "
+                f"{self.inputs.transform.preprocessing.value} pixels), one version per ptqflow sweep: the variant "
+                "that agrees most often with the FP32 model's top-1. Alias @champion marks the version that passed "
+                "the promotion gate and beat the previous champion; each version's tags give its accuracy, "
+                "agreement, latency, SHA-256 and source run.")
+            version = registry.register(f"runs:/{best.run_id}/{self.Artifact.LOGGED_MODEL_NAME}", name, tags,
+                                        description, model_description)
             self.runs.set_run_tags(best.run_id, {self.Tag.REGISTERED_VERSION: f"{name}/{version.version}"})
             say(f"[green]✓[/] registered {best.name} as [bold]{name}[/] version {version.version}")
             self._gate(name, version.version, best)

@@ -79,3 +79,48 @@ def fit_dense_head(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarra
             init.CopyFrom(_init("bd", solution[-1].astype(np.float32)))
     onnx.checker.check_model(fitted)
     return fitted
+
+
+def pytorch_style_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Shaped like a torch.onnx export: NCHW input, Conv + BatchNormalization, a stride-2 conv whose asymmetric
+    Pad amounts are computed from Shape ops, GlobalAveragePool, Flatten and Gemm (transB)."""
+    rng = np.random.default_rng(seed)
+    n = "N"
+    inits = [
+        _init("w1", rng.normal(0, 0.02, (8, 3, 3, 3)).astype(np.float32)),
+        _init("bn_scale", rng.uniform(0.5, 1.5, 8).astype(np.float32)),
+        _init("bn_bias", rng.normal(0, 0.1, 8).astype(np.float32)),
+        _init("bn_mean", rng.normal(0, 1.0, 8).astype(np.float32)),
+        _init("bn_var", rng.uniform(0.5, 2.0, 8).astype(np.float32)),
+        _init("w2", rng.normal(0, (2 / 72) ** 0.5, (16, 8, 3, 3)).astype(np.float32)),
+        _init("b2", rng.normal(0, 0.1, 16).astype(np.float32)),
+        _init("wd", rng.normal(0, (2 / 16) ** 0.5, (10, 16)).astype(np.float32)),
+        _init("bd", rng.normal(0, 0.1, 10).astype(np.float32)),
+        _init("i2", np.array(2, np.int64)), _init("h_target", np.array(33, np.int64)),
+        _init("ax0", np.array([0], np.int64)), _init("zeros6", np.zeros(6, np.int64)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["bn1"]),
+        helper.make_node("Relu", ["bn1"], ["r1"]),
+        # end pad = 33 - H (1 for 32x32), the way TF-style "same" padding is exported from PyTorch
+        helper.make_node("Shape", ["r1"], ["s"]),
+        helper.make_node("Gather", ["s", "i2"], ["h"], axis=0),
+        helper.make_node("Sub", ["h_target", "h"], ["e"]),
+        helper.make_node("Unsqueeze", ["e", "ax0"], ["e1"]),
+        helper.make_node("Concat", ["zeros6", "e1", "e1"], ["pads"], axis=0),
+        helper.make_node("Pad", ["r1", "pads"], ["p"], mode="constant"),
+        helper.make_node("Conv", ["p", "w2", "b2"], ["c2"], kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "wd", "bd"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+    ]
+    graph = helper.make_graph(nodes, "pytorch_style_cnn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, 3, 32, 32])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [n, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="pytorch-style")
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    return model

@@ -21,19 +21,16 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from processes import HOST, free_port, stop_process_groups, tail, wait_ready
 
-HOST = "127.0.0.1"
 PG_SUPERUSER = "postgres"
 PG_SYSTEM_USER = "postgres"  # created by Debian's postgresql-common
 SERVER_START_TIMEOUT = 120.0  # database migrations on 2 busy cores take a while
@@ -47,19 +44,6 @@ def postgres_bin_dir() -> Path | None:
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
                         key=lambda p: [int(x) if x.isdigit() else 0 for x in Path(p).parts[-3].split(".")])
     return Path(candidates[-1]).parent if candidates else None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 # ---- PostgreSQL -------------------------------------------------------------------------------------------------
@@ -86,7 +70,7 @@ class PostgresCluster:
         out = subprocess.run(self._as_owner(*args), cwd=self.root, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"{' '.join(map(str, args[:2]))} failed ({out.returncode}): "
-                               f"{out.stderr.strip() or out.stdout.strip()}\n{_tail(self.log_file)}")
+                               f"{out.stderr.strip() or out.stdout.strip()}\n{tail(self.log_file)}")
 
     def start(self) -> None:
         self._run(self.bin_dir / "initdb", "-D", self.data_dir, "-U", PG_SUPERUSER, "--auth=trust", "-E", "UTF8",
@@ -204,45 +188,6 @@ class TrackingServer:
         return self.client(self.admin_username, self.admin_password)
 
 
-def _wait_healthy(url: str, process: subprocess.Popen, log_file: Path, timeout: float) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{_tail(log_file)}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"mlflow server at {url} not healthy after {timeout:.0f} s:\n{_tail(log_file)}")
-
-
-def _stop_process_groups(processes: list[subprocess.Popen], grace: float = 3.0) -> None:
-    """SIGTERM each server's process group (the `mlflow server` supervisor and its uvicorn worker) at once, then
-    SIGKILL whatever is left after a short grace period."""
-    for process in processes:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=15)
-
-
 def _auth_config(root: Path, database_uri: str) -> tuple[Path, str]:
     """basic_auth.ini: the installed defaults with the user database moved to PostgreSQL; returns (path, admin)."""
     import mlflow  # not mlflow.server.auth: importing it needs Flask-WTF, which only the server process needs
@@ -308,7 +253,7 @@ def _launch(postgres: PostgresCluster, root: Path, auth: bool) -> _Launch:
 
 
 def _ready(launch: _Launch) -> TrackingServer:
-    _wait_healthy(launch.url, launch.process, launch.log_file, SERVER_START_TIMEOUT)
+    wait_ready(launch.url, launch.process, launch.log_file, SERVER_START_TIMEOUT, what="mlflow server")
     server = TrackingServer(launch.url, launch.backend_uri, launch.artifacts, launch.log_file, launch.process,
                             launch.admin_username, launch.admin_password)
     if launch.auth:
@@ -327,7 +272,7 @@ def start_tracking_servers(postgres: PostgresCluster, root: Path, auth: tuple[bo
             launches.append(_launch(postgres, root / f"server-{i}{'-auth' if with_auth else ''}", with_auth))
         yield [_ready(launch) for launch in launches]
     finally:
-        _stop_process_groups([launch.process for launch in launches])
+        stop_process_groups([launch.process for launch in launches])
 
 
 @contextmanager

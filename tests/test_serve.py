@@ -9,73 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import CALIBRATION_SIZE
+from processes import HOST, free_port, start_in_own_group, stop_process_groups, wait_ready
 
 pytestmark = pytest.mark.server
 
-HOST = "127.0.0.1"
 MODEL = "resnet8-int8"
 ALIAS = "champion"
 START_TIMEOUT = 90.0
 BATCH = 16  # real fixture test images per request
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow models serve exited with {process.returncode}:\n{_tail(log)}")
-        for probe in ("/ping", "/health"):
-            try:
-                with urllib.request.urlopen(url + probe, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-        time.sleep(0.5)
-    raise RuntimeError(f"model server at {url} not ready after {timeout:.0f} s:\n{_tail(log)}")
-
-
-def _stop_group(process: subprocess.Popen, grace: float = 5.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=grace)
-            if sig == signal.SIGTERM:  # the leader is gone; make sure its workers are too
-                os.killpg(process.pid, signal.SIGKILL)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            break
-    process.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")
@@ -107,21 +55,19 @@ def champion_store(tmp_path_factory, cifar_dir, tiny_model):
 def model_server(champion_store):
     """`mlflow models serve -m models:/resnet8-int8@champion --env-manager local`; yields its base URL."""
     uri, root = champion_store
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_DISABLE_TELEMETRY="true")
     log = root / "models-serve.log"
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@{ALIAS}", "--env-manager",
            "local", "--host", HOST, "--port", str(port)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    process = start_in_own_group(cmd, root, env, log)
     try:
         url = f"http://{HOST}:{port}"
-        _wait_ready(url, process, log, START_TIMEOUT)
+        wait_ready(url, process, log, START_TIMEOUT, probes=("/ping", "/health"), what="mlflow models serve")
         yield url
     finally:
-        _stop_group(process)
+        stop_process_groups([process])
 
 
 def _post_json(url: str, payload: dict) -> dict:

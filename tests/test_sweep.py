@@ -117,7 +117,8 @@ def test_best_int8_models_are_registered_with_verifiable_tags(completed_sweep):
         source = client.get_run(tags[VersionTag.SOURCE_RUN_ID])
         assert float(tags[VersionTag.ACCURACY]) == pytest.approx(source.data.metrics[Metric.ACCURACY])
         assert len(tags[VersionTag.SHA256]) == 64
-        assert mv.description
+        assert "agreement" in mv.description and tags[VersionTag.SOURCE_RUN_ID] in mv.description
+        assert "@champion" in client.get_registered_model(name).description
 
 
 def test_registered_torchscript_reproduces_logged_accuracy_with_plain_jit_load(completed_sweep, cifar_dir, tmp_path):

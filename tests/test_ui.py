@@ -16,18 +16,13 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import CALIBRATION_SIZE
+from processes import HOST, free_port, start_in_own_group, stop_process_groups, wait_ready
 
 pytestmark = pytest.mark.ui
 
@@ -35,7 +30,6 @@ CHROMIUM = Path(os.environ.get("PTQFLOW_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1400, "height": 900}
-HOST = "127.0.0.1"
 EXPERIMENT = "resnet8-quantization"
 MODEL = "resnet8-int8"
 VARIANTS = ("pytorch-fx-int8", "ort-uint8")  # plus fp32, always run as the reference
@@ -70,19 +64,6 @@ class UiStore:
     variant_run_id: str  # pytorch-fx-int8 of the latest sweep
     variant_params: dict[str, str]
     variant_metrics: dict[str, float]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 @pytest.fixture(scope="module")
@@ -124,46 +105,19 @@ def ui_store(tmp_path_factory, cifar_dir, tiny_model) -> UiStore:
 def ui_server(ui_store) -> str:
     """`mlflow server` on the store (own process group, killed at teardown); yields its base URL."""
     root = ui_store.root
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", ui_store.backend_uri,
            "--default-artifact-root", str(root / "mlruns"), "--host", HOST, "--port", str(port), "--workers", "1"]
     log = root / "mlflow-server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    process = start_in_own_group(cmd, root, env, log)
     url = f"http://{HOST}:{port}"
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{_tail(log)}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server not healthy after {SERVER_START_TIMEOUT:.0f} s:\n{_tail(log)}")
-            time.sleep(0.5)
+        wait_ready(url, process, log, SERVER_START_TIMEOUT, what="mlflow server")
         yield url
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                continue
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # the uvicorn worker, if the supervisor left it behind
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=15)
+        stop_process_groups([process])
 
 
 # ---- browser ----------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ class RegisteredVersion:
     aliases: tuple[str, ...]
 
 
-def register(model_uri: str, name: str, tags: dict[str, str], description: str | None = None) -> RegisteredVersion:
+def register(model_uri: str, name: str, tags: dict[str, str], description: str | None = None,
+             model_description: str | None = None) -> RegisteredVersion:
     """A new version of `name`; the registry numbers versions itself, so an existing one is never replaced.
     Called only after the model's artifacts are fully uploaded."""
     try:
@@ -30,6 +31,8 @@ def register(model_uri: str, name: str, tags: dict[str, str], description: str |
             version = mlflow.register_model(model_uri, name, tags=tags)
         if description:
             client().update_model_version(name, version.version, description=description)
+        if model_description:
+            client().update_registered_model(name, description=model_description)
     except mlflow.exceptions.MlflowException as exc:
         raise refused_credentials(exc) or TrackingError(
             f"registry at {tracking_uri()} refused to register '{name}': {exc.message.splitlines()[0]}") from exc
