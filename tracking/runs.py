@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -207,7 +208,21 @@ def log_dataset(features, targets, source: str, name: str, sha256: str, context:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MLflow notes that a local path matches two equivalent source types
         dataset = mlflow.data.from_numpy(features, source=source, targets=targets, name=name, digest=sha256[:32])
-    mlflow.log_input(dataset, context=context, tags={"sha256": sha256})
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context, tags={"sha256": sha256})
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            # Two sweeps logging the same dataset at once race to insert its row; the loser's retry finds it.
+            if attempt == 2 or not _is_duplicate_key(exc):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+def _is_duplicate_key(exc: Exception) -> bool:
+    text = str(exc)
+    return any(marker in text for marker in ("UniqueViolation", "UNIQUE constraint failed", "duplicate key",
+                                              "IntegrityError"))
 
 
 def _signature(input_example, output_example):
