@@ -19,13 +19,11 @@ Schemes (``scheme=``):
   zp = round(-rmin / scale); min and max elements are snapped to q=0 / q=255.
 * ``"per_tensor_sym_int8"``: scale = max|w| / 127.
 
-Also: :func:`bias_correction_onnx` (empirical bias correction of the output mean)
-and :func:`quantize_weights_like` (plain round-to-nearest snapping, for ablations).
+Also: :func:`quantize_weights_like` (plain round-to-nearest snapping onto a scheme's grid).
 """
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -38,15 +36,10 @@ __all__ = [
     "adaround_module",
     "grid_params",
     "quantize_weights_like",
-    "bias_correction_onnx",
-    "activation_sim",
     "onnx_classifier_head_nodes",
-    "ort_recipe",
-    "rtn_onnx",
 ]
 
 _ZETA, _GAMMA = 1.1, -0.1
-_DEBUG = False
 
 
 # --------------------------------------------------------------------------- grids
@@ -154,12 +147,6 @@ def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, re
         loss.backward()
         opt.step()
     with torch.no_grad():
-        if _DEBUG:
-            hv = _h(v)
-            soft = (fn(x_in[:256], s * torch.clamp(wf + hv, kmin, kmax)) - y_target[:256]).pow(2).mean()
-            hard = (fn(x_in[:256], s * torch.clamp(wf + (v >= 0).float(), kmin, kmax)) - y_target[:256]).pow(2).mean()
-            rtn = (fn(x_in[:256], s * torch.clamp(torch.round(w / s), kmin, kmax)) - y_target[:256]).pow(2).mean()
-            print(f"  nonbinary={((hv > 0.01) & (hv < 0.99)).float().mean():.3f} soft={soft:.3e} hard={hard:.3e} rtn={rtn:.3e}")
         k = torch.clamp(wf + (v >= 0).float(), kmin, kmax).double()
         k = _snap_anchors(w.double(), k, s.double(), kmin.double(), kmax.double(), mask, scheme)
         return (k * s.double()).float()
@@ -251,146 +238,15 @@ def _replace_initializers(onnx_model, changes) -> "onnx.ModelProto":
     return model
 
 
-class _FakeQuantAct(nn.Module):
-    """Per-tensor affine uint8 fake quantization with frozen qparams of a calibrated observer."""
-
-    def __init__(self, observer):
-        super().__init__()
-        scale, zp = observer.calculate_qparams()
-        self.scale, self.zero_point = float(scale), int(zp)
-        self.qmin, self.qmax = int(observer.quant_min), int(observer.quant_max)
-        self.enabled = True
-
-    def forward(self, x):
-        if not self.enabled:
-            return x
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
-
-
-def activation_sim(gm, calib: np.ndarray, activation_observer: str = "histogram", float_head: bool = True,
-                   backend: str = "x86"):
-    """FP32 simulation of the FX int8 recipe's activation quantization: ``prepare_fx`` with
-    ``graph_prep.qconfig_mapping`` (calibrated on ``calib``), observers replaced by frozen
-    fake-quant modules.  Weights stay float (they are what AdaRound optimises)."""
-    from torch.ao.quantization.quantize_fx import prepare_fx
-
-    from models.graph_prep import classifier_head, qconfig_mapping
-
-    x = torch.from_numpy(np.ascontiguousarray(calib)).float()
-    head = classifier_head(gm) if float_head else []
-    qm = qconfig_mapping(backend, activation_observer=activation_observer, float_modules=head)
-    pm = prepare_fx(gm, qm, example_inputs=(x[:2],))
-    with torch.no_grad():
-        for i in range(0, x.shape[0], 250):
-            pm(x[i:i + 250])
-    fq = {}
-    for name, mod in list(pm._modules.items()):
-        if name.startswith("activation_post_process"):
-            if id(mod) not in fq:
-                fq[id(mod)] = _FakeQuantAct(mod)
-            setattr(pm, name, fq[id(mod)])
-    pm.recompile()
-    return pm
-
-
-def _set_fq(sim, enabled: bool):
-    for m in sim.modules():
-        if isinstance(m, _FakeQuantAct):
-            m.enabled = enabled
-
-
-def adaround_onnx(onnx_model, calib: np.ndarray, scheme: str = "per_channel_sym_int8", *,
-                  act_aware: bool = False, activation_observer: str = "histogram", **kw):
+def adaround_onnx(onnx_model, calib: np.ndarray, scheme: str = "per_channel_sym_int8", **kw):
     """AdaRound the weights of ``onnx_model`` (onnx.ModelProto) on ``calib`` (model-input layout,
     e.g. NHWC float32 0..255); returns a new ModelProto whose Conv/MatMul/Gemm weight
-    initializers lie on ``scheme``'s grid.  kwargs go to :func:`adaround_module`.
-
-    ``act_aware=True``: each layer's input comes from a model whose activations are
-    fake-quantized as in the FX recipe (see :func:`activation_sim`) and whose earlier
-    layers are already rounded, the target is the FP32 output, so the rounding also
-    compensates upstream activation-quantization error."""
+    initializers lie on ``scheme``'s grid.  kwargs go to :func:`adaround_module`."""
     import onnx2torch
     from models.graph_prep import prepare_graph
 
     gm = prepare_graph(onnx2torch.convert(onnx_model), fold_pad=False)
-    if not act_aware:
-        changes = adaround_module(gm, calib, scheme, **kw)
-        return _replace_initializers(onnx_model, changes)
-    sim = activation_sim(gm, calib, activation_observer)
-    fp = copy.deepcopy(sim)
-    _set_fq(fp, False)
-    changes = _adaround_sim(sim, fp, calib, scheme, **kw)
-    return _replace_initializers(onnx_model, changes)
-
-
-def _adaround_sim(sim, fp, calib, scheme, *, iters=1000, batch=32, lam=1.0, lr=1e-2, seed=0,
-                  relu_aware=True, verbose=False):
-    x = torch.from_numpy(np.ascontiguousarray(calib)).float()
-    order = []
-    for node in sim.graph.nodes:
-        if node.op != "call_module":
-            continue
-        m = sim.get_submodule(node.target)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            order.append((node.target, False))
-        elif isinstance(m, nn.Sequential) and len(m) >= 1 and isinstance(m[0], (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            order.append((f"{node.target}.0", len(m) > 1 and isinstance(m[1], nn.ReLU)))
-    changes = {}
-    for i, (name, relu) in enumerate(order):
-        x_in = _collect(sim, [name], x)[name][0]
-        y_t = _collect(fp, [name], x)[name][1]
-        mod = sim.get_submodule(name)
-        with torch.enable_grad():
-            new_w = _adaround_layer(mod, x_in, y_t, scheme, iters, batch, lam, lr, seed + i,
-                                    relu_after=relu and relu_aware)
-        old = fp.get_submodule(name).weight.detach().clone()
-        mod.weight.data.copy_(new_w)
-        changes[name] = (old, new_w)
-        if verbose:
-            print(f"adaround(act-aware) {name}: changed {(quantize_weights_like(old, scheme) != new_w).float().mean():.3f}")
-    return changes
-
-
-def rtn_onnx(onnx_model, scheme: str = "per_channel_sym_int8"):
-    """Round-to-nearest snapping of all Conv/Linear weights (ablation baseline)."""
-    import onnx2torch
-    from models.graph_prep import prepare_graph
-
-    gm = prepare_graph(onnx2torch.convert(onnx_model), fold_pad=False)
-    changes = {}
-    for n, m in gm.named_modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            changes[n] = (m.weight.detach().clone(), quantize_weights_like(m.weight.detach(), scheme))
-    return _replace_initializers(onnx_model, changes)
-
-
-@torch.no_grad()
-def bias_correction_onnx(onnx_model, calib: np.ndarray, scheme: str = "per_channel_sym_int8"):
-    """Empirical bias correction: quantize weights (round to nearest on ``scheme``), and shift each
-    layer's bias by E[y_fp32 - y_q] over ``calib`` (sequentially, with quantized upstream)."""
-    import onnx2torch
-    from models.graph_prep import prepare_graph
-    from onnx import numpy_helper
-
-    gm = prepare_graph(onnx2torch.convert(onnx_model), fold_pad=False)
-    fp = copy.deepcopy(gm)
-    x = torch.from_numpy(np.ascontiguousarray(calib)).float()
-    changes, bias_changes = {}, {}
-    for n, m in list(gm.named_modules()):
-        if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            continue
-        old = m.weight.detach().clone()
-        m.weight.data.copy_(quantize_weights_like(old, scheme))
-        changes[n] = (old, m.weight.detach().clone())
-        yq = _collect(gm, [n], x)[n][1]
-        yf = _collect(fp, [n], x)[n][1]
-        dims = [0] + list(range(2, yq.dim()))
-        delta = (yf - yq).mean(dims)
-        if m.bias is not None:
-            bias_changes[n] = (m.bias.detach().clone(), m.bias.detach() + delta)
-            m.bias.data.add_(delta)
-    model = _replace_initializers(onnx_model, changes)
-    return _replace_initializers(model, bias_changes)
+    return _replace_initializers(onnx_model, adaround_module(gm, calib, scheme, **kw))
 
 
 # --------------------------------------------------------------------------- onnxruntime recipe helpers
@@ -433,22 +289,3 @@ def onnx_classifier_head_nodes(onnx_model) -> List[str]:
     return out
 
 
-def ort_recipe(variant: str) -> dict:
-    """``quantize_static`` keyword arguments of the ptqflow default recipes (besides model paths,
-    calibration reader and ``nodes_to_exclude=onnx_classifier_head_nodes(preprocessed model)``),
-    plus ``adaround_scheme``: the :func:`adaround_onnx` scheme to apply to the FP32 model first."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
-
-    common = dict(calibrate_method=CalibrationMethod.Percentile, reduce_range=False,
-                  extra_options={"CalibPercentile": 99.999})
-    recipes = {
-        "ort-int8": dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                         weight_type=QuantType.QInt8, per_channel=True, adaround_scheme="per_channel_sym_int8"),
-        "ort-uint8": dict(quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
-                          weight_type=QuantType.QUInt8, per_channel=False, adaround_scheme="per_tensor_asym_uint8"),
-        "ort-int8-u8s8": dict(quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
-                              weight_type=QuantType.QInt8, per_channel=True, adaround_scheme="per_channel_sym_int8"),
-    }
-    r = dict(common)
-    r.update(recipes[variant])
-    return r
