@@ -138,9 +138,15 @@ def process_tags() -> dict[str, str]:
 @contextmanager
 def run_scope(experiment_id: str | None = None, run_name: str | None = None, nested: bool = False,
               tags: dict[str, str] | None = None):
-    """Start (or, under `mlflow run`, resume) a run; end it FINISHED, KILLED or FAILED. Yields the run id."""
+    """Start (or, under `mlflow run`, resume) a run; end it FINISHED, KILLED or FAILED. Yields the run id.
+
+    Every run carries this process's pid and host from its first moment, so a later sweep can tell a run whose
+    process was killed (and mark it FAILED) however early the kill came."""
+    creation_tags = {**process_tags(), **(tags or {})}
     try:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested, tags=tags)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested, tags=creation_tags)
+        if run.data.tags.get(Tag.PID) != creation_tags[Tag.PID]:  # resumed (`mlflow run`): start_run ignored tags
+            mlflow.set_tags(creation_tags)
     except mlflow.exceptions.MlflowException as exc:
         raise refused_credentials(exc) or TrackingError(
             f"tracking server at {public_tracking_uri()} refused to start a run: {one_line(exc)}") from exc
