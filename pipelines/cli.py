@@ -138,6 +138,15 @@ def cli_errors(fn):
     return wrapper
 
 
+def _only(framework: str, chosen: list[str] | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    from pipelines.errors import ConfigError
+
+    for name in chosen or ():
+        if name not in allowed:
+            raise ConfigError(f"'{name}' is not a {framework} variant; choose from {', '.join(allowed)}")
+    return tuple(chosen) if chosen else allowed
+
+
 def _gate_policy(max_accuracy_drop: float, min_agreement: float):
     from pipelines.promotion import GatePolicy
 
@@ -234,13 +243,16 @@ def quantize_pytorch(
     test_limit: TestLimitOpt = None,
     input_layout: LayoutOpt = LayoutChoice.auto,
     preprocessing: PreprocessingOpt = Preprocessing.raw,
+    weight_rounding: RoundingOpt = None,
+    bench: BenchOpt = True,
     fetch: FetchOpt = True,
 ):
     """PyTorch FX static quantization (fbgemm, x86) to TorchScript."""
-    _run_sweep(model_path=model, data_dir=data_dir, variants=tuple(variant) if variant else PYTORCH_VARIANTS,
+    _run_sweep(model_path=model, data_dir=data_dir, variants=_only("PyTorch", variant, PYTORCH_VARIANTS),
                experiment=experiment, registered_model=registered_model, register=register,
                calibration_size=calibration_size, calibration_seed=calibration_seed, test_limit=test_limit,
-               input_layout=input_layout, preprocessing=preprocessing, fetch_missing=fetch)
+               input_layout=input_layout, preprocessing=preprocessing, fetch_missing=fetch, bench=bench,
+               weight_rounding=weight_rounding.value if weight_rounding else None)
 
 
 @quantize_app.command("ort")
@@ -260,15 +272,17 @@ def quantize_ort(
     preprocessing: PreprocessingOpt = Preprocessing.raw,
     per_channel: PerChannelOpt = None,
     calibration_method: CalMethodOpt = None,
+    weight_rounding: RoundingOpt = None,
+    bench: BenchOpt = True,
     fetch: FetchOpt = True,
 ):
     """ONNX Runtime static quantization (quantize_static, QDQ and QOperator)."""
-    _run_sweep(model_path=model, data_dir=data_dir, variants=tuple(variant) if variant else ORT_VARIANTS,
+    _run_sweep(model_path=model, data_dir=data_dir, variants=_only("ONNX Runtime", variant, ORT_VARIANTS),
                experiment=experiment, registered_onnx_model=registered_onnx_model, register=register,
                calibration_size=calibration_size, calibration_seed=calibration_seed, test_limit=test_limit,
                input_layout=input_layout, preprocessing=preprocessing, ort_per_channel=per_channel,
                ort_calibration_method=calibration_method.value if calibration_method else None,
-               fetch_missing=fetch)
+               fetch_missing=fetch, bench=bench, weight_rounding=weight_rounding.value if weight_rounding else None)
 
 
 @app.command()

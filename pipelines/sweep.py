@@ -100,10 +100,13 @@ def prepare_inputs(options: SweepOptions) -> SweepInputs:
     data = load_cifar10(ensure_data(options.data_dir, options.fetch_missing, options.cifar10_url,
                                   options.cifar10_md5))
     transform = InputTransform(resolve_layout(options.input_layout, model.input.layout), options.preprocessing)
-    if options.calibration_size > len(data.train):
+    if not options.variants:  # an FP32 baseline needs no calibration set
+        indices = np.array([], dtype=np.int64)
+    elif options.calibration_size > len(data.train):
         raise ConfigError(f"--calibration-size {options.calibration_size} exceeds the {len(data.train)} training "
                           "images; pass a smaller --calibration-size")
-    indices = stratified_indices(data.train.labels, options.calibration_size, options.calibration_seed)
+    else:
+        indices = stratified_indices(data.train.labels, options.calibration_size, options.calibration_seed)
     return SweepInputs(data=data, model=model, transform=transform, calibration_indices=indices,
                        calibration=transform(data.train.images[indices]), test=data.test.head(options.test_limit or None))
 

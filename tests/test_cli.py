@@ -217,3 +217,27 @@ def test_names_with_path_or_uri_characters_are_refused(tracking_store, tiny_mode
 ])
 def test_pull_and_promote_refuse_unsafe_names(tracking_store, args, fragment):
     assert_one_line_error(invoke(*args), fragment)
+
+
+def test_baseline_command_logs_only_the_fp32_run(tracking_store, tiny_model, cifar_dir):
+    result = invoke("baseline", "--model", tiny_model, "--data-dir", cifar_dir)
+    assert result.exit_code == 0, result.output
+    variants = {name for name, r in runs_by_name().items() if r.data.tags.get("ptqflow.role") == "variant"}
+    assert variants == {"fp32"}
+    assert runs_by_name()["fp32"].data.metrics["fp32_torch_vs_ort_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("framework,variant", [("pytorch", "pytorch-fx-int8-x86"), ("ort", "ort-int8-u8s8")])
+def test_quantize_commands_run_one_framework(tracking_store, tiny_model, cifar_dir, framework, variant):
+    result = invoke("quantize", framework, "--model", tiny_model, "--data-dir", cifar_dir, "--calibration-size",
+                    CALIBRATION_SIZE, "--variant", variant, "--weight-rounding", "nearest", "--no-bench",
+                    "--no-register")
+    assert result.exit_code == 0, result.output
+    runs = runs_by_name()
+    assert runs[variant].info.status == "FINISHED" and runs["fp32"].info.status == "FINISHED"
+    assert not {"pytorch-fx-int8", "ort-uint8"} & set(runs)
+
+
+def test_quantize_refuses_a_variant_of_the_other_framework(tracking_store, tiny_model, cifar_dir):
+    result = invoke("quantize", "ort", "--model", tiny_model, "--data-dir", cifar_dir, "--variant", "pytorch-fx-int8")
+    assert_one_line_error(result, "pytorch-fx-int8")
