@@ -53,3 +53,17 @@ def test_bench_command_refuses_run_id_with_several_targets(tiny_model, cifar_dir
     result = CliRunner().invoke(app, ["bench", str(tiny_model), str(tiny_model), "--data-dir", str(cifar_dir),
                                       "--run-id", "abc"])
     assert result.exit_code != 0 and "single target" in result.stderr
+
+
+def test_bench_command_logs_to_a_run(tracking_store, tiny_model, cifar_dir):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    with mlflow.start_run() as run:
+        pass
+    result = CliRunner().invoke(app, ["bench", str(tiny_model), "--data-dir", str(cifar_dir), "--threads", "1",
+                                      "--run-id", run.info.run_id])
+    assert result.exit_code == 0, result.output
+    logged = MlflowClient().get_run(run.info.run_id).data
+    assert logged.metrics["latency_ms_b1_p50"] > 0 and logged.metrics["throughput_ips_b256"] > 0
+    assert logged.params["bench_threads"] == "1"

@@ -241,3 +241,15 @@ def test_quantize_commands_run_one_framework(tracking_store, tiny_model, cifar_d
 def test_quantize_refuses_a_variant_of_the_other_framework(tracking_store, tiny_model, cifar_dir):
     result = invoke("quantize", "ort", "--model", tiny_model, "--data-dir", cifar_dir, "--variant", "pytorch-fx-int8")
     assert_one_line_error(result, "pytorch-fx-int8")
+
+
+def test_default_paths_offline_give_one_line_naming_the_url_and_the_flags(tracking_store, cifar_dir):
+    # tracking_store is the working directory: it has no models/resnet8.onnx, so the sweep tries to fetch it.
+    unreachable = "http://127.0.0.1:9/pretrainedResnet.h5"  # port 9 (discard) refuses connections here
+    result = invoke("sweep", "--data-dir", cifar_dir, "--resnet8-url", unreachable)
+    assert_one_line_error(result, unreachable, "--model")
+    assert not (tracking_store / "models" / "resnet8.onnx").exists()
+
+
+def test_no_fetch_names_the_missing_default_and_what_to_pass(tracking_store, cifar_dir):
+    assert_one_line_error(invoke("sweep", "--data-dir", cifar_dir, "--no-fetch"), "models/resnet8.onnx", "--model")
