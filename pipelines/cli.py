@@ -23,7 +23,9 @@ from pipelines.choices import (
     WeightRounding,
 )
 from pipelines.errors import PtqflowError
+from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL
 from pipelines.progress import quiet_library_warnings
+from tracking.keys import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL, DEFAULT_REGISTERED_ONNX_MODEL
 
 app = typer.Typer(help="Experiment-tracked post-training quantization of small image classifiers.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -138,6 +140,11 @@ def cli_errors(fn):
     return wrapper
 
 
+def _value(choice):
+    """An optional Enum option as the plain value the library code takes."""
+    return choice.value if choice is not None else None
+
+
 def _only(framework: str, chosen: list[str] | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
     from pipelines.errors import ConfigError
 
@@ -169,13 +176,13 @@ def _run_sweep(**options) -> None:
 @app.command()
 @cli_errors
 def sweep(
-    model: ModelOpt = Path("models/resnet8.onnx"),
-    data_dir: DataDirOpt = Path("data/cifar-10-batches-py"),
+    model: ModelOpt = DEFAULT_MODEL,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     variant: Annotated[Optional[list[str]], typer.Option(
         "--variant", help=f"Variant to run (repeatable; default: all of {', '.join(VARIANT_NAMES)}).")] = None,
-    experiment: ExperimentOpt = "resnet8-quantization",
-    registered_model: RegisteredOpt = "resnet8-int8",
-    registered_onnx_model: RegisteredOnnxOpt = "resnet8-int8-onnx",
+    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
+    registered_model: RegisteredOpt = DEFAULT_REGISTERED_MODEL,
+    registered_onnx_model: RegisteredOnnxOpt = DEFAULT_REGISTERED_ONNX_MODEL,
     register: RegisterOpt = True,
     calibration_size: CalSizeOpt = 1000,
     calibration_seed: CalSeedOpt = 0,
@@ -204,8 +211,8 @@ def sweep(
                registered_onnx_model=registered_onnx_model, register=register, calibration_size=calibration_size,
                calibration_seed=calibration_seed, test_limit=test_limit, input_layout=input_layout,
                preprocessing=preprocessing, ort_per_channel=per_channel,
-               ort_calibration_method=calibration_method.value if calibration_method else None,
-               weight_rounding=weight_rounding.value if weight_rounding else None,
+               ort_calibration_method=_value(calibration_method),
+               weight_rounding=_value(weight_rounding),
                adaround_iterations=adaround_iterations,
                gate=_gate_policy(max_accuracy_drop, min_agreement), bench=bench, resume=resume,
                fetch_missing=fetch,
@@ -215,9 +222,9 @@ def sweep(
 @app.command()
 @cli_errors
 def baseline(
-    model: ModelOpt = Path("models/resnet8.onnx"),
-    data_dir: DataDirOpt = Path("data/cifar-10-batches-py"),
-    experiment: ExperimentOpt = "resnet8-quantization",
+    model: ModelOpt = DEFAULT_MODEL,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
     test_limit: TestLimitOpt = None,
     input_layout: LayoutOpt = LayoutChoice.auto,
     preprocessing: PreprocessingOpt = Preprocessing.raw,
@@ -231,12 +238,12 @@ def baseline(
 @quantize_app.command("pytorch")
 @cli_errors
 def quantize_pytorch(
-    model: ModelOpt = Path("models/resnet8.onnx"),
-    data_dir: DataDirOpt = Path("data/cifar-10-batches-py"),
+    model: ModelOpt = DEFAULT_MODEL,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     variant: Annotated[Optional[list[str]], typer.Option(
         "--variant", help=f"PyTorch variant (repeatable; default: {', '.join(PYTORCH_VARIANTS)}).")] = None,
-    experiment: ExperimentOpt = "resnet8-quantization",
-    registered_model: RegisteredOpt = "resnet8-int8",
+    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
+    registered_model: RegisteredOpt = DEFAULT_REGISTERED_MODEL,
     register: RegisterOpt = True,
     calibration_size: CalSizeOpt = 1000,
     calibration_seed: CalSeedOpt = 0,
@@ -252,18 +259,18 @@ def quantize_pytorch(
                experiment=experiment, registered_model=registered_model, register=register,
                calibration_size=calibration_size, calibration_seed=calibration_seed, test_limit=test_limit,
                input_layout=input_layout, preprocessing=preprocessing, fetch_missing=fetch, bench=bench,
-               weight_rounding=weight_rounding.value if weight_rounding else None)
+               weight_rounding=_value(weight_rounding))
 
 
 @quantize_app.command("ort")
 @cli_errors
 def quantize_ort(
-    model: ModelOpt = Path("models/resnet8.onnx"),
-    data_dir: DataDirOpt = Path("data/cifar-10-batches-py"),
+    model: ModelOpt = DEFAULT_MODEL,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     variant: Annotated[Optional[list[str]], typer.Option(
         "--variant", help=f"ONNX Runtime variant (repeatable; default: {', '.join(ORT_VARIANTS)}).")] = None,
-    experiment: ExperimentOpt = "resnet8-quantization",
-    registered_onnx_model: RegisteredOnnxOpt = "resnet8-int8-onnx",
+    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
+    registered_onnx_model: RegisteredOnnxOpt = DEFAULT_REGISTERED_ONNX_MODEL,
     register: RegisterOpt = True,
     calibration_size: CalSizeOpt = 1000,
     calibration_seed: CalSeedOpt = 0,
@@ -281,8 +288,8 @@ def quantize_ort(
                experiment=experiment, registered_onnx_model=registered_onnx_model, register=register,
                calibration_size=calibration_size, calibration_seed=calibration_seed, test_limit=test_limit,
                input_layout=input_layout, preprocessing=preprocessing, ort_per_channel=per_channel,
-               ort_calibration_method=calibration_method.value if calibration_method else None,
-               fetch_missing=fetch, bench=bench, weight_rounding=weight_rounding.value if weight_rounding else None)
+               ort_calibration_method=_value(calibration_method),
+               fetch_missing=fetch, bench=bench, weight_rounding=_value(weight_rounding))
 
 
 @app.command()
@@ -294,7 +301,7 @@ def pull(
     output: Annotated[Path, typer.Option("--output", help="Directory to download into.")] = Path("pulled"),
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Re-compute accuracy and compare it with the "
                                                               "version's 'accuracy' tag.")] = False,
-    data_dir: DataDirOpt = Path("data/cifar-10-batches-py"),
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
 ):
     """Download a registered model, verify its SHA-256, load it, and optionally re-check its accuracy."""
     from pipelines.pull import parse_model_ref
@@ -322,7 +329,7 @@ def compare(
     refs: Annotated[Optional[list[str]], typer.Argument(
         help="Sweep run ids, variant run ids, or registered NAME/VERSION or NAME@ALIAS. None: the latest sweep's "
              "table; one sweep: its table; two sweeps: variant by variant with deltas.")] = None,
-    experiment: ExperimentOpt = "resnet8-quantization",
+    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
 ):
     """Compare sweeps, registered versions or runs side by side."""
     from pipelines.tables import print_comparison, print_sweep_table
@@ -369,7 +376,7 @@ def list_models(
 def bench(
     targets: Annotated[list[str], typer.Argument(
         help="ONNX or TorchScript files, or registered models NAME@ALIAS / NAME/VERSION.")],
-    data_dir: DataDirOpt = Path("data/cifar-10-batches-py"),
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     threads: Annotated[int, typer.Option("--threads", min=0, help="Threads per runtime (0: all cores).")] = 0,
     input_layout: LayoutOpt = LayoutChoice.auto,
     preprocessing: PreprocessingOpt = Preprocessing.raw,

@@ -24,17 +24,28 @@ from models.benchmark import BenchConfig, BenchResult, benchmark
 from models.onnx_model import OnnxClassifier, file_sha256, load_classifier
 from pipelines import plots, report
 from pipelines.calibration import indices_digest, stratified_indices
+from pipelines.choices import LayoutChoice, Preprocessing
 from pipelines.cifar import Cifar10, Split, load_cifar10
 from pipelines.errors import ConfigError, PtqflowError
-from pipelines.names import validate_name
-from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL, ensure_data, ensure_model
 from pipelines.evaluation import Evaluation, Fidelity, evaluate, fidelity, predict_scores
-from pipelines.choices import LayoutChoice, Preprocessing
+from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL, ensure_data, ensure_model
+from pipelines.names import validate_name
 from pipelines.preprocessing import InputTransform, resolve_layout
-from pipelines.promotion import GatePolicy
 from pipelines.progress import progress_task, say
+from pipelines.promotion import GatePolicy
 from pipelines.timing import PhaseTimer
 from pipelines.variants import DEFAULT_VARIANTS, FP32, ONNXRUNTIME, PYTORCH, VariantSpec, select
+from tracking import runs
+from tracking.keys import (
+    DEFAULT_EXPERIMENT,
+    DEFAULT_REGISTERED_MODEL,
+    DEFAULT_REGISTERED_ONNX_MODEL,
+    Artifact,
+    Metric,
+    Param,
+    Tag,
+    VersionTag,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FP32_AGREEMENT_WARNING = 0.999  # torch vs ORT FP32 top-1 agreement below this is tagged as a warning
@@ -46,9 +57,9 @@ class SweepOptions:
     model_path: Path = DEFAULT_MODEL
     data_dir: Path = DEFAULT_DATA_DIR
     variants: tuple[str, ...] = DEFAULT_VARIANTS
-    experiment: str = "resnet8-quantization"
-    registered_model: str = "resnet8-int8"
-    registered_onnx_model: str = "resnet8-int8-onnx"
+    experiment: str = DEFAULT_EXPERIMENT
+    registered_model: str = DEFAULT_REGISTERED_MODEL
+    registered_onnx_model: str = DEFAULT_REGISTERED_ONNX_MODEL
     register: bool = True
     calibration_size: int = 1000
     calibration_seed: int = 0
@@ -172,11 +183,6 @@ class Sweep:
     """One sweep: owns the parent run and runs each variant as a child run."""
 
     def __init__(self, options: SweepOptions, inputs: SweepInputs, work_dir: Path, timer: PhaseTimer | None = None):
-        from tracking import runs
-        from tracking.keys import Artifact, Metric, Param, Tag, VersionTag
-
-        self.runs, self.Artifact, self.Metric, self.Param, self.Tag, self.VersionTag = (
-            runs, Artifact, Metric, Param, Tag, VersionTag)
         self.options = options
         self.inputs = inputs
         self.timer = timer or PhaseTimer()
@@ -194,20 +200,20 @@ class Sweep:
 
     # ---- shared run metadata -------------------------------------------------------------------------------
     def _common_tags(self, parent_run_id: str | None) -> dict[str, str]:
-        tags = {self.Tag.MODEL_SHA256: self.inputs.model.sha256,
-                self.Tag.DATASET_DIGEST: self.inputs.data.digest,
-                self.Tag.CALIBRATION_DIGEST: self.inputs.calibration_digest,
-                **self.runs.process_tags(),
-                **{self.Tag.VERSION_PREFIX + k: v for k, v in self.versions.items()}}
+        tags = {Tag.MODEL_SHA256: self.inputs.model.sha256,
+                Tag.DATASET_DIGEST: self.inputs.data.digest,
+                Tag.CALIBRATION_DIGEST: self.inputs.calibration_digest,
+                **runs.process_tags(),
+                **{Tag.VERSION_PREFIX + k: v for k, v in self.versions.items()}}
         commit = git_commit()
         if commit:
-            tags[self.Tag.GIT_COMMIT] = commit
+            tags[Tag.GIT_COMMIT] = commit
         if parent_run_id:
-            tags[self.Tag.SWEEP_RUN_ID] = parent_run_id
+            tags[Tag.SWEEP_RUN_ID] = parent_run_id
         return tags
 
     def _variant_params(self, spec: VariantSpec | None) -> dict:
-        P = self.Param
+        P = Param
         common = {P.CALIBRATION_SIZE: len(self.inputs.calibration_indices), P.CALIBRATION_SEED: self.options.calibration_seed,
                   P.INPUT_LAYOUT: self.inputs.transform.layout, P.PREPROCESSING: self.inputs.transform.preprocessing.value}
         if spec is None:
@@ -221,18 +227,18 @@ class Sweep:
 
     def _log_datasets(self) -> None:
         data, source = self.inputs.data, str(self.inputs.data.root.resolve())
-        self.runs.log_dataset(self.inputs.test.images, self.inputs.test.labels, source, "cifar10-test",
-                              data.digest, self.Artifact.DATASET_CONTEXT_TEST)
+        runs.log_dataset(self.inputs.test.images, self.inputs.test.labels, source, "cifar10-test",
+                              data.digest, Artifact.DATASET_CONTEXT_TEST)
 
     # ---- FP32 reference ------------------------------------------------------------------------------------
     def run_fp32(self, experiment_id: str, parent_run_id: str) -> VariantOutcome:
         from models.runtime import OrtRunner, TorchRunner
 
         test, transform, names = self.inputs.test, self.inputs.transform, self.inputs.data.class_names
-        with self.runs.run_scope(experiment_id, FP32, nested=True,
-                                 tags={self.Tag.ROLE: self.Tag.ROLE_VARIANT, self.Tag.VARIANT: FP32}) as run_id:
-            self.runs.set_tags(self._common_tags(parent_run_id))
-            self.runs.log_params(self._variant_params(None))
+        with runs.run_scope(experiment_id, FP32, nested=True,
+                                 tags={Tag.ROLE: Tag.ROLE_VARIANT, Tag.VARIANT: FP32}) as run_id:
+            runs.set_tags(self._common_tags(parent_run_id))
+            runs.log_params(self._variant_params(None))
             self._log_datasets()
             batch = self.inputs.model.input.batch_size or 500
             with self.timer.phase("evaluate"):
@@ -244,26 +250,26 @@ class Sweep:
             torch_eval = evaluate(torch_scores, test.labels, names)
             torch_agreement = fidelity(self.reference, torch_eval).top1_agreement
             if torch_agreement < FP32_AGREEMENT_WARNING:
-                self.runs.set_tags({self.Tag.WARNING: f"{self.Tag.WARNING_FP32_MISMATCH}: onnx2torch and onnxruntime "
+                runs.set_tags({Tag.WARNING: f"{Tag.WARNING_FP32_MISMATCH}: onnx2torch and onnxruntime "
                                                       f"agree on {100 * torch_agreement:.2f}% of top-1"})
             with tempfile.TemporaryDirectory(dir=self.work_dir) as d:
                 model_dir = Path(d) / "mlflow_model"
-                model_file = self.runs.save_onnx_model(self.inputs.model.path, model_dir, self.example_input,
+                model_file = runs.save_onnx_model(self.inputs.model.path, model_dir, self.example_input,
                                                        ort_scores[:1], self._onnx_requirements())
-                self.runs.log_model_dir(model_dir)
-            self.runs.log_file(self.inputs.model.path, self.Artifact.MODEL_FILE_DIR)
-            self.runs.log_json({"variant": FP32, "note": "FP32 reference, no quantization"}, self.Artifact.QCONFIG)
-            self.runs.log_json(self.reference.per_class_accuracy, self.Artifact.PER_CLASS_ACCURACY)
+                runs.log_model_dir(model_dir)
+            runs.log_file(self.inputs.model.path, Artifact.MODEL_FILE_DIR)
+            runs.log_json({"variant": FP32, "note": "FP32 reference, no quantization"}, Artifact.QCONFIG)
+            runs.log_json(self.reference.per_class_accuracy, Artifact.PER_CLASS_ACCURACY)
             self._log_confusion_matrix(FP32, self.reference)
             if self.options.bench:
                 self.reference_bench = self._bench(OrtRunner(self.inputs.model.path), FP32)
                 self._log_bench(self.reference_bench)
-            self.runs.log_metrics({
-                self.Metric.ACCURACY: self.reference.accuracy, self.Metric.ACCURACY_DELTA_PP: 0.0,
-                self.Metric.TOP1_AGREEMENT: 1.0, self.Metric.KL_DIVERGENCE: 0.0,
-                self.Metric.MODEL_SIZE_BYTES: self.inputs.model.size_bytes, self.Metric.COMPRESSION_RATIO: 1.0,
-                self.Metric.TORCH_ORT_AGREEMENT: torch_agreement, self.Metric.TEST_IMAGES: len(test)})
-            self.runs.set_tags({self.Tag.STATUS: self.Tag.STATUS_OK})
+            runs.log_metrics({
+                Metric.ACCURACY: self.reference.accuracy, Metric.ACCURACY_DELTA_PP: 0.0,
+                Metric.TOP1_AGREEMENT: 1.0, Metric.KL_DIVERGENCE: 0.0,
+                Metric.MODEL_SIZE_BYTES: self.inputs.model.size_bytes, Metric.COMPRESSION_RATIO: 1.0,
+                Metric.TORCH_ORT_AGREEMENT: torch_agreement, Metric.TEST_IMAGES: len(test)})
+            runs.set_tags({Tag.STATUS: Tag.STATUS_OK})
         say(f"[green]✓[/] fp32: accuracy {100 * self.reference.accuracy:.2f}% (onnx2torch agrees on "
             f"{100 * torch_agreement:.2f}%)")
         return VariantOutcome(FP32, ONNXRUNTIME, "ok", run_id, evaluation=self.reference,
@@ -286,19 +292,19 @@ class Sweep:
         return result
 
     def _log_bench(self, bench: BenchResult) -> None:
-        M = self.Metric
+        M = Metric
         metrics = {M.LATENCY_MS_B1_P50: bench.latency_ms_b1_p50, M.LATENCY_MS_B1_P90: bench.latency_ms_b1_p90,
                    M.THROUGHPUT_IPS_B256: bench.throughput_ips_b256}
         if self.reference_bench:
             metrics[M.SPEEDUP_VS_FP32] = bench.throughput_ips_b256 / self.reference_bench.throughput_ips_b256
             metrics[M.LATENCY_RATIO_VS_FP32] = bench.latency_ms_b1_p50 / self.reference_bench.latency_ms_b1_p50
-        self.runs.log_metrics(metrics)
-        self.runs.log_params({self.Param.BENCH_THREADS: bench.threads})
+        runs.log_metrics(metrics)
+        runs.log_params({Param.BENCH_THREADS: bench.threads})
 
     def _log_confusion_matrix(self, name: str, evaluation: Evaluation) -> None:
         png = plots.confusion_matrix(self.inputs.test.labels, evaluation.predictions, self.inputs.data.class_names,
                                      f"{name}: confusion matrix ({len(self.inputs.test)} test images)")
-        self.runs.log_bytes(png, self.Artifact.CONFUSION_MATRIX)
+        runs.log_bytes(png, Artifact.CONFUSION_MATRIX)
 
     def _onnx_requirements(self) -> list[str]:
         return [f"onnx=={self.versions['onnx']}", f"onnxruntime=={self.versions['onnxruntime']}",
@@ -318,13 +324,13 @@ class Sweep:
     def _reuse(self, spec: VariantSpec, run) -> VariantOutcome:
         from tracking.recovery import load_json_artifact
 
-        M, T = self.Metric, self.Tag
+        M, T = Metric, Tag
         m, tags = run.data.metrics, run.data.tags
         bench = None
         if M.LATENCY_MS_B1_P50 in m:
             bench = BenchResult(m[M.LATENCY_MS_B1_P50], m[M.LATENCY_MS_B1_P90], m[M.THROUGHPUT_IPS_B256],
-                                int(run.data.params.get(self.Param.BENCH_THREADS, 0)))
-        per_class = load_json_artifact(run.info.run_id, self.Artifact.PER_CLASS_ACCURACY)
+                                int(run.data.params.get(Param.BENCH_THREADS, 0)))
+        per_class = load_json_artifact(run.info.run_id, Artifact.PER_CLASS_ACCURACY)
         say(f"[green]↺[/] {spec.name}: reused finished run {run.info.run_id} (same inputs)")
         return VariantOutcome(
             spec.name, spec.framework, "ok", run.info.run_id, spec=spec,
@@ -340,24 +346,24 @@ class Sweep:
 
             previous = find_reusable(experiment_id, self.input_key(spec))
             if previous is not None:
-                self.runs.set_tags({self.Tag.REUSED_FROM + spec.name: previous.info.run_id})
+                runs.set_tags({Tag.REUSED_FROM + spec.name: previous.info.run_id})
                 return self._reuse(spec, previous)
         outcome = VariantOutcome(spec.name, spec.framework, "failed", "", spec=spec)
         try:
-            with self.runs.run_scope(experiment_id, spec.name, nested=True,
-                                     tags={self.Tag.ROLE: self.Tag.ROLE_VARIANT, self.Tag.VARIANT: spec.name}) as run_id:
+            with runs.run_scope(experiment_id, spec.name, nested=True,
+                                     tags={Tag.ROLE: Tag.ROLE_VARIANT, Tag.VARIANT: spec.name}) as run_id:
                 outcome.run_id = run_id
                 try:
                     self._quantize_and_log(spec, outcome)
                 except UnsupportedVariant as exc:
                     outcome.status, outcome.reason = "unsupported", exc.reason
-                    self.runs.set_tags({self.Tag.STATUS: self.Tag.STATUS_UNSUPPORTED, self.Tag.REASON: exc.reason})
+                    runs.set_tags({Tag.STATUS: Tag.STATUS_UNSUPPORTED, Tag.REASON: exc.reason})
                     raise
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except BaseException as exc:
                     outcome.reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                    self.runs.set_tags({self.Tag.STATUS: self.Tag.STATUS_FAILED, self.Tag.REASON: outcome.reason[:5000]})
+                    runs.set_tags({Tag.STATUS: Tag.STATUS_FAILED, Tag.REASON: outcome.reason[:5000]})
                     raise
         except UnsupportedVariant:
             say(f"[yellow]–[/] {spec.name}: unsupported ({outcome.reason})")
@@ -376,11 +382,11 @@ class Sweep:
     def _quantize_and_log(self, spec: VariantSpec, outcome: VariantOutcome) -> None:
         from models.runtime import OrtRunner, TorchRunner
 
-        A, M, T = self.Artifact, self.Metric, self.Tag
-        self.runs.set_tags({**self._common_tags(self.parent_run_id), T.INPUT_KEY: self.input_key(spec)})
-        self.runs.log_params(self._variant_params(spec))
+        A, M, T = Artifact, Metric, Tag
+        runs.set_tags({**self._common_tags(self.parent_run_id), T.INPUT_KEY: self.input_key(spec)})
+        runs.log_params(self._variant_params(spec))
         self._log_datasets()
-        self.runs.log_json({"variant": spec.name, "framework": spec.framework, "backend": spec.config.backend,
+        runs.log_json({"variant": spec.name, "framework": spec.framework, "backend": spec.config.backend,
                             "config": _config_payload(spec.config)}, A.QCONFIG)
         variant_dir = self.work_dir / spec.name
         source = self._weights_for(spec)
@@ -396,16 +402,16 @@ class Sweep:
             script = torch.jit.load(str(quantized.path))
             with torch.no_grad():  # a float head keeps parameters that require grad
                 example_out = script(torch.from_numpy(self.example_input)).numpy()
-            model_file = self.runs.save_torchscript_model(script, model_dir, self.example_input, example_out,
+            model_file = runs.save_torchscript_model(script, model_dir, self.example_input, example_out,
                                                           [f"torch=={self.versions['torch']}",
                                                            f"numpy=={self.versions['numpy']}"])
             runner = TorchRunner.from_torchscript(model_file)
             outcome.quantized_engine = _quantized_engine()
-            self.runs.set_tags({T.QUANTIZED_ENGINE: outcome.quantized_engine})
+            runs.set_tags({T.QUANTIZED_ENGINE: outcome.quantized_engine})
         else:
             runner = OrtRunner(quantized.path)
             example_out = runner.predict(self.example_input)
-            model_file = self.runs.save_onnx_model(quantized.path, model_dir, self.example_input, example_out,
+            model_file = runs.save_onnx_model(quantized.path, model_dir, self.example_input, example_out,
                                                    self._onnx_requirements())
             runner = OrtRunner(model_file)
         batch = self.inputs.model.input.batch_size or 500
@@ -418,23 +424,23 @@ class Sweep:
         outcome.model_file_in_artifacts = str(model_file.relative_to(model_dir))
         outcome.model_sha256 = file_sha256(model_file)
         size = outcome.size_bytes = model_file.stat().st_size
-        self.runs.set_tags({T.MODEL_FILE_SHA256: outcome.model_sha256, T.MODEL_FILE_IN_MODEL: outcome.model_file_in_artifacts})
-        self.runs.log_model_dir(model_dir)
+        runs.set_tags({T.MODEL_FILE_SHA256: outcome.model_sha256, T.MODEL_FILE_IN_MODEL: outcome.model_file_in_artifacts})
+        runs.log_model_dir(model_dir)
         public_name = "model.pt" if quantized.format == "torchscript" else "model.onnx"
         shutil.copyfile(model_file, variant_dir / public_name)  # same bytes as the registered file
-        self.runs.log_file(variant_dir / public_name, A.MODEL_FILE_DIR)
-        self.runs.log_json(outcome.evaluation.per_class_accuracy, A.PER_CLASS_ACCURACY)
+        runs.log_file(variant_dir / public_name, A.MODEL_FILE_DIR)
+        runs.log_json(outcome.evaluation.per_class_accuracy, A.PER_CLASS_ACCURACY)
         self._log_confusion_matrix(spec.name, outcome.evaluation)
         if self.options.bench:
             outcome.bench = self._bench(runner, spec.name)
             self._log_bench(outcome.bench)
-        self.runs.log_metrics({
+        runs.log_metrics({
             M.ACCURACY: outcome.evaluation.accuracy,
             M.ACCURACY_DELTA_PP: 100 * (outcome.evaluation.accuracy - self.reference.accuracy),
             M.TOP1_AGREEMENT: outcome.fidelity.top1_agreement, M.KL_DIVERGENCE: outcome.fidelity.kl_divergence,
             M.SQNR_DB: outcome.fidelity.sqnr_db, M.MODEL_SIZE_BYTES: size,
             M.COMPRESSION_RATIO: self.inputs.model.size_bytes / size, M.TEST_IMAGES: len(self.inputs.test)})
-        self.runs.set_tags({T.STATUS: T.STATUS_OK})
+        runs.set_tags({T.STATUS: T.STATUS_OK})
 
     # ---- registry ------------------------------------------------------------------------------------------
     def register_best(self, outcomes: list[VariantOutcome]) -> list:
@@ -449,7 +455,7 @@ class Sweep:
                 continue
             # Agreement with FP32 is the sharper measure on 10,000 images; accuracy breaks ties.
             best = max(candidates, key=lambda o: (o.fidelity.top1_agreement, o.evaluation.accuracy))
-            V = self.VersionTag
+            V = VersionTag
             tags = {V.ACCURACY: f"{best.evaluation.accuracy:.6f}",
                     V.ACCURACY_DELTA_PP: f"{100 * (best.evaluation.accuracy - self.reference.accuracy):.4f}",
                     V.TOP1_AGREEMENT: f"{best.fidelity.top1_agreement:.6f}", V.VARIANT: best.name,
@@ -472,9 +478,9 @@ class Sweep:
                 "that agrees most often with the FP32 model's top-1. Alias @champion marks the version that passed "
                 "the promotion gate and beat the previous champion; each version's tags give its accuracy, "
                 "agreement, latency, SHA-256 and source run.")
-            version = registry.register(f"runs:/{best.run_id}/{self.Artifact.LOGGED_MODEL_NAME}", name, tags,
+            version = registry.register(f"runs:/{best.run_id}/{Artifact.LOGGED_MODEL_NAME}", name, tags,
                                         description, model_description)
-            self.runs.set_run_tags(best.run_id, {self.Tag.REGISTERED_VERSION: f"{name}/{version.version}"})
+            runs.set_run_tags(best.run_id, {Tag.REGISTERED_VERSION: f"{name}/{version.version}"})
             say(f"[green]✓[/] registered {best.name} as [bold]{name}[/] version {version.version}")
             self._gate(name, version.version, best)
             registered.append(version)
@@ -484,7 +490,7 @@ class Sweep:
         """Move the champion alias to the new version only if it passes the gate and beats the champion."""
         from pipelines.promotion import CHAMPION_ALIAS, Candidate, decide
         from tracking import aliases
-        from tracking.keys import VersionTag as V
+        V = VersionTag
 
         candidate = Candidate(version, 100 * (best.evaluation.accuracy - self.reference.accuracy),
                               best.fidelity.top1_agreement, best.bench.latency_ms_b1_p50 if best.bench else None)
@@ -507,7 +513,7 @@ class Sweep:
         import mlflow  # only for the active run's experiment under `mlflow run`
 
         started = time.perf_counter()
-        experiment_id = self.runs.ensure_experiment(self.options.experiment)
+        experiment_id = runs.ensure_experiment(self.options.experiment)
         from tracking.recovery import mark_orphans_failed
 
         orphans = mark_orphans_failed(experiment_id)
@@ -515,12 +521,12 @@ class Sweep:
             say(f"[yellow]![/] marked {len(orphans)} run(s) FAILED whose process on this host had died: "
                 f"{', '.join(o[:8] for o in orphans)}")
         run_name = self.options.run_name or f"sweep-{self.inputs.model.path.stem}"
-        with self.runs.run_scope(experiment_id, run_name) as parent_run_id:
+        with runs.run_scope(experiment_id, run_name) as parent_run_id:
             self.parent_run_id = parent_run_id
             experiment_id = mlflow.active_run().info.experiment_id  # `mlflow run` may have chosen another one
-            self.runs.set_tags({self.Tag.ROLE: self.Tag.ROLE_SWEEP, **self._common_tags(None)})
-            P = self.Param
-            self.runs.log_params({P.MODEL_PATH: str(self.options.model_path), P.DATA_DIR: str(self.options.data_dir),
+            runs.set_tags({Tag.ROLE: Tag.ROLE_SWEEP, **self._common_tags(None)})
+            P = Param
+            runs.log_params({P.MODEL_PATH: str(self.options.model_path), P.DATA_DIR: str(self.options.data_dir),
                                   P.VARIANTS: ",".join(s.name for s in self.specs),
                                   P.CALIBRATION_SIZE: len(self.inputs.calibration_indices),
                                   P.CALIBRATION_SEED: self.options.calibration_seed,
@@ -530,8 +536,8 @@ class Sweep:
                                   P.MAX_ACCURACY_DROP_PP: self.options.gate.max_accuracy_drop_pp,
                                   P.MIN_AGREEMENT: self.options.gate.min_agreement})
             self._log_datasets()
-            self.runs.log_json({"indices": self.inputs.calibration_indices.tolist(),
-                                "sha256": self.inputs.calibration_digest}, self.Artifact.CALIBRATION_INDICES)
+            runs.log_json({"indices": self.inputs.calibration_indices.tolist(),
+                                "sha256": self.inputs.calibration_digest}, Artifact.CALIBRATION_INDICES)
             with self.timer.phase("convert"):  # each backend's starting point, made once for all variants
                 self.float_model.prepare(torch=True,
                                          onnxruntime=any(spec.framework == ONNXRUNTIME for spec in self.specs))
@@ -541,9 +547,9 @@ class Sweep:
                 registered = self.register_best(outcomes) if self.options.register else []
             rows = [self._row(o) for o in outcomes]
             title = f"{self.inputs.model.path.name} on {len(self.inputs.test)} CIFAR-10 test images"
-            self.runs.log_text(report.to_markdown(rows, title), self.Artifact.COMPARISON_MD)
-            self.runs.log_text(report.to_csv(rows), self.Artifact.COMPARISON_CSV)
-            self.runs.log_text(report.to_html(rows, title), self.Artifact.COMPARISON_HTML)
+            runs.log_text(report.to_markdown(rows, title), Artifact.COMPARISON_MD)
+            runs.log_text(report.to_csv(rows), Artifact.COMPARISON_CSV)
+            runs.log_text(report.to_html(rows, title), Artifact.COMPARISON_HTML)
             self._log_sweep_plots(outcomes, rows)
             seconds = time.perf_counter() - started
             self._log_summary(outcomes, seconds)
@@ -553,16 +559,16 @@ class Sweep:
         return result
 
     def _log_sweep_plots(self, outcomes: list[VariantOutcome], rows: list[report.VariantRow]) -> None:
-        A = self.Artifact
+        A = Artifact
         latency = {o.name: o.bench.latency_ms_b1_p50 for o in outcomes if o.bench}
         per_class = {o.name: o.evaluation.per_class_accuracy for o in outcomes if o.evaluation}
-        self.runs.log_bytes(plots.accuracy_vs_size(rows), A.PLOT_ACCURACY_VS_SIZE)
-        self.runs.log_bytes(plots.accuracy_vs_latency(rows, latency), A.PLOT_ACCURACY_VS_LATENCY)
-        self.runs.log_bytes(plots.per_class_accuracy(per_class), A.PLOT_PER_CLASS)
-        self.runs.log_bytes(plots.agreement(rows), A.PLOT_AGREEMENT)
+        runs.log_bytes(plots.accuracy_vs_size(rows), A.PLOT_ACCURACY_VS_SIZE)
+        runs.log_bytes(plots.accuracy_vs_latency(rows, latency), A.PLOT_ACCURACY_VS_LATENCY)
+        runs.log_bytes(plots.per_class_accuracy(per_class), A.PLOT_PER_CLASS)
+        runs.log_bytes(plots.agreement(rows), A.PLOT_AGREEMENT)
 
     def _log_summary(self, outcomes: list[VariantOutcome], seconds: float) -> None:
-        M = self.Metric
+        M = Metric
         quantized = [o for o in outcomes if o.status == "ok" and o.name != FP32]
         summary = {M.VARIANTS_OK: len(quantized), M.VARIANTS_FAILED: sum(o.status == "failed" for o in outcomes),
                    M.VARIANTS_UNSUPPORTED: sum(o.status == "unsupported" for o in outcomes),
@@ -570,11 +576,11 @@ class Sweep:
         if quantized:
             summary[M.BEST_INT8_ACCURACY] = max(o.evaluation.accuracy for o in quantized)
             summary[M.BEST_INT8_AGREEMENT] = max(o.fidelity.top1_agreement for o in quantized)
-        self.runs.log_metrics(summary)
+        runs.log_metrics(summary)
 
     def _row(self, o: VariantOutcome) -> report.VariantRow:
         params = self._variant_params(o.spec)
-        P = self.Param
+        P = Param
         size = o.size_bytes or (self.inputs.model.size_bytes if o.name == FP32 else None)
         return report.VariantRow(
             variant=o.name, framework=params[P.FRAMEWORK], backend=params[P.BACKEND],
