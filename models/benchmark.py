@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.runtime import cpu_threads
+from pipelines.interrupts import checkpoint
 
 BATCH_LATENCY = 1
 BATCH_THROUGHPUT = 256
@@ -48,16 +49,19 @@ def benchmark(predict, images: np.ndarray, config: BenchConfig = BenchConfig()) 
     single = images[:1]
     batch = np.ascontiguousarray(np.resize(images, (BATCH_THROUGHPUT, *images.shape[1:])))
     for i in range(config.warmup_runs):
+        checkpoint()
         predict(images[i % len(images): i % len(images) + 1])
     predict(batch)
     timings = np.empty(config.latency_runs)
     for i in range(config.latency_runs):
+        checkpoint()
         x = images[i % len(images): i % len(images) + 1] if len(images) > 1 else single
         start = time.perf_counter()
         predict(x)
         timings[i] = time.perf_counter() - start
     batch_timings = np.empty(config.throughput_runs)
     for i in range(config.throughput_runs):
+        checkpoint()
         start = time.perf_counter()
         predict(batch)
         batch_timings[i] = time.perf_counter() - start

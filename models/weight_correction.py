@@ -28,6 +28,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from pipelines.interrupts import checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -131,6 +133,8 @@ def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, re
     n = x_in.shape[0]
     warm = int(0.2 * iters)
     for it in range(iters):
+        if it % 50 == 0:
+            checkpoint()
         idx = torch.randint(0, n, (min(batch, n),), generator=g)
         xb, yb = x_in[idx], y_target[idx]
         wq = s * torch.clamp(wf + _h(v), kmin, kmax)

@@ -5,7 +5,6 @@ one line on stderr and a non-zero exit. Heavy libraries (torch, onnxruntime, mlf
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from functools import wraps
 from pathlib import Path
@@ -24,6 +23,7 @@ from pipelines.choices import (
 )
 from pipelines.errors import PtqflowError
 from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL
+from pipelines.interrupts import deferred_interrupts, stop_requested
 from pipelines.progress import quiet_library_warnings
 from tracking.keys import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL, DEFAULT_REGISTERED_ONNX_MODEL
 
@@ -103,15 +103,6 @@ CalMethodOpt = Annotated[Optional[CalibrationMethod], typer.Option("--calibratio
                                                                    rich_help_panel="ONNX Runtime")]
 
 
-def _install_sigterm_handler() -> None:
-    """SIGTERM behaves like Ctrl-C, so open runs end KILLED instead of staying RUNNING."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def _fail(message: str, code: int) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -122,10 +113,13 @@ def cli_errors(fn):
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        _install_sigterm_handler()
         quiet_library_warnings()
         try:
-            return fn(*args, **kwargs)
+            with deferred_interrupts():  # SIGTERM like Ctrl-C: open runs end KILLED instead of staying RUNNING
+                result = fn(*args, **kwargs)
+                if stop_requested():
+                    typer.echo("note: the stop came after the last safe point; the command had finished", err=True)
+                return result
         except PtqflowError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:

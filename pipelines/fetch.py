@@ -24,6 +24,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from pipelines.cifar import check_layout, load_cifar10
 from pipelines.errors import DataError, FetchError, IntegrityError
+from pipelines.interrupts import checkpoint
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -124,6 +125,7 @@ def _append_body(response: http.client.HTTPResponse, part: Path, offset: int, to
             out.write(chunk)
             received += len(chunk)
             bar.update(task, advance=len(chunk))
+            checkpoint()  # the .part file is kept: the next run resumes from it
 
 
 def download(url: str, target: Path, *, md5: str | None = None, sha256: str | None = None,

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipelines.interrupts import checkpoint
+
 console = Console(stderr=True)
 
 
@@ -18,7 +20,12 @@ def progress_task(description: str, total: int):
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not enabled) as progress:
         task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+
+        def advance(n: int = 1) -> None:
+            checkpoint()  # every step of long work is a safe place to stop
+            progress.advance(task, n)
+
+        yield advance
 
 
 def say(message: str) -> None:

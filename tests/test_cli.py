@@ -18,7 +18,9 @@ from conftest import CALIBRATION_SIZE, all_runs, runs_by_name
 from onnx_fixture import write_tiny_cnn
 from typer.testing import CliRunner
 
+from pipelines.choices import VARIANT_NAMES
 from pipelines.cli import app
+from tracking.keys import Tag
 
 runner = CliRunner()
 
@@ -191,13 +193,19 @@ def test_sigterm_ends_open_runs_as_killed(tracking_store, tiny_model, cifar_dir)
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert proc.returncode == 130, stderr
+    assert "stopping at the next safe point" in stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr and "Exception ignored" not in stderr
     runs = all_runs()
     assert runs and not [r for r in runs if r.info.status == "RUNNING"]
-    killed = [r for r in runs if r.info.status == "KILLED"]
-    assert len(killed) >= 2  # the parent and the variant in progress
-    assert all(r.info.end_time for r in killed)
+    parents = [r for r in runs if r.data.tags.get(Tag.ROLE) == Tag.ROLE_SWEEP]
+    assert [p.info.status for p in parents] == ["KILLED"]
+    variants = [r for r in runs if r.data.tags.get(Tag.ROLE) == Tag.ROLE_VARIANT]
+    # The stop lands at the next safe point: inside the variant in progress (KILLED) or, if that one had
+    # passed its last one, before the next variant starts. Either way the sweep ends early.
+    assert {r.info.status for r in variants} <= {"FINISHED", "FAILED", "KILLED"}
+    assert len(variants) < 1 + len(VARIANT_NAMES)  # fp32 and every variant
+    assert all(r.info.end_time for r in runs)
 
 
 @pytest.mark.parametrize("args,fragment", [

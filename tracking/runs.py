@@ -24,6 +24,7 @@ from mlflow.entities import RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipelines.errors import TrackingError  # noqa: E402
+from pipelines.interrupts import checkpoint  # noqa: E402
 from tracking.keys import Artifact, Tag  # noqa: E402
 
 # MLflow's INFO lines (database migrations, "registered model") would bury ptqflow's own one-line messages.
@@ -142,6 +143,7 @@ def run_scope(experiment_id: str | None = None, run_name: str | None = None, nes
 
     Every run carries this process's pid and host from its first moment, so a later sweep can tell a run whose
     process was killed (and mark it FAILED) however early the kill came."""
+    checkpoint()  # a stop requested before this run began: do not begin it
     creation_tags = {**process_tags(), **(tags or {})}
     try:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested, tags=creation_tags)
