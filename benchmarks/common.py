@@ -22,6 +22,7 @@ def machine_line() -> str:
 
 def run_default_sweep(model: Path, data_dir: Path, **options):
     """The default sweep (plus `options`) against a temp sqlite store; your own store is not touched."""
+    model, data_dir = model.resolve(), data_dir.resolve()  # before the chdir below
     with tempfile.TemporaryDirectory(prefix="ptqflow-bench-") as store:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -32,6 +33,6 @@ def run_default_sweep(model: Path, data_dir: Path, **options):
             from pipelines.sweep import SweepOptions, run_sweep
 
             quiet_library_warnings()
-            return run_sweep(SweepOptions(model_path=model.resolve(), data_dir=data_dir.resolve(), **options))
+            return run_sweep(SweepOptions(model_path=model, data_dir=data_dir, **options))
         finally:
             os.chdir(cwd)

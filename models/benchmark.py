@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -40,25 +41,34 @@ def set_torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def benchmark(predict, images: np.ndarray, config: BenchConfig = BenchConfig()) -> BenchResult:
-    """Time `predict` on real, model-ready images: batch-1 latency percentiles and batch-256 throughput.
+def benchmark(load: Callable[[], Callable[[np.ndarray], np.ndarray]], images: np.ndarray,
+              config: BenchConfig = BenchConfig()) -> BenchResult:
+    """Time real, model-ready images: batch-1 latency percentiles and batch-256 throughput.
+
+    `load()` returns a freshly loaded model's predict function; it is called once per batch size, so each is timed
+    the way a serving process that loaded the file for that batch size runs it. A shared module would not do:
+    oneDNN's quantized conv (the x86 engine) caches its primitive for the first input shape a module sees and
+    rebuilds it on every call of any other shape, so an int8 TorchScript that first ran a batch of 256 answers a
+    single image about 2x slower than one that started at batch 1.
 
     `images` needs at least one image; batches of 256 are tiled from it when fewer are given."""
     if len(images) == 0:
         raise ValueError("benchmarking needs at least one input image")
-    single = images[:1]
-    batch = np.ascontiguousarray(np.resize(images, (BATCH_THROUGHPUT, *images.shape[1:])))
+    predict = load()
     for i in range(config.warmup_runs):
         checkpoint()
         predict(images[i % len(images): i % len(images) + 1])
-    predict(batch)
     timings = np.empty(config.latency_runs)
     for i in range(config.latency_runs):
         checkpoint()
-        x = images[i % len(images): i % len(images) + 1] if len(images) > 1 else single
+        x = images[i % len(images): i % len(images) + 1]
         start = time.perf_counter()
         predict(x)
         timings[i] = time.perf_counter() - start
+    predict = load()
+    batch = np.ascontiguousarray(np.resize(images, (BATCH_THROUGHPUT, *images.shape[1:])))
+    for _ in range(max(1, config.warmup_runs // 10)):
+        predict(batch)
     batch_timings = np.empty(config.throughput_runs)
     for i in range(config.throughput_runs):
         checkpoint()

@@ -54,8 +54,11 @@ def bench_files(targets: list[BenchTarget], images_nchw, config: BenchConfig) ->
     set_torch_threads(config.resolved_threads)
     results = []
     for target in targets:
-        runner = (OrtRunner(target.path, config.resolved_threads) if target.path.suffix == ".onnx"
-                  else TorchRunner.from_torchscript(target.path))
+        def load(path=target.path):
+            runner = (OrtRunner(path, config.resolved_threads) if path.suffix == ".onnx"
+                      else TorchRunner.from_torchscript(path))
+            return runner.predict
+
         images = InputTransform(target.layout, Preprocessing(target.preprocessing))(images_nchw)
-        results.append((target, benchmark(runner.predict, images, config)))
+        results.append((target, benchmark(load, images, config)))
     return results

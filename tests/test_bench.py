@@ -22,12 +22,28 @@ def test_benchmark_times_single_images_and_full_batches():
 
     images = np.zeros((10, 32, 32, 3), dtype=np.float32)
     config = BenchConfig(warmup_runs=3, latency_runs=20, throughput_runs=4, threads=1)
-    result = benchmark(predict, images, config)
-    assert seen.count(1) == 3 + 20 and seen.count(BATCH_THROUGHPUT) == 1 + 4
+    result = benchmark(lambda: predict, images, config)
+    assert seen.count(1) == 3 + 20 and seen.count(BATCH_THROUGHPUT) == 1 + 4  # warm-up + timed
     assert 0.4 < result.latency_ms_b1_p50 <= result.latency_ms_b1_p90
     # 256 images take ~8 ms here, so throughput is far below 256 / 0.5 ms.
     assert 10_000 < result.throughput_ips_b256 < 256 / 0.0005
     assert result.threads == 1
+
+
+def test_benchmark_times_each_batch_size_on_a_freshly_loaded_model():
+    """oneDNN int8 convs keep a primitive for the first input shape only, so a model loaded once and run at both
+    batch sizes would be timed at batch 1 on the slow path."""
+    loaded = []
+
+    def load():
+        shapes = []
+        loaded.append(shapes)
+        return lambda batch: shapes.append(batch.shape[0]) or batch
+
+    benchmark(load, np.zeros((3, 32, 32, 3), dtype=np.float32),
+              BenchConfig(warmup_runs=2, latency_runs=5, throughput_runs=2, threads=1))
+    assert len(loaded) == 2
+    assert set(loaded[0]) == {1} and set(loaded[1]) == {BATCH_THROUGHPUT}
 
 
 def test_phase_timer_counts_nested_blocks_once():
