@@ -68,6 +68,10 @@ MaxDropOpt = Annotated[float, typer.Option("--max-accuracy-drop", min=0.0,
 MinAgreementOpt = Annotated[float, typer.Option("--min-agreement", min=0.0, max=1.0,
                                                 help="Promotion gate: least top-1 agreement with FP32 for "
                                                      "@champion.", rich_help_panel="Registry")]
+MinLatencyGainOpt = Annotated[float, typer.Option("--min-latency-gain", min=0.0, max=1.0,
+                                                  help="Promotion gate: on an agreement tie with @champion, how much "
+                                                       "lower (as a fraction) a new version's batch-1 latency must "
+                                                       "be.", rich_help_panel="Registry")]
 RoundingOpt = Annotated[Optional[WeightRounding], typer.Option(
     "--weight-rounding", help="adaround: move FP32 weights onto the int8 grid with AdaRound first (default of every "
                               "int8 variant, cached per model and calibration set); nearest: the quantizer's own "
@@ -148,10 +152,11 @@ def _only(framework: str, chosen: list[str] | None, allowed: tuple[str, ...]) ->
     return tuple(chosen) if chosen else allowed
 
 
-def _gate_policy(max_accuracy_drop: float, min_agreement: float):
+def _gate_policy(max_accuracy_drop: float, min_agreement: float, min_latency_gain: float):
     from pipelines.promotion import GatePolicy
 
-    return GatePolicy(max_accuracy_drop_pp=max_accuracy_drop, min_agreement=min_agreement)
+    return GatePolicy(max_accuracy_drop_pp=max_accuracy_drop, min_agreement=min_agreement,
+                      min_latency_gain=min_latency_gain)
 
 
 def _run_sweep(**options) -> None:
@@ -191,6 +196,7 @@ def sweep(
                                                      rich_help_panel="Calibration")] = 1000,
     max_accuracy_drop: MaxDropOpt = 0.5,
     min_agreement: MinAgreementOpt = 0.97,
+    min_latency_gain: MinLatencyGainOpt = 0.25,
     bench: BenchOpt = True,
     resume: Annotated[bool, typer.Option("--resume", help="Reuse finished variant runs whose inputs (model, "
                                                           "data, calibration, config) are identical.")] = False,
@@ -208,7 +214,7 @@ def sweep(
                ort_calibration_method=_value(calibration_method),
                weight_rounding=_value(weight_rounding),
                adaround_iterations=adaround_iterations,
-               gate=_gate_policy(max_accuracy_drop, min_agreement), bench=bench, resume=resume,
+               gate=_gate_policy(max_accuracy_drop, min_agreement, min_latency_gain), bench=bench, resume=resume,
                fetch_missing=fetch,
                cifar10_url=cifar10_url, cifar10_md5=cifar10_md5, resnet8_url=resnet8_url)
 

@@ -1,7 +1,10 @@
 """The promotion gate: when a newly registered version may take the `champion` alias.
 
 Pure logic, no MLflow: a version must stay within the accuracy-drop and agreement limits and beat the current
-champion on agreement with FP32 (ties go to the lower batch-1 latency)."""
+champion on agreement with FP32. On an agreement tie it must be clearly faster at batch 1, and a version whose model
+file is byte-identical to the champion's, or that was made from the same inputs (a re-run), never replaces it: on a shared machine the
+same file's batch-1 latency moves by up to 1.6x between runs, so a bare "faster" would hand the alias back and forth
+on noise."""
 
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ CHAMPION_ALIAS = "champion"
 class GatePolicy:
     max_accuracy_drop_pp: float = 0.5  # accuracy may fall at most this many points below FP32
     min_agreement: float = 0.97  # share of test images whose top-1 equals FP32's
+    min_latency_gain: float = 0.25  # on an agreement tie, batch-1 latency must be at least this fraction lower
 
     def describe(self) -> str:
-        return f"accuracy drop <= {self.max_accuracy_drop_pp:g} pp, agreement >= {self.min_agreement:g}"
+        return (f"accuracy drop <= {self.max_accuracy_drop_pp:g} pp, agreement >= {self.min_agreement:g}, "
+                f"ties need >= {100 * self.min_latency_gain:g}% lower batch-1 latency")
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,8 @@ class Candidate:
     accuracy_delta_pp: float
     agreement: float
     latency_ms: float | None = None
+    sha256: str | None = None  # of the registered model file
+    input_key: str | None = None  # of the run that made it: model, data, calibration, config, library versions
 
 
 @dataclass(frozen=True)
@@ -41,11 +48,16 @@ def decide(candidate: Candidate, champion: Candidate | None, policy: GatePolicy)
         return Decision(False, f"agreement {candidate.agreement:.4f} is below {policy.min_agreement:g}")
     if champion is None:
         return Decision(True, f"passes the gate ({policy.describe()}); no champion yet")
+    if candidate.sha256 and candidate.sha256 == champion.sha256:
+        return Decision(False, f"same model file as champion v{champion.version} (sha256 {candidate.sha256[:12]})")
+    if candidate.input_key and candidate.input_key == champion.input_key:
+        return Decision(False, f"same inputs as champion v{champion.version} (input key {candidate.input_key[:12]}): "
+                               "a re-run, not a new model")
     if candidate.agreement > champion.agreement:
         return Decision(True, f"agreement {candidate.agreement:.4f} beats champion v{champion.version} "
                               f"({champion.agreement:.4f})")
     if candidate.agreement == champion.agreement and None not in (candidate.latency_ms, champion.latency_ms) \
-            and candidate.latency_ms < champion.latency_ms:
+            and candidate.latency_ms <= (1 - policy.min_latency_gain) * champion.latency_ms:
         return Decision(True, f"ties champion v{champion.version} on agreement ({candidate.agreement:.4f}) "
                               f"and is faster ({candidate.latency_ms:.3f} ms vs {champion.latency_ms:.3f} ms)")
     return Decision(False, f"agreement {candidate.agreement:.4f} does not beat champion v{champion.version} "

@@ -129,6 +129,7 @@ class VariantOutcome:
     status: str  # ok, unsupported or failed
     run_id: str
     spec: VariantSpec | None = None
+    input_key: str | None = None  # set when the variant is registered
     evaluation: Evaluation | None = None
     fidelity: Fidelity | None = None
     model_file: Path | None = None  # the file inside the logged MLflow model
@@ -464,6 +465,8 @@ class Sweep:
                     V.TEST_IMAGES: str(len(self.inputs.test)), V.DATASET_DIGEST: self.inputs.data.digest,
                     V.INPUT_LAYOUT: self.inputs.transform.layout,
                     V.PREPROCESSING: self.inputs.transform.preprocessing.value}
+            if best.spec is not None:
+                tags[V.INPUT_KEY] = best.input_key = self.input_key(best.spec)
             if best.quantized_engine:
                 tags[V.QUANTIZED_ENGINE] = best.quantized_engine
             if best.bench:
@@ -494,13 +497,15 @@ class Sweep:
         V = VersionTag
 
         candidate = Candidate(version, 100 * (best.evaluation.accuracy - self.reference.accuracy),
-                              best.fidelity.top1_agreement, best.bench.latency_ms_b1_p50 if best.bench else None)
+                              best.fidelity.top1_agreement, best.bench.latency_ms_b1_p50 if best.bench else None,
+                              best.model_sha256, best.input_key)
         current = aliases.alias_target(name, CHAMPION_ALIAS)
         champion = None
         if current is not None and V.TOP1_AGREEMENT in current.tags:
             latency = current.tags.get(V.LATENCY_MS_B1)
             champion = Candidate(str(current.version), float(current.tags.get(V.ACCURACY_DELTA_PP, 0.0)),
-                                 float(current.tags[V.TOP1_AGREEMENT]), float(latency) if latency else None)
+                                 float(current.tags[V.TOP1_AGREEMENT]), float(latency) if latency else None,
+                                 current.tags.get(V.SHA256), current.tags.get(V.INPUT_KEY))
         decision = decide(candidate, champion, self.options.gate)
         if decision.promote:
             aliases.set_alias(name, CHAMPION_ALIAS, version)

@@ -22,6 +22,14 @@ POLICY = GatePolicy(max_accuracy_drop_pp=0.5, min_agreement=0.97)
     (Candidate("2", 0.0, 0.975), Candidate("1", 0.0, 0.98), False, "does not beat"),
     (Candidate("2", 0.0, 0.98, 0.10), Candidate("1", 0.0, 0.98, 0.20), True, "faster"),
     (Candidate("2", 0.0, 0.98, 0.30), Candidate("1", 0.0, 0.98, 0.20), False, "does not beat"),
+    # A tie needs a clear latency gain (default 25%), not run-to-run noise.
+    (Candidate("2", 0.0, 0.98, 0.17), Candidate("1", 0.0, 0.98, 0.20), False, "does not beat"),
+    (Candidate("2", 0.0, 0.98, 0.15), Candidate("1", 0.0, 0.98, 0.20), True, "faster"),
+    # The same file again (a re-run with the same inputs) never takes the alias, however it timed.
+    (Candidate("2", 0.0, 0.99, 0.10, "ab" * 32), Candidate("1", 0.0, 0.98, 0.20, "ab" * 32), False, "same model file"),
+    (Candidate("2", 0.0, 0.99, 0.10, "ab" * 32), Candidate("1", 0.0, 0.98, 0.20, "cd" * 32), True, "beats"),
+    (Candidate("2", 0.0, 0.99, 0.10, "ab" * 32, "k1"), Candidate("1", 0.0, 0.98, 0.20, "cd" * 32, "k1"), False,
+     "same inputs"),
 ])
 def test_gate_decisions(candidate, champion, promote, reason):
     decision = decide(candidate, champion, POLICY)
@@ -66,6 +74,14 @@ def test_champion_moves_only_through_the_gate_and_by_hand(tracking_store, tiny_m
 def test_pull_by_alias_and_compare_two_sweeps(tracking_store, tiny_model, cifar_dir, tmp_path):
     first = _sweep(tiny_model, cifar_dir, GatePolicy(max_accuracy_drop_pp=100, min_agreement=0.0))
     second = _sweep(tiny_model, cifar_dir, GatePolicy(max_accuracy_drop_pp=100, min_agreement=0.0))
+    client = MlflowClient()
+    v1, v2 = (client.get_model_version("resnet8-int8", v) for v in ("1", "2"))
+    # Same inputs: the re-run is registered but does not take the alias (TorchScript files carry a random
+    # serialization id, so their bytes differ; the input key does not).
+    assert v2.tags[VersionTag.INPUT_KEY] == v1.tags[VersionTag.INPUT_KEY]
+    assert v2.tags[VersionTag.PROMOTION_DECISION] == "rejected"
+    assert "same inputs as champion v1" in v2.tags[VersionTag.PROMOTION_REASON]
+    assert str(client.get_model_version_by_alias("resnet8-int8", "champion").version) == "1"
     runner = CliRunner()
     pulled = runner.invoke(app, ["pull", "resnet8-int8@champion", "--output", str(tmp_path), "--evaluate",
                                  "--data-dir", str(cifar_dir)])

@@ -102,6 +102,7 @@ class VersionTag:
     VARIANT = "variant"
     SOURCE_RUN_ID = "source_run_id"
     SHA256 = "sha256"
+    INPUT_KEY = "input_key"  # the source run's input key: same key, same model (TorchScript bytes still differ)
     MODEL_FILE = "model_file"  # path of the model file inside the registered model's artifacts
     QUANTIZED_ENGINE = "quantized_engine"
     TEST_IMAGES = "test_images"
