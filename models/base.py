@@ -55,7 +55,7 @@ class FloatModel:
         return self._torch_module
 
     def with_adarounded_weights(self, scheme: str, calibration: np.ndarray, calibration_digest: str,
-                                advance: Callable[[int], None] = lambda n: None,
+                                advance: Callable[..., None] = lambda n, total=None: None,
                                 iterations: int = 1000) -> "FloatModel":
         """The same FP32 model with every Conv/MatMul/Gemm weight moved onto `scheme`'s int8 grid by AdaRound, so
         any quantizer with that scheme reproduces the optimized integers. Computed once per scheme and cached on
@@ -71,8 +71,7 @@ class FloatModel:
         if not cached.is_file():
             from models.weight_correction import adaround_onnx
 
-            rounded = adaround_onnx(self.onnx.proto, calibration, scheme, iters=iterations)
-            advance(1)
+            rounded = adaround_onnx(self.onnx.proto, calibration, scheme, iters=iterations, advance=advance)
             write_atomic(cached, rounded.SerializeToString())
         proto = onnx.load(str(cached))
         variant = FloatModel(replace(self.onnx, path=cached, proto=proto, sha256=file_sha256(cached),

@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 _ZETA, _GAMMA = 1.1, -0.1
+_PROGRESS_EVERY = 50  # iterations between progress reports (and stop checks)
 
 
 # --------------------------------------------------------------------------- grids
@@ -119,7 +120,8 @@ def _layer_fn(mod: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
     raise TypeError(type(mod))
 
 
-def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, relu_after=False):
+def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, relu_after=False,
+                    advance: Callable[..., None] = lambda n: None):
     w = mod.weight.detach()
     s, kmin, kmax = grid_params(w, scheme)
     s, kmin, kmax = s.float(), kmin.float(), kmax.float()
@@ -133,8 +135,10 @@ def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, re
     n = x_in.shape[0]
     warm = int(0.2 * iters)
     for it in range(iters):
-        if it % 50 == 0:
+        if it % _PROGRESS_EVERY == 0:
             checkpoint()
+            if it:
+                advance(_PROGRESS_EVERY)
         idx = torch.randint(0, n, (min(batch, n),), generator=g)
         xb, yb = x_in[idx], y_target[idx]
         wq = s * torch.clamp(wf + _h(v), kmin, kmax)
@@ -150,6 +154,7 @@ def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, re
         opt.zero_grad()
         loss.backward()
         opt.step()
+    advance(iters - (iters - 1) // _PROGRESS_EVERY * _PROGRESS_EVERY if iters else 0)
     with torch.no_grad():
         k = torch.clamp(wf + (v >= 0).float(), kmin, kmax).double()
         k = _snap_anchors(w.double(), k, s.double(), kmin.double(), kmax.double(), mask, scheme)
@@ -176,7 +181,8 @@ def _collect(gm, names, x, bs=250):
 def adaround_module(gm: nn.Module, calib: np.ndarray, scheme: str = "per_channel_sym_int8", *,
                     iters: int = 1000, batch: int = 32, lam: float = 1.0, lr: float = 1e-2,
                     seed: int = 0, relu_aware: bool = True, layers: Optional[List[str]] = None,
-                    verbose: bool = False) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+                    verbose: bool = False, advance: Callable[..., None] = lambda n, total=None: None
+                    ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """AdaRound all Conv/Linear modules of ``gm`` (an FX graph, e.g. from ``prepare_graph``) in place.
 
     Layers are processed in graph order; each layer's input comes from the model
@@ -200,13 +206,14 @@ def adaround_module(gm: nn.Module, calib: np.ndarray, scheme: str = "per_channel
     if layers is not None:
         order = [o for o in order if o[0] in layers]
     changes = {}
+    advance(0, total=len(order) * iters)  # progress in optimisation steps over all layers
     for i, (name, relu) in enumerate(order):
         x_in = _collect(gm, [name], x)[name][0]
         y_t = _collect(fp, [name], x)[name][1]
         mod = gm.get_submodule(name)
         with torch.enable_grad():
             new_w = _adaround_layer(mod, x_in, y_t, scheme, iters, batch, lam, lr, seed + i,
-                                    relu_after=relu and relu_aware)
+                                    relu_after=relu and relu_aware, advance=advance)
         old = mod.weight.detach().clone()
         mod.weight.data.copy_(new_w)
         changes[name] = (old, new_w)

@@ -6,7 +6,8 @@ import sys
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from pipelines.interrupts import checkpoint
 
@@ -15,14 +16,17 @@ console = Console(stderr=True)
 
 @contextmanager
 def progress_task(description: str, total: int):
-    """Yields advance(n). Transient: the bar disappears when the step ends, the step's summary line stays."""
+    """Yields advance(n, total=None); `total` corrects the step count once the work knows it. Transient: the bar
+    disappears when the step ends, the step's summary line stays."""
     enabled = console.is_terminal
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=not enabled) as progress:
+                  TimeRemainingColumn(), console=console, transient=True, disable=not enabled) as progress:
         task = progress.add_task(description, total=total)
 
-        def advance(n: int = 1) -> None:
+        def advance(n: int = 1, total: int | None = None) -> None:
             checkpoint()  # every step of long work is a safe place to stop
+            if total is not None:
+                progress.update(task, total=total)
             progress.advance(task, n)
 
         yield advance

@@ -208,6 +208,16 @@ def test_residual_add_becomes_quantized_add_relu():
     assert any(n.target is torch.ops.quantized.add_relu for n in q.graph.nodes)
 
 
+def _conv_relu_dense_model():
+    """Conv (W) + ReLU + Flatten + MatMul (Wd): two layers for AdaRound."""
+    return _model(
+        [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("Flatten", ["r"], ["f"]),
+         helper.make_node("MatMul", ["f", "Wd"], ["y"])],
+        [_vi("x", [2, 3, 4, 4])], [_vi("y", [2, 5])], [_init("W", _w(4, 3, 3, 3)), _init("Wd", _w(64, 5))])
+
+
 def test_weight_correction_grid_and_onnx_roundtrip():
     from models.weight_correction import adaround_onnx, grid_params, quantize_weights_like
 
@@ -217,12 +227,7 @@ def test_weight_correction_grid_and_onnx_roundtrip():
         s, kmin, kmax = grid_params(wq, scheme)  # re-derived range must give the same grid
         k = wq.double() / s
         assert torch.allclose(k, k.round(), atol=1e-3) and (k.round() >= kmin).all() and (k.round() <= kmax).all()
-    m = _model(
-        [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["r"]),
-         helper.make_node("Flatten", ["r"], ["f"]),
-         helper.make_node("MatMul", ["f", "Wd"], ["y"])],
-        [_vi("x", [2, 3, 4, 4])], [_vi("y", [2, 5])], [_init("W", _w(4, 3, 3, 3)), _init("Wd", _w(64, 5))])
+    m = _conv_relu_dense_model()
     calib = RNG.standard_normal((16, 3, 4, 4)).astype(np.float32)
     m2 = adaround_onnx(m, calib, "per_channel_sym_int8", iters=20, batch=8)
     W2 = numpy_helper.to_array([i for i in m2.graph.initializer if i.name == "W"][0])
@@ -265,3 +270,18 @@ def test_classifier_head_kept_float_and_onnx_head_nodes():
                    for n in q.graph.nodes if n.name.startswith("quantize_per_tensor") and n.args[0] in lin[0].all_input_nodes)
     with torch.no_grad():
         assert torch.allclose(tq(x), mod(x), atol=0.05)
+
+
+@pytest.mark.parametrize("iters", [20, 120])
+def test_adaround_reports_progress_in_steps_over_all_layers(iters):
+    """AdaRound is the longest step of a cold sweep: its bar counts optimisation steps, with the total known."""
+    from models.weight_correction import adaround_onnx
+
+    m = _conv_relu_dense_model()
+    calls = []
+    adaround_onnx(m, RNG.standard_normal((16, 3, 4, 4)).astype(np.float32), "per_channel_sym_int8", iters=iters,
+                  batch=8, advance=lambda n, total=None: calls.append((n, total)))
+    assert calls[0] == (0, 2 * iters)  # two layers
+    assert sum(n for n, _ in calls) == 2 * iters
+    # Reported every 50 steps during a layer, plus the rest at its end: the bar moves while a layer runs.
+    assert len(calls) == 1 + 2 * (1 + (iters - 1) // 50)
