@@ -75,7 +75,8 @@ class FloatModel:
             write_atomic(cached, rounded.SerializeToString())
         proto = onnx.load(str(cached))
         variant = FloatModel(replace(self.onnx, path=cached, proto=proto, sha256=file_sha256(cached),
-                                     size_bytes=cached.stat().st_size, input=read_input_spec(proto, cached)),
+                                     size_bytes=cached.stat().st_size, input=read_input_spec(proto, cached),
+                                     external_files=()),  # the cached file embeds its weights
                              self.work_dir / f"adaround-{scheme}")
         variant.work_dir.mkdir(parents=True, exist_ok=True)
         self._rounded[(scheme, iterations)] = variant

@@ -33,8 +33,20 @@ class OnnxClassifier:
     proto: "object"  # onnx.ModelProto; typed loosely so importing this module stays cheap
     input: InputSpec
     output_name: str
-    sha256: str
+    sha256: str  # of the .onnx file and, when it has any, its external data files
     size_bytes: int
+    external_files: tuple[Path, ...] = ()  # external data files, relative to the model's folder
+
+
+def model_sha256(path: Path, external_files: tuple[Path, ...] = ()) -> str:
+    """The .onnx file's SHA-256, or, for a model with external data, one SHA-256 over the .onnx file and each data
+    file (by relative name), so a changed weights file gives a different digest too."""
+    if not external_files:
+        return file_sha256(path)
+    sha = hashlib.sha256(file_sha256(path).encode())
+    for relative in sorted(external_files):
+        sha.update(f"\0{relative.as_posix()}\0{file_sha256(path.parent / relative)}".encode())
+    return sha.hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -186,6 +198,8 @@ def load_classifier(path: Path | str) -> OnnxClassifier:
         raise ModelError(f"{path} is not a readable ONNX model ({type(exc).__name__}); "
                          "pass an .onnx file exported from your framework") from exc
     check_external_data(proto, path)
+    external_files = tuple(sorted({Path(entry.value) for tensor in all_tensors(proto) if _uses_external_data(tensor)
+                                   for entry in tensor.external_data if entry.key == "location"}))
     if any(_uses_external_data(tensor) for tensor in all_tensors(proto)):
         try:
             onnx.load_external_data_for_model(proto, str(path.parent))
@@ -206,8 +220,9 @@ def load_classifier(path: Path | str) -> OnnxClassifier:
         proto=proto,
         input=read_input_spec(proto, path),
         output_name=proto.graph.output[0].name,
-        sha256=file_sha256(path),
-        size_bytes=path.stat().st_size,
+        sha256=model_sha256(path, external_files),
+        size_bytes=path.stat().st_size + sum((path.parent / f).stat().st_size for f in external_files),
+        external_files=external_files,
     )
 
 

@@ -155,6 +155,20 @@ class SweepResult:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
+def embedded_copy(model: OnnxClassifier, work_dir: Path) -> OnnxClassifier:
+    """The model as one self-contained file in work_dir, for the runtimes; identity (SHA-256, size) stays that of
+    the user's files. ONNX Runtime's shape inference in quant_pre_process cannot read shape tensors kept in
+    external data files."""
+    from dataclasses import replace
+
+    from models.base import write_atomic
+
+    path = work_dir / "fp32-embedded" / model.path.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, model.proto.SerializeToString())  # the proto was loaded with its external data
+    return replace(model, path=path, external_files=())
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in TRACKED_PACKAGES:
@@ -188,7 +202,9 @@ class Sweep:
         self.inputs = inputs
         self.timer = timer or PhaseTimer()
         self.work_dir = work_dir
-        self.float_model = FloatModel(inputs.model, work_dir)
+        # What the runtimes load: the user's model file, or a self-contained copy when it has external data.
+        self.runtime_model = embedded_copy(inputs.model, work_dir) if inputs.model.external_files else inputs.model
+        self.float_model = FloatModel(self.runtime_model, work_dir)
         self.specs = select(options.variants, options.ort_per_channel, options.ort_calibration_method,
                             options.weight_rounding)
         self.versions = package_versions()
@@ -243,7 +259,7 @@ class Sweep:
             self._log_datasets()
             batch = self.inputs.model.input.batch_size or 500
             with self.timer.phase("evaluate"):
-                ort_scores = predict_scores(OrtRunner(self.inputs.model.path), test.images, transform,
+                ort_scores = predict_scores(OrtRunner(self.runtime_model.path), test.images, transform,
                                             "FP32 onnxruntime", batch)
                 torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), test.images, transform,
                                               "FP32 onnx2torch", batch)
@@ -255,15 +271,18 @@ class Sweep:
                                                       f"agree on {100 * torch_agreement:.2f}% of top-1"})
             with tempfile.TemporaryDirectory(dir=self.work_dir) as d:
                 model_dir = Path(d) / "mlflow_model"
-                model_file = runs.save_onnx_model(self.inputs.model.path, model_dir, self.example_input,
+                model_file = runs.save_onnx_model(self.runtime_model.path, model_dir, self.example_input,
                                                        ort_scores[:1], self._onnx_requirements())
                 runs.log_model_dir(model_dir)
             runs.log_file(self.inputs.model.path, Artifact.MODEL_FILE_DIR)
+            for relative in self.inputs.model.external_files:  # the .onnx alone would be a model without weights
+                runs.log_file(self.inputs.model.path.parent / relative,
+                              (Path(Artifact.MODEL_FILE_DIR) / relative.parent).as_posix())
             runs.log_json({"variant": FP32, "note": "FP32 reference, no quantization"}, Artifact.QCONFIG)
             runs.log_json(self.reference.per_class_accuracy, Artifact.PER_CLASS_ACCURACY)
             self._log_confusion_matrix(FP32, self.reference)
             if self.options.bench:
-                self.reference_bench = self._bench(lambda: OrtRunner(self.inputs.model.path).predict, FP32)
+                self.reference_bench = self._bench(lambda: OrtRunner(self.runtime_model.path).predict, FP32)
                 self._log_bench(self.reference_bench)
             runs.log_metrics({
                 Metric.ACCURACY: self.reference.accuracy, Metric.ACCURACY_DELTA_PP: 0.0,

@@ -384,6 +384,40 @@ def test_truncated_and_random_onnx_files_are_model_errors(tmp_path, tiny_model):
             load_classifier(path)
 
 
+def test_external_data_is_part_of_the_model_digest(tmp_path):
+    from models.onnx_model import file_sha256
+
+    path, _ = _external_model(tmp_path / "m")
+    first = load_classifier(path)
+    assert first.external_files == (Path("weights.bin"),)
+    assert first.sha256 != file_sha256(path)
+    assert first.size_bytes == path.stat().st_size + (tmp_path / "m" / "weights.bin").stat().st_size
+    data = bytearray((tmp_path / "m" / "weights.bin").read_bytes())
+    data[-1] ^= 0x01  # one weight changes; the .onnx file does not
+    (tmp_path / "m" / "weights.bin").write_bytes(bytes(data))
+    assert load_classifier(path).sha256 != first.sha256
+    embedded = write_tiny_cnn(tmp_path / "embedded" / "model.onnx")
+    assert load_classifier(embedded).sha256 == file_sha256(embedded)  # unchanged for self-contained models
+
+
+def test_sweep_logs_external_data_beside_the_model_file(tracking_store, cifar_dir):
+    import mlflow
+
+    (tracking_store / "m" / "data").mkdir(parents=True)
+    path, _ = _external_model(tracking_store / "m", location="data/weights.bin")
+    result = CliRunner().invoke(app, ["sweep", "--model", str(path), "--data-dir", str(cifar_dir), "--no-bench",
+                                      "--calibration-size", str(CALIBRATION_SIZE), "--weight-rounding", "nearest",
+                                      "--variant", "ort-int8"])
+    assert result.exit_code == 0, result.output
+    fp32 = next(r for r in all_runs() if r.info.run_name == "fp32")
+    logged = mlflow.artifacts.download_artifacts(run_id=fp32.info.run_id, artifact_path="model_file",
+                                                 dst_path=str(tracking_store / "pulled"))
+    original = tracking_store / "m" / "data" / "weights.bin"
+    assert (Path(logged) / "data" / "weights.bin").read_bytes() == original.read_bytes()
+    assert load_classifier(Path(logged) / "model.onnx").sha256 == load_classifier(path).sha256
+    assert fp32.data.tags["ptqflow.model_sha256"] == load_classifier(path).sha256
+
+
 @pytest.mark.parametrize("how", ["dotdot", "symlink"])  # absolute: covered without the CLI above
 def test_cli_sweep_refuses_external_data_outside_with_one_line(tracking_store, cifar_dir, secret, how):
     folder = tracking_store / "m"
