@@ -41,6 +41,17 @@ class FloatModel:
     _ort_ready: Path | None = field(default=None, repr=False)
     _rounded: dict = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def for_runtimes(cls, model: OnnxClassifier, work_dir: Path) -> "FloatModel":
+        """The user's model, or, when its weights live in external data files, a self-contained copy in work_dir
+        (ONNX Runtime's shape inference in quant_pre_process cannot read shape tensors kept in external data).
+        Identity (SHA-256, size) stays that of the user's files."""
+        if not model.external_files:
+            return cls(model, work_dir)
+        path = work_dir / "fp32-embedded" / model.path.name
+        write_atomic(path, model.proto.SerializeToString())  # the proto was loaded with its external data
+        return cls(replace(model, path=path, external_files=()), work_dir)
+
     def prepare(self, torch: bool, onnxruntime: bool) -> None:
         """Build the requested forms now (instead of lazily inside the first variant), e.g. to time them."""
         if torch:

@@ -198,9 +198,10 @@ def load_classifier(path: Path | str) -> OnnxClassifier:
         raise ModelError(f"{path} is not a readable ONNX model ({type(exc).__name__}); "
                          "pass an .onnx file exported from your framework") from exc
     check_external_data(proto, path)
+    # check_external_data made sure every external tensor names a location.
     external_files = tuple(sorted({Path(entry.value) for tensor in all_tensors(proto) if _uses_external_data(tensor)
                                    for entry in tensor.external_data if entry.key == "location"}))
-    if any(_uses_external_data(tensor) for tensor in all_tensors(proto)):
+    if external_files:
         try:
             onnx.load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:  # onnx's own location checks, or a file that changed under us

@@ -51,6 +51,6 @@ class TorchRunner:
         return out.float().numpy() if not out.is_quantized else out.dequantize().numpy()
 
 
-def load_runner(path: Path):
-    """Pick the runtime by file type: .onnx → onnxruntime, anything else → TorchScript."""
-    return OrtRunner(path) if path.suffix == ".onnx" else TorchRunner.from_torchscript(path)
+def load_runner(path: Path, threads: int | None = None):
+    """Pick the runtime by file type: .onnx → onnxruntime (with `threads`), anything else → TorchScript."""
+    return OrtRunner(path, threads) if path.suffix == ".onnx" else TorchRunner.from_torchscript(path)

@@ -28,10 +28,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-
-from pipelines.interrupts import checkpoint
 import torch.nn.functional as F
 from torch import nn
+
+from pipelines.interrupts import checkpoint
 
 __all__ = [
     "adaround_onnx",
@@ -121,7 +121,7 @@ def _layer_fn(mod: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
 
 
 def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, relu_after=False,
-                    advance: Callable[..., None] = lambda n: None):
+                    advance: Callable[[int], None] = lambda n: None):
     w = mod.weight.detach()
     s, kmin, kmax = grid_params(w, scheme)
     s, kmin, kmax = s.float(), kmin.float(), kmax.float()
@@ -137,8 +137,6 @@ def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, re
     for it in range(iters):
         if it % _PROGRESS_EVERY == 0:
             checkpoint()
-            if it:
-                advance(_PROGRESS_EVERY)
         idx = torch.randint(0, n, (min(batch, n),), generator=g)
         xb, yb = x_in[idx], y_target[idx]
         wq = s * torch.clamp(wf + _h(v), kmin, kmax)
@@ -154,7 +152,10 @@ def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, re
         opt.zero_grad()
         loss.backward()
         opt.step()
-    advance(iters - (iters - 1) // _PROGRESS_EVERY * _PROGRESS_EVERY if iters else 0)
+        if (it + 1) % _PROGRESS_EVERY == 0:
+            advance(_PROGRESS_EVERY)
+    if iters % _PROGRESS_EVERY:
+        advance(iters % _PROGRESS_EVERY)
     with torch.no_grad():
         k = torch.clamp(wf + (v >= 0).float(), kmin, kmax).double()
         k = _snap_anchors(w.double(), k, s.double(), kmin.double(), kmax.double(), mask, scheme)

@@ -47,18 +47,14 @@ def _layout_of(path: Path) -> str:
 
 def bench_files(targets: list[BenchTarget], images_nchw, config: BenchConfig) -> list[tuple[BenchTarget, BenchResult]]:
     from models.benchmark import set_torch_threads
-    from models.runtime import OrtRunner, TorchRunner
+    from models.runtime import load_runner
     from pipelines.choices import Preprocessing
     from pipelines.preprocessing import InputTransform
 
     set_torch_threads(config.resolved_threads)
     results = []
     for target in targets:
-        def load(path=target.path):
-            runner = (OrtRunner(path, config.resolved_threads) if path.suffix == ".onnx"
-                      else TorchRunner.from_torchscript(path))
-            return runner.predict
-
         images = InputTransform(target.layout, Preprocessing(target.preprocessing))(images_nchw)
-        results.append((target, benchmark(load, images, config)))
+        results.append((target, benchmark(lambda path=target.path: load_runner(path, config.resolved_threads).predict,
+                                          images, config)))
     return results

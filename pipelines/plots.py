@@ -46,10 +46,7 @@ def confusion_counts(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 def accuracy_vs_size(rows: list[VariantRow]) -> bytes:
     shown = [r for r in rows if r.status == "ok" and r.accuracy is not None and r.model_size_bytes is not None]
-    fig, ax = _figure(height_in=5.5)
-    ax.set_title("Top-1 accuracy vs model size", fontsize=TITLE_SIZE)
-    ax.set_xlabel("model size (KiB)", fontsize=FONT_SIZE)
-    ax.set_ylabel("top-1 accuracy (%)", fontsize=FONT_SIZE)
+    fig, ax = _figure(5.5, "Top-1 accuracy vs model size", "model size (KiB)", "top-1 accuracy (%)")
     if not shown:
         _note(ax, "no evaluated variant")
         return _png(fig)
@@ -66,10 +63,7 @@ def accuracy_vs_size(rows: list[VariantRow]) -> bytes:
 
 def accuracy_vs_latency(rows: list[VariantRow], latency_ms: dict[str, float]) -> bytes:
     shown = [r for r in rows if r.status == "ok" and r.accuracy is not None and r.variant in latency_ms]
-    fig, ax = _figure(height_in=5.5)
-    ax.set_title("Top-1 accuracy vs batch-1 latency", fontsize=TITLE_SIZE)
-    ax.set_xlabel("batch-1 latency (ms)", fontsize=FONT_SIZE)
-    ax.set_ylabel("top-1 accuracy (%)", fontsize=FONT_SIZE)
+    fig, ax = _figure(5.5, "Top-1 accuracy vs batch-1 latency", "batch-1 latency (ms)", "top-1 accuracy (%)")
     if not shown:
         _note(ax, "no latency measured (run without --no-bench)")
         return _png(fig)
@@ -82,10 +76,7 @@ def per_class_accuracy(per_class: dict[str, dict[str, float]]) -> bytes:
     """Grouped bars: per_class maps variant -> {class name -> accuracy in 0..1}."""
     variants = list(per_class)
     class_names = list(per_class[variants[0]]) if variants else []
-    fig, ax = _figure(height_in=5.5)
-    ax.set_title("Per-class top-1 accuracy", fontsize=TITLE_SIZE)
-    ax.set_xlabel("class", fontsize=FONT_SIZE)
-    ax.set_ylabel("top-1 accuracy (%)", fontsize=FONT_SIZE)
+    fig, ax = _figure(5.5, "Per-class top-1 accuracy", "class", "top-1 accuracy (%)")
     if not variants:
         _note(ax, "no per-class accuracy")
         return _png(fig)
@@ -111,9 +102,8 @@ def agreement(rows: list[VariantRow], target: float = 0.975) -> bytes:
     from matplotlib.patches import Patch
 
     shown = [r for r in rows if r.variant != FP32 and r.top1_agreement is not None]
-    fig, ax = _figure(height_in=max(3.0, 1.6 + 0.45 * len(shown)))
-    ax.set_title("Top-1 agreement with FP32", fontsize=TITLE_SIZE)
-    ax.set_xlabel("images with the same top-1 class as FP32 (%)", fontsize=FONT_SIZE)
+    fig, ax = _figure(max(3.0, 1.6 + 0.45 * len(shown)), "Top-1 agreement with FP32",
+                      "images with the same top-1 class as FP32 (%)")
     if not shown:
         _note(ax, "no quantized variant evaluated")
         return _png(fig)
@@ -142,13 +132,10 @@ def agreement(rows: list[VariantRow], target: float = 0.975) -> bytes:
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_names: tuple[str, ...], title: str) -> bytes:
     counts = confusion_counts(labels, predictions, len(class_names))
-    fig, ax = _figure(height_in=7.5)
+    fig, ax = _figure(7.5, title, "predicted class", "true class")
     image = ax.imshow(counts, cmap="Blues", vmin=0)
     colorbar = fig.colorbar(image, ax=ax, shrink=0.8)
     colorbar.set_label("images", fontsize=FONT_SIZE)
-    ax.set_title(title, fontsize=TITLE_SIZE)
-    ax.set_xlabel("predicted class", fontsize=FONT_SIZE)
-    ax.set_ylabel("true class", fontsize=FONT_SIZE)
     ticks = np.arange(len(class_names))
     ax.set_xticks(ticks, class_names, rotation=45, ha="right", fontsize=FONT_SIZE)
     ax.set_yticks(ticks, class_names, fontsize=FONT_SIZE)
@@ -161,11 +148,17 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_names: t
     return _png(fig)
 
 
-def _figure(height_in: float):
+def _figure(height_in: float, title: str, xlabel: str, ylabel: str | None = None):
+    """A figure with one titled, labelled axes; every plot's text uses the same sizes."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(WIDTH_IN, height_in), dpi=DPI, layout="constrained")
-    return fig, fig.add_subplot()
+    ax = fig.add_subplot()
+    ax.set_title(title, fontsize=TITLE_SIZE)
+    ax.set_xlabel(xlabel, fontsize=FONT_SIZE)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel, fontsize=FONT_SIZE)
+    return fig, ax
 
 
 def _png(fig) -> bytes:

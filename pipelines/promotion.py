@@ -1,10 +1,10 @@
 """The promotion gate: when a newly registered version may take the `champion` alias.
 
 Pure logic, no MLflow: a version must stay within the accuracy-drop and agreement limits and beat the current
-champion on agreement with FP32. On an agreement tie it must be clearly faster at batch 1, and a version whose model
-file is byte-identical to the champion's, or that was made from the same inputs (a re-run), never replaces it: on a shared machine the
-same file's batch-1 latency moves by up to 1.6x between runs, so a bare "faster" would hand the alias back and forth
-on noise."""
+champion on agreement with FP32. On an agreement tie it must be clearly faster at batch 1, and a version made from
+the same inputs as the champion (a re-run) or with a byte-identical model file never replaces it: on a shared
+machine the same file's batch-1 latency moves by up to 1.6x between runs, so a bare "faster" would hand the alias
+back and forth on noise."""
 
 from __future__ import annotations
 

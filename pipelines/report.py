@@ -39,25 +39,23 @@ COLUMNS = (
 )
 
 
+_CELL_FORMATS = {
+    "accuracy": lambda v: f"{100 * v:.2f}",
+    "top1_agreement": lambda v: f"{100 * v:.2f}",
+    "accuracy_delta_pp": lambda v: f"{v:+.2f}",
+    "model_size_bytes": lambda v: f"{v / 1024:.1f}",
+    "compression_ratio": lambda v: f"{v:.2f}x",
+    "latency_ms_b1": lambda v: f"{v:.3f}",
+    "speedup_vs_fp32": lambda v: f"{v:.2f}x",
+    "per_channel": lambda v: "yes" if v else "no",
+}
+
+
 def cell(row: VariantRow, field: str) -> str:
     value = getattr(row, field)
     if value is None:
         return "—"
-    if field in ("accuracy", "top1_agreement"):
-        return f"{100 * value:.2f}"
-    if field == "accuracy_delta_pp":
-        return f"{value:+.2f}"
-    if field == "model_size_bytes":
-        return f"{value / 1024:.1f}"
-    if field == "compression_ratio":
-        return f"{value:.2f}x"
-    if field == "latency_ms_b1":
-        return f"{value:.3f}"
-    if field == "speedup_vs_fp32":
-        return f"{value:.2f}x"
-    if field == "per_channel":
-        return "yes" if value else "no"
-    return str(value)
+    return _CELL_FORMATS.get(field, str)(value)
 
 
 def to_markdown(rows: list[VariantRow], title: str = "") -> str:

@@ -129,7 +129,7 @@ class VariantOutcome:
     status: str  # ok, unsupported or failed
     run_id: str
     spec: VariantSpec | None = None
-    input_key: str | None = None  # set when the variant is registered
+    input_key: str | None = None  # Sweep.input_key of its spec, set once the variant runs or is reused
     evaluation: Evaluation | None = None
     fidelity: Fidelity | None = None
     model_file: Path | None = None  # the file inside the logged MLflow model
@@ -153,20 +153,6 @@ class SweepResult:
     @property
     def failed(self) -> list[VariantOutcome]:
         return [o for o in self.outcomes if o.status == "failed"]
-
-
-def embedded_copy(model: OnnxClassifier, work_dir: Path) -> OnnxClassifier:
-    """The model as one self-contained file in work_dir, for the runtimes; identity (SHA-256, size) stays that of
-    the user's files. ONNX Runtime's shape inference in quant_pre_process cannot read shape tensors kept in
-    external data files."""
-    from dataclasses import replace
-
-    from models.base import write_atomic
-
-    path = work_dir / "fp32-embedded" / model.path.name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, model.proto.SerializeToString())  # the proto was loaded with its external data
-    return replace(model, path=path, external_files=())
 
 
 def package_versions() -> dict[str, str]:
@@ -202,9 +188,7 @@ class Sweep:
         self.inputs = inputs
         self.timer = timer or PhaseTimer()
         self.work_dir = work_dir
-        # What the runtimes load: the user's model file, or a self-contained copy when it has external data.
-        self.runtime_model = embedded_copy(inputs.model, work_dir) if inputs.model.external_files else inputs.model
-        self.float_model = FloatModel(self.runtime_model, work_dir)
+        self.float_model = FloatModel.for_runtimes(inputs.model, work_dir)
         self.specs = select(options.variants, options.ort_per_channel, options.ort_calibration_method,
                             options.weight_rounding)
         self.versions = package_versions()
@@ -259,7 +243,7 @@ class Sweep:
             self._log_datasets()
             batch = self.inputs.model.input.batch_size or 500
             with self.timer.phase("evaluate"):
-                ort_scores = predict_scores(OrtRunner(self.runtime_model.path), test.images, transform,
+                ort_scores = predict_scores(OrtRunner(self.float_model.onnx.path), test.images, transform,
                                             "FP32 onnxruntime", batch)
                 torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), test.images, transform,
                                               "FP32 onnx2torch", batch)
@@ -271,7 +255,7 @@ class Sweep:
                                                       f"agree on {100 * torch_agreement:.2f}% of top-1"})
             with tempfile.TemporaryDirectory(dir=self.work_dir) as d:
                 model_dir = Path(d) / "mlflow_model"
-                model_file = runs.save_onnx_model(self.runtime_model.path, model_dir, self.example_input,
+                model_file = runs.save_onnx_model(self.float_model.onnx.path, model_dir, self.example_input,
                                                        ort_scores[:1], self._onnx_requirements())
                 runs.log_model_dir(model_dir)
             runs.log_file(self.inputs.model.path, Artifact.MODEL_FILE_DIR)
@@ -282,7 +266,7 @@ class Sweep:
             runs.log_json(self.reference.per_class_accuracy, Artifact.PER_CLASS_ACCURACY)
             self._log_confusion_matrix(FP32, self.reference)
             if self.options.bench:
-                self.reference_bench = self._bench(lambda: OrtRunner(self.runtime_model.path).predict, FP32)
+                self.reference_bench = self._bench(lambda: OrtRunner(self.float_model.onnx.path).predict, FP32)
                 self._log_bench(self.reference_bench)
             runs.log_metrics({
                 Metric.ACCURACY: self.reference.accuracy, Metric.ACCURACY_DELTA_PP: 0.0,
@@ -354,7 +338,7 @@ class Sweep:
         per_class = load_json_artifact(run.info.run_id, Artifact.PER_CLASS_ACCURACY)
         say(f"[green]↺[/] {spec.name}: reused finished run {run.info.run_id} (same inputs)")
         return VariantOutcome(
-            spec.name, spec.framework, "ok", run.info.run_id, spec=spec,
+            spec.name, spec.framework, "ok", run.info.run_id, spec=spec, input_key=tags.get(T.INPUT_KEY),
             evaluation=Evaluation(m[M.ACCURACY], per_class, None, None),
             fidelity=Fidelity(m[M.TOP1_AGREEMENT], m.get(M.KL_DIVERGENCE, float("nan")), m.get(M.SQNR_DB, float("nan"))),
             model_file_in_artifacts=tags.get(T.MODEL_FILE_IN_MODEL, ""), model_sha256=tags.get(T.MODEL_FILE_SHA256, ""),
@@ -404,7 +388,8 @@ class Sweep:
         from models.runtime import OrtRunner, TorchRunner, load_runner
 
         A, M, T = Artifact, Metric, Tag
-        runs.set_tags({**self._common_tags(self.parent_run_id), T.INPUT_KEY: self.input_key(spec)})
+        outcome.input_key = self.input_key(spec)
+        runs.set_tags({**self._common_tags(self.parent_run_id), T.INPUT_KEY: outcome.input_key})
         runs.log_params(self._variant_params(spec))
         self._log_datasets()
         runs.log_json({"variant": spec.name, "framework": spec.framework, "backend": spec.config.backend,
@@ -484,8 +469,8 @@ class Sweep:
                     V.TEST_IMAGES: str(len(self.inputs.test)), V.DATASET_DIGEST: self.inputs.data.digest,
                     V.INPUT_LAYOUT: self.inputs.transform.layout,
                     V.PREPROCESSING: self.inputs.transform.preprocessing.value}
-            if best.spec is not None:
-                tags[V.INPUT_KEY] = best.input_key = self.input_key(best.spec)
+            if best.input_key:
+                tags[V.INPUT_KEY] = best.input_key
             if best.quantized_engine:
                 tags[V.QUANTIZED_ENGINE] = best.quantized_engine
             if best.bench:
