@@ -81,6 +81,14 @@ def _mod(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
     return gm.get_submodule(node.target)
 
 
+def _module_calls(gm: fx.GraphModule):
+    """(node, module) for every call_module node, over a snapshot of the graph so callers may rewrite it."""
+    for node in list(gm.graph.nodes):
+        m = _mod(gm, node)
+        if m is not None:
+            yield node, m
+
+
 def _is(gm, node, types) -> bool:
     m = _mod(gm, node)
     return m is not None and isinstance(types, (type, tuple)) and types != () and isinstance(m, types)
@@ -119,8 +127,7 @@ def _finish(gm: fx.GraphModule) -> None:
 # --------------------------------------------------------------------------- passes
 def _inline_sequential(gm: fx.GraphModule) -> bool:
     changed = False
-    for node in list(gm.graph.nodes):
-        m = _mod(gm, node)
+    for node, m in _module_calls(gm):
         if isinstance(m, nn.Sequential) and len(node.args) == 1 and not node.kwargs:
             cur = node.args[0]
             with gm.graph.inserting_before(node):
@@ -135,10 +142,7 @@ def _inline_sequential(gm: fx.GraphModule) -> bool:
 
 def _simple_ops(gm: fx.GraphModule) -> None:
     g = gm.graph
-    for node in list(g.nodes):
-        m = _mod(gm, node)
-        if m is None:
-            continue
+    for node, m in _module_calls(gm):
         new = None
         with g.inserting_before(node):
             if OnnxTranspose and isinstance(m, OnnxTranspose) and m.perm is not None:
@@ -184,10 +188,7 @@ def _linear_from(gm, node, weight_in_out: torch.Tensor, bias: Optional[torch.Ten
 
 def _matmul_to_linear(gm: fx.GraphModule) -> None:
     g = gm.graph
-    for node in list(g.nodes):
-        m = _mod(gm, node)
-        if m is None:
-            continue
+    for node, m in _module_calls(gm):
         is_mm = OnnxMatMul and isinstance(m, OnnxMatMul)
         if not is_mm and node.op == "call_function" and node.target in (torch.matmul, operator.matmul):
             is_mm = True
@@ -244,10 +245,7 @@ def _pad_spec(m: nn.Module) -> Optional[list]:
 
 def _fold_pad_into_conv(gm: fx.GraphModule) -> None:
     g = gm.graph
-    for node in list(g.nodes):
-        m = _mod(gm, node)
-        if m is None:
-            continue
+    for node, m in _module_calls(gm):
         pads = _pad_spec(m)
         if pads is None and OnnxPadDynamic and isinstance(m, OnnxPadDynamic) and m.mode == "constant":
             p = _const(gm, node.args[1]) if len(node.args) > 1 else None
