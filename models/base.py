@@ -15,7 +15,32 @@ import numpy as np
 from models.onnx_model import OnnxClassifier, to_torch
 
 
-ADAROUND_VERSION = "adaround-v1:batch=32,lambda=1,lr=0.01,seed=0"
+# Bump when the algorithm or its defaults change: a cached result from older code is not the same result.
+ADAROUND_VERSION = "adaround-v2:batch=32,lambda=1,lr=0.01,seed=0"
+# Libraries whose numerics shape AdaRound's result (the torch conversion and its optimizer).
+ADAROUND_LIBRARIES = ("torch", "onnx", "onnx2torch", "numpy")
+
+
+def adaround_cache_key(model_sha256: str, calibration: np.ndarray, calibration_digest: str, scheme: str,
+                       iterations: int, context: dict | None = None) -> str:
+    """Everything that shapes an AdaRound result: the model, the calibration images' bytes as the model sees them
+    (so another copy of the data, layout or preprocessing misses the cache), which images they are, the grid, the
+    iterations, the algorithm version and the library versions."""
+    from importlib import metadata
+
+    calibration = np.ascontiguousarray(calibration)
+    data = hashlib.sha256(f"{calibration.dtype.str}{calibration.shape}".encode())
+    data.update(calibration.tobytes())
+    versions = {}
+    for name in ADAROUND_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    payload = {"algorithm": ADAROUND_VERSION, "iterations": iterations, "model_sha256": model_sha256,
+               "calibration_sha256": data.hexdigest(), "calibration_indices_sha256": calibration_digest,
+               "scheme": scheme, "versions": versions, "context": context or {}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def adaround_cache_dir() -> Path:
@@ -40,6 +65,7 @@ class FloatModel:
     _torch_module: object = field(default=None, repr=False)
     _ort_ready: Path | None = field(default=None, repr=False)
     _rounded: dict = field(default_factory=dict, repr=False)
+    folded_batch_norms: int = 0  # BatchNormalizations for_quantization folded into the Conv before them
 
     @classmethod
     def for_runtimes(cls, model: OnnxClassifier, work_dir: Path) -> "FloatModel":
@@ -67,22 +93,23 @@ class FloatModel:
 
     def with_adarounded_weights(self, scheme: str, calibration: np.ndarray, calibration_digest: str,
                                 advance: Callable[..., None] = lambda n, total=None: None,
-                                iterations: int = 1000) -> "FloatModel":
+                                iterations: int = 1000, context: dict | None = None) -> "FloatModel":
         """The same FP32 model with every Conv/MatMul/Gemm weight moved onto `scheme`'s int8 grid by AdaRound, so
         any quantizer with that scheme reproduces the optimized integers. Computed once per scheme and cached on
-        disk (keyed by model, calibration set and scheme), since it is the slowest step of a sweep."""
+        disk, since it is the slowest step of a sweep; `context` (layout, preprocessing, ...) joins the key."""
         if (scheme, iterations) in self._rounded:
             return self._rounded[(scheme, iterations)]
         import onnx
 
         from models.onnx_model import file_sha256, read_input_spec
 
-        key = hashlib.sha256(f"{ADAROUND_VERSION}|{iterations}|{self.onnx.sha256}|{calibration_digest}|{scheme}".encode()).hexdigest()
+        key = adaround_cache_key(self.onnx.sha256, calibration, calibration_digest, scheme, iterations, context)
         cached = adaround_cache_dir() / f"{key}.onnx"
         if not cached.is_file():
             from models.weight_correction import adaround_onnx
 
-            rounded = adaround_onnx(self.onnx.proto, calibration, scheme, iters=iterations, advance=advance)
+            rounded = adaround_onnx(self.onnx.proto, calibration, scheme, iters=iterations, advance=advance,
+                                    model_batch=self.onnx.input.batch_size or 250)
             write_atomic(cached, rounded.SerializeToString())
         proto = onnx.load(str(cached))
         variant = FloatModel(replace(self.onnx, path=cached, proto=proto, sha256=file_sha256(cached),
@@ -93,15 +120,48 @@ class FloatModel:
         self._rounded[(scheme, iterations)] = variant
         return variant
 
+    def for_quantization(self) -> "FloatModel":
+        """The FP32 model quantization starts from: BatchNormalization folded into the Conv before it and every node
+        named, written to work_dir/fp32-quantization/<model file>. Folding first keeps weights that AdaRound put on
+        the int8 grid there (onnxruntime's pre-processing and FX would fold BatchNorm after rounding); names let
+        `nodes_to_exclude` select nodes. `self` when there is nothing to change. The result records the number of
+        folded BatchNormalizations as `folded_batch_norms`."""
+        from models.onnx_rewrites import fold_batch_norms, has_unnamed_nodes, name_unnamed_nodes
+
+        proto, folded = fold_batch_norms(self.onnx.proto)
+        if not folded and not has_unnamed_nodes(proto):
+            return self
+        from models.onnx_model import file_sha256, read_input_spec
+
+        proto = name_unnamed_nodes(proto)
+        work_dir = self.work_dir / "fp32-quantization"
+        path = work_dir / self.onnx.path.name
+        write_atomic(path, proto.SerializeToString())
+        variant = FloatModel(replace(self.onnx, path=path, proto=proto, sha256=file_sha256(path),
+                                     size_bytes=path.stat().st_size, input=read_input_spec(proto, path),
+                                     external_files=()),  # the written file embeds its weights
+                             work_dir, folded_batch_norms=self.folded_batch_norms + folded)
+        return variant
+
     @property
     def ort_ready_path(self) -> Path:
-        """The model after onnxruntime's quantization pre-processing (shape inference, graph optimization)."""
+        """The model after onnxruntime's quantization pre-processing (shape inference, graph optimization), with
+        every node named so `nodes_to_exclude` can select any of them."""
         if self._ort_ready is None:
+            import onnx
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
+            from models.onnx_rewrites import has_unnamed_nodes, name_unnamed_nodes
+
             target = self.work_dir / "fp32_preprocessed.onnx"
+            if target.resolve() == self.onnx.path.resolve():  # never overwrite the model itself
+                target = self.work_dir / "fp32_preprocessed-ort.onnx"
+            target.parent.mkdir(parents=True, exist_ok=True)
             # ONNX shape inference suffices for fixed-size image models; symbolic inference costs seconds (sympy).
             quant_pre_process(str(self.onnx.path), str(target), skip_symbolic_shape=True)
+            processed = onnx.load(str(target))
+            if has_unnamed_nodes(processed):
+                write_atomic(target, name_unnamed_nodes(processed).SerializeToString())
             self._ort_ready = target
         return self._ort_ready
 
@@ -110,6 +170,7 @@ class FloatModel:
 class QuantizedModel:
     path: Path
     format: str  # "torchscript" or "onnx"
+    calibration_images: int = 0  # how many calibration images the backend's observers actually saw
 
 
 def config_dict(config) -> dict:

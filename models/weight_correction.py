@@ -182,8 +182,8 @@ def _collect(gm, names, x, bs=250):
 def adaround_module(gm: nn.Module, calib: np.ndarray, scheme: str = "per_channel_sym_int8", *,
                     iters: int = 1000, batch: int = 32, lam: float = 1.0, lr: float = 1e-2,
                     seed: int = 0, relu_aware: bool = True, layers: Optional[List[str]] = None,
-                    verbose: bool = False, advance: Callable[..., None] = lambda n, total=None: None
-                    ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+                    verbose: bool = False, advance: Callable[..., None] = lambda n, total=None: None,
+                    model_batch: int = 250) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """AdaRound all Conv/Linear modules of ``gm`` (an FX graph, e.g. from ``prepare_graph``) in place.
 
     Layers are processed in graph order; each layer's input comes from the model
@@ -209,8 +209,8 @@ def adaround_module(gm: nn.Module, calib: np.ndarray, scheme: str = "per_channel
     changes = {}
     advance(0, total=len(order) * iters)  # progress in optimisation steps over all layers
     for i, (name, relu) in enumerate(order):
-        x_in = _collect(gm, [name], x)[name][0]
-        y_t = _collect(fp, [name], x)[name][1]
+        x_in = _collect(gm, [name], x, model_batch)[name][0]
+        y_t = _collect(fp, [name], x, model_batch)[name][1]
         mod = gm.get_submodule(name)
         with torch.enable_grad():
             new_w = _adaround_layer(mod, x_in, y_t, scheme, iters, batch, lam, lr, seed + i,
@@ -271,7 +271,11 @@ def onnx_classifier_head_nodes(onnx_model) -> List[str]:
     MatMul/Gemm/Conv (included) and on through the pooling / reshape nodes feeding it
     (GlobalAveragePool, AveragePool, ReduceMean, Reshape, Flatten, Squeeze, Transpose).
     Keeping these in float (weights already on the int8 grid via :func:`adaround_onnx`)
-    avoids 8-bit logits (ties under argmax) and re-quantization of the pooled features."""
+    avoids 8-bit logits (ties under argmax) and re-quantization of the pooled features.
+
+    Raises ValueError when a head node has no name: ``nodes_to_exclude`` matches by name, and an empty name would
+    exclude every unnamed node of the model (name them first with
+    :func:`models.onnx_rewrites.name_unnamed_nodes`)."""
     nodes = list(onnx_model.graph.node)
     producer = {o: n for n in nodes for o in n.output}
     compute = {"MatMul", "Gemm", "Conv"}
@@ -298,6 +302,9 @@ def onnx_classifier_head_nodes(onnx_model) -> List[str]:
         if n.op_type in passthrough:
             out.append(n.name)
             todo.extend(producer[i] for i in n.input if i in producer)
+    if "" in out:
+        raise ValueError("the classifier head has unnamed nodes, which nodes_to_exclude cannot select; "
+                         "name them first (models.onnx_rewrites.name_unnamed_nodes)")
     return out
 
 

@@ -124,3 +124,52 @@ def pytorch_style_cnn(seed: int = 0) -> onnx.ModelProto:
     model.ir_version = 7
     onnx.checker.check_model(model)
     return model
+
+
+def batchnorm_cnn(conv_bias: bool = False, depthwise: bool = True, seed: int = 0) -> onnx.ModelProto:
+    """NCHW like a torch.onnx export of Conv2d(bias=False) + BatchNorm2d(eps=1e-3): a Conv without (or with) bias
+    followed by BatchNormalization, then a depthwise (group = channels) or ordinary stride-2 Conv followed by
+    BatchNormalization, GlobalAveragePool, Flatten, Gemm and Softmax. The statistics are far from identity, so a
+    wrong fold shows in the outputs."""
+    rng = np.random.default_rng(seed)
+    n = "N"
+
+    def bn_params(prefix: str, channels: int) -> list:
+        return [_init(f"{prefix}_scale", rng.uniform(0.5, 1.5, channels).astype(np.float32)),
+                _init(f"{prefix}_bias", rng.normal(0, 0.2, channels).astype(np.float32)),
+                _init(f"{prefix}_mean", rng.normal(0, 3.0, channels).astype(np.float32)),
+                _init(f"{prefix}_var", rng.uniform(0.5, 4.0, channels).astype(np.float32))]
+
+    w2_shape = (8, 1, 3, 3) if depthwise else (8, 8, 3, 3)
+    inits = [_init("w1", rng.normal(0, 0.02, (8, 3, 3, 3)).astype(np.float32)), *bn_params("bn1", 8),
+             _init("w2", rng.normal(0, (2 / (9 * w2_shape[1])) ** 0.5, w2_shape).astype(np.float32)),
+             *bn_params("bn2", 8),
+             _init("wd", rng.normal(0, 0.5, (10, 8)).astype(np.float32)),
+             _init("bd", rng.normal(0, 0.1, 10).astype(np.float32))]
+    conv1_inputs, conv2_inputs = ["x", "w1"], ["r1", "w2"]
+    if conv_bias:
+        inits += [_init("b1", rng.normal(0, 0.5, 8).astype(np.float32)),
+                  _init("b2", rng.normal(0, 0.5, 8).astype(np.float32))]
+        conv1_inputs.append("b1")
+        conv2_inputs.append("b2")
+    nodes = [
+        helper.make_node("Conv", conv1_inputs, ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"], ["bn1"],
+                         epsilon=1e-3),
+        helper.make_node("Relu", ["bn1"], ["r1"]),
+        helper.make_node("Conv", conv2_inputs, ["c2"], kernel_shape=[3, 3], pads=[0, 0, 1, 1], strides=[2, 2],
+                         group=8 if depthwise else 1),
+        helper.make_node("BatchNormalization", ["c2", "bn2_scale", "bn2_bias", "bn2_mean", "bn2_var"], ["bn2"]),
+        helper.make_node("Relu", ["bn2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "wd", "bd"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+    ]
+    graph = helper.make_graph(nodes, "batchnorm_cnn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, 3, 32, 32])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [n, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="pytorch-style")
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    return model

@@ -1,0 +1,196 @@
+"""Function-preserving ONNX graph rewrites applied before quantization.
+
+Every function takes an `onnx.ModelProto` and returns a new one; the input is never modified.
+
+- :func:`fold_batch_norms`: inference-mode BatchNormalization folded into the Conv before it. Quantization must
+  start from the folded weights: onnxruntime's pre-processing (and FX's conv-bn fusion) fold BatchNorm themselves,
+  which would move weights that AdaRound already put on the int8 grid off it again.
+- :func:`name_unnamed_nodes`: a unique name for every node, since onnxruntime's `nodes_to_exclude` and other
+  node-level options select nodes by name.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["fold_batch_norms", "name_unnamed_nodes", "has_unnamed_nodes"]
+
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
+
+
+# --------------------------------------------------------------------------- graph walking
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attribute in node.attribute:
+        if attribute.HasField("g"):
+            yield attribute.g
+        yield from attribute.graphs
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and, recursively, every subgraph of its nodes (If/Loop/Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for subgraph in _subgraphs(node):
+            yield from _all_graphs(subgraph)
+
+
+def _use_counts(graph: onnx.GraphProto) -> Counter:
+    """How often each tensor name is read: node inputs anywhere (subgraphs may read outer-scope names) and graph
+    outputs."""
+    uses: Counter = Counter()
+    for g in _all_graphs(graph):
+        for node in g.node:
+            uses.update(name for name in node.input if name)
+        uses.update(output.name for output in g.output)
+    return uses
+
+
+def _attribute(node: onnx.NodeProto, name: str, default=None):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+# --------------------------------------------------------------------------- BatchNormalization folding
+def _float_initializer(initializers: dict, name: str) -> np.ndarray | None:
+    tensor = initializers.get(name)
+    if tensor is None or tensor.data_type not in _FLOAT_TYPES:
+        return None
+    return numpy_helper.to_array(tensor)
+
+
+def _inference_batch_norm(node: onnx.NodeProto) -> bool:
+    """A BatchNormalization that normalizes with its stored statistics: no training mode, no extra outputs, the
+    per-channel ("spatial") form."""
+    return (node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx") and len(node.input) == 5
+            and not any(node.output[1:]) and not _attribute(node, "training_mode", 0)
+            and _attribute(node, "spatial", 1) == 1 and _attribute(node, "is_test", 1) == 1)
+
+
+def _unique_name(base: str, taken: set[str]) -> str:
+    name, index = base, 0
+    while name in taken:
+        index += 1
+        name = f"{base}_{index}"
+    taken.add(name)
+    return name
+
+
+def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Fold every inference-mode BatchNormalization of the main graph into the Conv before it; return the new
+    model and the number folded.
+
+    y = scale * (conv(x, W) + b - mean) / sqrt(var + epsilon) + B becomes conv(x, W') + b' with
+    W' = W * s (per output channel), b' = (b - mean) * s + B, s = scale / sqrt(var + epsilon), computed in float64.
+    A BatchNormalization is folded only when it reads the output of a Conv that nothing else reads (and that is not
+    a graph output), and the Conv weight, its bias (if any) and all four statistics are float initializers with one
+    value per output channel. Grouped and depthwise convolutions fold the same way (their weight's first axis is
+    still the output channel). Weights shared with other nodes are copied, never changed under the other reader.
+    """
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producer = {output: node for node in graph.node for output in node.output if output}
+    taken = set(initializers) | {name for g in _all_graphs(graph) for node in g.node
+                                 for name in (*node.input, *node.output)}
+    taken |= {value.name for value in graph.input}
+    graph_inputs = {value.name for value in graph.input}
+    folded_bn: list[onnx.NodeProto] = []
+    orphan_candidates: set[str] = set()
+    for bn in list(graph.node):
+        if not _inference_batch_norm(bn):
+            continue
+        conv = producer.get(bn.input[0])
+        uses = _use_counts(graph)
+        if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") \
+                or uses[bn.input[0]] != 1 or len(conv.input) < 2:
+            continue
+        weight = _float_initializer(initializers, conv.input[1])
+        has_bias = len(conv.input) > 2 and bool(conv.input[2])
+        bias = _float_initializer(initializers, conv.input[2]) if has_bias else None
+        stats = [_float_initializer(initializers, name) for name in bn.input[1:5]]
+        if weight is None or weight.ndim < 3 or (has_bias and bias is None) or any(s is None for s in stats):
+            continue
+        channels = weight.shape[0]
+        if any(s.shape != (channels,) for s in stats) or (bias is not None and bias.shape != (channels,)):
+            continue
+        gamma, beta, mean, var = (s.astype(np.float64) for s in stats)
+        epsilon = float(_attribute(bn, "epsilon", 1e-5))
+        factor = gamma / np.sqrt(var + epsilon)
+        new_weight = (weight.astype(np.float64) * factor.reshape(-1, *[1] * (weight.ndim - 1))).astype(weight.dtype)
+        old_bias = bias.astype(np.float64) if bias is not None else np.zeros(channels)
+        new_bias = ((old_bias - mean) * factor + beta).astype(bias.dtype if bias is not None else weight.dtype)
+
+        def store(position: int, array: np.ndarray, base: str) -> None:
+            old = conv.input[position] if position < len(conv.input) else ""
+            if old and uses[old] == 1 and old not in graph_inputs:  # this conv alone reads it: replace in place
+                initializers[old].CopyFrom(numpy_helper.from_array(array, old))
+                return
+            name = _unique_name(base, taken)
+            tensor = numpy_helper.from_array(array, name)
+            graph.initializer.append(tensor)
+            initializers[name] = graph.initializer[-1]
+            if result.ir_version and result.ir_version < 4:  # before IR 4 every initializer is a graph input
+                graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, array.shape))
+            if old:
+                orphan_candidates.add(old)
+                conv.input[position] = name
+            else:
+                while len(conv.input) < position:
+                    conv.input.append("")
+                conv.input.append(name)
+
+        stem = conv.name or bn.name or conv.output[0]
+        store(1, new_weight, f"{stem}_bn_folded_weight")
+        store(2, new_bias, f"{stem}_bn_folded_bias")
+        orphan_candidates.update(bn.input[1:5])
+        stale = conv.output[0]
+        conv.output[0] = bn.output[0]
+        producer[bn.output[0]] = conv
+        producer.pop(stale, None)
+        folded_bn.append(bn)
+        graph.node.remove(bn)
+        kept = [value for value in graph.value_info if value.name != stale]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+    if not folded_bn:
+        return result, 0
+    uses = _use_counts(graph)
+    orphans = {name for name in orphan_candidates if uses[name] == 0 and name in initializers}
+    if orphans:
+        kept_inits = [init for init in graph.initializer if init.name not in orphans]
+        del graph.initializer[:]
+        graph.initializer.extend(kept_inits)
+        kept_inputs = [value for value in graph.input if value.name not in orphans]
+        del graph.input[:]
+        graph.input.extend(kept_inputs)
+    return result, len(folded_bn)
+
+
+# --------------------------------------------------------------------------- node names
+def has_unnamed_nodes(model: onnx.ModelProto) -> bool:
+    return any(not node.name for g in _all_graphs(model.graph) for node in g.node)
+
+
+def name_unnamed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which every node without a name is called f"{op_type}_{i}" (i: the node's position in a walk over
+    the graph and then its subgraphs), with a numeric suffix where that name is already taken. Named nodes keep
+    their names; the same model always gets the same names."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graphs = list(_all_graphs(result.graph))
+    taken = {node.name for g in graphs for node in g.node if node.name}
+    index = 0
+    for g in graphs:
+        for node in g.node:
+            if not node.name:
+                node.name = _unique_name(f"{node.op_type}_{index}", taken)
+            index += 1
+    return result

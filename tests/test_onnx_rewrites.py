@@ -1,0 +1,226 @@
+"""Graph rewrites before quantization (models/onnx_rewrites.py) and what they guarantee downstream: BatchNorm folded
+without changing the function, every node named so the float head is excluded by structure, and AdaRound's integers
+surviving onnxruntime's quantization of a model that had BatchNorm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx_fixture import batchnorm_cnn, pytorch_style_cnn, tiny_cnn
+
+from models.onnx_rewrites import fold_batch_norms, has_unnamed_nodes, name_unnamed_nodes
+
+RNG = np.random.default_rng(0)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _logits_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its Softmax removed, so comparisons see the logits rather than saturated probabilities."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    softmax = out.graph.node[-1]
+    assert softmax.op_type == "Softmax"
+    out.graph.output[0].name = softmax.input[0]
+    out.graph.node.remove(softmax)
+    return out
+
+
+def _images(n: int, layout: str = "NCHW") -> np.ndarray:
+    shape = (n, 3, 32, 32) if layout == "NCHW" else (n, 32, 32, 3)
+    return RNG.uniform(0, 255, shape).astype(np.float32)
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in model.graph.node]
+
+
+@pytest.mark.parametrize("build, expected", [
+    (pytorch_style_cnn, 1),
+    (lambda: batchnorm_cnn(conv_bias=False, depthwise=True), 2),
+    (lambda: batchnorm_cnn(conv_bias=False, depthwise=False), 2),
+    (lambda: batchnorm_cnn(conv_bias=True, depthwise=True), 2),
+], ids=["pytorch_style", "no_bias_depthwise", "no_bias_dense", "bias_depthwise"])
+def test_fold_batch_norms_preserves_the_function(build, expected):
+    model = _logits_model(build())
+    before = model.SerializeToString()
+    folded, count = fold_batch_norms(model)
+    assert count == expected
+    assert "BatchNormalization" not in _ops(folded)
+    assert _ops(folded).count("Conv") == _ops(model).count("Conv")
+    assert model.SerializeToString() == before  # the input proto is left alone
+    onnx.checker.check_model(folded, full_check=True)
+    # the BatchNorm statistics are gone with it, not left behind as dead initializers
+    assert not any(init.name.startswith("bn") for init in folded.graph.initializer)
+    x = _images(8)
+    reference, result = _run(model, x), _run(folded, x)
+    np.testing.assert_allclose(result, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def test_fold_batch_norms_leaves_other_batch_norms_alone():
+    model = batchnorm_cnn(conv_bias=False, depthwise=True)
+    # conv1's output read twice (also a graph output): its BatchNorm cannot disappear into it
+    model.graph.output.append(helper.make_tensor_value_info("c1", TensorProto.FLOAT, ["N", 8, 32, 32]))
+    # a BatchNorm after a Relu has no Conv to fold into
+    relu2 = next(n for n in model.graph.node if n.op_type == "Relu" and n.output[0] == "r2")
+    relu2.output[0] = "r2_pre"
+    index = list(model.graph.node).index(relu2)
+    model.graph.node.insert(index + 1, helper.make_node(
+        "BatchNormalization", ["r2_pre", "bn2_scale", "bn2_bias", "bn2_mean", "bn2_var"], ["r2"]))
+    onnx.checker.check_model(model)
+    folded, count = fold_batch_norms(model)
+    assert count == 1  # only the depthwise conv's
+    assert _ops(folded).count("BatchNormalization") == 2
+    # bn2's statistics are still read by the BatchNorm after the Relu, so they stay
+    assert {"bn2_scale", "bn2_mean"} <= {init.name for init in folded.graph.initializer}
+    x = _images(4)
+    for reference, result in zip(_run_all(model, x), _run_all(folded, x)):
+        np.testing.assert_allclose(result, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def _run_all(model, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def test_fold_batch_norms_copies_a_weight_shared_with_another_conv():
+    model = batchnorm_cnn(conv_bias=False, depthwise=False)
+    # a third conv reads w2 too, with no BatchNorm: its weights must stay as they are
+    model.graph.node.insert(4, helper.make_node("Conv", ["r1", "w2"], ["c3"], kernel_shape=[3, 3],
+                                                pads=[0, 0, 1, 1], strides=[2, 2]))
+    model.graph.output.append(helper.make_tensor_value_info("c3", TensorProto.FLOAT, ["N", 8, 16, 16]))
+    folded, count = fold_batch_norms(model)
+    assert count == 2
+    original = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    after = {i.name: numpy_helper.to_array(i) for i in folded.graph.initializer}
+    np.testing.assert_array_equal(after["w2"], original["w2"])
+    x = _images(4)
+    for reference, result in zip(_run_all(model, x), _run_all(folded, x)):
+        np.testing.assert_allclose(result, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def _unnamed(model: onnx.ModelProto) -> onnx.ModelProto:
+    for node in model.graph.node:
+        node.name = ""
+    return model
+
+
+def test_name_unnamed_nodes_is_unique_deterministic_and_keeps_names():
+    model = _unnamed(tiny_cnn())
+    model.graph.node[0].name = "Conv_1"  # the name node 1 (a Conv) would get
+    named = name_unnamed_nodes(model)
+    names = [node.name for node in named.graph.node]
+    assert all(names) and len(set(names)) == len(names)
+    assert names[0] == "Conv_1" and names[1] != "Conv_1"
+    assert names == [node.name for node in name_unnamed_nodes(model).graph.node]
+    assert has_unnamed_nodes(model) and not has_unnamed_nodes(named)
+    assert model.graph.node[1].name == ""  # the input proto is left alone
+
+
+def test_head_detection_refuses_unnamed_nodes():
+    from models.weight_correction import onnx_classifier_head_nodes
+
+    with pytest.raises(ValueError, match="unnamed"):
+        onnx_classifier_head_nodes(_unnamed(tiny_cnn()))
+    head = onnx_classifier_head_nodes(name_unnamed_nodes(_unnamed(tiny_cnn())))
+    assert head and "" not in head
+
+
+def _producers(model: onnx.ModelProto) -> dict:
+    return {output: node for node in model.graph.node for output in node.output}
+
+
+@pytest.mark.parametrize("quant_format, dtype, per_channel", [("QOperator", "uint8", False), ("QDQ", "int8", True)])
+def test_unnamed_model_quantizes_every_conv_and_keeps_the_head_float(tmp_path, quant_format, dtype, per_channel):
+    """Before the fix the head's empty names went into nodes_to_exclude and excluded every unnamed node."""
+    from models.base import FloatModel
+    from models.onnx_model import load_classifier
+    from models.quantize_ort import OrtStaticConfig, quantize
+
+    path = tmp_path / "unnamed.onnx"
+    onnx.save(_unnamed(tiny_cnn()), str(path))
+    (tmp_path / "work").mkdir()
+    config = OrtStaticConfig(quant_format=quant_format, activation_dtype=dtype, weight_dtype=dtype,
+                             per_channel=per_channel)
+    result = quantize(FloatModel(load_classifier(path), tmp_path / "work"), config, _images(64, "NHWC"),
+                      tmp_path / "out")
+    quantized = onnx.load(str(result.path))
+    ops = _ops(quantized)
+    producers = _producers(quantized)
+    if quant_format == "QOperator":
+        assert ops.count("QLinearConv") == 2 and "Conv" not in ops
+    else:
+        convs = [node for node in quantized.graph.node if node.op_type == "Conv"]
+        assert len(convs) == 2
+        for conv in convs:
+            assert producers[conv.input[1]].op_type == "DequantizeLinear"
+            assert producers[conv.input[0]].op_type == "DequantizeLinear"
+    # the head (pool, MatMul+Add fused to Gemm, softmax) stays float, reading float tensors only
+    assert not {"QGemm", "QLinearMatMul", "MatMulInteger", "QLinearAveragePool", "QLinearSoftmax"} & set(ops)
+    (gemm,) = [node for node in quantized.graph.node if node.op_type in ("Gemm", "MatMul")]
+    assert all(name not in producers or producers[name].op_type != "DequantizeLinear" for name in gemm.input)
+    assert all(init.data_type == TensorProto.FLOAT for init in quantized.graph.initializer if init.name in gemm.input)
+
+
+def test_for_quantization_folds_names_and_records(tmp_path):
+    from models.base import FloatModel
+    from models.onnx_model import file_sha256, load_classifier
+
+    path = tmp_path / "bn.onnx"
+    onnx.save(batchnorm_cnn(), str(path))
+    original = FloatModel(load_classifier(path), tmp_path / "work")
+    ready = original.for_quantization()
+    assert ready is not original and ready.folded_batch_norms == 2
+    assert ready.onnx.path == tmp_path / "work" / "fp32-quantization" / "bn.onnx"
+    assert ready.onnx.sha256 == file_sha256(ready.onnx.path) != original.onnx.sha256
+    assert ready.onnx.size_bytes == ready.onnx.path.stat().st_size
+    assert ready.onnx.input == original.onnx.input and ready.onnx.external_files == ()
+    on_disk = onnx.load(str(ready.onnx.path))
+    assert "BatchNormalization" not in _ops(on_disk) and not has_unnamed_nodes(on_disk)
+    assert ready.for_quantization() is ready and ready.folded_batch_norms == 2
+    assert original.onnx.path == path and "BatchNormalization" in _ops(original.onnx.proto)
+
+    named = tmp_path / "named.onnx"
+    onnx.save(name_unnamed_nodes(tiny_cnn()), str(named))
+    plain = FloatModel(load_classifier(named), tmp_path / "work2")
+    assert plain.for_quantization() is plain and plain.folded_batch_norms == 0
+
+
+def test_adarounded_grid_survives_ort_quantization_of_a_batchnorm_model(tmp_path):
+    """onnxruntime's pre-processing folds BatchNorm into the conv; after AdaRound that would move every weight off
+    the grid. Folded first, the QLinearConv integers are exactly AdaRound's."""
+    from models.base import FloatModel
+    from models.onnx_model import load_classifier
+    from models.quantize_ort import OrtStaticConfig, quantize
+
+    path = tmp_path / "bn.onnx"
+    onnx.save(pytorch_style_cnn(), str(path))
+    calibration = _images(64)
+    ready = FloatModel(load_classifier(path), tmp_path / "work").for_quantization()
+    assert ready.folded_batch_norms == 1
+    rounded = ready.with_adarounded_weights("per_tensor_asym_uint8", calibration, "test-calibration", iterations=20)
+    config = OrtStaticConfig(quant_format="QOperator", activation_dtype="uint8", weight_dtype="uint8",
+                             per_channel=False)
+    quantized = onnx.load(str(quantize(rounded, config, calibration, tmp_path / "out").path))
+    floats = {init.name: numpy_helper.to_array(init) for init in rounded.onnx.proto.graph.initializer}
+    inits = {init.name: numpy_helper.to_array(init) for init in quantized.graph.initializer}
+    convs = [node for node in quantized.graph.node if node.op_type == "QLinearConv"]
+    # matched by position: the graph keeps the convolutions' order
+    float_convs = [node for node in rounded.onnx.proto.graph.node if node.op_type == "Conv"]
+    assert len(convs) == len(float_convs) == 2
+    for conv, float_conv in zip(convs, float_convs):
+        weight, scale, zero_point = (inits[name] for name in conv.input[3:6])
+        assert scale.size == 1 and weight.dtype == np.uint8
+        dequantized = (weight.astype(np.float64) - zero_point.astype(np.float64)) * scale.astype(np.float64)
+        np.testing.assert_allclose(dequantized, floats[float_conv.input[1]], rtol=0, atol=1e-4 * float(scale))
