@@ -32,25 +32,44 @@ class OrtRunner:
         return self.session.run(None, {self.input_name: batch})[0]
 
 
+def set_quantized_engine(engine: str | None) -> None:
+    """Make `engine` (fbgemm, x86, ...) torch's quantized engine for this process. TorchScript int8 modules repack
+    their weights for the engine that is current when they are loaded, so it must be set before `torch.jit.load`,
+    and kept while they run. None leaves the engine as it is."""
+    if not engine:
+        return
+    import torch
+
+    if engine not in torch.backends.quantized.supported_engines:
+        raise ValueError(f"quantized engine {engine!r} is not available here "
+                         f"(supported: {', '.join(torch.backends.quantized.supported_engines)})")
+    torch.backends.quantized.engine = engine
+
+
 class TorchRunner:
-    def __init__(self, module):
+    def __init__(self, module, engine: str | None = None):
         import torch
 
         self._torch = torch
+        self.engine = engine
         self.module = module.eval()
 
     @classmethod
-    def from_torchscript(cls, path: Path) -> "TorchRunner":
+    def from_torchscript(cls, path: Path, engine: str | None = None) -> "TorchRunner":
+        """Load a TorchScript file under `engine` (the one it was quantized for; None: the current engine)."""
         import torch
 
-        return cls(torch.jit.load(str(path), map_location="cpu"))
+        set_quantized_engine(engine)
+        return cls(torch.jit.load(str(path), map_location="cpu"), engine)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        set_quantized_engine(self.engine)  # another runner in this process may have switched it
         with self._torch.inference_mode():
             out = self.module(self._torch.from_numpy(batch))
         return out.float().numpy() if not out.is_quantized else out.dequantize().numpy()
 
 
-def load_runner(path: Path, threads: int | None = None):
-    """Pick the runtime by file type: .onnx → onnxruntime (with `threads`), anything else → TorchScript."""
-    return OrtRunner(path, threads) if path.suffix == ".onnx" else TorchRunner.from_torchscript(path)
+def load_runner(path: Path, threads: int | None = None, engine: str | None = None):
+    """Pick the runtime by file type: .onnx → onnxruntime (with `threads`), anything else → TorchScript loaded under
+    its quantized `engine`."""
+    return OrtRunner(path, threads) if path.suffix == ".onnx" else TorchRunner.from_torchscript(path, engine)

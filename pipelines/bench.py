@@ -15,14 +15,21 @@ class BenchTarget:
     path: Path
     layout: str
     preprocessing: str
+    engine: str | None = None  # torch quantized engine a TorchScript file is loaded under (None: the current one)
 
 
-def resolve_target(ref: str, download_dir: Path, layout: str | None, preprocessing: str) -> BenchTarget:
-    """A file path (.onnx or TorchScript), or a registered model NAME@ALIAS or NAME/VERSION (downloaded and
-    SHA-256-checked by pull before it is loaded)."""
+def resolve_target(ref: str, download_dir: Path, layout: str | None, preprocessing: str,
+                   engine: str | None = None) -> BenchTarget:
+    """A file path (.onnx or TorchScript, loaded under `engine`; None: torch's current engine), or a registered
+    model NAME@ALIAS or NAME/VERSION (downloaded and SHA-256-checked by pull before it is loaded, and loaded under
+    its version's `quantized_engine` tag)."""
     path = Path(ref)
     if path.exists():
-        return BenchTarget(path.name, path, layout or _layout_of(path), preprocessing)
+        if engine and path.suffix != ".onnx":
+            from pipelines.pull import checked_engine
+
+            checked_engine(engine, path.name)
+        return BenchTarget(path.name, path, layout or _layout_of(path), preprocessing, engine)
     if "@" in ref or ("/" in ref and not ref.endswith((".onnx", ".pt", ".pth"))):
         from pipelines.pull import pull
         from tracking import registry
@@ -33,8 +40,19 @@ def resolve_target(ref: str, download_dir: Path, layout: str | None, preprocessi
         pulled = pull(name, version, alias, download_dir)
         tags = registry.resolve(name, version=pulled.version).tags
         return BenchTarget(f"{name} v{pulled.version}", pulled.model_file,
-                           layout or tags.get(V.INPUT_LAYOUT, "NHWC"), tags.get(V.PREPROCESSING, preprocessing))
+                           layout or tags.get(V.INPUT_LAYOUT, "NHWC"), tags.get(V.PREPROCESSING, preprocessing),
+                           pulled.engine or engine)  # untagged versions: like a file
     raise ModelError(f"{ref} is neither a model file nor a registered NAME@ALIAS or NAME/VERSION")
+
+
+def resolve_targets(refs: list[str], download_dir: Path, layout: str | None, preprocessing: str,
+                    engine: str | None = None) -> list[BenchTarget]:
+    """resolve_target for each ref. Model files load under `engine`, by default the quantized engine torch has
+    now, before pulling registered versions (which loads each under its own engine) changes it."""
+    import torch
+
+    engine = engine or torch.backends.quantized.engine
+    return [resolve_target(ref, download_dir, layout, preprocessing, engine) for ref in refs]
 
 
 def _layout_of(path: Path) -> str:
@@ -55,6 +73,6 @@ def bench_files(targets: list[BenchTarget], images_nchw, config: BenchConfig) ->
     results = []
     for target in targets:
         images = InputTransform(target.layout, Preprocessing(target.preprocessing))(images_nchw)
-        results.append((target, benchmark(lambda path=target.path: load_runner(path, config.resolved_threads).predict,
-                                          images, config)))
+        load = lambda t=target: load_runner(t.path, config.resolved_threads, t.engine).predict  # noqa: E731
+        results.append((target, benchmark(load, images, config)))
     return results

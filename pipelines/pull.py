@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.onnx_model import file_sha256
-from pipelines.errors import IntegrityError, TrackingError
+from pipelines.errors import IntegrityError, ModelError, TrackingError
 
 ACCURACY_TOLERANCE = 1e-4
 
@@ -19,6 +19,8 @@ class PullResult:
     sha256: str
     logged_accuracy: float | None
     accuracy: float | None = None  # re-computed with --evaluate
+    model_dir: Path | None = None  # the downloaded MLflow model directory the verified file sits in
+    engine: str | None = None  # torch quantized engine the file was loaded under (its version's tag)
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None]:
@@ -51,20 +53,39 @@ def pull(name: str, version: str | None, alias: str | None, output_dir: Path,
         raise IntegrityError(f"{name} version {registered.version}: {model_file.name} has SHA-256 "
                              f"{actual_sha[:12]}…, registered {expected_sha[:12]}…; refusing to load it")
     logged = float(registered.tags[V.ACCURACY]) if V.ACCURACY in registered.tags else None
-    result = PullResult(name, registered.version, model_file, actual_sha, logged)
+    engine = registered.tags.get(V.QUANTIZED_ENGINE) or None
+    result = PullResult(name, registered.version, model_file, actual_sha, logged, model_dir=model_dir.resolve(),
+                        engine=engine)
     from models.runtime import load_runner
 
-    runner = load_runner(model_file)  # loading proves the file is usable
+    # Loading proves the file is usable. TorchScript int8 modules pack their weights for the quantized engine that
+    # is current at load time, so the version's engine is set first (and stays set for whoever uses the result).
+    if model_file.suffix != ".onnx":
+        checked_engine(engine, f"{name} version {registered.version}")
+    runner = load_runner(model_file, engine=engine)
     if data_dir is None:
         return result
     return _reevaluate(result, runner, registered.tags, data_dir)
+
+
+def checked_engine(engine: str | None, what: str) -> str | None:
+    """`engine` if this torch build supports it (None stays None); a ModelError naming `what` otherwise."""
+    if not engine:
+        return None
+    import torch
+
+    supported = torch.backends.quantized.supported_engines
+    if engine not in supported:
+        raise ModelError(f"{what} was quantized for torch's '{engine}' engine, which this torch build lacks "
+                         f"(it has {', '.join(e for e in supported if e != 'none')})")
+    return engine
 
 
 def _reevaluate(result: PullResult, runner, tags: dict[str, str], data_dir: Path) -> PullResult:
     from dataclasses import replace
 
     from pipelines.cifar import load_cifar10
-    from pipelines.evaluation import evaluate, predict_scores
+    from pipelines.evaluation import EVAL_BATCH_SIZE, evaluate, predict_scores
     from pipelines.preprocessing import InputTransform, Preprocessing
     from tracking.keys import VersionTag as V
 
@@ -75,7 +96,8 @@ def _reevaluate(result: PullResult, runner, tags: dict[str, str], data_dir: Path
                              "(dataset SHA-256 differs); pass the same --data-dir as the sweep")
     test = data.test.head(limit)
     transform = InputTransform(tags.get(V.INPUT_LAYOUT, "NHWC"), Preprocessing(tags.get(V.PREPROCESSING, "raw")))
-    scores = predict_scores(runner, test.images, transform, f"evaluating {result.name} v{result.version}")
+    batch = int(tags.get(V.INPUT_BATCH, 0)) or EVAL_BATCH_SIZE  # a model exported with a fixed batch of 1
+    scores = predict_scores(runner, test.images, transform, f"evaluating {result.name} v{result.version}", batch)
     accuracy = evaluate(scores, test.labels, data.class_names).accuracy
     result = replace(result, accuracy=accuracy)
     if result.logged_accuracy is not None and abs(accuracy - result.logged_accuracy) > ACCURACY_TOLERANCE:
