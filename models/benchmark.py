@@ -31,7 +31,7 @@ class BenchConfig:
 class BenchResult:
     latency_ms_b1_p50: float
     latency_ms_b1_p90: float
-    throughput_ips_b256: float
+    throughput_ips_b256: float | None  # None for a model whose batch dimension is fixed at 1
     threads: int
 
 
@@ -42,7 +42,7 @@ def set_torch_threads(threads: int) -> None:
 
 
 def benchmark(load: Callable[[], Callable[[np.ndarray], np.ndarray]], images: np.ndarray,
-              config: BenchConfig = BenchConfig()) -> BenchResult:
+              config: BenchConfig = BenchConfig(), throughput: bool = True) -> BenchResult:
     """Time real, model-ready images: batch-1 latency percentiles and batch-256 throughput.
 
     `load()` returns a freshly loaded model's predict function; it is called once per batch size, so each is timed
@@ -51,7 +51,8 @@ def benchmark(load: Callable[[], Callable[[np.ndarray], np.ndarray]], images: np
     rebuilds it on every call of any other shape, so an int8 TorchScript that first ran a batch of 256 answers a
     single image about 2x slower than one that started at batch 1.
 
-    `images` needs at least one image; batches of 256 are tiled from it when fewer are given."""
+    `images` needs at least one image; batches of 256 are tiled from it when fewer are given. `throughput=False`
+    times batch 1 only (a model whose batch dimension is fixed at 1)."""
     if len(images) == 0:
         raise ValueError("benchmarking needs at least one input image")
     predict = load()
@@ -65,6 +66,9 @@ def benchmark(load: Callable[[], Callable[[np.ndarray], np.ndarray]], images: np
         start = time.perf_counter()
         predict(x)
         timings[i] = time.perf_counter() - start
+    if not throughput:
+        return BenchResult(float(np.percentile(timings, 50) * 1e3), float(np.percentile(timings, 90) * 1e3), None,
+                           config.resolved_threads)
     predict = load()
     batch = np.ascontiguousarray(np.resize(images, (BATCH_THROUGHPUT, *images.shape[1:])))
     for _ in range(max(1, config.warmup_runs // 10)):

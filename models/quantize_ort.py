@@ -33,7 +33,7 @@ class OrtStaticConfig:
     reduce_range: bool = False  # 7-bit weights, for CPUs without VNNI
     weight_rounding: str = "adaround"  # adaround (weights pre-rounded on the FP32 model) or nearest
     float_head: bool = True  # pool, dense and softmax stay float: 8-bit logits tie under argmax
-    calibration_batch_size: int = 100  # histogram calibrators need every batch the same size
+    calibration_batch_size: int = 100  # at most; the histogram calibrators need every batch the same size
 
     def __post_init__(self):
         if self.quant_format not in QUANT_FORMATS:
@@ -44,6 +44,8 @@ class OrtStaticConfig:
             raise ValueError(f"calibration_method must be one of {CALIBRATION_METHODS}")
         if self.weight_rounding not in ("adaround", "nearest"):
             raise ValueError("weight_rounding must be adaround or nearest")
+        if self.calibration_method != "Percentile" and any(k == "CalibPercentile" for k, _ in self.extra_options):
+            raise ValueError("CalibPercentile applies only to calibration_method Percentile")
 
     @property
     def backend(self) -> str:
@@ -70,21 +72,31 @@ class OrtStaticConfig:
                 f"{self.activation_dtype}{' reduce_range' if self.reduce_range else ''}{extra}; {', '.join(extras)}")
 
 
+def equal_batch_size(count: int, at_most: int) -> int:
+    """The largest batch size <= at_most that splits `count` images into equal batches: onnxruntime's histogram
+    calibrators stack the batches' outputs and fail on a short last batch, and dropping it would calibrate on fewer
+    images than recorded."""
+    return next(size for size in range(min(at_most, count), 0, -1) if count % size == 0)
+
+
 class _ArrayReader:
-    """CalibrationDataReader over fixed-size batches of model-ready inputs."""
+    """CalibrationDataReader over equal-size batches covering every model-ready calibration input."""
 
     def __init__(self, input_name: str, calibration: np.ndarray, batch_size: int, advance: Callable[[int], None]):
         self._advance = advance
-        self._batches = [b for b in batches(calibration, batch_size) if len(b) == batch_size] or [calibration]
+        self._batches = list(batches(calibration, batch_size))
         self._input_name = input_name
         self._next = 0
+        self.images = 0  # how many images calibration actually read
 
     def get_next(self):
         if self._next >= len(self._batches):
             return None
         self._next += 1
-        self._advance(len(self._batches[self._next - 1]))
-        return {self._input_name: self._batches[self._next - 1]}
+        batch = self._batches[self._next - 1]
+        self.images += len(batch)
+        self._advance(len(batch))
+        return {self._input_name: batch}
 
     def rewind(self):
         self._next = 0
@@ -95,7 +107,10 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
-    batch_size = float_model.onnx.input.batch_size or config.calibration_batch_size
+    fixed = float_model.onnx.input.batch_size
+    if fixed and len(calibration) % fixed:
+        raise ValueError(f"the model's fixed batch size {fixed} does not divide {len(calibration)} calibration images")
+    batch_size = fixed or equal_batch_size(len(calibration), config.calibration_batch_size)
     reader = _ArrayReader(float_model.onnx.input.name, calibration, batch_size, advance)
     out_dir.mkdir(parents=True, exist_ok=True)
     excluded = []
@@ -123,4 +138,4 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
         )
         path = out_dir / MODEL_FILE_NAME
         write_atomic(path, tmp_model.read_bytes())
-    return QuantizedModel(path=path, format="onnx")
+    return QuantizedModel(path=path, format="onnx", calibration_images=reader.images)

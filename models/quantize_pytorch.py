@@ -150,7 +150,8 @@ def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.n
     import torch
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    example = torch.from_numpy(calibration[:2])
+    fixed = float_model.onnx.input.batch_size  # a fixed batch dimension (1) runs everything at that size
+    example = torch.from_numpy(calibration[:fixed or 2])
     backend_config = _backend_config(config)
     source = float_model.torch_module
     if config.graph_preparation:
@@ -166,9 +167,11 @@ def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.n
             _check_kernels_accept(source, mapping, backend_config, example, config)
             module = copy.deepcopy(source)
             prepared = prepare_fx(module, mapping, example_inputs=(example,), backend_config=backend_config)
+            seen = 0
             with torch.no_grad():  # observers update their buffers in place
-                for batch in batches(calibration, config.calibration_batch_size):
+                for batch in batches(calibration, fixed or config.calibration_batch_size):
                     prepared(torch.from_numpy(batch))
+                    seen += len(batch)
                     advance(len(batch))
             quantized = convert_fx(prepared, backend_config=backend_config)
             with torch.no_grad():
@@ -179,4 +182,4 @@ def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.n
         torch.backends.quantized.engine = previous_engine
     path = out_dir / MODEL_FILE_NAME
     write_atomic(path, buffer.getvalue())
-    return QuantizedModel(path=path, format="torchscript")
+    return QuantizedModel(path=path, format="torchscript", calibration_images=seen)

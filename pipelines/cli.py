@@ -25,7 +25,7 @@ from pipelines.errors import PtqflowError
 from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL
 from pipelines.interrupts import deferred_interrupts, stop_requested
 from pipelines.progress import quiet_library_warnings
-from tracking.keys import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL, DEFAULT_REGISTERED_ONNX_MODEL
+from tracking.keys import DEFAULT_EXPERIMENT
 
 app = typer.Typer(help="Experiment-tracked post-training quantization of small image classifiers.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -45,12 +45,13 @@ DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="CIFAR-10 in the of
                                           rich_help_panel="Inputs")]
 ExperimentOpt = Annotated[str, typer.Option("--experiment", help="MLflow experiment for the runs.",
                                             rich_help_panel="Tracking")]
-RegisteredOpt = Annotated[str, typer.Option("--registered-model",
-                                            help="Registry name for the best PyTorch int8 model.",
-                                            rich_help_panel="Tracking")]
-RegisteredOnnxOpt = Annotated[str, typer.Option("--registered-onnx-model",
-                                                help="Registry name for the best ONNX Runtime int8 model.",
-                                                rich_help_panel="Tracking")]
+RegisteredOpt = Annotated[Optional[str], typer.Option(
+    "--registered-model", show_default=False, rich_help_panel="Tracking",
+    help="Registry name for the best PyTorch int8 model (default: <model file stem>-int8, e.g. resnet8-int8, "
+         "used only for versions of that FP32 model).")]
+RegisteredOnnxOpt = Annotated[Optional[str], typer.Option(
+    "--registered-onnx-model", show_default=False, rich_help_panel="Tracking",
+    help="Registry name for the best ONNX Runtime int8 model (default: <model file stem>-int8-onnx).")]
 RegisterOpt = Annotated[bool, typer.Option("--register/--no-register",
                                            help="Register the best int8 models as new registry versions.",
                                            rich_help_panel="Tracking")]
@@ -180,8 +181,8 @@ def sweep(
     variant: Annotated[Optional[list[str]], typer.Option(
         "--variant", help=f"Variant to run (repeatable; default: all of {', '.join(VARIANT_NAMES)}).")] = None,
     experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
-    registered_model: RegisteredOpt = DEFAULT_REGISTERED_MODEL,
-    registered_onnx_model: RegisteredOnnxOpt = DEFAULT_REGISTERED_ONNX_MODEL,
+    registered_model: RegisteredOpt = None,
+    registered_onnx_model: RegisteredOnnxOpt = None,
     register: RegisterOpt = True,
     calibration_size: CalSizeOpt = 1000,
     calibration_seed: CalSeedOpt = 0,
@@ -243,7 +244,7 @@ def quantize_pytorch(
     variant: Annotated[Optional[list[str]], typer.Option(
         "--variant", help=f"PyTorch variant (repeatable; default: {', '.join(PYTORCH_VARIANTS)}).")] = None,
     experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
-    registered_model: RegisteredOpt = DEFAULT_REGISTERED_MODEL,
+    registered_model: RegisteredOpt = None,
     register: RegisterOpt = True,
     calibration_size: CalSizeOpt = 1000,
     calibration_seed: CalSeedOpt = 0,
@@ -270,7 +271,7 @@ def quantize_ort(
     variant: Annotated[Optional[list[str]], typer.Option(
         "--variant", help=f"ONNX Runtime variant (repeatable; default: {', '.join(ORT_VARIANTS)}).")] = None,
     experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
-    registered_onnx_model: RegisteredOnnxOpt = DEFAULT_REGISTERED_ONNX_MODEL,
+    registered_onnx_model: RegisteredOnnxOpt = None,
     register: RegisterOpt = True,
     calibration_size: CalSizeOpt = 1000,
     calibration_seed: CalSeedOpt = 0,
@@ -321,6 +322,27 @@ def pull(
                "verified)")
     if result.accuracy is not None:
         typer.echo(f"accuracy {result.accuracy:.4f} matches the registered {result.logged_accuracy:.4f}")
+
+
+@app.command()
+@cli_errors
+def serve(
+    name: Annotated[str, typer.Argument(help="Registered model name, or NAME@ALIAS.")],
+    version: Annotated[Optional[str], typer.Option("--version", help="Version number to serve.")] = None,
+    alias: Annotated[Optional[str], typer.Option("--alias", help="Alias to serve (e.g. champion).")] = None,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")] = 5001,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    output: Annotated[Optional[Path], typer.Option("--output", help="Keep the download here (default: a temp "
+                                                                    "dir removed on exit).")] = None,
+):
+    """Serve a registered model over MLflow's REST API (/ping, /invocations), after verifying its SHA-256 and
+    setting torch's quantized engine from the version's tag; Ctrl-C stops."""
+    from pipelines.names import validate_output_dir
+    from pipelines.serve import serve as serve_model
+
+    stopped_by = serve_model(name, version, alias, host, port,
+                             validate_output_dir(output) if output is not None else None, announce=typer.echo)
+    typer.echo(f"stopped{f' ({stopped_by})' if stopped_by else ''}")
 
 
 @app.command()
@@ -383,10 +405,14 @@ def bench(
     run_id: Annotated[Optional[str], typer.Option("--run-id", help="Log the numbers to this MLflow run "
                                                                    "(one target only).")] = None,
     output: Annotated[Path, typer.Option("--output", help="Where registered models are downloaded.")] = Path("pulled"),
+    engine: Annotated[Optional[str], typer.Option("--engine", help="torch quantized engine (fbgemm, x86, ...) for "
+                                                                   "TorchScript files (default: torch's current "
+                                                                   "one); registered versions use their "
+                                                                   "'quantized_engine' tag.")] = None,
 ):
     """Batch-1 latency and batch-256 throughput, on real test images, the way the sweep measures them."""
     from models.benchmark import BenchConfig
-    from pipelines.bench import bench_files, resolve_target
+    from pipelines.bench import bench_files, resolve_targets
     from pipelines.cifar import load_cifar10
     from pipelines.errors import ConfigError
     from pipelines.tables import print_bench
@@ -394,7 +420,7 @@ def bench(
     if run_id and len(targets) != 1:
         raise ConfigError("--run-id logs one target's numbers; pass a single target")
     layout = None if input_layout is LayoutChoice.auto else input_layout.value
-    resolved = [resolve_target(t, output, layout, preprocessing.value) for t in targets]
+    resolved = resolve_targets(targets, output, layout, preprocessing.value, engine)
     images = load_cifar10(data_dir).test.images[:256]
     results = bench_files(resolved, images, BenchConfig(threads=threads))
     print_bench(results)

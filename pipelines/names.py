@@ -64,3 +64,15 @@ def validate_alias(value: str) -> str:
         raise ConfigError(f"alias {value!r} is not allowed: use letters, digits, '_' or '-' (not 'latest' or "
                           "'v<number>')")
     return value
+
+
+PYTORCH_SUFFIX = "-int8"
+ONNX_SUFFIX = "-int8-onnx"
+
+
+def registered_name_for(model_path: Path, suffix: str) -> str:
+    """The default registered-model name for a model file: its stem made safe, plus `suffix`
+    (`resnet8.onnx` → `resnet8-int8`), so models of different files never share a registry entry by default."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model_path).stem)
+    stem = re.sub(r"\.{2,}", ".", stem).strip("-._") or "model"
+    return stem[:MAX_NAME_LENGTH - len(suffix)].rstrip("-._") + suffix

@@ -21,15 +21,16 @@ import numpy as np
 
 from models.base import FloatModel, UnsupportedVariant, write_json_atomic
 from models.benchmark import BenchConfig, BenchResult, benchmark
+from models.machine import cpu_description
 from models.onnx_model import OnnxClassifier, file_sha256, load_classifier
 from pipelines import plots, report
 from pipelines.calibration import indices_digest, stratified_indices
 from pipelines.choices import LayoutChoice, Preprocessing
 from pipelines.cifar import Cifar10, Split, load_cifar10
-from pipelines.errors import ConfigError, PtqflowError
+from pipelines.errors import ConfigError, ModelError, PtqflowError
 from pipelines.evaluation import Evaluation, Fidelity, evaluate, fidelity, predict_scores
 from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL, ensure_data, ensure_model
-from pipelines.names import validate_name
+from pipelines.names import ONNX_SUFFIX, PYTORCH_SUFFIX, registered_name_for, validate_name
 from pipelines.preprocessing import InputTransform, resolve_layout
 from pipelines.progress import progress_task, say
 from pipelines.promotion import GatePolicy
@@ -38,8 +39,6 @@ from pipelines.variants import DEFAULT_VARIANTS, FP32, ONNXRUNTIME, PYTORCH, Var
 from tracking import runs
 from tracking.keys import (
     DEFAULT_EXPERIMENT,
-    DEFAULT_REGISTERED_MODEL,
-    DEFAULT_REGISTERED_ONNX_MODEL,
     Artifact,
     Metric,
     Param,
@@ -49,7 +48,7 @@ from tracking.keys import (
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FP32_AGREEMENT_WARNING = 0.999  # torch vs ORT FP32 top-1 agreement below this is tagged as a warning
-TRACKED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnx2torch", "mlflow", "numpy")
+TRACKED_PACKAGES = ("ptqflow", "torch", "onnx", "onnxruntime", "onnx2torch", "mlflow", "numpy")
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,9 @@ class SweepOptions:
     data_dir: Path = DEFAULT_DATA_DIR
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     experiment: str = DEFAULT_EXPERIMENT
-    registered_model: str = DEFAULT_REGISTERED_MODEL
-    registered_onnx_model: str = DEFAULT_REGISTERED_ONNX_MODEL
+    # None: `<model file stem>-int8` / `<stem>-int8-onnx`, and only for versions of this FP32 model
+    registered_model: str | None = None
+    registered_onnx_model: str | None = None
     register: bool = True
     calibration_size: int = 1000
     calibration_seed: int = 0
@@ -88,6 +88,12 @@ class SweepOptions:
         if self.test_limit is not None and self.test_limit < 0:
             raise ConfigError(f"--test-limit must be positive (0 = all), got {self.test_limit}")
 
+    def registered_names(self) -> dict[str, tuple[str, bool]]:
+        """Framework → (registered model name, whether the user named it explicitly)."""
+        return {framework: (explicit, True) if explicit else (registered_name_for(self.model_path, suffix), False)
+                for framework, explicit, suffix in ((PYTORCH, self.registered_model, PYTORCH_SUFFIX),
+                                                    (ONNXRUNTIME, self.registered_onnx_model, ONNX_SUFFIX))}
+
 
 @dataclass(frozen=True)
 class SweepInputs:
@@ -108,6 +114,9 @@ class SweepInputs:
 def prepare_inputs(options: SweepOptions) -> SweepInputs:
     """Load and validate model and data, build the calibration set. Raises PtqflowError on bad input."""
     model = load_classifier(ensure_model(options.model_path, options.fetch_missing, options.resnet8_url))
+    if model.input.batch_size not in (None, 1):
+        raise ModelError(f"{model.path}: the input's batch dimension is fixed at {model.input.batch_size}; ptqflow "
+                         "runs models with a dynamic batch dimension or a batch of 1: re-export the model with one")
     data = load_cifar10(ensure_data(options.data_dir, options.fetch_missing, options.cifar10_url,
                                   options.cifar10_md5))
     transform = InputTransform(resolve_layout(options.input_layout, model.input.layout), options.preprocessing)
@@ -174,12 +183,6 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _quantized_engine() -> str:
-    import torch
-
-    return torch.backends.quantized.engine
-
-
 class Sweep:
     """One sweep: owns the parent run and runs each variant as a child run."""
 
@@ -188,27 +191,32 @@ class Sweep:
         self.inputs = inputs
         self.timer = timer or PhaseTimer()
         self.work_dir = work_dir
-        self.float_model = FloatModel.for_runtimes(inputs.model, work_dir)
+        self.float_model = FloatModel.for_runtimes(inputs.model, work_dir)  # the FP32 reference, as the user gave it
+        # What the variants quantize: the same function with BatchNormalization folded and every node named, made in
+        # the convert phase (AdaRound's grid must be the one the backends see, so no backend folds after it).
+        self.quantization_source = self.float_model
         self.specs = select(options.variants, options.ort_per_channel, options.ort_calibration_method,
                             options.weight_rounding)
         self.versions = package_versions()
+        self.commit = git_commit()
         self.example_input = inputs.transform(inputs.test.images[:1])
         self.reference: Evaluation | None = None
         self.reference_bench: BenchResult | None = None
         self.bench_config = BenchConfig()
+        self.eval_batch = inputs.model.input.batch_size or 500  # a fixed batch dimension (1) is used everywhere
         # A few hundred real test images, model-ready, reused by every benchmark.
         self.bench_images = inputs.transform(inputs.test.images[:256])
 
     # ---- shared run metadata -------------------------------------------------------------------------------
     def _common_tags(self, parent_run_id: str | None) -> dict[str, str]:
-        tags = {Tag.MODEL_SHA256: self.inputs.model.sha256,
+        cpu_model, cpu_isa = cpu_description()
+        tags = {Tag.MODEL_SHA256: self.inputs.model.sha256, Tag.CPU_MODEL: cpu_model, Tag.CPU_INT8_ISA: cpu_isa,
                 Tag.DATASET_DIGEST: self.inputs.data.digest,
                 Tag.CALIBRATION_DIGEST: self.inputs.calibration_digest,
                 **runs.process_tags(),
                 **{Tag.VERSION_PREFIX + k: v for k, v in self.versions.items()}}
-        commit = git_commit()
-        if commit:
-            tags[Tag.GIT_COMMIT] = commit
+        if self.commit:
+            tags[Tag.GIT_COMMIT] = self.commit
         if parent_run_id:
             tags[Tag.SWEEP_RUN_ID] = parent_run_id
         return tags
@@ -220,11 +228,13 @@ class Sweep:
         if spec is None:
             return {P.VARIANT: FP32, P.FRAMEWORK: ONNXRUNTIME, P.BACKEND: "onnxruntime-cpu",
                     P.WEIGHT_DTYPE: "float32", P.ACTIVATION_DTYPE: "float32", P.QUANT_FORMAT: "none",
-                    P.PER_CHANNEL: False, P.CALIBRATION_METHOD: "none", P.QCONFIG: "none (FP32 reference)", **common}
+                    P.PER_CHANNEL: False, P.CALIBRATION_METHOD: "none", P.WEIGHT_ROUNDING: "none",
+                    P.QCONFIG: "none (FP32 reference)", **common}
         return {P.VARIANT: spec.name, P.FRAMEWORK: spec.framework, P.BACKEND: spec.config.backend,
                 P.WEIGHT_DTYPE: spec.weight_dtype, P.ACTIVATION_DTYPE: spec.activation_dtype,
                 P.QUANT_FORMAT: spec.quant_format, P.PER_CHANNEL: spec.config.per_channel,
-                P.CALIBRATION_METHOD: spec.calibration_method, P.QCONFIG: spec.config.qconfig_summary(), **common}
+                P.CALIBRATION_METHOD: spec.calibration_method, P.WEIGHT_ROUNDING: spec.config.weight_rounding,
+                P.QCONFIG: spec.config.qconfig_summary(), **common}
 
     def _log_datasets(self) -> None:
         data, source = self.inputs.data, str(self.inputs.data.root.resolve())
@@ -241,7 +251,7 @@ class Sweep:
             runs.set_tags(self._common_tags(parent_run_id))
             runs.log_params(self._variant_params(None))
             self._log_datasets()
-            batch = self.inputs.model.input.batch_size or 500
+            batch = self.eval_batch
             with self.timer.phase("evaluate"):
                 ort_scores = predict_scores(OrtRunner(self.float_model.onnx.path), test.images, transform,
                                             "FP32 onnxruntime", batch)
@@ -283,25 +293,30 @@ class Sweep:
         """The FP32 model whose weights this variant quantizes: AdaRound-ed onto its grid when it asks for that."""
         scheme = spec.config.adaround_scheme
         if scheme is None:
-            return self.float_model
+            return self.quantization_source
         with self.timer.phase("adaround"), progress_task(f"AdaRound weights ({scheme})", total=1) as advance:
-            return self.float_model.with_adarounded_weights(scheme, self.inputs.calibration,
-                                                            self.inputs.calibration_digest, advance,
-                                                            iterations=self.options.adaround_iterations)
+            return self.quantization_source.with_adarounded_weights(
+                scheme, self.inputs.calibration, self.inputs.calibration_digest, advance,
+                iterations=self.options.adaround_iterations,
+                context={"layout": self.inputs.transform.layout,
+                         "preprocessing": self.inputs.transform.preprocessing.value})
 
     def _bench(self, load, name: str) -> BenchResult:
         """Time the model file as a user loads it: `load()` gives a fresh predict (see models.benchmark)."""
         with self.timer.phase("bench"), progress_task(f"benchmarking {name}", total=1) as advance:
-            result = benchmark(load, self.bench_images, self.bench_config)
+            result = benchmark(load, self.bench_images, self.bench_config,
+                               throughput=not self.inputs.model.input.batch_size)
             advance()
         return result
 
     def _log_bench(self, bench: BenchResult) -> None:
         M = Metric
-        metrics = {M.LATENCY_MS_B1_P50: bench.latency_ms_b1_p50, M.LATENCY_MS_B1_P90: bench.latency_ms_b1_p90,
-                   M.THROUGHPUT_IPS_B256: bench.throughput_ips_b256}
-        if self.reference_bench:
+        metrics = {M.LATENCY_MS_B1_P50: bench.latency_ms_b1_p50, M.LATENCY_MS_B1_P90: bench.latency_ms_b1_p90}
+        if bench.throughput_ips_b256 is not None:
+            metrics[M.THROUGHPUT_IPS_B256] = bench.throughput_ips_b256
+        if self.reference_bench and bench.throughput_ips_b256 is not None:
             metrics[M.SPEEDUP_VS_FP32] = bench.throughput_ips_b256 / self.reference_bench.throughput_ips_b256
+        if self.reference_bench:
             metrics[M.LATENCY_RATIO_VS_FP32] = bench.latency_ms_b1_p50 / self.reference_bench.latency_ms_b1_p50
         runs.log_metrics(metrics)
         runs.log_params({Param.BENCH_THREADS: bench.threads})
@@ -323,7 +338,9 @@ class Sweep:
                    "config": _config_payload(spec.config), "test_images": len(self.inputs.test),
                    "layout": self.inputs.transform.layout, "preprocessing": self.inputs.transform.preprocessing.value,
                    "bench": self.options.bench, "adaround_iterations": self.options.adaround_iterations,
-                   "versions": {k: self.versions[k] for k in ("torch", "onnxruntime", "onnx2torch", "onnx")}}
+                   "versions": {k: self.versions[k] for k in ("torch", "onnxruntime", "onnx2torch", "onnx")},
+                   # ptqflow's own code: after a fix, an old run is not "the same"
+                   "ptqflow": {"version": self.versions["ptqflow"], "git_commit": self.commit}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     def _reuse(self, spec: VariantSpec, run) -> VariantOutcome:
@@ -333,7 +350,7 @@ class Sweep:
         m, tags = run.data.metrics, run.data.tags
         bench = None
         if M.LATENCY_MS_B1_P50 in m:
-            bench = BenchResult(m[M.LATENCY_MS_B1_P50], m[M.LATENCY_MS_B1_P90], m[M.THROUGHPUT_IPS_B256],
+            bench = BenchResult(m[M.LATENCY_MS_B1_P50], m[M.LATENCY_MS_B1_P90], m.get(M.THROUGHPUT_IPS_B256),
                                 int(run.data.params.get(Param.BENCH_THREADS, 0)))
         per_class = load_json_artifact(run.info.run_id, Artifact.PER_CLASS_ACCURACY)
         say(f"[green]↺[/] {spec.name}: reused finished run {run.info.run_id} (same inputs)")
@@ -385,7 +402,7 @@ class Sweep:
         return outcome
 
     def _quantize_and_log(self, spec: VariantSpec, outcome: VariantOutcome) -> None:
-        from models.runtime import OrtRunner, TorchRunner, load_runner
+        from models.runtime import OrtRunner, TorchRunner, load_runner, set_quantized_engine
 
         A, M, T = Artifact, Metric, Tag
         outcome.input_key = self.input_key(spec)
@@ -405,14 +422,17 @@ class Sweep:
             import torch
 
             # Evaluate and register the exact file users get, loaded the way they load it.
+            # Under the engine it was built for: TorchScript int8 modules repack their weights for the engine that is
+            # current when they load, so fbgemm and x86 variants are measured on their own kernels.
+            outcome.quantized_engine = spec.config.backend
+            set_quantized_engine(outcome.quantized_engine)
             script = torch.jit.load(str(quantized.path))
             with torch.no_grad():  # a float head keeps parameters that require grad
                 example_out = script(torch.from_numpy(self.example_input)).numpy()
             model_file = runs.save_torchscript_model(script, model_dir, self.example_input, example_out,
                                                           [f"torch=={self.versions['torch']}",
                                                            f"numpy=={self.versions['numpy']}"])
-            runner = TorchRunner.from_torchscript(model_file)
-            outcome.quantized_engine = _quantized_engine()
+            runner = TorchRunner.from_torchscript(model_file, outcome.quantized_engine)
             runs.set_tags({T.QUANTIZED_ENGINE: outcome.quantized_engine})
         else:
             runner = OrtRunner(quantized.path)
@@ -420,7 +440,7 @@ class Sweep:
             model_file = runs.save_onnx_model(quantized.path, model_dir, self.example_input, example_out,
                                                    self._onnx_requirements())
             runner = OrtRunner(model_file)
-        batch = self.inputs.model.input.batch_size or 500
+        batch = self.eval_batch
         with self.timer.phase("evaluate"):
             scores = predict_scores(runner, self.inputs.test.images, self.inputs.transform,
                                     f"evaluating {spec.name}", batch)
@@ -438,14 +458,16 @@ class Sweep:
         runs.log_json(outcome.evaluation.per_class_accuracy, A.PER_CLASS_ACCURACY)
         self._log_confusion_matrix(spec.name, outcome.evaluation)
         if self.options.bench:
-            outcome.bench = self._bench(lambda: load_runner(model_file).predict, spec.name)
+            outcome.bench = self._bench(lambda: load_runner(model_file, engine=outcome.quantized_engine or None).predict,
+                                        spec.name)
             self._log_bench(outcome.bench)
         runs.log_metrics({
             M.ACCURACY: outcome.evaluation.accuracy,
             M.ACCURACY_DELTA_PP: 100 * (outcome.evaluation.accuracy - self.reference.accuracy),
             M.TOP1_AGREEMENT: outcome.fidelity.top1_agreement, M.KL_DIVERGENCE: outcome.fidelity.kl_divergence,
             M.SQNR_DB: outcome.fidelity.sqnr_db, M.MODEL_SIZE_BYTES: size,
-            M.COMPRESSION_RATIO: self.inputs.model.size_bytes / size, M.TEST_IMAGES: len(self.inputs.test)})
+            M.COMPRESSION_RATIO: self.inputs.model.size_bytes / size, M.TEST_IMAGES: len(self.inputs.test),
+            M.CALIBRATION_IMAGES_USED: quantized.calibration_images})
         runs.set_tags({T.STATUS: T.STATUS_OK})
 
     # ---- registry ------------------------------------------------------------------------------------------
@@ -453,8 +475,7 @@ class Sweep:
         from tracking import registry
 
         registered = []
-        for framework, name in ((PYTORCH, self.options.registered_model),
-                                (ONNXRUNTIME, self.options.registered_onnx_model)):
+        for framework, (name, _) in self.options.registered_names().items():
             candidates = [o for o in outcomes if o.framework == framework and o.status == "ok" and o.name != FP32
                           and o.spec is not None and o.spec.weight_dtype == "int8"]
             if not candidates:
@@ -466,13 +487,13 @@ class Sweep:
                     V.ACCURACY_DELTA_PP: f"{100 * (best.evaluation.accuracy - self.reference.accuracy):.4f}",
                     V.TOP1_AGREEMENT: f"{best.fidelity.top1_agreement:.6f}", V.VARIANT: best.name,
                     V.SOURCE_RUN_ID: best.run_id, V.SHA256: best.model_sha256, V.MODEL_FILE: best.model_file_in_artifacts,
-                    V.TEST_IMAGES: str(len(self.inputs.test)), V.DATASET_DIGEST: self.inputs.data.digest,
-                    V.INPUT_LAYOUT: self.inputs.transform.layout,
-                    V.PREPROCESSING: self.inputs.transform.preprocessing.value}
+                    **self._measured_on()}
             if best.input_key:
                 tags[V.INPUT_KEY] = best.input_key
             if best.quantized_engine:
                 tags[V.QUANTIZED_ENGINE] = best.quantized_engine
+            if self.inputs.model.input.batch_size:
+                tags[V.INPUT_BATCH] = str(self.inputs.model.input.batch_size)
             if best.bench:
                 tags[V.LATENCY_MS_B1] = f"{best.bench.latency_ms_b1_p50:.4f}"
             description = (f"{best.name}: {self.inputs.model.path.name} quantized by ptqflow. Top-1 accuracy "
@@ -486,31 +507,38 @@ class Sweep:
                 "that agrees most often with the FP32 model's top-1. Alias @champion marks the version that passed "
                 "the promotion gate and beat the previous champion; each version's tags give its accuracy, "
                 "agreement, latency, SHA-256 and source run.")
+            champion = self._champion(name)  # read before registering: a failed read leaves no undecided version
             version = registry.register(f"runs:/{best.run_id}/{Artifact.LOGGED_MODEL_NAME}", name, tags,
                                         description, model_description)
             runs.set_run_tags(best.run_id, {Tag.REGISTERED_VERSION: f"{name}/{version.version}"})
             say(f"[green]✓[/] registered {best.name} as [bold]{name}[/] version {version.version}")
-            self._gate(name, version.version, best)
+            self._gate(name, version.version, tags, champion)
             registered.append(version)
         return registered
 
-    def _gate(self, name: str, version: str, best: VariantOutcome) -> None:
-        """Move the champion alias to the new version only if it passes the gate and beats the champion."""
+    def _measured_on(self) -> dict[str, str]:
+        """What this sweep's numbers were measured on; the gate compares only versions that agree on all of it."""
+        V = VersionTag
+        return {V.FP32_MODEL_SHA256: self.inputs.model.sha256, V.DATASET_DIGEST: self.inputs.data.digest,
+                V.TEST_IMAGES: str(len(self.inputs.test)), V.INPUT_LAYOUT: self.inputs.transform.layout,
+                V.PREPROCESSING: self.inputs.transform.preprocessing.value}
+
+    @staticmethod
+    def _champion(name: str):
+        """The current champion as the registry records it, or None; a read error raises (never "no champion")."""
+        from pipelines.promotion import CHAMPION_ALIAS, Candidate
+        from tracking import aliases
+
+        current = aliases.alias_target(name, CHAMPION_ALIAS)
+        return Candidate.from_tags(str(current.version), current.tags) if current is not None else None
+
+    def _gate(self, name: str, version: str, tags: dict[str, str], champion) -> None:
+        """Move the champion alias to the new version only if it passes the gate and beats the champion, both
+        read as the registry records them."""
         from pipelines.promotion import CHAMPION_ALIAS, Candidate, decide
         from tracking import aliases
-        V = VersionTag
 
-        candidate = Candidate(version, 100 * (best.evaluation.accuracy - self.reference.accuracy),
-                              best.fidelity.top1_agreement, best.bench.latency_ms_b1_p50 if best.bench else None,
-                              best.model_sha256, best.input_key)
-        current = aliases.alias_target(name, CHAMPION_ALIAS)
-        champion = None
-        if current is not None and V.TOP1_AGREEMENT in current.tags:
-            latency = current.tags.get(V.LATENCY_MS_B1)
-            champion = Candidate(str(current.version), float(current.tags.get(V.ACCURACY_DELTA_PP, 0.0)),
-                                 float(current.tags[V.TOP1_AGREEMENT]), float(latency) if latency else None,
-                                 current.tags.get(V.SHA256), current.tags.get(V.INPUT_KEY))
-        decision = decide(candidate, champion, self.options.gate)
+        decision = decide(Candidate.from_tags(version, tags), champion, self.options.gate)
         if decision.promote:
             aliases.set_alias(name, CHAMPION_ALIAS, version)
         aliases.record_decision(name, version, "promoted" if decision.promote else "rejected", decision.reason,
@@ -549,8 +577,13 @@ class Sweep:
             runs.log_json({"indices": self.inputs.calibration_indices.tolist(),
                                 "sha256": self.inputs.calibration_digest}, Artifact.CALIBRATION_INDICES)
             with self.timer.phase("convert"):  # each backend's starting point, made once for all variants
-                self.float_model.prepare(torch=True,
-                                         onnxruntime=any(spec.framework == ONNXRUNTIME for spec in self.specs))
+                self.float_model.prepare(torch=True, onnxruntime=False)
+                if self.specs:
+                    self.quantization_source = self.float_model.for_quantization()
+                    self.quantization_source.prepare(
+                        torch=any(spec.framework == PYTORCH for spec in self.specs),
+                        onnxruntime=any(spec.framework == ONNXRUNTIME for spec in self.specs))
+                    runs.log_params({P.BATCHNORMS_FOLDED: self.quantization_source.folded_batch_norms})
             outcomes = [self.run_fp32(experiment_id, parent_run_id)]
             outcomes += [self.run_variant(spec, experiment_id, parent_run_id) for spec in self.specs]
             with self.timer.phase("register"):
@@ -603,7 +636,7 @@ class Sweep:
             compression_ratio=self.inputs.model.size_bytes / size if size else None, reason=o.reason, run_id=o.run_id,
             latency_ms_b1=o.bench.latency_ms_b1_p50 if o.bench else None,
             speedup_vs_fp32=(o.bench.throughput_ips_b256 / self.reference_bench.throughput_ips_b256
-                             if o.bench and self.reference_bench else None))
+                             if o.bench and self.reference_bench and o.bench.throughput_ips_b256 else None))
 
 
 class VariantsFailed(PtqflowError):
@@ -626,11 +659,31 @@ def _config_payload(config) -> dict:
     return payload
 
 
+def check_registry_targets(options: SweepOptions, specs: list[VariantSpec], model_sha256: str) -> None:
+    """Refuse, before any run starts, to add versions to a default-named registered model whose versions were
+    quantized from another FP32 model: a name the user did not choose must not mix models."""
+    if not options.register:
+        return
+    from tracking.registry import source_model_digests
+
+    frameworks = {spec.framework for spec in specs}
+    for framework, (name, explicit) in options.registered_names().items():
+        if explicit or framework not in frameworks:
+            continue
+        others = source_model_digests(name) - {model_sha256}
+        if others:
+            flag = "--registered-model" if framework == PYTORCH else "--registered-onnx-model"
+            raise ConfigError(f"registered model '{name}' holds versions of another FP32 model (SHA-256 "
+                              f"{sorted(others)[0][:12]}…, this one is {model_sha256[:12]}…); pass {flag} NAME to "
+                              "choose where this model's versions go")
+
+
 def run_sweep(options: SweepOptions) -> SweepResult:
     """Prepare inputs, then run the sweep in a scratch directory that is removed afterwards."""
     timer = PhaseTimer()
     with timer.phase("load"):
         inputs = prepare_inputs(options)
+    check_registry_targets(options, select(options.variants), inputs.model.sha256)
     with tempfile.TemporaryDirectory(prefix="ptqflow-sweep-") as work_dir:
         result = Sweep(options, inputs, Path(work_dir), timer).run()
     result.phase_seconds = timer.summary()

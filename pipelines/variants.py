@@ -89,8 +89,14 @@ def select(names: tuple[str, ...] | list[str], ort_per_channel: bool | None = No
                 overrides["per_channel"] = ort_per_channel
             if ort_calibration_method is not None:
                 overrides["calibration_method"] = ort_calibration_method
+                if ort_calibration_method != "Percentile":  # the percentile option would be recorded, not used
+                    overrides["extra_options"] = tuple((k, v) for k, v in spec.config.extra_options
+                                                       if k != "CalibPercentile")
             spec = replace(spec, config=replace(spec.config, **overrides))
         if weight_rounding is not None:
             spec = replace(spec, config=replace(spec.config, weight_rounding=weight_rounding))
+        if spec.config.weight_rounding == "adaround" and spec.config.adaround_scheme is None:
+            # No AdaRound grid matches this backend's weight scheme, so the quantizer rounds: record what runs.
+            spec = replace(spec, config=replace(spec.config, weight_rounding="nearest"))
         specs.append(spec)
     return specs

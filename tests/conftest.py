@@ -35,14 +35,15 @@ def cifar_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, cifar_dir) -> Path:
-    """The tiny NHWC CNN with its dense head fitted to the fixture's training images."""
+    """The tiny NHWC CNN with its dense head fitted to the fixture's training images. Named like the default model,
+    so its registered names are the default ones (resnet8-int8, resnet8-int8-onnx)."""
     import onnx
 
     from pipelines.cifar import load_cifar10
 
     train = load_cifar10(cifar_dir).train
     model = fit_dense_head(tiny_cnn(), train.images.transpose(0, 2, 3, 1).astype(np.float32), train.labels)
-    path = tmp_path_factory.mktemp("models") / "tiny.onnx"
+    path = tmp_path_factory.mktemp("models") / "resnet8.onnx"
     onnx.save(model, str(path))
     return path
 

@@ -62,7 +62,7 @@ def test_phase_timer_counts_nested_blocks_once():
 def test_bench_command_on_a_model_file(tiny_model, cifar_dir):
     result = CliRunner().invoke(app, ["bench", str(tiny_model), "--data-dir", str(cifar_dir), "--threads", "1"])
     assert result.exit_code == 0, result.output
-    assert "tiny.onnx" in result.stdout and "b256 img/s" in result.stdout
+    assert "resnet8.onnx" in result.stdout and "b256 img/s" in result.stdout
 
 
 def test_bench_command_refuses_run_id_with_several_targets(tiny_model, cifar_dir):

@@ -12,23 +12,30 @@ from pipelines.promotion import Candidate, GatePolicy, decide
 from tracking.keys import VersionTag
 
 POLICY = GatePolicy(max_accuracy_drop_pp=0.5, min_agreement=0.97)
+SAME_JOB = ((VersionTag.FP32_MODEL_SHA256, "a" * 64), (VersionTag.DATASET_DIGEST, "d" * 64),
+            (VersionTag.TEST_IMAGES, "10000"), (VersionTag.INPUT_LAYOUT, "NHWC"), (VersionTag.PREPROCESSING, "raw"))
+
+
+def C(version, delta, agreement, latency=None, sha256=None, input_key=None) -> Candidate:
+    """A version measured on the same job as the others in the table."""
+    return Candidate(version, delta, agreement, latency, sha256, input_key, SAME_JOB)
 
 
 @pytest.mark.parametrize("candidate,champion,promote,reason", [
-    (Candidate("2", -0.6, 0.99), None, False, "accuracy drop"),
-    (Candidate("2", -0.1, 0.96), None, False, "below"),
-    (Candidate("2", -0.1, 0.975), None, True, "no champion yet"),
-    (Candidate("2", 0.0, 0.98), Candidate("1", 0.0, 0.975), True, "beats champion v1"),
-    (Candidate("2", 0.0, 0.975), Candidate("1", 0.0, 0.98), False, "does not beat"),
-    (Candidate("2", 0.0, 0.98, 0.10), Candidate("1", 0.0, 0.98, 0.20), True, "faster"),
-    (Candidate("2", 0.0, 0.98, 0.30), Candidate("1", 0.0, 0.98, 0.20), False, "does not beat"),
+    (C("2", -0.6, 0.99), None, False, "accuracy drop"),
+    (C("2", -0.1, 0.96), None, False, "below"),
+    (C("2", -0.1, 0.975), None, True, "no champion yet"),
+    (C("2", 0.0, 0.98), C("1", 0.0, 0.975), True, "beats champion v1"),
+    (C("2", 0.0, 0.975), C("1", 0.0, 0.98), False, "does not beat"),
+    (C("2", 0.0, 0.98, 0.10), C("1", 0.0, 0.98, 0.20), True, "faster"),
+    (C("2", 0.0, 0.98, 0.30), C("1", 0.0, 0.98, 0.20), False, "does not beat"),
     # A tie needs a clear latency gain (default 25%), not run-to-run noise.
-    (Candidate("2", 0.0, 0.98, 0.17), Candidate("1", 0.0, 0.98, 0.20), False, "does not beat"),
-    (Candidate("2", 0.0, 0.98, 0.15), Candidate("1", 0.0, 0.98, 0.20), True, "faster"),
+    (C("2", 0.0, 0.98, 0.17), C("1", 0.0, 0.98, 0.20), False, "does not beat"),
+    (C("2", 0.0, 0.98, 0.15), C("1", 0.0, 0.98, 0.20), True, "faster"),
     # The same file again (a re-run with the same inputs) never takes the alias, however it timed.
-    (Candidate("2", 0.0, 0.99, 0.10, "ab" * 32), Candidate("1", 0.0, 0.98, 0.20, "ab" * 32), False, "same model file"),
-    (Candidate("2", 0.0, 0.99, 0.10, "ab" * 32), Candidate("1", 0.0, 0.98, 0.20, "cd" * 32), True, "beats"),
-    (Candidate("2", 0.0, 0.99, 0.10, "ab" * 32, "k1"), Candidate("1", 0.0, 0.98, 0.20, "cd" * 32, "k1"), False,
+    (C("2", 0.0, 0.99, 0.10, "ab" * 32), C("1", 0.0, 0.98, 0.20, "ab" * 32), False, "same model file"),
+    (C("2", 0.0, 0.99, 0.10, "ab" * 32), C("1", 0.0, 0.98, 0.20, "cd" * 32), True, "beats"),
+    (C("2", 0.0, 0.99, 0.10, "ab" * 32, "k1"), C("1", 0.0, 0.98, 0.20, "cd" * 32, "k1"), False,
      "same inputs"),
 ])
 def test_gate_decisions(candidate, champion, promote, reason):

@@ -6,15 +6,21 @@ import mlflow
 
 from pipelines.errors import TrackingError
 from tracking.keys import VersionTag
-from tracking.runs import client, tracking_uri
+from tracking.runs import client, refused_credentials, tracking_uri
 
 
 def alias_target(name: str, alias: str):
-    """The ModelVersion the alias points to, or None."""
+    """The ModelVersion the alias points to, or None when the model or the alias does not exist. Any other failure
+    (permission, a server error) raises: a gate that read it as "no champion yet" would crown anything."""
     try:
         return client().get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
-        return None
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (  # no such model / no such alias (MLflow's own words)
+                exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {alias} not found" in exc.message):
+            return None
+        raise refused_credentials(exc) or TrackingError(
+            f"cannot read @{alias} of {name} at {tracking_uri()}: {exc.message.splitlines()[0]}; the promotion gate "
+            "does not decide without it") from exc
 
 
 def set_alias(name: str, alias: str, version: str) -> None:

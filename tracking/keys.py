@@ -4,6 +4,7 @@ Defined once here so the sweep, the reports, the pull command and the tests cann
 """
 
 DEFAULT_EXPERIMENT = "resnet8-quantization"
+# Registered names follow the model file (pipelines.names.registered_name_for); these are the default model's.
 DEFAULT_REGISTERED_MODEL = "resnet8-int8"
 DEFAULT_REGISTERED_ONNX_MODEL = "resnet8-int8-onnx"
 
@@ -17,6 +18,7 @@ class Param:
     QUANT_FORMAT = "quant_format"
     PER_CHANNEL = "per_channel"
     CALIBRATION_METHOD = "calibration_method"
+    WEIGHT_ROUNDING = "weight_rounding"  # what ran: adaround only where a grid matched the backend's weights
     CALIBRATION_SIZE = "calibration_size"
     CALIBRATION_SEED = "calibration_seed"
     INPUT_LAYOUT = "input_layout"
@@ -27,12 +29,13 @@ class Param:
     TEST_LIMIT = "test_limit"
     VARIANTS = "variants"
     BENCH_THREADS = "bench_threads"
+    BATCHNORMS_FOLDED = "batchnorms_folded"  # BatchNormalization nodes folded into their Conv before quantization
     MAX_ACCURACY_DROP_PP = "gate_max_accuracy_drop_pp"
     MIN_AGREEMENT = "gate_min_agreement"
 
     VARIANT_PARAMS = (
         VARIANT, FRAMEWORK, BACKEND, WEIGHT_DTYPE, ACTIVATION_DTYPE, QUANT_FORMAT, PER_CHANNEL,
-        CALIBRATION_METHOD, CALIBRATION_SIZE, CALIBRATION_SEED, INPUT_LAYOUT, PREPROCESSING, QCONFIG,
+        CALIBRATION_METHOD, WEIGHT_ROUNDING, CALIBRATION_SIZE, CALIBRATION_SEED, INPUT_LAYOUT, PREPROCESSING, QCONFIG,
     )
 
 
@@ -46,6 +49,7 @@ class Metric:
     COMPRESSION_RATIO = "compression_ratio"
     TORCH_ORT_AGREEMENT = "fp32_torch_vs_ort_agreement"
     TEST_IMAGES = "test_images"
+    CALIBRATION_IMAGES_USED = "calibration_images_used"  # counted by the backend as its observers ran
     LATENCY_MS_B1_P50 = "latency_ms_b1_p50"
     LATENCY_MS_B1_P90 = "latency_ms_b1_p90"
     THROUGHPUT_IPS_B256 = "throughput_ips_b256"
@@ -73,6 +77,8 @@ class Tag:
     DATASET_DIGEST = "ptqflow.dataset_sha256"
     CALIBRATION_DIGEST = "ptqflow.calibration_indices_sha256"
     GIT_COMMIT = "ptqflow.git_commit"
+    CPU_MODEL = "ptqflow.cpu_model"  # results without reduce_range depend on the CPU's int8 instructions
+    CPU_INT8_ISA = "ptqflow.cpu_int8_isa"  # e.g. "avx2,avx512_vnni"; "none" when it has none of them
     PID = "ptqflow.pid"
     HOST = "ptqflow.host"
     SWEEP_RUN_ID = "ptqflow.sweep_run_id"
@@ -107,8 +113,10 @@ class VersionTag:
     QUANTIZED_ENGINE = "quantized_engine"
     TEST_IMAGES = "test_images"
     DATASET_DIGEST = "dataset_sha256"
+    FP32_MODEL_SHA256 = "fp32_model_sha256"  # the FP32 model the version was quantized from and compared with
     INPUT_LAYOUT = "input_layout"
     PREPROCESSING = "preprocessing"
+    INPUT_BATCH = "input_batch"  # only for a model whose batch dimension is fixed (at 1)
     LATENCY_MS_B1 = "latency_ms_b1_p50"
     PROMOTION_DECISION = "promotion_decision"  # promoted, rejected or manual
     PROMOTION_REASON = "promotion_reason"

@@ -66,3 +66,31 @@ def download(version: RegisteredVersion, destination: Path) -> Path:
         raise refused_credentials(exc) or TrackingError(
             f"cannot download {version.name} version {version.version}: {exc.message.splitlines()[0]}") from exc
     return Path(local)
+
+
+def source_model_digests(name: str) -> set[str]:
+    """SHA-256 of the FP32 model each version of `name` was quantized from (from the version's tag, or for versions
+    registered before that tag existed, from its source run); empty when `name` does not exist."""
+    from tracking.keys import Tag, VersionTag
+
+    c = client()
+    try:
+        versions = c.search_model_versions(f"name = '{name}'")
+        digests = set()
+        for mv in versions:
+            digest = (mv.tags or {}).get(VersionTag.FP32_MODEL_SHA256)
+            if digest is None and mv.run_id:
+                digest = _run_tag(c, mv.run_id, Tag.MODEL_SHA256)
+            if digest:
+                digests.add(digest)
+    except mlflow.exceptions.MlflowException as exc:
+        raise refused_credentials(exc) or TrackingError(
+            f"cannot read the versions of '{name}' at {tracking_uri()}: {exc.message.splitlines()[0]}") from exc
+    return digests
+
+
+def _run_tag(c, run_id: str, key: str) -> str | None:
+    try:
+        return c.get_run(run_id).data.tags.get(key)
+    except mlflow.exceptions.MlflowException:  # the source run was deleted: nothing recorded to go by
+        return None
