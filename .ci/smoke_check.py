@@ -1,5 +1,6 @@
-"""CI smoke check: the latest sweep in the store has a FINISHED run with metrics for every int8/uint8 variant,
-the PyTorch uint8 refusal on record, and registered versions. Exits non-zero with the reason otherwise."""
+"""CI smoke check: the latest sweep in the store has a FINISHED run with metrics for every int8/uint8 variant, each
+within the accuracy limits below, the PyTorch uint8 refusal on record, and registered versions. Exits non-zero with
+the reason otherwise."""
 
 import os
 import sys
@@ -14,6 +15,27 @@ from tracking import runs  # noqa: E402
 from tracking.keys import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL, DEFAULT_REGISTERED_ONNX_MODEL, Metric, Tag  # noqa: E402
 
 UNSUPPORTED = {"pytorch-fx-uint8"}
+# Accuracy limits every int8/uint8 variant must meet on the CI smoke sweep (the real ResNet8, first 2,000 test
+# images), where the variants measure 98.3-98.9% top-1 agreement with FP32.
+MAX_ABS_ACCURACY_DELTA_PP = 0.5  # |accuracy - FP32 accuracy|, percentage points
+MIN_TOP1_AGREEMENT = 0.975  # share of test images whose top-1 class matches FP32's
+
+
+def accuracy_problems(name: str, metrics: dict) -> list[str]:
+    """The variant's breaches of the accuracy limits, each naming the numbers; a missing metric is one too."""
+    missing = [k for k in (Metric.ACCURACY_DELTA_PP, Metric.TOP1_AGREEMENT) if k not in metrics]
+    if missing:
+        return [f"{name}: no {', '.join(missing)} metric"]
+    delta, agreement = metrics[Metric.ACCURACY_DELTA_PP], metrics[Metric.TOP1_AGREEMENT]
+    problems = []
+    if not abs(delta) <= MAX_ABS_ACCURACY_DELTA_PP:  # (also catches NaN)
+        accuracy = metrics.get(Metric.ACCURACY, float("nan"))
+        problems.append(f"{name}: accuracy delta {delta:+.2f} pp vs FP32 exceeds the limit of "
+                        f"±{MAX_ABS_ACCURACY_DELTA_PP} pp (accuracy {100 * accuracy:.2f}%)")
+    if not agreement >= MIN_TOP1_AGREEMENT:
+        problems.append(f"{name}: top-1 agreement with FP32 {100 * agreement:.2f}% is below the limit of "
+                        f"{100 * MIN_TOP1_AGREEMENT:.2f}%")
+    return problems
 
 
 def main(experiment: str = DEFAULT_EXPERIMENT) -> int:
@@ -32,8 +54,12 @@ def main(experiment: str = DEFAULT_EXPERIMENT) -> int:
             problems.append(f"{name}: status {run.info.status}, metrics {sorted(run.data.metrics)}")
         else:
             m = run.data.metrics
-            print(f"{name:22s} accuracy {100 * m[Metric.ACCURACY]:6.2f}%  delta {m[Metric.ACCURACY_DELTA_PP]:+.2f} pp  "
-                  f"agreement {100 * m[Metric.TOP1_AGREEMENT]:6.2f}%  size {m[Metric.MODEL_SIZE_BYTES] / 1024:.1f} KiB")
+            nan = float("nan")
+            print(f"{name:22s} accuracy {100 * m[Metric.ACCURACY]:6.2f}%  "
+                  f"delta {m.get(Metric.ACCURACY_DELTA_PP, nan):+.2f} pp  "
+                  f"agreement {100 * m.get(Metric.TOP1_AGREEMENT, nan):6.2f}%  "
+                  f"size {m.get(Metric.MODEL_SIZE_BYTES, nan) / 1024:.1f} KiB")
+            problems += accuracy_problems(name, m)
     for model in (DEFAULT_REGISTERED_MODEL, DEFAULT_REGISTERED_ONNX_MODEL):
         if not client.search_model_versions(f"name = '{model}'"):
             problems.append(f"registry: no version of {model}")

@@ -14,6 +14,24 @@ from pipelines.variants import DEFAULT_VARIANTS
 from tracking.keys import Artifact, Metric, Param, Tag, VersionTag
 
 QUANTIZED_OK = ("pytorch-fx-int8", "pytorch-fx-int8-x86", "ort-int8", "ort-uint8", "ort-int8-u8s8")
+# Top-1 agreement with FP32 that completed_sweep (tiny fitted CNN, 100 test images, AdaRound 20 steps) must reach.
+# Measured: 0.71 for every int8-weight variant, 0.30 for ort-uint8. The tiny model's least-squares dense head has
+# large, cancelling weights, so putting them on the int8 grid costs that much (nearest rounding: 0.72 and 0.30);
+# per-tensor uint8 gives the head a coarse grid. Floors leave 10 of the 100 test images of margin.
+AGREEMENT_FLOORS = {"fp32": 1.0, "pytorch-fx-int8": 0.6, "pytorch-fx-int8-x86": 0.6, "ort-int8": 0.6,
+                    "ort-int8-u8s8": 0.6, "ort-uint8": 0.2}
+
+
+def _fp32_accuracy_with_onnxruntime(model_path, cifar_dir) -> float:
+    """The FP32 model's accuracy on the fixture test set, computed directly (NHWC, raw 0..255 pixels)."""
+    import onnxruntime as ort
+
+    from pipelines.cifar import load_cifar10
+
+    test = load_cifar10(cifar_dir).test
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    scores = session.run(None, {session.get_inputs()[0].name: test.images.transpose(0, 2, 3, 1).astype("float32")})[0]
+    return float((scores.argmax(axis=1) == test.labels).mean())
 
 
 def test_one_parent_and_a_child_run_per_variant(completed_sweep):
@@ -30,7 +48,7 @@ def test_one_parent_and_a_child_run_per_variant(completed_sweep):
 
 
 @pytest.mark.parametrize("variant", ("fp32", *QUANTIZED_OK))
-def test_variant_run_has_every_param_metric_artifact_and_tag(completed_sweep, variant):
+def test_variant_run_has_every_param_metric_artifact_and_tag(completed_sweep, cifar_dir, tiny_model, variant):
     run = runs_by_name()[variant]
     assert run.info.status == "FINISHED"
     assert set(Param.VARIANT_PARAMS) <= set(run.data.params)
@@ -38,8 +56,18 @@ def test_variant_run_has_every_param_metric_artifact_and_tag(completed_sweep, va
     assert run.data.params[Param.CALIBRATION_SIZE] == str(CALIBRATION_SIZE)
     assert run.data.params[Param.INPUT_LAYOUT] == "NHWC"
     assert set(Metric.VARIANT_METRICS) <= set(run.data.metrics)
-    assert 0.0 <= run.data.metrics[Metric.ACCURACY] <= 1.0
-    assert 0.0 <= run.data.metrics[Metric.TOP1_AGREEMENT] <= 1.0
+    # The logged numbers are the sweep's own, FP32's accuracy is the model's (computed here with onnxruntime), and
+    # agreement reaches the measured floor (see AGREEMENT_FLOORS).
+    outcome = {o.name: o for o in completed_sweep[0].outcomes}[variant]
+    accuracy, agreement = run.data.metrics[Metric.ACCURACY], run.data.metrics[Metric.TOP1_AGREEMENT]
+    assert accuracy == pytest.approx(outcome.evaluation.accuracy)
+    assert agreement == pytest.approx(outcome.fidelity.top1_agreement)
+    fp32_accuracy = _fp32_accuracy_with_onnxruntime(tiny_model, cifar_dir)
+    assert agreement >= AGREEMENT_FLOORS[variant]
+    if variant == "fp32":
+        assert accuracy == pytest.approx(fp32_accuracy)
+    # Where a variant agrees with FP32 both are right or both wrong, so accuracies differ by at most the disagreement.
+    assert abs(accuracy - fp32_accuracy) <= 1.0 - agreement + 1e-9
     assert run.data.metrics[Metric.MODEL_SIZE_BYTES] > 0
     tags = run.data.tags
     assert tags[Tag.VARIANT] == variant and tags[Tag.STATUS] == Tag.STATUS_OK

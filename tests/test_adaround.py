@@ -1,0 +1,340 @@
+"""AdaRound guards (issue 10 §7).
+
+1. AdaRound beats round-to-nearest where it should: on the fitted tiny model, with the sweep's default number of
+   steps, every conv layer reconstructs its FP32 output better on the calibration set, and the fake-quantized model
+   agrees with FP32 at least as often on the test images (onnxruntime).
+2. Both backends reproduce the integers AdaRound chose: the int8/uint8 weights inside the ONNX Runtime QDQ and
+   QOperator models and inside the FX TorchScript models, times their scales, are the AdaRounded FP32 weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import CALIBRATION_SIZE
+from onnx import numpy_helper
+from torch import nn
+
+SCHEMES = ("per_channel_sym_int8", "per_tensor_asym_uint8")
+
+
+def _sweep_default_iterations() -> int:
+    from pipelines.sweep import SweepOptions
+
+    return next(f.default for f in dataclasses.fields(SweepOptions) if f.name == "adaround_iterations")
+
+
+# Part 1 runs AdaRound as the sweep does by default (1000 steps per layer): the numbers that ship are the ones guarded.
+# About 10 s per scheme on the tiny model on 2 cores.
+COMPARISON_ITERATIONS = _sweep_default_iterations()
+# Part 2 only needs AdaRound to move some weights off nearest rounding (asserted), so the backends have non-trivial
+# integers to reproduce.
+BACKEND_ITERATIONS = 200
+
+
+# --------------------------------------------------------------------------- shared inputs
+@contextlib.contextmanager
+def _one_torch_thread():
+    """AdaRound's many small steps on the tiny model: on a busy 2-core machine two torch threads made 200 steps take
+    43 s instead of 4 s (spinning threads fighting for the cores). One thread, restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _grid_steps_off(w: np.ndarray, scheme: str) -> float:
+    """How far (in grid steps) the farthest element of `w` is from `scheme`'s grid as computed from `w` itself."""
+    from models.weight_correction import grid_params
+
+    scale, _, _ = grid_params(torch.from_numpy(np.array(w)), scheme)
+    k = w.astype(np.float64) / scale.numpy()
+    return float(np.abs(k - np.round(k)).max())
+
+
+def _integers_differing(a: np.ndarray, b: np.ndarray, original: np.ndarray, scheme: str) -> int:
+    """How many grid integers differ between two roundings `a` and `b` of `original` (not float bits: the same
+    integer can come out one float32 ulp apart)."""
+    from models.weight_correction import grid_params
+
+    scale = grid_params(torch.from_numpy(np.array(original)), scheme)[0].numpy()
+    return int((np.round(a.astype(np.float64) / scale) != np.round(b.astype(np.float64) / scale)).sum())
+
+
+@pytest.fixture(scope="module")
+def data(cifar_dir):
+    """(calibration, calibration digest, test images), model-ready (NHWC float32 0..255) as the sweep builds them."""
+    from pipelines.calibration import indices_digest, stratified_indices
+    from pipelines.cifar import load_cifar10
+    from pipelines.preprocessing import InputTransform
+
+    dataset = load_cifar10(cifar_dir)
+    transform = InputTransform("NHWC")
+    indices = stratified_indices(dataset.train.labels, CALIBRATION_SIZE, seed=0)
+    return transform(dataset.train.images[indices]), indices_digest(indices), transform(dataset.test.images)
+
+
+def _graph_module(proto: onnx.ModelProto):
+    """The torch graph AdaRound itself works on (models.weight_correction.adaround_onnx)."""
+    import onnx2torch
+
+    from models.graph_prep import prepare_graph
+
+    return prepare_graph(onnx2torch.convert(proto), fold_pad=False)
+
+
+def _initializers(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+
+
+def _conv_weight_names(proto: onnx.ModelProto) -> list[str]:
+    return [node.input[1] for node in proto.graph.node if node.op_type == "Conv"]
+
+
+def _predict(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images})[0].argmax(axis=1)
+
+
+# --------------------------------------------------------------------------- 1. AdaRound vs nearest
+def _nearest_onnx(proto: onnx.ModelProto, scheme: str) -> onnx.ModelProto:
+    """Every Conv/MatMul/Gemm weight snapped to the nearest point of `scheme`'s grid (output channels on dim 0 in
+    torch layout, as AdaRound and the backends see them)."""
+    from models.weight_correction import quantize_weights_like
+
+    def nearest(w: np.ndarray) -> np.ndarray:
+        return quantize_weights_like(torch.from_numpy(np.array(w)), scheme).numpy()
+
+    out = copy.deepcopy(proto)
+    inits = {i.name: i for i in out.graph.initializer}
+    for node in out.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not any(
+            a.name == "transB" and a.i for a in node.attribute))  # weight stored as [in, out]
+        q = nearest(w.T).T if transposed else nearest(w)
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(q, dtype=np.float32),
+                                                             node.input[1]))
+    return out
+
+
+def _layer_outputs(gm, images: np.ndarray) -> dict[str, torch.Tensor]:
+    """Each Conv2d module's output on `images`, its input coming from the same model's (rounded) earlier layers."""
+    outputs, hooks = {}, []
+    for name, module in gm.named_modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(
+                lambda m, inputs, output, name=name: outputs.__setitem__(name, output.detach())))
+    with torch.no_grad():
+        gm(torch.from_numpy(images))
+    for hook in hooks:
+        hook.remove()
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def rounding(tiny_model, data):
+    """scheme -> (fp32, AdaRound, nearest) ONNX models of the fitted tiny CNN; each scheme computed once."""
+    from models.weight_correction import adaround_onnx
+
+    fp32 = onnx.load(str(tiny_model))
+    calibration = data[0]
+
+    @functools.lru_cache(maxsize=None)
+    def get(scheme: str):
+        with _one_torch_thread():
+            rounded = adaround_onnx(fp32, calibration, scheme, iters=COMPARISON_ITERATIONS)
+        return fp32, rounded, _nearest_onnx(fp32, scheme)
+
+    return get
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_adaround_reconstructs_every_conv_layer_better_than_nearest(rounding, data, scheme):
+    fp32, adarounded, nearest = rounding(scheme)
+    calibration = data[0]
+    original, ada_w, near_w = _initializers(fp32), _initializers(adarounded), _initializers(nearest)
+    for name in _conv_weight_names(fp32):
+        # Both are on the grid, and AdaRound did choose differently from nearest (else the comparison is empty).
+        assert _grid_steps_off(ada_w[name], scheme) < 1e-3, f"{name}: AdaRound's weights are not on the grid"
+        assert _integers_differing(ada_w[name], near_w[name], original[name], scheme) > 0, \
+            f"{name}: AdaRound chose nearest rounding everywhere"
+    reference = _layer_outputs(_graph_module(fp32), calibration)
+    ada_out = _layer_outputs(_graph_module(adarounded), calibration)
+    near_out = _layer_outputs(_graph_module(nearest), calibration)
+    assert len(reference) == len(_conv_weight_names(fp32)) == 2
+    report = {}
+    for layer, target in reference.items():
+        # The conv's own output, and the same after the ReLU that follows every conv of this model (what AdaRound's
+        # relu-aware objective measures). Both must improve.
+        for form, f in (("output", lambda t: t), ("after relu", torch.relu)):
+            ada = float((f(ada_out[layer]) - f(target)).pow(2).mean())
+            near = float((f(near_out[layer]) - f(target)).pow(2).mean())
+            report[f"{layer} {form}"] = (ada, near)
+    worse = {k: v for k, v in report.items() if not v[0] < v[1]}
+    assert not worse, f"AdaRound MSE not below nearest's ({scheme}, (adaround, nearest)): {worse}; all: {report}"
+
+
+@pytest.mark.parametrize("scheme", [
+    # Per-channel int8 failed this before AdaRound fell back to nearest for a layer it did not improve: the tiny
+    # model's ill-conditioned dense head rounded worse than nearest and agreement fell to 0.41 vs nearest's 0.72.
+    "per_channel_sym_int8",
+    "per_tensor_asym_uint8",
+])
+def test_adaround_agrees_with_fp32_at_least_as_often_as_nearest(rounding, data, scheme):
+    fp32, adarounded, nearest = rounding(scheme)
+    test_images = data[2]
+    reference = _predict(fp32, test_images)
+    ada = float((_predict(adarounded, test_images) == reference).mean())
+    near = float((_predict(nearest, test_images) == reference).mean())
+    # Nearest rounding really costs agreement on this model (0.72 per-channel, 0.30 per-tensor uint8 when measured),
+    # so the comparison below can go either way.
+    assert near < 1.0
+    assert ada >= near, f"{scheme}: top-1 agreement with FP32 {ada:.2f} with AdaRound < {near:.2f} with nearest"
+
+
+# --------------------------------------------------------------------------- 2. backends reproduce the integers
+@pytest.fixture(scope="module")
+def adarounded(tiny_model, data, tmp_path_factory):
+    """scheme -> (source FloatModel, AdaRounded FloatModel), made the way the sweep makes them."""
+    from models.base import FloatModel
+    from models.onnx_model import load_classifier
+
+    calibration, digest, _ = data
+    source = FloatModel.for_runtimes(load_classifier(tiny_model), tmp_path_factory.mktemp("adaround-work"))
+    source = source.for_quantization()
+
+    @functools.lru_cache(maxsize=None)
+    def get(scheme: str):
+        with _one_torch_thread():
+            return source, source.with_adarounded_weights(scheme, calibration, digest, iterations=BACKEND_ITERATIONS)
+
+    return get
+
+
+def _assert_reproduces(what: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None,
+                       expected: np.ndarray) -> None:
+    """(q - zero_point) * scale must be `expected` to within a thousandth of a grid step (float32 products are
+    not bit-exact), i.e. every integer is exactly the one `expected` lies on."""
+    shape = [1] * q.ndim
+    if axis is not None and np.ndim(scale) == 1:
+        shape[axis] = -1
+    scale = np.asarray(scale, np.float64).reshape(shape)
+    zero_point = np.asarray(zero_point, np.int64).reshape(shape)
+    assert q.shape == expected.shape, what
+    step_error = np.abs((q.astype(np.int64) - zero_point) * scale - expected.astype(np.float64)) / scale
+    assert step_error.max() < 1e-3, (f"{what}: {int((step_error >= 0.5).sum())} of {q.size} integers differ from "
+                                     f"the AdaRounded weights (worst {step_error.max():.3f} grid steps)")
+
+
+def _assert_adaround_moved_weights(source, rounded, scheme: str) -> None:
+    """The AdaRounded conv weights differ from nearest rounding of the originals, so a backend that re-rounded the
+    FP32 weights (or lost AdaRound's choice) would fail the integer checks. A layer may keep nearest rounding where
+    AdaRound did not beat it on the calibration set (its fallback); at least one layer must carry AdaRound's own."""
+    from models.weight_correction import quantize_weights_like
+
+    original, ada = _initializers(source.onnx.proto), _initializers(rounded.onnx.proto)
+    differing = {}
+    for name in _conv_weight_names(source.onnx.proto):
+        nearest = quantize_weights_like(torch.from_numpy(np.array(original[name])), scheme).numpy()
+        differing[name] = _integers_differing(nearest, ada[name], original[name], scheme)
+    assert max(differing.values()) > 0, f"AdaRound chose nearest rounding everywhere: {differing}"
+
+
+@pytest.mark.parametrize("quant_format,dtype,per_channel,scheme", [
+    ("QDQ", "int8", True, "per_channel_sym_int8"),
+    ("QOperator", "uint8", False, "per_tensor_asym_uint8"),
+])
+def test_onnxruntime_reproduces_the_adarounded_integers(adarounded, data, tmp_path, quant_format, dtype,
+                                                        per_channel, scheme):
+    from models.quantize_ort import OrtStaticConfig, quantize
+
+    source, rounded = adarounded(scheme)
+    config = OrtStaticConfig(quant_format=quant_format, activation_dtype=dtype, weight_dtype=dtype,
+                             per_channel=per_channel)
+    assert config.adaround_scheme == scheme
+    _assert_adaround_moved_weights(source, rounded, scheme)
+    quantized = onnx.load(str(quantize(rounded, config, data[0], tmp_path).path))
+    expected = _initializers(rounded.onnx.proto)
+    inits = _initializers(quantized)
+    producers = {o: n for n in quantized.graph.node for o in n.output}
+    checked = []
+    for node in quantized.graph.node:
+        if node.op_type == "Conv":  # QDQ: the weight comes from a DequantizeLinear of an int8 initializer
+            dq = producers[node.input[1]]
+            assert dq.op_type == "DequantizeLinear"
+            q_name, scale_name, zp_name = dq.input
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        elif node.op_type == "QLinearConv":
+            q_name, scale_name, zp_name = node.input[3:6]
+            axis = 0
+        else:
+            continue
+        name = q_name.removesuffix("_quantized")
+        q = inits[q_name]
+        assert q.dtype == np.dtype(dtype) and np.ndim(inits[scale_name]) == (1 if per_channel else 0)
+        _assert_reproduces(f"{quant_format} {name}", q, inits[scale_name], inits[zp_name], axis, expected[name])
+        checked.append(name)
+    assert sorted(checked) == sorted(_conv_weight_names(rounded.onnx.proto))
+    # The classifier head stays float (float_head): its weights are the AdaRounded floats, untouched.
+    heads = [n for n in quantized.graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert heads
+    for node in heads:
+        weight = inits[node.input[1]]
+        assert weight.dtype == np.float32 and np.array_equal(weight, expected[node.input[1]])
+
+
+@pytest.mark.parametrize("backend", ["x86", "fbgemm"])
+def test_fx_reproduces_the_adarounded_integers(adarounded, data, tmp_path, backend):
+    from models.quantize_pytorch import PytorchFxConfig, quantize
+
+    scheme = "per_channel_sym_int8"
+    source, rounded = adarounded(scheme)
+    config = PytorchFxConfig(backend=backend)
+    assert config.adaround_scheme == scheme
+    _assert_adaround_moved_weights(source, rounded, scheme)
+    path = quantize(rounded, config, data[0], tmp_path).path
+    expected = dict(_graph_module(rounded.onnx.proto).named_modules())
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = backend  # TorchScript repacks its weights for the engine current at load
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+        checked, float_linears = [], []
+        for name, sub in module.named_modules():
+            if hasattr(sub, "_packed_params"):
+                assert "Conv" in sub.original_name, f"{name} ({sub.original_name}) is quantized but not a conv"
+                weight, _ = torch.ops.quantized.conv2d_unpack(sub._packed_params)
+                source_name = name.removesuffix("_padfold")
+                want = expected[source_name].weight.detach().numpy()
+                q = weight.int_repr().numpy()
+                if q.shape != want.shape:
+                    # graph_prep folded an asymmetric pad into the conv by growing the kernel with leading zeros
+                    kh, kw = want.shape[2:]
+                    assert not q[..., :-kh, :].any() and not q[..., :, :-kw].any(), name
+                    q = q[..., -kh:, -kw:]
+                assert weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+                assert weight.q_per_channel_axis() == 0
+                _assert_reproduces(f"FX {backend} {name}", q, weight.q_per_channel_scales().numpy(),
+                                   weight.q_per_channel_zero_points().numpy(), 0, want)
+                checked.append(source_name)
+            elif sub.original_name == "Linear":
+                float_linears.append((name, sub))
+    finally:
+        torch.backends.quantized.engine = previous
+    assert sorted(checked) == sorted(n for n, m in expected.items() if isinstance(m, nn.Conv2d))
+    # The classifier head stays a float Linear whose weight is the AdaRounded float weight.
+    assert float_linears
+    for name, sub in float_linears:
+        assert torch.equal(sub.weight.detach(), expected[name].weight.detach()), name
