@@ -16,7 +16,7 @@ from models.onnx_model import OnnxClassifier, to_torch
 
 
 # Bump when the algorithm or its defaults change: a cached result from older code is not the same result.
-ADAROUND_VERSION = "adaround-v2:batch=32,lambda=1,lr=0.01,seed=0"
+ADAROUND_VERSION = "adaround-v3:batch=32,lambda=1,lr=0.01,seed=0,nearest-fallback"
 # Libraries whose numerics shape AdaRound's result (the torch conversion and its optimizer).
 ADAROUND_LIBRARIES = ("torch", "onnx", "onnx2torch", "numpy")
 
@@ -93,31 +93,35 @@ class FloatModel:
 
     def with_adarounded_weights(self, scheme: str, calibration: np.ndarray, calibration_digest: str,
                                 advance: Callable[..., None] = lambda n, total=None: None,
-                                iterations: int = 1000, context: dict | None = None) -> "FloatModel":
+                                iterations: int = 1000, context: dict | None = None,
+                                round_head: bool = True) -> "FloatModel":
         """The same FP32 model with every Conv/MatMul/Gemm weight moved onto `scheme`'s int8 grid by AdaRound, so
         any quantizer with that scheme reproduces the optimized integers. Computed once per scheme and cached on
-        disk, since it is the slowest step of a sweep; `context` (layout, preprocessing, ...) joins the key."""
-        if (scheme, iterations) in self._rounded:
-            return self._rounded[(scheme, iterations)]
+        disk, since it is the slowest step of a sweep; `context` (layout, preprocessing, ...) joins the key.
+        `round_head=False` keeps the classifier head's FP32 weights, for backends that run the head in float."""
+        memo = (scheme, iterations, round_head)
+        if memo in self._rounded:
+            return self._rounded[memo]
         import onnx
 
         from models.onnx_model import file_sha256, read_input_spec
 
-        key = adaround_cache_key(self.onnx.sha256, calibration, calibration_digest, scheme, iterations, context)
+        key = adaround_cache_key(self.onnx.sha256, calibration, calibration_digest, scheme, iterations,
+                                 {**(context or {}), "round_head": round_head})
         cached = adaround_cache_dir() / f"{key}.onnx"
         if not cached.is_file():
             from models.weight_correction import adaround_onnx
 
             rounded = adaround_onnx(self.onnx.proto, calibration, scheme, iters=iterations, advance=advance,
-                                    model_batch=self.onnx.input.batch_size or 250)
+                                    model_batch=self.onnx.input.batch_size or 250, round_head=round_head)
             write_atomic(cached, rounded.SerializeToString())
         proto = onnx.load(str(cached))
         variant = FloatModel(replace(self.onnx, path=cached, proto=proto, sha256=file_sha256(cached),
                                      size_bytes=cached.stat().st_size, input=read_input_spec(proto, cached),
                                      external_files=()),  # the cached file embeds its weights
-                             self.work_dir / f"adaround-{scheme}")
+                             self.work_dir / f"adaround-{scheme}{'' if round_head else '-float-head'}")
         variant.work_dir.mkdir(parents=True, exist_ok=True)
-        self._rounded[(scheme, iterations)] = variant
+        self._rounded[memo] = variant
         return variant
 
     def for_quantization(self) -> "FloatModel":

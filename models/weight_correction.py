@@ -159,7 +159,26 @@ def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, re
     with torch.no_grad():
         k = torch.clamp(wf + (v >= 0).float(), kmin, kmax).double()
         k = _snap_anchors(w.double(), k, s.double(), kmin.double(), kmax.double(), mask, scheme)
-        return (k * s.double()).float()
+        rounded = (k * s.double()).float()
+        # Never worse than round-to-nearest on AdaRound's own objective over the whole calibration set: with a fixed
+        # lambda the rounding penalty can dominate a layer whose reconstruction error is small (or be too weak on a
+        # large one), and an ill-conditioned layer (e.g. a fitted dense head) then ends up worse than nearest.
+        nearest = quantize_weights_like(w, scheme)
+        if _reconstruction_error(fn, x_in, y_target, nearest, relu_after) < \
+                _reconstruction_error(fn, x_in, y_target, rounded, relu_after):
+            return nearest
+        return rounded
+
+
+@torch.no_grad()
+def _reconstruction_error(fn, x_in, y_target, weight, relu_after, chunk: int = 256) -> float:
+    total = 0.0
+    for start in range(0, x_in.shape[0], chunk):
+        out, y = fn(x_in[start:start + chunk], weight), y_target[start:start + chunk]
+        if relu_after:
+            out, y = F.relu(out), F.relu(y)
+        total += float((out - y).double().pow(2).sum())
+    return total
 
 
 @torch.no_grad()
@@ -250,14 +269,21 @@ def _replace_initializers(onnx_model, changes) -> "onnx.ModelProto":
     return model
 
 
-def adaround_onnx(onnx_model, calib: np.ndarray, scheme: str = "per_channel_sym_int8", **kw):
+def adaround_onnx(onnx_model, calib: np.ndarray, scheme: str = "per_channel_sym_int8", *,
+                  round_head: bool = True, **kw):
     """AdaRound the weights of ``onnx_model`` (onnx.ModelProto) on ``calib`` (model-input layout,
     e.g. NHWC float32 0..255); returns a new ModelProto whose Conv/MatMul/Gemm weight
-    initializers lie on ``scheme``'s grid.  kwargs go to :func:`adaround_module`."""
+    initializers lie on ``scheme``'s grid.  ``round_head=False`` leaves the classifier head's
+    weights in FP32 (for backends that keep the head float: a grid only adds error there).
+    kwargs go to :func:`adaround_module`."""
     import onnx2torch
-    from models.graph_prep import prepare_graph
+    from models.graph_prep import classifier_head, prepare_graph
 
     gm = prepare_graph(onnx2torch.convert(onnx_model), fold_pad=False)
+    if not round_head:
+        head = set(classifier_head(gm, include_pool=False))
+        kw["layers"] = [name for name, m in gm.named_modules()
+                        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name not in head]
     return _replace_initializers(onnx_model, adaround_module(gm, calib, scheme, **kw))
 
 

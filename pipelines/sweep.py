@@ -297,7 +297,7 @@ class Sweep:
         with self.timer.phase("adaround"), progress_task(f"AdaRound weights ({scheme})", total=1) as advance:
             return self.quantization_source.with_adarounded_weights(
                 scheme, self.inputs.calibration, self.inputs.calibration_digest, advance,
-                iterations=self.options.adaround_iterations,
+                iterations=self.options.adaround_iterations, round_head=not spec.config.float_head,
                 context={"layout": self.inputs.transform.layout,
                          "preprocessing": self.inputs.transform.preprocessing.value})
 
