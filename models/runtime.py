@@ -7,9 +7,16 @@ care which framework produced a variant.
 from __future__ import annotations
 
 import os
+import warnings
+from functools import cache
 from pathlib import Path
 
 import numpy as np
+
+# torch deprecates TorchScript and quantized tensors, and ptqflow's int8 models are TorchScript files with quantized
+# weights: loading one prints notices a user of ptqflow cannot act on. Only these messages are silenced.
+JIT_DEPRECATION = r"`torch\.jit\.[a-z_]+` is deprecated"
+QUANTIZED_TENSOR_DEPRECATION = r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor"
 
 
 def cpu_threads() -> int:
@@ -46,6 +53,23 @@ def set_quantized_engine(engine: str | None) -> None:
     torch.backends.quantized.engine = engine
 
 
+@cache
+def _consume_quantized_tensor_notice() -> None:
+    """torch warns once per process, from C++, that quantized tensors are deprecated. Raised inside `torch.jit.load`
+    the warning never reaches Python's warnings module (the loader runs without torch's Python warning handler):
+    c10 prints it straight to stderr, and its only switch, TORCH_CPP_LOG_LEVEL, is read once when torch is imported
+    and would hide every other C++ warning too. So one quantized tensor is created from Python first: the once-only
+    warning fires there, as a Python UserWarning that is ignored by its message, and later loads print nothing."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=QUANTIZED_TENSOR_DEPRECATION, category=UserWarning)
+        try:
+            torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
+        except RuntimeError:  # a torch without quantized CPU kernels: nothing to consume, loading fails on its own
+            pass
+
+
 class TorchRunner:
     def __init__(self, module, engine: str | None = None):
         import torch
@@ -60,7 +84,11 @@ class TorchRunner:
         import torch
 
         set_quantized_engine(engine)
-        return cls(torch.jit.load(str(path), map_location="cpu"), engine)
+        _consume_quantized_tensor_notice()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
+        return cls(module, engine)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         set_quantized_engine(self.engine)  # another runner in this process may have switched it

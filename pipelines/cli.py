@@ -102,10 +102,11 @@ PerChannelOpt = Annotated[Optional[bool], typer.Option("--per-channel/--per-tens
                                                        help="ONNX Runtime weights per channel or per tensor "
                                                             "(default: each variant's own).",
                                                        rich_help_panel="ONNX Runtime")]
-CalMethodOpt = Annotated[Optional[CalibrationMethod], typer.Option("--calibration-method",
-                                                                   help="ONNX Runtime calibration method "
-                                                                        "(default: each variant's own).",
-                                                                   rich_help_panel="ONNX Runtime")]
+# A short metavar and the choices in the help text: rich folds a long <A|B|C|D> type column mid-word at 80 columns.
+CalMethodOpt = Annotated[Optional[CalibrationMethod], typer.Option(
+    "--calibration-method", metavar="<method>", rich_help_panel="ONNX Runtime",
+    help=f"ONNX Runtime calibration method: {', '.join(m.value for m in CalibrationMethod)} (default: each "
+         "variant's own).")]
 
 
 def _fail(message: str, code: int) -> None:
@@ -230,10 +231,14 @@ def baseline(
     input_layout: LayoutOpt = LayoutChoice.auto,
     preprocessing: PreprocessingOpt = Preprocessing.raw,
     fetch: FetchOpt = True,
+    cifar10_url: Cifar10UrlOpt = None,
+    cifar10_md5: Cifar10Md5Opt = None,
+    resnet8_url: Resnet8UrlOpt = None,
 ):
     """FP32 accuracy through onnxruntime and through the onnx2torch module, and their top-1 agreement."""
     _run_sweep(model_path=model, data_dir=data_dir, variants=(), experiment=experiment, register=False,
-               test_limit=test_limit, input_layout=input_layout, preprocessing=preprocessing, fetch_missing=fetch)
+               test_limit=test_limit, input_layout=input_layout, preprocessing=preprocessing, fetch_missing=fetch,
+               cifar10_url=cifar10_url, cifar10_md5=cifar10_md5, resnet8_url=resnet8_url)
 
 
 @quantize_app.command("pytorch")
@@ -254,13 +259,17 @@ def quantize_pytorch(
     weight_rounding: RoundingOpt = None,
     bench: BenchOpt = True,
     fetch: FetchOpt = True,
+    cifar10_url: Cifar10UrlOpt = None,
+    cifar10_md5: Cifar10Md5Opt = None,
+    resnet8_url: Resnet8UrlOpt = None,
 ):
     """PyTorch FX static quantization (fbgemm, x86) to TorchScript."""
     _run_sweep(model_path=model, data_dir=data_dir, variants=_only("PyTorch", variant, PYTORCH_VARIANTS),
                experiment=experiment, registered_model=registered_model, register=register,
                calibration_size=calibration_size, calibration_seed=calibration_seed, test_limit=test_limit,
                input_layout=input_layout, preprocessing=preprocessing, fetch_missing=fetch, bench=bench,
-               weight_rounding=_value(weight_rounding))
+               weight_rounding=_value(weight_rounding),
+               cifar10_url=cifar10_url, cifar10_md5=cifar10_md5, resnet8_url=resnet8_url)
 
 
 @quantize_app.command("ort")
@@ -283,6 +292,9 @@ def quantize_ort(
     weight_rounding: RoundingOpt = None,
     bench: BenchOpt = True,
     fetch: FetchOpt = True,
+    cifar10_url: Cifar10UrlOpt = None,
+    cifar10_md5: Cifar10Md5Opt = None,
+    resnet8_url: Resnet8UrlOpt = None,
 ):
     """ONNX Runtime static quantization (quantize_static, QDQ and QOperator)."""
     _run_sweep(model_path=model, data_dir=data_dir, variants=_only("ONNX Runtime", variant, ORT_VARIANTS),
@@ -290,7 +302,8 @@ def quantize_ort(
                calibration_size=calibration_size, calibration_seed=calibration_seed, test_limit=test_limit,
                input_layout=input_layout, preprocessing=preprocessing, ort_per_channel=per_channel,
                ort_calibration_method=_value(calibration_method),
-               fetch_missing=fetch, bench=bench, weight_rounding=_value(weight_rounding))
+               fetch_missing=fetch, bench=bench, weight_rounding=_value(weight_rounding),
+               cifar10_url=cifar10_url, cifar10_md5=cifar10_md5, resnet8_url=resnet8_url)
 
 
 @app.command()
@@ -436,8 +449,8 @@ def bench(
 def fetch_cifar10(
     url: Annotated[Optional[str], typer.Option("--url", envvar="PTQFLOW_CIFAR10_URL",
                                                help="Mirror URL (default: the official archive).")] = None,
-    md5: Annotated[Optional[str], typer.Option("--md5", envvar="PTQFLOW_CIFAR10_MD5", help="Expected MD5 of the archive "
-                                                             "(default: the official one).")] = None,
+    md5: Annotated[Optional[str], typer.Option("--md5", envvar="PTQFLOW_CIFAR10_MD5",
+                                               help="Expected MD5 of the archive (default: the official one).")] = None,
     dest: Annotated[Path, typer.Option("--dest", help="Directory that receives cifar-10-batches-py.")] = Path("data"),
 ):
     """Download cifar-10-python.tar.gz, verify its MD5, extract it safely to DEST/cifar-10-batches-py."""

@@ -17,14 +17,12 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-from pipelines.cifar import check_layout, load_cifar10
+from pipelines.cifar import ALL_FILES, check_layout, load_cifar10
 from pipelines.errors import DataError, FetchError, IntegrityError
-from pipelines.interrupts import checkpoint
+from pipelines.progress import progress_task
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -43,7 +41,19 @@ RESNET8_ONNX_NAME = "resnet8.onnx"
 # Applies to connecting and to every read, so a stalled server fails the command instead of hanging it.
 TIMEOUT_SECONDS = 30
 _CHUNK_BYTES = 1 << 16
-_LOCAL_FILES_HINT = "pass --url for a mirror, or --model/--data-dir for local files"
+
+
+@dataclass(frozen=True)
+class FetchHints:
+    """How a failed download's message ends: what to do, in the options of the command that fetched (`ptqflow
+    fetch` has --url; the sweep-like commands pass their own, see pipelines.inputs)."""
+
+    unreachable: str  # the server cannot be reached or refuses the file
+    mismatch: str  # the file has another digest than expected
+
+
+CIFAR10_FETCH_HINTS = FetchHints(unreachable="pass --url for a mirror", mismatch="retry, or pass the right --md5")
+RESNET8_FETCH_HINTS = FetchHints(unreachable="pass --url for a mirror", mismatch="retry, or pass the right --sha256")
 
 
 def _file_digest(path: Path, algorithm: str) -> str:
@@ -66,7 +76,7 @@ def _describe(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
-def _open(url: str, offset: int) -> http.client.HTTPResponse:
+def _open(url: str, offset: int, hints: FetchHints) -> http.client.HTTPResponse:
     """GET url, asking for the bytes from offset on when offset > 0."""
     headers = {"User-Agent": "ptqflow"}
     if offset:
@@ -76,12 +86,12 @@ def _open(url: str, offset: int) -> http.client.HTTPResponse:
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and offset:  # the partial file is not shorter than the remote one: start over
-            return _open(url, 0)
-        raise FetchError(f"{url} answered HTTP {exc.code} {exc.reason}; {_LOCAL_FILES_HINT}") from exc
+            return _open(url, 0, hints)
+        raise FetchError(f"{url} answered HTTP {exc.code} {exc.reason}; {hints.unreachable}") from exc
     except (OSError, http.client.HTTPException) as exc:
         # URLError (an OSError) covers connection refused, DNS failure and connect timeouts; a server that hangs
         # up or stalls before answering raises a bare OSError or HTTPException.
-        raise FetchError(f"could not reach {url} ({_describe(exc)}); {_LOCAL_FILES_HINT}") from exc
+        raise FetchError(f"could not reach {url} ({_describe(exc)}); {hints.unreachable}") from exc
     except ValueError as exc:
         raise FetchError(f"{url!r} is not a URL that can be downloaded ({exc})") from exc
 
@@ -93,7 +103,7 @@ def _content_range_start(response: http.client.HTTPResponse) -> int | None:
     return int(start) if unit == "bytes" and start.isdigit() else None
 
 
-def _verify(part: Path, url: str, md5: str | None, sha256: str | None) -> None:
+def _verify(part: Path, url: str, md5: str | None, sha256: str | None, hints: FetchHints) -> None:
     for algorithm, expected in (("md5", md5), ("sha256", sha256)):
         if expected is None:
             continue
@@ -101,19 +111,16 @@ def _verify(part: Path, url: str, md5: str | None, sha256: str | None) -> None:
         if actual != expected.lower():
             part.unlink()
             raise IntegrityError(f"the file from {url} has {algorithm.upper()} {actual}, expected {expected}: "
-                                 f"it is corrupt or a different file; retry, or pass the right --{algorithm}")
+                                 f"it is corrupt or a different file; {hints.mismatch}")
 
 
 def _append_body(response: http.client.HTTPResponse, part: Path, offset: int, total: int | None, url: str, *,
                  label: str, progress: bool) -> int:
     """Write the response body to part from offset on (truncating it if offset is 0); return part's new size."""
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
-    console = Console(stderr=True)  # stdout stays clean for piping; no bar in logs, as in pipelines.progress
     received = offset
+    # On stderr (stdout stays clean for piping): a bar on a terminal, plain lines in a log (pipelines.progress).
     with open(part, "ab" if offset else "wb") as out, \
-            Progress(*columns, console=console, transient=True, disable=not (progress and console.is_terminal)) as bar:
-        task = bar.add_task(label, total=total, completed=offset)
+            progress_task(label, total, unit="bytes", completed=offset, show=progress) as advance:
         while True:
             try:
                 chunk = response.read(_CHUNK_BYTES)
@@ -124,23 +131,23 @@ def _append_body(response: http.client.HTTPResponse, part: Path, offset: int, to
                 return received
             out.write(chunk)
             received += len(chunk)
-            bar.update(task, advance=len(chunk))
-            checkpoint()  # the .part file is kept: the next run resumes from it
+            advance(len(chunk))  # a safe point to stop: the .part file is kept and the next run resumes from it
 
 
 def download(url: str, target: Path, *, md5: str | None = None, sha256: str | None = None,
-             progress: bool = True) -> Path:
+             progress: bool = True, hints: FetchHints | None = None) -> Path:
     """Download url to target, resuming an earlier partial download, and return target.
 
     Bytes go to `<target>.part`, which becomes target only once complete and matching the given digests. An
     interrupted download keeps the .part (the next call resumes it with a Range request); a digest mismatch
-    deletes it.
+    deletes it. `hints` end the error messages (default: those of `ptqflow fetch`).
     """
+    hints = hints or (RESNET8_FETCH_HINTS if sha256 and not md5 else CIFAR10_FETCH_HINTS)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     offset = part.stat().st_size if part.is_file() else 0
-    with _open(url, offset) as response:
+    with _open(url, offset, hints) as response:
         if response.status == 206:
             if _content_range_start(response) != offset:
                 part.unlink()
@@ -155,7 +162,7 @@ def download(url: str, target: Path, *, md5: str | None = None, sha256: str | No
     if total is not None and received < total:
         raise FetchError(f"download of {url} stopped after {received} of {total} bytes (connection closed); "
                          "run the command again to resume")
-    _verify(part, url, md5, sha256)
+    _verify(part, url, md5, sha256, hints)
     os.replace(part, target)
     return target
 
@@ -212,7 +219,7 @@ def _is_fetched_dataset(root: Path, md5: str | None) -> bool:
 
 
 def fetch_cifar10(dest: Path = Path("data"), url: str = CIFAR10_URL, md5: str | None = CIFAR10_MD5,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, hints: FetchHints = CIFAR10_FETCH_HINTS) -> Path:
     """Make sure dest/cifar-10-batches-py holds CIFAR-10 (python version) and return that directory.
 
     A directory this function completed before (marker file with the archive's MD5, all files present) is
@@ -226,11 +233,15 @@ def fetch_cifar10(dest: Path = Path("data"), url: str = CIFAR10_URL, md5: str | 
         return root
     archive = dest / CIFAR10_ARCHIVE_NAME
     if not _is_file_with_digest(archive, "md5", md5):
-        download(url, archive, md5=md5, progress=progress)
+        download(url, archive, md5=md5, progress=progress, hints=hints)
     staging = Path(tempfile.mkdtemp(prefix=".cifar-10-extract-", dir=dest))
     try:
         safe_extract_tar(archive, staging)
         extracted = staging / CIFAR10_DIR_NAME
+        missing = [name for name in ALL_FILES if not (extracted / name).is_file()]
+        if missing:  # said here: load_cifar10's message would name the temp dir and --data-dir
+            raise DataError(f"the archive from {url} is not CIFAR-10 python version: its {CIFAR10_DIR_NAME} lacks "
+                            f"{', '.join(missing)}")
         try:
             load_cifar10(extracted)
         except DataError as exc:
@@ -249,7 +260,7 @@ def fetch_cifar10(dest: Path = Path("data"), url: str = CIFAR10_URL, md5: str | 
 
 
 def fetch_resnet8(dest: Path = Path("models"), url: str = RESNET8_H5_URL, sha256: str | None = RESNET8_H5_SHA256,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, hints: FetchHints = RESNET8_FETCH_HINTS) -> Path:
     """Make sure dest/resnet8.onnx is the MLPerf Tiny ResNet8 converted from its Keras file, and return it.
 
     The Keras file is kept as dest/mlperf_tiny_pretrainedResnet.h5. An ONNX file whose recorded source SHA-256
@@ -263,5 +274,5 @@ def fetch_resnet8(dest: Path = Path("models"), url: str = RESNET8_H5_URL, sha256
     if sha256 and onnx_path.is_file() and recorded_source_sha256(onnx_path) == sha256.lower():
         return onnx_path
     if not _is_file_with_digest(h5_path, "sha256", sha256):
-        download(url, h5_path, sha256=sha256, progress=progress)
+        download(url, h5_path, sha256=sha256, progress=progress, hints=hints)
     return convert_h5_to_onnx(h5_path, onnx_path)
