@@ -196,14 +196,14 @@ def _expect_image_loaded(page: Page, artifact_path: str) -> None:
 def test_experiment_runs_table(page: Page, ui_store, screenshots):
     page.goto(f"/#/experiments/{ui_store.experiment_id}/runs")
     expect(page.get_by_text(EXPERIMENT).first).to_be_visible()
-    expect(page.get_by_role("link", name="sweep-tiny").first).to_be_visible()
+    expect(page.get_by_role("link", name="sweep-resnet8").first).to_be_visible()
     children = page.get_by_role("link", name="pytorch-fx-int8", exact=True)
     if not children.first.is_visible():  # the seeded expansion was not applied: open the sweeps by hand
         for toggle in page.locator('[role=gridcell][col-id="attributes.`Run Name`"] button').all():
             toggle.click()
     for name in ("pytorch-fx-int8", "ort-uint8", "fp32"):
         expect(page.get_by_role("link", name=name, exact=True).first).to_be_visible()
-    assert page.get_by_role("link", name="sweep-tiny").count() == 2
+    assert page.get_by_role("link", name="sweep-resnet8").count() == 2
     assert page.get_by_role("link", name="pytorch-fx-int8", exact=True).count() == 2
     _shoot(page, screenshots, "experiment_runs")
 
@@ -213,7 +213,7 @@ def test_parent_run_plots(page: Page, ui_store, screenshots):
 
     parent = ui_store.parent_run_ids[-1]
     page.goto(f"/#/experiments/{ui_store.experiment_id}/runs/{parent}/artifacts/{Artifact.PLOT_ACCURACY_VS_SIZE}")
-    expect(page.get_by_text("sweep-tiny").first).to_be_visible()
+    expect(page.get_by_text("sweep-resnet8").first).to_be_visible()
     _expect_image_loaded(page, Artifact.PLOT_ACCURACY_VS_SIZE)
     _shoot(page, screenshots, "parent_run_accuracy_vs_size")
 

@@ -12,8 +12,13 @@ from tracking.runs import client, refused_credentials, tracking_uri
 def alias_target(name: str, alias: str):
     """The ModelVersion the alias points to, or None when the model or the alias does not exist. Any other failure
     (permission, a server error) raises: a gate that read it as "no champion yet" would crown anything."""
+    c = client()
     try:
-        return client().get_model_version_by_alias(name, alias)
+        # Searching first: a basic-auth server answers 403, not "not found", for an alias of a model that does not
+        # exist yet, and that must not read as a permission problem.
+        if not c.search_registered_models(filter_string=f"name = '{name}'"):
+            return None
+        return c.get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (  # no such model / no such alias (MLflow's own words)
                 exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {alias} not found" in exc.message):
