@@ -14,8 +14,9 @@ if [ ! -x /usr/bin/chromium ]; then
     sudo="sudo"
   fi
   export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get update -qq >/dev/null
-  $sudo apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+  # Wait for another apt/dpkg (a second checkout installing the same thing) instead of failing on its lock.
+  $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null
+  $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
 fi
 
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then

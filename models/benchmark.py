@@ -13,6 +13,10 @@ from pipelines.interrupts import checkpoint
 
 BATCH_LATENCY = 1
 BATCH_THROUGHPUT = 256
+# p90/p50 of the timings above which a measurement is flagged as contended. On this project's 2-core VM a quiet
+# machine gives batch-1 p90/p50 of 1.1-1.5 (README, "Results"); twice the median at the 90th percentile means at least
+# one run in ten waited for the CPU as long as it computed, so the numbers describe the machine's load, not the model.
+CONTENDED_SPREAD = 2.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,17 @@ class BenchResult:
     latency_ms_b1_p90: float
     throughput_ips_b256: float | None  # None for a model whose batch dimension is fixed at 1
     threads: int
+    spread_b256: float | None = None  # p90/p50 of the batch-256 timings; None when not measured
+
+    @property
+    def spread_b1(self) -> float:
+        """p90/p50 of the single-image timings: 1 for a perfectly steady machine."""
+        return self.latency_ms_b1_p90 / self.latency_ms_b1_p50 if self.latency_ms_b1_p50 > 0 else float("inf")
+
+    @property
+    def contended(self) -> bool:
+        """Whether a spread exceeds CONTENDED_SPREAD: the machine was busy and the timings are not facts."""
+        return any(spread is not None and spread > CONTENDED_SPREAD for spread in (self.spread_b1, self.spread_b256))
 
 
 def set_torch_threads(threads: int) -> None:
@@ -84,4 +99,5 @@ def benchmark(load: Callable[[], Callable[[np.ndarray], np.ndarray]], images: np
         latency_ms_b1_p90=float(np.percentile(timings, 90) * 1e3),
         throughput_ips_b256=float(BATCH_THROUGHPUT / np.median(batch_timings)),
         threads=config.resolved_threads,
+        spread_b256=float(np.percentile(batch_timings, 90) / np.percentile(batch_timings, 50)),
     )

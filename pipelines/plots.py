@@ -2,8 +2,11 @@
 agreement with FP32 and confusion matrices.
 
 Every figure is a `matplotlib.figure.Figure` drawn by its own `FigureCanvasAgg`: no pyplot global state, so
-figures can be rendered from any thread and without a display. matplotlib is imported inside the functions
-because it takes a noticeable fraction of a second and most commands never draw anything.
+figures can be rendered from any thread and without a display. Each plot has a `*_figure` function returning that
+Figure (artists that matter carry a gid: "pareto-front", "marker:<variant>", "gate-limit", "delta:<variant>"), so
+tests check what is drawn rather than pixels; the function without the suffix returns its PNG. matplotlib is
+imported inside the functions because it takes a noticeable fraction of a second and most commands never draw
+anything.
 """
 
 from __future__ import annotations
@@ -26,6 +29,16 @@ FRONT_COLOR = "tab:red"
 # Dark enough for the white value written inside the bar.
 MEETS_TARGET_COLOR = "#2e7d32"
 BELOW_TARGET_COLOR = "#c0540c"
+# Markers whose centres are closer than this (inches; a marker is about 0.11 in wide) count as one spot and are
+# spread on a ring of at least RING_MIN_IN around it.
+COINCIDENT_IN = 0.14
+RING_MIN_IN = 0.1
+STEM_MARKERS = ("o", "s", "D", "^", "v", "P", "X")
+CONTENDED_LABEL = "(timed while busy)"
+LABEL_GAP = 0.07  # axes fraction between a marker and its label
+MARKER_CLEARANCE_IN = 0.08  # half the side of the square around a marker that labels keep clear of
+EPS = 1e-9
+LOG_LATENCY_ABOVE = 5.0  # the latency axis turns logarithmic when the slowest variant is this many times the fastest
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -45,60 +58,93 @@ def confusion_counts(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 
 def accuracy_vs_size(rows: list[VariantRow]) -> bytes:
+    return _png(accuracy_vs_size_figure(rows))
+
+
+def accuracy_vs_size_figure(rows: list[VariantRow]):
     shown = [r for r in rows if r.status == "ok" and r.accuracy is not None and r.model_size_bytes is not None]
     fig, ax = _figure(5.5, "Top-1 accuracy vs model size", "model size (KiB)", "top-1 accuracy (%)")
     if not shown:
         _note(ax, "no evaluated variant")
-        return _png(fig)
-    points = [(r.model_size_bytes / 1024, 100 * r.accuracy) for r in shown]
-    front = pareto_front(points)
-    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color=FRONT_COLOR,
-            linewidth=1.5, alpha=0.7, label="Pareto front", zorder=1)
-    ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=220, facecolors="none",
-               edgecolors=FRONT_COLOR, linewidths=1.8, label="on the front", zorder=3)
-    _scatter_variants(ax, points, [r.variant for r in shown])
-    ax.legend(fontsize=FONT_SIZE, loc="lower right")
-    return _png(fig)
+        return fig
+    _scatter_with_front(ax, [(r.model_size_bytes / 1024, 100 * r.accuracy) for r in shown], [r.variant for r in shown])
+    return fig
 
 
-def accuracy_vs_latency(rows: list[VariantRow], latency_ms: dict[str, float]) -> bytes:
+def accuracy_vs_latency(rows: list[VariantRow], latency_ms: dict[str, float],
+                        contended: frozenset[str] | set[str] = frozenset()) -> bytes:
+    return _png(accuracy_vs_latency_figure(rows, latency_ms, contended))
+
+
+def accuracy_vs_latency_figure(rows: list[VariantRow], latency_ms: dict[str, float],
+                               contended: frozenset[str] | set[str] = frozenset()):
+    """latency_ms: variant -> batch-1 p50 latency; contended: variants whose timing was contended (their label
+    says so)."""
     shown = [r for r in rows if r.status == "ok" and r.accuracy is not None and r.variant in latency_ms]
-    fig, ax = _figure(5.5, "Top-1 accuracy vs batch-1 latency", "batch-1 latency (ms)", "top-1 accuracy (%)")
+    fig, ax = _figure(5.5, "Top-1 accuracy vs batch-1 latency (p50)", "batch-1 latency, p50 (ms)",
+                      "top-1 accuracy (%)")
     if not shown:
         _note(ax, "no latency measured (run without --no-bench)")
-        return _png(fig)
-    _scatter_variants(ax, [(latency_ms[r.variant], 100 * r.accuracy) for r in shown], [r.variant for r in shown])
-    ax.legend(fontsize=FONT_SIZE, loc="lower right")
-    return _png(fig)
+        return fig
+    names = [r.variant + (f" {CONTENDED_LABEL}" if r.variant in contended else "") for r in shown]
+    _scatter_with_front(ax, [(latency_ms[r.variant], 100 * r.accuracy) for r in shown], names,
+                        is_fp32=[r.variant == FP32 for r in shown], log_x_above=LOG_LATENCY_ABOVE)
+    return fig
 
 
 def per_class_accuracy(per_class: dict[str, dict[str, float]]) -> bytes:
-    """Grouped bars: per_class maps variant -> {class name -> accuracy in 0..1}."""
-    variants = list(per_class)
-    class_names = list(per_class[variants[0]]) if variants else []
-    fig, ax = _figure(5.5, "Per-class top-1 accuracy", "class", "top-1 accuracy (%)")
-    if not variants:
-        _note(ax, "no per-class accuracy")
-        return _png(fig)
-    values = np.array([[100 * per_class[v].get(c, np.nan) for c in class_names] for v in variants])
+    return _png(per_class_accuracy_figure(per_class))
+
+
+def per_class_delta_pp(per_class: dict[str, dict[str, float]]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(class names, variant -> per-class accuracy minus FP32's, in percentage points) for every variant but FP32."""
+    reference = per_class.get(FP32, {})
+    class_names = list(reference)
+    deltas = {variant: np.array([100 * (accuracies.get(c, np.nan) - reference[c]) for c in class_names])
+              for variant, accuracies in per_class.items() if variant != FP32}
+    return class_names, deltas
+
+
+def per_class_accuracy_figure(per_class: dict[str, dict[str, float]]):
+    """Per class, each quantized variant's accuracy minus FP32's (pp), as stems from zero: per_class maps variant ->
+    {class name -> accuracy in 0..1} and includes FP32. Differences of a point or two stay readable, and variants
+    that differ only in a few classes can be told apart."""
+    fig, ax = _figure(5.5, "Per-class top-1 accuracy: difference from FP32", "class (FP32 top-1 accuracy)",
+                      "accuracy − FP32 accuracy (pp)")
+    class_names, deltas = per_class_delta_pp(per_class)
+    if not class_names or not deltas:
+        _note(ax, "no FP32 reference" if not class_names else "no quantized variant evaluated")
+        return fig
     positions = np.arange(len(class_names))
-    bar_width = 0.8 / len(variants)
-    for k, variant in enumerate(variants):
-        color = FP32_COLOR if variant == FP32 else None
-        ax.bar(positions + (k - (len(variants) - 1) / 2) * bar_width, values[k], width=bar_width, label=variant,
-               color=color)
-    ax.set_xticks(positions, class_names, rotation=30, ha="right", fontsize=FONT_SIZE)
-    # Quantized variants differ by a few points at most: a 0-based axis would make every group look the same.
-    low, high = np.nanmin(values), np.nanmax(values)
-    ax.set_ylim(max(0.0, 10 * np.floor((low - 5) / 10)), min(100.0, high + 3))
+    width = 0.8 / len(deltas)
+    ax.axhline(0, color="black", linewidth=0.9, zorder=1)
+    for k, (variant, values) in enumerate(deltas.items()):
+        x = positions + (k - (len(deltas) - 1) / 2) * width
+        color = f"C{k % 10}"
+        ax.vlines(x, 0, values, color=color, linewidth=2.2, zorder=2)
+        ax.plot(x, values, linestyle="none", marker=STEM_MARKERS[k % len(STEM_MARKERS)], markersize=6, color=color,
+                label=variant, gid=f"delta:{variant}", zorder=3)
+    reference = per_class[FP32]
+    ax.set_xticks(positions, [f"{c}\n{100 * reference[c]:.1f}%" for c in class_names], fontsize=FONT_SIZE)
+    for boundary in positions[:-1] + 0.5:  # one band per class, so each group reads as a unit
+        ax.axvline(boundary, color="0.85", linewidth=0.8, zorder=0)
+    largest = np.nanmax(np.abs(np.concatenate(list(deltas.values())))) if deltas else 0.0
+    limit = max(1.0, 1.15 * (largest if np.isfinite(largest) else 0.0))
+    ax.set_ylim(-limit, limit)
+    ax.set_xlim(-0.5, len(class_names) - 0.5)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    fig.legend(fontsize=FONT_SIZE, loc="outside lower center", ncol=min(len(variants), 3))
-    return _png(fig)
+    fig.legend(fontsize=FONT_SIZE, loc="outside lower center", ncol=min(len(deltas), 3))
+    return fig
 
 
-def agreement(rows: list[VariantRow], target: float = 0.975) -> bytes:
-    """Horizontal bars of top-1 agreement with FP32 per quantized variant, against a target agreement."""
+def agreement(rows: list[VariantRow], min_agreement: float) -> bytes:
+    return _png(agreement_figure(rows, min_agreement))
+
+
+def agreement_figure(rows: list[VariantRow], min_agreement: float):
+    """Horizontal bars of top-1 agreement with FP32 per quantized variant, against the promotion gate's limit
+    (GatePolicy.min_agreement, a share in 0..1)."""
     from matplotlib.patches import Patch
 
     shown = [r for r in rows if r.variant != FP32 and r.top1_agreement is not None]
@@ -106,28 +152,32 @@ def agreement(rows: list[VariantRow], target: float = 0.975) -> bytes:
                       "images with the same top-1 class as FP32 (%)")
     if not shown:
         _note(ax, "no quantized variant evaluated")
-        return _png(fig)
+        return fig
+    limit = 100 * min_agreement
     values = [100 * r.top1_agreement for r in shown]
-    colors = [MEETS_TARGET_COLOR if v >= 100 * target else BELOW_TARGET_COLOR for v in values]
+    colors = [MEETS_TARGET_COLOR if v >= limit else BELOW_TARGET_COLOR for v in values]
     bars = ax.barh([r.variant for r in shown], values, color=colors, height=0.6)
     ax.invert_yaxis()  # first row on top, as in the comparison table
     ax.tick_params(axis="y", labelsize=FONT_SIZE)
-    target_line = ax.axvline(100 * target, color="black", linestyle="--", linewidth=1.2,
-                             label=f"target {100 * target:.1f}%")
+    limit_line = ax.axvline(limit, color="black", linestyle="--", linewidth=1.2, gid="gate-limit",
+                            label=f"promotion gate: agreement ≥ {round(limit, 4):g}%")
     # Agreement of a usable variant sits in the nineties: zoom so the bars can be told apart.
-    low = min(min(values), 100 * target)
+    low = min(min(values), limit)
     ax.set_xlim(max(0.0, 5 * np.floor((low - 5) / 5)), 100.0)
-    for bar, value in zip(bars, values):
-        # Inside the bar's end, so a value near 100% is not pushed past the axes.
+    for bar, value, color in zip(bars, values, colors):
+        # Inside the bar's end, so a value near 100% is not pushed past the axes; on the bar's colour, so the limit
+        # line does not run through the digits.
         ax.text(value - 0.15, bar.get_y() + bar.get_height() / 2, f"{value:.2f}%", ha="right", va="center",
-                color="white", fontsize=FONT_SIZE, fontweight="bold")
+                color="white", fontsize=FONT_SIZE, fontweight="bold", zorder=4,
+                bbox={"facecolor": color, "edgecolor": "none", "pad": 1})
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
-    # Below the axes: inside, any corner would hide a bar or the target line.
+    # Below the axes: inside, any corner would hide a bar or the limit line.
     swatches = [Patch(color=color, label=label) for color, label in
-                ((MEETS_TARGET_COLOR, "meets target"), (BELOW_TARGET_COLOR, "below target")) if color in colors]
-    fig.legend(handles=[target_line, *swatches], fontsize=FONT_SIZE, loc="outside lower center", ncol=3)
-    return _png(fig)
+                ((MEETS_TARGET_COLOR, "passes the gate's limit"), (BELOW_TARGET_COLOR, "below the gate's limit"))
+                if color in colors]
+    fig.legend(handles=[limit_line, *swatches], fontsize=FONT_SIZE, loc="outside lower center", ncol=3)
+    return fig
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_names: tuple[str, ...], title: str) -> bytes:
@@ -150,9 +200,11 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_names: t
 
 def _figure(height_in: float, title: str, xlabel: str, ylabel: str | None = None):
     """A figure with one titled, labelled axes; every plot's text uses the same sizes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(WIDTH_IN, height_in), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)  # fig.canvas.draw() lays it out, as saving the PNG does
     ax = fig.add_subplot()
     ax.set_title(title, fontsize=TITLE_SIZE)
     ax.set_xlabel(xlabel, fontsize=FONT_SIZE)
@@ -176,43 +228,161 @@ def _note(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=FONT_SIZE + 1, color="dimgray")
 
 
-def _scatter_variants(ax, points: list[tuple[float, float]], names: list[str]) -> None:
-    """One marker per variant (FP32 as a star) and its name beside it, stacked so close points stay legible."""
-    for marker, color, label, is_fp32 in (("o", QUANTIZED_COLOR, "quantized", False), ("*", FP32_COLOR, "FP32", True)):
-        chosen = [p for p, name in zip(points, names) if (name == FP32) == is_fp32]
-        if chosen:
-            ax.scatter(*zip(*chosen), marker=marker, s=160 if is_fp32 else 60, color=color, label=label, zorder=4)
+def _scatter_with_front(ax, points: list[tuple[float, float]], names: list[str],
+                        is_fp32: list[bool] | None = None, log_x_above: float | None = None) -> None:
+    """Accuracy (y, higher is better) against a cost (x, lower is better): one marker per variant (FP32 a star),
+    its name beside it, and the Pareto front as the staircase bounding the region it dominates (shaded, lower
+    right). Variants at (nearly) the same point are drawn around it on a small ring, joined to it, so none hides
+    another; each label's leader line goes to its own marker. log_x_above: a logarithmic x axis when the largest x
+    is more than this many times the smallest (one slow outlier would squeeze every other variant into a line)."""
+    from matplotlib.transforms import ScaledTranslation
+
+    is_fp32 = is_fp32 if is_fp32 is not None else [name == FP32 for name in names]
+    xs = [x for x, _ in points]
+    if log_x_above is not None and min(xs) > 0 and max(xs) > log_x_above * min(xs):
+        ax.set_xscale("log")
+        ax.set_xlabel(ax.get_xlabel() + ", log scale")
+    ax.update_datalim(points)
     ax.margins(x=0.25, y=0.2)
+    ax.autoscale_view()
+    ax.set_xlim(*ax.get_xlim())  # fixed from here on: the front runs to the edges, markers are offset in inches
+    ax.set_ylim(*ax.get_ylim())
     ax.grid(alpha=0.3)
-    _label_points(ax, points, names)
+    front = pareto_front(points)
+    _draw_front(ax, [points[i] for i in front])
+    offsets = marker_offsets(ax, points)
+    transforms = [ax.transData + ScaledTranslation(dx, dy, ax.figure.dpi_scale_trans) for dx, dy in offsets]
+    legend_done: set[str] = set()
+
+    def label_once(label: str) -> str:
+        if label in legend_done:
+            return "_nolegend_"
+        legend_done.add(label)
+        return label
+
+    for i, ((x, y), name, fp32, (dx, dy)) in enumerate(zip(points, names, is_fp32, offsets)):
+        if (dx, dy) != (0.0, 0.0):  # the true position, joined to the displaced marker
+            ax.plot([x], [y], linestyle="none", marker="o", markersize=3, color="black", zorder=5)
+            ax.annotate("", xy=(x, y), xytext=(72 * dx, 72 * dy), textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "color": "0.35", "linewidth": 0.8, "shrinkA": 0, "shrinkB": 0})
+        ax.plot([x], [y], linestyle="none", marker="*" if fp32 else "o", markersize=14 if fp32 else 8,
+                color=FP32_COLOR if fp32 else QUANTIZED_COLOR, markeredgecolor="white", markeredgewidth=0.6,
+                transform=transforms[i], gid=f"marker:{name}", label=label_once("FP32" if fp32 else "quantized"),
+                zorder=4)
+        if i in front:
+            ax.plot([x], [y], linestyle="none", marker="o", markersize=16, markerfacecolor="none",
+                    markeredgecolor=FRONT_COLOR, markeredgewidth=1.6, transform=transforms[i],
+                    label=label_once("on the Pareto front"), zorder=3)
+    _label_points(ax, points, names, offsets, transforms)
+    # Below the axes: inside, any corner can hide a variant.
+    ax.figure.legend(fontsize=FONT_SIZE, loc="outside lower center", ncol=4)
 
 
-def _label_points(ax, points: list[tuple[float, float]], names: list[str]) -> None:
-    """Names beside their points, with leader lines; labels on one side are spread vertically so they never
-    overlap, which matters because quantized variants often share size and accuracy almost exactly."""
-    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
-    axes_height_px = ax.get_position().height * ax.figure.get_figheight() * DPI
-    line_gap = 1.5 * FONT_SIZE / 72 * DPI / axes_height_px  # one text line, in axes fractions
-    fractions = [((x - x0) / (x1 - x0), (y - y0) / (y1 - y0)) for x, y in points]
-    for on_right in (True, False):
-        # Points left of 60% get their label on the right, the others on the left, so labels stay inside the axes.
-        side = sorted((i for i, (fx, _) in enumerate(fractions) if (fx < 0.6) == on_right),
-                      key=lambda i: fractions[i][1])
-        label_y = _spread([fractions[i][1] for i in side], line_gap)
-        for i, fy in zip(side, label_y):
-            fx = fractions[i][0] + (0.06 if on_right else -0.06)
-            ax.annotate(names[i], xy=points[i], xytext=(fx, fy), textcoords="axes fraction", fontsize=FONT_SIZE,
-                        ha="left" if on_right else "right", va="center",
-                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
-                        arrowprops={"arrowstyle": "-", "color": "0.5", "linewidth": 0.8, "shrinkB": 5})
+def _draw_front(ax, front_points: list[tuple[float, float]]) -> None:
+    """The staircase from the bottom edge up to the cheapest front point, across and up through each next one, to
+    the right edge; everything right of and below it is dominated (lightly shaded). Visible even when one point
+    dominates all the others."""
+    if not front_points:
+        return
+    (x_low, x_high), (y_low, _) = ax.get_xlim(), ax.get_ylim()
+    xs, ys = [front_points[0][0]], [y_low]
+    for k, (x, y) in enumerate(front_points):
+        if k:
+            xs.append(x)
+            ys.append(ys[-1])
+        xs.append(x)
+        ys.append(y)
+    xs.append(x_high)
+    ys.append(ys[-1])
+    ax.plot(xs, ys, color=FRONT_COLOR, linewidth=1.5, alpha=0.8, label="Pareto front", gid="pareto-front", zorder=2)
+    ax.fill_between(xs, ys, y_low, color=FRONT_COLOR, alpha=0.06, linewidth=0, zorder=0)
+    ax.set_xlim(x_low, x_high)
 
 
-def _spread(sorted_positions: list[float], gap: float, low: float = 0.03, high: float = 0.97) -> list[float]:
-    """Positions as close as possible to the given (ascending) ones, at least `gap` apart, within [low, high]
-    unless there are too many to fit."""
-    spread: list[float] = []
-    for position in sorted_positions:  # push up past the previous label...
-        spread.append(max(position, low, spread[-1] + gap) if spread else max(position, low))
-    for i in reversed(range(len(spread))):  # ...then down from the top edge
-        spread[i] = min(spread[i], high if i == len(spread) - 1 else spread[i + 1] - gap)
-    return spread
+def marker_offsets(ax, points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(dx, dy) in inches for each point's marker: (0, 0) unless other points lie within COINCIDENT_IN of it on
+    the axes; then every point of that group sits on a ring around the group's centre, far enough apart that no
+    marker covers another. Uses the axes' current limits and size."""
+    width_in, height_in = _axes_inches(ax)
+    inches = [(fx * width_in, fy * height_in) for fx, fy in _fractions(ax, points)]
+    group = list(range(len(points)))  # union-find over points closer than COINCIDENT_IN
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for i in range(len(points)):
+        for j in range(i):
+            if np.hypot(inches[i][0] - inches[j][0], inches[i][1] - inches[j][1]) < COINCIDENT_IN:
+                group[root(i)] = root(j)
+    offsets = [(0.0, 0.0)] * len(points)
+    for r in {root(i) for i in range(len(points))}:
+        members = [i for i in range(len(points)) if root(i) == r]
+        if len(members) < 2:
+            continue
+        cx = sum(inches[i][0] for i in members) / len(members)
+        cy = sum(inches[i][1] for i in members) / len(members)
+        # Neighbours on the ring are 2 r sin(pi/k) apart: at least one marker's width plus a gap.
+        radius = max(RING_MIN_IN, COINCIDENT_IN / (2 * np.sin(np.pi / len(members))))
+        members.sort(key=lambda i: (inches[i][0], -inches[i][1]))  # leftmost (then highest) first
+        # Two side by side, keeping their accuracy readable on the y axis; more around the ring from the left.
+        start = np.pi
+        for k, i in enumerate(members):
+            angle = start - 2 * np.pi * k / len(members)
+            offsets[i] = (float(cx + radius * np.cos(angle) - inches[i][0]),
+                          float(cy + radius * np.sin(angle) - inches[i][1]))
+    return offsets
+
+
+def _label_points(ax, points: list[tuple[float, float]], names: list[str], offsets: list[tuple[float, float]],
+                  transforms: list) -> None:
+    """Names beside their (possibly offset) markers, with leader lines, placed so no two labels overlap (quantized
+    variants often share size and accuracy almost exactly): each label goes half a line above its marker (the
+    front's horizontal segments run through the markers), or the nearest free line above, then below."""
+    from matplotlib.font_manager import FontProperties
+
+    width_in, height_in = _axes_inches(ax)
+    line_gap = 1.5 * FONT_SIZE / 72 / height_in  # one text line, in axes fractions
+    fractions = [(fx + dx / width_in, fy + dy / height_in)
+                 for (fx, fy), (dx, dy) in zip(_fractions(ax, points), offsets)]
+    renderer = ax.figure.canvas.get_renderer()
+    font = FontProperties(size=FONT_SIZE)
+    widths = [(renderer.get_text_width_height_descent(name, font, ismath=False)[0] / ax.figure.dpi + 0.1) / width_in
+              for name in names]
+    # Points left of 60% get their label on the right, the others on the left, so labels stay inside the axes;
+    # markers moved apart around a shared spot take the side they were moved to, so leader lines never cross them.
+    right = [dx > 0 if dx else fx < 0.6 for (fx, _), (dx, _) in zip(fractions, offsets)]
+    # (left, right, bottom, top) in axes fractions of what a label must not cover: the markers, then the labels
+    half_w, half_h = MARKER_CLEARANCE_IN / width_in, MARKER_CLEARANCE_IN / height_in
+    placed = [(fx - half_w, fx + half_w, fy - half_h, fy + half_h) for fx, fy in fractions]
+    for i in sorted(range(len(points)), key=lambda i: (fractions[i][1], fractions[i][0])):
+        fx = fractions[i][0] + (LABEL_GAP if right[i] else -LABEL_GAP)
+        left_edge, right_edge = (fx, fx + widths[i]) if right[i] else (fx - widths[i], fx)
+        base = fractions[i][1] + 0.5 * line_gap
+        for k in [*range(0, 13), *range(-1, -13, -1)]:
+            fy = base + k * line_gap
+            box = (left_edge, right_edge, fy - line_gap / 2, fy + line_gap / 2)
+            inside = 0.0 <= box[2] and box[3] <= 1.0
+            if inside and not any(box[0] < b[1] - EPS and b[0] < box[1] - EPS and box[2] < b[3] - EPS
+                                  and b[2] < box[3] - EPS for b in placed):
+                break
+        else:
+            fy, box = base, (left_edge, right_edge, base - line_gap / 2, base + line_gap / 2)
+        placed.append(box)
+        ax.annotate(names[i], xy=points[i], xycoords=transforms[i], xytext=(fx, fy), textcoords="axes fraction",
+                    fontsize=FONT_SIZE, ha="left" if right[i] else "right", va="center",
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
+                    arrowprops={"arrowstyle": "-", "color": "0.5", "linewidth": 0.8, "shrinkB": 6},
+                    gid=f"label:{names[i]}", zorder=6)
+
+
+def _axes_inches(ax) -> tuple[float, float]:
+    bbox = ax.get_position()
+    return bbox.width * ax.figure.get_figwidth(), bbox.height * ax.figure.get_figheight()
+
+
+def _fractions(ax, points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Data points as fractions of the axes (0..1 inside), on whatever scale the axes has (linear or log)."""
+    to_axes = ax.transScale + ax.transLimits
+    return [tuple(map(float, to_axes.transform(point))) for point in points]

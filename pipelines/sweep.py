@@ -23,7 +23,7 @@ from models.base import FloatModel, UnsupportedVariant, write_json_atomic
 from models.benchmark import BenchConfig, BenchResult, benchmark
 from models.machine import cpu_description
 from models.onnx_model import OnnxClassifier, file_sha256, load_classifier
-from pipelines import plots, report
+from pipelines import plots, precision, report
 from pipelines.calibration import indices_digest, stratified_indices
 from pipelines.choices import LayoutChoice, Preprocessing
 from pipelines.cifar import Cifar10, Split, load_cifar10
@@ -143,6 +143,7 @@ class VariantOutcome:
     fidelity: Fidelity | None = None
     model_file: Path | None = None  # the file inside the logged MLflow model
     model_file_in_artifacts: str = ""
+    model_uri: str = ""  # registers the variant's model: models:/<logged model id> (runs:/<run>/model before)
     model_sha256: str = ""
     quantized_engine: str = ""
     reason: str = ""
@@ -264,10 +265,12 @@ class Sweep:
                 runs.set_tags({Tag.WARNING: f"{Tag.WARNING_FP32_MISMATCH}: onnx2torch and onnxruntime "
                                                       f"agree on {100 * torch_agreement:.2f}% of top-1"})
             with tempfile.TemporaryDirectory(dir=self.work_dir) as d:
-                model_dir = Path(d) / "mlflow_model"
-                model_file = runs.save_onnx_model(self.float_model.onnx.path, model_dir, self.example_input,
-                                                       ort_scores[:1], self._onnx_requirements())
-                runs.log_model_dir(model_dir)
+                # An MLflow logged model linked to this run: the metrics logged below are attached to it too.
+                logged = runs.log_onnx_model(self.float_model.onnx.path, FP32, Path(d) / "mlflow_model",
+                                             self.example_input, ort_scores[:1], self._onnx_requirements(),
+                                             self._variant_params(None))
+                runs.set_tags({Tag.MODEL_FILE_SHA256: file_sha256(logged.model_file),
+                               Tag.MODEL_FILE_IN_MODEL: logged.model_file_in_model})
             runs.log_file(self.inputs.model.path, Artifact.MODEL_FILE_DIR)
             for relative in self.inputs.model.external_files:  # the .onnx alone would be a model without weights
                 runs.log_file(self.inputs.model.path.parent / relative,
@@ -275,19 +278,20 @@ class Sweep:
             runs.log_json({"variant": FP32, "note": "FP32 reference, no quantization"}, Artifact.QCONFIG)
             runs.log_json(self.reference.per_class_accuracy, Artifact.PER_CLASS_ACCURACY)
             self._log_confusion_matrix(FP32, self.reference)
-            if self.options.bench:
-                self.reference_bench = self._bench(lambda: OrtRunner(self.float_model.onnx.path).predict, FP32)
-                self._log_bench(self.reference_bench)
-            runs.log_metrics({
+            self._log_metrics({
                 Metric.ACCURACY: self.reference.accuracy, Metric.ACCURACY_DELTA_PP: 0.0,
                 Metric.TOP1_AGREEMENT: 1.0, Metric.KL_DIVERGENCE: 0.0,
                 Metric.MODEL_SIZE_BYTES: self.inputs.model.size_bytes, Metric.COMPRESSION_RATIO: 1.0,
                 Metric.TORCH_ORT_AGREEMENT: torch_agreement, Metric.TEST_IMAGES: len(test)})
+            if self.options.bench:
+                self.reference_bench = self._bench(lambda: OrtRunner(self.float_model.onnx.path).predict, FP32)
+                self._log_bench(self.reference_bench)
             runs.set_tags({Tag.STATUS: Tag.STATUS_OK})
         say(f"[green]✓[/] fp32: accuracy {100 * self.reference.accuracy:.2f}% (onnx2torch agrees on "
             f"{100 * torch_agreement:.2f}%)")
         return VariantOutcome(FP32, ONNXRUNTIME, "ok", run_id, evaluation=self.reference,
-                              fidelity=Fidelity(1.0, 0.0, float("inf")), bench=self.reference_bench)
+                              fidelity=Fidelity(1.0, 0.0, float("inf")), bench=self.reference_bench,
+                              model_uri=logged.model_uri)
 
     def _weights_for(self, spec: VariantSpec) -> FloatModel:
         """The FP32 model whose weights this variant quantizes: AdaRound-ed onto its grid when it asks for that."""
@@ -310,16 +314,27 @@ class Sweep:
         return result
 
     def _log_bench(self, bench: BenchResult) -> None:
+        """Timings, speedups over FP32 named by batch size, and their spread; a spread above CONTENDED_SPREAD sets
+        the contended metric to 1 and tags the run with why its timings are not facts."""
+        from models.benchmark import CONTENDED_SPREAD
+
         M = Metric
-        metrics = {M.LATENCY_MS_B1_P50: bench.latency_ms_b1_p50, M.LATENCY_MS_B1_P90: bench.latency_ms_b1_p90}
-        if bench.throughput_ips_b256 is not None:
-            metrics[M.THROUGHPUT_IPS_B256] = bench.throughput_ips_b256
-        if self.reference_bench and bench.throughput_ips_b256 is not None:
-            metrics[M.SPEEDUP_VS_FP32] = bench.throughput_ips_b256 / self.reference_bench.throughput_ips_b256
-        if self.reference_bench:
-            metrics[M.LATENCY_RATIO_VS_FP32] = bench.latency_ms_b1_p50 / self.reference_bench.latency_ms_b1_p50
-        runs.log_metrics(metrics)
+        metrics = {M.LATENCY_MS_B1_P50: bench.latency_ms_b1_p50, M.LATENCY_MS_B1_P90: bench.latency_ms_b1_p90,
+                   M.THROUGHPUT_IPS_B256: bench.throughput_ips_b256, M.SPREAD_B1: bench.spread_b1,
+                   M.SPREAD_B256: bench.spread_b256, M.BENCH_CONTENDED: int(bench.contended),
+                   M.SPEEDUP_VS_FP32_B1: _speedup_b1(bench, self.reference_bench),
+                   M.SPEEDUP_VS_FP32_B256: _speedup_b256(bench, self.reference_bench)}
+        self._log_metrics(metrics)
         runs.log_params({Param.BENCH_THREADS: bench.threads})
+        if bench.contended:
+            spreads = ", ".join(f"{name} p90/p50 {value:.2f}" for name, value in
+                                (("batch-1", bench.spread_b1), ("batch-256", bench.spread_b256)) if value is not None)
+            runs.set_tags({Tag.BENCH_CONTENDED: f"{spreads}: above {CONTENDED_SPREAD:g}, the machine was busy while "
+                                                "timing; latency and throughput are not measurements of the model"})
+
+    def _log_metrics(self, metrics: dict) -> None:
+        """Log on the active run, each metric rounded to its precision (pipelines.precision)."""
+        runs.log_metrics(precision.rounded(metrics, len(self.inputs.test)))
 
     def _log_confusion_matrix(self, name: str, evaluation: Evaluation) -> None:
         png = plots.confusion_matrix(self.inputs.test.labels, evaluation.predictions, self.inputs.data.class_names,
@@ -351,7 +366,7 @@ class Sweep:
         bench = None
         if M.LATENCY_MS_B1_P50 in m:
             bench = BenchResult(m[M.LATENCY_MS_B1_P50], m[M.LATENCY_MS_B1_P90], m.get(M.THROUGHPUT_IPS_B256),
-                                int(run.data.params.get(Param.BENCH_THREADS, 0)))
+                                int(run.data.params.get(Param.BENCH_THREADS, 0)), m.get(M.SPREAD_B256))
         per_class = load_json_artifact(run.info.run_id, Artifact.PER_CLASS_ACCURACY)
         say(f"[green]↺[/] {spec.name}: reused finished run {run.info.run_id} (same inputs)")
         return VariantOutcome(
@@ -360,6 +375,7 @@ class Sweep:
             fidelity=Fidelity(m[M.TOP1_AGREEMENT], m.get(M.KL_DIVERGENCE, float("nan")), m.get(M.SQNR_DB, float("nan"))),
             model_file_in_artifacts=tags.get(T.MODEL_FILE_IN_MODEL, ""), model_sha256=tags.get(T.MODEL_FILE_SHA256, ""),
             quantized_engine=tags.get(T.QUANTIZED_ENGINE, ""), reason=f"reused run {run.info.run_id[:8]}",
+            model_uri=runs.logged_model_uri(run) or "",
             bench=bench, size_bytes=int(m[M.MODEL_SIZE_BYTES]))
 
     def run_variant(self, spec: VariantSpec, experiment_id: str, parent_run_id: str) -> VariantOutcome:
@@ -417,7 +433,11 @@ class Sweep:
                 progress_task(f"calibrating {spec.name}", total=len(self.inputs.calibration)) as advance:
             quantized = spec.quantize(source, self.inputs.calibration, variant_dir, advance)
         write_json_atomic(variant_dir / A.QCONFIG, _config_payload(spec.config))
+        # The variant's model becomes an MLflow logged model linked to this run (named after the variant; the
+        # params above and the metrics below are attached to it), then is downloaded back: the file evaluated,
+        # hashed and registered is byte for byte the one the artifact store holds.
         model_dir = variant_dir / "mlflow_model"
+        params = self._variant_params(spec)
         if quantized.format == "torchscript":
             import torch
 
@@ -429,17 +449,20 @@ class Sweep:
             script = torch.jit.load(str(quantized.path))
             with torch.no_grad():  # a float head keeps parameters that require grad
                 example_out = script(torch.from_numpy(self.example_input)).numpy()
-            model_file = runs.save_torchscript_model(script, model_dir, self.example_input, example_out,
-                                                          [f"torch=={self.versions['torch']}",
-                                                           f"numpy=={self.versions['numpy']}"])
+            logged = runs.log_torchscript_model(script, spec.name, model_dir, self.example_input, example_out,
+                                                [f"torch=={self.versions['torch']}",
+                                                 f"numpy=={self.versions['numpy']}"], params)
+            model_file = logged.model_file
             runner = TorchRunner.from_torchscript(model_file, outcome.quantized_engine)
             runs.set_tags({T.QUANTIZED_ENGINE: outcome.quantized_engine})
         else:
             runner = OrtRunner(quantized.path)
             example_out = runner.predict(self.example_input)
-            model_file = runs.save_onnx_model(quantized.path, model_dir, self.example_input, example_out,
-                                                   self._onnx_requirements())
+            logged = runs.log_onnx_model(quantized.path, spec.name, model_dir, self.example_input, example_out,
+                                         self._onnx_requirements(), params)
+            model_file = logged.model_file
             runner = OrtRunner(model_file)
+        outcome.model_uri = logged.model_uri
         batch = self.eval_batch
         with self.timer.phase("evaluate"):
             scores = predict_scores(runner, self.inputs.test.images, self.inputs.transform,
@@ -447,27 +470,28 @@ class Sweep:
         outcome.evaluation = evaluate(scores, self.inputs.test.labels, self.inputs.data.class_names)
         outcome.fidelity = fidelity(self.reference, outcome.evaluation)
         outcome.model_file = model_file
-        outcome.model_file_in_artifacts = str(model_file.relative_to(model_dir))
+        outcome.model_file_in_artifacts = logged.model_file_in_model
         outcome.model_sha256 = file_sha256(model_file)
         size = outcome.size_bytes = model_file.stat().st_size
         runs.set_tags({T.MODEL_FILE_SHA256: outcome.model_sha256, T.MODEL_FILE_IN_MODEL: outcome.model_file_in_artifacts})
-        runs.log_model_dir(model_dir)
         public_name = "model.pt" if quantized.format == "torchscript" else "model.onnx"
         shutil.copyfile(model_file, variant_dir / public_name)  # same bytes as the registered file
         runs.log_file(variant_dir / public_name, A.MODEL_FILE_DIR)
         runs.log_json(outcome.evaluation.per_class_accuracy, A.PER_CLASS_ACCURACY)
         self._log_confusion_matrix(spec.name, outcome.evaluation)
-        if self.options.bench:
-            outcome.bench = self._bench(lambda: load_runner(model_file, engine=outcome.quantized_engine or None).predict,
-                                        spec.name)
-            self._log_bench(outcome.bench)
-        runs.log_metrics({
+        # Accuracy and agreement before the timings: the Models tab lists a logged model's metrics (columns and
+        # charts) in the order they were logged.
+        self._log_metrics({
             M.ACCURACY: outcome.evaluation.accuracy,
             M.ACCURACY_DELTA_PP: 100 * (outcome.evaluation.accuracy - self.reference.accuracy),
             M.TOP1_AGREEMENT: outcome.fidelity.top1_agreement, M.KL_DIVERGENCE: outcome.fidelity.kl_divergence,
             M.SQNR_DB: outcome.fidelity.sqnr_db, M.MODEL_SIZE_BYTES: size,
             M.COMPRESSION_RATIO: self.inputs.model.size_bytes / size, M.TEST_IMAGES: len(self.inputs.test),
             M.CALIBRATION_IMAGES_USED: quantized.calibration_images})
+        if self.options.bench:
+            outcome.bench = self._bench(lambda: load_runner(model_file, engine=outcome.quantized_engine or None).predict,
+                                        spec.name)
+            self._log_bench(outcome.bench)
         runs.set_tags({T.STATUS: T.STATUS_OK})
 
     # ---- registry ------------------------------------------------------------------------------------------
@@ -496,20 +520,24 @@ class Sweep:
                 tags[V.INPUT_BATCH] = str(self.inputs.model.input.batch_size)
             if best.bench:
                 tags[V.LATENCY_MS_B1] = f"{best.bench.latency_ms_b1_p50:.4f}"
+            # The gate's decision is put in front of this once it is made (tracking.aliases.record_decision).
+            latency = f", batch-1 latency {best.bench.latency_ms_b1_p50:.3f} ms" if best.bench else ""
             description = (f"{best.name}: {self.inputs.model.path.name} quantized by ptqflow. Top-1 accuracy "
                            f"{100 * best.evaluation.accuracy:.2f}% on {len(self.inputs.test)} CIFAR-10 test images "
                            f"({100 * (best.evaluation.accuracy - self.reference.accuracy):+.2f} pp vs FP32), "
-                           f"agreement with FP32 {100 * best.fidelity.top1_agreement:.2f}%. Source run {best.run_id}.")
+                           f"agreement with FP32 {100 * best.fidelity.top1_agreement:.2f}%{latency}. "
+                           f"Source run {best.run_id}, logged model {best.model_uri}.")
             model_description = (
                 f"{'TorchScript' if framework == PYTORCH else 'ONNX'} int8 quantizations of "
                 f"{self.inputs.model.path.name} (CIFAR-10 classifier, {self.inputs.transform.layout} 32x32x3, "
                 f"{self.inputs.transform.preprocessing.value} pixels), one version per ptqflow sweep: the variant "
                 "that agrees most often with the FP32 model's top-1. Alias @champion marks the version that passed "
-                "the promotion gate and beat the previous champion; each version's tags give its accuracy, "
-                "agreement, latency, SHA-256 and source run.")
+                "the promotion gate and beat the previous champion; each version's description says what the gate "
+                "decided and why, its tags hold the numbers `ptqflow pull` and the gate read.")
             champion = self._champion(name)  # read before registering: a failed read leaves no undecided version
-            version = registry.register(f"runs:/{best.run_id}/{Artifact.LOGGED_MODEL_NAME}", name, tags,
-                                        description, model_description)
+            # From the variant's MLflow logged model (a run reused from before logged models: its model/ dir).
+            source = best.model_uri or f"runs:/{best.run_id}/{Artifact.LOGGED_MODEL_NAME}"
+            version = registry.register(source, name, tags, description, model_description)
             runs.set_run_tags(best.run_id, {Tag.REGISTERED_VERSION: f"{name}/{version.version}"})
             say(f"[green]✓[/] registered {best.name} as [bold]{name}[/] version {version.version}")
             self._gate(name, version.version, tags, champion)
@@ -542,11 +570,17 @@ class Sweep:
         if decision.promote:
             aliases.set_alias(name, CHAMPION_ALIAS, version)
         aliases.record_decision(name, version, "promoted" if decision.promote else "rejected", decision.reason,
-                                self.options.gate.describe())
+                                self.options.gate.describe(), alias=CHAMPION_ALIAS)
         mark = "[green]✓[/]" if decision.promote else "[yellow]–[/]"
         say(f"{mark} {name} v{version} {'is now' if decision.promote else 'not'} @{CHAMPION_ALIAS}: {decision.reason}")
 
     # ---- the whole sweep -----------------------------------------------------------------------------------
+    def run_name(self) -> str:
+        """The parent run's name, which tells sweeps apart in the runs table: model, start time (local, to the
+        second) and number of test images, e.g. `resnet8 · 2026-12-01 23:40:05 · 10000 imgs`."""
+        return (f"{self.inputs.model.path.stem[:100]} · {time.strftime('%Y-%m-%d %H:%M:%S')} · "
+                f"{len(self.inputs.test)} imgs")
+
     def run(self) -> SweepResult:
         import mlflow  # only for the active run's experiment under `mlflow run`
 
@@ -558,10 +592,11 @@ class Sweep:
         if orphans:
             say(f"[yellow]![/] marked {len(orphans)} run(s) FAILED whose process on this host had died: "
                 f"{', '.join(o[:8] for o in orphans)}")
-        run_name = self.options.run_name or f"sweep-{self.inputs.model.path.stem}"
+        run_name = self.options.run_name or self.run_name()
         with runs.run_scope(experiment_id, run_name) as parent_run_id:
             self.parent_run_id = parent_run_id
             experiment_id = mlflow.active_run().info.experiment_id  # `mlflow run` may have chosen another one
+            runs.mark_experiment(experiment_id)  # opens as a "Model training" experiment with ptqflow's columns
             runs.set_tags({Tag.ROLE: Tag.ROLE_SWEEP, **self._common_tags(None)})
             P = Param
             runs.log_params({P.MODEL_PATH: str(self.options.model_path), P.DATA_DIR: str(self.options.data_dir),
@@ -592,10 +627,12 @@ class Sweep:
             title = f"{self.inputs.model.path.name} on {len(self.inputs.test)} CIFAR-10 test images"
             runs.log_text(report.to_markdown(rows, title), Artifact.COMPARISON_MD)
             runs.log_text(report.to_csv(rows), Artifact.COMPARISON_CSV)
-            runs.log_text(report.to_html(rows, title), Artifact.COMPARISON_HTML)
+            runs.log_text(report.to_html(rows, title, run_url=lambda run_id: self._run_url(experiment_id, run_id),
+                                         champions=self._champions(experiment_id)), Artifact.COMPARISON_HTML)
             self._log_sweep_plots(outcomes, rows)
             seconds = time.perf_counter() - started
             self._log_summary(outcomes, seconds)
+            say(f"MLflow UI (Model training view, ptqflow's columns): {runs.experiment_page(experiment_id)}")
             result = SweepResult(parent_run_id, outcomes, rows, registered, seconds)
             if result.failed:
                 raise VariantsFailed(result)
@@ -603,12 +640,44 @@ class Sweep:
 
     def _log_sweep_plots(self, outcomes: list[VariantOutcome], rows: list[report.VariantRow]) -> None:
         A = Artifact
-        latency = {o.name: o.bench.latency_ms_b1_p50 for o in outcomes if o.bench}
+        latency = {r.variant: r.latency_ms_b1_p50 for r in rows if r.latency_ms_b1_p50 is not None}
+        contended = {r.variant for r in rows if r.contended}
         per_class = {o.name: o.evaluation.per_class_accuracy for o in outcomes if o.evaluation}
         runs.log_bytes(plots.accuracy_vs_size(rows), A.PLOT_ACCURACY_VS_SIZE)
-        runs.log_bytes(plots.accuracy_vs_latency(rows, latency), A.PLOT_ACCURACY_VS_LATENCY)
+        runs.log_bytes(plots.accuracy_vs_latency(rows, latency, contended), A.PLOT_ACCURACY_VS_LATENCY)
         runs.log_bytes(plots.per_class_accuracy(per_class), A.PLOT_PER_CLASS)
-        runs.log_bytes(plots.agreement(rows), A.PLOT_AGREEMENT)
+        runs.log_bytes(plots.agreement(rows, self.options.gate.min_agreement), A.PLOT_AGREEMENT)
+
+    @staticmethod
+    def _run_url(experiment_id: str, run_id: str) -> str:
+        """The run's page in the MLflow UI: on the tracking server when it is one (without credentials), else
+        where `mlflow ui` serves a local store by default (tracking.runs.ui_base_url)."""
+        return f"{runs.ui_base_url()}#/experiments/{experiment_id}/runs/{run_id}"
+
+    def _champions(self, experiment_id: str) -> list[tuple[report.Champion, str]]:
+        """Each registered model's @champion after this sweep's gate, with a link to the run that made it; empty
+        when nothing was registered. Only marks the report: a read error leaves the mark out, it fails nothing."""
+        if not self.options.register:
+            return []
+        from pipelines.promotion import CHAMPION_ALIAS
+        from tracking import aliases
+
+        champions = []
+        for name, _ in self.options.registered_names().values():
+            try:
+                current = aliases.alias_target(name, CHAMPION_ALIAS)
+                if current is None:
+                    continue
+                experiment = runs.get_run(current.run_id).info.experiment_id if current.run_id else experiment_id
+            except PtqflowError as exc:
+                say(f"[yellow]![/] comparison.html has no @champion mark for {name}: {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - a missing mark must not fail a finished sweep
+                say(f"[yellow]![/] comparison.html has no @champion mark for {name}: {type(exc).__name__}")
+                continue
+            champion = report.Champion(name, str(current.version), current.run_id or "")
+            champions.append((champion, self._run_url(experiment, current.run_id) if current.run_id else ""))
+        return champions
 
     def _log_summary(self, outcomes: list[VariantOutcome], seconds: float) -> None:
         M = Metric
@@ -619,24 +688,47 @@ class Sweep:
         if quantized:
             summary[M.BEST_INT8_ACCURACY] = max(o.evaluation.accuracy for o in quantized)
             summary[M.BEST_INT8_AGREEMENT] = max(o.fidelity.top1_agreement for o in quantized)
-        runs.log_metrics(summary)
+        self._log_metrics(summary)
 
     def _row(self, o: VariantOutcome) -> report.VariantRow:
         params = self._variant_params(o.spec)
         P = Param
         size = o.size_bytes or (self.inputs.model.size_bytes if o.name == FP32 else None)
+        M, n = Metric, len(self.inputs.test)
+
+        def rounded(key, value):  # as the run's metric records it
+            return precision.round_metric(key, value, n)
+
         return report.VariantRow(
             variant=o.name, framework=params[P.FRAMEWORK], backend=params[P.BACKEND],
             weight_dtype=params[P.WEIGHT_DTYPE], activation_dtype=params[P.ACTIVATION_DTYPE],
             quant_format=params[P.QUANT_FORMAT], per_channel=params[P.PER_CHANNEL],
             calibration_method=params[P.CALIBRATION_METHOD], status=o.status,
-            accuracy=o.evaluation.accuracy if o.evaluation else None,
-            accuracy_delta_pp=100 * (o.evaluation.accuracy - self.reference.accuracy) if o.evaluation else None,
-            top1_agreement=o.fidelity.top1_agreement if o.fidelity else None, model_size_bytes=size,
-            compression_ratio=self.inputs.model.size_bytes / size if size else None, reason=o.reason, run_id=o.run_id,
-            latency_ms_b1=o.bench.latency_ms_b1_p50 if o.bench else None,
-            speedup_vs_fp32=(o.bench.throughput_ips_b256 / self.reference_bench.throughput_ips_b256
-                             if o.bench and self.reference_bench and o.bench.throughput_ips_b256 else None))
+            accuracy=rounded(M.ACCURACY, o.evaluation.accuracy) if o.evaluation else None,
+            accuracy_delta_pp=(rounded(M.ACCURACY_DELTA_PP, 100 * (o.evaluation.accuracy - self.reference.accuracy))
+                               if o.evaluation else None),
+            top1_agreement=rounded(M.TOP1_AGREEMENT, o.fidelity.top1_agreement) if o.fidelity else None,
+            model_size_bytes=size,
+            compression_ratio=rounded(M.COMPRESSION_RATIO, self.inputs.model.size_bytes / size) if size else None,
+            reason=o.reason, run_id=o.run_id,
+            latency_ms_b1_p50=rounded(M.LATENCY_MS_B1_P50, o.bench.latency_ms_b1_p50) if o.bench else None,
+            speedup_b1_vs_fp32=rounded(M.SPEEDUP_VS_FP32_B1, _speedup_b1(o.bench, self.reference_bench)),
+            speedup_b256_vs_fp32=rounded(M.SPEEDUP_VS_FP32_B256, _speedup_b256(o.bench, self.reference_bench)),
+            contended=o.bench.contended if o.bench else None)
+
+
+def _speedup_b1(bench: BenchResult | None, reference: BenchResult | None) -> float | None:
+    """FP32's batch-1 p50 latency over this one: > 1 is faster."""
+    if bench is None or reference is None or not bench.latency_ms_b1_p50:
+        return None
+    return reference.latency_ms_b1_p50 / bench.latency_ms_b1_p50
+
+
+def _speedup_b256(bench: BenchResult | None, reference: BenchResult | None) -> float | None:
+    """This batch-256 throughput over FP32's: > 1 is faster; None for a model whose batch is fixed at 1."""
+    if bench is None or reference is None or not bench.throughput_ips_b256 or not reference.throughput_ips_b256:
+        return None
+    return bench.throughput_ips_b256 / reference.throughput_ips_b256
 
 
 class VariantsFailed(PtqflowError):

@@ -26,17 +26,20 @@ TERMINAL_COLUMNS = tuple((h, f) for h, f in report.COLUMNS
 def _rich_table(rows: list[report.VariantRow], title: str | None = None) -> Table:
     table = Table(title=title, show_lines=False)
     for header, field in TERMINAL_COLUMNS:
-        numeric = field in ("accuracy", "accuracy_delta_pp", "top1_agreement", "model_size_bytes", "compression_ratio")
+        numeric = field in report.NUMERIC_FIELDS
         table.add_column(header, justify="right" if numeric else "left", no_wrap=True)
+    fp32_busy = report.fp32_contended(rows)
     for row in rows:
         style = {"ok": None, "unsupported": "yellow", "failed": "red"}.get(row.status)
-        table.add_row(*(report.cell(row, f) for _, f in TERMINAL_COLUMNS), style=style)
+        table.add_row(*(report.cell(row, f, fp32_busy) for _, f in TERMINAL_COLUMNS), style=style)
     return table
 
 
 def print_rows(rows: list[report.VariantRow], title: str | None = None) -> None:
     console = _console()
     console.print(_rich_table(rows, title))
+    for note in report.notes(rows):
+        console.print(f"[dim]{note}[/]", highlight=False)
     for row in rows:
         if row.reason:
             console.print(f"[dim]{row.variant}: {row.reason}[/]", highlight=False)
@@ -59,8 +62,12 @@ def rows_from_csv(text: str) -> list[report.VariantRow]:
             accuracy_delta_pp=num(rec["accuracy_delta_pp"]), top1_agreement=num(rec["top1_agreement"]),
             model_size_bytes=num(rec["model_size_bytes"], int), compression_ratio=num(rec["compression_ratio"]),
             reason=rec["reason"], run_id=rec["run_id"],
-            # Sweeps logged before latency was measured have no such columns.
-            latency_ms_b1=num(rec.get("latency_ms_b1", "")), speedup_vs_fp32=num(rec.get("speedup_vs_fp32", ""))))
+            # Sweeps logged before latency was measured have no such columns; older ones name them without the
+            # batch size (latency_ms_b1, speedup_vs_fp32 = batch 256) and have no batch-1 speedup or contention.
+            latency_ms_b1_p50=num(rec.get("latency_ms_b1_p50", rec.get("latency_ms_b1", ""))),
+            speedup_b1_vs_fp32=num(rec.get("speedup_b1_vs_fp32", "")),
+            speedup_b256_vs_fp32=num(rec.get("speedup_b256_vs_fp32", rec.get("speedup_vs_fp32", ""))),
+            contended=flag(rec.get("contended", ""))))
     return rows
 
 
@@ -78,8 +85,8 @@ COMPARED_METRICS = (  # (metric key, header, scale, format, higher is better)
     ("accuracy", "accuracy %", 100, "{:.2f}", True),
     ("top1_agreement", "agreement %", 100, "{:.2f}", True),
     ("model_size_bytes", "size KiB", 1 / 1024, "{:.1f}", False),
-    ("latency_ms_b1_p50", "latency ms", 1, "{:.3f}", False),
-    ("throughput_ips_b256", "img/s b256", 1, "{:.0f}", True),
+    ("latency_ms_b1_p50", "b1 p50 latency ms", 1, "{:.3f}", False),
+    ("throughput_ips_b256", "b256 img/s", 1, "{:.0f}", True),
 )
 
 
@@ -154,33 +161,56 @@ def print_comparison(refs: list[str]) -> None:
 
 
 def print_registered_models(listing: list[dict]) -> None:
+    """One row per version, then the gate's reason for each decision (a rejection says why it was rejected)."""
     from tracking.keys import VersionTag as V
 
     table = Table(title="registered models")
     for header in ("model", "version", "aliases", "variant", "accuracy %", "Δ pp", "agreement %", "latency ms",
                    "gate", "source run"):
         table.add_column(header, no_wrap=True)
+    reasons = []
     for entry in listing:
         tags = entry["tags"]
 
         def num(key, scale=1.0, fmt="{:.2f}"):
             return fmt.format(float(tags[key]) * scale) if key in tags else "—"
 
+        source_run = tags.get(V.SOURCE_RUN_ID) or entry.get("run_id") or "—"
         table.add_row(entry["name"], entry["version"], ", ".join(f"@{a}" for a in entry["aliases"]) or "—",
                       tags.get(V.VARIANT, "—"), num(V.ACCURACY, 100), num(V.ACCURACY_DELTA_PP, fmt="{:+.2f}"),
                       num(V.TOP1_AGREEMENT, 100), num(V.LATENCY_MS_B1, fmt="{:.3f}"),
-                      tags.get(V.PROMOTION_DECISION, "—"), tags.get(V.SOURCE_RUN_ID, "—")[:8])
-    _console().print(table)
+                      tags.get(V.PROMOTION_DECISION, "—"), source_run[:8])
+        if tags.get(V.PROMOTION_REASON):
+            reasons.append(f"{entry['name']} v{entry['version']} {tags.get(V.PROMOTION_DECISION, 'decided')}: "
+                           f"{tags[V.PROMOTION_REASON]}")
+    console = _console()
+    console.print(table)
+    for line in reasons:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)  # one line per decision
 
 
 def print_bench(results) -> None:
+    from models.benchmark import CONTENDED_SPREAD
+
     table = Table(title="latency and throughput (real CIFAR-10 test images)")
-    for header in ("model", "threads", "b1 p50 ms", "b1 p90 ms", "b256 img/s", "µs/img b1", "µs/img b256",
-                   "b256 vs first"):
+    for header in ("model", "threads", "b1 p50 ms", "b1 p90 ms", "b1 p90/p50", "b256 img/s", "µs/img b1",
+                   "µs/img b256", "b256 speedup vs first"):
         table.add_column(header, justify="left" if header == "model" else "right", no_wrap=True)
     first = results[0][1].throughput_ips_b256 if results else None
+    mark = report.CONTENDED_MARK
+
+    def b256(r, text):  # a model whose batch is fixed at 1 has no batch-256 numbers
+        return "—" if r.throughput_ips_b256 is None else text() + (mark if r.contended else "")
+
     for target, r in results:
-        table.add_row(target.label, str(r.threads), f"{r.latency_ms_b1_p50:.3f}", f"{r.latency_ms_b1_p90:.3f}",
-                      f"{r.throughput_ips_b256:.0f}", f"{1000 * r.latency_ms_b1_p50:.0f}",
-                      f"{1e6 / r.throughput_ips_b256:.0f}", f"{r.throughput_ips_b256 / first:.2f}x")
-    _console().print(table)
+        busy = mark if r.contended else ""
+        table.add_row(target.label, str(r.threads), f"{r.latency_ms_b1_p50:.3f}{busy}",
+                      f"{r.latency_ms_b1_p90:.3f}{busy}",
+                      f"{r.spread_b1:.2f}{busy}", b256(r, lambda: f"{r.throughput_ips_b256:.0f}"),
+                      f"{1000 * r.latency_ms_b1_p50:.0f}{busy}", b256(r, lambda: f"{1e6 / r.throughput_ips_b256:.0f}"),
+                      b256(r, lambda: f"{r.throughput_ips_b256 / first:.2f}x" if first else "—"))
+    console = _console()
+    console.print(table)
+    if any(r.contended for _, r in results):
+        console.print(f"[dim]{mark} timed while the machine was busy (p90/p50 of the timings above "
+                      f"{CONTENDED_SPREAD:g}): not a measurement of the model[/]", highlight=False)

@@ -75,8 +75,7 @@ def test_variant_run_has_every_param_metric_artifact_and_tag(completed_sweep, ci
         assert tags[Tag.VERSION_PREFIX + package]
     client = MlflowClient()
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {Artifact.MODEL_FILE_DIR, Artifact.QCONFIG, Artifact.PER_CLASS_ACCURACY,
-            Artifact.LOGGED_MODEL_NAME, Artifact.CONFUSION_MATRIX} <= top
+    assert {Artifact.MODEL_FILE_DIR, Artifact.QCONFIG, Artifact.PER_CLASS_ACCURACY, Artifact.CONFUSION_MATRIX} <= top
     for metric in (Metric.LATENCY_MS_B1_P50, Metric.LATENCY_MS_B1_P90, Metric.THROUGHPUT_IPS_B256):
         assert run.data.metrics[metric] > 0
     assert run.data.metrics[Metric.LATENCY_MS_B1_P90] >= run.data.metrics[Metric.LATENCY_MS_B1_P50]
@@ -86,7 +85,11 @@ def test_variant_run_has_every_param_metric_artifact_and_tag(completed_sweep, ci
     assert model_files[0].endswith(".pt" if variant.startswith("pytorch") else ".onnx")
     per_class = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{Artifact.PER_CLASS_ACCURACY}"))
     assert len(per_class) == 10
-    mlmodel = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{Artifact.LOGGED_MODEL_NAME}/MLmodel")
+    # The MLflow model is the run's logged model (named after the variant), not a copy among its artifacts.
+    [output] = run.outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.name == variant and Artifact.LOGGED_MODEL_NAME not in top
+    mlmodel = mlflow.artifacts.load_text(f"{logged.artifact_location}/MLmodel")
     assert ("pytorch:" if variant.startswith("pytorch") else "onnx:") in mlmodel
     assert "signature:" in mlmodel and "saved_input_example_info" in mlmodel
     [dataset_input] = run.inputs.dataset_inputs

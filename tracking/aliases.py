@@ -36,11 +36,45 @@ def set_alias(name: str, alias: str, version: str) -> None:
                             f"{exc.message.splitlines()[0]}") from exc
 
 
-def record_decision(name: str, version: str, decision: str, reason: str, policy: str) -> None:
+# How a decision sentence starts, by decision; record_decision replaces an earlier one that starts like these. Short:
+# the registry's version list shows only the first 30-odd characters of a description.
+_DECISION_OPENINGS = {"promoted": "Promoted to @{alias}",
+                      "rejected": "Rejected",
+                      "manual": "Manual decision"}
+
+
+def decision_sentence(decision: str, reason: str, policy: str, alias: str = "champion") -> str:
+    """The decision and its reason in a sentence, e.g. "Rejected: agreement 0.9500 is below 0.97. Gate: accuracy
+    drop <= 0.5 pp, …"."""
+    opening = _DECISION_OPENINGS.get(decision, f"Decision '{decision}'").format(alias=alias)
+    sentence = f"{opening}: {reason.rstrip('.')}."
+    if policy and policy != "none":
+        sentence += f" Gate: {policy}."
+    return sentence
+
+
+def _is_decision(paragraph: str) -> bool:
+    openings = [o.split("{")[0] for o in _DECISION_OPENINGS.values()] + ["Decision '"]
+    return any(paragraph.startswith(o) and ": " in paragraph[:len(o) + 20] for o in openings)
+
+
+def record_decision(name: str, version: str, decision: str, reason: str, policy: str,
+                    alias: str = "champion") -> None:
+    """Record why an alias moved (or did not): the `promotion_decision` and `promotion_reason` tags, and the
+    decision as the first sentence of the version's description (replacing an earlier decision, keeping the
+    rest). The policy goes into that sentence only: a tag would be cut off in the registry's version list."""
     c = client()
-    for key, value in ((VersionTag.PROMOTION_DECISION, decision), (VersionTag.PROMOTION_REASON, reason),
-                       (VersionTag.PROMOTION_POLICY, policy)):
-        c.set_model_version_tag(name, version, key, value)
+    try:
+        for key, value in ((VersionTag.PROMOTION_DECISION, decision), (VersionTag.PROMOTION_REASON, reason)):
+            c.set_model_version_tag(name, version, key, value)
+        paragraphs = (c.get_model_version(name, version).description or "").split("\n\n")
+        rest = [p for p in paragraphs if p.strip() and not _is_decision(p)]
+        description = "\n\n".join([decision_sentence(decision, reason, policy, alias), *rest])
+        c.update_model_version(name, version, description=description)
+    except mlflow.exceptions.MlflowException as exc:
+        raise refused_credentials(exc) or TrackingError(
+            f"cannot record the {decision} decision on {name} version {version}: "
+            f"{exc.message.splitlines()[0]}") from exc
 
 
 def list_registered(names_like: str | None = None) -> list[dict]:
@@ -60,5 +94,6 @@ def list_registered(names_like: str | None = None) -> list[dict]:
         for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
             listing.append({"name": model.name, "version": str(mv.version), "tags": dict(mv.tags),
                             "aliases": sorted(aliases_by_version.get(str(mv.version), [])),
-                            "created": mv.creation_timestamp})
+                            "created": mv.creation_timestamp, "run_id": mv.run_id,
+                            "description": mv.description or ""})
     return listing

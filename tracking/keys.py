@@ -53,8 +53,13 @@ class Metric:
     LATENCY_MS_B1_P50 = "latency_ms_b1_p50"
     LATENCY_MS_B1_P90 = "latency_ms_b1_p90"
     THROUGHPUT_IPS_B256 = "throughput_ips_b256"
-    SPEEDUP_VS_FP32 = "speedup_vs_fp32"  # batch-256 throughput relative to FP32 onnxruntime in the same sweep
-    LATENCY_RATIO_VS_FP32 = "latency_ratio_vs_fp32_b1"  # batch-1 p50 latency relative to FP32 onnxruntime
+    # Speedups over FP32 onnxruntime in the same sweep, > 1 = faster, named by batch size: batch 256 from
+    # throughput, batch 1 from p50 latency (FP32's over the variant's).
+    SPEEDUP_VS_FP32_B256 = "speedup_vs_fp32_b256"
+    SPEEDUP_VS_FP32_B1 = "speedup_vs_fp32_b1"
+    SPREAD_B1 = "spread_b1_p90_over_p50"  # of the single-image timings
+    SPREAD_B256 = "spread_b256_p90_over_p50"  # of the batch-256 timings
+    BENCH_CONTENDED = "bench_contended"  # 1 when a spread says the machine was busy (models.benchmark)
     # Parent-run summaries
     VARIANTS_OK = "variants_ok"
     VARIANTS_FAILED = "variants_failed"
@@ -88,6 +93,7 @@ class Tag:
     MODEL_FILE_IN_MODEL = "ptqflow.model_file_in_model"  # its path inside the logged MLflow model
     INPUT_KEY = "ptqflow.input_key"  # SHA-256 of everything that determines a variant's result
     REUSED_FROM = "ptqflow.reused."  # + variant, on a resumed sweep's parent: the run reused for it
+    BENCH_CONTENDED = "ptqflow.bench_contended"  # why the timings are not facts, only on contended runs
     ORPHANS_MARKED = "ptqflow.orphans_marked_failed"  # "name/version" on the run that was registered
     MLFLOW_PARENT = "mlflow.parentRunId"
 
@@ -97,6 +103,21 @@ class Tag:
     ROLE_SWEEP = "sweep"
     ROLE_VARIANT = "variant"
     WARNING_FP32_MISMATCH = "fp32_torch_ort_mismatch"
+
+
+class ExperimentTag:
+    """Experiment tags MLflow's UI reads (names and values from the MLflow 3.17 UI bundle)."""
+
+    # MLflow's experiment kind; "custom_model_development" is its "Model training" kind (GenAI experiments use
+    # "genai_development"). The 3.17 UI picks its view from the workflow switch (`?workflowType=`) instead, so the
+    # links ptqflow prints carry that parameter too (see tracking.runs.experiment_page).
+    KIND = "mlflow.experimentKind"
+    KIND_MODEL_DEVELOPMENT = "custom_model_development"
+    # A saved runs-table view (the "Views" menu), opened by `?viewStateShareKey=<id>`: the UI reads no tag for the
+    # default columns, so ptqflow saves its metric columns as a view.
+    SAVED_VIEW_PREFIX = "mlflow.sharedViewState."
+    RUNS_VIEW_ID = "ptqflow"
+    RUNS_VIEW_NAME = "ptqflow: accuracy, agreement, latency, size"
 
 
 class VersionTag:
@@ -120,7 +141,7 @@ class VersionTag:
     LATENCY_MS_B1 = "latency_ms_b1_p50"
     PROMOTION_DECISION = "promotion_decision"  # promoted, rejected or manual
     PROMOTION_REASON = "promotion_reason"
-    PROMOTION_POLICY = "promotion_policy"
+    PROMOTION_POLICY = "promotion_policy"  # no longer written: the policy is in the version's description
 
 
 class Artifact:
@@ -136,6 +157,9 @@ class Artifact:
     PLOT_ACCURACY_VS_LATENCY = "plots/accuracy_vs_latency.png"
     PLOT_PER_CLASS = "plots/per_class_accuracy.png"
     PLOT_AGREEMENT = "plots/top1_agreement.png"
-    LOGGED_MODEL_NAME = "model"  # name of the MLflow-flavored model logged on each variant run
+    # Before MLflow logged models: the run artifact dir that held each variant's MLflow model (`runs:/<run>/model`);
+    # still registered from when a resumed sweep reuses such a run. Variants now log a logged model named after
+    # themselves (tracking.runs.log_torchscript_model / log_onnx_model).
+    LOGGED_MODEL_NAME = "model"
     DATASET_CONTEXT_TEST = "test"
     DATASET_CONTEXT_CALIBRATION = "calibration"

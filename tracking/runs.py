@@ -13,6 +13,7 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -25,10 +26,14 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipelines.errors import TrackingError  # noqa: E402
 from pipelines.interrupts import checkpoint  # noqa: E402
-from tracking.keys import Artifact, Tag  # noqa: E402
+from tracking.keys import Artifact, ExperimentTag, Metric, Param, Tag  # noqa: E402
 
 # MLflow's INFO lines (database migrations, "registered model") would bury ptqflow's own one-line messages.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+# Run id -> id of the MLflow logged model logged on that run (while the run is open): params and metrics logged on
+# the run afterwards are attached to that model too, so the experiment's Models tab compares the variants.
+_logged_models: dict[str, str] = {}
 
 
 def tracking_uri() -> str:
@@ -162,6 +167,7 @@ def run_scope(experiment_id: str | None = None, run_name: str | None = None, nes
         status = RunStatus.FAILED
         raise
     finally:
+        _logged_models.pop(run.info.run_id, None)
         mlflow.end_run(RunStatus.to_string(status))
 
 
@@ -173,10 +179,23 @@ def log_params(params: dict) -> None:
     fresh = {k: ("" if v is None else v) for k, v in params.items() if k not in existing}
     if fresh:
         mlflow.log_params(fresh)
+        model_id = _active_model_id()
+        if model_id:
+            client().log_model_params(model_id, _str_params(fresh))
 
 
 def log_metrics(metrics: dict[str, float]) -> None:
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+    """Log on the active run; once the run has logged its model, the metrics are the model's too (`model_id`)."""
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, model_id=_active_model_id())
+
+
+def _active_model_id() -> str | None:
+    run = mlflow.active_run()
+    return _logged_models.get(run.info.run_id) if run else None
+
+
+def _str_params(params: dict) -> dict[str, str]:
+    return {k: "" if v is None else str(v) for k, v in params.items()}
 
 
 def set_tags(tags: dict[str, str]) -> None:
@@ -267,9 +286,160 @@ def save_onnx_model(onnx_path: Path, target_dir: Path, input_example, output_exa
 
 
 def log_model_dir(model_dir: Path) -> str:
-    """Upload a saved MLflow model dir to the active run; returns the runs:/ URI that registers it."""
+    """Upload a saved MLflow model dir to the active run as plain artifacts; returns the runs:/ URI that registers
+    it. The sweep logs MLflow logged models instead (log_torchscript_model, log_onnx_model)."""
     mlflow.log_artifacts(str(model_dir), Artifact.LOGGED_MODEL_NAME)
     return f"runs:/{mlflow.active_run().info.run_id}/{Artifact.LOGGED_MODEL_NAME}"
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    """An MLflow logged model of the active run, and its files as the artifact store holds them."""
+
+    model_id: str
+    model_uri: str  # models:/<model_id>: what the registry registers
+    local_dir: Path  # the logged model's files, downloaded back from the artifact store
+    model_file: Path  # the model file inside local_dir (byte for byte the stored one)
+
+    @property
+    def model_file_in_model(self) -> str:
+        return self.model_file.relative_to(self.local_dir).as_posix()
+
+
+TORCHSCRIPT_FILE_IN_MODEL = "data/model.pth"  # where mlflow.pytorch writes a pickled (TorchScript) module
+ONNX_FILE_IN_MODEL = "model.onnx"
+
+
+def log_torchscript_model(script_module, name: str, download_dir: Path, input_example, output_example,
+                          pip_requirements: list[str], params: dict) -> LoggedModel:
+    """Log a TorchScript module as an MLflow logged model (pytorch flavor, signature, input example) named `name`,
+    linked to the active run, with `params`; metrics and params logged on the run afterwards are attached to it.
+    Returns it with its files downloaded into download_dir: hash and evaluate that file, it is the stored one."""
+    import mlflow.pytorch
+
+    # MLflow warns that pickle formats run code on load; TorchScript has no safer format, and pull checks SHA-256.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        # MLflow loads the saved model once to check the input example, with torch.load on a TorchScript archive:
+        # torch says to call torch.jit.load instead, which says it is deprecated. Neither is about ptqflow's file.
+        warnings.filterwarnings("ignore", message=".*torch.load' received a zip file")
+        warnings.filterwarnings("ignore", message=".*torch.jit.load` is deprecated")
+        info = _log_model(lambda: mlflow.pytorch.log_model(
+            script_module, name=name, serialization_format="pickle",
+            signature=_signature(input_example, output_example), input_example=input_example,
+            pip_requirements=pip_requirements, params=_str_params(params)))
+    return _downloaded(info, download_dir, TORCHSCRIPT_FILE_IN_MODEL)
+
+
+def log_onnx_model(onnx_path: Path, name: str, download_dir: Path, input_example, output_example,
+                   pip_requirements: list[str], params: dict) -> LoggedModel:
+    """Log an ONNX file (external data inlined) as an MLflow logged model (onnx flavor, CPU execution provider),
+    like log_torchscript_model."""
+    import mlflow.onnx
+    import onnx
+
+    info = _log_model(lambda: mlflow.onnx.log_model(
+        onnx.load(str(onnx_path)), name=name, signature=_signature(input_example, output_example),
+        input_example=input_example, pip_requirements=pip_requirements, save_as_external_data=False,
+        onnx_execution_providers=["CPUExecutionProvider"], params=_str_params(params)))
+    return _downloaded(info, download_dir, ONNX_FILE_IN_MODEL)
+
+
+def _log_model(log):
+    run = mlflow.active_run()
+    if run is None:
+        raise TrackingError("a model is logged only inside a run")
+    try:
+        info = log()
+    except mlflow.exceptions.MlflowException as exc:
+        raise refused_credentials(exc) or TrackingError(
+            f"tracking server at {public_tracking_uri()} refused to log a model: {one_line(exc)}") from exc
+    _logged_models[run.info.run_id] = info.model_id
+    return info
+
+
+def _downloaded(info, download_dir: Path, file_in_model: str) -> LoggedModel:
+    download_dir.mkdir(parents=True, exist_ok=True)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=str(download_dir)))
+    model_file = local / file_in_model
+    if not model_file.is_file():
+        raise TrackingError(f"logged model {info.model_id} has no {file_in_model}")
+    return LoggedModel(info.model_id, info.model_uri, local, model_file)
+
+
+def logged_model_uri(run) -> str | None:
+    """The URI that registers the model a finished variant run logged: its MLflow logged model (`models:/<id>`), or
+    for a run from before logged models, its `model/` artifact dir; None when it has neither."""
+    outputs = getattr(run, "outputs", None)
+    model_ids = [o.model_id for o in (outputs.model_outputs if outputs else []) or []]
+    if not model_ids:
+        found = client().search_logged_models([run.info.experiment_id],
+                                              filter_string=f"source_run_id = '{run.info.run_id}'", max_results=10)
+        model_ids = [m.model_id for m in found]
+    if model_ids:
+        return f"models:/{model_ids[-1]}"
+    if any(a.path == Artifact.LOGGED_MODEL_NAME for a in client().list_artifacts(run.info.run_id)):
+        return f"runs:/{run.info.run_id}/{Artifact.LOGGED_MODEL_NAME}"
+    return None
+
+
+# ---- how the experiment opens in the MLflow UI --------------------------------------------------------------------
+# The runs-table columns of ptqflow's saved view, in order, with widths that fit their names (about 1,600 px with
+# the columns the table always shows: run name, created, duration).
+RUNS_VIEW_COLUMNS = {
+    "attributes.`Models`": 165,
+    f"metrics.`{Metric.ACCURACY}`": 90, f"metrics.`{Metric.ACCURACY_DELTA_PP}`": 140,
+    f"metrics.`{Metric.TOP1_AGREEMENT}`": 125, f"metrics.`{Metric.LATENCY_MS_B1_P50}`": 145,
+    f"metrics.`{Metric.MODEL_SIZE_BYTES}`": 140, f"params.`{Param.WEIGHT_DTYPE}`": 115,
+}
+RUN_NAME_COLUMN_WIDTH = 345  # fits "resnet8 · 2026-12-01 23:40:05 · 10000 imgs"
+DEFAULT_UI_URL = "http://127.0.0.1:5000/"  # where `mlflow ui` serves a local (sqlite or file) store by default
+
+
+def runs_view() -> str:
+    """ptqflow's runs-table view as the MLflow 3.17 UI saves one ("Views" > "Save view"): a JSON envelope whose
+    `state` holds the table's UI state. Widths apply only to the columns named in columnOrder."""
+    state = {"selectedColumns": list(RUNS_VIEW_COLUMNS),
+             "columnWidths": {"attributes.`Run Name`": RUN_NAME_COLUMN_WIDTH, **RUNS_VIEW_COLUMNS},
+             "columnOrder": ["0", "attributes.`Run Name`", "runDateAndNestInfo", "duration", *RUNS_VIEW_COLUMNS]}
+    now = int(time.time() * 1000)
+    return json.dumps({"name": ExperimentTag.RUNS_VIEW_NAME, "createdAt": now, "updatedAt": now,
+                       "state": json.dumps(state)})
+
+
+def mark_experiment(experiment_id: str) -> None:
+    """Mark the experiment as MLflow's "Model training" kind and save ptqflow's runs-table view on it; tags the
+    experiment already has (set by the user or an earlier sweep) are left as they are."""
+    c = client()
+    view_key = ExperimentTag.SAVED_VIEW_PREFIX + ExperimentTag.RUNS_VIEW_ID
+    try:
+        tags = c.get_experiment(experiment_id).tags
+        if ExperimentTag.KIND not in tags:
+            c.set_experiment_tag(experiment_id, ExperimentTag.KIND, ExperimentTag.KIND_MODEL_DEVELOPMENT)
+        if view_key not in tags:
+            c.set_experiment_tag(experiment_id, view_key, runs_view())
+    except mlflow.exceptions.MlflowException as exc:
+        raise refused_credentials(exc) or TrackingError(
+            f"tracking server at {public_tracking_uri()} refused to tag experiment {experiment_id}: "
+            f"{one_line(exc)}") from exc
+
+
+def ui_base_url() -> str:
+    """The MLflow UI's address: the tracking server when it is one (without credentials), else `mlflow ui`'s."""
+    uri = public_tracking_uri()
+    return uri.rstrip("/") + "/" if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
+
+
+def experiment_route(experiment_id: str, tab: str = "runs") -> str:
+    """The UI route (after the `#`) of an experiment tab in the "Model training" view; the runs tab with
+    ptqflow's saved columns. MLflow 3.17 opens experiments in its GenAI view unless the route says otherwise."""
+    route = f"/experiments/{experiment_id}/{tab}?workflowType=machine_learning"
+    return route + (f"&viewStateShareKey={ExperimentTag.RUNS_VIEW_ID}" if tab == "runs" else "")
+
+
+def experiment_page(experiment_id: str) -> str:
+    """The experiment's runs table in the "Model training" view with ptqflow's saved columns."""
+    return f"{ui_base_url()}#{experiment_route(experiment_id)}"
 
 
 @contextmanager
