@@ -411,13 +411,20 @@ def mark_experiment(experiment_id: str) -> None:
     """Mark the experiment as MLflow's "Model training" kind and save ptqflow's runs-table view on it; tags the
     experiment already has (set by the user or an earlier sweep) are left as they are."""
     c = client()
-    view_key = ExperimentTag.SAVED_VIEW_PREFIX + ExperimentTag.RUNS_VIEW_ID
+    wanted = {ExperimentTag.KIND: ExperimentTag.KIND_MODEL_DEVELOPMENT,
+              ExperimentTag.SAVED_VIEW_PREFIX + ExperimentTag.RUNS_VIEW_ID: runs_view()}
     try:
         tags = c.get_experiment(experiment_id).tags
-        if ExperimentTag.KIND not in tags:
-            c.set_experiment_tag(experiment_id, ExperimentTag.KIND, ExperimentTag.KIND_MODEL_DEVELOPMENT)
-        if view_key not in tags:
-            c.set_experiment_tag(experiment_id, view_key, runs_view())
+        for key, value in wanted.items():
+            if key in tags:
+                continue
+            try:
+                c.set_experiment_tag(experiment_id, key, value)
+            except mlflow.exceptions.MlflowException:
+                # Two sweeps starting together both find the tag missing; on a SQL store the second insert then
+                # violates the tag's primary key. The tag being there now is all this step wants.
+                if key not in c.get_experiment(experiment_id).tags:
+                    raise
     except mlflow.exceptions.MlflowException as exc:
         raise refused_credentials(exc) or TrackingError(
             f"tracking server at {public_tracking_uri()} refused to tag experiment {experiment_id}: "
