@@ -14,7 +14,7 @@ from rich.filesize import decimal
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
-from pipelines.interrupts import checkpoint
+from common.interrupts import checkpoint
 
 console = Console(stderr=True)
 

@@ -14,20 +14,21 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from models.base import FloatModel, UnsupportedVariant, write_json_atomic
+from common.errors import ConfigError, ModelError, PtqflowError
+from common.files import file_sha256, write_json_atomic
+from common.versions import package_versions
+from models.base import FloatModel, UnsupportedVariant
 from models.benchmark import BenchConfig, BenchResult, benchmark
 from models.machine import cpu_description
-from models.onnx_model import OnnxClassifier, file_sha256, load_classifier
+from models.onnx_model import OnnxClassifier, load_classifier
 from pipelines import plots, precision, report
 from pipelines.calibration import indices_digest, stratified_indices
 from pipelines.choices import LayoutChoice, Preprocessing
 from pipelines.cifar import Cifar10, Split, load_cifar10
-from pipelines.errors import ConfigError, ModelError, PtqflowError
 from pipelines.evaluation import Evaluation, Fidelity, evaluate, fidelity, predict_scores
 from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL, ensure_data, ensure_model
 from pipelines.names import ONNX_SUFFIX, PYTORCH_SUFFIX, registered_name_for, validate_name
@@ -165,16 +166,6 @@ class SweepResult:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
-def package_versions() -> dict[str, str]:
-    versions = {}
-    for name in TRACKED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -198,7 +189,7 @@ class Sweep:
         self.quantization_source = self.float_model
         self.specs = select(options.variants, options.ort_per_channel, options.ort_calibration_method,
                             options.weight_rounding)
-        self.versions = package_versions()
+        self.versions = package_versions(TRACKED_PACKAGES)
         self.commit = git_commit()
         self.example_input = inputs.transform(inputs.test.images[:1])
         self.reference: Evaluation | None = None

@@ -11,11 +11,11 @@ from typing import Callable
 
 import numpy as np
 
+from common.errors import ConfigError
 from models.base import FloatModel, QuantizedModel
 from models.quantize_ort import OrtStaticConfig
 from models.quantize_pytorch import PytorchFxConfig
 from pipelines.choices import VARIANT_NAMES
-from pipelines.errors import ConfigError
 
 FP32 = "fp32"
 PYTORCH = "pytorch"

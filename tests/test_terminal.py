@@ -175,9 +175,11 @@ def _strings(node: ast.AST, skip: set[int]):
 
 def _messages_naming_options():
     """(file, top-level name, text) for every string literal (f-string parts included) that names a --option: in
-    pipelines/, models/ and tracking/ all of them but docstrings; in the CLI module only those inside `_fail(...)`
-    or `...Error(...)` calls (the rest are option declarations and help texts, checked from the commands)."""
-    for path in sorted(p for folder in ("pipelines", "models", "tracking") for p in (ROOT / folder).glob("*.py")):
+    common/, pipelines/, models/ and tracking/ all of them but docstrings; in the CLI module only those inside
+    `_fail(...)` or `...Error(...)` calls (the rest are option declarations and help texts, checked from the
+    commands)."""
+    folders = ("common", "pipelines", "models", "tracking")
+    for path in sorted(p for folder in folders for p in (ROOT / folder).glob("*.py")):
         relative = path.relative_to(ROOT).as_posix()
         tree = ast.parse(path.read_text(), relative)
         skip = _docstrings(tree)

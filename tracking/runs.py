@@ -24,8 +24,8 @@ import mlflow  # noqa: E402
 from mlflow.entities import RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from pipelines.errors import TrackingError  # noqa: E402
-from pipelines.interrupts import checkpoint  # noqa: E402
+from common.errors import TrackingError  # noqa: E402
+from common.interrupts import checkpoint  # noqa: E402
 from tracking.keys import Artifact, ExperimentTag, Metric, Param, Tag  # noqa: E402
 
 # MLflow's INFO lines (database migrations, "registered model") would bury ptqflow's own one-line messages.
