@@ -5,7 +5,7 @@ Adding a variant is one entry here; the sweep, the tracking and the reports need
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -55,6 +55,13 @@ class VariantSpec:
         else:
             from models import quantize_ort as backend
         return backend.quantize(float_model, self.config, calibration, out_dir, advance)
+
+
+def config_payload(config: PytorchFxConfig | OrtStaticConfig) -> dict:
+    """A backend config in full, with its type: what qconfig.json holds and what the resume key hashes."""
+    payload = asdict(config)
+    payload["type"] = type(config).__name__
+    return payload
 
 
 VARIANTS: dict[str, VariantSpec] = {spec.name: spec for spec in (

@@ -139,6 +139,7 @@ RAISED_BY = {
     "pipelines/plots.py": QUANTIZERS,  # the no-latency note; baseline always benchmarks
     "pipelines/preprocessing.py": SWEEPS,
     "pipelines/pull.py": ("pull",),  # the dataset check of --evaluate
+    "pipelines/registrar.py": QUANTIZERS,  # check_registry_targets; baseline registers nothing
     "pipelines/serve.py": ("serve",),
     "pipelines/sweep.py": SWEEPS,
     "pipelines/sweep.py:prepare_inputs": QUANTIZERS,  # the calibration set's size: baseline builds none
@@ -150,6 +151,8 @@ RAISED_BY = {
 NAMED_ONLY_WHERE_GIVEN = {
     ("pipelines/sweep.py", "--registered-model"),
     ("pipelines/sweep.py", "--registered-onnx-model"),
+    ("pipelines/registrar.py", "--registered-model"),
+    ("pipelines/registrar.py", "--registered-onnx-model"),
 }
 ERROR_CALLS = re.compile(r"_fail|\w*Error")
 
