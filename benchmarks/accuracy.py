@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, run_default_sweep  # noqa: E402
+from harness import machine_line, run_default_sweep  # noqa: E402
 
 
 def main() -> int:

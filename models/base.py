@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from common.files import file_sha256, write_atomic
+from common.versions import package_versions
 from models.onnx_model import OnnxClassifier, to_torch
 
 
@@ -26,20 +27,12 @@ def adaround_cache_key(model_sha256: str, calibration: np.ndarray, calibration_d
     """Everything that shapes an AdaRound result: the model, the calibration images' bytes as the model sees them
     (so another copy of the data, layout or preprocessing misses the cache), which images they are, the grid, the
     iterations, the algorithm version and the library versions."""
-    from importlib import metadata
-
     calibration = np.ascontiguousarray(calibration)
     data = hashlib.sha256(f"{calibration.dtype.str}{calibration.shape}".encode())
     data.update(calibration.tobytes())
-    versions = {}
-    for name in ADAROUND_LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
     payload = {"algorithm": ADAROUND_VERSION, "iterations": iterations, "model_sha256": model_sha256,
                "calibration_sha256": data.hexdigest(), "calibration_indices_sha256": calibration_digest,
-               "scheme": scheme, "versions": versions, "context": context or {}}
+               "scheme": scheme, "versions": package_versions(ADAROUND_LIBRARIES), "context": context or {}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -104,7 +97,7 @@ class FloatModel:
             return self._rounded[memo]
         import onnx
 
-        from models.onnx_model import file_sha256, read_input_spec
+        from models.onnx_model import read_input_spec
 
         key = adaround_cache_key(self.onnx.sha256, calibration, calibration_digest, scheme, iterations,
                                  {**(context or {}), "round_head": round_head})
@@ -135,7 +128,7 @@ class FloatModel:
         proto, folded = fold_batch_norms(self.onnx.proto)
         if not folded and not has_unnamed_nodes(proto):
             return self
-        from models.onnx_model import file_sha256, read_input_spec
+        from models.onnx_model import read_input_spec
 
         proto = name_unnamed_nodes(proto)
         work_dir = self.work_dir / "fp32-quantization"
@@ -175,29 +168,6 @@ class QuantizedModel:
     path: Path
     format: str  # "torchscript" or "onnx"
     calibration_images: int = 0  # how many calibration images the backend's observers actually saw
-
-
-def config_dict(config) -> dict:
-    return asdict(config)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path` and rename, so a failure never leaves a partial file in its place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    write_atomic(path, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def batches(array: np.ndarray, batch_size: int):

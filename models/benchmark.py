@@ -8,8 +8,8 @@ from typing import Callable
 
 import numpy as np
 
+from common.interrupts import checkpoint
 from models.runtime import cpu_threads
-from pipelines.interrupts import checkpoint
 
 BATCH_LATENCY = 1
 BATCH_THROUGHPUT = 256

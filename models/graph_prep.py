@@ -89,11 +89,6 @@ def _module_calls(gm: fx.GraphModule):
             yield node, m
 
 
-def _is(gm, node, types) -> bool:
-    m = _mod(gm, node)
-    return m is not None and isinstance(types, (type, tuple)) and types != () and isinstance(m, types)
-
-
 def _const(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
     """Value of a get_attr node (onnx2torch initializers), else None."""
     if isinstance(node, fx.Node) and node.op == "get_attr":

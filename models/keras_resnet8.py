@@ -11,10 +11,8 @@ Only the layer types and options this model uses are supported; anything else is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
-from pipelines.errors import ModelError
+from common.errors import ModelError
+from common.files import file_sha256, write_atomic
 
 INPUT_NAME = "input_1:0"
 # tf2onnx's output name in the reference export, so code written against one file runs on the other.
@@ -328,11 +327,6 @@ class _Converter:
         return model
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def convert_h5_to_onnx(h5_path: Path, onnx_path: Path) -> Path:
     """Convert the Keras ResNet8 at h5_path to ONNX at onnx_path (written whole, then renamed) and return it.
 
@@ -341,16 +335,13 @@ def convert_h5_to_onnx(h5_path: Path, onnx_path: Path) -> Path:
     h5_path, onnx_path = Path(h5_path), Path(onnx_path)
     layers, input_name, output_name = _read_keras_file(h5_path)
     model = _Converter(layers, h5_path).convert(input_name, output_name)
-    helper.set_model_props(model, {SOURCE_SHA256_KEY: _sha256(h5_path), "source_file": h5_path.name})
+    helper.set_model_props(model, {SOURCE_SHA256_KEY: file_sha256(h5_path), "source_file": h5_path.name})
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ModelError(f"{h5_path}: the converted graph fails the ONNX checker ({_one_line(exc)}); "
                          "this is not the MLPerf Tiny ResNet8 the converter supports") from exc
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = onnx_path.with_name(onnx_path.name + ".tmp")
-    onnx.save(model, partial)
-    os.replace(partial, onnx_path)
+    write_atomic(onnx_path, model.SerializeToString())
     return onnx_path
 
 

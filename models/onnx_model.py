@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.errors import ModelError
+from common.errors import ModelError
+from common.files import file_sha256
 
 NHWC = "NHWC"
 NCHW = "NCHW"
@@ -46,14 +47,6 @@ def model_sha256(path: Path, external_files: tuple[Path, ...] = ()) -> str:
     sha = hashlib.sha256(file_sha256(path).encode())
     for relative in sorted(external_files):
         sha.update(f"\0{relative.as_posix()}\0{file_sha256(path.parent / relative)}".encode())
-    return sha.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
     return sha.hexdigest()
 
 

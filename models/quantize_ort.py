@@ -11,7 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from models.base import FloatModel, QuantizedModel, batches, write_atomic
+from common.files import write_atomic
+from models.base import FloatModel, QuantizedModel, batches
 
 MODEL_FILE_NAME = "model.onnx"
 QUANT_FORMATS = ("QDQ", "QOperator")

@@ -13,7 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from models.base import FloatModel, QuantizedModel, UnsupportedVariant, batches, write_atomic
+from common.files import write_atomic
+from models.base import FloatModel, QuantizedModel, UnsupportedVariant, batches
 
 BACKENDS = ("fbgemm", "x86")
 MODEL_FILE_NAME = "model.pt"

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.interrupts import checkpoint
+from common.interrupts import checkpoint
 
 __all__ = [
     "adaround_onnx",

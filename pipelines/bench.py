@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import ModelError
 from models.benchmark import BenchConfig, BenchResult, benchmark
-from pipelines.errors import ModelError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import hashlib
 
 import numpy as np
 
-from pipelines.errors import ConfigError
+from common.errors import ConfigError
 
 
 def _rank_key(seed: int, index: int) -> bytes:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.errors import DataError
+from common.errors import DataError
+from common.files import hash_file
 
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
@@ -170,9 +171,7 @@ def dataset_digest(root: Path) -> str:
     sha = hashlib.sha256()
     for name in ALL_FILES:
         sha.update(name.encode())
-        with open(root / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                sha.update(chunk)
+        hash_file(root / name, sha)
     return sha.hexdigest()
 
 

@@ -12,6 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from common.errors import PtqflowError
+from common.interrupts import deferred_interrupts, stop_requested
 from pipelines.choices import (
     ORT_VARIANTS,
     PYTORCH_VARIANTS,
@@ -21,9 +23,7 @@ from pipelines.choices import (
     Preprocessing,
     WeightRounding,
 )
-from pipelines.errors import PtqflowError
 from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL
-from pipelines.interrupts import deferred_interrupts, stop_requested
 from pipelines.progress import quiet_library_warnings
 from tracking.keys import DEFAULT_EXPERIMENT
 
@@ -146,7 +146,7 @@ def _value(choice):
 
 
 def _only(framework: str, chosen: list[str] | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    from pipelines.errors import ConfigError
+    from common.errors import ConfigError
 
     for name in chosen or ():
         if name not in allowed:
@@ -424,10 +424,10 @@ def bench(
                                                                    "'quantized_engine' tag.")] = None,
 ):
     """Batch-1 latency and batch-256 throughput, on real test images, the way the sweep measures them."""
+    from common.errors import ConfigError
     from models.benchmark import BenchConfig
     from pipelines.bench import bench_files, resolve_targets
     from pipelines.cifar import load_cifar10
-    from pipelines.errors import ConfigError
     from pipelines.tables import print_bench
 
     if run_id and len(targets) != 1:

@@ -20,8 +20,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from common.errors import DataError, FetchError, IntegrityError
+from common.files import hash_file
 from pipelines.cifar import ALL_FILES, check_layout, load_cifar10
-from pipelines.errors import DataError, FetchError, IntegrityError
 from pipelines.progress import progress_task
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -57,11 +58,7 @@ RESNET8_FETCH_HINTS = FetchHints(unreachable="pass --url for a mirror", mismatch
 
 
 def _file_digest(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return hash_file(path, hashlib.new(algorithm)).hexdigest()
 
 
 def _is_file_with_digest(path: Path, algorithm: str, expected: str | None) -> bool:

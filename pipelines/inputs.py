@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.errors import DataError, ModelError
+from common.errors import DataError, ModelError
 
 DEFAULT_MODEL = Path("models/resnet8.onnx")
 DEFAULT_DATA_DIR = Path("data/cifar-10-batches-py")

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.errors import ConfigError
 from pipelines.choices import LayoutChoice, Preprocessing
-from pipelines.errors import ConfigError
 
 # Per-channel statistics of the CIFAR-10 training set, for models trained on standardized inputs.
 CIFAR10_MEAN = (125.307, 122.950, 113.865)

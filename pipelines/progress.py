@@ -5,7 +5,6 @@ each with the time since the command started and what is done out of the total."
 from __future__ import annotations
 
 import os
-import sys
 import time
 from contextlib import contextmanager
 
@@ -14,7 +13,7 @@ from rich.filesize import decimal
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
-from pipelines.interrupts import checkpoint
+from common.interrupts import checkpoint
 
 console = Console(stderr=True)
 
@@ -124,10 +123,6 @@ def progress_task(description: str, total: int | None, *, unit: str | None = Non
 def say(message: str) -> None:
     # Not on a terminal: one line per message (rich would wrap it at 80 columns); colours are dropped there anyway.
     console.print(message, highlight=False, soft_wrap=not bars_enabled())
-
-
-def is_interactive() -> bool:
-    return sys.stderr.isatty()
 
 
 def quiet_library_warnings() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.onnx_model import file_sha256
-from pipelines.errors import IntegrityError, ModelError, TrackingError
+from common.errors import IntegrityError, ModelError, TrackingError
+from common.files import file_sha256
 
 ACCURACY_TOLERANCE = 1e-4
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pipelines.errors import ConfigError, IntegrityError, ModelError
+from common.errors import ConfigError, IntegrityError, ModelError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5001
@@ -204,7 +204,7 @@ def serve(ref: str, version: str | None, alias: str | None, host: str, port: int
         with download_dir(output) as directory:
             model = load_verified(name, version, alias, directory)
             app = scoring_app(model)
-            from pipelines.interrupts import checkpoint
+            from common.interrupts import checkpoint
 
             checkpoint()  # a Ctrl-C while loading stops here, before anything listens
             announce(f"serving {name} version {model.version} at {url_of(sock)} (sha256 {model.sha256[:12]}…, "

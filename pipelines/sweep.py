@@ -7,44 +7,40 @@ as such, not as an error.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
-from importlib import metadata
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from models.base import FloatModel, UnsupportedVariant, write_json_atomic
-from models.benchmark import BenchConfig, BenchResult, benchmark
+from common.errors import ConfigError, ModelError, PtqflowError
+from common.files import file_sha256
+from common.versions import package_versions
+from models.base import UnsupportedVariant
+from models.benchmark import BenchResult
 from models.machine import cpu_description
-from models.onnx_model import OnnxClassifier, file_sha256, load_classifier
+from models.onnx_model import OnnxClassifier, load_classifier
 from pipelines import plots, precision, report
 from pipelines.calibration import indices_digest, stratified_indices
 from pipelines.choices import LayoutChoice, Preprocessing
 from pipelines.cifar import Cifar10, Split, load_cifar10
-from pipelines.errors import ConfigError, ModelError, PtqflowError
-from pipelines.evaluation import Evaluation, Fidelity, evaluate, fidelity, predict_scores
+from pipelines.evaluation import Evaluation, Fidelity
 from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL, ensure_data, ensure_model
 from pipelines.names import ONNX_SUFFIX, PYTORCH_SUFFIX, registered_name_for, validate_name
 from pipelines.preprocessing import InputTransform, resolve_layout
-from pipelines.progress import progress_task, say
+from pipelines.progress import say
 from pipelines.promotion import GatePolicy
+from pipelines.registrar import MeasuredOn, Registrar, check_registry_targets
 from pipelines.timing import PhaseTimer
-from pipelines.variants import DEFAULT_VARIANTS, FP32, ONNXRUNTIME, PYTORCH, VariantSpec, select
+from pipelines.variant_runner import ModelToStore, RunnerOptions, VariantResult, VariantRunner, failure_reason
+from pipelines.variants import DEFAULT_VARIANTS, FP32, ONNXRUNTIME, PYTORCH, VariantSpec, config_payload, select
 from tracking import runs
-from tracking.keys import (
-    DEFAULT_EXPERIMENT,
-    Artifact,
-    Metric,
-    Param,
-    Tag,
-    VersionTag,
-)
+from tracking.keys import DEFAULT_EXPERIMENT, Artifact, Metric, Param, Tag
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FP32_AGREEMENT_WARNING = 0.999  # torch vs ORT FP32 top-1 agreement below this is tagged as a warning
@@ -94,6 +90,13 @@ class SweepOptions:
                 for framework, explicit, suffix in ((PYTORCH, self.registered_model, PYTORCH_SUFFIX),
                                                     (ONNXRUNTIME, self.registered_onnx_model, ONNX_SUFFIX))}
 
+    def specs(self) -> list[VariantSpec]:
+        """The variants to run, with the ONNX Runtime and weight-rounding overrides applied."""
+        return select(self.variants, self.ort_per_channel, self.ort_calibration_method, self.weight_rounding)
+
+    def runner_options(self) -> RunnerOptions:
+        return RunnerOptions(bench=self.bench, adaround_iterations=self.adaround_iterations)
+
 
 @dataclass(frozen=True)
 class SweepInputs:
@@ -132,23 +135,17 @@ def prepare_inputs(options: SweepOptions) -> SweepInputs:
 
 
 @dataclass
-class VariantOutcome:
-    name: str
-    framework: str
-    status: str  # ok, unsupported or failed
-    run_id: str
-    spec: VariantSpec | None = None
+class VariantOutcome(VariantResult):
+    """A variant's result (pipelines.variant_runner) and where the sweep recorded it."""
+
+    run_id: str = ""
     input_key: str | None = None  # Sweep.input_key of its spec, set once the variant runs or is reused
-    evaluation: Evaluation | None = None
-    fidelity: Fidelity | None = None
-    model_file: Path | None = None  # the file inside the logged MLflow model
-    model_file_in_artifacts: str = ""
+    model_file_in_artifacts: str = ""  # the model file's path inside the logged MLflow model
     model_uri: str = ""  # registers the variant's model: models:/<logged model id> (runs:/<run>/model before)
-    model_sha256: str = ""
-    quantized_engine: str = ""
-    reason: str = ""
-    bench: "BenchResult | None" = None
-    size_bytes: int | None = None
+
+    @classmethod
+    def of(cls, result: VariantResult, **recorded) -> "VariantOutcome":
+        return cls(**{f.name: getattr(result, f.name) for f in fields(VariantResult)}, **recorded)
 
 
 @dataclass
@@ -159,20 +156,11 @@ class SweepResult:
     registered: list = field(default_factory=list)
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    test_images: int = 0  # the number of test images every accuracy and agreement is a share of
 
     @property
     def failed(self) -> list[VariantOutcome]:
         return [o for o in self.outcomes if o.status == "failed"]
-
-
-def package_versions() -> dict[str, str]:
-    versions = {}
-    for name in TRACKED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def git_commit() -> str | None:
@@ -185,28 +173,20 @@ def git_commit() -> str | None:
 
 
 class Sweep:
-    """One sweep: owns the parent run and runs each variant as a child run."""
+    """One sweep: owns the parent run and records each variant, made and measured by the VariantRunner, as a child
+    run; the Registrar registers the best ones."""
 
     def __init__(self, options: SweepOptions, inputs: SweepInputs, work_dir: Path, timer: PhaseTimer | None = None):
         self.options = options
         self.inputs = inputs
         self.timer = timer or PhaseTimer()
         self.work_dir = work_dir
-        self.float_model = FloatModel.for_runtimes(inputs.model, work_dir)  # the FP32 reference, as the user gave it
-        # What the variants quantize: the same function with BatchNormalization folded and every node named, made in
-        # the convert phase (AdaRound's grid must be the one the backends see, so no backend folds after it).
-        self.quantization_source = self.float_model
-        self.specs = select(options.variants, options.ort_per_channel, options.ort_calibration_method,
-                            options.weight_rounding)
-        self.versions = package_versions()
+        self.runner = VariantRunner(inputs, work_dir, options.runner_options(), self.timer)
+        self.registrar = Registrar(options.registered_names(), options.gate, MeasuredOn.of(inputs))
+        self.specs = options.specs()
+        self.versions = package_versions(TRACKED_PACKAGES)
         self.commit = git_commit()
-        self.example_input = inputs.transform(inputs.test.images[:1])
-        self.reference: Evaluation | None = None
-        self.reference_bench: BenchResult | None = None
-        self.bench_config = BenchConfig()
-        self.eval_batch = inputs.model.input.batch_size or 500  # a fixed batch dimension (1) is used everywhere
-        # A few hundred real test images, model-ready, reused by every benchmark.
-        self.bench_images = inputs.transform(inputs.test.images[:256])
+        self.reference: VariantResult | None = None
 
     # ---- shared run metadata -------------------------------------------------------------------------------
     def _common_tags(self, parent_run_id: str | None) -> dict[str, str]:
@@ -240,35 +220,26 @@ class Sweep:
     def _log_datasets(self) -> None:
         data, source = self.inputs.data, str(self.inputs.data.root.resolve())
         runs.log_dataset(self.inputs.test.images, self.inputs.test.labels, source, "cifar10-test",
-                              data.digest, Artifact.DATASET_CONTEXT_TEST)
+                         data.digest, Artifact.DATASET_CONTEXT_TEST)
 
     # ---- FP32 reference ------------------------------------------------------------------------------------
     def run_fp32(self, experiment_id: str, parent_run_id: str) -> VariantOutcome:
-        from models.runtime import OrtRunner, TorchRunner
-
-        test, transform, names = self.inputs.test, self.inputs.transform, self.inputs.data.class_names
         with runs.run_scope(experiment_id, FP32, nested=True,
-                                 tags={Tag.ROLE: Tag.ROLE_VARIANT, Tag.VARIANT: FP32}) as run_id:
+                            tags={Tag.ROLE: Tag.ROLE_VARIANT, Tag.VARIANT: FP32}) as run_id:
             runs.set_tags(self._common_tags(parent_run_id))
             runs.log_params(self._variant_params(None))
             self._log_datasets()
-            batch = self.eval_batch
-            with self.timer.phase("evaluate"):
-                ort_scores = predict_scores(OrtRunner(self.float_model.onnx.path), test.images, transform,
-                                            "FP32 onnxruntime", batch)
-                torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), test.images, transform,
-                                              "FP32 onnx2torch", batch)
-            self.reference = evaluate(ort_scores, test.labels, names)
-            torch_eval = evaluate(torch_scores, test.labels, names)
-            torch_agreement = fidelity(self.reference, torch_eval).top1_agreement
+            reference = self.reference = self.runner.run_reference()
+            evaluation, torch_agreement = reference.evaluation, reference.torch_agreement
             if torch_agreement < FP32_AGREEMENT_WARNING:
                 runs.set_tags({Tag.WARNING: f"{Tag.WARNING_FP32_MISMATCH}: onnx2torch and onnxruntime "
-                                                      f"agree on {100 * torch_agreement:.2f}% of top-1"})
+                                            f"agree on {100 * torch_agreement:.2f}% of top-1"})
+            float_model = self.runner.float_model
             with tempfile.TemporaryDirectory(dir=self.work_dir) as d:
                 # An MLflow logged model linked to this run: the metrics logged below are attached to it too.
-                logged = runs.log_onnx_model(self.float_model.onnx.path, FP32, Path(d) / "mlflow_model",
-                                             self.example_input, ort_scores[:1], self._onnx_requirements(),
-                                             self._variant_params(None))
+                logged = runs.log_onnx_model(float_model.onnx.path, FP32, Path(d) / "mlflow_model",
+                                             self.runner.example_input, evaluation.scores[:1],
+                                             self._onnx_requirements(), self._variant_params(None))
                 runs.set_tags({Tag.MODEL_FILE_SHA256: file_sha256(logged.model_file),
                                Tag.MODEL_FILE_IN_MODEL: logged.model_file_in_model})
             runs.log_file(self.inputs.model.path, Artifact.MODEL_FILE_DIR)
@@ -276,42 +247,19 @@ class Sweep:
                 runs.log_file(self.inputs.model.path.parent / relative,
                               (Path(Artifact.MODEL_FILE_DIR) / relative.parent).as_posix())
             runs.log_json({"variant": FP32, "note": "FP32 reference, no quantization"}, Artifact.QCONFIG)
-            runs.log_json(self.reference.per_class_accuracy, Artifact.PER_CLASS_ACCURACY)
-            self._log_confusion_matrix(FP32, self.reference)
+            runs.log_json(evaluation.per_class_accuracy, Artifact.PER_CLASS_ACCURACY)
+            self._log_confusion_matrix(FP32, evaluation)
             self._log_metrics({
-                Metric.ACCURACY: self.reference.accuracy, Metric.ACCURACY_DELTA_PP: 0.0,
+                Metric.ACCURACY: evaluation.accuracy, Metric.ACCURACY_DELTA_PP: 0.0,
                 Metric.TOP1_AGREEMENT: 1.0, Metric.KL_DIVERGENCE: 0.0,
                 Metric.MODEL_SIZE_BYTES: self.inputs.model.size_bytes, Metric.COMPRESSION_RATIO: 1.0,
-                Metric.TORCH_ORT_AGREEMENT: torch_agreement, Metric.TEST_IMAGES: len(test)})
-            if self.options.bench:
-                self.reference_bench = self._bench(lambda: OrtRunner(self.float_model.onnx.path).predict, FP32)
-                self._log_bench(self.reference_bench)
+                Metric.TORCH_ORT_AGREEMENT: torch_agreement, Metric.TEST_IMAGES: len(self.inputs.test)})
+            if reference.bench:
+                self._log_bench(reference.bench)
             runs.set_tags({Tag.STATUS: Tag.STATUS_OK})
-        say(f"[green]✓[/] fp32: accuracy {100 * self.reference.accuracy:.2f}% (onnx2torch agrees on "
+        say(f"[green]✓[/] fp32: accuracy {100 * evaluation.accuracy:.2f}% (onnx2torch agrees on "
             f"{100 * torch_agreement:.2f}%)")
-        return VariantOutcome(FP32, ONNXRUNTIME, "ok", run_id, evaluation=self.reference,
-                              fidelity=Fidelity(1.0, 0.0, float("inf")), bench=self.reference_bench,
-                              model_uri=logged.model_uri)
-
-    def _weights_for(self, spec: VariantSpec) -> FloatModel:
-        """The FP32 model whose weights this variant quantizes: AdaRound-ed onto its grid when it asks for that."""
-        scheme = spec.config.adaround_scheme
-        if scheme is None:
-            return self.quantization_source
-        with self.timer.phase("adaround"), progress_task(f"AdaRound weights ({scheme})", total=1) as advance:
-            return self.quantization_source.with_adarounded_weights(
-                scheme, self.inputs.calibration, self.inputs.calibration_digest, advance,
-                iterations=self.options.adaround_iterations, round_head=not spec.config.float_head,
-                context={"layout": self.inputs.transform.layout,
-                         "preprocessing": self.inputs.transform.preprocessing.value})
-
-    def _bench(self, load, name: str) -> BenchResult:
-        """Time the model file as a user loads it: `load()` gives a fresh predict (see models.benchmark)."""
-        with self.timer.phase("bench"), progress_task(f"benchmarking {name}", total=1) as advance:
-            result = benchmark(load, self.bench_images, self.bench_config,
-                               throughput=not self.inputs.model.input.batch_size)
-            advance()
-        return result
+        return VariantOutcome.of(reference, run_id=run_id, model_uri=logged.model_uri)
 
     def _log_bench(self, bench: BenchResult) -> None:
         """Timings, speedups over FP32 named by batch size, and their spread; a spread above CONTENDED_SPREAD sets
@@ -322,8 +270,8 @@ class Sweep:
         metrics = {M.LATENCY_MS_B1_P50: bench.latency_ms_b1_p50, M.LATENCY_MS_B1_P90: bench.latency_ms_b1_p90,
                    M.THROUGHPUT_IPS_B256: bench.throughput_ips_b256, M.SPREAD_B1: bench.spread_b1,
                    M.SPREAD_B256: bench.spread_b256, M.BENCH_CONTENDED: int(bench.contended),
-                   M.SPEEDUP_VS_FP32_B1: _speedup_b1(bench, self.reference_bench),
-                   M.SPEEDUP_VS_FP32_B256: _speedup_b256(bench, self.reference_bench)}
+                   M.SPEEDUP_VS_FP32_B1: _speedup_b1(bench, self.reference.bench),
+                   M.SPEEDUP_VS_FP32_B256: _speedup_b256(bench, self.reference.bench)}
         self._log_metrics(metrics)
         runs.log_params({Param.BENCH_THREADS: bench.threads})
         if bench.contended:
@@ -350,7 +298,7 @@ class Sweep:
         """SHA-256 of everything that determines a variant's result: same key, same numbers."""
         payload = {"model_sha256": self.inputs.model.sha256, "dataset_sha256": self.inputs.data.digest,
                    "calibration_sha256": self.inputs.calibration_digest, "variant": spec.name,
-                   "config": _config_payload(spec.config), "test_images": len(self.inputs.test),
+                   "config": config_payload(spec.config), "test_images": len(self.inputs.test),
                    "layout": self.inputs.transform.layout, "preprocessing": self.inputs.transform.preprocessing.value,
                    "bench": self.options.bench, "adaround_iterations": self.options.adaround_iterations,
                    "versions": {k: self.versions[k] for k in ("torch", "onnxruntime", "onnx2torch", "onnx")},
@@ -370,7 +318,7 @@ class Sweep:
         per_class = load_json_artifact(run.info.run_id, Artifact.PER_CLASS_ACCURACY)
         say(f"[green]↺[/] {spec.name}: reused finished run {run.info.run_id} (same inputs)")
         return VariantOutcome(
-            spec.name, spec.framework, "ok", run.info.run_id, spec=spec, input_key=tags.get(T.INPUT_KEY),
+            spec.name, spec.framework, spec, run_id=run.info.run_id, input_key=tags.get(T.INPUT_KEY),
             evaluation=Evaluation(m[M.ACCURACY], per_class, None, None),
             fidelity=Fidelity(m[M.TOP1_AGREEMENT], m.get(M.KL_DIVERGENCE, float("nan")), m.get(M.SQNR_DB, float("nan"))),
             model_file_in_artifacts=tags.get(T.MODEL_FILE_IN_MODEL, ""), model_sha256=tags.get(T.MODEL_FILE_SHA256, ""),
@@ -386,13 +334,13 @@ class Sweep:
             if previous is not None:
                 runs.set_tags({Tag.REUSED_FROM + spec.name: previous.info.run_id})
                 return self._reuse(spec, previous)
-        outcome = VariantOutcome(spec.name, spec.framework, "failed", "", spec=spec)
+        outcome = VariantOutcome(spec.name, spec.framework, spec, status="failed")
         try:
             with runs.run_scope(experiment_id, spec.name, nested=True,
-                                     tags={Tag.ROLE: Tag.ROLE_VARIANT, Tag.VARIANT: spec.name}) as run_id:
+                                tags={Tag.ROLE: Tag.ROLE_VARIANT, Tag.VARIANT: spec.name}) as run_id:
                 outcome.run_id = run_id
                 try:
-                    self._quantize_and_log(spec, outcome)
+                    outcome = self._quantize_and_log(spec, outcome)
                 except UnsupportedVariant as exc:
                     outcome.status, outcome.reason = "unsupported", exc.reason
                     runs.set_tags({Tag.STATUS: Tag.STATUS_UNSUPPORTED, Tag.REASON: exc.reason})
@@ -400,7 +348,7 @@ class Sweep:
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except BaseException as exc:
-                    outcome.reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                    outcome.reason = failure_reason(exc)
                     runs.set_tags({Tag.STATUS: Tag.STATUS_FAILED, Tag.REASON: outcome.reason[:5000]})
                     raise
         except UnsupportedVariant:
@@ -411,168 +359,60 @@ class Sweep:
         except Exception:
             say(f"[red]✗[/] {spec.name}: failed ({outcome.reason})")
             return outcome
-        outcome.status = "ok"
         say(f"[green]✓[/] {spec.name}: accuracy {100 * outcome.evaluation.accuracy:.2f}% "
-            f"({100 * (outcome.evaluation.accuracy - self.reference.accuracy):+.2f} pp), "
+            f"({100 * (outcome.evaluation.accuracy - self.reference.evaluation.accuracy):+.2f} pp), "
             f"agreement {100 * outcome.fidelity.top1_agreement:.2f}%")
         return outcome
 
-    def _quantize_and_log(self, spec: VariantSpec, outcome: VariantOutcome) -> None:
-        from models.runtime import OrtRunner, TorchRunner, load_runner, set_quantized_engine
-
+    def _quantize_and_log(self, spec: VariantSpec, outcome: VariantOutcome) -> VariantOutcome:
+        """Run the variant with the runner, its model kept as the run's MLflow logged model, and log the result."""
         A, M, T = Artifact, Metric, Tag
-        outcome.input_key = self.input_key(spec)
-        runs.set_tags({**self._common_tags(self.parent_run_id), T.INPUT_KEY: outcome.input_key})
+        input_key = self.input_key(spec)
+        runs.set_tags({**self._common_tags(self.parent_run_id), T.INPUT_KEY: input_key})
         runs.log_params(self._variant_params(spec))
         self._log_datasets()
         runs.log_json({"variant": spec.name, "framework": spec.framework, "backend": spec.config.backend,
-                            "config": _config_payload(spec.config)}, A.QCONFIG)
-        variant_dir = self.work_dir / spec.name
-        source = self._weights_for(spec)
-        with self.timer.phase("quantize"), \
-                progress_task(f"calibrating {spec.name}", total=len(self.inputs.calibration)) as advance:
-            quantized = spec.quantize(source, self.inputs.calibration, variant_dir, advance)
-        write_json_atomic(variant_dir / A.QCONFIG, _config_payload(spec.config))
-        # The variant's model becomes an MLflow logged model linked to this run (named after the variant; the
-        # params above and the metrics below are attached to it), then is downloaded back: the file evaluated,
-        # hashed and registered is byte for byte the one the artifact store holds.
-        model_dir = variant_dir / "mlflow_model"
-        params = self._variant_params(spec)
-        if quantized.format == "torchscript":
-            import torch
-
-            # Evaluate and register the exact file users get, loaded the way they load it.
-            # Under the engine it was built for: TorchScript int8 modules repack their weights for the engine that is
-            # current when they load, so fbgemm and x86 variants are measured on their own kernels.
-            outcome.quantized_engine = spec.config.backend
-            set_quantized_engine(outcome.quantized_engine)
-            script = torch.jit.load(str(quantized.path))
-            with torch.no_grad():  # a float head keeps parameters that require grad
-                example_out = script(torch.from_numpy(self.example_input)).numpy()
-            logged = runs.log_torchscript_model(script, spec.name, model_dir, self.example_input, example_out,
-                                                [f"torch=={self.versions['torch']}",
-                                                 f"numpy=={self.versions['numpy']}"], params)
-            model_file = logged.model_file
-            runner = TorchRunner.from_torchscript(model_file, outcome.quantized_engine)
-            runs.set_tags({T.QUANTIZED_ENGINE: outcome.quantized_engine})
-        else:
-            runner = OrtRunner(quantized.path)
-            example_out = runner.predict(self.example_input)
-            logged = runs.log_onnx_model(quantized.path, spec.name, model_dir, self.example_input, example_out,
-                                         self._onnx_requirements(), params)
-            model_file = logged.model_file
-            runner = OrtRunner(model_file)
-        outcome.model_uri = logged.model_uri
-        batch = self.eval_batch
-        with self.timer.phase("evaluate"):
-            scores = predict_scores(runner, self.inputs.test.images, self.inputs.transform,
-                                    f"evaluating {spec.name}", batch)
-        outcome.evaluation = evaluate(scores, self.inputs.test.labels, self.inputs.data.class_names)
-        outcome.fidelity = fidelity(self.reference, outcome.evaluation)
-        outcome.model_file = model_file
-        outcome.model_file_in_artifacts = logged.model_file_in_model
-        outcome.model_sha256 = file_sha256(model_file)
-        size = outcome.size_bytes = model_file.stat().st_size
-        runs.set_tags({T.MODEL_FILE_SHA256: outcome.model_sha256, T.MODEL_FILE_IN_MODEL: outcome.model_file_in_artifacts})
-        public_name = "model.pt" if quantized.format == "torchscript" else "model.onnx"
-        shutil.copyfile(model_file, variant_dir / public_name)  # same bytes as the registered file
-        runs.log_file(variant_dir / public_name, A.MODEL_FILE_DIR)
-        runs.log_json(outcome.evaluation.per_class_accuracy, A.PER_CLASS_ACCURACY)
-        self._log_confusion_matrix(spec.name, outcome.evaluation)
+                       "config": config_payload(spec.config)}, A.QCONFIG)
+        logged = {}
+        result = self.runner.run(spec, store=lambda model: self._log_model(model, logged))
+        outcome = VariantOutcome.of(result, run_id=outcome.run_id, input_key=input_key,
+                                    model_uri=logged["model"].model_uri,
+                                    model_file_in_artifacts=logged["model"].model_file_in_model)
+        if result.quantized_engine:
+            runs.set_tags({T.QUANTIZED_ENGINE: result.quantized_engine})
+        runs.set_tags({T.MODEL_FILE_SHA256: result.model_sha256,
+                       T.MODEL_FILE_IN_MODEL: outcome.model_file_in_artifacts})
+        runs.log_file(result.model_file, A.MODEL_FILE_DIR)
+        runs.log_json(result.evaluation.per_class_accuracy, A.PER_CLASS_ACCURACY)
+        self._log_confusion_matrix(spec.name, result.evaluation)
         # Accuracy and agreement before the timings: the Models tab lists a logged model's metrics (columns and
         # charts) in the order they were logged.
         self._log_metrics({
-            M.ACCURACY: outcome.evaluation.accuracy,
-            M.ACCURACY_DELTA_PP: 100 * (outcome.evaluation.accuracy - self.reference.accuracy),
-            M.TOP1_AGREEMENT: outcome.fidelity.top1_agreement, M.KL_DIVERGENCE: outcome.fidelity.kl_divergence,
-            M.SQNR_DB: outcome.fidelity.sqnr_db, M.MODEL_SIZE_BYTES: size,
-            M.COMPRESSION_RATIO: self.inputs.model.size_bytes / size, M.TEST_IMAGES: len(self.inputs.test),
-            M.CALIBRATION_IMAGES_USED: quantized.calibration_images})
-        if self.options.bench:
-            outcome.bench = self._bench(lambda: load_runner(model_file, engine=outcome.quantized_engine or None).predict,
-                                        spec.name)
-            self._log_bench(outcome.bench)
+            M.ACCURACY: result.evaluation.accuracy,
+            M.ACCURACY_DELTA_PP: 100 * (result.evaluation.accuracy - self.reference.evaluation.accuracy),
+            M.TOP1_AGREEMENT: result.fidelity.top1_agreement, M.KL_DIVERGENCE: result.fidelity.kl_divergence,
+            M.SQNR_DB: result.fidelity.sqnr_db, M.MODEL_SIZE_BYTES: result.size_bytes,
+            M.COMPRESSION_RATIO: self.inputs.model.size_bytes / result.size_bytes,
+            M.TEST_IMAGES: len(self.inputs.test), M.CALIBRATION_IMAGES_USED: result.calibration_images})
+        if result.bench:
+            self._log_bench(result.bench)
         runs.set_tags({T.STATUS: T.STATUS_OK})
+        return outcome
 
-    # ---- registry ------------------------------------------------------------------------------------------
-    def register_best(self, outcomes: list[VariantOutcome]) -> list:
-        from tracking import registry
-
-        registered = []
-        for framework, (name, _) in self.options.registered_names().items():
-            candidates = [o for o in outcomes if o.framework == framework and o.status == "ok" and o.name != FP32
-                          and o.spec is not None and o.spec.weight_dtype == "int8"]
-            if not candidates:
-                continue
-            # Agreement with FP32 is the sharper measure on 10,000 images; accuracy breaks ties.
-            best = max(candidates, key=lambda o: (o.fidelity.top1_agreement, o.evaluation.accuracy))
-            V = VersionTag
-            tags = {V.ACCURACY: f"{best.evaluation.accuracy:.6f}",
-                    V.ACCURACY_DELTA_PP: f"{100 * (best.evaluation.accuracy - self.reference.accuracy):.4f}",
-                    V.TOP1_AGREEMENT: f"{best.fidelity.top1_agreement:.6f}", V.VARIANT: best.name,
-                    V.SOURCE_RUN_ID: best.run_id, V.SHA256: best.model_sha256, V.MODEL_FILE: best.model_file_in_artifacts,
-                    **self._measured_on()}
-            if best.input_key:
-                tags[V.INPUT_KEY] = best.input_key
-            if best.quantized_engine:
-                tags[V.QUANTIZED_ENGINE] = best.quantized_engine
-            if self.inputs.model.input.batch_size:
-                tags[V.INPUT_BATCH] = str(self.inputs.model.input.batch_size)
-            if best.bench:
-                tags[V.LATENCY_MS_B1] = f"{best.bench.latency_ms_b1_p50:.4f}"
-            # The gate's decision is put in front of this once it is made (tracking.aliases.record_decision).
-            latency = f", batch-1 latency {best.bench.latency_ms_b1_p50:.3f} ms" if best.bench else ""
-            description = (f"{best.name}: {self.inputs.model.path.name} quantized by ptqflow. Top-1 accuracy "
-                           f"{100 * best.evaluation.accuracy:.2f}% on {len(self.inputs.test)} CIFAR-10 test images "
-                           f"({100 * (best.evaluation.accuracy - self.reference.accuracy):+.2f} pp vs FP32), "
-                           f"agreement with FP32 {100 * best.fidelity.top1_agreement:.2f}%{latency}. "
-                           f"Source run {best.run_id}, logged model {best.model_uri}.")
-            model_description = (
-                f"{'TorchScript' if framework == PYTORCH else 'ONNX'} int8 quantizations of "
-                f"{self.inputs.model.path.name} (CIFAR-10 classifier, {self.inputs.transform.layout} 32x32x3, "
-                f"{self.inputs.transform.preprocessing.value} pixels), one version per ptqflow sweep: the variant "
-                "that agrees most often with the FP32 model's top-1. Alias @champion marks the version that passed "
-                "the promotion gate and beat the previous champion; each version's description says what the gate "
-                "decided and why, its tags hold the numbers `ptqflow pull` and the gate read.")
-            champion = self._champion(name)  # read before registering: a failed read leaves no undecided version
-            # From the variant's MLflow logged model (a run reused from before logged models: its model/ dir).
-            source = best.model_uri or f"runs:/{best.run_id}/{Artifact.LOGGED_MODEL_NAME}"
-            version = registry.register(source, name, tags, description, model_description)
-            runs.set_run_tags(best.run_id, {Tag.REGISTERED_VERSION: f"{name}/{version.version}"})
-            say(f"[green]✓[/] registered {best.name} as [bold]{name}[/] version {version.version}")
-            self._gate(name, version.version, tags, champion)
-            registered.append(version)
-        return registered
-
-    def _measured_on(self) -> dict[str, str]:
-        """What this sweep's numbers were measured on; the gate compares only versions that agree on all of it."""
-        V = VersionTag
-        return {V.FP32_MODEL_SHA256: self.inputs.model.sha256, V.DATASET_DIGEST: self.inputs.data.digest,
-                V.TEST_IMAGES: str(len(self.inputs.test)), V.INPUT_LAYOUT: self.inputs.transform.layout,
-                V.PREPROCESSING: self.inputs.transform.preprocessing.value}
-
-    @staticmethod
-    def _champion(name: str):
-        """The current champion as the registry records it, or None; a read error raises (never "no champion")."""
-        from pipelines.promotion import CHAMPION_ALIAS, Candidate
-        from tracking import aliases
-
-        current = aliases.alias_target(name, CHAMPION_ALIAS)
-        return Candidate.from_tags(str(current.version), current.tags) if current is not None else None
-
-    def _gate(self, name: str, version: str, tags: dict[str, str], champion) -> None:
-        """Move the champion alias to the new version only if it passes the gate and beats the champion, both
-        read as the registry records them."""
-        from pipelines.promotion import CHAMPION_ALIAS, Candidate, decide
-        from tracking import aliases
-
-        decision = decide(Candidate.from_tags(version, tags), champion, self.options.gate)
-        if decision.promote:
-            aliases.set_alias(name, CHAMPION_ALIAS, version)
-        aliases.record_decision(name, version, "promoted" if decision.promote else "rejected", decision.reason,
-                                self.options.gate.describe(), alias=CHAMPION_ALIAS)
-        mark = "[green]✓[/]" if decision.promote else "[yellow]–[/]"
-        say(f"{mark} {name} v{version} {'is now' if decision.promote else 'not'} @{CHAMPION_ALIAS}: {decision.reason}")
+    def _log_model(self, model: ModelToStore, logged: dict) -> Path:
+        """The runner's store: the variant's model becomes an MLflow logged model linked to this run (named after
+        the variant; the params above and the metrics below are attached to it), then is downloaded back: the file
+        evaluated, hashed and registered is byte for byte the one the artifact store holds."""
+        spec, params = model.spec, self._variant_params(model.spec)
+        model_dir = self.work_dir / spec.name / "mlflow_model"
+        if model.module is not None:
+            logged["model"] = runs.log_torchscript_model(
+                model.module, spec.name, model_dir, model.example_input, model.example_output,
+                [f"torch=={self.versions['torch']}", f"numpy=={self.versions['numpy']}"], params)
+        else:
+            logged["model"] = runs.log_onnx_model(model.quantized.path, spec.name, model_dir, model.example_input,
+                                                  model.example_output, self._onnx_requirements(), params)
+        return logged["model"].model_file
 
     # ---- the whole sweep -----------------------------------------------------------------------------------
     def run_name(self) -> str:
@@ -611,29 +451,27 @@ class Sweep:
             self._log_datasets()
             runs.log_json({"indices": self.inputs.calibration_indices.tolist(),
                                 "sha256": self.inputs.calibration_digest}, Artifact.CALIBRATION_INDICES)
-            with self.timer.phase("convert"):  # each backend's starting point, made once for all variants
-                self.float_model.prepare(torch=True, onnxruntime=False)
-                if self.specs:
-                    self.quantization_source = self.float_model.for_quantization()
-                    self.quantization_source.prepare(
-                        torch=any(spec.framework == PYTORCH for spec in self.specs),
-                        onnxruntime=any(spec.framework == ONNXRUNTIME for spec in self.specs))
-                    runs.log_params({P.BATCHNORMS_FOLDED: self.quantization_source.folded_batch_norms})
+            self.runner.convert(self.specs)
+            if self.specs:
+                runs.log_params({P.BATCHNORMS_FOLDED: self.runner.quantization_source.folded_batch_norms})
             outcomes = [self.run_fp32(experiment_id, parent_run_id)]
             outcomes += [self.run_variant(spec, experiment_id, parent_run_id) for spec in self.specs]
             with self.timer.phase("register"):
-                registered = self.register_best(outcomes) if self.options.register else []
+                registered = (self.registrar.register_best(outcomes, self.reference.evaluation.accuracy)
+                              if self.options.register else [])
             rows = [self._row(o) for o in outcomes]
             title = f"{self.inputs.model.path.name} on {len(self.inputs.test)} CIFAR-10 test images"
             runs.log_text(report.to_markdown(rows, title), Artifact.COMPARISON_MD)
             runs.log_text(report.to_csv(rows), Artifact.COMPARISON_CSV)
             runs.log_text(report.to_html(rows, title, run_url=lambda run_id: self._run_url(experiment_id, run_id),
-                                         champions=self._champions(experiment_id)), Artifact.COMPARISON_HTML)
+                                         champions=self._champions(experiment_id)),
+                          Artifact.COMPARISON_HTML)
             self._log_sweep_plots(outcomes, rows)
             seconds = time.perf_counter() - started
             self._log_summary(outcomes, seconds)
             say(f"MLflow UI (Model training view, ptqflow's columns): {runs.experiment_page(experiment_id)}")
-            result = SweepResult(parent_run_id, outcomes, rows, registered, seconds)
+            result = SweepResult(parent_run_id, outcomes, rows, registered, seconds,
+                                 test_images=len(self.inputs.test))
             if result.failed:
                 raise VariantsFailed(result)
         return result
@@ -655,36 +493,16 @@ class Sweep:
         return f"{runs.ui_base_url()}#/experiments/{experiment_id}/runs/{run_id}"
 
     def _champions(self, experiment_id: str) -> list[tuple[report.Champion, str]]:
-        """Each registered model's @champion after this sweep's gate, with a link to the run that made it; empty
-        when nothing was registered. Only marks the report: a read error leaves the mark out, it fails nothing."""
-        if not self.options.register:
-            return []
-        from pipelines.promotion import CHAMPION_ALIAS
-        from tracking import aliases
-
-        champions = []
-        for name, _ in self.options.registered_names().values():
-            try:
-                current = aliases.alias_target(name, CHAMPION_ALIAS)
-                if current is None:
-                    continue
-                experiment = runs.get_run(current.run_id).info.experiment_id if current.run_id else experiment_id
-            except PtqflowError as exc:
-                say(f"[yellow]![/] comparison.html has no @champion mark for {name}: {exc}")
-                continue
-            except Exception as exc:  # noqa: BLE001 - a missing mark must not fail a finished sweep
-                say(f"[yellow]![/] comparison.html has no @champion mark for {name}: {type(exc).__name__}")
-                continue
-            champion = report.Champion(name, str(current.version), current.run_id or "")
-            champions.append((champion, self._run_url(experiment, current.run_id) if current.run_id else ""))
-        return champions
+        """Each registered model's @champion after this sweep's gate, with a link to its run; empty when nothing was
+        registered."""
+        return self.registrar.champions(experiment_id, self._run_url) if self.options.register else []
 
     def _log_summary(self, outcomes: list[VariantOutcome], seconds: float) -> None:
         M = Metric
         quantized = [o for o in outcomes if o.status == "ok" and o.name != FP32]
         summary = {M.VARIANTS_OK: len(quantized), M.VARIANTS_FAILED: sum(o.status == "failed" for o in outcomes),
                    M.VARIANTS_UNSUPPORTED: sum(o.status == "unsupported" for o in outcomes),
-                   M.ACCURACY: self.reference.accuracy, M.SWEEP_SECONDS: seconds}
+                   M.ACCURACY: self.reference.evaluation.accuracy, M.SWEEP_SECONDS: seconds}
         if quantized:
             summary[M.BEST_INT8_ACCURACY] = max(o.evaluation.accuracy for o in quantized)
             summary[M.BEST_INT8_AGREEMENT] = max(o.fidelity.top1_agreement for o in quantized)
@@ -692,7 +510,7 @@ class Sweep:
 
     def _row(self, o: VariantOutcome) -> report.VariantRow:
         params = self._variant_params(o.spec)
-        P = Param
+        P, reference = Param, self.reference
         size = o.size_bytes or (self.inputs.model.size_bytes if o.name == FP32 else None)
         M, n = Metric, len(self.inputs.test)
 
@@ -705,15 +523,16 @@ class Sweep:
             quant_format=params[P.QUANT_FORMAT], per_channel=params[P.PER_CHANNEL],
             calibration_method=params[P.CALIBRATION_METHOD], status=o.status,
             accuracy=rounded(M.ACCURACY, o.evaluation.accuracy) if o.evaluation else None,
-            accuracy_delta_pp=(rounded(M.ACCURACY_DELTA_PP, 100 * (o.evaluation.accuracy - self.reference.accuracy))
+            accuracy_delta_pp=(rounded(M.ACCURACY_DELTA_PP,
+                                       100 * (o.evaluation.accuracy - reference.evaluation.accuracy))
                                if o.evaluation else None),
             top1_agreement=rounded(M.TOP1_AGREEMENT, o.fidelity.top1_agreement) if o.fidelity else None,
             model_size_bytes=size,
             compression_ratio=rounded(M.COMPRESSION_RATIO, self.inputs.model.size_bytes / size) if size else None,
             reason=o.reason, run_id=o.run_id,
             latency_ms_b1_p50=rounded(M.LATENCY_MS_B1_P50, o.bench.latency_ms_b1_p50) if o.bench else None,
-            speedup_b1_vs_fp32=rounded(M.SPEEDUP_VS_FP32_B1, _speedup_b1(o.bench, self.reference_bench)),
-            speedup_b256_vs_fp32=rounded(M.SPEEDUP_VS_FP32_B256, _speedup_b256(o.bench, self.reference_bench)),
+            speedup_b1_vs_fp32=rounded(M.SPEEDUP_VS_FP32_B1, _speedup_b1(o.bench, reference.bench)),
+            speedup_b256_vs_fp32=rounded(M.SPEEDUP_VS_FP32_B256, _speedup_b256(o.bench, reference.bench)),
             contended=o.bench.contended if o.bench else None)
 
 
@@ -743,40 +562,17 @@ class VariantsFailed(PtqflowError):
         self.result = result
 
 
-def _config_payload(config) -> dict:
-    from dataclasses import asdict
-
-    payload = asdict(config)
-    payload["type"] = type(config).__name__
-    return payload
-
-
-def check_registry_targets(options: SweepOptions, specs: list[VariantSpec], model_sha256: str) -> None:
-    """Refuse, before any run starts, to add versions to a default-named registered model whose versions were
-    quantized from another FP32 model: a name the user did not choose must not mix models."""
-    if not options.register:
-        return
-    from tracking.registry import source_model_digests
-
-    frameworks = {spec.framework for spec in specs}
-    for framework, (name, explicit) in options.registered_names().items():
-        if explicit or framework not in frameworks:
-            continue
-        others = source_model_digests(name) - {model_sha256}
-        if others:
-            flag = "--registered-model" if framework == PYTORCH else "--registered-onnx-model"
-            raise ConfigError(f"registered model '{name}' holds versions of another FP32 model (SHA-256 "
-                              f"{sorted(others)[0][:12]}…, this one is {model_sha256[:12]}…); pass {flag} NAME to "
-                              "choose where this model's versions go")
-
-
-def run_sweep(options: SweepOptions) -> SweepResult:
-    """Prepare inputs, then run the sweep in a scratch directory that is removed afterwards."""
+def run_sweep(options: SweepOptions, work_dir: Path | None = None) -> SweepResult:
+    """Prepare inputs, then run the sweep in `work_dir` (its files stay: each variant's model file is
+    `<work_dir>/<variant>/model.pt` or `model.onnx`), by default a scratch directory removed afterwards."""
     timer = PhaseTimer()
     with timer.phase("load"):
         inputs = prepare_inputs(options)
-    check_registry_targets(options, select(options.variants), inputs.model.sha256)
-    with tempfile.TemporaryDirectory(prefix="ptqflow-sweep-") as work_dir:
+    if options.register:
+        check_registry_targets(options.registered_names(), options.specs(), inputs.model.sha256)
+    with contextlib.ExitStack() as stack:
+        if work_dir is None:
+            work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ptqflow-sweep-")))
         result = Sweep(options, inputs, Path(work_dir), timer).run()
     result.phase_seconds = timer.summary()
     return result

@@ -5,17 +5,17 @@ Adding a variant is one entry here; the sweep, the tracking and the reports need
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from common.errors import ConfigError
 from models.base import FloatModel, QuantizedModel
 from models.quantize_ort import OrtStaticConfig
 from models.quantize_pytorch import PytorchFxConfig
 from pipelines.choices import VARIANT_NAMES
-from pipelines.errors import ConfigError
 
 FP32 = "fp32"
 PYTORCH = "pytorch"
@@ -55,6 +55,13 @@ class VariantSpec:
         else:
             from models import quantize_ort as backend
         return backend.quantize(float_model, self.config, calibration, out_dir, advance)
+
+
+def config_payload(config: PytorchFxConfig | OrtStaticConfig) -> dict:
+    """A backend config in full, with its type: what qconfig.json holds and what the resume key hashes."""
+    payload = asdict(config)
+    payload["type"] = type(config).__name__
+    return payload
 
 
 VARIANTS: dict[str, VariantSpec] = {spec.name: spec for spec in (

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from cifar_fixture import batch_bytes, write_cifar_dir
 
+from common.errors import ConfigError, DataError
 from pipelines.calibration import indices_digest, stratified_indices
 from pipelines.choices import Preprocessing
 from pipelines.cifar import dataset_digest, load_cifar10
-from pipelines.errors import ConfigError, DataError
 from pipelines.preprocessing import InputTransform
 
 

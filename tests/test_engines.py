@@ -54,7 +54,7 @@ def _register(tmp_path, engine: str) -> str:
     """Log the module as ptqflow logs its variants and register it with ptqflow's tags; returns the version."""
     import mlflow
 
-    from models.onnx_model import file_sha256
+    from common.files import file_sha256
     from tracking import registry, runs
     from tracking.keys import VersionTag as V
 
@@ -155,7 +155,7 @@ def test_bench_targets_take_the_versions_engine_and_files_the_engine_before_pull
 def test_pull_refuses_an_engine_this_torch_lacks(versions, tmp_path, restore_engine):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.errors import ModelError
+    from common.errors import ModelError
     from pipelines.pull import pull
     from tracking.keys import VersionTag as V
 

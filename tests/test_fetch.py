@@ -14,8 +14,8 @@ import pytest
 
 from cifar_fixture import write_cifar_dir
 from http_fixture import LocalHttpServer
+from common.errors import DataError, FetchError, IntegrityError
 from pipelines.cifar import load_cifar10
-from pipelines.errors import DataError, FetchError, IntegrityError
 from pipelines.fetch import (CIFAR10_ARCHIVE_NAME, CIFAR10_DIR_NAME, RESNET8_H5_NAME, RESNET8_ONNX_NAME,
                              VERIFIED_MARKER, download, fetch_cifar10, fetch_resnet8, safe_extract_tar)
 from test_keras_resnet8 import write_resnet8_h5

@@ -33,11 +33,11 @@ from test_cli import assert_nothing_running, assert_one_line_error, sweep_args
 from test_keras_resnet8 import random_weights, resnet8_model_config, write_keras_h5
 from typer.testing import CliRunner
 
+from common.errors import ConfigError, DataError, FetchError, ModelError, PtqflowError
 from models.keras_resnet8 import convert_h5_to_onnx
 from models.onnx_model import load_classifier
 from pipelines.cifar import ALL_FILES, META_FILE, load_cifar10
 from pipelines.cli import app
-from pipelines.errors import ConfigError, DataError, FetchError, ModelError, PtqflowError
 from pipelines.fetch import safe_extract_tar
 from pipelines.names import validate_name, validate_output_dir
 
@@ -385,7 +385,7 @@ def test_truncated_and_random_onnx_files_are_model_errors(tmp_path, tiny_model):
 
 
 def test_external_data_is_part_of_the_model_digest(tmp_path):
-    from models.onnx_model import file_sha256
+    from common.files import file_sha256
 
     path, _ = _external_model(tmp_path / "m")
     first = load_classifier(path)

@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 
 from http_fixture import LocalHttpServer
+from common.errors import ModelError
 from models.keras_resnet8 import (INPUT_NAME, SOURCE_SHA256_KEY, convert_h5_to_onnx,
                                   recorded_source_sha256)
-from pipelines.errors import ModelError
 
 BN_EPSILON = 1e-3
 SHARED = Path(__file__).resolve().parents[2] / "shared"

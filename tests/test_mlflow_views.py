@@ -91,7 +91,7 @@ def test_sweeps_as_the_mlflow_ui_shows_them(two_sweeps, tmp_path):
         assert mv.source == best.model_uri and mv.source.startswith("models:/m-")
         assert mv.tags[VersionTag.SOURCE_RUN_ID] == best.run_id
         local = mlflow.artifacts.download_artifacts(artifact_uri=best.model_uri, dst_path=str(tmp_path / version))
-        from models.onnx_model import file_sha256
+        from common.files import file_sha256
 
         assert file_sha256(f"{local}/{mv.tags[VersionTag.MODEL_FILE]}") == mv.tags[VersionTag.SHA256]
         # Few tags: the gate's policy is in the description, not a tag of its own.

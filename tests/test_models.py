@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from onnx_fixture import write_tiny_cnn
 
+from common.errors import ModelError
 from models.onnx_model import NCHW, NHWC, load_classifier, to_torch
 from models.runtime import OrtRunner, TorchRunner
-from pipelines.errors import ModelError
 from pipelines.evaluation import evaluate, fidelity
 
 

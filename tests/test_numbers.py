@@ -131,8 +131,8 @@ def test_bench_table_with_a_fixed_batch_model(capsys):
 def sweep_store(tmp_path_factory, cifar_dir, tiny_model):
     """A tiny two-variant sweep whose timings are BENCH (so contention is deterministic); records what the
     agreement plot was asked to draw."""
-    from pipelines import sweep
     from pipelines.sweep import SweepOptions, run_sweep
+    from pipelines.variant_runner import VariantRunner
 
     root = tmp_path_factory.mktemp("numbers_store")
     drawn = {}
@@ -144,7 +144,7 @@ def sweep_store(tmp_path_factory, cifar_dir, tiny_model):
 
     with pytest.MonkeyPatch.context() as mp:
         _point_mlflow_at(mp, root)
-        mp.setattr(sweep.Sweep, "_bench", lambda self, load, name: BENCH[name])
+        mp.setattr(VariantRunner, "_bench", lambda self, load, name: BENCH[name])
         mp.setattr(plots, "agreement", spy_agreement)
         result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, variants=VARIANTS,
                                         calibration_size=CALIBRATION_SIZE, adaround_iterations=ADAROUND_ITERATIONS,

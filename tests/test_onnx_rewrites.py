@@ -174,8 +174,9 @@ def test_unnamed_model_quantizes_every_conv_and_keeps_the_head_float(tmp_path, q
 
 
 def test_for_quantization_folds_names_and_records(tmp_path):
+    from common.files import file_sha256
     from models.base import FloatModel
-    from models.onnx_model import file_sha256, load_classifier
+    from models.onnx_model import load_classifier
 
     path = tmp_path / "bn.onnx"
     onnx.save(batchnorm_cnn(), str(path))

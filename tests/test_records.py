@@ -14,7 +14,7 @@ from conftest import CALIBRATION_SIZE, runs_by_name
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipelines.errors import ConfigError, TrackingError
+from common.errors import ConfigError, TrackingError
 from pipelines.names import registered_name_for
 from pipelines.promotion import Candidate, GatePolicy, decide
 from pipelines.sweep import SweepOptions, run_sweep
@@ -320,7 +320,7 @@ def test_a_model_with_batch_fixed_at_1_sweeps_registers_and_pulls(tracking_store
 def test_a_model_with_batch_fixed_above_1_is_refused_before_any_run(tracking_store, cifar_dir):
     from onnx_fixture import tiny_cnn
 
-    from pipelines.errors import ModelError
+    from common.errors import ModelError
 
     path = tracking_store / "fixed8.onnx"
     onnx.save(tiny_cnn(batch=8), str(path))

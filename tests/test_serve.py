@@ -122,7 +122,7 @@ def test_served_champion_predicts_like_the_registered_torchscript(champion_store
     import torch
     url, log = model_server
 
-    from models.onnx_model import file_sha256
+    from common.files import file_sha256
     from pipelines.cifar import load_cifar10
     from tracking.keys import VersionTag
     from tracking.registry import download, resolve

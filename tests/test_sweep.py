@@ -179,7 +179,7 @@ def test_pull_by_version_verifies_and_reevaluates(completed_sweep, cifar_dir, tm
 
 
 def test_pull_refuses_a_file_changed_after_registration(completed_sweep, tmp_path, monkeypatch):
-    from pipelines.errors import IntegrityError
+    from common.errors import IntegrityError
     from pipelines.pull import pull
     from tracking import registry
 

@@ -139,6 +139,7 @@ RAISED_BY = {
     "pipelines/plots.py": QUANTIZERS,  # the no-latency note; baseline always benchmarks
     "pipelines/preprocessing.py": SWEEPS,
     "pipelines/pull.py": ("pull",),  # the dataset check of --evaluate
+    "pipelines/registrar.py": QUANTIZERS,  # check_registry_targets; baseline registers nothing
     "pipelines/serve.py": ("serve",),
     "pipelines/sweep.py": SWEEPS,
     "pipelines/sweep.py:prepare_inputs": QUANTIZERS,  # the calibration set's size: baseline builds none
@@ -150,6 +151,8 @@ RAISED_BY = {
 NAMED_ONLY_WHERE_GIVEN = {
     ("pipelines/sweep.py", "--registered-model"),
     ("pipelines/sweep.py", "--registered-onnx-model"),
+    ("pipelines/registrar.py", "--registered-model"),
+    ("pipelines/registrar.py", "--registered-onnx-model"),
 }
 ERROR_CALLS = re.compile(r"_fail|\w*Error")
 
@@ -175,9 +178,11 @@ def _strings(node: ast.AST, skip: set[int]):
 
 def _messages_naming_options():
     """(file, top-level name, text) for every string literal (f-string parts included) that names a --option: in
-    pipelines/, models/ and tracking/ all of them but docstrings; in the CLI module only those inside `_fail(...)`
-    or `...Error(...)` calls (the rest are option declarations and help texts, checked from the commands)."""
-    for path in sorted(p for folder in ("pipelines", "models", "tracking") for p in (ROOT / folder).glob("*.py")):
+    common/, pipelines/, models/ and tracking/ all of them but docstrings; in the CLI module only those inside
+    `_fail(...)` or `...Error(...)` calls (the rest are option declarations and help texts, checked from the
+    commands)."""
+    folders = ("common", "pipelines", "models", "tracking")
+    for path in sorted(p for folder in folders for p in (ROOT / folder).glob("*.py")):
         relative = path.relative_to(ROOT).as_posix()
         tree = ast.parse(path.read_text(), relative)
         skip = _docstrings(tree)

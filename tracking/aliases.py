@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlflow
 
-from pipelines.errors import TrackingError
+from common.errors import TrackingError
 from tracking.keys import VersionTag
 from tracking.runs import client, refused_credentials, tracking_uri
 

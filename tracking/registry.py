@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlflow
 
-from pipelines.errors import TrackingError
+from common.errors import TrackingError
 from tracking.runs import client, refused_credentials, tracking_uri
 
 

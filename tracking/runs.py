@@ -24,8 +24,8 @@ import mlflow  # noqa: E402
 from mlflow.entities import RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from pipelines.errors import TrackingError  # noqa: E402
-from pipelines.interrupts import checkpoint  # noqa: E402
+from common.errors import TrackingError  # noqa: E402
+from common.interrupts import checkpoint  # noqa: E402
 from tracking.keys import Artifact, ExperimentTag, Metric, Param, Tag  # noqa: E402
 
 # MLflow's INFO lines (database migrations, "registered model") would bury ptqflow's own one-line messages.
@@ -273,18 +273,6 @@ def save_torchscript_model(script_module, target_dir: Path, input_example, outpu
     return target_dir / "data" / "model.pth"
 
 
-def save_onnx_model(onnx_path: Path, target_dir: Path, input_example, output_example,
-                    pip_requirements: list[str]) -> Path:
-    """Write an MLflow onnx-flavor model dir; returns the .onnx file inside it."""
-    import mlflow.onnx
-    import onnx
-
-    mlflow.onnx.save_model(onnx.load(str(onnx_path)), str(target_dir), signature=_signature(input_example, output_example),
-                           input_example=input_example, pip_requirements=pip_requirements,
-                           save_as_external_data=False)
-    return target_dir / "model.onnx"
-
-
 def log_model_dir(model_dir: Path) -> str:
     """Upload a saved MLflow model dir to the active run as plain artifacts; returns the runs:/ URI that registers
     it. The sweep logs MLflow logged models instead (log_torchscript_model, log_onnx_model)."""
@@ -447,12 +435,6 @@ def experiment_route(experiment_id: str, tab: str = "runs") -> str:
 def experiment_page(experiment_id: str) -> str:
     """The experiment's runs table in the "Model training" view with ptqflow's saved columns."""
     return f"{ui_base_url()}#{experiment_route(experiment_id)}"
-
-
-@contextmanager
-def scratch_dir(prefix: str = "ptqflow-"):
-    with tempfile.TemporaryDirectory(prefix=prefix) as d:
-        yield Path(d)
 
 
 def get_run(run_id: str):

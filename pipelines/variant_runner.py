@@ -1,0 +1,227 @@
+"""Quantize, evaluate and benchmark one variant at a time, without any experiment tracking.
+
+Given a sweep's prepared inputs (the FP32 model, model-ready calibration images, the test split) the runner makes
+each variant's model file (AdaRound weights first where the variant asks for them), evaluates it against the labels
+and against the FP32 reference (accuracy, per-class accuracy, predictions, agreement, KL divergence, SQNR), times
+it, and returns a plain `VariantResult`. It imports neither mlflow nor `tracking`: `pipelines.sweep` logs what it
+returns as MLflow runs, `pipelines.api` returns it as it is (tests/test_layers.py checks the imports).
+
+Where the model file is kept is the caller's choice: `run(spec, store=...)` hands the quantized file to `store`,
+which returns the file to evaluate. The sweep's store logs it as an MLflow model and returns the copy downloaded
+back, so the numbers are those of the stored bytes; without a store the quantizer's own file is used.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from common.files import file_sha256, write_json_atomic
+from models.base import FloatModel, QuantizedModel, UnsupportedVariant
+from models.benchmark import BenchConfig, BenchResult, benchmark
+from models.onnx_model import OnnxClassifier
+from pipelines.cifar import Cifar10, Split
+from pipelines.evaluation import Evaluation, Fidelity, evaluate, fidelity, predict_scores
+from pipelines.preprocessing import InputTransform
+from pipelines.progress import progress_task
+from pipelines.timing import PhaseTimer
+from pipelines.variants import FP32, ONNXRUNTIME, PYTORCH, VariantSpec, config_payload
+
+QCONFIG_FILE = "qconfig.json"  # the variant's full backend config, written beside its model file
+MODEL_FILE_NAMES = {"torchscript": "model.pt", "onnx": "model.onnx"}  # the variant's model file, by format
+EVAL_BATCH = 500  # images per evaluation batch when the model's batch dimension is dynamic
+BENCH_IMAGES = 256  # real test images, model-ready, reused by every benchmark
+
+
+class PreparedInputs(Protocol):
+    """What the runner reads of a sweep's inputs (pipelines.sweep.SweepInputs has it)."""
+
+    data: Cifar10
+    model: OnnxClassifier
+    transform: InputTransform
+    calibration: np.ndarray  # model-ready float32
+    test: Split
+
+    @property
+    def calibration_digest(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    bench: bool = True  # measure batch-1 latency and batch-256 throughput of every model file
+    adaround_iterations: int = 1000  # AdaRound optimization steps per layer
+    bench_config: BenchConfig = BenchConfig()
+
+
+@dataclass(frozen=True)
+class ModelToStore:
+    """A quantized model file on its way to where it is kept, with what a model store records beside it."""
+
+    spec: VariantSpec
+    quantized: QuantizedModel
+    engine: str  # torch quantized engine the file runs under ("" for ONNX)
+    module: object | None  # the loaded TorchScript module (None for ONNX)
+    example_input: np.ndarray  # one model-ready test image
+    example_output: np.ndarray  # the model's scores for it
+
+
+Store = Callable[[ModelToStore], Path]  # keeps the file; returns the kept copy, which is evaluated
+
+
+@dataclass
+class VariantResult:
+    """One variant's numbers and file; the FP32 reference is one too (spec None)."""
+
+    name: str
+    framework: str
+    spec: VariantSpec | None = None  # None for the FP32 reference
+    status: str = "ok"  # ok, unsupported or failed
+    reason: str = ""  # why it is unsupported or failed
+    evaluation: Evaluation | None = None
+    fidelity: Fidelity | None = None  # against the FP32 reference
+    bench: BenchResult | None = None  # None when benchmarking is off
+    model_file: Path | None = None  # the model file (for a variant: byte for byte the stored copy)
+    model_sha256: str = ""
+    size_bytes: int | None = None
+    quantized_engine: str = ""  # torch quantized engine of a TorchScript file
+    calibration_images: int = 0  # calibration images the backend's observers saw
+    torch_agreement: float | None = None  # FP32 only: top-1 agreement of the onnx2torch module with onnxruntime
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A failed variant's reason: the exception's type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+class VariantRunner:
+    """Makes and measures variants of one FP32 model on one set of prepared inputs, in `work_dir`."""
+
+    def __init__(self, inputs: PreparedInputs, work_dir: Path, options: RunnerOptions = RunnerOptions(),
+                 timer: PhaseTimer | None = None):
+        self.inputs = inputs
+        self.work_dir = work_dir
+        self.options = options
+        self.timer = timer or PhaseTimer()
+        self.float_model = FloatModel.for_runtimes(inputs.model, work_dir)  # the FP32 reference, as the user gave it
+        # What the variants quantize: the same function with BatchNormalization folded and every node named, made in
+        # the convert phase (AdaRound's grid must be the one the backends see, so no backend folds after it).
+        self.quantization_source = self.float_model
+        self.example_input = inputs.transform(inputs.test.images[:1])
+        self.eval_batch = inputs.model.input.batch_size or EVAL_BATCH  # a fixed batch dimension (1) is used everywhere
+        self.bench_images = inputs.transform(inputs.test.images[:BENCH_IMAGES])
+        self.reference: Evaluation | None = None
+
+    def convert(self, specs: list[VariantSpec]) -> None:
+        """Each backend's starting point, made once for all variants (the convert phase)."""
+        with self.timer.phase("convert"):
+            self.float_model.prepare(torch=True, onnxruntime=False)
+            if specs:
+                self.quantization_source = self.float_model.for_quantization()
+                self.quantization_source.prepare(
+                    torch=any(spec.framework == PYTORCH for spec in specs),
+                    onnxruntime=any(spec.framework == ONNXRUNTIME for spec in specs))
+
+    # ---- FP32 reference ------------------------------------------------------------------------------------
+    def run_reference(self) -> VariantResult:
+        """FP32 through onnxruntime (the reference every variant is compared with) and through the onnx2torch
+        module (its agreement checks the conversion the PyTorch backends start from)."""
+        from models.runtime import OrtRunner, TorchRunner
+
+        test, transform, names = self.inputs.test, self.inputs.transform, self.inputs.data.class_names
+        with self.timer.phase("evaluate"):
+            ort_scores = predict_scores(OrtRunner(self.float_model.onnx.path), test.images, transform,
+                                        "FP32 onnxruntime", self.eval_batch)
+            torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), test.images, transform,
+                                          "FP32 onnx2torch", self.eval_batch)
+        self.reference = evaluate(ort_scores, test.labels, names)
+        torch_agreement = fidelity(self.reference, evaluate(torch_scores, test.labels, names)).top1_agreement
+        bench = None
+        if self.options.bench:
+            bench = self._bench(lambda: OrtRunner(self.float_model.onnx.path).predict, FP32)
+        return VariantResult(FP32, ONNXRUNTIME, evaluation=self.reference,
+                             fidelity=Fidelity(1.0, 0.0, float("inf")), bench=bench, model_file=self.inputs.model.path,
+                             model_sha256=self.inputs.model.sha256, size_bytes=self.inputs.model.size_bytes,
+                             torch_agreement=torch_agreement)
+
+    # ---- one variant ---------------------------------------------------------------------------------------
+    def run(self, spec: VariantSpec, store: Store | None = None) -> VariantResult:
+        """Quantize, keep (`store`), evaluate and time one variant; run_reference() first. Raises
+        UnsupportedVariant when the backend refuses the configuration, and whatever else goes wrong."""
+        from models.runtime import OrtRunner, TorchRunner, load_runner
+
+        if self.reference is None:
+            raise RuntimeError("run_reference() must run before any variant: variants are compared with it")
+        variant_dir = self.work_dir / spec.name
+        source = self._weights_for(spec)
+        with self.timer.phase("quantize"), \
+                progress_task(f"calibrating {spec.name}", total=len(self.inputs.calibration)) as advance:
+            quantized = spec.quantize(source, self.inputs.calibration, variant_dir, advance)
+        write_json_atomic(variant_dir / QCONFIG_FILE, config_payload(spec.config))
+        # TorchScript int8 modules repack their weights for the engine that is current when they load, so fbgemm
+        # and x86 variants are loaded, evaluated and timed under the engine they were built for.
+        engine = spec.config.backend if quantized.format == "torchscript" else ""
+        model_file = store(self._to_store(spec, quantized, engine)) if store else quantized.path
+        runner = TorchRunner.from_torchscript(model_file, engine) if engine else OrtRunner(model_file)
+        with self.timer.phase("evaluate"):
+            scores = predict_scores(runner, self.inputs.test.images, self.inputs.transform,
+                                    f"evaluating {spec.name}", self.eval_batch)
+        evaluation = evaluate(scores, self.inputs.test.labels, self.inputs.data.class_names)
+        public = variant_dir / MODEL_FILE_NAMES[quantized.format]
+        if model_file != public:
+            shutil.copyfile(model_file, public)  # same bytes as the stored file
+        bench = None
+        if self.options.bench:
+            bench = self._bench(lambda: load_runner(model_file, engine=engine or None).predict, spec.name)
+        return VariantResult(spec.name, spec.framework, spec, evaluation=evaluation,
+                             fidelity=fidelity(self.reference, evaluation), bench=bench, model_file=public,
+                             model_sha256=file_sha256(public), size_bytes=public.stat().st_size,
+                             quantized_engine=engine, calibration_images=quantized.calibration_images)
+
+    def run_safely(self, spec: VariantSpec, store: Store | None = None) -> VariantResult:
+        """run(), with a refused configuration as status `unsupported` and any other error as `failed` (the reason
+        says which); Ctrl-C still stops."""
+        try:
+            return self.run(spec, store)
+        except UnsupportedVariant as exc:
+            return VariantResult(spec.name, spec.framework, spec, status="unsupported", reason=exc.reason)
+        except Exception as exc:  # noqa: BLE001 - one variant's failure is its result; the others still run
+            return VariantResult(spec.name, spec.framework, spec, status="failed", reason=failure_reason(exc))
+
+    def _weights_for(self, spec: VariantSpec) -> FloatModel:
+        """The FP32 model whose weights this variant quantizes: AdaRound-ed onto its grid when it asks for that."""
+        scheme = spec.config.adaround_scheme
+        if scheme is None:
+            return self.quantization_source
+        with self.timer.phase("adaround"), progress_task(f"AdaRound weights ({scheme})", total=1) as advance:
+            return self.quantization_source.with_adarounded_weights(
+                scheme, self.inputs.calibration, self.inputs.calibration_digest, advance,
+                iterations=self.options.adaround_iterations, round_head=not spec.config.float_head,
+                context={"layout": self.inputs.transform.layout,
+                         "preprocessing": self.inputs.transform.preprocessing.value})
+
+    def _to_store(self, spec: VariantSpec, quantized: QuantizedModel, engine: str) -> ModelToStore:
+        from models.runtime import OrtRunner, set_quantized_engine
+
+        if not engine:
+            example_out = OrtRunner(quantized.path).predict(self.example_input)
+            return ModelToStore(spec, quantized, engine, None, self.example_input, example_out)
+        import torch
+
+        set_quantized_engine(engine)
+        module = torch.jit.load(str(quantized.path))
+        with torch.no_grad():  # a float head keeps parameters that require grad
+            example_out = module(torch.from_numpy(self.example_input)).numpy()
+        return ModelToStore(spec, quantized, engine, module, self.example_input, example_out)
+
+    def _bench(self, load, name: str) -> BenchResult:
+        """Time the model file as a user loads it: `load()` gives a fresh predict (see models.benchmark)."""
+        with self.timer.phase("bench"), progress_task(f"benchmarking {name}", total=1) as advance:
+            result = benchmark(load, self.bench_images, self.options.bench_config,
+                               throughput=not self.inputs.model.input.batch_size)
+            advance()
+        return result
