@@ -12,11 +12,12 @@ from typing import Callable
 
 from common.errors import ConfigError, PtqflowError
 from pipelines import report
+from pipelines.precision import round_metric, share_decimals
 from pipelines.progress import say
 from pipelines.promotion import CHAMPION_ALIAS, Candidate, GatePolicy, decide
 from pipelines.variants import FP32, PYTORCH, VariantSpec
 from tracking import runs
-from tracking.keys import Artifact, Tag, VersionTag
+from tracking.keys import Artifact, Metric, Tag, VersionTag
 
 # Framework → (registered model name, whether the user named it explicitly); see SweepOptions.registered_names.
 RegisteredNames = dict[str, tuple[str, bool]]
@@ -107,11 +108,15 @@ class Registrar:
         return registered
 
     def _version_tags(self, best, reference_accuracy: float) -> dict[str, str]:
+        """Few, short tags: what `pull`, `serve`, `bench`, the gate and `ptqflow models` read. The source run is the
+        version's own run_id (MLflow sets it from the logged model), and the decision's reason is the first sentence
+        of the description, where the registry page shows it whole. Numbers at the precision their metrics have."""
         V = VersionTag
-        tags = {V.ACCURACY: f"{best.evaluation.accuracy:.6f}",
-                V.ACCURACY_DELTA_PP: f"{100 * (best.evaluation.accuracy - reference_accuracy):.4f}",
-                V.TOP1_AGREEMENT: f"{best.fidelity.top1_agreement:.6f}", V.VARIANT: best.name,
-                V.SOURCE_RUN_ID: best.run_id, V.SHA256: best.model_sha256, V.MODEL_FILE: best.model_file_in_artifacts,
+        decimals = share_decimals(self.measured_on.test_images)
+        tags = {V.VARIANT: best.name, V.ACCURACY: f"{best.evaluation.accuracy:.{decimals}f}",
+                V.ACCURACY_DELTA_PP: f"{100 * (best.evaluation.accuracy - reference_accuracy):+.{max(2, decimals - 2)}f}",
+                V.TOP1_AGREEMENT: f"{best.fidelity.top1_agreement:.{decimals}f}",
+                V.SHA256: best.model_sha256, V.MODEL_FILE: best.model_file_in_artifacts,
                 **self.measured_on.version_tags()}
         if best.input_key:
             tags[V.INPUT_KEY] = best.input_key
@@ -120,7 +125,7 @@ class Registrar:
         if self.measured_on.input_batch:
             tags[V.INPUT_BATCH] = str(self.measured_on.input_batch)
         if best.bench:
-            tags[V.LATENCY_MS_B1] = f"{best.bench.latency_ms_b1_p50:.4f}"
+            tags[V.LATENCY_MS_B1] = f"{round_metric(Metric.LATENCY_MS_B1_P50, best.bench.latency_ms_b1_p50):.3f}"
         return tags
 
     def _descriptions(self, best, framework: str, reference_accuracy: float) -> tuple[str, str]:

@@ -162,6 +162,7 @@ def print_comparison(refs: list[str]) -> None:
 
 def print_registered_models(listing: list[dict]) -> None:
     """One row per version, then the gate's reason for each decision (a rejection says why it was rejected)."""
+    from tracking.aliases import recorded_reason
     from tracking.keys import VersionTag as V
 
     table = Table(title="registered models")
@@ -175,14 +176,15 @@ def print_registered_models(listing: list[dict]) -> None:
         def num(key, scale=1.0, fmt="{:.2f}"):
             return fmt.format(float(tags[key]) * scale) if key in tags else "—"
 
-        source_run = tags.get(V.SOURCE_RUN_ID) or entry.get("run_id") or "—"
+        source_run = entry.get("run_id") or tags.get(V.SOURCE_RUN_ID) or "—"
         table.add_row(entry["name"], entry["version"], ", ".join(f"@{a}" for a in entry["aliases"]) or "—",
                       tags.get(V.VARIANT, "—"), num(V.ACCURACY, 100), num(V.ACCURACY_DELTA_PP, fmt="{:+.2f}"),
                       num(V.TOP1_AGREEMENT, 100), num(V.LATENCY_MS_B1, fmt="{:.3f}"),
                       tags.get(V.PROMOTION_DECISION, "—"), source_run[:8])
-        if tags.get(V.PROMOTION_REASON):
+        reason = recorded_reason(tags, entry.get("description"))
+        if reason:
             reasons.append(f"{entry['name']} v{entry['version']} {tags.get(V.PROMOTION_DECISION, 'decided')}: "
-                           f"{tags[V.PROMOTION_REASON]}")
+                           f"{reason}")
     console = _console()
     console.print(table)
     for line in reasons:

@@ -101,3 +101,13 @@ def all_runs() -> list:
 
     client = MlflowClient()
     return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=1000)]
+
+
+def version_reason(name: str, version: str) -> str:
+    """The gate's reason for a registered version, as ptqflow records it (the description's decision sentence)."""
+    from mlflow.tracking import MlflowClient
+
+    from tracking.aliases import recorded_reason
+
+    mv = MlflowClient().get_model_version(name, version)
+    return recorded_reason(dict(mv.tags), mv.description) or ""

@@ -9,11 +9,12 @@ import re
 
 import mlflow
 import pytest
-from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE
+from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, version_reason
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+from pipelines.precision import share_decimals
 from pipelines.promotion import GatePolicy
 from tracking.keys import ExperimentTag, Metric, Param, Tag, VersionTag
 
@@ -89,31 +90,34 @@ def test_sweeps_as_the_mlflow_ui_shows_them(two_sweeps, tmp_path):
         mv = client.get_model_version(MODEL, version)
         best = next(o for o in result.outcomes if o.run_id == mv.run_id)
         assert mv.source == best.model_uri and mv.source.startswith("models:/m-")
-        assert mv.tags[VersionTag.SOURCE_RUN_ID] == best.run_id
+        assert mv.run_id == best.run_id  # the version's own run_id, set by MLflow from the logged model
         local = mlflow.artifacts.download_artifacts(artifact_uri=best.model_uri, dst_path=str(tmp_path / version))
         from common.files import file_sha256
 
         assert file_sha256(f"{local}/{mv.tags[VersionTag.MODEL_FILE]}") == mv.tags[VersionTag.SHA256]
-        # Few tags: the gate's policy is in the description, not a tag of its own.
-        assert VersionTag.PROMOTION_POLICY not in mv.tags
+        # Few, short tags: policy, reason and source run are in the description or the version itself.
+        assert not {VersionTag.PROMOTION_POLICY, VersionTag.PROMOTION_REASON, VersionTag.SOURCE_RUN_ID} & set(mv.tags)
+        assert len(mv.tags) <= 15 and all(len(value) <= 64 for value in mv.tags.values())
+        test_images = int(mv.tags[VersionTag.TEST_IMAGES])
+        assert len(mv.tags[VersionTag.ACCURACY].split(".")[1]) == share_decimals(test_images)
 
     # The description opens with the decision and its reason in a sentence, then what the version measured.
     v1, v2 = (client.get_model_version(MODEL, v) for v in ("1", "2"))
     assert v1.tags[VersionTag.PROMOTION_DECISION] == "promoted" and v2.tags[VersionTag.PROMOTION_DECISION] == "rejected"
-    reason = v2.tags[VersionTag.PROMOTION_REASON]
+    reason = version_reason(MODEL, "2")
     assert reason.startswith("same inputs as champion v1")
-    assert v1.description.startswith(f"Promoted to @champion: {v1.tags[VersionTag.PROMOTION_REASON]}.")
+    assert v1.description.startswith(f"Promoted to @champion: {version_reason(MODEL, '1')}.")
     assert v2.description.startswith(f"Rejected: {reason}.")
     first_paragraph, rest = v2.description.split("\n\n", 1)
     assert "Gate: accuracy drop <= 100 pp, agreement >= 0" in first_paragraph
-    assert "agreement with FP32" in rest and v2.tags[VersionTag.SOURCE_RUN_ID] in rest
+    assert "agreement with FP32" in rest and v2.run_id in rest
 
     # `ptqflow models` lists each version and says why each was promoted or rejected.
     runner = CliRunner()
     listed = runner.invoke(app, ["models", MODEL])
     assert listed.exit_code == 0, listed.output
     assert f"{MODEL} v2 rejected: {reason}" in listed.stdout, listed.stdout
-    assert f"{MODEL} v1 promoted: {v1.tags[VersionTag.PROMOTION_REASON]}" in listed.stdout
+    assert f"{MODEL} v1 promoted: {version_reason(MODEL, '1')}" in listed.stdout
 
     # Moving the alias by hand replaces the decision sentence and keeps the rest of the description.
     promoted = runner.invoke(app, ["promote", MODEL, "2", "--alias", "champion"])

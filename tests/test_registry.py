@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CALIBRATION_SIZE
+from conftest import CALIBRATION_SIZE, version_reason
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -56,12 +56,12 @@ def test_champion_moves_only_through_the_gate_and_by_hand(tracking_store, tiny_m
     _sweep(tiny_model, cifar_dir, GatePolicy(max_accuracy_drop_pp=100, min_agreement=0.0))
     assert str(client.get_model_version_by_alias("resnet8-int8", "champion").version) == "1"
     v1 = client.get_model_version("resnet8-int8", "1").tags
-    assert v1[VersionTag.PROMOTION_DECISION] == "promoted" and "no champion yet" in v1[VersionTag.PROMOTION_REASON]
+    assert v1[VersionTag.PROMOTION_DECISION] == "promoted" and "no champion yet" in version_reason("resnet8-int8", "1")
     # A gate nothing can pass: version 2 is registered but the alias stays on version 1.
     _sweep(tiny_model, cifar_dir, GatePolicy(max_accuracy_drop_pp=-100, min_agreement=0.0))
     assert str(client.get_model_version_by_alias("resnet8-int8", "champion").version) == "1"
     v2 = client.get_model_version("resnet8-int8", "2").tags
-    assert v2[VersionTag.PROMOTION_DECISION] == "rejected" and "accuracy drop" in v2[VersionTag.PROMOTION_REASON]
+    assert v2[VersionTag.PROMOTION_DECISION] == "rejected" and "accuracy drop" in version_reason("resnet8-int8", "2")
     # The policy is in the description's decision sentence (no promotion_policy tag any more).
     description = client.get_model_version("resnet8-int8", "2").description
     assert description.startswith("Rejected: accuracy drop") and "agreement >=" in description.split("\n\n")[0]
@@ -89,7 +89,7 @@ def test_pull_by_alias_and_compare_two_sweeps(tracking_store, tiny_model, cifar_
     # serialization id, so their bytes differ; the input key does not).
     assert v2.tags[VersionTag.INPUT_KEY] == v1.tags[VersionTag.INPUT_KEY]
     assert v2.tags[VersionTag.PROMOTION_DECISION] == "rejected"
-    assert "same inputs as champion v1" in v2.tags[VersionTag.PROMOTION_REASON]
+    assert "same inputs as champion v1" in version_reason("resnet8-int8", "2")
     assert str(client.get_model_version_by_alias("resnet8-int8", "champion").version) == "1"
     runner = CliRunner()
     pulled = runner.invoke(app, ["pull", "resnet8-int8@champion", "--output", str(tmp_path), "--evaluate",

@@ -148,10 +148,10 @@ def test_best_int8_models_are_registered_with_verifiable_tags(completed_sweep):
         mv = client.get_model_version(name, "1")
         tags = mv.tags
         assert tags[VersionTag.VARIANT].startswith("pytorch-fx-int8" if framework == "pytorch" else "ort-")
-        source = client.get_run(tags[VersionTag.SOURCE_RUN_ID])
+        source = client.get_run(mv.run_id)
         assert float(tags[VersionTag.ACCURACY]) == pytest.approx(source.data.metrics[Metric.ACCURACY])
         assert len(tags[VersionTag.SHA256]) == 64
-        assert "agreement" in mv.description and tags[VersionTag.SOURCE_RUN_ID] in mv.description
+        assert "agreement" in mv.description and mv.run_id in mv.description
         assert "@champion" in client.get_registered_model(name).description
 
 
@@ -210,5 +210,4 @@ def test_second_sweep_adds_version_2_and_leaves_version_1_alone(completed_sweep,
     assert [v.version for v in result.registered] == ["2"]
     after = client.get_model_version("resnet8-int8", "1")
     assert after.tags == before.tags and after.source == before.source
-    assert client.get_model_version("resnet8-int8", "2").tags[VersionTag.SOURCE_RUN_ID] != \
-        before.tags[VersionTag.SOURCE_RUN_ID]
+    assert client.get_model_version("resnet8-int8", "2").run_id != before.run_id

@@ -58,15 +58,24 @@ def _is_decision(paragraph: str) -> bool:
     return any(paragraph.startswith(o) and ": " in paragraph[:len(o) + 20] for o in openings)
 
 
+def recorded_reason(tags: dict[str, str], description: str | None) -> str | None:
+    """Why the gate decided as it did: the reason in the description's decision sentence (or, for versions
+    registered before that sentence existed, their `promotion_reason` tag); None when nothing was decided."""
+    first = (description or "").split("\n\n")[0]
+    if _is_decision(first):
+        reason = first.split(": ", 1)[1]
+        return reason.split(" Gate: ", 1)[0].rstrip(".")
+    return tags.get(VersionTag.PROMOTION_REASON)
+
+
 def record_decision(name: str, version: str, decision: str, reason: str, policy: str,
                     alias: str = "champion") -> None:
-    """Record why an alias moved (or did not): the `promotion_decision` and `promotion_reason` tags, and the
-    decision as the first sentence of the version's description (replacing an earlier decision, keeping the
-    rest). The policy goes into that sentence only: a tag would be cut off in the registry's version list."""
+    """Record why an alias moved (or did not): the `promotion_decision` tag, and the decision with its reason as
+    the first sentence of the version's description (replacing an earlier decision, keeping the rest). Reason and
+    policy go into that sentence only: a tag would be cut off in the registry's version list."""
     c = client()
     try:
-        for key, value in ((VersionTag.PROMOTION_DECISION, decision), (VersionTag.PROMOTION_REASON, reason)):
-            c.set_model_version_tag(name, version, key, value)
+        c.set_model_version_tag(name, version, VersionTag.PROMOTION_DECISION, decision)
         paragraphs = (c.get_model_version(name, version).description or "").split("\n\n")
         rest = [p for p in paragraphs if p.strip() and not _is_decision(p)]
         description = "\n\n".join([decision_sentence(decision, reason, policy, alias), *rest])

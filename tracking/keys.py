@@ -127,7 +127,7 @@ class VersionTag:
     ACCURACY_DELTA_PP = "accuracy_delta_pp"
     TOP1_AGREEMENT = "top1_agreement"
     VARIANT = "variant"
-    SOURCE_RUN_ID = "source_run_id"
+    SOURCE_RUN_ID = "source_run_id"  # no longer written: the version's run_id is its source run
     SHA256 = "sha256"
     INPUT_KEY = "input_key"  # the source run's input key: same key, same model (TorchScript bytes still differ)
     MODEL_FILE = "model_file"  # path of the model file inside the registered model's artifacts
@@ -140,7 +140,7 @@ class VersionTag:
     INPUT_BATCH = "input_batch"  # only for a model whose batch dimension is fixed (at 1)
     LATENCY_MS_B1 = "latency_ms_b1_p50"
     PROMOTION_DECISION = "promotion_decision"  # promoted, rejected or manual
-    PROMOTION_REASON = "promotion_reason"
+    PROMOTION_REASON = "promotion_reason"  # no longer written: the reason is the description's first sentence
     PROMOTION_POLICY = "promotion_policy"  # no longer written: the policy is in the version's description
 
 
