@@ -115,7 +115,22 @@ class Diagnosis:
             return "inf" if isinstance(value, float) and math.isinf(value) else value
 
         return {"backend": self.backend, "method": self.method, "images": self.images, "notes": list(self.notes),
+                "graph_order": [row.layer for row in self.layers],
                 "layers": [{k: clean(v) for k, v in asdict(row).items()} for row in self.worst_first()]}
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> "Diagnosis":
+        """The Diagnosis a `to_dict` (layers.json) was made from."""
+        def number(value):
+            return math.inf if value == "inf" else value
+
+        keys = set(LayerDiagnosis.__dataclass_fields__)
+        rows = [LayerDiagnosis(**{k: number(v) for k, v in row.items() if k in keys})
+                for row in payload.get("layers", [])]
+        order = {name: i for i, name in enumerate(payload.get("graph_order", ()))}
+        rows = tuple(sorted(rows, key=lambda row: order.get(row.layer, len(order))))
+        return cls(payload["backend"], payload["method"], int(payload["images"]), rows,
+                   tuple(payload.get("notes", ())))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -468,7 +483,7 @@ def diagnose_ort(float_onnx_path: Path, qdq_onnx_path: Path, images: np.ndarray,
 
 
 def diagnose_ort_config(reference, source, config, calibration: np.ndarray, images: np.ndarray, work_dir: Path,
-                        qdq_path: Path | None = None) -> Diagnosis:
+                        qdq_path: Path | None = None, batch_size: int = _BATCH) -> Diagnosis:
     """Diagnose an onnxruntime variant: `reference` is the FP32 FloatModel before AdaRound, `source` the one the
     quantizer read (AdaRound-ed when the config asks for it; see FloatModel.for_config). A QDQ config diagnoses
     `qdq_path` when given (e.g. the logged model) or quantizes `source` with `calibration`; a QOperator config is
@@ -486,7 +501,8 @@ def diagnose_ort_config(reference, source, config, calibration: np.ndarray, imag
                   "onnxruntime.quantization.qdq_loss_debug (create_weight_matching; collect_activations + "
                   "create_activation_matching); local SQNR: each layer's Q/DQ subgraph run on the FP32 model's "
                   "activations")
-    return diagnose_ort(reference.ort_ready_path, qdq_path, images, layers_model=reference.onnx.proto, method=method)
+    return diagnose_ort(reference.ort_ready_path, qdq_path, images, layers_model=reference.onnx.proto, method=method,
+                        batch_size=batch_size)
 
 
 # ---- PyTorch FX ---------------------------------------------------------------------------------------------------
@@ -532,6 +548,23 @@ def _fed_by_model_input(model, layers: list[Layer]) -> set[str]:
     return fed
 
 
+def _unobserved(prepared):
+    """A copy of a prepared FP32 model whose observers only pass values through: its qparams are never used here
+    (it is the FP32 side of the comparisons), and observers such as graph_prep.PercentileObserver sort every
+    activation they see."""
+    from torch.ao.quantization import ObserverBase
+
+    copied = copy.deepcopy(prepared)
+    for module in copied.modules():
+        if isinstance(module, ObserverBase):
+            module.forward = _identity
+    return copied
+
+
+def _identity(x):
+    return x
+
+
 def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_model, backend: str,
                        float_onnx_path: Path | None = None, batch_size: int = _BATCH) -> Diagnosis:
     """Diagnose an FX-converted `quantized` GraphModule against `reference_prepared`, the FP32 model prepared the same
@@ -568,6 +601,7 @@ def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_m
                     layer, _ = layer_of(entry.get("fqn"))
                     if layer is not None and entry.get("sqnr"):
                         weight[layer.name] = float(entry["sqnr"][0])
+            reference_prepared = _unobserved(reference_prepared)
             float_logged, int8_logged = ns.add_loggers("fp32", copy.deepcopy(reference_prepared), "int8",
                                                        copy.deepcopy(quantized), ns.OutputLogger)
             # int8 shadows fp32 (not the other way round): each quantized layer gets the FP32 model's input to it,
