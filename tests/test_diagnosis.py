@@ -207,6 +207,22 @@ def test_diagnosis_files_are_worst_first(diagnoses):
     assert [row["layer"] for row in payload["layers"]][0] == "conv2"
 
 
+def test_diagnosis_round_trips_through_its_json_and_plots_worst_first(diagnoses):
+    from models.diagnosis import Diagnosis
+    from pipelines.diagnosis_report import backend_comparison_figure, layer_sqnr_figure
+
+    diagnosis = diagnoses[("outlier", "fx")]
+    assert Diagnosis.from_dict(json.loads(diagnosis.to_json())) == diagnosis
+    figure = layer_sqnr_figure(diagnosis, "outlier")
+    ax = figure.axes[0]
+    assert ax.get_yticklabels()[0].get_text().startswith("conv2")  # worst on top
+    assert {patch.get_gid() for patch in ax.patches} >= {"local", "accumulated"}
+    assert "bad-limit" in {line.get_gid() for line in ax.get_lines()}
+    compared = backend_comparison_figure({"fx": diagnosis, "ort": diagnoses[("outlier", "ort")]}, "both")
+    gids = {line.get_gid() for ax in compared.axes for line in ax.get_lines()}
+    assert {"local:fx", "local:ort", "accumulated:fx", "accumulated:ort", "bad-limit"} <= gids
+
+
 def test_a_qoperator_variant_is_diagnosed_through_its_qdq_twin(models, images, tmp_path):
     calibration, test = images
     config = OrtStaticConfig(quant_format="QOperator", activation_dtype="uint8", weight_dtype="int8",
@@ -287,3 +303,50 @@ def test_equalization_comes_before_adaround(models, images):
     rounded = models["outlier"].with_adarounded_weights("per_channel_sym_int8", calibration, "digest", iterations=2)
     with pytest.raises(ValueError, match="before AdaRound"):
         rounded.ready_for(config)
+
+
+# ---- ptqflow diagnose -------------------------------------------------------------------------------------------
+def test_diagnose_command_reads_a_sweep_back_and_logs_the_tables(tracking_store, tiny_model, cifar_dir, tmp_path):
+    """One small sweep (an FX, a QDQ and a QOperator variant); `diagnose` on the sweep run finds each variant's model,
+    data, calibration and config from the runs, prints the tables, writes and logs the files; a registered version
+    names its source run."""
+    from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.sweep import SweepOptions, run_sweep
+    from tracking import runs
+    from tracking.keys import Artifact
+
+    result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
+                                    variants=("pytorch-fx-int8", "ort-int8", "ort-uint8"), bench=False,
+                                    adaround_iterations=ADAROUND_ITERATIONS))
+    out = tmp_path / "out"
+    invoked = CliRunner().invoke(app, ["diagnose", result.parent_run_id, "--images", "64", "--output", str(out),
+                                       "--log", "--adaround-iterations", str(ADAROUND_ITERATIONS)])
+    assert invoked.exit_code == 0, invoked.output
+    for variant in ("pytorch-fx-int8", "ort-int8", "ort-uint8"):
+        assert f"{variant} (run " in invoked.stdout
+    assert "Conv_1" in invoked.stdout and "Conv_3" in invoked.stdout
+    assert "the diagnosis is the logged model's" in invoked.stdout  # FX re-quantized exactly
+    assert "QDQ twin" in invoked.stdout
+    by_variant = {o.name: o for o in result.outcomes}
+    for variant in ("pytorch-fx-int8", "ort-int8", "ort-uint8"):
+        run_id = by_variant[variant].run_id
+        directory = out / f"{variant}-{run_id[:8]}"
+        assert sorted(p.name for p in directory.iterdir()) == ["layer_sqnr.png", "layers.csv", "layers.json"]
+        logged = json.loads(runs.download_text(run_id, Artifact.DIAGNOSIS_JSON))
+        assert logged["variant"] == variant and logged["images"] == 64
+        assert {row["layer"] for row in logged["layers"]} == {"Conv_1", "Conv_3", "MatMul_7"}
+        assert runs.download_text(run_id, Artifact.DIAGNOSIS_CSV) == (directory / "layers.csv").read_text()
+    assert (out / f"sweep-{result.parent_run_id[:8]}-backends.png").is_file()
+    assert runs.download_artifact(result.parent_run_id, Artifact.DIAGNOSIS_BACKENDS_PLOT, tmp_path / "dl").is_file()
+    # a registered version diagnoses the run it came from
+    version = next(v for v in result.registered if v.name.endswith("-onnx"))
+    again = CliRunner().invoke(app, ["diagnose", f"{version.name}/{version.version}", "--images", "32", "--output",
+                                     str(tmp_path / "again"), "--adaround-iterations", str(ADAROUND_ITERATIONS)])
+    assert again.exit_code == 0, again.output
+    assert f"{version.tags['variant']} (run {version.tags['source_run_id'][:8]})" in again.stdout
+    # the FP32 run is the reference, not something to diagnose
+    refused = CliRunner().invoke(app, ["diagnose", by_variant["fp32"].run_id])
+    assert refused.exit_code != 0 and "FP32 reference" in refused.stderr
