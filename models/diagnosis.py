@@ -358,10 +358,6 @@ class _QdqGraph:
             tensor = self.producer[tensor].input[0]
         return tensor
 
-    def is_quantized_input(self, tensor: str) -> bool:
-        node = self.producer.get(tensor)
-        return node is not None and node.op_type == "DequantizeLinear"
-
     def dequantized(self, tensor: str) -> str:
         """The first DequantizeLinear output after `tensor`'s QuantizeLinear, or `tensor` when it stays float."""
         for q in self.consumers.get(tensor, []):
@@ -425,8 +421,10 @@ def diagnose_ort(float_onnx_path: Path, qdq_onnx_path: Path, images: np.ndarray,
         node = compute.get(layer.name)
         if node is None:
             continue
-        quantized[layer.name] = any(walk.is_quantized_input(name) for name in node.input if name)
         w = walk.weight_name(node)
+        # quantized: its weights are dequantized from integers, or (an Add) its output is quantized; an excluded
+        # node may still read dequantized inputs
+        quantized[layer.name] = w is not None or walk.dequantized(node.output[0]) != node.output[0]
         if w is not None and w in weight_errors:
             weight[layer.name] = weight_errors[w]
         out = layer.output if layer.output in walk.tensors and layer.output in float_tensors else node.output[0]

@@ -223,6 +223,19 @@ def test_diagnosis_round_trips_through_its_json_and_plots_worst_first(diagnoses)
     assert {"local:fx", "local:ort", "accumulated:fx", "accumulated:ort", "bad-limit"} <= gids
 
 
+@pytest.mark.parametrize("config", [replace(FX, fp32_modules=("conv2",)), replace(ORT, fp32_nodes=("conv2",))],
+                         ids=["fx", "ort"])
+def test_a_layer_kept_in_fp32_is_shown_as_such(models, images, tmp_path, config):
+    calibration, test = images
+    if isinstance(config, PytorchFxConfig):
+        diagnosis = diagnose_fx(models["outlier"], models["outlier"], config, calibration, test[:64])
+    else:
+        diagnosis = diagnose_ort_config(models["outlier"], models["outlier"], config, calibration, test[:64], tmp_path)
+    conv2 = diagnosis.row("conv2")
+    assert not conv2.quantized and conv2.local_sqnr_db is None and conv2.weight_sqnr_db is None and not conv2.hint
+    assert diagnosis.row("conv1").quantized and diagnosis.worst_first()[0].layer == "conv1"
+
+
 def test_a_qoperator_variant_is_diagnosed_through_its_qdq_twin(models, images, tmp_path):
     calibration, test = images
     config = OrtStaticConfig(quant_format="QOperator", activation_dtype="uint8", weight_dtype="int8",
