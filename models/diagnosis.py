@@ -54,7 +54,8 @@ __all__ = [
 ]
 
 DEBUG_IMAGES = 256  # a few seconds on a small CNN; enough images for stable per-layer SQNR
-BAD_WEIGHT_DB = 30.0  # 8-bit per-channel weights reach 40+ dB; per-tensor weights of a layer with one wide channel fall below
+# 8-bit per-channel weights reach 40+ dB; per-tensor weights of a layer with one wide channel fall below 30
+BAD_WEIGHT_DB = 30.0
 BAD_LOCAL_DB = 25.0  # one 8-bit layer alone normally loses less than this
 BAD_ACCUMULATED_DB = 15.0  # below this the layer's output has lost most of its precision, wherever it was lost
 OUTLIER_RATIO = 8.0  # a channel 8x the median channel's range costs the others 3 of their 8 bits

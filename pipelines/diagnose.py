@@ -232,7 +232,8 @@ def diagnose_run(run, inputs: _SweepInputs, work_dir: Path) -> Diagnosis:
             diagnosis = diagnose_ort_config(inputs.float_model, source, config, inputs.calibration, inputs.images,
                                             work_dir / f"{run.info.run_id}-quantized", qdq_path=qdq, batch_size=batch)
             if qdq is not None:
-                note = f"diagnosed the logged model file itself (SHA-256 {run.data.tags[Tag.MODEL_FILE_SHA256][:12]}…)"
+                digest = run.data.tags[Tag.MODEL_FILE_SHA256]
+                note = f"diagnosed the logged model file itself (SHA-256 {digest[:12]}…)"
             else:
                 twin = next((work_dir / f"{run.info.run_id}-quantized" / "qdq-twin").glob("*.onnx"))
                 note = _agreement_note("its QDQ twin", _predict(OrtRunner(twin), inputs.images, batch),
