@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["EqualizationSummary", "equalize", "equalizable_pairs", "DEFAULT_ITERATIONS"]
+__all__ = ["EqualizationSummary", "equalize", "equalize_file", "equalizable_pairs", "DEFAULT_ITERATIONS"]
 
 DEFAULT_ITERATIONS = 20  # passes over all pairs; chains of two or three pairs settle within a few
 _SCALE_LIMITS = (1e-6, 1e6)  # a dead channel (all-zero weights on one side) keeps scale 1 instead of 0 or inf
@@ -193,3 +193,15 @@ def equalize(model: onnx.ModelProto, iterations: int = DEFAULT_ITERATIONS,
         pairs=tuple(total),
         skipped=tuple(skipped), iterations=done, max_scale=float(all_scales.max()),
         min_scale=float(all_scales.min()), scales={k: v.astype(np.float32) for k, v in total.items()})
+
+
+def equalize_file(source, target, iterations: int = DEFAULT_ITERATIONS) -> tuple["Path", EqualizationSummary]:
+    """`equalize` on an ONNX file (weights embedded), written to `target`; returns (target, summary)."""
+    from pathlib import Path
+
+    from models.base import write_atomic
+
+    model, summary = equalize(onnx.load(str(source)), iterations)
+    target = Path(target)
+    write_atomic(target, model.SerializeToString())
+    return target, summary

@@ -111,12 +111,15 @@ def agreement(float_model: FloatModel, config, calibration, test, out_dir: Path)
 
 
 # ---- equalization ---------------------------------------------------------------------------------------------
-def test_equalization_is_function_preserving_and_undoes_the_outlier(images):
+def test_equalization_is_function_preserving_and_undoes_the_outlier(images, tmp_path):
+    from models.equalization import equalize_file
     from models.runtime import OrtRunner
 
     _, test = images
     outlier = outlier_cnn(outlier=True)
-    equalized, summary = equalize(outlier)
+    onnx.save(outlier, str(tmp_path / "outlier.onnx"))
+    path, summary = equalize_file(tmp_path / "outlier.onnx", tmp_path / "equalized.onnx")
+    equalized = onnx.load(str(path))
     assert summary.pairs == (("conv1", "conv2"),)
     assert summary.max_scale / summary.min_scale > FACTOR / 2  # the outlier channel got its own scale
     before = OrtRunner(outlier.SerializeToString()).predict(test)
