@@ -58,7 +58,10 @@ class FloatModel:
     _torch_module: object = field(default=None, repr=False)
     _ort_ready: Path | None = field(default=None, repr=False)
     _rounded: dict = field(default_factory=dict, repr=False)
+    _equalized: "FloatModel | None" = field(default=None, repr=False)
     folded_batch_norms: int = 0  # BatchNormalizations for_quantization folded into the Conv before them
+    equalization: "object | None" = None  # models.equalization.EqualizationSummary once equalized
+    adaround_scheme: str | None = None  # the grid AdaRound put the weights on, once it has
 
     @classmethod
     def for_runtimes(cls, model: OnnxClassifier, work_dir: Path) -> "FloatModel":
@@ -112,7 +115,9 @@ class FloatModel:
         variant = FloatModel(replace(self.onnx, path=cached, proto=proto, sha256=file_sha256(cached),
                                      size_bytes=cached.stat().st_size, input=read_input_spec(proto, cached),
                                      external_files=()),  # the cached file embeds its weights
-                             self.work_dir / f"adaround-{scheme}{'' if round_head else '-float-head'}")
+                             self.work_dir / f"adaround-{scheme}{'' if round_head else '-float-head'}",
+                             folded_batch_norms=self.folded_batch_norms, equalization=self.equalization,
+                             adaround_scheme=scheme)
         variant.work_dir.mkdir(parents=True, exist_ok=True)
         self._rounded[memo] = variant
         return variant
@@ -139,6 +144,51 @@ class FloatModel:
                                      external_files=()),  # the written file embeds its weights
                              work_dir, folded_batch_norms=self.folded_batch_norms + folded)
         return variant
+
+    def equalized(self) -> "FloatModel":
+        """The same function with cross-layer equalization of its Conv -> Relu -> Conv pairs (models.equalization),
+        written to work_dir/equalized/<model file>; made once. Equalize before AdaRound: it moves weights, so
+        weights already on an int8 grid would leave it."""
+        if self.equalization is not None:
+            return self
+        if self._equalized is not None:
+            return self._equalized
+        if self.adaround_scheme is not None:
+            raise ValueError("equalize the FP32 model before AdaRound: equalization moves the weights off the "
+                             f"{self.adaround_scheme} grid AdaRound put them on")
+        from models.equalization import equalize
+        from models.onnx_model import read_input_spec
+
+        proto, summary = equalize(self.onnx.proto)
+        work_dir = self.work_dir / "equalized"
+        path = work_dir / self.onnx.path.name
+        write_atomic(path, proto.SerializeToString())
+        variant = FloatModel(replace(self.onnx, path=path, proto=proto, sha256=file_sha256(path),
+                                     size_bytes=path.stat().st_size, input=read_input_spec(proto, path),
+                                     external_files=()),
+                             work_dir, folded_batch_norms=self.folded_batch_norms, equalization=summary)
+        self._equalized = variant
+        return variant
+
+    def for_config(self, config, calibration: np.ndarray, calibration_digest: str,
+                   advance: Callable[..., None] = lambda n, total=None: None, iterations: int = 1000,
+                   context: dict | None = None) -> "FloatModel":
+        """The FP32 model a backend config quantizes, in the order the steps must run: equalized when
+        `config.equalization`, then AdaRound-ed onto `config.adaround_scheme`'s grid when it has one (keeping a float
+        head's FP32 weights when `config.float_head`)."""
+        model = self.equalized() if getattr(config, "equalization", False) else self
+        if config.adaround_scheme is None:
+            return model
+        return model.with_adarounded_weights(config.adaround_scheme, calibration, calibration_digest, advance,
+                                             iterations=iterations, context=context,
+                                             round_head=not config.float_head)
+
+    def ready_for(self, config) -> "FloatModel":
+        """What a quantizer starts from: this model, equalized first when `config.equalization` asks for it and it
+        is not yet (a ValueError when AdaRound already ran on unequalized weights: use `for_config`)."""
+        if getattr(config, "equalization", False) and self.equalization is None:
+            return self.equalized()
+        return self
 
     @property
     def ort_ready_path(self) -> Path:

@@ -35,8 +35,26 @@ class OrtStaticConfig:
     weight_rounding: str = "adaround"  # adaround (weights pre-rounded on the FP32 model) or nearest
     float_head: bool = True  # pool, dense and softmax stay float: 8-bit logits tie under argmax
     calibration_batch_size: int = 100  # at most; the histogram calibrators need every batch the same size
+    # Cross-layer equalization of Conv -> Relu -> Conv pairs (models.equalization) on the FP32 model, before AdaRound
+    # and quantization: one channel's large range stops setting the whole activation's scale.
+    equalization: bool = False
+    # QDQ only: activation tensors (ONNX tensor names) quantized to 16 bits (QInt16 for int8 activations, QUInt16
+    # for uint8) through TensorQuantOverrides; onnxruntime's mixed-precision fixer widens the nodes around them and
+    # inserts the 8 <-> 16-bit conversions.
+    activation_16bit_tensors: tuple[str, ...] = ()
+    # Layers (ONNX node names, as the diagnosis table names them) left in FP32 through nodes_to_exclude, each with
+    # the Relu fused into it.
+    fp32_nodes: tuple[str, ...] = ()
 
     def __post_init__(self):
+        # JSON (qconfig.json) gives lists back: the config stays hashable and compares equal to the original.
+        object.__setattr__(self, "extra_options", tuple((str(k), v) for k, v in self.extra_options))
+        object.__setattr__(self, "activation_16bit_tensors", _names(self.activation_16bit_tensors,
+                                                                    "activation_16bit_tensors"))
+        object.__setattr__(self, "fp32_nodes", _names(self.fp32_nodes, "fp32_nodes"))
+        if self.activation_16bit_tensors and self.quant_format != "QDQ":
+            raise ValueError("activation_16bit_tensors needs quant_format QDQ: QOperator kernels take 8-bit "
+                             "activations only")
         if self.quant_format not in QUANT_FORMATS:
             raise ValueError(f"quant_format must be one of {QUANT_FORMATS}")
         if self.activation_dtype not in DTYPES or self.weight_dtype not in DTYPES:
@@ -65,12 +83,32 @@ class OrtStaticConfig:
             return "per_tensor_sym_int8"
         return None
 
+    @classmethod
+    def from_dict(cls, payload: dict) -> "OrtStaticConfig":
+        """The config a `config_dict` (qconfig.json's "config") was made from; unknown keys are ignored."""
+        from dataclasses import fields
+
+        return cls(**{f.name: payload[f.name] for f in fields(cls) if f.name in payload})
+
     def qconfig_summary(self) -> str:
         weights = f"{'per-channel' if self.per_channel else 'per-tensor'} {self.weight_dtype}"
         extra = "; " + ", ".join(f"{k}={v}" for k, v in self.extra_options) if self.extra_options else ""
-        extras = [self.weight_rounding + " rounding"] + (["float head"] if self.float_head else [])
+        extras = ([self.weight_rounding + " rounding"] + (["float head"] if self.float_head else [])
+                  + (["equalization"] if self.equalization else [])
+                  + ([f"16-bit activations: {', '.join(self.activation_16bit_tensors)}"]
+                     if self.activation_16bit_tensors else [])
+                  + ([f"FP32 layers: {', '.join(self.fp32_nodes)}"] if self.fp32_nodes else []))
         return (f"{self.quant_format} weights: {weights}; activations: {self.calibration_method} "
                 f"{self.activation_dtype}{' reduce_range' if self.reduce_range else ''}{extra}; {', '.join(extras)}")
+
+
+def _names(values, option: str) -> tuple[str, ...]:
+    if isinstance(values, str):
+        raise ValueError(f"{option} takes a sequence of names, not the string {values!r}")
+    names = tuple(values)
+    if not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"{option} must be non-empty names")
+    return names
 
 
 def equal_batch_size(count: int, at_most: int) -> int:
@@ -114,13 +152,14 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
     batch_size = fixed or equal_batch_size(len(calibration), config.calibration_batch_size)
     reader = _ArrayReader(float_model.onnx.input.name, calibration, batch_size, advance)
     out_dir.mkdir(parents=True, exist_ok=True)
-    excluded = []
-    if config.float_head:
-        import onnx
+    float_model = float_model.ready_for(config)
+    import onnx
 
-        from models.weight_correction import onnx_classifier_head_nodes
-
-        excluded = onnx_classifier_head_nodes(onnx.load(str(float_model.ort_ready_path)))
+    ready = onnx.load(str(float_model.ort_ready_path))
+    excluded = excluded_nodes(float_model, config, ready)
+    extra_options = dict(config.extra_options)
+    if config.activation_16bit_tensors:
+        extra_options["TensorQuantOverrides"] = tensor_overrides_16bit(ready, config)
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch, contextlib.redirect_stdout(io.StringIO()):
         # (stdout: the histogram calibrators print their progress there)
         tmp_model = Path(scratch) / MODEL_FILE_NAME
@@ -134,9 +173,73 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
             per_channel=config.per_channel,
             reduce_range=config.reduce_range,
             calibrate_method=getattr(CalibrationMethod, config.calibration_method),
-            extra_options=dict(config.extra_options),
+            extra_options=extra_options,
             nodes_to_exclude=excluded,
         )
         path = out_dir / MODEL_FILE_NAME
         write_atomic(path, tmp_model.read_bytes())
     return QuantizedModel(path=path, format="onnx", calibration_images=reader.images)
+
+
+def ready_node_names(float_model: FloatModel, ready, nodes: set[str]) -> list[str]:
+    """The nodes of the pre-processed model `ready` that stand for the ONNX nodes `nodes` of the FP32 model: the same
+    name, or for a node onnxruntime's pre-processing made by fusing (e.g. `<MatMul>/MatMulAddFusion`), the node it is
+    named after."""
+    from models.layer_map import node_for_name
+
+    original = [node.name for node in float_model.onnx.proto.graph.node]
+    known = set(original)
+    return [node.name for node in ready.graph.node
+            if (node.name in nodes if node.name in known else node_for_name(node.name, original) in nodes)]
+
+
+def excluded_nodes(float_model: FloatModel, config: OrtStaticConfig, ready) -> list[str]:
+    """nodes_to_exclude: the float head's nodes and the config's FP32 layers (with their fused Relu), as the
+    pre-processed model `ready` names them. A name that is no node of the model is a ValueError."""
+    excluded = []
+    if config.float_head:
+        from models.weight_correction import onnx_classifier_head_nodes
+
+        excluded = onnx_classifier_head_nodes(ready)
+    if config.fp32_nodes:
+        from models.layer_map import layer_nodes
+
+        chosen = layer_nodes(float_model.onnx.proto, config.fp32_nodes, "fp32_nodes")
+        excluded += [name for name in ready_node_names(float_model, ready, chosen) if name not in excluded]
+    return excluded
+
+
+def tensor_overrides_16bit(ready, config: OrtStaticConfig) -> dict:
+    """TensorQuantOverrides putting `config.activation_16bit_tensors` in 16 bits, fixed by onnxruntime's
+    MixedPrecisionTensorQuantOverridesFixer so that the nodes around them get valid input and output types (it adds
+    "convert" entries where 8- and 16-bit parts of the graph meet)."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.execution_providers.qnn.mixed_precision_overrides_utils import (
+        MixedPrecisionTensorQuantOverridesFixer,
+    )
+    from onnxruntime.quantization.tensor_quant_overrides import TensorQuantOverridesHelper
+
+    narrow = QuantType.QInt8 if config.activation_dtype == "int8" else QuantType.QUInt8
+    wide = QuantType.QInt16 if config.activation_dtype == "int8" else QuantType.QUInt16
+    tensors = {name for node in ready.graph.node for name in node.output}
+    missing = [name for name in config.activation_16bit_tensors if name not in tensors]
+    if missing:
+        raise ValueError(f"activation_16bit_tensors: the model has no activation tensor {missing[0]!r}; the "
+                         "diagnosis table names each layer's input tensor")
+    producer = {name: node for node in ready.graph.node for name in node.output}
+    readers: dict[str, int] = {}
+    for node in ready.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    wanted = list(config.activation_16bit_tensors)
+    for name in config.activation_16bit_tensors:
+        # A Relu/Clip output: the tensor before the activation is the layer's own output (the quantizer folds the
+        # activation into the layer's output range), so it must be 16-bit too, or the 8-bit rounding happens first.
+        node = producer.get(name)
+        while node is not None and node.op_type in ("Relu", "Clip") and readers.get(node.input[0]) == 1:
+            wanted.append(node.input[0])
+            node = producer.get(node.input[0])
+    overrides = TensorQuantOverridesHelper({name: [{"quant_type": wide}] for name in dict.fromkeys(wanted)})
+    fixer = MixedPrecisionTensorQuantOverridesFixer.create_from_model(overrides, ready, narrow)
+    fixer.apply(narrow, default_activation_symmetric=bool(dict(config.extra_options).get("ActivationSymmetric")))
+    return overrides.get_dict()

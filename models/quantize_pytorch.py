@@ -35,8 +35,17 @@ class PytorchFxConfig:
     float_head: bool = True  # pool, dense and softmax stay float: 8-bit logits tie under argmax
     graph_preparation: bool = True  # models.graph_prep rewrites before prepare_fx
     calibration_batch_size: int = 100
+    # Cross-layer equalization of Conv -> Relu -> Conv pairs (models.equalization) on the FP32 model, before AdaRound
+    # and quantization: one channel's large range stops setting the whole activation's scale.
+    equalization: bool = False
+    # Layers left in FP32 (qconfig None): ONNX node names as the diagnosis table names them (each with the Relu
+    # fused into it), or FX module names of the graph-prepared module.
+    fp32_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.fp32_modules, str) or not all(isinstance(n, str) and n for n in self.fp32_modules):
+            raise ValueError("fp32_modules takes a sequence of non-empty names")
+        object.__setattr__(self, "fp32_modules", tuple(self.fp32_modules))  # JSON gives a list back
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.weight_dtype not in ("qint8", "quint8") or self.activation_dtype not in ("quint8", "qint8"):
@@ -57,12 +66,21 @@ class PytorchFxConfig:
             return None
         return "per_channel_sym_int8"
 
+    @classmethod
+    def from_dict(cls, payload: dict) -> "PytorchFxConfig":
+        """The config a `config_dict` (qconfig.json's "config") was made from; unknown keys are ignored."""
+        from dataclasses import fields
+
+        return cls(**{f.name: payload[f.name] for f in fields(cls) if f.name in payload})
+
     def qconfig_summary(self) -> str:
         weights = f"{'per-channel' if self.per_channel else 'per-tensor'} symmetric {self.weight_dtype}"
         observer = (f"percentile {self.percentile:g}" if self.activation_observer == "percentile"
                     else self.activation_observer)
         acts = f"{observer} {self.activation_dtype}{' reduce_range' if self.reduce_range else ''}"
-        extras = [self.weight_rounding + " rounding"] + (["float head"] if self.float_head else [])
+        extras = ([self.weight_rounding + " rounding"] + (["float head"] if self.float_head else [])
+                  + (["equalization"] if self.equalization else [])
+                  + ([f"FP32 layers: {', '.join(self.fp32_modules)}"] if self.fp32_modules else []))
         return f"weights: {weights}; activations: {acts}; {', '.join(extras)}; backend: {self.backend}"
 
 
@@ -107,18 +125,38 @@ def _backend_config(config: PytorchFxConfig):
     return widened
 
 
-def _qconfig_mapping(config: PytorchFxConfig, module):
-    """The recipe's mapping for qint8 weights; for other weight dtypes the same observers with those dtypes."""
+def fp32_module_names(module, config: PytorchFxConfig, onnx_proto) -> list[str]:
+    """The modules of `module` that `config.fp32_modules` keeps in FP32: those named so, and those converted from
+    the named ONNX nodes (a layer with its fused Relu; models.layer_map). A name that is neither is a ValueError."""
+    if not config.fp32_modules:
+        return []
+    from models.layer_map import layer_nodes, node_for_name
+
+    targets = [node.target for node in module.graph.nodes if node.op == "call_module"]
+    onnx_names = [name for name in config.fp32_modules if name not in targets]
+    chosen = layer_nodes(onnx_proto, onnx_names, "fp32_modules") if onnx_names else set()
+    node_names = [node.name for node in onnx_proto.graph.node]
+    return [t for t in targets if t in config.fp32_modules or node_for_name(t, node_names) in chosen]
+
+
+def _qconfig_mapping(config: PytorchFxConfig, module, onnx_proto=None):
+    """The recipe's mapping for qint8 weights; for other weight dtypes the same observers with those dtypes. The
+    float head and `config.fp32_modules` get qconfig None."""
     from torch.ao.quantization import get_default_qconfig_mapping
 
+    fp32 = fp32_module_names(module, config, onnx_proto) if onnx_proto is not None else []
     if config.weight_dtype != "qint8" or not config.graph_preparation:
-        return get_default_qconfig_mapping(config.backend).set_global(_qconfig(config))
+        mapping = get_default_qconfig_mapping(config.backend).set_global(_qconfig(config))
+        for name in fp32:
+            mapping.set_module_name(name, None)
+        return mapping
     from models.graph_prep import classifier_head, qconfig_mapping
 
+    head = classifier_head(module) if config.float_head else []
     return qconfig_mapping(config.backend, activation_observer=config.activation_observer,
                            percentile=config.percentile, reduce_range=config.reduce_range,
                            weight_observer="perchannel_minmax" if config.per_channel else "minmax",
-                           float_modules=classifier_head(module) if config.float_head else ())
+                           float_modules=[*head, *(name for name in fp32 if name not in head)])
 
 
 def _check_kernels_accept(source, mapping, backend_config, example, config: PytorchFxConfig) -> None:
@@ -142,45 +180,103 @@ def _check_kernels_accept(source, mapping, backend_config, example, config: Pyto
                                  f"{str(exc).splitlines()[0]}") from exc
 
 
-def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.ndarray, out_dir: Path,
-             advance: Callable[[int], None] = lambda n: None) -> QuantizedModel:
-    """Quantize the onnx2torch module with `config`, calibrating on model-ready `calibration` inputs, and save the
-    traced TorchScript as out_dir/model.pt. Raises UnsupportedVariant when the kernels refuse the dtypes."""
-    import copy
+@dataclass
+class FxGraphs:
+    """The FX stages of one quantization: the graph-prepared FP32 module, the observed module after calibration and
+    the converted int8 module (what numeric-suite tools compare), with the mapping and backend config that made them.
+    Use them under `torch.backends.quantized.engine = config.backend`."""
 
-    import torch
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    source: object  # torch.fx.GraphModule, FP32
+    prepared: object  # observed and calibrated
+    converted: object  # int8
+    mapping: object  # QConfigMapping
+    backend_config: object
+    example: object  # torch.Tensor the graphs were traced with
+    calibration_images: int
 
-    fixed = float_model.onnx.input.batch_size  # a fixed batch dimension (1) runs everything at that size
-    example = torch.from_numpy(calibration[:fixed or 2])
-    backend_config = _backend_config(config)
+
+def _source_and_mapping(float_model: FloatModel, config: PytorchFxConfig, example):
     source = float_model.torch_module
     if config.graph_preparation:
         from models.graph_prep import prepare_graph
 
         source = prepare_graph(source, example_input=example)
-    mapping = _qconfig_mapping(config, source)
+    return source, _qconfig_mapping(config, source, float_model.onnx.proto)
+
+
+def prepare_reference(float_model: FloatModel, config: PytorchFxConfig, example):
+    """`float_model` prepared (not calibrated) exactly as `quantize_graphs` prepares the model it quantizes: the FP32
+    side of a numeric-suite comparison, with the same modules, fusions and float parts."""
+    import copy
+
+    import torch
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    source, mapping = _source_and_mapping(float_model.ready_for(config), config, example)
+    previous_engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = config.backend
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return prepare_fx(copy.deepcopy(source), mapping, example_inputs=(example,),
+                              backend_config=_backend_config(config))
+    finally:
+        torch.backends.quantized.engine = previous_engine
+
+
+def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibration: np.ndarray,
+                    advance: Callable[[int], None] = lambda n: None) -> FxGraphs:
+    """prepare_fx, calibration on model-ready `calibration` inputs and convert_fx of the onnx2torch module (equalized
+    first when `config.equalization` asks for it and `float_model` is not yet). Raises UnsupportedVariant when the
+    kernels refuse the dtypes."""
+    import copy
+
+    import torch
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    float_model = float_model.ready_for(config)
+    fixed = float_model.onnx.input.batch_size  # a fixed batch dimension (1) runs everything at that size
+    example = torch.from_numpy(calibration[:fixed or 2])
+    backend_config = _backend_config(config)
+    source, mapping = _source_and_mapping(float_model, config, example)
     previous_engine = torch.backends.quantized.engine
     torch.backends.quantized.engine = config.backend
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao deprecation notices on every call
             _check_kernels_accept(source, mapping, backend_config, example, config)
-            module = copy.deepcopy(source)
-            prepared = prepare_fx(module, mapping, example_inputs=(example,), backend_config=backend_config)
+            prepared = prepare_fx(copy.deepcopy(source), mapping, example_inputs=(example,),
+                                  backend_config=backend_config)
             seen = 0
             with torch.no_grad():  # observers update their buffers in place
                 for batch in batches(calibration, fixed or config.calibration_batch_size):
                     prepared(torch.from_numpy(batch))
                     seen += len(batch)
                     advance(len(batch))
-            quantized = convert_fx(prepared, backend_config=backend_config)
+            converted = convert_fx(copy.deepcopy(prepared), backend_config=backend_config)
+    finally:
+        torch.backends.quantized.engine = previous_engine
+    return FxGraphs(source, prepared, converted, mapping, backend_config, example, seen)
+
+
+def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.ndarray, out_dir: Path,
+             advance: Callable[[int], None] = lambda n: None) -> QuantizedModel:
+    """Quantize the onnx2torch module with `config`, calibrating on model-ready `calibration` inputs, and save the
+    traced TorchScript as out_dir/model.pt. Raises UnsupportedVariant when the kernels refuse the dtypes."""
+    import torch
+
+    graphs = quantize_graphs(float_model, config, calibration, advance)
+    previous_engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = config.backend
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             with torch.no_grad():
-                traced = torch.jit.trace(quantized, example)
+                traced = torch.jit.trace(graphs.converted, graphs.example)
             buffer = io.BytesIO()
             torch.jit.save(traced, buffer)
     finally:
         torch.backends.quantized.engine = previous_engine
     path = out_dir / MODEL_FILE_NAME
     write_atomic(path, buffer.getvalue())
-    return QuantizedModel(path=path, format="torchscript", calibration_images=seen)
+    return QuantizedModel(path=path, format="torchscript", calibration_images=graphs.calibration_images)

@@ -447,7 +447,8 @@ class Sweep:
                                   P.PREPROCESSING: self.inputs.transform.preprocessing.value,
                                   P.TEST_LIMIT: self.options.test_limit or 0,  # 0 = all, as in MLproject
                                   P.MAX_ACCURACY_DROP_PP: self.options.gate.max_accuracy_drop_pp,
-                                  P.MIN_AGREEMENT: self.options.gate.min_agreement})
+                                  P.MIN_AGREEMENT: self.options.gate.min_agreement,
+                                  P.ADAROUND_ITERATIONS: self.options.adaround_iterations})
             self._log_datasets()
             runs.log_json({"indices": self.inputs.calibration_indices.tolist(),
                                 "sha256": self.inputs.calibration_digest}, Artifact.CALIBRATION_INDICES)

@@ -193,16 +193,17 @@ class VariantRunner:
             return VariantResult(spec.name, spec.framework, spec, status="failed", reason=failure_reason(exc))
 
     def _weights_for(self, spec: VariantSpec) -> FloatModel:
-        """The FP32 model whose weights this variant quantizes: AdaRound-ed onto its grid when it asks for that."""
-        scheme = spec.config.adaround_scheme
-        if scheme is None:
-            return self.quantization_source
-        with self.timer.phase("adaround"), progress_task(f"AdaRound weights ({scheme})", total=1) as advance:
-            return self.quantization_source.with_adarounded_weights(
-                scheme, self.inputs.calibration, self.inputs.calibration_digest, advance,
-                iterations=self.options.adaround_iterations, round_head=not spec.config.float_head,
-                context={"layout": self.inputs.transform.layout,
-                         "preprocessing": self.inputs.transform.preprocessing.value})
+        """The FP32 model whose weights this variant quantizes: equalized when it asks for that, then AdaRound-ed
+        onto its grid when it asks for that (equalization first: it would move rounded weights off the grid)."""
+        context = {"layout": self.inputs.transform.layout, "preprocessing": self.inputs.transform.preprocessing.value}
+        if spec.config.adaround_scheme is None:
+            return self.quantization_source.for_config(spec.config, self.inputs.calibration,
+                                                       self.inputs.calibration_digest, context=context)
+        with self.timer.phase("adaround"), progress_task(f"AdaRound weights ({spec.config.adaround_scheme})",
+                                                         total=1) as advance:
+            return self.quantization_source.for_config(
+                spec.config, self.inputs.calibration, self.inputs.calibration_digest, advance,
+                iterations=self.options.adaround_iterations, context=context)
 
     def _to_store(self, spec: VariantSpec, quantized: QuantizedModel, engine: str) -> ModelToStore:
         from models.runtime import OrtRunner, set_quantized_engine

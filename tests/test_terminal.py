@@ -129,13 +129,14 @@ QUANTIZERS = ("sweep", "quantize pytorch", "quantize ort")
 # Where the messages of each module (or of one of its top-level names) reach the user: the commands that can raise
 # them. A module that starts naming options must be added here, with the commands its messages can come from.
 RAISED_BY = {
-    "models/onnx_model.py": SWEEPS,
+    "models/onnx_model.py": (*SWEEPS, "diagnose"),
     "pipelines/calibration.py": QUANTIZERS,
-    "pipelines/cifar.py": (*SWEEPS, "pull", "bench"),
+    "pipelines/cifar.py": (*SWEEPS, "pull", "bench", "diagnose"),
+    "pipelines/diagnose.py": ("diagnose",),
     "pipelines/fetch.py:CIFAR10_FETCH_HINTS": ("fetch cifar10",),
     "pipelines/fetch.py:RESNET8_FETCH_HINTS": ("fetch resnet8",),
     "pipelines/inputs.py": SWEEPS,
-    "pipelines/names.py": ("pull", "serve"),
+    "pipelines/names.py": ("pull", "serve", "diagnose"),
     "pipelines/plots.py": QUANTIZERS,  # the no-latency note; baseline always benchmarks
     "pipelines/preprocessing.py": SWEEPS,
     "pipelines/pull.py": ("pull",),  # the dataset check of --evaluate

@@ -31,6 +31,8 @@ class Param:
     BENCH_THREADS = "bench_threads"
     BATCHNORMS_FOLDED = "batchnorms_folded"  # BatchNormalization nodes folded into their Conv before quantization
     MAX_ACCURACY_DROP_PP = "gate_max_accuracy_drop_pp"
+    # AdaRound steps per layer; `ptqflow diagnose` reads it from a sweep run to redo the same AdaRound (cache hit)
+    ADAROUND_ITERATIONS = "adaround_iterations"
     MIN_AGREEMENT = "gate_min_agreement"
 
     VARIANT_PARAMS = (
@@ -157,6 +159,12 @@ class Artifact:
     PLOT_ACCURACY_VS_LATENCY = "plots/accuracy_vs_latency.png"
     PLOT_PER_CLASS = "plots/per_class_accuracy.png"
     PLOT_AGREEMENT = "plots/top1_agreement.png"
+    # Per-layer diagnosis (models.diagnosis): on a variant run, its table and plot; on a sweep run, the variants
+    # compared layer by layer.
+    DIAGNOSIS_CSV = "diagnosis/layers.csv"
+    DIAGNOSIS_JSON = "diagnosis/layers.json"
+    DIAGNOSIS_PLOT = "diagnosis/layer_sqnr.png"
+    DIAGNOSIS_BACKENDS_PLOT = "diagnosis/backends.png"
     # Before MLflow logged models: the run artifact dir that held each variant's MLflow model (`runs:/<run>/model`);
     # still registered from when a resumed sweep reuses such a run. Variants now log a logged model named after
     # themselves (tracking.runs.log_torchscript_model / log_onnx_model).

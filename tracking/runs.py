@@ -454,6 +454,30 @@ def download_text(run_id: str, artifact_path: str) -> str:
     return mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_path}")
 
 
+def download_artifact(run_id: str, artifact_path: str, destination: Path) -> Path:
+    """One artifact file of a run, downloaded into destination; returns its local path."""
+    destination.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                        dst_path=str(destination)))
+    except mlflow.exceptions.MlflowException as exc:
+        raise refused_credentials(exc) or TrackingError(
+            f"cannot download {artifact_path} of run {run_id}: {one_line(exc)}") from exc
+
+
+def log_bytes_to_run(run_id: str, data: bytes, artifact_file: str) -> None:
+    """Log in-memory bytes under artifact_file (e.g. "diagnosis/layers.csv") on a run that need not be active."""
+    artifact = Path(artifact_file)
+    with tempfile.TemporaryDirectory(prefix="ptqflow-artifact-") as d:
+        local = Path(d) / artifact.name
+        local.write_bytes(data)
+        try:
+            client().log_artifact(run_id, str(local), str(artifact.parent) if str(artifact.parent) != "." else None)
+        except mlflow.exceptions.MlflowException as exc:
+            raise refused_credentials(exc) or TrackingError(
+                f"cannot log {artifact_file} on run {run_id}: {one_line(exc)}") from exc
+
+
 def latest_sweep_run_id(experiment: str) -> str:
     experiment_obj = mlflow.get_experiment_by_name(experiment)
     if experiment_obj is None:
