@@ -24,14 +24,16 @@ from models.benchmark import BenchConfig, BenchResult, benchmark
 from models.machine import cpu_description
 from models.onnx_model import OnnxClassifier, file_sha256, load_classifier
 from pipelines import plots, precision, report
-from pipelines.calibration import indices_digest, stratified_indices
-from pipelines.choices import LayoutChoice, Preprocessing
-from pipelines.cifar import Cifar10, Split, load_cifar10
+from pipelines.calibration import indices_digest
+from pipelines import shapes
+from pipelines.calibration import stratified_selection
+from pipelines.choices import DataFormat, LayoutChoice, Preprocessing
+from pipelines.datasets import Dataset, Split, load_dataset
 from pipelines.errors import ConfigError, ModelError, PtqflowError
 from pipelines.evaluation import Evaluation, Fidelity, evaluate, fidelity, predict_scores
 from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL, ensure_data, ensure_model
 from pipelines.names import ONNX_SUFFIX, PYTORCH_SUFFIX, registered_name_for, validate_name
-from pipelines.preprocessing import InputTransform, resolve_layout
+from pipelines.preprocessing import InputTransform, parse_values
 from pipelines.progress import progress_task, say
 from pipelines.promotion import GatePolicy
 from pipelines.timing import PhaseTimer
@@ -66,6 +68,11 @@ class SweepOptions:
     test_limit: int | None = None
     input_layout: LayoutChoice = LayoutChoice.auto
     preprocessing: Preprocessing = Preprocessing.raw
+    data_format: DataFormat = DataFormat.auto  # detected from what data_dir holds (pipelines.datasets)
+    input_size: tuple[int, int] | None = None  # (height, width) for a model whose input size is dynamic ("HxW" too)
+    resize: bool = False  # resize images of another size to the model's (bilinear)
+    mean: tuple[float, ...] | None = None  # per channel, after the preprocessing's scaling ("a,b,c" too)
+    std: tuple[float, ...] | None = None
     ort_per_channel: bool | None = None
     ort_calibration_method: str | None = None
     run_name: str | None = None
@@ -87,6 +94,16 @@ class SweepOptions:
                 validate_name(kind, value)
         if self.test_limit is not None and self.test_limit < 0:
             raise ConfigError(f"--test-limit must be positive (0 = all), got {self.test_limit}")
+        # The CLI's text forms are accepted too: "48x48", "0.5,0.5,0.5", "npz".
+        object.__setattr__(self, "data_format", DataFormat(self.data_format))
+        if isinstance(self.input_size, str):
+            object.__setattr__(self, "input_size", shapes.parse_size(self.input_size))
+        for option, value in (("mean", self.mean), ("std", self.std)):
+            if isinstance(value, str):
+                object.__setattr__(self, option, parse_values(f"--{option}", value))
+            elif value is not None:
+                object.__setattr__(self, option, tuple(float(v) for v in value))
+        InputTransform("NCHW", self.preprocessing, self.mean, self.std)  # --mean/--std checked before any loading
 
     def registered_names(self) -> dict[str, tuple[str, bool]]:
         """Framework → (registered model name, whether the user named it explicitly)."""
@@ -99,36 +116,56 @@ class SweepOptions:
 class SweepInputs:
     """Everything loaded and derived once per sweep."""
 
-    data: Cifar10
+    data: Dataset
     model: OnnxClassifier
     transform: InputTransform
     calibration_indices: np.ndarray
     calibration: np.ndarray  # model-ready float32
-    test: Split
+    test: Split  # at the model's input size (resized with --resize)
+    shape: shapes.ModelInput | None = None  # how the data reaches the model (layout, channels, size, resizing)
+    calibration_note: str | None = None  # classes that gave fewer calibration images than their share
 
     @property
     def calibration_digest(self) -> str:
         return indices_digest(self.calibration_indices)
 
+    def input_params(self) -> dict:
+        """Data format, class count, input size, resizing and mean/std: params of the parent and every variant."""
+        return shapes.input_params(self.data, self.shape, self.transform) if self.shape else {}
+
+    def input_tags(self) -> dict[str, str]:
+        return {Tag.CALIBRATION_SHORTFALL: self.calibration_note} if self.calibration_note else {}
+
 
 def prepare_inputs(options: SweepOptions) -> SweepInputs:
-    """Load and validate model and data, build the calibration set. Raises PtqflowError on bad input."""
+    """Load and validate model and data, check that they fit each other, build the calibration set. Raises
+    PtqflowError on bad input, before any run starts."""
     model = load_classifier(ensure_model(options.model_path, options.fetch_missing, options.resnet8_url))
     if model.input.batch_size not in (None, 1):
         raise ModelError(f"{model.path}: the input's batch dimension is fixed at {model.input.batch_size}; ptqflow "
                          "runs models with a dynamic batch dimension or a batch of 1: re-export the model with one")
-    data = load_cifar10(ensure_data(options.data_dir, options.fetch_missing, options.cifar10_url,
-                                  options.cifar10_md5))
-    transform = InputTransform(resolve_layout(options.input_layout, model.input.layout), options.preprocessing)
+    data = load_dataset(ensure_data(options.data_dir, options.fetch_missing, options.cifar10_url,
+                                    options.cifar10_md5), options.data_format)
+    shape = shapes.resolve_model_input(model.input, data, options.input_layout, options.input_size, options.resize)
+    transform = InputTransform(shape.layout, options.preprocessing, options.mean, options.std)
+    transform.check_channels(shape.channels)
+    test = shape.fit(data.test.head(options.test_limit or None))
+    shapes.check_class_count(model, data, transform(test.images[:1]))
+    note = None
     if not options.variants:  # an FP32 baseline needs no calibration set
         indices = np.array([], dtype=np.int64)
     elif options.calibration_size > len(data.train):
         raise ConfigError(f"--calibration-size {options.calibration_size} exceeds the {len(data.train)} training "
                           "images; pass a smaller --calibration-size")
     else:
-        indices = stratified_indices(data.train.labels, options.calibration_size, options.calibration_seed)
+        selection = stratified_selection(data.train.labels, options.calibration_size, options.calibration_seed,
+                                         data.num_classes)
+        indices, note = selection.indices, selection.note(data.class_names)
+        if note:
+            say(f"[yellow]![/] {note}")
     return SweepInputs(data=data, model=model, transform=transform, calibration_indices=indices,
-                       calibration=transform(data.train.images[indices]), test=data.test.head(options.test_limit or None))
+                       calibration=transform(shape.fit_images(data.train.images[indices])), test=test, shape=shape,
+                       calibration_note=note)
 
 
 @dataclass
@@ -213,7 +250,7 @@ class Sweep:
         cpu_model, cpu_isa = cpu_description()
         tags = {Tag.MODEL_SHA256: self.inputs.model.sha256, Tag.CPU_MODEL: cpu_model, Tag.CPU_INT8_ISA: cpu_isa,
                 Tag.DATASET_DIGEST: self.inputs.data.digest,
-                Tag.CALIBRATION_DIGEST: self.inputs.calibration_digest,
+                Tag.CALIBRATION_DIGEST: self.inputs.calibration_digest, **self.inputs.input_tags(),
                 **runs.process_tags(),
                 **{Tag.VERSION_PREFIX + k: v for k, v in self.versions.items()}}
         if self.commit:
@@ -225,7 +262,8 @@ class Sweep:
     def _variant_params(self, spec: VariantSpec | None) -> dict:
         P = Param
         common = {P.CALIBRATION_SIZE: len(self.inputs.calibration_indices), P.CALIBRATION_SEED: self.options.calibration_seed,
-                  P.INPUT_LAYOUT: self.inputs.transform.layout, P.PREPROCESSING: self.inputs.transform.preprocessing.value}
+                  P.INPUT_LAYOUT: self.inputs.transform.layout, P.PREPROCESSING: self.inputs.transform.preprocessing.value,
+                  **self.inputs.input_params()}
         if spec is None:
             return {P.VARIANT: FP32, P.FRAMEWORK: ONNXRUNTIME, P.BACKEND: "onnxruntime-cpu",
                     P.WEIGHT_DTYPE: "float32", P.ACTIVATION_DTYPE: "float32", P.QUANT_FORMAT: "none",
@@ -237,10 +275,16 @@ class Sweep:
                 P.CALIBRATION_METHOD: spec.calibration_method, P.WEIGHT_ROUNDING: spec.config.weight_rounding,
                 P.QCONFIG: spec.config.qconfig_summary(), **common}
 
-    def _log_datasets(self) -> None:
+    def _log_datasets(self, train: bool = False) -> None:
+        """The test set as an MLflow dataset input of the active run (and, with `train`, the training set the
+        calibration images come from), named after the dataset, with its source and digest."""
         data, source = self.inputs.data, str(self.inputs.data.root.resolve())
-        runs.log_dataset(self.inputs.test.images, self.inputs.test.labels, source, "cifar10-test",
-                              data.digest, Artifact.DATASET_CONTEXT_TEST)
+        tags = {"format": data.format, "classes": str(data.num_classes)}
+        runs.log_dataset(self.inputs.test.images, self.inputs.test.labels, source, f"{data.name}-test",
+                         data.digest, Artifact.DATASET_CONTEXT_TEST, tags)
+        if train:
+            runs.log_dataset(data.train.images, data.train.labels, source, f"{data.name}-train", data.digest,
+                             Artifact.DATASET_CONTEXT_TRAIN, tags)
 
     # ---- FP32 reference ------------------------------------------------------------------------------------
     def run_fp32(self, experiment_id: str, parent_run_id: str) -> VariantOutcome:
@@ -352,7 +396,7 @@ class Sweep:
                    "calibration_sha256": self.inputs.calibration_digest, "variant": spec.name,
                    "config": _config_payload(spec.config), "test_images": len(self.inputs.test),
                    "layout": self.inputs.transform.layout, "preprocessing": self.inputs.transform.preprocessing.value,
-                   "bench": self.options.bench, "adaround_iterations": self.options.adaround_iterations,
+                   "inputs": self.inputs.input_params(), "bench": self.options.bench, "adaround_iterations": self.options.adaround_iterations,
                    "versions": {k: self.versions[k] for k in ("torch", "onnxruntime", "onnx2torch", "onnx")},
                    # ptqflow's own code: after a fix, an old run is not "the same"
                    "ptqflow": {"version": self.versions["ptqflow"], "git_commit": self.commit}}
@@ -523,13 +567,15 @@ class Sweep:
             # The gate's decision is put in front of this once it is made (tracking.aliases.record_decision).
             latency = f", batch-1 latency {best.bench.latency_ms_b1_p50:.3f} ms" if best.bench else ""
             description = (f"{best.name}: {self.inputs.model.path.name} quantized by ptqflow. Top-1 accuracy "
-                           f"{100 * best.evaluation.accuracy:.2f}% on {len(self.inputs.test)} CIFAR-10 test images "
+                           f"{100 * best.evaluation.accuracy:.2f}% on {len(self.inputs.test)} {self.inputs.data.title} "
+                           "test images "
                            f"({100 * (best.evaluation.accuracy - self.reference.accuracy):+.2f} pp vs FP32), "
                            f"agreement with FP32 {100 * best.fidelity.top1_agreement:.2f}%{latency}. "
                            f"Source run {best.run_id}, logged model {best.model_uri}.")
             model_description = (
                 f"{'TorchScript' if framework == PYTORCH else 'ONNX'} int8 quantizations of "
-                f"{self.inputs.model.path.name} (CIFAR-10 classifier, {self.inputs.transform.layout} 32x32x3, "
+                f"{self.inputs.model.path.name} ({self.inputs.data.title} classifier, {self.inputs.transform.layout} "
+                f"{self._input_size_text()}, "
                 f"{self.inputs.transform.preprocessing.value} pixels), one version per ptqflow sweep: the variant "
                 "that agrees most often with the FP32 model's top-1. Alias @champion marks the version that passed "
                 "the promotion gate and beat the previous champion; each version's description says what the gate "
@@ -549,7 +595,14 @@ class Sweep:
         V = VersionTag
         return {V.FP32_MODEL_SHA256: self.inputs.model.sha256, V.DATASET_DIGEST: self.inputs.data.digest,
                 V.TEST_IMAGES: str(len(self.inputs.test)), V.INPUT_LAYOUT: self.inputs.transform.layout,
-                V.PREPROCESSING: self.inputs.transform.preprocessing.value}
+                V.PREPROCESSING: self.inputs.transform.preprocessing.value,
+                **(shapes.input_version_tags(self.inputs.data, self.inputs.shape, self.inputs.transform)
+                   if self.inputs.shape else {})}
+
+    def _input_size_text(self) -> str:
+        """HxWxC of the model's input, e.g. 32x32x3."""
+        shape = self.inputs.shape
+        return f"{shape.size[0]}x{shape.size[1]}x{shape.channels}" if shape else "?"
 
     @staticmethod
     def _champion(name: str):
@@ -607,8 +660,8 @@ class Sweep:
                                   P.PREPROCESSING: self.inputs.transform.preprocessing.value,
                                   P.TEST_LIMIT: self.options.test_limit or 0,  # 0 = all, as in MLproject
                                   P.MAX_ACCURACY_DROP_PP: self.options.gate.max_accuracy_drop_pp,
-                                  P.MIN_AGREEMENT: self.options.gate.min_agreement})
-            self._log_datasets()
+                                  P.MIN_AGREEMENT: self.options.gate.min_agreement, **self.inputs.input_params()})
+            self._log_datasets(train=True)
             runs.log_json({"indices": self.inputs.calibration_indices.tolist(),
                                 "sha256": self.inputs.calibration_digest}, Artifact.CALIBRATION_INDICES)
             with self.timer.phase("convert"):  # each backend's starting point, made once for all variants
@@ -624,7 +677,7 @@ class Sweep:
             with self.timer.phase("register"):
                 registered = self.register_best(outcomes) if self.options.register else []
             rows = [self._row(o) for o in outcomes]
-            title = f"{self.inputs.model.path.name} on {len(self.inputs.test)} CIFAR-10 test images"
+            title = f"{self.inputs.model.path.name} on {len(self.inputs.test)} {self.inputs.data.title} test images"
             runs.log_text(report.to_markdown(rows, title), Artifact.COMPARISON_MD)
             runs.log_text(report.to_csv(rows), Artifact.COMPARISON_CSV)
             runs.log_text(report.to_html(rows, title, run_url=lambda run_id: self._run_url(experiment_id, run_id),

@@ -132,6 +132,8 @@ RAISED_BY = {
     "models/onnx_model.py": SWEEPS,
     "pipelines/calibration.py": QUANTIZERS,
     "pipelines/cifar.py": (*SWEEPS, "pull", "bench"),
+    "pipelines/datasets.py": (*SWEEPS, "pull", "bench"),
+    "pipelines/shapes.py": SWEEPS,
     "pipelines/fetch.py:CIFAR10_FETCH_HINTS": ("fetch cifar10",),
     "pipelines/fetch.py:RESNET8_FETCH_HINTS": ("fetch resnet8",),
     "pipelines/inputs.py": SWEEPS,
