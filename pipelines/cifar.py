@@ -141,7 +141,8 @@ def _read_batch(path: Path, label_key: str = "labels", num_classes: int = NUM_CL
     return Split(data.reshape(-1, *IMAGE_SHAPE_CHW), labels)
 
 
-def _class_names(path: Path, key: str = "label_names", count: int = NUM_CLASSES, kind: str = "CIFAR-10") -> tuple[str, ...]:
+def _class_names(path: Path, key: str = "label_names", count: int = NUM_CLASSES,
+                 kind: str = "CIFAR-10") -> tuple[str, ...]:
     meta = safe_unpickle(path, kind)
     names = meta.get(key)
     if not isinstance(names, list) or len(names) != count \

@@ -250,8 +250,9 @@ def load_image_folder(root: Path | str) -> Dataset:
         class_dirs = _visible_dirs(split_dir)
         unknown = [d.name for d in class_dirs if d.name not in class_names]
         if unknown:
+            shown = ", ".join(class_names[:10]) + (", ..." if len(class_names) > 10 else "")
             raise DataError(f"{split_dir / unknown[0]} is not a class of {train_dir} (its classes are the "
-                            f"sub-folders there: {', '.join(class_names[:10])}{', ...' if len(class_names) > 10 else ''})")
+                            f"sub-folders there: {shown})")
         entries = []
         for class_dir in class_dirs:
             files = _image_files(class_dir)
@@ -387,7 +388,8 @@ def load_npz(root: Path | str) -> Dataset:
             names = _npz_array(archive, "class_names", path)
             if names.ndim != 1 or names.dtype.kind not in "US" or not len(names):
                 raise DataError(f"{path}: 'class_names' must be a 1-D array of strings")
-            class_names = tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names.tolist())
+            class_names = tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n)
+                                for n in names.tolist())
         else:
             top = max(int(s.labels.max()) for s in splits)
             class_names = tuple(str(c) for c in range(top + 1))
