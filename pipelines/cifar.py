@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.datasets import Dataset, Split, check_dataset, file_digest
+from pipelines.datasets import MAX_CLASSES, Dataset, Split, check_dataset, file_digest
 from pipelines.errors import DataError
 
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 META_FILE = "batches.meta"
 ALL_FILES = (META_FILE, *TRAIN_BATCHES, TEST_BATCH)
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # of CIFAR-10 itself; the class count is read from the meta file
 IMAGE_SHAPE_CHW = (3, 32, 32)  # both CIFAR pickle formats store 32x32 RGB images
 IMAGE_VALUES = 3 * 32 * 32
 DEFAULT_CLASS_NAMES = (
@@ -32,7 +32,7 @@ CIFAR100_META = "meta"
 CIFAR100_TRAIN = "train"
 CIFAR100_TEST = "test"
 CIFAR100_FILES = (CIFAR100_META, CIFAR100_TRAIN, CIFAR100_TEST)
-CIFAR100_CLASSES = 100
+CIFAR100_CLASSES = 100  # of CIFAR-100 itself
 
 Cifar10 = Dataset  # what load_cifar10 returned before other formats: the same fields
 
@@ -141,13 +141,15 @@ def _read_batch(path: Path, label_key: str = "labels", num_classes: int = NUM_CL
     return Split(data.reshape(-1, *IMAGE_SHAPE_CHW), labels)
 
 
-def _class_names(path: Path, key: str = "label_names", count: int = NUM_CLASSES,
-                 kind: str = "CIFAR-10") -> tuple[str, ...]:
+def _class_names(path: Path, key: str = "label_names", kind: str = "CIFAR-10") -> tuple[str, ...]:
+    """The class names a meta file lists: their count is the dataset's class count (10 for CIFAR-10 itself, but a
+    dataset written in the same format may have others)."""
     meta = safe_unpickle(path, kind)
     names = meta.get(key)
-    if not isinstance(names, list) or len(names) != count \
+    if not isinstance(names, list) or not 0 < len(names) <= MAX_CLASSES \
             or not all(isinstance(n, (bytes, str)) and 0 < len(n) <= 100 for n in names):
-        raise DataError(f"{path}: '{key}' must list {count} class names (1 to 100 characters each)")
+        raise DataError(f"{path}: '{key}' must list the class names (1 to {MAX_CLASSES} names of 1 to 100 "
+                        "characters each)")
     return tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
 
 
@@ -170,9 +172,9 @@ def load_cifar10(root: Path | str) -> Dataset:
     root = Path(root)
     check_layout(root)
     class_names = _class_names(root / META_FILE)
-    train_parts = [_read_batch(root / name) for name in TRAIN_BATCHES]
+    train_parts = [_read_batch(root / name, num_classes=len(class_names)) for name in TRAIN_BATCHES]
     train = Split(np.concatenate([p.images for p in train_parts]), np.concatenate([p.labels for p in train_parts]))
-    test = _read_batch(root / TEST_BATCH)
+    test = _read_batch(root / TEST_BATCH, num_classes=len(class_names))
     return check_dataset(Dataset(train=train, test=test, class_names=class_names, digest=dataset_digest(root),
                                  root=root, format="cifar10"))
 
@@ -183,8 +185,8 @@ def load_cifar100(root: Path | str) -> Dataset:
     root = Path(root)
     kind = "CIFAR-100"
     check_layout(root, CIFAR100_FILES, "cifar-100-python")
-    class_names = _class_names(root / CIFAR100_META, "fine_label_names", CIFAR100_CLASSES, kind)
-    train, test = (_read_batch(root / name, "fine_labels", CIFAR100_CLASSES, kind)
+    class_names = _class_names(root / CIFAR100_META, "fine_label_names", kind)
+    train, test = (_read_batch(root / name, "fine_labels", len(class_names), kind)
                    for name in (CIFAR100_TRAIN, CIFAR100_TEST))
     digest = file_digest([(name, root / name) for name in CIFAR100_FILES])
     return check_dataset(Dataset(train=train, test=test, class_names=class_names, digest=digest, root=root,

@@ -2,7 +2,8 @@
 
 Formats (`--data-format`; `auto` detects them from what `--data-dir` holds):
 
-- `cifar10`: CIFAR-10 Python pickles (`batches.meta`, `data_batch_1..5`, `test_batch`);
+- `cifar10`: CIFAR-10 Python pickles (`batches.meta`, `data_batch_1..5`, `test_batch`); the class count is the
+  number of `label_names` (10 for CIFAR-10 itself), so other 32x32 RGB datasets written this way load too;
 - `cifar100`: CIFAR-100 Python pickles (`meta`, `train`, `test`): the fine labels and `fine_label_names`. Both
   pickle formats are read by pipelines.cifar's restricted unpickler, which never runs code from a file;
 - `imagefolder`: `train/<class>/*.png|jpg|jpeg` and `test/<class>/...` (or `val/<class>/...` when there is no
@@ -13,8 +14,9 @@ Formats (`--data-format`; `auto` detects them from what `--data-dir` holds):
   named after their index in another copy of the dataset keep its order, and with it the calibration set a seed
   selects. Other files (hidden ones, other extensions, sub-folders of a class folder) are ignored;
 - `npz`: one `.npz` file (the `--data-dir` path itself, or the only `.npz` in that directory) holding `x_train`,
-  `y_train`, `x_test`, `y_test` (images N x H x W x C, or N x H x W for one channel; labels N or N x 1 integers)
-  and optionally `class_names`; without them the classes are named `0`..`K-1`, K being the largest label plus one.
+  `y_train`, `x_test`, `y_test` (images N x H x W x C, or N x H x W for one channel, or N x C x H x W when only
+  that reading gives 1 or 3 channels; labels N or N x 1 integers) and optionally `class_names`; without them the
+  classes are named `0`..`K-1`, K being the largest label plus one.
   Read with `allow_pickle=False`: an object array is refused, never unpickled.
 
 Every format loads into a Dataset whose splits hold images as N x C x H x W (channel-first, the CIFAR files' own
@@ -40,7 +42,7 @@ from pipelines.errors import DataError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 CHANNELS = (1, 3)
-MAX_CLASSES = 100_000  # a bound on the class count an .npz without class_names implies by its largest label
+MAX_CLASSES = 100_000  # the most classes a file may declare (names in a meta file, the largest .npz label)
 # Pillow modes as ptqflow reads them: greyscale ones become "L" (1 channel), colour ones "RGB" (3 channels).
 _GREY_MODES = {"L", "1", "LA", "La"}
 _COLOUR_MODES = {"RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -332,6 +334,8 @@ def _npz_array(archive, key: str, path: Path) -> np.ndarray:
 def _npz_images(array: np.ndarray, key: str, path: Path) -> np.ndarray:
     if array.ndim == 3:
         array = array[..., None]
+    if array.ndim == 4 and array.shape[-1] not in CHANNELS and array.shape[1] in CHANNELS:
+        array = array.transpose(0, 2, 3, 1)  # N x C x H x W: unambiguous, so taken as such
     if array.ndim != 4 or array.shape[-1] not in CHANNELS:
         raise DataError(f"{path}: '{key}' must be images N x H x W x C (NHWC, C 1 or 3) or N x H x W, got shape "
                         f"{tuple(array.shape)}")

@@ -95,6 +95,30 @@ def test_cifar100_pickles_load_with_their_100_fine_class_names(tmp_path):
         assert pickle.load(f, encoding="latin1")["fine_labels"] == data.train.labels.tolist()
 
 
+def test_cifar10_format_takes_its_class_count_from_the_meta_file(tmp_path):
+    from cifar_fixture import _dict, _list, _string, batch_bytes, py2_pickle
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "seven"
+    root.mkdir()
+    labels = np.arange(14) % 7
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+        (root / name).write_bytes(batch_bytes(rng.integers(0, 256, (14, 3072), dtype=np.uint8), labels.tolist()))
+    (root / "batches.meta").write_bytes(py2_pickle(_dict([(b"label_names",
+                                                           _list([_string(b"k%d" % i) for i in range(7)]))])))
+    data = load_dataset(root)
+    assert data.num_classes == 7 and data.class_names[6] == "k6" and len(data.train) == 70
+    (root / "test_batch").write_bytes(batch_bytes(np.zeros((1, 3072), np.uint8), [7]))
+    with pytest.raises(DataError, match="label 7 is outside 0..6"):
+        load_dataset(root)
+
+
+def test_npz_images_in_nchw_are_read_when_only_that_reading_fits(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (2, 3, 5, 6), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.array([0, 1]), x_test=x, y_test=np.array([0, 1]))
+    np.testing.assert_array_equal(load_dataset(tmp_path / "d.npz").train.images, x)
+
+
 def test_a_code_running_cifar100_pickle_is_refused_without_running_it(tmp_path):
     import os as os_module
 
