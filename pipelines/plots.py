@@ -215,7 +215,12 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_names: t
         side = min(CONFUSION_MAX_IN, max(WIDTH_IN, CONFUSION_CELL_IN * k + 2.5))
         fig.set_size_inches(side, side)
         label_size = max(4, min(FONT_SIZE - 2, int(72 * (side - 2.5) / k * 0.75)))
-    image = ax.imshow(counts, cmap="Blues", vmin=0)
+    if k > CONFUSION_COUNTS_UP_TO:  # a square-root scale, so a few confusions still show beside a full diagonal
+        from matplotlib.colors import PowerNorm
+
+        image = ax.imshow(counts, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=max(1, int(counts.max()))))
+    else:
+        image = ax.imshow(counts, cmap="Blues", vmin=0)
     colorbar = fig.colorbar(image, ax=ax, shrink=0.8)
     colorbar.set_label("images", fontsize=FONT_SIZE)
     ticks = np.arange(k)
