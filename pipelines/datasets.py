@@ -157,6 +157,9 @@ def check_dataset(dataset: Dataset) -> Dataset:
     where, k = dataset.root, dataset.num_classes
     if k < 1:
         raise DataError(f"{where}: the dataset names no class")
+    if len(set(dataset.class_names)) != k:
+        twice = next(n for n in dataset.class_names if dataset.class_names.count(n) > 1)
+        raise DataError(f"{where}: class name {twice!r} is given twice; class names must be unique")
     shapes = {}
     for split_name, split in (("training", dataset.train), ("test", dataset.test)):
         if len(split) == 0:

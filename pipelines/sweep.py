@@ -94,8 +94,10 @@ class SweepOptions:
                 validate_name(kind, value)
         if self.test_limit is not None and self.test_limit < 0:
             raise ConfigError(f"--test-limit must be positive (0 = all), got {self.test_limit}")
-        # The CLI's text forms are accepted too: "48x48", "0.5,0.5,0.5", "npz".
-        object.__setattr__(self, "data_format", DataFormat(self.data_format))
+        # The CLI's text forms are accepted too: "48x48", "0.5,0.5,0.5", "npz", "nchw".
+        for option, choice in (("data_format", DataFormat), ("input_layout", LayoutChoice),
+                               ("preprocessing", Preprocessing)):
+            object.__setattr__(self, option, _choice(choice, getattr(self, option), option))
         if isinstance(self.input_size, str):
             object.__setattr__(self, "input_size", shapes.parse_size(self.input_size))
         for option, value in (("mean", self.mean), ("std", self.std)):
@@ -110,6 +112,16 @@ class SweepOptions:
         return {framework: (explicit, True) if explicit else (registered_name_for(self.model_path, suffix), False)
                 for framework, explicit, suffix in ((PYTORCH, self.registered_model, PYTORCH_SUFFIX),
                                                     (ONNXRUNTIME, self.registered_onnx_model, ONNX_SUFFIX))}
+
+
+def _choice(enum, value, option: str):
+    """`value` as a member of `enum`, also from its value in any case ("nchw" for LayoutChoice.nchw)."""
+    if isinstance(value, enum):
+        return value
+    for member in enum:
+        if str(value).lower() in (member.value.lower(), member.name.lower()):
+            return member
+    raise ConfigError(f"--{option.replace('_', '-')} {value!r} is not one of {', '.join(m.value for m in enum)}")
 
 
 @dataclass(frozen=True)
