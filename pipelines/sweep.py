@@ -23,10 +23,8 @@ from models.base import FloatModel, UnsupportedVariant, write_json_atomic
 from models.benchmark import BenchConfig, BenchResult, benchmark
 from models.machine import cpu_description
 from models.onnx_model import OnnxClassifier, file_sha256, load_classifier
-from pipelines import plots, precision, report
-from pipelines.calibration import indices_digest
-from pipelines import shapes
-from pipelines.calibration import stratified_selection
+from pipelines import plots, precision, report, shapes
+from pipelines.calibration import indices_digest, stratified_selection
 from pipelines.choices import DataFormat, LayoutChoice, Preprocessing
 from pipelines.datasets import Dataset, Split, load_dataset
 from pipelines.errors import ConfigError, ModelError, PtqflowError
@@ -408,7 +406,8 @@ class Sweep:
                    "calibration_sha256": self.inputs.calibration_digest, "variant": spec.name,
                    "config": _config_payload(spec.config), "test_images": len(self.inputs.test),
                    "layout": self.inputs.transform.layout, "preprocessing": self.inputs.transform.preprocessing.value,
-                   "inputs": self.inputs.input_params(), "bench": self.options.bench, "adaround_iterations": self.options.adaround_iterations,
+                   "inputs": self.inputs.input_params(),  # data format, classes, size, resizing, mean/std
+                   "bench": self.options.bench, "adaround_iterations": self.options.adaround_iterations,
                    "versions": {k: self.versions[k] for k in ("torch", "onnxruntime", "onnx2torch", "onnx")},
                    # ptqflow's own code: after a fix, an old run is not "the same"
                    "ptqflow": {"version": self.versions["ptqflow"], "git_commit": self.commit}}
