@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.errors import ModelError
@@ -12,20 +12,39 @@ from common.files import file_sha256
 
 NHWC = "NHWC"
 NCHW = "NCHW"
-IMAGE_HW = (32, 32)
-CHANNELS = 3
+IMAGE_CHANNELS = (1, 3)  # greyscale or RGB
 
 
 @dataclass(frozen=True)
 class InputSpec:
+    """The model's image input as its shape declares it. `layout` is None when the shape does not tell NHWC from
+    NCHW (both candidate channel dimensions are 1 or 3, or neither is fixed); the caller then decides
+    (with_layout). Height, width and channels are None where the shape leaves them dynamic."""
+
     name: str
-    layout: str  # NHWC or NCHW
+    layout: str | None  # NHWC or NCHW
     batch_size: int | None  # None when the batch dimension is dynamic
+    dims: tuple[int | None, ...]  # the three non-batch dimensions as declared (None: dynamic)
+
+    def with_layout(self, layout: str) -> "InputSpec":
+        return replace(self, layout=layout)
+
+    @property
+    def channels(self) -> int | None:
+        return None if self.layout is None else self.dims[2] if self.layout == NHWC else self.dims[0]
+
+    @property
+    def height(self) -> int | None:
+        return None if self.layout is None else self.dims[0] if self.layout == NHWC else self.dims[1]
+
+    @property
+    def width(self) -> int | None:
+        return None if self.layout is None else self.dims[1] if self.layout == NHWC else self.dims[2]
 
     @property
     def shape_text(self) -> str:
         n = "N" if self.batch_size is None else str(self.batch_size)
-        return f"[{n},32,32,3]" if self.layout == NHWC else f"[{n},3,32,32]"
+        return "[" + ",".join([n, *("?" if d is None else str(d) for d in self.dims)]) + "]"
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,9 @@ def _dims(value_info) -> list[int | None]:
 
 
 def read_input_spec(proto, path: Path) -> InputSpec:
+    """The image input of `proto`: rank 4, float32, with a channel dimension of 1 or 3 first (NCHW) or last (NHWC).
+    The layout is NCHW when dimension 1 is 1 or 3 and dimension 3 is not, NHWC the other way round; when both or
+    neither are (and one is dynamic) it is left undecided (None) for --input-layout to settle."""
     initializers = {init.name for init in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if len(inputs) != 1:
@@ -66,19 +88,34 @@ def read_input_spec(proto, path: Path) -> InputSpec:
     if value_info.type.tensor_type.elem_type != 1:  # onnx.TensorProto.FLOAT
         raise ModelError(f"{path}: input '{value_info.name}' must be float32 for an FP32 classifier")
     dims = _dims(value_info)
+    shown = ",".join(("N" if i == 0 else "?") if d is None else str(d) for i, d in enumerate(dims))
     if len(dims) != 4:
-        raise ModelError(f"{path}: input '{value_info.name}' has rank {len(dims)}; expected an image batch "
-                         "[N,32,32,3] (NHWC) or [N,3,32,32] (NCHW)")
+        raise ModelError(f"{path}: input '{value_info.name}' has rank {len(dims)} ([{shown}]); expected an image "
+                         "batch [N,H,W,C] (NHWC) or [N,C,H,W] (NCHW) with 1 or 3 channels")
     batch, *rest = dims
-    if rest == [32, 32, 3]:
-        layout = NHWC
-    elif rest == [3, 32, 32]:
-        layout = NCHW
+    first, last = rest[0] in IMAGE_CHANNELS, rest[2] in IMAGE_CHANNELS
+    if first != last:
+        layout = NCHW if first else NHWC
+    elif first or None in (rest[0], rest[2]):
+        layout = None  # [N,3,32,3], or a dynamic channel dimension: --input-layout decides
     else:
-        shown = ",".join("?" if d is None else str(d) for d in dims)
-        raise ModelError(f"{path}: input '{value_info.name}' is [{shown}]; ptqflow handles 32x32 RGB images, "
-                         "[N,32,32,3] (NHWC) or [N,3,32,32] (NCHW)")
-    return InputSpec(name=value_info.name, layout=layout, batch_size=batch)
+        raise ModelError(f"{path}: input '{value_info.name}' is [{shown}]; ptqflow handles images with 1 or 3 "
+                         "channels, [N,H,W,C] (NHWC) or [N,C,H,W] (NCHW)")
+    return InputSpec(name=value_info.name, layout=layout, batch_size=batch, dims=tuple(rest))
+
+
+def output_width(proto) -> int | None:
+    """How many class scores the model's output holds per image (its non-batch dimensions multiplied), or None
+    when the declared shape leaves one of them dynamic or declares none."""
+    if len(proto.graph.output) != 1 or not proto.graph.output[0].type.tensor_type.HasField("shape"):
+        return None
+    dims = _dims(proto.graph.output[0])
+    if len(dims) < 2 or any(d is None for d in dims[1:]):
+        return None
+    width = 1
+    for d in dims[1:]:
+        width *= d
+    return width
 
 
 def _subgraph_tensors(attribute) -> Iterator:

@@ -16,6 +16,9 @@ class BenchTarget:
     layout: str
     preprocessing: str
     engine: str | None = None  # torch quantized engine a TorchScript file is loaded under (None: the current one)
+    size: tuple[int, int] | None = None  # (height, width) the model takes, when known: test images are resized to it
+    mean: tuple[float, ...] | None = None  # as the registered version records them
+    std: tuple[float, ...] | None = None
 
 
 def resolve_target(ref: str, download_dir: Path, layout: str | None, preprocessing: str,
@@ -29,9 +32,12 @@ def resolve_target(ref: str, download_dir: Path, layout: str | None, preprocessi
             from pipelines.pull import checked_engine
 
             checked_engine(engine, path.name)
-        return BenchTarget(path.name, path, layout or _layout_of(path), preprocessing, engine)
+        model_layout, size = _input_of(path)
+        return BenchTarget(path.name, path, layout or model_layout, preprocessing, engine, size)
     if "@" in ref or ("/" in ref and not ref.endswith((".onnx", ".pt", ".pth"))):
+        from pipelines.preprocessing import parse_values
         from pipelines.pull import pull
+        from pipelines.shapes import size_from_tag
         from tracking import registry
         from tracking.keys import VersionTag as V
 
@@ -41,7 +47,9 @@ def resolve_target(ref: str, download_dir: Path, layout: str | None, preprocessi
         tags = registry.resolve(name, version=pulled.version).tags
         return BenchTarget(f"{name} v{pulled.version}", pulled.model_file,
                            layout or tags.get(V.INPUT_LAYOUT, "NHWC"), tags.get(V.PREPROCESSING, preprocessing),
-                           pulled.engine or engine)  # untagged versions: like a file
+                           pulled.engine or engine,  # untagged versions: like a file
+                           size_from_tag(tags.get(V.INPUT_SIZE)), parse_values(V.INPUT_MEAN, tags.get(V.INPUT_MEAN)),
+                           parse_values(V.INPUT_STD, tags.get(V.INPUT_STD)))
     raise ModelError(f"{ref} is neither a model file nor a registered NAME@ALIAS or NAME/VERSION")
 
 
@@ -55,24 +63,31 @@ def resolve_targets(refs: list[str], download_dir: Path, layout: str | None, pre
     return [resolve_target(ref, download_dir, layout, preprocessing, engine) for ref in refs]
 
 
-def _layout_of(path: Path) -> str:
+def _input_of(path: Path) -> tuple[str, tuple[int, int] | None]:
+    """(layout, (height, width) or None) of a model file's input, as far as the file says."""
     if path.suffix == ".onnx":
         from models.onnx_model import load_classifier
 
-        return load_classifier(path).input.layout
-    return "NHWC"  # TorchScript files carry no input description; ptqflow's own are traced on NHWC by default
+        spec = load_classifier(path).input
+        if spec.layout is None:
+            return "NHWC", None  # undecided by the shape: like a TorchScript file (--input-layout overrides)
+        size = (spec.height, spec.width)
+        return spec.layout, size if None not in size else None
+    return "NHWC", None  # TorchScript files carry no input description; ptqflow's own are traced on NHWC by default
 
 
 def bench_files(targets: list[BenchTarget], images_nchw, config: BenchConfig) -> list[tuple[BenchTarget, BenchResult]]:
     from models.benchmark import set_torch_threads
     from models.runtime import load_runner
     from pipelines.choices import Preprocessing
+    from pipelines.datasets import resize_images
     from pipelines.preprocessing import InputTransform
 
     set_torch_threads(config.resolved_threads)
     results = []
     for target in targets:
-        images = InputTransform(target.layout, Preprocessing(target.preprocessing))(images_nchw)
+        sized = resize_images(images_nchw, target.size) if target.size else images_nchw  # timing only: any pixels
+        images = InputTransform(target.layout, Preprocessing(target.preprocessing), target.mean, target.std)(sized)
         load = lambda t=target: load_runner(t.path, config.resolved_threads, t.engine).predict  # noqa: E731
         results.append((target, benchmark(load, images, config)))
     return results

@@ -6,7 +6,15 @@ from enum import Enum
 class Preprocessing(str, Enum):
     raw = "raw"  # float32 0..255, what the MLPerf Tiny ResNet8 expects
     unit = "unit"  # float32 0..1
-    standardize = "standardize"  # (x - CIFAR-10 mean) / std, per channel
+    standardize = "standardize"  # (x - mean) / std per channel on 0..255: CIFAR-10's unless --mean/--std say
+
+
+class DataFormat(str, Enum):
+    auto = "auto"  # detected from what --data-dir holds
+    cifar10 = "cifar10"  # CIFAR-10 Python pickles (batches.meta, data_batch_1..5, test_batch)
+    cifar100 = "cifar100"  # CIFAR-100 Python pickles (meta, train, test; fine labels)
+    imagefolder = "imagefolder"  # train/<class>/*.png|jpg and test/<class>/ (or val/<class>/), decoded with Pillow
+    npz = "npz"  # one .npz file with x_train, y_train, x_test, y_test (NHWC, uint8 or float)
 
 
 class LayoutChoice(str, Enum):

@@ -19,6 +19,7 @@ from pipelines.choices import (
     PYTORCH_VARIANTS,
     VARIANT_NAMES,
     CalibrationMethod,
+    DataFormat,
     LayoutChoice,
     Preprocessing,
     WeightRounding,
@@ -39,10 +40,27 @@ app.add_typer(fetch_app, name="fetch")
 EXIT_INTERRUPTED = 130
 
 # ---- options shared by the sweep-like commands ------------------------------------------------------------------
-ModelOpt = Annotated[Path, typer.Option("--model", help="FP32 ONNX classifier (32x32 RGB input, NHWC or NCHW).",
-                                        rich_help_panel="Inputs")]
-DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="CIFAR-10 in the official cifar-10-batches-py layout.",
+ModelOpt = Annotated[Path, typer.Option("--model", help="FP32 ONNX image classifier (NHWC or NCHW input, 1 or 3 "
+                                                             "channels, any size).", rich_help_panel="Inputs")]
+DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="The dataset: CIFAR-10 or CIFAR-100 pickles, an image "
+                                                             "folder, or an .npz file (see --data-format).",
                                           rich_help_panel="Inputs")]
+DataFormatOpt = Annotated[DataFormat, typer.Option(
+    "--data-format", case_sensitive=False, metavar="<format>", rich_help_panel="Inputs",
+    help="What --data-dir holds: cifar10, cifar100 (pickles), imagefolder (train/<class>/ and test/<class>/ or "
+         "val/<class>/ images) or npz (x_train, y_train, x_test, y_test); auto detects it.")]
+InputSizeOpt = Annotated[Optional[str], typer.Option(
+    "--input-size", metavar="<HxW>", show_default=False, rich_help_panel="Inputs",
+    help="Height x width to feed a model whose input size is dynamic, e.g. 48x48.")]
+ResizeOpt = Annotated[bool, typer.Option(
+    "--resize", rich_help_panel="Inputs",
+    help="Resize images whose size differs from the model's input (Pillow, bilinear); recorded as a param.")]
+MeanOpt = Annotated[Optional[str], typer.Option(
+    "--mean", metavar="<m,m,m>", show_default=False, rich_help_panel="Inputs",
+    help="Per-channel mean subtracted after --preprocessing's scaling (with --std), e.g. 0.485,0.456,0.406.")]
+StdOpt = Annotated[Optional[str], typer.Option(
+    "--std", metavar="<s,s,s>", show_default=False, rich_help_panel="Inputs",
+    help="Per-channel standard deviation the values are divided by after subtracting --mean.")]
 ExperimentOpt = Annotated[str, typer.Option("--experiment", help="MLflow experiment for the runs.",
                                             rich_help_panel="Tracking")]
 RegisteredOpt = Annotated[Optional[str], typer.Option(
@@ -55,14 +73,14 @@ RegisteredOnnxOpt = Annotated[Optional[str], typer.Option(
 RegisterOpt = Annotated[bool, typer.Option("--register/--no-register",
                                            help="Register the best int8 models as new registry versions.",
                                            rich_help_panel="Tracking")]
-CalSizeOpt = Annotated[int, typer.Option("--calibration-size", min=10,
-                                         help="Training images for calibration, stratified by class "
-                                              "(a multiple of 10).", rich_help_panel="Calibration")]
+CalSizeOpt = Annotated[int, typer.Option("--calibration-size", min=1,
+                                         help="Training images for calibration, an equal share from each class.",
+                                         rich_help_panel="Calibration")]
 CalSeedOpt = Annotated[int, typer.Option("--calibration-seed", help="Seed of the calibration subset.",
                                          rich_help_panel="Calibration")]
 TestLimitOpt = Annotated[Optional[int], typer.Option("--test-limit", min=0,
                                                      help="Evaluate on the first N test images only "
-                                                          "(default or 0: all 10,000).", rich_help_panel="Evaluation")]
+                                                          "(default or 0: all).", rich_help_panel="Evaluation")]
 MaxDropOpt = Annotated[float, typer.Option("--max-accuracy-drop", min=0.0,
                                            help="Promotion gate: most accuracy points a new version may lose vs "
                                                 "FP32 and still become @champion.", rich_help_panel="Registry")]
@@ -96,8 +114,10 @@ LayoutOpt = Annotated[LayoutChoice, typer.Option("--input-layout", case_sensitiv
                                                  help="Input layout; auto reads it from the model.",
                                                  rich_help_panel="Inputs")]
 PreprocessingOpt = Annotated[Preprocessing, typer.Option("--preprocessing",
-                                                         help="raw: float32 0..255; unit: 0..1; standardize: "
-                                                              "CIFAR-10 mean/std.", rich_help_panel="Inputs")]
+                                                         help="raw: pixel values as they are (0..255); unit: "
+                                                              "divided by 255; standardize: (x - mean) / std on "
+                                                              "0..255, CIFAR-10's unless given.",
+                                                         rich_help_panel="Inputs")]
 PerChannelOpt = Annotated[Optional[bool], typer.Option("--per-channel/--per-tensor",
                                                        help="ONNX Runtime weights per channel or per tensor "
                                                             "(default: each variant's own).",
@@ -190,6 +210,11 @@ def sweep(
     test_limit: TestLimitOpt = None,
     input_layout: LayoutOpt = LayoutChoice.auto,
     preprocessing: PreprocessingOpt = Preprocessing.raw,
+    data_format: DataFormatOpt = DataFormat.auto,
+    input_size: InputSizeOpt = None,
+    resize: ResizeOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     per_channel: PerChannelOpt = None,
     calibration_method: CalMethodOpt = None,
     weight_rounding: RoundingOpt = None,
@@ -212,7 +237,8 @@ def sweep(
                experiment=experiment, registered_model=registered_model,
                registered_onnx_model=registered_onnx_model, register=register, calibration_size=calibration_size,
                calibration_seed=calibration_seed, test_limit=test_limit, input_layout=input_layout,
-               preprocessing=preprocessing, ort_per_channel=per_channel,
+               preprocessing=preprocessing, data_format=data_format, input_size=input_size, resize=resize,
+               mean=mean, std=std, ort_per_channel=per_channel,
                ort_calibration_method=_value(calibration_method),
                weight_rounding=_value(weight_rounding),
                adaround_iterations=adaround_iterations,
@@ -230,6 +256,11 @@ def baseline(
     test_limit: TestLimitOpt = None,
     input_layout: LayoutOpt = LayoutChoice.auto,
     preprocessing: PreprocessingOpt = Preprocessing.raw,
+    data_format: DataFormatOpt = DataFormat.auto,
+    input_size: InputSizeOpt = None,
+    resize: ResizeOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     fetch: FetchOpt = True,
     cifar10_url: Cifar10UrlOpt = None,
     cifar10_md5: Cifar10Md5Opt = None,
@@ -237,7 +268,8 @@ def baseline(
 ):
     """FP32 accuracy through onnxruntime and through the onnx2torch module, and their top-1 agreement."""
     _run_sweep(model_path=model, data_dir=data_dir, variants=(), experiment=experiment, register=False,
-               test_limit=test_limit, input_layout=input_layout, preprocessing=preprocessing, fetch_missing=fetch,
+               test_limit=test_limit, input_layout=input_layout, preprocessing=preprocessing, data_format=data_format,
+               input_size=input_size, resize=resize, mean=mean, std=std, fetch_missing=fetch,
                cifar10_url=cifar10_url, cifar10_md5=cifar10_md5, resnet8_url=resnet8_url)
 
 
@@ -256,6 +288,11 @@ def quantize_pytorch(
     test_limit: TestLimitOpt = None,
     input_layout: LayoutOpt = LayoutChoice.auto,
     preprocessing: PreprocessingOpt = Preprocessing.raw,
+    data_format: DataFormatOpt = DataFormat.auto,
+    input_size: InputSizeOpt = None,
+    resize: ResizeOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     weight_rounding: RoundingOpt = None,
     bench: BenchOpt = True,
     fetch: FetchOpt = True,
@@ -267,7 +304,8 @@ def quantize_pytorch(
     _run_sweep(model_path=model, data_dir=data_dir, variants=_only("PyTorch", variant, PYTORCH_VARIANTS),
                experiment=experiment, registered_model=registered_model, register=register,
                calibration_size=calibration_size, calibration_seed=calibration_seed, test_limit=test_limit,
-               input_layout=input_layout, preprocessing=preprocessing, fetch_missing=fetch, bench=bench,
+               input_layout=input_layout, preprocessing=preprocessing, data_format=data_format,
+               input_size=input_size, resize=resize, mean=mean, std=std, fetch_missing=fetch, bench=bench,
                weight_rounding=_value(weight_rounding),
                cifar10_url=cifar10_url, cifar10_md5=cifar10_md5, resnet8_url=resnet8_url)
 
@@ -287,6 +325,11 @@ def quantize_ort(
     test_limit: TestLimitOpt = None,
     input_layout: LayoutOpt = LayoutChoice.auto,
     preprocessing: PreprocessingOpt = Preprocessing.raw,
+    data_format: DataFormatOpt = DataFormat.auto,
+    input_size: InputSizeOpt = None,
+    resize: ResizeOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     per_channel: PerChannelOpt = None,
     calibration_method: CalMethodOpt = None,
     weight_rounding: RoundingOpt = None,
@@ -300,7 +343,8 @@ def quantize_ort(
     _run_sweep(model_path=model, data_dir=data_dir, variants=_only("ONNX Runtime", variant, ORT_VARIANTS),
                experiment=experiment, registered_onnx_model=registered_onnx_model, register=register,
                calibration_size=calibration_size, calibration_seed=calibration_seed, test_limit=test_limit,
-               input_layout=input_layout, preprocessing=preprocessing, ort_per_channel=per_channel,
+               input_layout=input_layout, preprocessing=preprocessing, data_format=data_format,
+               input_size=input_size, resize=resize, mean=mean, std=std, ort_per_channel=per_channel,
                ort_calibration_method=_value(calibration_method),
                fetch_missing=fetch, bench=bench, weight_rounding=_value(weight_rounding),
                cifar10_url=cifar10_url, cifar10_md5=cifar10_md5, resnet8_url=resnet8_url)
@@ -316,6 +360,7 @@ def pull(
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Re-compute accuracy and compare it with the "
                                                               "version's 'accuracy' tag.")] = False,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    data_format: DataFormatOpt = DataFormat.auto,
 ):
     """Download a registered model, verify its SHA-256, load it, and optionally re-check its accuracy."""
     from pipelines.pull import parse_model_ref
@@ -330,7 +375,7 @@ def pull(
     if alias or ref_alias:
         validate_alias(alias or ref_alias)
     result = pull_model(model_name, version, alias or ref_alias, validate_output_dir(output),
-                        data_dir if evaluate else None)
+                        data_dir if evaluate else None, data_format)
     typer.echo(f"{result.name} version {result.version}: {result.model_file} (sha256 {result.sha256[:12]}…, "
                "verified)")
     if result.accuracy is not None:
@@ -412,6 +457,7 @@ def bench(
     targets: Annotated[list[str], typer.Argument(
         help="ONNX or TorchScript files, or registered models NAME@ALIAS / NAME/VERSION.")],
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    data_format: DataFormatOpt = DataFormat.auto,
     threads: Annotated[int, typer.Option("--threads", min=0, help="Threads per runtime (0: all cores).")] = 0,
     input_layout: LayoutOpt = LayoutChoice.auto,
     preprocessing: PreprocessingOpt = Preprocessing.raw,
@@ -427,14 +473,14 @@ def bench(
     from common.errors import ConfigError
     from models.benchmark import BenchConfig
     from pipelines.bench import bench_files, resolve_targets
-    from pipelines.cifar import load_cifar10
+    from pipelines.datasets import load_dataset
     from pipelines.tables import print_bench
 
     if run_id and len(targets) != 1:
         raise ConfigError("--run-id logs one target's numbers; pass a single target")
     layout = None if input_layout is LayoutChoice.auto else input_layout.value
     resolved = resolve_targets(targets, output, layout, preprocessing.value, engine)
-    images = load_cifar10(data_dir).test.images[:256]
+    images = load_dataset(data_dir, data_format).test.images[:256]
     results = bench_files(resolved, images, BenchConfig(threads=threads))
     print_bench(results)
     if run_id:

@@ -39,6 +39,12 @@ LABEL_GAP = 0.07  # axes fraction between a marker and its label
 MARKER_CLEARANCE_IN = 0.08  # half the side of the square around a marker that labels keep clear of
 EPS = 1e-9
 LOG_LATENCY_ABOVE = 5.0  # the latency axis turns logarithmic when the slowest variant is this many times the fastest
+# Datasets with many classes (CIFAR-100): the per-class plot shows the classes that changed most, the confusion
+# matrix drops the per-cell counts and grows with the class count so that every class keeps a readable label.
+PER_CLASS_SHOWN = 20
+CONFUSION_COUNTS_UP_TO = 20  # classes; beyond, cells show colour only
+CONFUSION_CELL_IN = 0.13  # inches per class of a large confusion matrix
+CONFUSION_MAX_IN = 16.0
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -105,16 +111,30 @@ def per_class_delta_pp(per_class: dict[str, dict[str, float]]) -> tuple[list[str
     return class_names, deltas
 
 
+def most_changed_classes(deltas: dict[str, np.ndarray], count: int) -> np.ndarray:
+    """Indices (ascending) of the `count` classes whose largest change over the variants is largest."""
+    change = np.nan_to_num(np.nanmax(np.abs(np.vstack(list(deltas.values()))), axis=0), nan=-1.0) \
+        if deltas else np.zeros(0)
+    return np.sort(np.argsort(-change, kind="stable")[:count])
+
+
 def per_class_accuracy_figure(per_class: dict[str, dict[str, float]]):
     """Per class, each quantized variant's accuracy minus FP32's (pp), as stems from zero: per_class maps variant ->
     {class name -> accuracy in 0..1} and includes FP32. Differences of a point or two stay readable, and variants
-    that differ only in a few classes can be told apart."""
+    that differ only in a few classes can be told apart. With more than PER_CLASS_SHOWN classes, only the classes
+    that changed most are drawn (the title says how many of how many)."""
     fig, ax = _figure(5.5, "Per-class top-1 accuracy: difference from FP32", "class (FP32 top-1 accuracy)",
                       "accuracy − FP32 accuracy (pp)")
     class_names, deltas = per_class_delta_pp(per_class)
     if not class_names or not deltas:
         _note(ax, "no FP32 reference" if not class_names else "no quantized variant evaluated")
         return fig
+    if len(class_names) > PER_CLASS_SHOWN:
+        keep = most_changed_classes(deltas, PER_CLASS_SHOWN)
+        ax.set_title(f"Per-class top-1 accuracy vs FP32: the {PER_CLASS_SHOWN} of {len(class_names)} classes that "
+                     "changed most", fontsize=TITLE_SIZE)
+        class_names = [class_names[i] for i in keep]
+        deltas = {variant: values[keep] for variant, values in deltas.items()}
     positions = np.arange(len(class_names))
     width = 0.8 / len(deltas)
     ax.axhline(0, color="black", linewidth=0.9, zorder=1)
@@ -125,7 +145,11 @@ def per_class_accuracy_figure(per_class: dict[str, dict[str, float]]):
         ax.plot(x, values, linestyle="none", marker=STEM_MARKERS[k % len(STEM_MARKERS)], markersize=6, color=color,
                 label=variant, gid=f"delta:{variant}", zorder=3)
     reference = per_class[FP32]
-    ax.set_xticks(positions, [f"{c}\n{100 * reference[c]:.1f}%" for c in class_names], fontsize=FONT_SIZE)
+    if len(class_names) <= 10:
+        ax.set_xticks(positions, [f"{c}\n{100 * reference[c]:.1f}%" for c in class_names], fontsize=FONT_SIZE)
+    else:  # one slanted line per class keeps 11 to PER_CLASS_SHOWN names apart
+        ax.set_xticks(positions, [f"{c} ({100 * reference[c]:.0f}%)" for c in class_names], fontsize=FONT_SIZE - 2,
+                      rotation=45, ha="right", rotation_mode="anchor")
     for boundary in positions[:-1] + 0.5:  # one band per class, so each group reads as a unit
         ax.axvline(boundary, color="0.85", linewidth=0.8, zorder=0)
     largest = np.nanmax(np.abs(np.concatenate(list(deltas.values())))) if deltas else 0.0
@@ -181,14 +205,30 @@ def agreement_figure(rows: list[VariantRow], min_agreement: float):
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_names: tuple[str, ...], title: str) -> bytes:
-    counts = confusion_counts(labels, predictions, len(class_names))
+    """Counts of (true, predicted) class as a heat map, each cell's count written in it for up to
+    CONFUSION_COUNTS_UP_TO classes; more classes get a larger figure, small labels and colour only."""
+    k = len(class_names)
+    counts = confusion_counts(labels, predictions, k)
     fig, ax = _figure(7.5, title, "predicted class", "true class")
-    image = ax.imshow(counts, cmap="Blues", vmin=0)
+    label_size = FONT_SIZE
+    if k > CONFUSION_COUNTS_UP_TO:
+        side = min(CONFUSION_MAX_IN, max(WIDTH_IN, CONFUSION_CELL_IN * k + 2.5))
+        fig.set_size_inches(side, side)
+        label_size = max(4, min(FONT_SIZE - 2, int(72 * (side - 2.5) / k * 0.75)))
+    if k > CONFUSION_COUNTS_UP_TO:  # a square-root scale, so a few confusions still show beside a full diagonal
+        from matplotlib.colors import PowerNorm
+
+        image = ax.imshow(counts, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=max(1, int(counts.max()))))
+    else:
+        image = ax.imshow(counts, cmap="Blues", vmin=0)
     colorbar = fig.colorbar(image, ax=ax, shrink=0.8)
     colorbar.set_label("images", fontsize=FONT_SIZE)
-    ticks = np.arange(len(class_names))
-    ax.set_xticks(ticks, class_names, rotation=45, ha="right", fontsize=FONT_SIZE)
-    ax.set_yticks(ticks, class_names, fontsize=FONT_SIZE)
+    ticks = np.arange(k)
+    ax.set_xticks(ticks, class_names, rotation=45 if k <= CONFUSION_COUNTS_UP_TO else 90,
+                  ha="right" if k <= CONFUSION_COUNTS_UP_TO else "center", fontsize=label_size)
+    ax.set_yticks(ticks, class_names, fontsize=label_size)
+    if k > CONFUSION_COUNTS_UP_TO:
+        return _png(fig)
     dark = counts.max() / 2
     for true_class in range(len(class_names)):
         for predicted in range(len(class_names)):

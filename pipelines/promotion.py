@@ -7,8 +7,9 @@ machine the same file's batch-1 latency moves by up to 1.6x between runs, so a b
 back and forth on noise.
 
 Two versions are compared only when they were measured on the same job: the same FP32 model, test set (dataset
-digest and number of images), input layout and preprocessing. A 100-image sweep that agrees on 100 of 100 images
-says nothing about a version measured on 10,000, so it is "not comparable" and never takes the alias on its own;
+digest and number of images), input layout and preprocessing, and, where versions record them, input size, resizing
+and mean/std. A 100-image sweep that agrees on 100 of 100 images says nothing about a version measured on 10,000,
+so it is "not comparable" and never takes the alias on its own;
 `ptqflow promote` remains the manual way. Values are compared as they are recorded in the registry (rounded), so a
 tie the registry shows is a tie here."""
 
@@ -37,6 +38,10 @@ class GatePolicy:
 COMPARABILITY = ((V.FP32_MODEL_SHA256, "FP32 model"), (V.DATASET_DIGEST, "test set"),
                  (V.TEST_IMAGES, "number of test images"), (V.INPUT_LAYOUT, "input layout"),
                  (V.PREPROCESSING, "preprocessing"))
+# Recorded only by newer versions: a missing tag means what older versions did (no resizing, no mean/std), or, for
+# the input size, that the version does not say (then the FP32 model's digest stands for it).
+OPTIONAL_COMPARABILITY = ((V.INPUT_SIZE, "input size", None), (V.RESIZE, "resizing", "none"),
+                          (V.INPUT_MEAN, "mean", ""), (V.INPUT_STD, "std", ""))
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class Candidate:
         latency = tags.get(V.LATENCY_MS_B1)
         return cls(str(version), float(tags.get(V.ACCURACY_DELTA_PP, "nan")), float(tags.get(V.TOP1_AGREEMENT, "nan")),
                    float(latency) if latency else None, tags.get(V.SHA256), tags.get(V.INPUT_KEY),
-                   tuple((key, tags[key]) for key, _ in COMPARABILITY if key in tags))
+                   tuple((key, tags[key]) for key, *_ in (*COMPARABILITY, *OPTIONAL_COMPARABILITY) if key in tags))
 
 
 def incomparable(candidate: Candidate, champion: Candidate) -> str | None:
@@ -68,6 +73,10 @@ def incomparable(candidate: Candidate, champion: Candidate) -> str | None:
         elif ours[key] != theirs[key]:
             a, b = (ours[key][:12], theirs[key][:12]) if len(ours[key]) == 64 else (ours[key], theirs[key])
             differ.append(f"{words} {a} vs {b}")
+    for key, words, missing in OPTIONAL_COMPARABILITY:
+        a, b = ours.get(key, missing), theirs.get(key, missing)
+        if a is not None and b is not None and a != b:
+            differ.append(f"{words} {a or 'none'} vs {b or 'none'}")
     return "; ".join(differ) or None
 
 

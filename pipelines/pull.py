@@ -32,7 +32,9 @@ def parse_model_ref(ref: str) -> tuple[str, str | None]:
 
 
 def pull(name: str, version: str | None, alias: str | None, output_dir: Path,
-         data_dir: Path | None = None) -> PullResult:
+         data_dir: Path | None = None, data_format: str = "auto") -> PullResult:
+    """Download, verify and load a registered version; with `data_dir`, re-compute its accuracy on that dataset
+    (read as `data_format`; auto: the format the version records, else detected), fed as the sweep fed it."""
     from tracking import registry
     from tracking.keys import VersionTag as V
 
@@ -65,7 +67,7 @@ def pull(name: str, version: str | None, alias: str | None, output_dir: Path,
     runner = load_runner(model_file, engine=engine)
     if data_dir is None:
         return result
-    return _reevaluate(result, runner, registered.tags, data_dir)
+    return _reevaluate(result, runner, registered.tags, data_dir, data_format)
 
 
 def checked_engine(engine: str | None, what: str) -> str | None:
@@ -81,23 +83,37 @@ def checked_engine(engine: str | None, what: str) -> str | None:
     return engine
 
 
-def _reevaluate(result: PullResult, runner, tags: dict[str, str], data_dir: Path) -> PullResult:
+def _reevaluate(result: PullResult, runner, tags: dict[str, str], data_dir: Path,
+                data_format: str = "auto") -> PullResult:
     from dataclasses import replace
 
-    from pipelines.cifar import load_cifar10
+    from pipelines.datasets import load_dataset, resize_images, size_text
     from pipelines.evaluation import EVAL_BATCH_SIZE, evaluate, predict_scores
-    from pipelines.preprocessing import InputTransform, Preprocessing
+    from pipelines.preprocessing import InputTransform, Preprocessing, parse_values
+    from pipelines.shapes import NO_RESIZE, size_from_tag
     from tracking.keys import VersionTag as V
 
-    data = load_cifar10(data_dir)
+    data_format = getattr(data_format, "value", data_format)
+    if data_format == "auto":
+        data_format = tags.get(V.DATA_FORMAT, "auto")
+    data = load_dataset(data_dir, data_format)
     limit = int(tags[V.TEST_IMAGES]) if V.TEST_IMAGES in tags else None
     if V.DATASET_DIGEST in tags and tags[V.DATASET_DIGEST] != data.digest:
         raise IntegrityError(f"{data_dir} is not the dataset {result.name} v{result.version} was measured on "
                              "(dataset SHA-256 differs); pass the same --data-dir as the sweep")
     test = data.test.head(limit)
-    transform = InputTransform(tags.get(V.INPUT_LAYOUT, "NHWC"), Preprocessing(tags.get(V.PREPROCESSING, "raw")))
+    size = size_from_tag(tags.get(V.INPUT_SIZE))
+    images = test.images
+    if size is not None and size != data.image_size:
+        if tags.get(V.RESIZE, NO_RESIZE) == NO_RESIZE:  # a tag edited by hand, or another dataset
+            raise IntegrityError(f"{result.name} v{result.version} takes {size_text(size)} images but {data_dir} "
+                                 f"holds {size_text(data.image_size)} ones and the version was not measured resized")
+        images = resize_images(images, size)
+    mean, std = (parse_values(key, tags.get(key)) for key in (V.INPUT_MEAN, V.INPUT_STD))
+    transform = InputTransform(tags.get(V.INPUT_LAYOUT, "NHWC"), Preprocessing(tags.get(V.PREPROCESSING, "raw")),
+                               mean, std)
     batch = int(tags.get(V.INPUT_BATCH, 0)) or EVAL_BATCH_SIZE  # a model exported with a fixed batch of 1
-    scores = predict_scores(runner, test.images, transform, f"evaluating {result.name} v{result.version}", batch)
+    scores = predict_scores(runner, images, transform, f"evaluating {result.name} v{result.version}", batch)
     accuracy = evaluate(scores, test.labels, data.class_names).accuracy
     result = replace(result, accuracy=accuracy)
     if result.logged_accuracy is not None and abs(accuracy - result.logged_accuracy) > ACCURACY_TOLERANCE:

@@ -34,19 +34,28 @@ class MeasuredOn:
     input_layout: str
     preprocessing: str
     input_batch: int | None  # the model's fixed batch dimension, None when dynamic
+    data_title: str = "CIFAR-10"  # e.g. CIFAR-100, or the image folder's name
+    input_size_text: str = "32x32x3"  # HxWxC of the model's input
+    input_tags: tuple[tuple[str, str], ...] = ()  # data format, resizing, mean/std where not the default
 
     @classmethod
     def of(cls, inputs) -> "MeasuredOn":
         """From pipelines.sweep.SweepInputs."""
+        from pipelines import shapes
+
+        shape = inputs.shape
+        input_tags = shapes.input_version_tags(inputs.data, shape, inputs.transform) if shape else {}
         return cls(inputs.model.path.name, inputs.model.sha256, inputs.data.digest, len(inputs.test),
-                   inputs.transform.layout, inputs.transform.preprocessing.value, inputs.model.input.batch_size)
+                   inputs.transform.layout, inputs.transform.preprocessing.value, inputs.model.input.batch_size,
+                   inputs.data.title, f"{shape.size[0]}x{shape.size[1]}x{shape.channels}" if shape else "?",
+                   tuple(input_tags.items()))
 
     def version_tags(self) -> dict[str, str]:
         """What this sweep's numbers were measured on; the gate compares only versions that agree on all of it."""
         V = VersionTag
         return {V.FP32_MODEL_SHA256: self.model_sha256, V.DATASET_DIGEST: self.dataset_digest,
                 V.TEST_IMAGES: str(self.test_images), V.INPUT_LAYOUT: self.input_layout,
-                V.PREPROCESSING: self.preprocessing}
+                V.PREPROCESSING: self.preprocessing, **dict(self.input_tags)}
 
 
 def check_registry_targets(names: RegisteredNames, specs: list[VariantSpec], model_sha256: str) -> None:
@@ -134,13 +143,13 @@ class Registrar:
         m = self.measured_on
         latency = f", batch-1 latency {best.bench.latency_ms_b1_p50:.3f} ms" if best.bench else ""
         description = (f"{best.name}: {m.model_file_name} quantized by ptqflow. Top-1 accuracy "
-                       f"{100 * best.evaluation.accuracy:.2f}% on {m.test_images} CIFAR-10 test images "
+                       f"{100 * best.evaluation.accuracy:.2f}% on {m.test_images} {m.data_title} test images "
                        f"({100 * (best.evaluation.accuracy - reference_accuracy):+.2f} pp vs FP32), "
                        f"agreement with FP32 {100 * best.fidelity.top1_agreement:.2f}%{latency}. "
                        f"Source run {best.run_id}, logged model {best.model_uri}.")
         model_description = (
             f"{'TorchScript' if framework == PYTORCH else 'ONNX'} int8 quantizations of "
-            f"{m.model_file_name} (CIFAR-10 classifier, {m.input_layout} 32x32x3, "
+            f"{m.model_file_name} ({m.data_title} classifier, {m.input_layout} {m.input_size_text}, "
             f"{m.preprocessing} pixels), one version per ptqflow sweep: the variant "
             "that agrees most often with the FP32 model's top-1. Alias @champion marks the version that passed "
             "the promotion gate and beat the previous champion; each version's description says what the gate "

@@ -25,14 +25,14 @@ from models.base import UnsupportedVariant
 from models.benchmark import BenchResult
 from models.machine import cpu_description
 from models.onnx_model import OnnxClassifier, load_classifier
-from pipelines import plots, precision, report
-from pipelines.calibration import indices_digest, stratified_indices
-from pipelines.choices import LayoutChoice, Preprocessing
-from pipelines.cifar import Cifar10, Split, load_cifar10
+from pipelines import plots, precision, report, shapes
+from pipelines.calibration import indices_digest, stratified_selection
+from pipelines.choices import DataFormat, LayoutChoice, Preprocessing
+from pipelines.datasets import Dataset, Split, load_dataset
 from pipelines.evaluation import Evaluation, Fidelity
 from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL, ensure_data, ensure_model
 from pipelines.names import ONNX_SUFFIX, PYTORCH_SUFFIX, registered_name_for, validate_name
-from pipelines.preprocessing import InputTransform, resolve_layout
+from pipelines.preprocessing import InputTransform, parse_values
 from pipelines.progress import say
 from pipelines.promotion import GatePolicy
 from pipelines.registrar import MeasuredOn, Registrar, check_registry_targets
@@ -62,6 +62,11 @@ class SweepOptions:
     test_limit: int | None = None
     input_layout: LayoutChoice = LayoutChoice.auto
     preprocessing: Preprocessing = Preprocessing.raw
+    data_format: DataFormat = DataFormat.auto  # detected from what data_dir holds (pipelines.datasets)
+    input_size: tuple[int, int] | None = None  # (height, width) for a model whose input size is dynamic ("HxW" too)
+    resize: bool = False  # resize images of another size to the model's (bilinear)
+    mean: tuple[float, ...] | None = None  # per channel, after the preprocessing's scaling ("a,b,c" too)
+    std: tuple[float, ...] | None = None
     ort_per_channel: bool | None = None
     ort_calibration_method: str | None = None
     run_name: str | None = None
@@ -83,6 +88,18 @@ class SweepOptions:
                 validate_name(kind, value)
         if self.test_limit is not None and self.test_limit < 0:
             raise ConfigError(f"--test-limit must be positive (0 = all), got {self.test_limit}")
+        # The CLI's text forms are accepted too: "48x48", "0.5,0.5,0.5", "npz", "nchw".
+        for option, choice in (("data_format", DataFormat), ("input_layout", LayoutChoice),
+                               ("preprocessing", Preprocessing)):
+            object.__setattr__(self, option, _choice(choice, getattr(self, option), option))
+        if isinstance(self.input_size, str):
+            object.__setattr__(self, "input_size", shapes.parse_size(self.input_size))
+        for option, value in (("mean", self.mean), ("std", self.std)):
+            if isinstance(value, str):
+                object.__setattr__(self, option, parse_values(f"--{option}", value))
+            elif value is not None:
+                object.__setattr__(self, option, tuple(float(v) for v in value))
+        InputTransform("NCHW", self.preprocessing, self.mean, self.std)  # --mean/--std checked before any loading
 
     def registered_names(self) -> dict[str, tuple[str, bool]]:
         """Framework → (registered model name, whether the user named it explicitly)."""
@@ -98,40 +115,70 @@ class SweepOptions:
         return RunnerOptions(bench=self.bench, adaround_iterations=self.adaround_iterations)
 
 
+def _choice(enum, value, option: str):
+    """`value` as a member of `enum`, also from its value in any case ("nchw" for LayoutChoice.nchw)."""
+    if isinstance(value, enum):
+        return value
+    for member in enum:
+        if str(value).lower() in (member.value.lower(), member.name.lower()):
+            return member
+    raise ConfigError(f"--{option.replace('_', '-')} {value!r} is not one of {', '.join(m.value for m in enum)}")
+
+
 @dataclass(frozen=True)
 class SweepInputs:
     """Everything loaded and derived once per sweep."""
 
-    data: Cifar10
+    data: Dataset
     model: OnnxClassifier
     transform: InputTransform
     calibration_indices: np.ndarray
     calibration: np.ndarray  # model-ready float32
-    test: Split
+    test: Split  # at the model's input size (resized with --resize)
+    shape: shapes.ModelInput | None = None  # how the data reaches the model (layout, channels, size, resizing)
+    calibration_note: str | None = None  # classes that gave fewer calibration images than their share
 
     @property
     def calibration_digest(self) -> str:
         return indices_digest(self.calibration_indices)
 
+    def input_params(self) -> dict:
+        """Data format, class count, input size, resizing and mean/std: params of the parent and every variant."""
+        return shapes.input_params(self.data, self.shape, self.transform) if self.shape else {}
+
+    def input_tags(self) -> dict[str, str]:
+        return {Tag.CALIBRATION_SHORTFALL: self.calibration_note} if self.calibration_note else {}
+
 
 def prepare_inputs(options: SweepOptions) -> SweepInputs:
-    """Load and validate model and data, build the calibration set. Raises PtqflowError on bad input."""
+    """Load and validate model and data, check that they fit each other, build the calibration set. Raises
+    PtqflowError on bad input, before any run starts."""
     model = load_classifier(ensure_model(options.model_path, options.fetch_missing, options.resnet8_url))
     if model.input.batch_size not in (None, 1):
         raise ModelError(f"{model.path}: the input's batch dimension is fixed at {model.input.batch_size}; ptqflow "
                          "runs models with a dynamic batch dimension or a batch of 1: re-export the model with one")
-    data = load_cifar10(ensure_data(options.data_dir, options.fetch_missing, options.cifar10_url,
-                                  options.cifar10_md5))
-    transform = InputTransform(resolve_layout(options.input_layout, model.input.layout), options.preprocessing)
+    data = load_dataset(ensure_data(options.data_dir, options.fetch_missing, options.cifar10_url,
+                                    options.cifar10_md5), options.data_format)
+    shape = shapes.resolve_model_input(model.input, data, options.input_layout, options.input_size, options.resize)
+    transform = InputTransform(shape.layout, options.preprocessing, options.mean, options.std)
+    transform.check_channels(shape.channels)
+    test = shape.fit(data.test.head(options.test_limit or None))
+    shapes.check_class_count(model, data, transform(test.images[:1]))
+    note = None
     if not options.variants:  # an FP32 baseline needs no calibration set
         indices = np.array([], dtype=np.int64)
     elif options.calibration_size > len(data.train):
         raise ConfigError(f"--calibration-size {options.calibration_size} exceeds the {len(data.train)} training "
                           "images; pass a smaller --calibration-size")
     else:
-        indices = stratified_indices(data.train.labels, options.calibration_size, options.calibration_seed)
+        selection = stratified_selection(data.train.labels, options.calibration_size, options.calibration_seed,
+                                         data.num_classes)
+        indices, note = selection.indices, selection.note(data.class_names)
+        if note:
+            say(f"[yellow]![/] {note}")
     return SweepInputs(data=data, model=model, transform=transform, calibration_indices=indices,
-                       calibration=transform(data.train.images[indices]), test=data.test.head(options.test_limit or None))
+                       calibration=transform(shape.fit_images(data.train.images[indices])), test=test, shape=shape,
+                       calibration_note=note)
 
 
 @dataclass
@@ -193,7 +240,7 @@ class Sweep:
         cpu_model, cpu_isa = cpu_description()
         tags = {Tag.MODEL_SHA256: self.inputs.model.sha256, Tag.CPU_MODEL: cpu_model, Tag.CPU_INT8_ISA: cpu_isa,
                 Tag.DATASET_DIGEST: self.inputs.data.digest,
-                Tag.CALIBRATION_DIGEST: self.inputs.calibration_digest,
+                Tag.CALIBRATION_DIGEST: self.inputs.calibration_digest, **self.inputs.input_tags(),
                 **runs.process_tags(),
                 **{Tag.VERSION_PREFIX + k: v for k, v in self.versions.items()}}
         if self.commit:
@@ -205,7 +252,8 @@ class Sweep:
     def _variant_params(self, spec: VariantSpec | None) -> dict:
         P = Param
         common = {P.CALIBRATION_SIZE: len(self.inputs.calibration_indices), P.CALIBRATION_SEED: self.options.calibration_seed,
-                  P.INPUT_LAYOUT: self.inputs.transform.layout, P.PREPROCESSING: self.inputs.transform.preprocessing.value}
+                  P.INPUT_LAYOUT: self.inputs.transform.layout, P.PREPROCESSING: self.inputs.transform.preprocessing.value,
+                  **self.inputs.input_params()}
         if spec is None:
             return {P.VARIANT: FP32, P.FRAMEWORK: ONNXRUNTIME, P.BACKEND: "onnxruntime-cpu",
                     P.WEIGHT_DTYPE: "float32", P.ACTIVATION_DTYPE: "float32", P.QUANT_FORMAT: "none",
@@ -217,10 +265,16 @@ class Sweep:
                 P.CALIBRATION_METHOD: spec.calibration_method, P.WEIGHT_ROUNDING: spec.config.weight_rounding,
                 P.QCONFIG: spec.config.qconfig_summary(), **common}
 
-    def _log_datasets(self) -> None:
+    def _log_datasets(self, train: bool = False) -> None:
+        """The test set as an MLflow dataset input of the active run (and, with `train`, the training set the
+        calibration images come from), named after the dataset, with its source and digest."""
         data, source = self.inputs.data, str(self.inputs.data.root.resolve())
-        runs.log_dataset(self.inputs.test.images, self.inputs.test.labels, source, "cifar10-test",
-                         data.digest, Artifact.DATASET_CONTEXT_TEST)
+        tags = {"format": data.format, "classes": str(data.num_classes)}
+        runs.log_dataset(self.inputs.test.images, self.inputs.test.labels, source, f"{data.name}-test",
+                         data.digest, Artifact.DATASET_CONTEXT_TEST, tags)
+        if train:
+            runs.log_dataset(data.train.images, data.train.labels, source, f"{data.name}-train", data.digest,
+                             Artifact.DATASET_CONTEXT_TRAIN, tags)
 
     # ---- FP32 reference ------------------------------------------------------------------------------------
     def run_fp32(self, experiment_id: str, parent_run_id: str) -> VariantOutcome:
@@ -300,6 +354,7 @@ class Sweep:
                    "calibration_sha256": self.inputs.calibration_digest, "variant": spec.name,
                    "config": config_payload(spec.config), "test_images": len(self.inputs.test),
                    "layout": self.inputs.transform.layout, "preprocessing": self.inputs.transform.preprocessing.value,
+                   "inputs": self.inputs.input_params(),  # data format, classes, size, resizing, mean/std
                    "bench": self.options.bench, "adaround_iterations": self.options.adaround_iterations,
                    "versions": {k: self.versions[k] for k in ("torch", "onnxruntime", "onnx2torch", "onnx")},
                    # ptqflow's own code: after a fix, an old run is not "the same"
@@ -448,8 +503,9 @@ class Sweep:
                                   P.TEST_LIMIT: self.options.test_limit or 0,  # 0 = all, as in MLproject
                                   P.MAX_ACCURACY_DROP_PP: self.options.gate.max_accuracy_drop_pp,
                                   P.MIN_AGREEMENT: self.options.gate.min_agreement,
-                                  P.ADAROUND_ITERATIONS: self.options.adaround_iterations})
-            self._log_datasets()
+                                  P.ADAROUND_ITERATIONS: self.options.adaround_iterations,
+                                  **self.inputs.input_params()})
+            self._log_datasets(train=True)
             runs.log_json({"indices": self.inputs.calibration_indices.tolist(),
                                 "sha256": self.inputs.calibration_digest}, Artifact.CALIBRATION_INDICES)
             self.runner.convert(self.specs)
@@ -461,7 +517,7 @@ class Sweep:
                 registered = (self.registrar.register_best(outcomes, self.reference.evaluation.accuracy)
                               if self.options.register else [])
             rows = [self._row(o) for o in outcomes]
-            title = f"{self.inputs.model.path.name} on {len(self.inputs.test)} CIFAR-10 test images"
+            title = f"{self.inputs.model.path.name} on {len(self.inputs.test)} {self.inputs.data.title} test images"
             runs.log_text(report.to_markdown(rows, title), Artifact.COMPARISON_MD)
             runs.log_text(report.to_csv(rows), Artifact.COMPARISON_CSV)
             runs.log_text(report.to_html(rows, title, run_url=lambda run_id: self._run_url(experiment_id, run_id),

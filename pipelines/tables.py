@@ -194,7 +194,7 @@ def print_registered_models(listing: list[dict]) -> None:
 def print_bench(results) -> None:
     from models.benchmark import CONTENDED_SPREAD
 
-    table = Table(title="latency and throughput (real CIFAR-10 test images)")
+    table = Table(title="latency and throughput (real test images)")
     for header in ("model", "threads", "b1 p50 ms", "b1 p90 ms", "b1 p90/p50", "b256 img/s", "µs/img b1",
                    "µs/img b256", "b256 speedup vs first"):
         table.add_column(header, justify="left" if header == "model" else "right", no_wrap=True)

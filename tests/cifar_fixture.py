@@ -95,3 +95,79 @@ def write_cifar_dir(root: Path, train_per_class: int = 20, test_per_class: int =
         batch_bytes(make_images(test_labels, rng), test_labels.tolist(), "testing batch 1 of 1"))
     (root / "batches.meta").write_bytes(meta_bytes(per_batch))
     return root
+
+
+# ---- the same data in ptqflow's other formats, and other datasets -------------------------------------------------
+def write_image_folder(root: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                       class_names, test_dir: str = "test") -> Path:
+    """PNG files train/<class>/<index>.png and <test_dir>/<class>/<index>.png from N x C x H x W uint8 images (C 1 or
+    3). Named by their index, so ptqflow's order (by file name, then class) is the arrays' order."""
+    from PIL import Image
+
+    for split, (images, labels) in (("train", train), (test_dir, test)):
+        for name in class_names:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            hwc = np.ascontiguousarray(image.transpose(1, 2, 0))
+            Image.fromarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc).save(
+                root / split / class_names[int(label)] / f"{i:05d}.png")
+    return root
+
+
+def write_npz(path: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+              class_names=None) -> Path:
+    """x_train, y_train, x_test, y_test (images NHWC) from N x C x H x W images; class_names when given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"x_train": train[0].transpose(0, 2, 3, 1), "y_train": np.asarray(train[1]),
+              "x_test": test[0].transpose(0, 2, 3, 1), "y_test": np.asarray(test[1])}
+    if class_names is not None:
+        arrays["class_names"] = np.array(list(class_names))
+    np.savez(path, **arrays)
+    return path
+
+
+def cifar100_names() -> list[str]:
+    return [f"fine_{i:02d}" for i in range(100)]
+
+
+def write_cifar100_dir(root: Path, train_per_class: int = 2, test_per_class: int = 1, seed: int = 0) -> Path:
+    """meta, train and test in the official cifar-100-python layout (Python 2 pickles; fine and coarse labels)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, per_class in (("train", train_per_class), ("test", test_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(100), per_class))
+        filenames = [_string(f"img_{i:05d}.png".encode()) for i in range(len(labels))]
+        (root / name).write_bytes(py2_pickle(_dict([
+            (b"filenames", _list(filenames)),
+            (b"batch_label", _string(f"{name}ing batch 1 of 1".encode())),
+            (b"fine_labels", _list([_int(int(v)) for v in labels])),
+            (b"coarse_labels", _list([_int(int(v) // 5) for v in labels])),
+            (b"data", _uint8_matrix(make_images(labels % 10, rng))),
+        ])))
+    (root / "meta").write_bytes(py2_pickle(_dict([
+        (b"fine_label_names", _list([_string(n.encode()) for n in cifar100_names()])),
+        (b"coarse_label_names", _list([_string(f"coarse_{i:02d}".encode()) for i in range(20)])),
+    ])))
+    return root
+
+
+def make_gray_images(labels: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """N x 1 x H x W uint8 greyscale images a tiny CNN can tell apart: a brightness and stripe frequency per class."""
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    images = np.empty((len(labels), 1, h, w), dtype=np.float32)
+    for i, c in enumerate(labels):
+        stripes = 70.0 * np.sin((xx * (1 + c % 2) + yy * (c % 3)) * (0.15 + 0.12 * c))
+        images[i, 0] = 40 + 25 * c + stripes + rng.normal(0, 20, size=(h, w))
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def gray_dataset(classes: int = 7, size: tuple[int, int] = (48, 48), train_per_class: int = 16,
+                 test_per_class: int = 6, seed: int = 0):
+    """((train images, labels), (test images, labels), class names) of a greyscale dataset."""
+    rng = np.random.default_rng(seed)
+    train_labels = rng.permutation(np.repeat(np.arange(classes), train_per_class))
+    test_labels = rng.permutation(np.repeat(np.arange(classes), test_per_class))
+    names = [f"shape_{chr(ord('a') + c)}" for c in range(classes)]
+    return ((make_gray_images(train_labels, size, rng), train_labels),
+            (make_gray_images(test_labels, size, rng), test_labels), names)

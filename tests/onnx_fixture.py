@@ -1,6 +1,6 @@
 """Small ONNX CNNs built in the test, shaped like the MLPerf Tiny ResNet8 export (tf2onnx): NHWC float input of raw
 0..255 pixels, a Transpose to NCHW, Conv/Relu with a stride-2 asymmetric pad, AveragePool, Reshape, MatMul + Add and
-Softmax."""
+Softmax. tiny_cnn takes any image size, 1 or 3 channels and any class count (default: 32x32 RGB, 10 classes)."""
 
 from __future__ import annotations
 
@@ -15,36 +15,42 @@ def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-def tiny_cnn(layout: str = "NHWC", batch: int | None = None, seed: int = 0, input_shape=None) -> onnx.ModelProto:
+def tiny_cnn(layout: str = "NHWC", batch: int | None = None, seed: int = 0, input_shape=None, channels: int = 3,
+             size: int | tuple[int, int] = 32, classes: int = 10, global_pool: bool = False) -> onnx.ModelProto:
+    """size: H (square) or (H, W); global_pool: GlobalAveragePool instead of a fixed-size AveragePool, so the
+    model also runs at sizes other than the one declared (declare them dynamic with input_shape)."""
     rng = np.random.default_rng(seed)
     n = batch if batch is not None else "N"
-    shape = input_shape or ([n, 32, 32, 3] if layout == "NHWC" else [n, 3, 32, 32])
+    h, w = (size, size) if isinstance(size, int) else size
+    shape = input_shape or ([n, h, w, channels] if layout == "NHWC" else [n, channels, h, w])
+    pooled = ((h + 1 - 3) // 2 + 1, (w + 1 - 3) // 2 + 1)  # after the stride-2 conv with its end pad of 1
     nodes, inits = [], []
     x = "input_1:0"
     if layout == "NHWC":
         nodes.append(helper.make_node("Transpose", [x], ["x_nchw"], perm=[0, 3, 1, 2]))
         x = "x_nchw"
     # Weights scaled for raw 0..255 inputs so activations stay in a sane range.
-    inits += [_init("w1", rng.normal(0, 1 / (27 * 255) ** 0.5 * 4, (8, 3, 3, 3)).astype(np.float32)),
+    inits += [_init("w1", rng.normal(0, 1 / (9 * channels * 255) ** 0.5 * 4, (8, channels, 3, 3)).astype(np.float32)),
               _init("b1", rng.normal(0, 0.1, 8).astype(np.float32)),
               _init("w2", rng.normal(0, (2 / 72) ** 0.5, (16, 8, 3, 3)).astype(np.float32)),
               _init("b2", rng.normal(0, 0.1, 16).astype(np.float32)),
-              _init("wd", rng.normal(0, (2 / 16) ** 0.5, (16, 10)).astype(np.float32)),
-              _init("bd", rng.normal(0, 0.1, 10).astype(np.float32)),
+              _init("wd", rng.normal(0, (2 / 16) ** 0.5, (16, classes)).astype(np.float32)),
+              _init("bd", rng.normal(0, 0.1, classes).astype(np.float32)),
               _init("flat_shape", np.array([-1, 16], dtype=np.int64))]
     nodes += [
         helper.make_node("Conv", [x, "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[3, 3], pads=[0, 0, 1, 1], strides=[2, 2]),
         helper.make_node("Relu", ["c2"], ["r2"]),
-        helper.make_node("AveragePool", ["r2"], ["pool"], kernel_shape=[16, 16], strides=[16, 16]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["pool"]) if global_pool else
+        helper.make_node("AveragePool", ["r2"], ["pool"], kernel_shape=list(pooled), strides=list(pooled)),
         helper.make_node("Reshape", ["pool", "flat_shape"], ["flat"]),
         helper.make_node("MatMul", ["flat", "wd"], ["logits_mm"]),
         helper.make_node("Add", ["logits_mm", "bd"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["Identity:0"], axis=-1),
     ]
     graph = helper.make_graph(nodes, "tiny_cnn", [helper.make_tensor_value_info("input_1:0", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("Identity:0", TensorProto.FLOAT, [n, 10])], inits)
+                              [helper.make_tensor_value_info("Identity:0", TensorProto.FLOAT, [n, classes])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="ptqflow-tests")
     model.ir_version = 7
     onnx.checker.check_model(model)
@@ -68,7 +74,8 @@ def fit_dense_head(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarra
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     features = session.run(["flat"], {"input_1:0": images})[0].astype(np.float64)
     design = np.hstack([features, np.ones((len(features), 1))])
-    targets = np.eye(10)[labels] * 8.0 - 4.0  # logits: +4 for the true class, -4 otherwise
+    classes = next(numpy_helper.to_array(i).shape[1] for i in model.graph.initializer if i.name == "wd")
+    targets = np.eye(classes)[labels] * 8.0 - 4.0  # logits: +4 for the true class, -4 otherwise
     solution = np.linalg.lstsq(design.T @ design + 1e-3 * np.eye(design.shape[1]), design.T @ targets, rcond=None)[0]
     fitted = onnx.ModelProto()
     fitted.CopyFrom(model)

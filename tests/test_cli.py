@@ -87,9 +87,12 @@ def test_file_that_is_not_onnx(tracking_store, cifar_dir):
     assert_one_line_error(invoke(*sweep_args(bogus, cifar_dir)), "not a readable ONNX model")
 
 
-def test_model_whose_input_is_not_32x32x3(tracking_store, cifar_dir):
+def test_model_whose_input_does_not_fit_the_data(tracking_store, cifar_dir):
     model = write_tiny_cnn(tracking_store / "wrong.onnx", input_shape=["N", 28, 28, 1])
-    assert_one_line_error(invoke(*sweep_args(model, cifar_dir)), "32x32")
+    assert_one_line_error(invoke(*sweep_args(model, cifar_dir)), "1-channel", "3-channel")
+    model = write_tiny_cnn(tracking_store / "wrong.onnx", input_shape=["N", 28, 28, 2])
+    assert_one_line_error(invoke(*sweep_args(model, cifar_dir)), "[N,28,28,2]", "1 or 3 channels")
+    assert all_runs() == []
 
 
 def test_missing_batch(tracking_store, tiny_model, data_copy):
@@ -131,9 +134,9 @@ def test_calibration_size_larger_than_the_training_set(tracking_store, tiny_mode
     assert_one_line_error(result, "--calibration-size")
 
 
-def test_calibration_size_not_a_multiple_of_10(tracking_store, tiny_model, cifar_dir):
-    result = invoke("sweep", "--model", tiny_model, "--data-dir", cifar_dir, "--calibration-size", 55)
-    assert_one_line_error(result, "multiple of 10")
+def test_calibration_size_smaller_than_the_class_count(tracking_store, tiny_model, cifar_dir):
+    result = invoke("sweep", "--model", tiny_model, "--data-dir", cifar_dir, "--calibration-size", 5)
+    assert_one_line_error(result, "smaller than the 10 classes")
 
 
 def test_unknown_variant(tracking_store, tiny_model, cifar_dir):

@@ -84,10 +84,15 @@ def test_stratified_selection_is_a_keyed_hash_ranking_not_a_numpy_random_stream(
     assert stratified_indices(labels, 4, seed=7, num_classes=2).tolist() == expected
 
 
-@pytest.mark.parametrize("size", [0, 15, -10])
-def test_calibration_size_must_be_a_positive_multiple_of_the_class_count(size):
+@pytest.mark.parametrize("size", [0, 5, -10])
+def test_calibration_size_must_be_positive_and_cover_every_class(size):
     with pytest.raises(ConfigError):
         stratified_indices(np.repeat(np.arange(10), 5), size, 0)
+
+
+def test_a_size_that_is_no_multiple_of_the_class_count_gives_the_first_classes_one_more():
+    labels = np.repeat(np.arange(10), 5)
+    assert np.bincount(labels[stratified_indices(labels, 15, 0)]).tolist() == [2] * 5 + [1] * 5
 
 
 def test_input_transform_layouts_and_scalings():

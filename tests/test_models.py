@@ -19,10 +19,12 @@ def test_input_layout_and_batch_are_read_from_the_model(tmp_path, layout, batch)
     assert model.input.name == "input_1:0" and len(model.sha256) == 64
 
 
-def test_unsupported_input_shape_is_a_model_error(tmp_path):
-    path = write_tiny_cnn(tmp_path / "m.onnx", input_shape=["N", 64, 64, 3])
-    with pytest.raises(ModelError, match="32x32"):
-        load_classifier(path)
+def test_any_image_size_is_read_but_other_channel_counts_and_ranks_are_model_errors(tmp_path):
+    spec = load_classifier(write_tiny_cnn(tmp_path / "m.onnx", input_shape=["N", 64, 48, 3])).input
+    assert (spec.layout, spec.height, spec.width, spec.channels) == (NHWC, 64, 48, 3)
+    for shape, fragment in ((["N", 64, 64, 2], "1 or 3 channels"), (["N", 64, 64], "rank 3")):
+        with pytest.raises(ModelError, match=fragment):
+            load_classifier(write_tiny_cnn(tmp_path / "m.onnx", input_shape=shape))
 
 
 def test_truncated_onnx_is_a_model_error(tmp_path):

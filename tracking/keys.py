@@ -23,6 +23,14 @@ class Param:
     CALIBRATION_SEED = "calibration_seed"
     INPUT_LAYOUT = "input_layout"
     PREPROCESSING = "preprocessing"
+    # What the data is and how it reaches the model (pipelines.shapes.input_params); on the parent and every variant.
+    DATA_FORMAT = "data_format"  # cifar10, cifar100, imagefolder or npz
+    NUM_CLASSES = "num_classes"
+    INPUT_SIZE = "input_size"  # HxW the model is fed
+    INPUT_CHANNELS = "input_channels"
+    RESIZE = "resize"  # "none", or "bilinear from HxW" (the data's size) with --resize
+    INPUT_MEAN = "input_mean"  # per channel, only when values are standardized (standardize, --mean/--std)
+    INPUT_STD = "input_std"
     QCONFIG = "qconfig"
     MODEL_PATH = "model_path"
     DATA_DIR = "data_dir"
@@ -38,6 +46,7 @@ class Param:
     VARIANT_PARAMS = (
         VARIANT, FRAMEWORK, BACKEND, WEIGHT_DTYPE, ACTIVATION_DTYPE, QUANT_FORMAT, PER_CHANNEL,
         CALIBRATION_METHOD, WEIGHT_ROUNDING, CALIBRATION_SIZE, CALIBRATION_SEED, INPUT_LAYOUT, PREPROCESSING, QCONFIG,
+        DATA_FORMAT, NUM_CLASSES, INPUT_SIZE, INPUT_CHANNELS, RESIZE,
     )
 
 
@@ -97,6 +106,8 @@ class Tag:
     REUSED_FROM = "ptqflow.reused."  # + variant, on a resumed sweep's parent: the run reused for it
     BENCH_CONTENDED = "ptqflow.bench_contended"  # why the timings are not facts, only on contended runs
     ORPHANS_MARKED = "ptqflow.orphans_marked_failed"  # "name/version" on the run that was registered
+    # Classes that had fewer training images than their share of the calibration set (pipelines.calibration)
+    CALIBRATION_SHORTFALL = "ptqflow.calibration_shortfall"
     MLFLOW_PARENT = "mlflow.parentRunId"
 
     STATUS_OK = "ok"
@@ -140,6 +151,12 @@ class VersionTag:
     INPUT_LAYOUT = "input_layout"
     PREPROCESSING = "preprocessing"
     INPUT_BATCH = "input_batch"  # only for a model whose batch dimension is fixed (at 1)
+    # How `pull --evaluate` rebuilds the inputs (pipelines.shapes.input_version_tags); absent on older versions
+    DATA_FORMAT = "data_format"
+    INPUT_SIZE = "input_size"  # HxW
+    RESIZE = "resize"  # none, or bilinear from HxW
+    INPUT_MEAN = "input_mean"  # only when values are standardized
+    INPUT_STD = "input_std"
     LATENCY_MS_B1 = "latency_ms_b1_p50"
     PROMOTION_DECISION = "promotion_decision"  # promoted, rejected or manual
     PROMOTION_REASON = "promotion_reason"  # no longer written: the reason is the description's first sentence
@@ -170,4 +187,5 @@ class Artifact:
     # themselves (tracking.runs.log_torchscript_model / log_onnx_model).
     LOGGED_MODEL_NAME = "model"
     DATASET_CONTEXT_TEST = "test"
+    DATASET_CONTEXT_TRAIN = "train"  # on the sweep's parent run: the images calibration draws from
     DATASET_CONTEXT_CALIBRATION = "calibration"

@@ -229,15 +229,18 @@ def log_file(path: Path, artifact_dir: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_dir)
 
 
-def log_dataset(features, targets, source: str, name: str, sha256: str, context: str) -> None:
-    """MLflow's own numpy digest reads only the first values, so the digest is ours: SHA-256 over all dataset
-    files, cut to the 32 hex digits MLflow's dataset table stores; the full value goes in the input's tags."""
+def log_dataset(features, targets, source: str, name: str, sha256: str, context: str,
+                tags: dict[str, str] | None = None) -> None:
+    """Log a numpy dataset as an input of the active run: `source` names its directory or file, MLflow profiles the
+    arrays (shapes, sizes). MLflow's own numpy digest reads only the first values, so the digest is ours: SHA-256
+    over all dataset files, cut to the 32 hex digits MLflow's dataset table stores; the full value goes in the
+    input's tags (`sha256`, with `tags`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MLflow notes that a local path matches two equivalent source types
         dataset = mlflow.data.from_numpy(features, source=source, targets=targets, name=name, digest=sha256[:32])
     for attempt in range(3):
         try:
-            mlflow.log_input(dataset, context=context, tags={"sha256": sha256})
+            mlflow.log_input(dataset, context=context, tags={**(tags or {}), "sha256": sha256})
             return
         except mlflow.exceptions.MlflowException as exc:
             # Two sweeps logging the same dataset at once race to insert its row; the loser's retry finds it.
