@@ -497,7 +497,8 @@ def diagnose(
         help="A variant's run id, a sweep's run id (each of its int8 variants, plus a plot comparing them), or a "
              "registered NAME/VERSION or NAME@ALIAS.")],
     data_dir: Annotated[Optional[Path], typer.Option(
-        "--data-dir", show_default=False, help="CIFAR-10 (default: the sweep's; its SHA-256 must match).")] = None,
+        "--data-dir", show_default=False, help="The dataset (default: the sweep's; its SHA-256 must match).")] = None,
+    data_format: DataFormatOpt = DataFormat.auto,
     model: Annotated[Optional[Path], typer.Option(
         "--model", show_default=False, help="The FP32 ONNX model (default: the sweep's; its SHA-256 must "
                                             "match).")] = None,
@@ -517,7 +518,8 @@ def diagnose(
     from pipelines.diagnose import diagnose as diagnose_variants
     from pipelines.diagnosis_report import print_diagnosis
 
-    result = diagnose_variants(DiagnoseOptions(ref=ref, data_dir=data_dir, model_path=model, output_dir=output,
+    result = diagnose_variants(DiagnoseOptions(ref=ref, data_dir=data_dir, data_format=data_format.value,
+                                               model_path=model, output_dir=output,
                                                images=images, log=log, adaround_iterations=adaround_iterations))
     for done in result.variants:
         print_diagnosis(done.diagnosis, f"{done.variant} (run {done.run_id[:8]}): layers worst first")

@@ -31,6 +31,7 @@ COMPARISON_FILE = "backends.png"
 class DiagnoseOptions:
     ref: str  # variant run id, sweep run id, NAME/VERSION or NAME@ALIAS
     data_dir: Path | None = None  # default: the sweep's --data-dir
+    data_format: str = "auto"  # auto: the sweep's recorded format, else detected
     model_path: Path | None = None  # default: the sweep's --model
     output_dir: Path = Path("diagnosis")
     images: int = DEBUG_IMAGES  # the first N test images
@@ -117,8 +118,10 @@ def _sweep_inputs(run, parent, options: DiagnoseOptions, work_dir: Path) -> _Swe
     from models.onnx_model import load_classifier
     from pipelines.calibration import indices_digest
     from pipelines.choices import Preprocessing
-    from pipelines.cifar import load_cifar10
-    from pipelines.preprocessing import InputTransform
+    from pipelines.choices import DataFormat, LayoutChoice
+    from pipelines.datasets import load_dataset
+    from pipelines.preprocessing import InputTransform, parse_values
+    from pipelines.shapes import NO_RESIZE, parse_size, resolve_model_input
     from tracking import runs
     from tracking.keys import Artifact, Param, Tag
 
@@ -136,7 +139,13 @@ def _sweep_inputs(run, parent, options: DiagnoseOptions, work_dir: Path) -> _Swe
                                     if Param.DATA_DIR in parent.data.params else None)
     if data_dir is None:
         raise ConfigError("the sweep recorded no data directory; pass --data-dir")
-    data = load_cifar10(data_dir)
+    # The data as the sweep fed it: same format, size (resized when the sweep resized) and mean/std.
+    data_format = options.data_format if options.data_format != DataFormat.auto.value else \
+        params.get(Param.DATA_FORMAT, DataFormat.auto.value)
+    data = load_dataset(data_dir, data_format)
+    resized = params.get(Param.RESIZE, NO_RESIZE) != NO_RESIZE
+    shape = resolve_model_input(model.input, data, LayoutChoice(params.get(Param.INPUT_LAYOUT, "auto")),
+                                parse_size(params.get(Param.INPUT_SIZE)), resized)
     if tags.get(Tag.DATASET_DIGEST) and data.digest != tags[Tag.DATASET_DIGEST]:
         raise IntegrityError(f"{data_dir} is not the dataset run {run.info.run_id} was calibrated on (dataset "
                              "SHA-256 differs); pass the sweep's --data-dir")
@@ -146,12 +155,13 @@ def _sweep_inputs(run, parent, options: DiagnoseOptions, work_dir: Path) -> _Swe
     if tags.get(Tag.CALIBRATION_DIGEST) and digest != tags[Tag.CALIBRATION_DIGEST]:
         raise IntegrityError(f"the calibration indices of sweep {parent.info.run_id} do not match run "
                              f"{run.info.run_id}'s calibration digest")
-    transform = InputTransform(params.get(Param.INPUT_LAYOUT, model.input.layout),
-                               Preprocessing(params.get(Param.PREPROCESSING, Preprocessing.raw.value)))
+    transform = InputTransform(shape.layout, Preprocessing(params.get(Param.PREPROCESSING, Preprocessing.raw.value)),
+                               parse_values("mean", params.get(Param.INPUT_MEAN)),
+                               parse_values("std", params.get(Param.INPUT_STD)))
     iterations = options.adaround_iterations or int(parent.data.params.get(Param.ADAROUND_ITERATIONS, 1000))
     float_model = FloatModel.for_runtimes(model, work_dir).for_quantization()
-    return _SweepInputs(float_model, transform, transform(data.train.images[indices]), digest,
-                        transform(data.test.images[:options.images]), iterations)
+    return _SweepInputs(float_model, transform, transform(shape.fit_images(data.train.images[indices])), digest,
+                        transform(shape.fit_images(data.test.images[:options.images])), iterations)
 
 
 def config_of(run):
