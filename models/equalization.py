@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from models.layer_map import readers_of
+
 __all__ = ["EqualizationSummary", "equalize", "equalize_file", "equalizable_pairs", "DEFAULT_ITERATIONS"]
 
 DEFAULT_ITERATIONS = 20  # passes over all pairs; chains of two or three pairs settle within a few
@@ -67,11 +69,7 @@ def equalizable_pairs(model: onnx.ModelProto) -> tuple[list[tuple[onnx.NodeProto
     output by the second Conv alone (as its data input), and neither is a graph output."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                consumers.setdefault(name, []).append(node)
+    consumers = readers_of(graph)
     outputs = {value.name for value in graph.output}
     pairs, skipped = [], []
     for conv1 in graph.node:

@@ -94,16 +94,22 @@ def _macs(node: onnx.NodeProto, shapes: dict) -> int:
     return 0
 
 
+def readers_of(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes of `graph` that read it, in node order."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                readers.setdefault(name, []).append(node)
+    return readers
+
+
 def layer_table(model: onnx.ModelProto) -> list[Layer]:
     """The layers of the main graph in node order, with their fused followers and MACs per image (from ONNX shape
     inference; 0 where shapes are unknown)."""
     graph = model.graph
     initializers = {init.name for init in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                consumers.setdefault(name, []).append(node)
+    consumers = readers_of(graph)
     outputs = {value.name for value in graph.output}
     shapes = tensor_shapes(model)
 
