@@ -85,7 +85,7 @@ class OrtStaticConfig:
 
     @classmethod
     def from_dict(cls, payload: dict) -> "OrtStaticConfig":
-        """The config a `config_dict` (qconfig.json's "config") was made from; unknown keys are ignored."""
+        """The config a `pipelines.variants.config_payload` (qconfig.json's "config") was made from; unknown keys are ignored."""
         from dataclasses import fields
 
         return cls(**{f.name: payload[f.name] for f in fields(cls) if f.name in payload})

@@ -68,7 +68,7 @@ class PytorchFxConfig:
 
     @classmethod
     def from_dict(cls, payload: dict) -> "PytorchFxConfig":
-        """The config a `config_dict` (qconfig.json's "config") was made from; unknown keys are ignored."""
+        """The config a `pipelines.variants.config_payload` (qconfig.json's "config") was made from; unknown keys are ignored."""
         from dataclasses import fields
 
         return cls(**{f.name: payload[f.name] for f in fields(cls) if f.name in payload})

@@ -19,13 +19,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cifar_fixture import make_images
-from models.base import FloatModel, config_dict
+from models.base import FloatModel
 from models.diagnosis import BAD_LOCAL_DB, diagnose_fx, diagnose_ort_config
 from models.equalization import equalize
 from models.layer_map import layer_table
 from models.onnx_model import load_classifier
 from models.quantize_ort import OrtStaticConfig
 from models.quantize_pytorch import PytorchFxConfig
+from pipelines.variants import config_payload
 
 OUTLIER_CHANNEL = 3
 FACTOR = 64.0
@@ -288,7 +289,7 @@ def test_repairs_are_recorded_in_the_config(tmp_path):
     fx = replace(FX, equalization=True, fp32_modules=("conv2",))
     for config, keys in ((ort, ("equalization", "activation_16bit_tensors", "fp32_nodes")),
                          (fx, ("equalization", "fp32_modules"))):
-        payload = json.loads(json.dumps(config_dict(config)))  # what qconfig.json holds
+        payload = json.loads(json.dumps(config_payload(config)))  # what qconfig.json holds
         assert {k: payload[k] for k in keys} == {k: json.loads(json.dumps(asdict(config)[k])) for k in keys}
         assert type(config).from_dict(payload) == config
         assert "equalization" in config.qconfig_summary() and "FP32 layers: conv2" in config.qconfig_summary()
