@@ -67,7 +67,7 @@ def variant_runs(ref: str) -> tuple[list, str | None]:
         if sep == "@":
             validate_alias(rest)
         version = registry.resolve(name, version=rest) if sep == "/" else registry.resolve(name, alias=rest)
-        run_id = version.tags.get(VersionTag.SOURCE_RUN_ID) or version.run_id
+        run_id = version.run_id or version.tags.get(VersionTag.SOURCE_RUN_ID)  # the tag: older versions
         if not run_id:
             raise TrackingError(f"{name} version {version.version} names no source run; it was not registered by "
                                 "ptqflow")

@@ -363,7 +363,7 @@ def test_diagnose_command_reads_a_sweep_back_and_logs_the_tables(tracking_store,
     again = CliRunner().invoke(app, ["diagnose", f"{version.name}/{version.version}", "--images", "32", "--output",
                                      str(tmp_path / "again"), "--adaround-iterations", str(ADAROUND_ITERATIONS)])
     assert again.exit_code == 0, again.output
-    assert f"{version.tags['variant']} (run {version.tags['source_run_id'][:8]})" in again.stdout
+    assert f"{version.tags['variant']} (run {version.run_id[:8]})" in again.stdout
     # the FP32 run is the reference, not something to diagnose
     refused = CliRunner().invoke(app, ["diagnose", by_variant["fp32"].run_id])
     assert refused.exit_code != 0 and "FP32 reference" in refused.stderr
