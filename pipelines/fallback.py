@@ -1,0 +1,472 @@
+"""Sensitivity-ranked fallback: when a variant misses the target (top-1 agreement with FP32, accuracy points lost, or
+both), find the few layers whose 8-bit quantization costs it most and take them out of 8 bits until the target holds
+on the full test set. The result is a new variant, `<variant>-mixed`, made, measured, logged, diagnosed and
+registered like any other.
+
+1. Candidates (`candidates`): the variant's quantized layers from its per-layer diagnosis (models.diagnosis), worst
+   local SQNR first: the worst `candidates` (8) and any other layer the diagnosis gives a hint. Local SQNR is only
+   this pre-filter: a layer's own noise says little about what it costs at the output.
+2. Ranking (`FallbackSearch.rank`): each candidate upgraded alone, quantized and measured on the first
+   `ranking_images` test images: its end-to-end effect. The upgrades (pipelines.variants.UPGRADE_KINDS), cheapest
+   first: `int16`, its input activation in 16 bits (ONNX Runtime QDQ only); `fp32`, the layer in FP32 (the
+   activations around it stay 8-bit: its neighbours quantize them); `fp32+inputs`, the layer and the quantized layers
+   feeding it in FP32, so that its input is never quantized (a layer's output is quantized whatever reads it, in both
+   backends; NNCF's ranker likewise reverts the quantizers that must change together as one group). Layers are
+   ordered by the best agreement any of their upgrades reached; the logits' SQNR breaks ties, then local SQNR.
+3. Greedy restore (`FallbackSearch.run`): in that order, a layer's cheapest upgrade joins the config, which is
+   measured on the full test set; while the target still fails, the layer's dearer upgrades are tried in turn (16
+   bits first, FP32 last), each replacing the one kept unless that one did at least as well on the ranking images. A step is kept only when it brings the config
+   closer to the target (`FallbackTarget.shortfall`). The search ends when the target holds or the candidates run
+   out; the best config found is the `-mixed` variant either way, and one line says whether it reached the target.
+   A layer kept in FP32 computes with its FP32 weights, not AdaRound's (models.base.FloatModel.for_config).
+
+Ranking and restoring know nothing of MLflow (NNCF's accuracy control separates them the same way). `SweepFallback`
+is the sweep's side: each step a child run of the variant's run, the search as `fallback/search.json` and a one-line
+tag on it. The untracked Python API uses `repair_untracked`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Callable, ContextManager
+
+from common.errors import ConfigError, TrackingError
+from common.interrupts import checkpoint
+from pipelines.progress import progress_task, say
+from pipelines.variants import Mixed, Upgrade, VariantSpec, apply_upgrades, upgrade_kinds
+
+DEFAULT_CANDIDATES = 8  # layers ranked, by worst local SQNR (plus any with a hint)
+DEFAULT_RANKING_IMAGES = 1000  # the first N test images rank the candidates
+MIXED_SUFFIX = "-mixed"
+_EPSILON = 1e-9  # agreement and accuracy are shares of whole images; this is far below one image
+
+
+@dataclass(frozen=True)
+class FallbackTarget:
+    """What every int8 variant must reach; both criteria, when both are given."""
+
+    agreement: float | None = None  # least top-1 agreement with FP32, a fraction (--target-agreement 0.995)
+    max_drop_pp: float | None = None  # most accuracy points below FP32 (--max-drop 0.3)
+
+    def __post_init__(self):
+        if self.agreement is not None:
+            if isinstance(self.agreement, bool) or not isinstance(self.agreement, (int, float)) \
+                    or not 0 < self.agreement <= 1:
+                raise ConfigError(f"--target-agreement is a share of the test images in (0, 1], e.g. 0.995; got "
+                                  f"{self.agreement!r}")
+        if self.max_drop_pp is not None:
+            if isinstance(self.max_drop_pp, bool) or not isinstance(self.max_drop_pp, (int, float)) \
+                    or not math.isfinite(self.max_drop_pp) or self.max_drop_pp < 0:
+                raise ConfigError(f"--max-drop is in accuracy points, 0 or more, e.g. 0.3; got {self.max_drop_pp!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.agreement is not None or self.max_drop_pp is not None
+
+    def shortfall(self, accuracy: float, agreement: float, reference_accuracy: float) -> float:
+        """How far a measurement is from the target, 0 when it holds: the agreement missing plus the accuracy lost
+        beyond the allowed drop, both as shares of the images."""
+        missing = 0.0
+        if self.agreement is not None:
+            missing += max(0.0, self.agreement - agreement)
+        if self.max_drop_pp is not None:
+            missing += max(0.0, (reference_accuracy - accuracy) - self.max_drop_pp / 100)
+        return 0.0 if missing < _EPSILON else missing
+
+    def describe(self) -> str:
+        parts = []
+        if self.agreement is not None:
+            parts.append(f"top-1 agreement >= {100 * self.agreement:g}%")
+        if self.max_drop_pp is not None:
+            parts.append(f"accuracy drop <= {self.max_drop_pp:g} pp")
+        return " and ".join(parts)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A config's numbers on some of the test images, against the labels and the FP32 model on the same images."""
+
+    accuracy: float
+    agreement: float
+    logit_sqnr_db: float
+    images: int
+
+    @classmethod
+    def of(cls, evaluation, fidelity) -> "Measurement":
+        return cls(evaluation.accuracy, fidelity.top1_agreement, fidelity.sqnr_db, len(evaluation.predictions))
+
+    @property
+    def score(self) -> tuple[float, float]:
+        """Higher is closer to FP32: agreement, then the logits' SQNR."""
+        return self.agreement, self.logit_sqnr_db
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "agreement": self.agreement, "logit_sqnr_db": _db(self.logit_sqnr_db),
+                "images": self.images}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layer: str  # ONNX node name
+    op_type: str
+    input_tensor: str  # the activation a 16-bit upgrade widens
+    local_sqnr_db: float | None
+    hint: str
+    inputs_from: tuple[str, ...] = ()  # the quantized layers producing its input (models.layer_map.input_layers)
+
+    def kinds(self, available: tuple[str, ...]) -> tuple[str, ...]:
+        """The upgrades of this layer worth measuring: fp32+inputs only when some quantized layer feeds it (else it
+        is fp32)."""
+        return tuple(kind for kind in available if kind != "fp32+inputs" or self.inputs_from)
+
+    def upgrade(self, kind: str) -> Upgrade:
+        return Upgrade(self.layer, kind, self.input_tensor if kind == "int16" else "",
+                       self.inputs_from if kind == "fp32+inputs" else ())
+
+
+def candidates(diagnosis, limit: int = DEFAULT_CANDIDATES,
+               inputs: dict[str, tuple[str, ...]] | None = None) -> list[Candidate]:
+    """The quantized layers of `diagnosis` (models.diagnosis.Diagnosis) worth ranking: the `limit` worst by local
+    SQNR (the table's order), then any other layer with a hint. `inputs` maps a layer to the layers whose output it
+    reads (models.layer_map.input_layers); the quantized ones among them go FP32 with it in an fp32+inputs
+    upgrade."""
+    rows = [row for row in diagnosis.worst_first() if row.quantized]
+    quantized = {row.layer for row in rows}
+    chosen = rows[:limit] + [row for row in rows[limit:] if row.hint]
+    return [Candidate(row.layer, row.op_type, row.input_tensor, row.local_sqnr_db, row.hint,
+                      tuple(name for name in (inputs or {}).get(row.layer, ()) if name in quantized))
+            for row in chosen]
+
+
+@dataclass
+class Ranked:
+    """One candidate and what each upgrade of it alone measured on the ranking images."""
+
+    candidate: Candidate
+    measured: dict[str, Measurement] = field(default_factory=dict)  # kind -> measurement
+    refused: dict[str, str] = field(default_factory=dict)  # kind -> why the backend could not make it
+
+    @property
+    def best(self) -> tuple[float, float]:
+        return max((m.score for m in self.measured.values()), default=(-math.inf, -math.inf))
+
+    def sort_key(self):
+        local = self.candidate.local_sqnr_db
+        return (-self.best[0], -self.best[1], local if local is not None else math.inf)
+
+    def to_dict(self) -> dict:
+        c = self.candidate
+        return {"layer": c.layer, "op_type": c.op_type, "input_tensor": c.input_tensor,
+                "inputs_from": list(c.inputs_from), "local_sqnr_db": _db(c.local_sqnr_db), "hint": c.hint,
+                "measured": {kind: m.to_dict() for kind, m in self.measured.items()}, "refused": dict(self.refused)}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One greedy step: the config with `upgrades` (this step's `change` among them), measured on the full set."""
+
+    number: int
+    change: Upgrade
+    upgrades: tuple[Upgrade, ...]
+    measurement: Measurement | None  # None when the backend refused the config
+    decision: str  # kept, rejected or refused (tracking.keys.Tag.STEP_*)
+    reason: str = ""
+
+    @property
+    def kept(self) -> bool:
+        return self.decision == "kept"
+
+    def to_dict(self) -> dict:
+        return {"step": self.number, "change": self.change.to_dict(), "layers": [u.to_dict() for u in self.upgrades],
+                "decision": self.decision, "reason": self.reason,
+                "measured": self.measurement.to_dict() if self.measurement else None}
+
+
+@dataclass
+class SearchResult:
+    variant: str
+    target: FallbackTarget
+    start: Measurement  # the variant as it is, on the full test set
+    ranking_images: int
+    ranked: list[Ranked]  # best first
+    steps: list[Step]
+    upgrades: tuple[Upgrade, ...]  # the steps kept, in order; empty when none brought it closer
+    final: Measurement  # with `upgrades`, on the full test set
+    reached: bool
+
+    @property
+    def mixed_name(self) -> str:
+        return self.variant + MIXED_SUFFIX
+
+    def mixed_spec(self, spec: VariantSpec) -> VariantSpec | None:
+        """The `-mixed` variant: `spec` with the kept upgrades; None when no step was kept."""
+        if not self.upgrades:
+            return None
+        return VariantSpec(self.mixed_name, spec.framework, apply_upgrades(spec.config, self.upgrades),
+                           Mixed(spec.name, self.upgrades, self.target.describe(), self.reached))
+
+    def summary(self) -> str:
+        """One line: reached or not, with what, and the numbers."""
+        numbers = (f"agreement {100 * self.final.agreement:.2f}% (was {100 * self.start.agreement:.2f}%), accuracy "
+                   f"{100 * self.final.accuracy:.2f}% on {self.final.images} images")
+        layers = ", ".join(u.label for u in self.upgrades)
+        if self.reached:
+            return (f"{self.variant}: {self.target.describe()} reached by upgrading {len(self.upgrades)} of "
+                    f"{len(self.ranked)} candidate layers ({layers}): {numbers} -> {self.mixed_name}")
+        if self.upgrades:
+            return (f"{self.variant}: {self.target.describe()} not reached; the {len(self.ranked)} candidate layers "
+                    f"got to {numbers} with {layers}; best attempt recorded as {self.mixed_name}")
+        return (f"{self.variant}: {self.target.describe()} not reached; no upgrade of its {len(self.ranked)} "
+                f"candidate layers brought it closer ({numbers}); no {self.mixed_name} variant")
+
+    def to_dict(self) -> dict:
+        return {"variant": self.variant, "target": self.target.describe(), "reached": self.reached,
+                "start": self.start.to_dict(), "final": self.final.to_dict(),
+                "layers": [u.to_dict() for u in self.upgrades], "ranking_images": self.ranking_images,
+                "ranking": [r.to_dict() for r in self.ranked], "steps": [s.to_dict() for s in self.steps]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+Measure = Callable[[VariantSpec, "int | None"], Measurement]  # a config, on the first N test images (None: all)
+# Opens a step's record before it is measured (number, change, all upgrades); yields the function that records it.
+StepScope = Callable[[int, Upgrade, tuple], ContextManager[Callable[[Step], None]]]
+
+
+@contextmanager
+def _no_record(number: int, change: Upgrade, upgrades: tuple):
+    yield lambda step: None
+
+
+class FallbackSearch:
+    """Rank the candidate layers of one variant, then restore them greedily until `target` holds."""
+
+    def __init__(self, measure: Measure, target: FallbackTarget, reference_accuracy: float,
+                 candidates: int = DEFAULT_CANDIDATES, ranking_images: int = DEFAULT_RANKING_IMAGES,
+                 step_scope: StepScope | None = None, announce: Callable[[str], None] = lambda line: None):
+        if candidates < 1:
+            raise ConfigError(f"the fallback ranks at least 1 candidate layer, got {candidates}")
+        if ranking_images < 1:
+            raise ConfigError(f"--ranking-images must be at least 1, got {ranking_images}")
+        self.measure = measure
+        self.target = target
+        self.reference_accuracy = reference_accuracy
+        self.candidates = candidates
+        self.ranking_images = ranking_images
+        self.step_scope = step_scope or _no_record
+        self.announce = announce
+
+    def shortfall(self, m: Measurement) -> float:
+        return self.target.shortfall(m.accuracy, m.agreement, self.reference_accuracy)
+
+    def rank(self, spec: VariantSpec, chosen: list[Candidate]) -> list[Ranked]:
+        """Each candidate upgraded alone (each kind the backend has), measured on the ranking images; best first."""
+        kinds = upgrade_kinds(spec.config)
+        ranked = [Ranked(c) for c in chosen]
+        total = sum(len(c.kinds(kinds)) for c in chosen)
+        with progress_task(f"ranking {len(chosen)} layers of {spec.name}", total=total) as advance:
+            for entry in ranked:
+                for kind in entry.candidate.kinds(kinds):
+                    checkpoint()
+                    try:
+                        config = apply_upgrades(spec.config, (entry.candidate.upgrade(kind),))
+                        entry.measured[kind] = self.measure(replace(spec, config=config), self.ranking_images)
+                    except (ConfigError, TrackingError):
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - a config the backend refuses is not a candidate
+                        entry.refused[kind] = _reason(exc)
+                    advance(1)
+        return sorted(ranked, key=Ranked.sort_key)
+
+    def run(self, spec: VariantSpec, start: Measurement, diagnosis,
+            inputs: dict[str, tuple[str, ...]] | None = None) -> SearchResult:
+        """Search from `spec` as it is (`start`: its numbers on the full test set) with the layers of `diagnosis`;
+        `inputs`: see `candidates`."""
+        chosen = candidates(diagnosis, self.candidates, inputs)
+        self.announce(f"{spec.name}: {self.target.describe()} missed (agreement {100 * start.agreement:.2f}%, "
+                      f"accuracy {100 * start.accuracy:.2f}%); ranking {len(chosen)} candidate layers on "
+                      f"{min(self.ranking_images, start.images)} images")
+        ranked = self.rank(spec, chosen)
+        kept: dict[str, Upgrade] = {}  # layer -> its upgrade, in the order they were added
+        current, steps = start, []
+        for entry in ranked:
+            layer = entry.candidate.layer
+            for kind in (k for k in upgrade_kinds(spec.config) if k in entry.measured):
+                if self.shortfall(current) == 0:
+                    break
+                previous = kept.get(layer)
+                if previous is not None and entry.measured[kind].score <= entry.measured[previous.kind].score:
+                    continue  # no better than the layer's cheaper upgrade on the ranking images
+                change = entry.candidate.upgrade(kind)
+                proposal = {**kept, layer: change}  # FP32 replaces the layer's 16-bit upgrade in place
+                step = self._step(spec, len(steps) + 1, change, tuple(proposal.values()), current)
+                steps.append(step)
+                if step.kept:
+                    kept, current = proposal, step.measurement
+            if self.shortfall(current) == 0:
+                break
+        return SearchResult(spec.name, self.target, start, min(self.ranking_images, start.images), ranked, steps,
+                            tuple(kept.values()), current, self.shortfall(current) == 0)
+
+    def _step(self, spec: VariantSpec, number: int, change: Upgrade, upgrades: tuple[Upgrade, ...],
+              current: Measurement) -> Step:
+        with self.step_scope(number, change, upgrades) as record:
+            checkpoint()
+            try:
+                measured = self.measure(replace(spec, config=apply_upgrades(spec.config, upgrades)), None)
+            except (ConfigError, TrackingError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the step is recorded as refused; the search goes on
+                step = Step(number, change, upgrades, None, "refused", _reason(exc))
+            else:
+                closer = self.shortfall(measured) < self.shortfall(current) - _EPSILON
+                step = Step(number, change, upgrades, measured, "kept" if closer else "rejected",
+                            "" if closer else "no closer to the target than without it")
+            record(step)
+        result = (f"agreement {100 * step.measurement.agreement:.2f}%, accuracy {100 * step.measurement.accuracy:.2f}%"
+                  if step.measurement else step.reason)
+        self.announce(f"  step {number}: {change.label} -> {result} ({step.decision})")
+        return step
+
+
+def _db(value: float | None):
+    """A dB value for JSON: "inf" for no noise at all, None when not measured."""
+    if value is None or math.isnan(value):
+        return None
+    return value if math.isfinite(value) else "inf"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:500]
+
+
+def search(runner, result, target: FallbackTarget, candidates: int = DEFAULT_CANDIDATES,
+           ranking_images: int = DEFAULT_RANKING_IMAGES, step_scope: StepScope | None = None,
+           announce: Callable[[str], None] = lambda line: None) -> SearchResult:
+    """The search for one variant made by `runner` (pipelines.variant_runner.VariantRunner, reference run):
+    `result` is its VariantResult. Uses the result's diagnosis, or diagnoses the variant again (quantizing it) when
+    it has none."""
+    from models.layer_map import input_layers
+
+    spec = result.spec
+    diagnosis = result.diagnosis or runner.diagnose(spec)
+    inputs = input_layers(runner.quantization_source.onnx.proto)
+    images = len(runner.inputs.test)
+    start = Measurement(result.evaluation.accuracy, result.fidelity.top1_agreement, result.fidelity.sqnr_db, images)
+
+    def measure(config_spec: VariantSpec, limit: int | None) -> Measurement:
+        return Measurement.of(*runner.measure(config_spec, limit))
+
+    return FallbackSearch(measure, target, runner.reference.accuracy, candidates, ranking_images, step_scope,
+                          announce).run(spec, start, diagnosis, inputs)
+
+
+def misses(target: FallbackTarget, result, reference_accuracy: float) -> bool:
+    """Whether a finished variant (VariantResult or the sweep's VariantOutcome) is one the search should repair:
+    a quantized variant, not itself a `-mixed` one, that misses the target on the full test set."""
+    spec = result.spec
+    if not target.active or result.status != "ok" or spec is None or spec.mixed is not None:
+        return False
+    if result.evaluation is None or result.fidelity is None:
+        return False
+    return target.shortfall(result.evaluation.accuracy, result.fidelity.top1_agreement, reference_accuracy) > 0
+
+
+def repair_untracked(runner, result, target: FallbackTarget, candidates: int = DEFAULT_CANDIDATES,
+                     ranking_images: int = DEFAULT_RANKING_IMAGES) -> VariantSpec | None:
+    """The Python API without tracking: the `-mixed` spec for `result` when it misses the target and some upgrade
+    brought it closer, else None; the outcome is one line on the terminal. A search that fails is one line too."""
+    if runner.reference is None or not misses(target, result, runner.reference.accuracy):
+        return None
+    try:
+        found = search(runner, result, target, candidates, ranking_images, announce=say)
+    except (ConfigError, TrackingError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - as a failing variant does, a failing search leaves the others
+        say(f"[red]✗[/] {result.name}: the fallback search failed ({_reason(exc)})")
+        return None
+    say(("[green]✓[/] " if found.reached else "[yellow]![/] ") + found.summary())
+    return found.mixed_spec(result.spec)
+
+
+def mixed_params(spec: VariantSpec | None) -> dict:
+    """A `-mixed` variant's params: the variant it repairs, the layers it upgraded and the target; {} otherwise."""
+    from tracking.keys import Param
+
+    if spec is None or spec.mixed is None:
+        return {}
+    return {Param.FALLBACK_OF: spec.mixed.of, Param.FALLBACK_LAYERS: ",".join(u.label for u in spec.mixed.upgrades),
+            Param.FALLBACK_TARGET: spec.mixed.target}
+
+
+class SweepFallback:
+    """The sweep's side of the search: for each variant that misses the target, the search with every step a child
+    run of the variant's run (FINISHED, with its params and metrics, tagged kept, rejected or refused), the whole
+    search as `fallback/search.json` and a one-line `ptqflow.fallback` tag on the variant's run, and the `-mixed`
+    spec the sweep then runs like any variant. A search that fails says so on the variant's run and in one line;
+    it fails neither the variant nor the sweep."""
+
+    def __init__(self, target: FallbackTarget, runner, candidates: int = DEFAULT_CANDIDATES,
+                 ranking_images: int = DEFAULT_RANKING_IMAGES, timer=None):
+        self.target = target
+        self.runner = runner
+        self.candidates = candidates
+        self.ranking_images = ranking_images
+        self.timer = timer
+
+    def repair(self, outcome) -> VariantSpec | None:
+        """The `-mixed` spec for `outcome` (pipelines.sweep.VariantOutcome, with its run id) when it misses the
+        target and some upgrade brought it closer; None otherwise."""
+        from contextlib import nullcontext
+
+        from tracking import runs
+        from tracking.keys import Artifact, Tag
+
+        if self.runner.reference is None or not misses(self.target, outcome, self.runner.reference.accuracy):
+            return None
+        try:
+            with self.timer.phase("fallback") if self.timer else nullcontext():
+                result = search(self.runner, outcome, self.target, self.candidates, self.ranking_images,
+                                step_scope=lambda *step: self._step_run(outcome, *step), announce=say)
+        except (ConfigError, TrackingError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the variant stands; the search's failure is recorded on it
+            reason = _reason(exc)
+            runs.set_run_tags(outcome.run_id, {Tag.FALLBACK: f"search failed: {reason}"[:5000]})
+            say(f"[red]✗[/] {outcome.name}: the fallback search failed ({reason})")
+            return None
+        runs.log_bytes_to_run(outcome.run_id, result.to_json().encode(), Artifact.FALLBACK_SEARCH)
+        runs.set_run_tags(outcome.run_id, {Tag.FALLBACK: result.summary()[:5000]})
+        say(("[green]✓[/] " if result.reached else "[yellow]![/] ") + result.summary())
+        return result.mixed_spec(outcome.spec)
+
+    @contextmanager
+    def _step_run(self, outcome, number: int, change: Upgrade, upgrades: tuple[Upgrade, ...]):
+        from pipelines import precision
+        from tracking import runs
+        from tracking.keys import Metric, Param, Tag
+
+        tags = {Tag.ROLE: Tag.ROLE_FALLBACK_STEP, Tag.FALLBACK_OF: outcome.name}
+        with runs.child_run(outcome.run_id, f"{outcome.name} · step {number}: {change.label}", tags) as run:
+            run.log_params({Param.FALLBACK_OF: outcome.name, Param.FALLBACK_STEP: number,
+                            Param.FALLBACK_CHANGE: change.label,
+                            Param.FALLBACK_LAYERS: ",".join(u.label for u in upgrades),
+                            Param.FALLBACK_TARGET: self.target.describe()})
+
+            def record(step: Step) -> None:
+                decision = {Tag.STEP_DECISION: step.decision, **({Tag.REASON: step.reason} if step.reason else {})}
+                if step.measurement is not None:
+                    m, reference = step.measurement, self.runner.reference.accuracy
+                    run.log_metrics(precision.rounded({
+                        Metric.ACCURACY: m.accuracy, Metric.ACCURACY_DELTA_PP: 100 * (m.accuracy - reference),
+                        Metric.TOP1_AGREEMENT: m.agreement,
+                        Metric.SQNR_DB: m.logit_sqnr_db if math.isfinite(m.logit_sqnr_db) else None,
+                        Metric.TEST_IMAGES: m.images}, m.images))
+                run.set_tags(decision)
+
+            yield record
