@@ -176,23 +176,23 @@ def _run_sweep(**options) -> None:
 
 # ---- per-layer diagnosis and the sensitivity-ranked fallback (sweep only) --------------------------------------
 DiagnoseOpt = Annotated[bool, typer.Option(
-    "--diagnose/--no-diagnose", rich_help_panel="Diagnosis and fallback",
+    "--diagnose/--no-diagnose", rich_help_panel="Diagnosis",
     help="Per-layer SQNR of every int8 variant on the first --diagnose-images test images, logged on its run under "
          "diagnosis/ (a few seconds each).")]
-DiagnoseImagesOpt = Annotated[int, typer.Option("--diagnose-images", min=1, rich_help_panel="Diagnosis and fallback",
+DiagnoseImagesOpt = Annotated[int, typer.Option("--diagnose-images", min=1, rich_help_panel="Diagnosis",
                                                 help="Test images the diagnosis runs on.")]
 TargetAgreementOpt = Annotated[Optional[float], typer.Option(
-    "--target-agreement", show_default=False, rich_help_panel="Diagnosis and fallback",
+    "--target-agreement", show_default=False, rich_help_panel="Fallback",
     help="Least top-1 agreement with FP32 (e.g. 0.995): a variant below it gets a <variant>-mixed variant with its "
          "most harmful layers in 16 bits (ONNX Runtime QDQ) or FP32.")]
 MaxDropPpOpt = Annotated[Optional[float], typer.Option(
-    "--max-drop", metavar="PP", show_default=False, rich_help_panel="Diagnosis and fallback",
+    "--max-drop", metavar="<pp>", show_default=False, rich_help_panel="Fallback",
     help="Most accuracy points a variant may lose vs FP32 (e.g. 0.3); one that loses more gets a <variant>-mixed "
          "variant, as with --target-agreement (both: both must hold).")]
-RankingImagesOpt = Annotated[int, typer.Option("--ranking-images", min=1, rich_help_panel="Diagnosis and fallback",
+RankingImagesOpt = Annotated[int, typer.Option("--ranking-images", min=1, rich_help_panel="Fallback",
                                                help="The fallback ranks layers on the first N test images.")]
 FallbackCandidatesOpt = Annotated[int, typer.Option(
-    "--fallback-candidates", min=1, rich_help_panel="Diagnosis and fallback",
+    "--fallback-candidates", min=1, rich_help_panel="Fallback",
     help="Layers the fallback ranks: the worst by local SQNR, plus any the diagnosis gives a hint.")]
 
 

@@ -85,6 +85,14 @@ class FallbackTarget:
         return " and ".join(parts)
 
 
+def check_options(target: FallbackTarget, diagnose_images: int, ranking_images: int, candidates: int) -> None:
+    """The sweep's options for the diagnosis and the search (the target checks itself): ConfigError when bad."""
+    for option, value in (("--diagnose-images", diagnose_images), ("--ranking-images", ranking_images),
+                          ("--fallback-candidates", candidates)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{option} must be a whole number, at least 1; got {value!r}")
+
+
 @dataclass(frozen=True)
 class Measurement:
     """A config's numbers on some of the test images, against the labels and the FP32 model on the same images."""
@@ -248,10 +256,7 @@ class FallbackSearch:
     def __init__(self, measure: Measure, target: FallbackTarget, reference_accuracy: float,
                  candidates: int = DEFAULT_CANDIDATES, ranking_images: int = DEFAULT_RANKING_IMAGES,
                  step_scope: StepScope | None = None, announce: Callable[[str], None] = lambda line: None):
-        if candidates < 1:
-            raise ConfigError(f"the fallback ranks at least 1 candidate layer, got {candidates}")
-        if ranking_images < 1:
-            raise ConfigError(f"--ranking-images must be at least 1, got {ranking_images}")
+        check_options(target, 1, ranking_images, candidates)
         self.measure = measure
         self.target = target
         self.reference_accuracy = reference_accuracy

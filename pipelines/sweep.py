@@ -30,7 +30,8 @@ from pipelines.calibration import indices_digest, stratified_indices
 from pipelines.choices import LayoutChoice, Preprocessing
 from pipelines.cifar import Cifar10, Split, load_cifar10
 from pipelines.evaluation import Evaluation, Fidelity
-from pipelines.fallback import DEFAULT_CANDIDATES, DEFAULT_RANKING_IMAGES, FallbackTarget, SweepFallback, mixed_params
+from pipelines.fallback import (DEFAULT_CANDIDATES, DEFAULT_RANKING_IMAGES, FallbackTarget, SweepFallback,
+                                check_options, mixed_params)
 from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL, ensure_data, ensure_model
 from pipelines.names import ONNX_SUFFIX, PYTORCH_SUFFIX, registered_name_for, validate_name
 from pipelines.preprocessing import InputTransform, resolve_layout
@@ -93,11 +94,8 @@ class SweepOptions:
                 validate_name(kind, value)
         if self.test_limit is not None and self.test_limit < 0:
             raise ConfigError(f"--test-limit must be positive (0 = all), got {self.test_limit}")
-        self.fallback_target()  # a bad --target-agreement / --max-drop is one line before anything loads
-        for option, value in (("--diagnose-images", self.diagnose_images), ("--ranking-images", self.ranking_images),
-                              ("--fallback-candidates", self.fallback_candidates)):
-            if value < 1:
-                raise ConfigError(f"{option} must be at least 1, got {value}")
+        # bad --target-agreement, --max-drop, ... are one line before anything loads
+        check_options(self.fallback_target(), self.diagnose_images, self.ranking_images, self.fallback_candidates)
 
     def fallback_target(self) -> FallbackTarget:
         return FallbackTarget(self.target_agreement, self.max_drop_pp)
