@@ -61,7 +61,7 @@ def _measure(calls: list):
     return measure
 
 
-def test_the_search_ranks_by_end_to_end_effect_tries_16_bits_first_and_keeps_what_helps():
+def test_the_search_ranks_by_end_to_end_effect_and_tries_16_bits_first():
     calls = []
     spec = VariantSpec("ort-int8", "onnxruntime", OrtStaticConfig(weight_rounding="nearest"))
     steps_opened = []
@@ -76,19 +76,20 @@ def test_the_search_ranks_by_end_to_end_effect_tries_16_bits_first_and_keeps_wha
     assert set(result.ranked[0].measured) == {"int16", "fp32", "fp32+inputs"}
     assert set(result.ranked[1].measured) == {"int16", "fp32"}
     assert all(limit == 200 for *_, limit in calls[:5])  # ranking on the ranking images
-    # greedy: b's 16-bit input first (kept: 0.94), its FP32 alone not (no better than 16 bits when ranked), then
-    # b with the layer feeding it in FP32, which replaces the 16-bit upgrade and reaches the target
-    assert [(s.change.label, s.decision) for s in result.steps] == [("b:int16(ya)", "kept"),
-                                                                    ("b:fp32+inputs(a)", "kept")]
-    assert [n for n, *_ in steps_opened] == [1, 2]
+    # greedy: the 16-bit inputs first in the order they ranked (b's helps, a's adds nothing but stays), then FP32 in
+    # its ranking order: b with the layer feeding it (better than b alone), replacing both 16-bit upgrades, reaches it
+    assert [(s.change.label, s.decision) for s in result.steps] == [
+        ("b:int16(ya)", "added"), ("a:int16(x)", "added"), ("b:fp32+inputs(a)", "added")]
+    assert [n for n, *_ in steps_opened] == [1, 2, 3]
+    assert [u.label for u in result.steps[1].upgrades] == ["b:int16(ya)", "a:int16(x)"]
     assert all(limit is None for *_, limit in calls[5:])  # steps on the full test set
-    assert result.reached and result.final.agreement == 0.995
+    assert result.reached and result.final.agreement == 0.995 and result.best_step == 3
     assert result.upgrades == (Upgrade("b", "fp32+inputs", inputs_from=("a",)),)
     mixed = result.mixed_spec(spec)
     assert mixed.name == "ort-int8-mixed" and mixed.mixed.of == "ort-int8" and mixed.mixed.reached
     assert mixed.config.fp32_nodes == ("b", "a") and mixed.config.activation_16bit_tensors == ()
     assert "reached" in result.summary() and "ort-int8-mixed" in result.summary()
-    assert json.loads(result.to_json())["steps"][1]["layers"] == [{"layer": "b", "kind": "fp32+inputs",
+    assert json.loads(result.to_json())["steps"][2]["layers"] == [{"layer": "b", "kind": "fp32+inputs",
                                                                    "inputs_from": ["a"]}]
 
 
@@ -103,16 +104,28 @@ def _recording(opened: list, number, change, upgrades):
     return scope()
 
 
-def test_a_step_that_does_not_help_is_not_kept_and_an_unreachable_target_keeps_the_best_attempt():
+def test_an_unreachable_target_keeps_the_config_that_came_closest():
     spec = VariantSpec("ort-int8", "onnxruntime", OrtStaticConfig(weight_rounding="nearest"))
-    # no layer feeds b here, so nothing takes ya out of 8 bits: 0.94 is the best there is
-    result = FallbackSearch(_measure([]), FallbackTarget(agreement=0.99), 0.8).run(
-        spec, Measurement(0.8, 0.90, 18.0, 1000), _diagnosis(), inputs={})
-    assert not result.reached and result.final.agreement == 0.94
-    assert [(s.change.label, s.decision) for s in result.steps] == [
-        ("b:int16(ya)", "kept"), ("a:int16(x)", "rejected"), ("a:fp32", "rejected")]
+    start = Measurement(0.8, 0.90, 18.0, 1000)
+
+    def measure(variant: VariantSpec, limit):  # b's 16-bit input helps; any FP32 layer helps less
+        config = variant.config
+        agreement = 0.92 if config.fp32_nodes else 0.93 if "ya" in config.activation_16bit_tensors else 0.90
+        return Measurement(0.8, agreement, 20.0, limit or 1000)
+
+    result = FallbackSearch(measure, FallbackTarget(agreement=0.99), 0.8).run(spec, start, _diagnosis(), inputs={})
+    # every candidate was tried, 16 bits first; FP32 in ranking order (a tie: the worse local SQNR first)
+    assert [s.change.label for s in result.steps] == ["b:int16(ya)", "a:int16(x)", "b:fp32", "a:fp32"]
+    assert not result.reached and result.final.agreement == 0.93 and result.best_step == 1
     assert "not reached" in result.summary() and "best attempt recorded as ort-int8-mixed" in result.summary()
-    assert result.mixed_spec(spec).config.activation_16bit_tensors == ("ya",)
+    mixed = result.mixed_spec(spec)
+    assert mixed.config.activation_16bit_tensors == ("ya",) and not mixed.config.fp32_nodes
+    assert not mixed.mixed.reached
+    # nothing closer than the variant itself: no -mixed variant
+    nothing = FallbackSearch(lambda variant, limit: replace(start, images=limit or 1000), FallbackTarget(0.99),
+                             0.8).run(spec, start, _diagnosis(), inputs={})
+    assert nothing.steps and nothing.upgrades == () and nothing.final == start and nothing.mixed_spec(spec) is None
+    assert "no upgrade" in nothing.summary() and "no ort-int8-mixed variant" in nothing.summary()
 
 
 def test_targets_and_kinds():
@@ -187,15 +200,16 @@ def test_target_agreement_repairs_every_variant_that_misses_it(tracking_store, o
         run = client.get_run(mixed.run_id)
         assert run.data.params[Param.FALLBACK_OF] == variant and "conv2:" in run.data.params[Param.FALLBACK_LAYERS]
         assert run.data.tags[Tag.ROLE] == Tag.ROLE_VARIANT and run.data.tags[Tag.STATUS] == Tag.STATUS_OK
-        # the search: one finished child run of the variant's run per step; the last kept step is the -mixed config
+        # the search: one finished child run of the variant's run per step; the last one is the -mixed config
         steps = sorted(runs.child_runs(base.run_id), key=lambda r: int(r.data.params[Param.FALLBACK_STEP]))
         assert steps and all(step.info.status == "FINISHED" for step in steps)
         assert {step.data.tags[Tag.ROLE] for step in steps} == {Tag.ROLE_FALLBACK_STEP}
-        kept = [step for step in steps if step.data.tags[Tag.STEP_DECISION] == Tag.STEP_KEPT]
-        assert kept[-1].data.params[Param.FALLBACK_LAYERS] == run.data.params[Param.FALLBACK_LAYERS]
-        assert kept[-1].data.metrics[Metric.TOP1_AGREEMENT] == run.data.metrics[Metric.TOP1_AGREEMENT]
+        assert {step.data.tags[Tag.STEP_DECISION] for step in steps} == {Tag.STEP_ADDED}
         search = json.loads(runs.download_text(base.run_id, Artifact.FALLBACK_SEARCH))
-        assert search["reached"] and search["ranking"][0]["layer"] == "conv2" and search["ranking_images"] == 50
+        assert search["reached"] and search["best_step"] == len(steps)
+        assert search["ranking"][0]["layer"] == "conv2" and search["ranking_images"] == 50
+        assert steps[-1].data.params[Param.FALLBACK_LAYERS] == run.data.params[Param.FALLBACK_LAYERS]
+        assert steps[-1].data.metrics[Metric.TOP1_AGREEMENT] == run.data.metrics[Metric.TOP1_AGREEMENT]
         assert "reached" in client.get_run(base.run_id).data.tags[Tag.FALLBACK]
         # every int8 variant, -mixed included, has its diagnosis
         assert {a.path for a in client.list_artifacts(mixed.run_id, "diagnosis")} == {
@@ -214,8 +228,8 @@ def test_target_agreement_repairs_every_variant_that_misses_it(tracking_store, o
 def test_an_unreachable_target_is_one_line_and_keeps_the_best_attempt(tracking_store, outlier_model, cifar_dir,
                                                                         monkeypatch, capsys):
     """With no layer feeding another (as if pooling requantized every layer's input) and one candidate, nothing takes
-    r1 out of 8 bits: FX has no step that helps and gets no -mixed variant; ONNX Runtime QDQ keeps its 16-bit step,
-    short of the target, as its best attempt."""
+    r1 out of 8 bits: FX has no step that gets closer and no -mixed variant; ONNX Runtime QDQ's 16-bit step, short
+    of the target, is its best attempt (its FP32 step came after it and did worse)."""
     import models.layer_map
     from pipelines.sweep import SweepOptions, run_sweep
     from tracking import runs

@@ -107,7 +107,7 @@ class Tag:
     DIAGNOSIS_ERROR = "ptqflow.diagnosis_error"  # why a variant has no diagnosis artifacts (the variant is fine)
     FALLBACK = "ptqflow.fallback"  # on a variant that missed the target: what the fallback search found, one line
     FALLBACK_OF = "ptqflow.fallback_of"  # on a search step's run: the variant it repairs
-    STEP_DECISION = "ptqflow.step"  # on a search step's run: kept, rejected or refused
+    STEP_DECISION = "ptqflow.step"  # on a search step's run: added, or refused (the backend could not make it)
     REUSED_FROM = "ptqflow.reused."  # + variant, on a resumed sweep's parent: the run reused for it
     BENCH_CONTENDED = "ptqflow.bench_contended"  # why the timings are not facts, only on contended runs
     ORPHANS_MARKED = "ptqflow.orphans_marked_failed"  # "name/version" on the run that was registered
@@ -119,8 +119,7 @@ class Tag:
     ROLE_SWEEP = "sweep"
     ROLE_VARIANT = "variant"
     ROLE_FALLBACK_STEP = "fallback_step"  # a step of the fallback search, a child of the variant's run
-    STEP_KEPT = "kept"  # brought the config closer to the target
-    STEP_REJECTED = "rejected"  # did not
+    STEP_ADDED = "added"  # measured; the search goes on from this config
     STEP_REFUSED = "refused"  # the backend could not make the config (the reason tag says why)
     WARNING_FP32_MISMATCH = "fp32_torch_ort_mismatch"
 
