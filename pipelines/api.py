@@ -92,8 +92,9 @@ def quantize(model: str | Path, data: str | Path, variants: str | list[str] | tu
     target_agreement=None and max_drop_pp=None (a variant that misses them is followed by its `<variant>-mixed`
     repair, pipelines.fallback), ranking_images=1000, fallback_candidates=8; and with track=True also experiment,
     registered_model, registered_onnx_model, register, gate (a pipelines.promotion.GatePolicy), resume, run_name,
-    diagnose=True and diagnose_images=256 (per-layer diagnosis logged on each variant run). Bad input raises common.errors.PtqflowError (ConfigError,
-    DataError, ModelError ...); a variant that fails is reported with status "failed" and its reason."""
+    diagnose=True and diagnose_images=256 (per-layer diagnosis logged on each variant run). Bad input raises
+    common.errors.PtqflowError (ConfigError, DataError, ModelError ...); a variant that fails is reported with status
+    "failed" and its reason."""
     sweep_options = _sweep_options(model, data, variants, track, options)
     scratch = tempfile.TemporaryDirectory(prefix="ptqflow-api-") if output_dir is None else None
     out = Path(scratch.name) if scratch else Path(output_dir)
