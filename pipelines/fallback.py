@@ -239,6 +239,7 @@ class SearchResult:
 
     def to_dict(self) -> dict:
         return {"variant": self.variant, "target": self.target.describe(), "reached": self.reached,
+                "summary": self.summary(),
                 "start": self.start.to_dict(), "final": self.final.to_dict(), "best_step": self.best_step,
                 "layers": [u.to_dict() for u in self.upgrades], "ranking_images": self.ranking_images,
                 "ranking": [r.to_dict() for r in self.ranked], "steps": [s.to_dict() for s in self.steps]}
@@ -469,6 +470,10 @@ class SweepFallback:
 
         if self.runner.reference is None or not misses(self.target, outcome, self.runner.reference.accuracy):
             return None
+        if outcome.reason.startswith("reused run"):  # pipelines.sweep.Sweep._reuse: a run of an earlier sweep
+            found, mixed = self._reused_search(outcome)
+            if found:
+                return mixed
         try:
             with self.timer.phase("fallback") if self.timer else nullcontext():
                 result = search(self.runner, outcome, self.target, self.candidates, self.ranking_images,
@@ -480,10 +485,38 @@ class SweepFallback:
             runs.set_run_tags(outcome.run_id, {Tag.FALLBACK: f"search failed: {reason}"[:5000]})
             say(f"[red]✗[/] {outcome.name}: the fallback search failed ({reason})")
             return None
-        runs.log_bytes_to_run(outcome.run_id, result.to_json().encode(), Artifact.FALLBACK_SEARCH)
+        payload = {**result.to_dict(), "options": self._options()}
+        runs.log_bytes_to_run(outcome.run_id, (json.dumps(payload, indent=2) + "\n").encode(),
+                              Artifact.FALLBACK_SEARCH)
         runs.set_run_tags(outcome.run_id, {Tag.FALLBACK: result.summary()[:5000]})
         say(("[green]✓[/] " if result.reached else "[yellow]![/] ") + result.summary())
         return result.mixed_spec(outcome.spec)
+
+    def _options(self) -> dict:
+        """What shapes a search besides the variant's inputs (its run's input key)."""
+        return {"target": self.target.describe(), "fallback_candidates": self.candidates,
+                "ranking_images": min(self.ranking_images, len(self.runner.inputs.test))}
+
+    def _reused_search(self, outcome) -> tuple[bool, VariantSpec | None]:
+        """For a variant run a resumed sweep reused: (True, its -mixed spec or None) when the run holds a search made
+        with the same options (same inputs, same search: the same result); (False, None) when it must search."""
+        from tracking import runs
+        from tracking.keys import Artifact
+
+        try:
+            payload = json.loads(runs.download_text(outcome.run_id, Artifact.FALLBACK_SEARCH))
+        except Exception:  # noqa: BLE001 - no search on that run (or not readable): search again
+            return False, None
+        if payload.get("options") != self._options():
+            return False, None
+        upgrades = tuple(Upgrade(**layer) for layer in payload["layers"])
+        say(f"[green]↺[/] {outcome.name}: reused the fallback search of run {outcome.run_id} (same inputs and "
+            f"options): {payload.get('summary', '')}")
+        if not upgrades:
+            return True, None
+        return True, VariantSpec(outcome.name + MIXED_SUFFIX, outcome.spec.framework,
+                                 apply_upgrades(outcome.spec.config, upgrades),
+                                 Mixed(outcome.name, upgrades, payload["target"], bool(payload["reached"])))
 
     @contextmanager
     def _step_run(self, outcome, number: int, change: Upgrade, upgrades: tuple[Upgrade, ...]):

@@ -301,3 +301,27 @@ def test_a_failing_diagnosis_leaves_the_variant_standing(tracking_store, outlier
     assert run.data.tags[Tag.DIAGNOSIS_ERROR] == "RuntimeError: no layer table today"
     assert not MlflowClient().list_artifacts(outcome.run_id, "diagnosis")
     assert not MlflowClient().list_artifacts(result.parent_run_id, "diagnosis")  # nothing to compare
+
+
+def test_resume_reuses_the_search_and_the_mixed_variant(tracking_store, outlier_model, cifar_dir, capsys):
+    from pipelines.sweep import SweepOptions, run_sweep
+
+    options = SweepOptions(model_path=outlier_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
+                           weight_rounding="nearest", variants=("ort-uint8",), bench=False, target_agreement=TARGET,
+                           ranking_images=50, register=False)
+    first = {o.name: o for o in run_sweep(options).outcomes}
+
+    def steps() -> int:
+        return sum(r.data.tags.get(Tag.ROLE) == Tag.ROLE_FALLBACK_STEP for r in all_runs())
+
+    searched = steps()
+    assert searched >= 1
+    capsys.readouterr()
+    second = {o.name: o for o in run_sweep(replace(options, resume=True)).outcomes}
+    assert "ort-uint8: reused the fallback search of run" in capsys.readouterr().err
+    for name in ("ort-uint8", "ort-uint8-mixed"):
+        assert second[name].run_id == first[name].run_id and second[name].reason.startswith("reused run")
+    assert steps() == searched  # no second search
+    # other search options: the search runs again (its steps under the reused variant run)
+    third = {o.name: o for o in run_sweep(replace(options, resume=True, ranking_images=40)).outcomes}
+    assert steps() > searched and third["ort-uint8"].run_id == first["ort-uint8"].run_id
