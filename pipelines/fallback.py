@@ -4,8 +4,8 @@ on the full test set. The result is a new variant, `<variant>-mixed`, made, meas
 registered like any other.
 
 1. Candidates (`candidates`): the variant's quantized layers from its per-layer diagnosis (models.diagnosis), worst
-   local SQNR first: the worst `candidates` (8) and any other layer the diagnosis gives a hint. Local SQNR is only
-   this pre-filter: a layer's own noise says little about what it costs at the output.
+   local SQNR first: the worst `candidates` (8), any other layer the diagnosis gives a hint, and any without a local
+   SQNR. Local SQNR is only this pre-filter: a layer's own noise says little about what it costs at the output.
 2. Ranking (`FallbackSearch.rank`): each candidate upgraded alone, quantized and measured on the first
    `ranking_images` test images: its end-to-end effect. The upgrades (pipelines.variants.UPGRADE_KINDS), cheapest
    first: `int16`, its input activation in 16 bits (ONNX Runtime QDQ only); `fp32`, the layer in FP32 (the
@@ -144,12 +144,15 @@ class Candidate:
 def candidates(diagnosis, limit: int = DEFAULT_CANDIDATES,
                inputs: dict[str, tuple[str, ...]] | None = None) -> list[Candidate]:
     """The quantized layers of `diagnosis` (models.diagnosis.Diagnosis) worth ranking: the `limit` worst by local
-    SQNR (the table's order), then any other layer with a hint. `inputs` maps a layer to the layers whose output it
-    reads (models.layer_map.input_layers); the quantized ones among them go FP32 with it in an fp32+inputs
-    upgrade."""
+    SQNR (the table's order), then any other layer with a hint or without a local SQNR (FX cannot shadow a quantized
+    add_relu, ResNet's residual sums: the pre-filter has nothing to judge them by). `inputs` maps a layer to the
+    layers whose output it reads (models.layer_map.input_layers); the quantized ones among them go FP32 with it in an
+    fp32+inputs upgrade."""
     rows = [row for row in diagnosis.worst_first() if row.quantized]
     quantized = {row.layer for row in rows}
-    chosen = rows[:limit] + [row for row in rows[limit:] if row.hint]
+    measured = [row for row in rows if row.local_sqnr_db is not None]
+    chosen = measured[:limit] + [row for row in rows if row not in measured[:limit]
+                                 and (row.hint or row.local_sqnr_db is None)]
     return [Candidate(row.layer, row.op_type, row.input_tensor, row.local_sqnr_db, row.hint,
                       tuple(name for name in (inputs or {}).get(row.layer, ()) if name in quantized))
             for row in chosen]

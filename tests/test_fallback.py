@@ -150,6 +150,10 @@ def test_targets_and_kinds():
                                                                            inputs_from=("conv1",)),))
     assert fx.fp32_modules == ("conv1", "conv2")
     assert [c.layer for c in candidates(_diagnosis(), limit=1)] == ["b"]
+    # a layer without a local SQNR (FX cannot shadow a quantized add_relu) is never filtered out
+    residual = LayerDiagnosis("add", "Add", 0.0, None, None, 9.0, input_tensor="yb", output_tensor="z")
+    assert [c.layer for c in candidates(replace(_diagnosis(), layers=_diagnosis().layers + (residual,)),
+                                        limit=1)] == ["b", "add"]
 
 
 def test_input_layers_and_float_weights_of_fp32_layers(tmp_path):
