@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-__all__ = ["Layer", "layer_table", "node_for_name", "layer_nodes", "input_layers", "tensor_shapes", "LAYER_OPS"]
+__all__ = ["Layer", "layer_table", "node_for_name", "layer_nodes", "input_layers", "activation_inputs", "tensor_shapes",
+           "LAYER_OPS"]
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _ACTIVATIONS = ("Relu", "Clip")
@@ -183,3 +184,12 @@ def input_layers(model: onnx.ModelProto, layers: list[Layer] | None = None) -> d
                 todo.append(node.input[0])
         found[layer.name] = tuple(dict.fromkeys(names))
     return found
+
+
+def activation_inputs(model: onnx.ModelProto, layers: list[Layer] | None = None) -> dict[str, tuple[str, ...]]:
+    """For each layer, every activation tensor it reads (Layer.input is the first; a residual Add reads two)."""
+    layers = layers if layers is not None else layer_table(model)
+    initializers = {init.name for init in model.graph.initializer}
+    nodes = {node.name: node for node in model.graph.node}
+    return {layer.name: tuple(dict.fromkeys(n for n in nodes[layer.name].input if n and n not in initializers))
+            for layer in layers}

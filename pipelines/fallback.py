@@ -126,7 +126,7 @@ class Measurement:
 class Candidate:
     layer: str  # ONNX node name
     op_type: str
-    input_tensor: str  # the activation a 16-bit upgrade widens
+    input_tensors: tuple[str, ...]  # the activations it reads, which a 16-bit upgrade widens (an Add reads two)
     local_sqnr_db: float | None
     hint: str
     inputs_from: tuple[str, ...] = ()  # the quantized layers producing its input (models.layer_map.input_layers)
@@ -137,25 +137,39 @@ class Candidate:
         return tuple(kind for kind in available if kind != "fp32+inputs" or self.inputs_from)
 
     def upgrade(self, kind: str) -> Upgrade:
-        return Upgrade(self.layer, kind, self.input_tensor if kind == "int16" else "",
+        return Upgrade(self.layer, kind, self.input_tensors if kind == "int16" else (),
                        self.inputs_from if kind == "fp32+inputs" else ())
 
 
-def candidates(diagnosis, limit: int = DEFAULT_CANDIDATES,
-               inputs: dict[str, tuple[str, ...]] | None = None) -> list[Candidate]:
-    """The quantized layers of `diagnosis` (models.diagnosis.Diagnosis) worth ranking: the `limit` worst by local
-    SQNR (the table's order), then any other layer with a hint or without a local SQNR (FX cannot shadow a quantized
-    add_relu, ResNet's residual sums: the pre-filter has nothing to judge them by). `inputs` maps a layer to the
-    layers whose output it reads (models.layer_map.input_layers); the quantized ones among them go FP32 with it in an
-    fp32+inputs upgrade."""
+def candidate_rounds(diagnosis, limit: int = DEFAULT_CANDIDATES, inputs: dict[str, tuple[str, ...]] | None = None,
+                     tensors: dict[str, tuple[str, ...]] | None = None) -> list[list[Candidate]]:
+    """Every quantized layer of `diagnosis` (models.diagnosis.Diagnosis), in the rounds the search ranks them: first
+    the `limit` worst by local SQNR (the table's order) and any other layer with a hint or without a local SQNR (FX
+    cannot shadow a quantized add_relu, ResNet's residual sums: the pre-filter has nothing to judge them by); then
+    the rest, `limit` at a time, worst first. `inputs` maps a layer to the layers whose output it reads
+    (models.layer_map.input_layers): the quantized ones go FP32 with it in an fp32+inputs upgrade; `tensors` to the
+    activations it reads (models.layer_map.activation_inputs; default: the diagnosis' input tensor)."""
     rows = [row for row in diagnosis.worst_first() if row.quantized]
     quantized = {row.layer for row in rows}
     measured = [row for row in rows if row.local_sqnr_db is not None]
-    chosen = measured[:limit] + [row for row in rows if row not in measured[:limit]
-                                 and (row.hint or row.local_sqnr_db is None)]
-    return [Candidate(row.layer, row.op_type, row.input_tensor, row.local_sqnr_db, row.hint,
-                      tuple(name for name in (inputs or {}).get(row.layer, ()) if name in quantized))
-            for row in chosen]
+    first = measured[:limit] + [row for row in rows if row not in measured[:limit]
+                                and (row.hint or row.local_sqnr_db is None)]
+    rest = [row for row in rows if row not in first]
+    rounds = [first] + [rest[start:start + limit] for start in range(0, len(rest), limit)]
+
+    def candidate(row) -> Candidate:
+        return Candidate(row.layer, row.op_type, (tensors or {}).get(row.layer) or (row.input_tensor,),
+                         row.local_sqnr_db, row.hint,
+                         tuple(name for name in (inputs or {}).get(row.layer, ()) if name in quantized))
+
+    return [[candidate(row) for row in chosen] for chosen in rounds if chosen]
+
+
+def candidates(diagnosis, limit: int = DEFAULT_CANDIDATES, inputs: dict[str, tuple[str, ...]] | None = None,
+               tensors: dict[str, tuple[str, ...]] | None = None) -> list[Candidate]:
+    """The first round of `candidate_rounds`."""
+    rounds = candidate_rounds(diagnosis, limit, inputs, tensors)
+    return rounds[0] if rounds else []
 
 
 @dataclass
@@ -176,7 +190,7 @@ class Ranked:
 
     def to_dict(self) -> dict:
         c = self.candidate
-        return {"layer": c.layer, "op_type": c.op_type, "input_tensor": c.input_tensor,
+        return {"layer": c.layer, "op_type": c.op_type, "input_tensors": list(c.input_tensors),
                 "inputs_from": list(c.inputs_from), "local_sqnr_db": _db(c.local_sqnr_db), "hint": c.hint,
                 "measured": {kind: m.to_dict() for kind, m in self.measured.items()}, "refused": dict(self.refused)}
 
@@ -299,16 +313,36 @@ class FallbackSearch:
         return sorted(ranked, key=Ranked.sort_key)
 
     def run(self, spec: VariantSpec, start: Measurement, diagnosis,
-            inputs: dict[str, tuple[str, ...]] | None = None) -> SearchResult:
+            inputs: dict[str, tuple[str, ...]] | None = None,
+            tensors: dict[str, tuple[str, ...]] | None = None) -> SearchResult:
         """Search from `spec` as it is (`start`: its numbers on the full test set) with the layers of `diagnosis`;
-        `inputs`: see `candidates`."""
-        chosen = candidates(diagnosis, self.candidates, inputs)
-        self.announce(f"{spec.name}: {self.target.describe()} missed (agreement {100 * start.agreement:.2f}%, "
-                      f"accuracy {100 * start.accuracy:.2f}%); ranking {len(chosen)} candidate layers on "
-                      f"{min(self.ranking_images, start.images)} images")
-        ranked = self.rank(spec, chosen)
+        `inputs`, `tensors`: see `candidate_rounds`. When a round's candidates run out short of the target, the next
+        round's are ranked and restored the same way, from the config reached."""
+        rounds = candidate_rounds(diagnosis, self.candidates, inputs, tensors)
+        ranked: list[Ranked] = []
         current: dict[str, Upgrade] = {}  # layer -> its upgrade, in the order added
         best, best_upgrades, best_step, steps = None, (), None, []
+        for number, chosen in enumerate(rounds, 1):
+            if best is not None and self.shortfall(best) == 0:
+                break
+            self.announce(f"{spec.name}: {self.target.describe()} missed (agreement {100 * start.agreement:.2f}%, "
+                          f"accuracy {100 * start.accuracy:.2f}%); ranking {len(chosen)} candidate layers on "
+                          f"{min(self.ranking_images, start.images)} images" if number == 1 else
+                          f"{spec.name}: not reached with {len(ranked)} candidate layers; ranking the next "
+                          f"{len(chosen)}")
+            ranked_now = self.rank(spec, chosen)
+            ranked += ranked_now
+            current, best, best_upgrades, best_step = self._restore(spec, ranked_now, current, steps, best,
+                                                                    best_upgrades, best_step)
+        if best is None or self.shortfall(best) >= self.shortfall(start) - _EPSILON:
+            best, best_upgrades, best_step = start, (), None  # no step got closer than the variant itself
+        return SearchResult(spec.name, self.target, start, min(self.ranking_images, start.images), ranked, steps,
+                            best_upgrades, best, self.shortfall(best) == 0, best_step)
+
+    def _restore(self, spec: VariantSpec, ranked: list[Ranked], current: dict, steps: list, best, best_upgrades,
+                 best_step):
+        """One round's greedy restore, from the config `current`; appends to `steps`, returns the config reached and
+        the best so far."""
         available = upgrade_kinds(spec.config)
         # 16 bits first where the backend has them, FP32 last: a pass over the ranked layers per group of kinds
         for kinds in [group for group in (("int16",), ("fp32", "fp32+inputs")) if set(group) & set(available)]:
@@ -336,10 +370,7 @@ class FallbackSearch:
                               f"{100 * step.measurement.agreement:.2f}%, accuracy "
                               f"{100 * step.measurement.accuracy:.2f}%"
                               f"{' (target reached)' if self.shortfall(step.measurement) == 0 else ''}")
-        if best is None or self.shortfall(best) >= self.shortfall(start) - _EPSILON:
-            best, best_upgrades, best_step = start, (), None  # no step got closer than the variant itself
-        return SearchResult(spec.name, self.target, start, min(self.ranking_images, start.images), ranked, steps,
-                            best_upgrades, best, self.shortfall(best) == 0, best_step)
+        return current, best, best_upgrades, best_step
 
     def _closer(self, measured: Measurement, best: Measurement) -> bool:
         """Closer to the target than the best step so far: less shortfall, or as little and higher logit SQNR."""
@@ -395,11 +426,12 @@ def search(runner, result, target: FallbackTarget, candidates: int = DEFAULT_CAN
     """The search for one variant made by `runner` (pipelines.variant_runner.VariantRunner, reference run):
     `result` is its VariantResult. Uses the result's diagnosis, or diagnoses the variant again (quantizing it) when
     it has none."""
-    from models.layer_map import input_layers
+    from models.layer_map import activation_inputs, input_layers
 
     spec = result.spec
     diagnosis = result.diagnosis or runner.diagnose(spec)
-    inputs = input_layers(runner.quantization_source.onnx.proto)
+    model = runner.quantization_source.onnx.proto
+    inputs, tensors = input_layers(model), activation_inputs(model)
     images = len(runner.inputs.test)
     start = Measurement(result.evaluation.accuracy, result.fidelity.top1_agreement, result.fidelity.sqnr_db, images)
 
@@ -407,7 +439,7 @@ def search(runner, result, target: FallbackTarget, candidates: int = DEFAULT_CAN
         return Measurement.of(*runner.measure(config_spec, limit))
 
     return FallbackSearch(measure, target, runner.reference.accuracy, candidates, ranking_images, step_scope,
-                          announce).run(spec, start, diagnosis, inputs)
+                          announce).run(spec, start, diagnosis, inputs, tensors)
 
 
 def misses(target: FallbackTarget, result, reference_accuracy: float) -> bool:

@@ -24,7 +24,7 @@ ONNXRUNTIME = "onnxruntime"
 _DTYPE_NAMES = {"qint8": "int8", "quint8": "uint8", "int8": "int8", "uint8": "uint8"}
 
 
-# Cheapest first. int16: the layer's input activation in 16 bits (ONNX Runtime QDQ only); fp32: the layer in FP32
+# Cheapest first. int16: the layer's input activations in 16 bits (ONNX Runtime QDQ only); fp32: the layer in FP32
 # (its weights and arithmetic; the activations around it stay 8-bit, quantized by the layers next to it); fp32+inputs:
 # the layer and the layers producing its input in FP32, so that input is never quantized (both backends quantize a
 # quantized layer's output whatever reads it, and a quantized reader quantizes a float input).
@@ -37,15 +37,16 @@ class Upgrade:
 
     layer: str  # the ONNX node name, as the diagnosis table names the layer
     kind: str  # one of UPGRADE_KINDS
-    tensor: str = ""  # int16: the activation tensor widened
+    tensors: tuple[str, ...] = ()  # int16: the activation tensors widened (the layer's inputs)
     inputs_from: tuple[str, ...] = ()  # fp32+inputs: the layers producing its input, FP32 with it
 
     def __post_init__(self):
+        object.__setattr__(self, "tensors", tuple(self.tensors))  # JSON gives lists back
         object.__setattr__(self, "inputs_from", tuple(self.inputs_from))
         if self.kind not in UPGRADE_KINDS:
             raise ValueError(f"upgrade kind must be one of {UPGRADE_KINDS}, got {self.kind!r}")
-        if (self.kind == "int16") != bool(self.tensor):
-            raise ValueError(f"a 16-bit upgrade of {self.layer} names the activation tensor it widens; others none")
+        if (self.kind == "int16") != bool(self.tensors):
+            raise ValueError(f"a 16-bit upgrade of {self.layer} names the activation tensors it widens; others none")
         if (self.kind == "fp32+inputs") != bool(self.inputs_from):
             raise ValueError(f"an fp32+inputs upgrade of {self.layer} names the layers producing its input; "
                              "others none")
@@ -56,12 +57,12 @@ class Upgrade:
 
     @property
     def label(self) -> str:
-        """e.g. `conv1:int16(x)`, `conv2:fp32`, `conv2:fp32+inputs(conv1)`."""
-        detail = self.tensor if self.kind == "int16" else "+".join(self.inputs_from)
+        """e.g. `conv1:int16(x)`, `add:int16(a+b)`, `conv2:fp32`, `conv2:fp32+inputs(conv1)`."""
+        detail = "+".join(self.tensors if self.kind == "int16" else self.inputs_from)
         return f"{self.layer}:{self.kind}" + (f"({detail})" if detail else "")
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "kind": self.kind, **({"tensor": self.tensor} if self.tensor else {}),
+        return {"layer": self.layer, "kind": self.kind, **({"tensors": list(self.tensors)} if self.tensors else {}),
                 **({"inputs_from": list(self.inputs_from)} if self.inputs_from else {})}
 
 
@@ -85,7 +86,7 @@ def apply_upgrades(config: PytorchFxConfig | OrtStaticConfig, upgrades) -> Pytor
     is left as it is). FX has FP32 only (`fp32_modules`); ONNX Runtime has `fp32_nodes`, and for QDQ
     `activation_16bit_tensors`."""
     fp32 = tuple(name for u in upgrades for name in u.fp32_layers)
-    wide = tuple(u.tensor for u in upgrades if u.kind == "int16")
+    wide = tuple(name for u in upgrades if u.kind == "int16" for name in u.tensors)
     if isinstance(config, PytorchFxConfig):
         if wide:
             raise ValueError("PyTorch FX variants have no 16-bit activations; upgrade to fp32")

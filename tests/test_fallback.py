@@ -128,6 +128,18 @@ def test_an_unreachable_target_keeps_the_config_that_came_closest():
     assert "no upgrade" in nothing.summary() and "no ort-int8-mixed variant" in nothing.summary()
 
 
+def test_when_a_round_of_candidates_runs_out_the_next_is_ranked():
+    spec = VariantSpec("ort-int8", "onnxruntime", OrtStaticConfig(weight_rounding="nearest"))
+    calls = []
+    # one candidate a round, and nothing feeds b: b alone gets to 0.94 at best; a in FP32 too reaches the target
+    result = FallbackSearch(_measure(calls), FallbackTarget(agreement=0.99), 0.8, candidates=1).run(
+        spec, Measurement(0.8, 0.90, 18.0, 1000), _diagnosis(), inputs={})
+    assert [r.candidate.layer for r in result.ranked] == ["b", "a"]
+    assert [s.change.label for s in result.steps] == ["b:int16(ya)", "b:fp32", "a:int16(x)", "a:fp32"]
+    assert result.reached and result.best_step == 4 and [u.label for u in result.upgrades] == ["b:fp32", "a:fp32"]
+    assert [limit for *_, limit in calls] == [1000, 1000, None, None, 1000, 1000, None, None]
+
+
 def test_targets_and_kinds():
     for bad in (1.01, 0.0, -0.5, True, "0.99"):
         with pytest.raises(ConfigError, match="--target-agreement"):
@@ -145,7 +157,10 @@ def test_targets_and_kinds():
                                                                                                   "fp32+inputs")
     assert upgrade_kinds(OrtStaticConfig()) == ("int16", "fp32", "fp32+inputs")
     with pytest.raises(ValueError, match="no 16-bit activations"):
-        apply_upgrades(PytorchFxConfig(), (Upgrade("conv2", "int16", tensor="r1"),))
+        apply_upgrades(PytorchFxConfig(), (Upgrade("conv2", "int16", tensors=("r1",)),))
+    wide = apply_upgrades(OrtStaticConfig(), (Upgrade("add", "int16", tensors=("a", "b")),))
+    assert wide.activation_16bit_tensors == ("a", "b")
+    assert Upgrade("add", "int16", tensors=("a", "b")).label == "add:int16(a+b)"
     fx = apply_upgrades(PytorchFxConfig(fp32_modules=("conv1",)), (Upgrade("conv2", "fp32+inputs",
                                                                            inputs_from=("conv1",)),))
     assert fx.fp32_modules == ("conv1", "conv2")
@@ -229,33 +244,33 @@ def test_target_agreement_repairs_every_variant_that_misses_it(tracking_store, o
     assert {r.info.status for r in all_runs()} == {"FINISHED"}
 
 
-def test_an_unreachable_target_is_one_line_and_keeps_the_best_attempt(tracking_store, outlier_model, cifar_dir,
-                                                                        monkeypatch, capsys):
-    """With no layer feeding another (as if pooling requantized every layer's input) and one candidate, nothing takes
-    r1 out of 8 bits: FX has no step that gets closer and no -mixed variant; ONNX Runtime QDQ's 16-bit step, short
-    of the target, is its best attempt (its FP32 step came after it and did worse)."""
-    import models.layer_map
+def test_a_target_out_of_reach_is_one_line_and_leaves_no_run_running(tracking_store, outlier_model, cifar_dir,
+                                                                      monkeypatch, capsys):
+    """When the backend refuses every config the search makes (here: this test, on the full test set), every step
+    is recorded as refused, the variant keeps no -mixed variant, one line says so and every run ends FINISHED."""
     from pipelines.sweep import SweepOptions, run_sweep
+    from pipelines.variant_runner import VariantRunner
     from tracking import runs
 
-    monkeypatch.setattr(models.layer_map, "input_layers", lambda model, layers=None: {})
+    measure = VariantRunner.measure
+
+    def refuse_full_set(self, spec, limit=None):
+        if limit is None:
+            raise RuntimeError("refused by the test")
+        return measure(self, spec, limit)
+
+    monkeypatch.setattr(VariantRunner, "measure", refuse_full_set)
     result = run_sweep(SweepOptions(model_path=outlier_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
-                                    weight_rounding="nearest", variants=("pytorch-fx-int8", "ort-int8"), bench=False,
-                                    target_agreement=TARGET, ranking_images=50, fallback_candidates=1,
-                                    register=False))
+                                    weight_rounding="nearest", variants=("ort-int8",), bench=False,
+                                    target_agreement=TARGET, ranking_images=50, register=False))
     by_name = {o.name: o for o in result.outcomes}
-    assert list(by_name) == ["fp32", "pytorch-fx-int8", "ort-int8", "ort-int8-mixed"]
-    err = capsys.readouterr().err
-    fx_line = next(line for line in err.splitlines() if line.startswith("! pytorch-fx-int8: "))
-    assert "top-1 agreement >= 99% not reached" in fx_line and "no pytorch-fx-int8-mixed variant" in fx_line
-    ort_line = next(line for line in err.splitlines() if line.startswith("! ort-int8: "))
-    assert "not reached" in ort_line and "best attempt recorded as ort-int8-mixed" in ort_line
-    mixed = by_name["ort-int8-mixed"]
-    assert by_name["ort-int8"].fidelity.top1_agreement < mixed.fidelity.top1_agreement < TARGET
-    qconfig = json.loads(runs.download_text(mixed.run_id, Artifact.QCONFIG))
-    assert qconfig["fallback"]["reached"] is False and qconfig["config"]["activation_16bit_tensors"] == ["r1"]
-    client = MlflowClient()
-    assert "not reached" in client.get_run(by_name["pytorch-fx-int8"].run_id).data.tags[Tag.FALLBACK]
+    assert list(by_name) == ["fp32", "ort-int8"]
+    line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("! ort-int8: "))
+    assert "top-1 agreement >= 99% not reached" in line and "no ort-int8-mixed variant" in line
+    steps = runs.child_runs(by_name["ort-int8"].run_id)
+    assert steps and {s.data.tags[Tag.STEP_DECISION] for s in steps} == {Tag.STEP_REFUSED}
+    assert {s.data.tags[Tag.REASON] for s in steps} == {"RuntimeError: refused by the test"}
+    assert "not reached" in MlflowClient().get_run(by_name["ort-int8"].run_id).data.tags[Tag.FALLBACK]
     assert {r.info.status for r in all_runs()} == {"FINISHED"}  # nothing left RUNNING
 
 
