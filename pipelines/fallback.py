@@ -222,7 +222,7 @@ class SearchResult:
     target: FallbackTarget
     start: Measurement  # the variant as it is, on the full test set
     ranking_images: int
-    ranked: list[Ranked]  # best first
+    ranked: list[Ranked]  # every candidate ranked, round after round, each round best first
     steps: list[Step]
     upgrades: tuple[Upgrade, ...]  # the best config's, in the order added; empty when no step got closer
     final: Measurement  # the best config's numbers on the full test set (`start` when no step got closer)
