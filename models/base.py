@@ -59,6 +59,7 @@ class FloatModel:
     _ort_ready: Path | None = field(default=None, repr=False)
     _rounded: dict = field(default_factory=dict, repr=False)
     _equalized: "FloatModel | None" = field(default=None, repr=False)
+    _float_weights: dict = field(default_factory=dict, repr=False)
     folded_batch_norms: int = 0  # BatchNormalizations for_quantization folded into the Conv before them
     equalization: "object | None" = None  # models.equalization.EqualizationSummary once equalized
     adaround_scheme: str | None = None  # the grid AdaRound put the weights on, once it has
@@ -175,13 +176,55 @@ class FloatModel:
                    context: dict | None = None) -> "FloatModel":
         """The FP32 model a backend config quantizes, in the order the steps must run: equalized when
         `config.equalization`, then AdaRound-ed onto `config.adaround_scheme`'s grid when it has one (keeping a float
-        head's FP32 weights when `config.float_head`)."""
+        head's FP32 weights when `config.float_head`, and the FP32 weights of the layers the config keeps in FP32:
+        a grid only adds error to a layer that runs in float)."""
         model = self.equalized() if getattr(config, "equalization", False) else self
         if config.adaround_scheme is None:
             return model
-        return model.with_adarounded_weights(config.adaround_scheme, calibration, calibration_digest, advance,
-                                             iterations=iterations, context=context,
-                                             round_head=not config.float_head)
+        rounded = model.with_adarounded_weights(config.adaround_scheme, calibration, calibration_digest, advance,
+                                                iterations=iterations, context=context,
+                                                round_head=not config.float_head)
+        fp32 = tuple(getattr(config, "fp32_nodes", ())) + tuple(getattr(config, "fp32_modules", ()))
+        return rounded.with_float_weights(model, fp32) if fp32 else rounded
+
+    def with_float_weights(self, original: "FloatModel", names) -> "FloatModel":
+        """This model with the weights (and biases) of the layers `names` (ONNX node names, as the diagnosis names
+        layers, or FX module names derived from them; models.layer_map) taken from `original`, the same model before
+        AdaRound: the AdaRound cache stays one per grid, and a layer kept in FP32 computes with its FP32 weights.
+        Written to work_dir/float-weights-<digest>/<model file>; made once per set of names."""
+        from models.layer_map import layer_nodes, node_for_name
+
+        node_names = [node.name for node in self.onnx.proto.graph.node]
+        # a name that is no node here is the quantizer's to refuse (with the list of layers)
+        resolved = sorted({node for node in (name if name in node_names else node_for_name(name, node_names)
+                                             for name in names) if node})
+        if not resolved:
+            return self
+        if tuple(resolved) in self._float_weights:
+            return self._float_weights[tuple(resolved)]
+        import onnx
+
+        from models.onnx_model import read_input_spec
+
+        chosen = layer_nodes(self.onnx.proto, resolved, "fp32 layers")
+        originals = {init.name: init for init in original.onnx.proto.graph.initializer}
+        wanted = {name for node in self.onnx.proto.graph.node if node.name in chosen for name in node.input}
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.onnx.proto)
+        for init in proto.graph.initializer:
+            if init.name in wanted and init.name in originals:
+                init.CopyFrom(originals[init.name])
+        digest = hashlib.sha256(json.dumps(resolved).encode()).hexdigest()[:12]
+        work_dir = self.work_dir / f"float-weights-{digest}"
+        path = work_dir / self.onnx.path.name
+        write_atomic(path, proto.SerializeToString())
+        variant = FloatModel(replace(self.onnx, path=path, proto=proto, sha256=file_sha256(path),
+                                     size_bytes=path.stat().st_size, input=read_input_spec(proto, path),
+                                     external_files=()),
+                             work_dir, folded_batch_norms=self.folded_batch_norms, equalization=self.equalization,
+                             adaround_scheme=self.adaround_scheme)
+        self._float_weights[tuple(resolved)] = variant
+        return variant
 
     def ready_for(self, config) -> "FloatModel":
         """What a quantizer starts from: this model, equalized first when `config.equalization` asks for it and it
@@ -218,6 +261,9 @@ class QuantizedModel:
     path: Path
     format: str  # "torchscript" or "onnx"
     calibration_images: int = 0  # how many calibration images the backend's observers actually saw
+    # PyTorch FX: the quantize_pytorch.FxGraphs the file was traced from, for numeric-suite tools (a diagnosis right
+    # after quantization needs no second calibration); None for ONNX
+    graphs: object = field(default=None, repr=False, compare=False)
 
 
 def batches(array: np.ndarray, batch_size: int):

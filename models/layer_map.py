@@ -17,10 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-__all__ = ["Layer", "layer_table", "node_for_name", "layer_nodes", "tensor_shapes", "LAYER_OPS"]
+__all__ = ["Layer", "layer_table", "node_for_name", "layer_nodes", "input_layers", "activation_inputs", "tensor_shapes",
+           "LAYER_OPS"]
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _ACTIVATIONS = ("Relu", "Clip")
+# Ops that hand a quantized tensor on with the same quantization (both backends): what input_layers looks through.
+_SAME_QUANTIZATION = ("Transpose", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "MaxPool", "Relu", "Clip",
+                      "Pad")
 
 
 @dataclass(frozen=True)
@@ -158,3 +162,40 @@ def layer_nodes(model: onnx.ModelProto, names, option: str = "fp32 layers") -> s
                              f"{', ...' if len(by_name) > 8 else ''})")
         chosen.update(by_name[name].nodes if name in by_name else (name,))
     return chosen
+
+
+def input_layers(model: onnx.ModelProto, layers: list[Layer] | None = None) -> dict[str, tuple[str, ...]]:
+    """For each layer, the layers whose output it reads (through ops that keep a tensor's quantization: transposes,
+    reshapes, max pooling, a Relu of its own), in input order; empty for a layer fed by the model input or by other
+    ops (pooling that requantizes, Concat, ...)."""
+    graph = model.graph
+    layers = layers if layers is not None else layer_table(model)
+    initializers = {init.name for init in graph.initializer}
+    producer = {name: node for node in graph.node for name in node.output if name}
+    nodes = {node.name: node for node in graph.node}
+    by_output = {layer.output: layer.name for layer in layers}
+    found = {}
+    for layer in layers:
+        names, todo, seen = [], [n for n in nodes[layer.name].input if n and n not in initializers], set()
+        while todo:
+            tensor = todo.pop(0)
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            if tensor in by_output:
+                names.append(by_output[tensor])
+                continue
+            node = producer.get(tensor)
+            if node is not None and node.op_type in _SAME_QUANTIZATION and node.input:
+                todo.append(node.input[0])
+        found[layer.name] = tuple(dict.fromkeys(names))
+    return found
+
+
+def activation_inputs(model: onnx.ModelProto, layers: list[Layer] | None = None) -> dict[str, tuple[str, ...]]:
+    """For each layer, every activation tensor it reads (Layer.input is the first; a residual Add reads two)."""
+    layers = layers if layers is not None else layer_table(model)
+    initializers = {init.name for init in model.graph.initializer}
+    nodes = {node.name: node for node in model.graph.node}
+    return {layer.name: tuple(dict.fromkeys(n for n in nodes[layer.name].input if n and n not in initializers))
+            for layer in layers}

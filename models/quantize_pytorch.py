@@ -279,4 +279,5 @@ def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.n
         torch.backends.quantized.engine = previous_engine
     path = out_dir / MODEL_FILE_NAME
     write_atomic(path, buffer.getvalue())
-    return QuantizedModel(path=path, format="torchscript", calibration_images=graphs.calibration_images)
+    return QuantizedModel(path=path, format="torchscript", calibration_images=graphs.calibration_images,
+                          graphs=graphs)

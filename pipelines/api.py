@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from common.errors import ConfigError
@@ -35,7 +35,9 @@ from pipelines.variants import DEFAULT_VARIANTS
 from tracking.keys import Metric
 
 # Options that only mean something for tracked runs: refused with track=False rather than silently ignored.
-TRACKING_ONLY = ("experiment", "registered_model", "registered_onnx_model", "register", "run_name", "gate", "resume")
+# The diagnosis only makes files to log on the runs.
+TRACKING_ONLY = ("experiment", "registered_model", "registered_onnx_model", "register", "run_name", "gate", "resume",
+                 "diagnose", "diagnose_images")
 _SET_BY_ARGUMENTS = ("model_path", "data_dir", "variants")
 
 
@@ -86,10 +88,13 @@ def quantize(model: str | Path, data: str | Path, variants: str | list[str] | tu
 
     `options` are those of pipelines.sweep.SweepOptions, e.g. calibration_size=1000, calibration_seed=0,
     test_limit=None (all test images), bench=True, weight_rounding=None ("adaround" or "nearest" for every
-    variant), adaround_iterations=1000, input_layout, preprocessing, ort_per_channel, ort_calibration_method; and
-    with track=True also experiment, registered_model, registered_onnx_model, register, gate (a
-    pipelines.promotion.GatePolicy), resume, run_name. Bad input raises common.errors.PtqflowError (ConfigError,
-    DataError, ModelError ...); a variant that fails is reported with status "failed" and its reason."""
+    variant), adaround_iterations=1000, input_layout, preprocessing, ort_per_channel, ort_calibration_method,
+    target_agreement=None and max_drop_pp=None (a variant that misses them is followed by its `<variant>-mixed`
+    repair, pipelines.fallback), ranking_images=1000, fallback_candidates=8; and with track=True also experiment,
+    registered_model, registered_onnx_model, register, gate (a pipelines.promotion.GatePolicy), resume, run_name,
+    diagnose=True and diagnose_images=256 (per-layer diagnosis logged on each variant run). Bad input raises
+    common.errors.PtqflowError (ConfigError, DataError, ModelError ...); a variant that fails is reported with status
+    "failed" and its reason."""
     sweep_options = _sweep_options(model, data, variants, track, options)
     scratch = tempfile.TemporaryDirectory(prefix="ptqflow-api-") if output_dir is None else None
     out = Path(scratch.name) if scratch else Path(output_dir)
@@ -131,12 +136,21 @@ def _sweep_options(model, data, variants, track: bool, options: dict) -> SweepOp
 
 def _run_untracked(options: SweepOptions, work_dir: Path) -> tuple[list[VariantResult], int]:
     """What the sweep computes, without the sweep's MLflow runs: the reference, then every variant."""
+    from pipelines.fallback import repair_untracked
+
     specs = options.specs()  # an unknown variant is refused before anything is loaded
     timer = PhaseTimer()
     inputs = prepare_inputs(options)
-    runner = VariantRunner(inputs, work_dir, options.runner_options(), timer)
+    runner = VariantRunner(inputs, work_dir, replace(options.runner_options(), diagnose_images=0), timer)
     runner.convert(specs)
-    results = [runner.run_reference()] + [runner.run_safely(spec) for spec in specs]
+    results = [runner.run_reference()]
+    for spec in specs:
+        results.append(runner.run_safely(spec))
+        # a variant that misses target_agreement / max_drop_pp: its `-mixed` repair right after it
+        mixed = repair_untracked(runner, results[-1], options.fallback_target(), options.fallback_candidates,
+                                 options.ranking_images)
+        if mixed is not None:
+            results.append(runner.run_safely(mixed))
     return results, len(inputs.test)
 
 

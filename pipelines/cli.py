@@ -194,6 +194,28 @@ def _run_sweep(**options) -> None:
     typer.echo(f"sweep run {result.parent_run_id} finished in {result.seconds:.1f} s; browse it with `mlflow ui`")
 
 
+# ---- per-layer diagnosis and the sensitivity-ranked fallback (sweep only) --------------------------------------
+DiagnoseOpt = Annotated[bool, typer.Option(
+    "--diagnose/--no-diagnose", rich_help_panel="Diagnosis",
+    help="Per-layer SQNR of every int8 variant on the first --diagnose-images test images, logged on its run under "
+         "diagnosis/ (a few seconds each).")]
+DiagnoseImagesOpt = Annotated[int, typer.Option("--diagnose-images", min=1, rich_help_panel="Diagnosis",
+                                                help="Test images the diagnosis runs on.")]
+TargetAgreementOpt = Annotated[Optional[float], typer.Option(
+    "--target-agreement", show_default=False, rich_help_panel="Fallback",
+    help="Least top-1 agreement with FP32 (e.g. 0.995): a variant below it gets a <variant>-mixed variant with its "
+         "most harmful layers in 16 bits (ONNX Runtime QDQ) or FP32.")]
+MaxDropPpOpt = Annotated[Optional[float], typer.Option(
+    "--max-drop", metavar="<pp>", show_default=False, rich_help_panel="Fallback",
+    help="Most accuracy points a variant may lose vs FP32 (e.g. 0.3); one that loses more gets a <variant>-mixed "
+         "variant, as with --target-agreement (both: both must hold).")]
+RankingImagesOpt = Annotated[int, typer.Option("--ranking-images", min=1, rich_help_panel="Fallback",
+                                               help="The fallback ranks layers on the first N test images.")]
+FallbackCandidatesOpt = Annotated[int, typer.Option(
+    "--fallback-candidates", min=1, rich_help_panel="Fallback",
+    help="Layers the fallback ranks: the worst by local SQNR, plus any the diagnosis gives a hint.")]
+
+
 @app.command()
 @cli_errors
 def sweep(
@@ -231,6 +253,12 @@ def sweep(
     cifar10_url: Cifar10UrlOpt = None,
     cifar10_md5: Cifar10Md5Opt = None,
     resnet8_url: Resnet8UrlOpt = None,
+    diagnose: DiagnoseOpt = True,
+    diagnose_images: DiagnoseImagesOpt = 256,
+    target_agreement: TargetAgreementOpt = None,
+    max_drop: MaxDropPpOpt = None,
+    ranking_images: RankingImagesOpt = 1000,
+    fallback_candidates: FallbackCandidatesOpt = 8,
 ):
     """FP32 baseline and every quantization variant, each an MLflow run; registers the best int8 models."""
     _run_sweep(model_path=model, data_dir=data_dir, variants=tuple(variant) if variant else VARIANT_NAMES,
@@ -244,7 +272,9 @@ def sweep(
                adaround_iterations=adaround_iterations,
                gate=_gate_policy(max_accuracy_drop, min_agreement, min_latency_gain), bench=bench, resume=resume,
                fetch_missing=fetch,
-               cifar10_url=cifar10_url, cifar10_md5=cifar10_md5, resnet8_url=resnet8_url)
+               cifar10_url=cifar10_url, cifar10_md5=cifar10_md5, resnet8_url=resnet8_url,
+               diagnose=diagnose, diagnose_images=diagnose_images, target_agreement=target_agreement,
+               max_drop_pp=max_drop, ranking_images=ranking_images, fallback_candidates=fallback_candidates)
 
 
 @app.command()

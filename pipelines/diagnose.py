@@ -266,6 +266,59 @@ def render(diagnosis: Diagnosis, variant: str, run_id: str) -> dict[str, bytes]:
             "layer_sqnr.png": layer_sqnr(diagnosis, title)}
 
 
+def artifact_paths() -> dict[str, str]:
+    """Where each of FILES goes among a run's artifacts."""
+    from tracking.keys import Artifact
+
+    return {"layers.csv": Artifact.DIAGNOSIS_CSV, "layers.json": Artifact.DIAGNOSIS_JSON,
+            "layer_sqnr.png": Artifact.DIAGNOSIS_PLOT}
+
+
+def log_variant_diagnosis(result, run_id: str) -> None:
+    """In a sweep, on the active variant run: the diagnosis the runner made (`result` is a
+    pipelines.variant_runner.VariantResult) as FILES under diagnosis/, or, when it failed, a tag with the reason.
+    A diagnosis that cannot be rendered is a tag too: the variant stands either way."""
+    from tracking import runs
+    from tracking.keys import Tag
+
+    error = result.diagnosis_error
+    if result.diagnosis is not None:
+        try:
+            files = render(result.diagnosis, result.name, run_id)
+        except Exception as exc:  # noqa: BLE001 - a plot that fails must not fail the variant
+            from pipelines.variant_runner import failure_reason
+
+            error = failure_reason(exc)
+        else:
+            for name, data in files.items():
+                runs.log_bytes(data, artifact_paths()[name])
+    if error:
+        runs.set_tags({Tag.DIAGNOSIS_ERROR: error[:5000]})
+
+
+def log_backend_comparison(outcomes: list, test_images: int) -> None:
+    """In a sweep, on the active sweep run: the variants' diagnoses compared layer by layer (their `-mixed` repairs
+    left out: the plot compares backends), when at least one variant has a diagnosis."""
+    from tracking import runs
+    from tracking.keys import Artifact, Tag
+
+    diagnoses = {o.name: o.diagnosis for o in outcomes
+                 if getattr(o, "diagnosis", None) is not None and (o.spec is None or o.spec.mixed is None)}
+    if not diagnoses:
+        return
+    images = next(iter(diagnoses.values())).images
+    try:
+        from pipelines.diagnosis_report import backend_comparison
+
+        png = backend_comparison(diagnoses, f"Per-layer SQNR by variant ({images} of {test_images} test images)")
+    except Exception as exc:  # noqa: BLE001 - the sweep's results stand without the plot
+        from pipelines.variant_runner import failure_reason
+
+        runs.set_tags({Tag.DIAGNOSIS_ERROR: f"comparison plot: {failure_reason(exc)}"[:5000]})
+        return
+    runs.log_bytes(png, Artifact.DIAGNOSIS_BACKENDS_PLOT)
+
+
 def diagnose(options: DiagnoseOptions) -> DiagnoseResult:
     """Diagnose every variant `options.ref` names; write FILES per variant under options.output_dir (and the
     comparison plot for a sweep); with options.log, log them on the runs."""
@@ -279,8 +332,7 @@ def diagnose(options: DiagnoseOptions) -> DiagnoseResult:
     output_dir = validate_output_dir(options.output_dir)
     chosen, sweep_run_id = variant_runs(options.ref)
     result = DiagnoseResult(sweep_run_id=sweep_run_id)
-    artifacts = {"layers.csv": Artifact.DIAGNOSIS_CSV, "layers.json": Artifact.DIAGNOSIS_JSON,
-                 "layer_sqnr.png": Artifact.DIAGNOSIS_PLOT}
+    artifacts = artifact_paths()
     inputs_by_parent: dict[str, _SweepInputs] = {}
     with tempfile.TemporaryDirectory(prefix="ptqflow-diagnose-") as scratch:
         work_dir = Path(scratch)

@@ -30,6 +30,8 @@ from pipelines.calibration import indices_digest, stratified_selection
 from pipelines.choices import DataFormat, LayoutChoice, Preprocessing
 from pipelines.datasets import Dataset, Split, load_dataset
 from pipelines.evaluation import Evaluation, Fidelity
+from pipelines.fallback import (DEFAULT_CANDIDATES, DEFAULT_RANKING_IMAGES, FallbackTarget, SweepFallback,
+                                check_options, mixed_params)
 from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL, ensure_data, ensure_model
 from pipelines.names import ONNX_SUFFIX, PYTORCH_SUFFIX, registered_name_for, validate_name
 from pipelines.preprocessing import InputTransform, parse_values
@@ -38,7 +40,8 @@ from pipelines.promotion import GatePolicy
 from pipelines.registrar import MeasuredOn, Registrar, check_registry_targets
 from pipelines.timing import PhaseTimer
 from pipelines.variant_runner import ModelToStore, RunnerOptions, VariantResult, VariantRunner, failure_reason
-from pipelines.variants import DEFAULT_VARIANTS, FP32, ONNXRUNTIME, PYTORCH, VariantSpec, config_payload, select
+from pipelines.variants import (DEFAULT_VARIANTS, FP32, ONNXRUNTIME, PYTORCH, VariantSpec, config_payload,
+                                qconfig_document, select)
 from tracking import runs
 from tracking.keys import DEFAULT_EXPERIMENT, Artifact, Metric, Param, Tag
 
@@ -79,6 +82,14 @@ class SweepOptions:
     cifar10_url: str | None = None  # mirrors for that fetch; None = the pinned official URLs
     resnet8_url: str | None = None
     cifar10_md5: str | None = None  # for a mirror holding another copy of the archive
+    # Per-layer diagnosis of every int8 variant on the first N test images, logged on its run (pipelines.diagnose)
+    diagnose: bool = True
+    diagnose_images: int = 256
+    # Sensitivity-ranked fallback (pipelines.fallback): a variant that misses the target gets a `<variant>-mixed`
+    target_agreement: float | None = None  # least top-1 agreement with FP32, e.g. 0.995
+    max_drop_pp: float | None = None  # most accuracy points below FP32
+    ranking_images: int = DEFAULT_RANKING_IMAGES  # the first N test images rank the candidate layers
+    fallback_candidates: int = DEFAULT_CANDIDATES  # layers ranked (worst local SQNR, plus any with a hint)
 
     def __post_init__(self):
         validate_name("--experiment", self.experiment)
@@ -100,6 +111,11 @@ class SweepOptions:
             elif value is not None:
                 object.__setattr__(self, option, tuple(float(v) for v in value))
         InputTransform("NCHW", self.preprocessing, self.mean, self.std)  # --mean/--std checked before any loading
+        # bad --target-agreement, --max-drop, ... are one line before anything loads
+        check_options(self.fallback_target(), self.diagnose_images, self.ranking_images, self.fallback_candidates)
+
+    def fallback_target(self) -> FallbackTarget:
+        return FallbackTarget(self.target_agreement, self.max_drop_pp)
 
     def registered_names(self) -> dict[str, tuple[str, bool]]:
         """Framework → (registered model name, whether the user named it explicitly)."""
@@ -112,7 +128,8 @@ class SweepOptions:
         return select(self.variants, self.ort_per_channel, self.ort_calibration_method, self.weight_rounding)
 
     def runner_options(self) -> RunnerOptions:
-        return RunnerOptions(bench=self.bench, adaround_iterations=self.adaround_iterations)
+        return RunnerOptions(bench=self.bench, adaround_iterations=self.adaround_iterations,
+                             diagnose_images=self.diagnose_images if self.diagnose else 0)
 
 
 def _choice(enum, value, option: str):
@@ -234,6 +251,8 @@ class Sweep:
         self.versions = package_versions(TRACKED_PACKAGES)
         self.commit = git_commit()
         self.reference: VariantResult | None = None
+        self.fallback = SweepFallback(options.fallback_target(), self.runner, options.fallback_candidates,
+                                      options.ranking_images, self.timer)
 
     # ---- shared run metadata -------------------------------------------------------------------------------
     def _common_tags(self, parent_run_id: str | None) -> dict[str, str]:
@@ -263,7 +282,7 @@ class Sweep:
                 P.WEIGHT_DTYPE: spec.weight_dtype, P.ACTIVATION_DTYPE: spec.activation_dtype,
                 P.QUANT_FORMAT: spec.quant_format, P.PER_CHANNEL: spec.config.per_channel,
                 P.CALIBRATION_METHOD: spec.calibration_method, P.WEIGHT_ROUNDING: spec.config.weight_rounding,
-                P.QCONFIG: spec.config.qconfig_summary(), **common}
+                P.QCONFIG: spec.config.qconfig_summary(), **mixed_params(spec), **common}
 
     def _log_datasets(self, train: bool = False) -> None:
         """The test set as an MLflow dataset input of the active run (and, with `train`, the training set the
@@ -426,8 +445,7 @@ class Sweep:
         runs.set_tags({**self._common_tags(self.parent_run_id), T.INPUT_KEY: input_key})
         runs.log_params(self._variant_params(spec))
         self._log_datasets()
-        runs.log_json({"variant": spec.name, "framework": spec.framework, "backend": spec.config.backend,
-                       "config": config_payload(spec.config)}, A.QCONFIG)
+        runs.log_json(qconfig_document(spec), A.QCONFIG)
         logged = {}
         result = self.runner.run(spec, store=lambda model: self._log_model(model, logged))
         outcome = VariantOutcome.of(result, run_id=outcome.run_id, input_key=input_key,
@@ -451,6 +469,9 @@ class Sweep:
             M.TEST_IMAGES: len(self.inputs.test), M.CALIBRATION_IMAGES_USED: result.calibration_images})
         if result.bench:
             self._log_bench(result.bench)
+        from pipelines.diagnose import log_variant_diagnosis
+
+        log_variant_diagnosis(result, outcome.run_id)
         runs.set_tags({T.STATUS: T.STATUS_OK})
         return outcome
 
@@ -511,8 +532,19 @@ class Sweep:
             self.runner.convert(self.specs)
             if self.specs:
                 runs.log_params({P.BATCHNORMS_FOLDED: self.runner.quantization_source.folded_batch_norms})
+            if self.fallback.target.active:
+                runs.log_params({key: value for key, value in ((P.TARGET_AGREEMENT, self.options.target_agreement),
+                                                               (P.TARGET_MAX_DROP_PP, self.options.max_drop_pp))
+                                 if value is not None})
             outcomes = [self.run_fp32(experiment_id, parent_run_id)]
-            outcomes += [self.run_variant(spec, experiment_id, parent_run_id) for spec in self.specs]
+            for spec in self.specs:
+                outcomes.append(self.run_variant(spec, experiment_id, parent_run_id))
+                mixed = self.fallback.repair(outcomes[-1])  # None unless it missed --target-agreement/--max-drop
+                if mixed is not None:
+                    outcomes.append(self.run_variant(mixed, experiment_id, parent_run_id))
+            from pipelines.diagnose import log_backend_comparison
+
+            log_backend_comparison(outcomes, len(self.inputs.test))
             with self.timer.phase("register"):
                 registered = (self.registrar.register_best(outcomes, self.reference.evaluation.accuracy)
                               if self.options.register else [])

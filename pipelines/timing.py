@@ -6,7 +6,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
-PHASES = ("load", "convert", "adaround", "quantize", "evaluate", "bench", "log", "register")
+PHASES = ("load", "convert", "adaround", "quantize", "evaluate", "diagnose", "fallback", "bench", "log", "register")
 
 
 class PhaseTimer:

@@ -14,6 +14,7 @@ back, so the numbers are those of the stored bytes; without a store the quantize
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -55,6 +56,9 @@ class RunnerOptions:
     bench: bool = True  # measure batch-1 latency and batch-256 throughput of every model file
     adaround_iterations: int = 1000  # AdaRound optimization steps per layer
     bench_config: BenchConfig = BenchConfig()
+    # Per-layer diagnosis (models.diagnosis) of every variant on the first N test images right after it is made;
+    # 0: none
+    diagnose_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ class VariantResult:
     quantized_engine: str = ""  # torch quantized engine of a TorchScript file
     calibration_images: int = 0  # calibration images the backend's observers saw
     torch_agreement: float | None = None  # FP32 only: top-1 agreement of the onnx2torch module with onnxruntime
+    diagnosis: object | None = None  # models.diagnosis.Diagnosis, with RunnerOptions.diagnose_images
+    diagnosis_error: str = ""  # why the diagnosis failed (the variant itself is fine)
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -174,13 +180,75 @@ class VariantRunner:
         public = variant_dir / MODEL_FILE_NAMES[quantized.format]
         if model_file != public:
             shutil.copyfile(model_file, public)  # same bytes as the stored file
+        diagnosis, diagnosis_error = None, ""
+        if self.options.diagnose_images:
+            try:
+                diagnosis = self.diagnose(spec, quantized, model_file, source)
+            except Exception as exc:  # noqa: BLE001 - a diagnosis that fails says why; the variant stands
+                diagnosis_error = failure_reason(exc)
         bench = None
         if self.options.bench:
             bench = self._bench(lambda: load_runner(model_file, engine=engine or None).predict, spec.name)
         return VariantResult(spec.name, spec.framework, spec, evaluation=evaluation,
                              fidelity=fidelity(self.reference, evaluation), bench=bench, model_file=public,
                              model_sha256=file_sha256(public), size_bytes=public.stat().st_size,
-                             quantized_engine=engine, calibration_images=quantized.calibration_images)
+                             quantized_engine=engine, calibration_images=quantized.calibration_images,
+                             diagnosis=diagnosis, diagnosis_error=diagnosis_error)
+
+    def diagnose(self, spec: VariantSpec, quantized: QuantizedModel | None = None, model_file: Path | None = None,
+                 source: FloatModel | None = None, images: int | None = None):
+        """The per-layer diagnosis (models.diagnosis) of `spec` on the first `images` test images (default
+        RunnerOptions.diagnose_images, else models.diagnosis.DEBUG_IMAGES), against the FP32 model before AdaRound.
+        FX reuses the graphs `quantized` was traced from; ONNX Runtime QDQ diagnoses `model_file` (the stored
+        file); QOperator goes through its QDQ twin. Without `quantized`, the variant is quantized again."""
+        from models.diagnosis import DEBUG_IMAGES, diagnose_fx, diagnose_ort_config
+        from models.quantize_pytorch import PytorchFxConfig
+
+        count = images or self.options.diagnose_images or DEBUG_IMAGES
+        test = self.inputs.transform(self.inputs.test.images[:count])
+        source = source or self._weights_for(spec)
+        batch = self.inputs.model.input.batch_size or 64
+        with self.timer.phase("diagnose"), progress_task(f"diagnosing {spec.name}", total=1) as advance:
+            if isinstance(spec.config, PytorchFxConfig):
+                graphs = quantized.graphs if quantized is not None else None
+                diagnosis = diagnose_fx(self.quantization_source, source, spec.config, self.inputs.calibration, test,
+                                        graphs=graphs, batch_size=batch)
+            else:
+                qdq = (model_file or quantized.path) if quantized is not None and spec.quant_format == "QDQ" else None
+                with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=f".{spec.name}-diagnosis-") as scratch:
+                    diagnosis = diagnose_ort_config(self.quantization_source, source, spec.config,
+                                                    self.inputs.calibration, test, Path(scratch), qdq_path=qdq,
+                                                    batch_size=batch)
+            advance()
+        return diagnosis
+
+    def measure(self, spec: VariantSpec, limit: int | None = None) -> tuple[Evaluation, Fidelity]:
+        """Quantize `spec` and evaluate it on the first `limit` test images (all with None), against the labels and
+        the FP32 reference on the same images: how the fallback search (pipelines.fallback) compares configs. The
+        model file is thrown away; nothing is stored, timed or shown as progress."""
+        from models.runtime import OrtRunner, TorchRunner
+
+        if self.reference is None:
+            raise RuntimeError("run_reference() must run before any variant: variants are compared with it")
+        test = self.inputs.test
+        count = len(test) if limit is None else min(limit, len(test))
+        source = self._weights_for(spec, progress=False)  # computed (and cached) for the variant itself
+        with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=f".{spec.name}-measure-") as scratch:
+            with self.timer.phase("quantize"):
+                quantized = spec.quantize(source, self.inputs.calibration, Path(scratch))
+            engine = spec.config.backend if quantized.format == "torchscript" else ""
+            runner = TorchRunner.from_torchscript(quantized.path, engine) if engine else OrtRunner(quantized.path)
+            outputs = []
+            with self.timer.phase("evaluate"):
+                for start in range(0, count, self.eval_batch):
+                    batch = self.inputs.transform(test.images[start:min(start + self.eval_batch, count)])
+                    outputs.append(np.asarray(runner.predict(batch), dtype=np.float32).reshape(len(batch), -1))
+            scores = np.concatenate(outputs)
+        names = self.inputs.data.class_names
+        evaluation = evaluate(scores, test.labels[:count], names)
+        reference = self.reference if count == len(test) else evaluate(self.reference.scores[:count],
+                                                                         test.labels[:count], names)
+        return evaluation, fidelity(reference, evaluation)
 
     def run_safely(self, spec: VariantSpec, store: Store | None = None) -> VariantResult:
         """run(), with a refused configuration as status `unsupported` and any other error as `failed` (the reason
@@ -192,13 +260,15 @@ class VariantRunner:
         except Exception as exc:  # noqa: BLE001 - one variant's failure is its result; the others still run
             return VariantResult(spec.name, spec.framework, spec, status="failed", reason=failure_reason(exc))
 
-    def _weights_for(self, spec: VariantSpec) -> FloatModel:
+    def _weights_for(self, spec: VariantSpec, progress: bool = True) -> FloatModel:
         """The FP32 model whose weights this variant quantizes: equalized when it asks for that, then AdaRound-ed
-        onto its grid when it asks for that (equalization first: it would move rounded weights off the grid)."""
+        onto its grid when it asks for that (equalization first: it would move rounded weights off the grid).
+        `progress=False` shows no progress line (for a grid computed before, found in memory)."""
         context = {"layout": self.inputs.transform.layout, "preprocessing": self.inputs.transform.preprocessing.value}
-        if spec.config.adaround_scheme is None:
+        if spec.config.adaround_scheme is None or not progress:
             return self.quantization_source.for_config(spec.config, self.inputs.calibration,
-                                                       self.inputs.calibration_digest, context=context)
+                                                       self.inputs.calibration_digest,
+                                                       iterations=self.options.adaround_iterations, context=context)
         with self.timer.phase("adaround"), progress_task(f"AdaRound weights ({spec.config.adaround_scheme})",
                                                          total=1) as advance:
             return self.quantization_source.for_config(

@@ -180,3 +180,48 @@ def batchnorm_cnn(conv_bias: bool = False, depthwise: bool = True, seed: int = 0
     model.ir_version = 7
     onnx.checker.check_model(model)
     return model
+
+
+# The outlier-channel CNN of issue 11 (tests/test_diagnosis.py, tests/test_fallback.py).
+OUTLIER_CHANNEL = 3
+FACTOR = 64.0
+WIDTH = 8
+
+
+def outlier_cnn(outlier: bool, seed: int = 0) -> onnx.ModelProto:
+    """NHWC raw pixels -> Transpose -> conv1 (3->8) -> Relu -> conv2 (8->8, stride 2) -> Relu -> AveragePool 2x2 ->
+    Flatten -> Gemm (512->10) -> Softmax. With `outlier`, conv1's output channel 3 (weights and bias) is x64 and
+    conv2's input channel 3 is x1/64: the same function, one activation channel 64 times wider."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 1, (WIDTH, 3, 3, 3))
+    w1 *= 0.01 / np.abs(w1).reshape(WIDTH, -1).max(axis=1)[:, None, None, None]
+    b1 = rng.normal(0, 0.2, WIDTH)
+    w2 = rng.normal(0, 1, (WIDTH, WIDTH, 3, 3))
+    w2 *= 0.3 / np.abs(w2).swapaxes(0, 1).reshape(WIDTH, -1).max(axis=1)[None, :, None, None]
+    b2 = rng.normal(0, 0.1, WIDTH)
+    wd = rng.normal(0, 1, (10, WIDTH * 8 * 8)) / np.sqrt(WIDTH * 64)
+    if outlier:
+        w1[OUTLIER_CHANNEL] *= FACTOR
+        b1[OUTLIER_CHANNEL] *= FACTOR
+        w2[:, OUTLIER_CHANNEL] /= FACTOR
+    inits = [numpy_helper.from_array(a.astype(np.float32), name) for name, a in
+             (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("wd", wd), ("bd", np.zeros(10)))]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["x_nchw"], perm=[0, 3, 1, 2], name="to_nchw"),
+        helper.make_node("Conv", ["x_nchw", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2],
+                         name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("AveragePool", ["r2"], ["pool"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], axis=1, name="flatten"),
+        helper.make_node("Gemm", ["flat", "wd", "bd"], ["logits"], transB=1, name="dense"),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1, name="softmax"),
+    ]
+    graph = helper.make_graph(nodes, "outlier_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                   ["N", 32, 32, 3])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="ptqflow-tests")
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    return model

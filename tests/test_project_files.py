@@ -24,3 +24,20 @@ def test_mlproject_has_the_documented_entry_points_and_runs_the_cli():
         assert entry["command"].startswith("python -m pipelines.cli ")
         for name in entry["parameters"]:
             assert "{" + name + "}" in entry["command"]
+
+
+def test_no_tracked_file_holds_merge_conflict_markers():
+    """A merge resolved by hand once left `<<<<<<<` blocks in the README; the markers must never land again."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    markers = ("<" * 7 + " ", ">" * 7 + " ")
+    offenders = []
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix not in {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg", ""} or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if line.startswith(markers):
+                offenders.append(f"{name}:{number}")
+    assert not offenders, f"conflict markers in {offenders}"

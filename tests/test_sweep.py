@@ -141,6 +141,27 @@ def test_parent_run_has_comparison_table_and_calibration_digest(completed_sweep)
     assert parent.data.metrics[Metric.VARIANTS_UNSUPPORTED] == 1
 
 
+def test_every_int8_variant_run_has_its_diagnosis_and_the_sweep_compares_them(completed_sweep):
+    """Issue 11, section 1: with the default options each int8 variant's run has its per-layer table (CSV, JSON)
+    and SQNR plot under diagnosis/, made on the first 256 test images (here all 100), and the sweep run a plot
+    comparing the variants layer by layer."""
+    result, _ = completed_sweep
+    client = MlflowClient()
+    quantized = [o for o in result.outcomes if o.status == "ok" and o.name != "fp32"]
+    assert {o.name for o in quantized} == set(QUANTIZED_OK)
+    for outcome in quantized:
+        assert {a.path for a in client.list_artifacts(outcome.run_id, "diagnosis")} == {
+            Artifact.DIAGNOSIS_CSV, Artifact.DIAGNOSIS_JSON, Artifact.DIAGNOSIS_PLOT}
+        payload = json.loads(mlflow.artifacts.load_text(f"runs:/{outcome.run_id}/{Artifact.DIAGNOSIS_JSON}"))
+        assert payload["variant"] == outcome.name and payload["run_id"] == outcome.run_id
+        assert payload["images"] == min(256, result.test_images)
+        assert {"Conv_1", "Conv_3"} <= {row["layer"] for row in payload["layers"] if row["quantized"]}
+        assert Tag.DIAGNOSIS_ERROR not in client.get_run(outcome.run_id).data.tags
+    assert [a.path for a in client.list_artifacts(result.parent_run_id, "diagnosis")] == [
+        Artifact.DIAGNOSIS_BACKENDS_PLOT]
+    assert result.phase_seconds["diagnose"] > 0
+
+
 def test_best_int8_models_are_registered_with_verifiable_tags(completed_sweep):
     result, _ = completed_sweep
     client = MlflowClient()

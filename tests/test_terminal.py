@@ -137,6 +137,7 @@ RAISED_BY = {
     "pipelines/shapes.py": SWEEPS,
     "pipelines/fetch.py:CIFAR10_FETCH_HINTS": ("fetch cifar10",),
     "pipelines/fetch.py:RESNET8_FETCH_HINTS": ("fetch resnet8",),
+    "pipelines/fallback.py": ("sweep",),  # the search's options are the sweep command's
     "pipelines/inputs.py": SWEEPS,
     "pipelines/names.py": ("pull", "serve", "diagnose"),
     "pipelines/plots.py": QUANTIZERS,  # the no-latency note; baseline always benchmarks

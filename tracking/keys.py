@@ -42,6 +42,16 @@ class Param:
     # AdaRound steps per layer; `ptqflow diagnose` reads it from a sweep run to redo the same AdaRound (cache hit)
     ADAROUND_ITERATIONS = "adaround_iterations"
     MIN_AGREEMENT = "gate_min_agreement"
+    # Sensitivity-ranked fallback (pipelines.fallback): on the sweep run the target; on a `<variant>-mixed` run
+    # the variant it repairs, its upgraded layers (`layer:kind`, in the order the search added them) and the target;
+    # on each search step's run the same plus the step's number and change
+    TARGET_AGREEMENT = "target_agreement"
+    TARGET_MAX_DROP_PP = "target_max_drop_pp"
+    FALLBACK_OF = "fallback_of"
+    FALLBACK_LAYERS = "fallback_layers"
+    FALLBACK_TARGET = "fallback_target"
+    FALLBACK_STEP = "fallback_step"
+    FALLBACK_CHANGE = "fallback_change"
 
     VARIANT_PARAMS = (
         VARIANT, FRAMEWORK, BACKEND, WEIGHT_DTYPE, ACTIVATION_DTYPE, QUANT_FORMAT, PER_CHANNEL,
@@ -103,6 +113,10 @@ class Tag:
     MODEL_FILE_SHA256 = "ptqflow.model_file_sha256"  # of the variant's own model file
     MODEL_FILE_IN_MODEL = "ptqflow.model_file_in_model"  # its path inside the logged MLflow model
     INPUT_KEY = "ptqflow.input_key"  # SHA-256 of everything that determines a variant's result
+    DIAGNOSIS_ERROR = "ptqflow.diagnosis_error"  # why a variant has no diagnosis artifacts (the variant is fine)
+    FALLBACK = "ptqflow.fallback"  # on a variant that missed the target: what the fallback search found, one line
+    FALLBACK_OF = "ptqflow.fallback_of"  # on a search step's run: the variant it repairs
+    STEP_DECISION = "ptqflow.step"  # on a search step's run: added, or refused (the backend could not make it)
     REUSED_FROM = "ptqflow.reused."  # + variant, on a resumed sweep's parent: the run reused for it
     BENCH_CONTENDED = "ptqflow.bench_contended"  # why the timings are not facts, only on contended runs
     ORPHANS_MARKED = "ptqflow.orphans_marked_failed"  # "name/version" on the run that was registered
@@ -115,6 +129,9 @@ class Tag:
     STATUS_FAILED = "failed"
     ROLE_SWEEP = "sweep"
     ROLE_VARIANT = "variant"
+    ROLE_FALLBACK_STEP = "fallback_step"  # a step of the fallback search, a child of the variant's run
+    STEP_ADDED = "added"  # measured; the search goes on from this config
+    STEP_REFUSED = "refused"  # the backend could not make the config (the reason tag says why)
     WARNING_FP32_MISMATCH = "fp32_torch_ort_mismatch"
 
 
@@ -182,6 +199,8 @@ class Artifact:
     DIAGNOSIS_JSON = "diagnosis/layers.json"
     DIAGNOSIS_PLOT = "diagnosis/layer_sqnr.png"
     DIAGNOSIS_BACKENDS_PLOT = "diagnosis/backends.png"
+    # On a variant run that missed the target: the fallback search (candidates, ranking, steps, outcome)
+    FALLBACK_SEARCH = "fallback/search.json"
     # Before MLflow logged models: the run artifact dir that held each variant's MLflow model (`runs:/<run>/model`);
     # still registered from when a resumed sweep reuses such a run. Variants now log a logged model named after
     # themselves (tracking.runs.log_torchscript_model / log_onnx_model).

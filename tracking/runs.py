@@ -171,6 +171,64 @@ def run_scope(experiment_id: str | None = None, run_name: str | None = None, nes
         mlflow.end_run(RunStatus.to_string(status))
 
 
+class DetachedRun:
+    """A run written through the client by id: it never becomes the active run, so it can be the child of a run
+    that has ended (a variant's run, after it logged its model)."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param as MlflowParam
+
+        self._batch(params=[MlflowParam(k, "" if v is None else str(v)) for k, v in params.items()])
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric as MlflowMetric
+
+        now = int(time.time() * 1000)
+        self._batch(metrics=[MlflowMetric(k, float(v), now, 0) for k, v in metrics.items() if v is not None])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self._batch(tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def _batch(self, **entries) -> None:
+        try:
+            client().log_batch(self.run_id, **entries)
+        except mlflow.exceptions.MlflowException as exc:
+            raise refused_credentials(exc) or TrackingError(
+                f"tracking server at {public_tracking_uri()} refused to log on run {self.run_id}: "
+                f"{one_line(exc)}") from exc
+
+
+@contextmanager
+def child_run(parent_run_id: str, run_name: str, tags: dict[str, str] | None = None):
+    """A new run under `parent_run_id` (active or ended), in its experiment, written through the client; the active
+    run stays as it is. Ends FINISHED, KILLED (Ctrl-C) or FAILED like run_scope, and carries this process's pid and
+    host. Yields a DetachedRun."""
+    checkpoint()
+    parent = get_run(parent_run_id)
+    try:
+        run = client().create_run(parent.info.experiment_id, run_name=run_name,
+                                  tags={**process_tags(), **(tags or {}), Tag.MLFLOW_PARENT: parent_run_id})
+    except mlflow.exceptions.MlflowException as exc:
+        raise refused_credentials(exc) or TrackingError(
+            f"tracking server at {public_tracking_uri()} refused to start a run: {one_line(exc)}") from exc
+    status = RunStatus.FINISHED
+    try:
+        yield DetachedRun(run.info.run_id)
+    except KeyboardInterrupt:
+        status = RunStatus.KILLED
+        raise
+    except BaseException:
+        status = RunStatus.FAILED
+        raise
+    finally:
+        client().set_terminated(run.info.run_id, RunStatus.to_string(status))
+
+
 def log_params(params: dict) -> None:
     """Log params on the active run, skipping keys it already has: under `mlflow run` the entry point's own
     parameters are on the run already, and MLflow refuses to change a param's value."""
