@@ -277,6 +277,89 @@ def sweep(
                max_drop_pp=max_drop, ranking_images=ranking_images, fallback_candidates=fallback_candidates)
 
 
+# ---- ptqflow tune ----------------------------------------------------------------------------------------------
+def _sizes(text: str) -> tuple[int, ...]:
+    from common.errors import ConfigError
+
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--calibration-sizes takes whole numbers separated by commas, e.g. 500,1000; got "
+                          f"{text!r}") from None
+
+
+@app.command()
+@cli_errors
+def tune(
+    model: ModelOpt = DEFAULT_MODEL,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
+    registered_model: RegisteredOpt = None,
+    registered_onnx_model: RegisteredOnnxOpt = None,
+    register: RegisterOpt = True,
+    calibration_seed: CalSeedOpt = 0,
+    test_limit: TestLimitOpt = None,
+    input_layout: LayoutOpt = LayoutChoice.auto,
+    preprocessing: PreprocessingOpt = Preprocessing.raw,
+    data_format: DataFormatOpt = DataFormat.auto,
+    input_size: InputSizeOpt = None,
+    resize: ResizeOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    adaround_iterations: Annotated[int, typer.Option("--adaround-iterations", min=1,
+                                                     help="AdaRound optimization steps per layer.")] = 1000,
+    max_accuracy_drop: MaxDropOpt = 0.5,
+    min_agreement: MinAgreementOpt = 0.97,
+    min_latency_gain: MinLatencyGainOpt = 0.25,
+    fetch: FetchOpt = True,
+    n_trials: Annotated[int, typer.Option("--n-trials", min=1, rich_help_panel="Search",
+                                          help="Finished trials of the whole study (all workers).")] = 40,
+    timeout: Annotated[Optional[float], typer.Option(
+        "--timeout", min=1, rich_help_panel="Search",
+        help="Seconds after which this worker starts no new trial.")] = 1200,
+    target_agreement: Annotated[float, typer.Option(
+        "--target-agreement", min=0.0, max=1.0, rich_help_panel="Search",
+        help="Top-1 agreement with FP32 a trial must reach to be feasible.")] = 0.995,
+    min_speedup: Annotated[float, typer.Option(
+        "--min-speedup", min=0.0, rich_help_panel="Search",
+        help="Batch-256 throughput over ORT FP32 (timed by the same worker) a feasible trial must reach.")] = 1.0,
+    stop_at_target: Annotated[bool, typer.Option(
+        "--stop-at-target/--no-stop-at-target", rich_help_panel="Search",
+        help="Stop at the first feasible trial.")] = True,
+    study: Annotated[Optional[str], typer.Option(
+        "--study", rich_help_panel="Search", help="Optuna study name (default: <model stem>-tune); workers with the "
+        "same --study and --storage share it.")] = None,
+    storage: Annotated[Optional[str], typer.Option(
+        "--storage", envvar="PTQFLOW_TUNE_STORAGE", rich_help_panel="Search",
+        help="Where the study lives: an SQLAlchemy URL, e.g. postgresql://user:pw@host/db for several machines "
+        "(default: optuna.db beside the MLflow sqlite store).")] = None,
+    seed: Annotated[int, typer.Option("--seed", rich_help_panel="Search", help="The sampler's seed.")] = 0,
+    calibration_sizes: Annotated[str, typer.Option(
+        "--calibration-sizes", rich_help_panel="Search",
+        help="Calibration-set sizes the search chooses from, comma-separated.")] = "500,1000,2000",
+    heartbeat: Annotated[int, typer.Option(
+        "--heartbeat", min=1, rich_help_panel="Search",
+        help="Seconds between a worker's heartbeats; a trial silent for twice that is retried.")] = 30,
+):
+    """Search quantization recipes with Optuna for agreement with FP32 and speed; every trial an MLflow run."""
+    from pipelines.sweep import SweepOptions
+    from pipelines.tune import TuneOptions, run_tune
+
+    sweep_options = SweepOptions(
+        model_path=model, data_dir=data_dir, experiment=experiment, registered_model=registered_model,
+        registered_onnx_model=registered_onnx_model, register=register, calibration_seed=calibration_seed,
+        test_limit=test_limit, input_layout=input_layout, preprocessing=preprocessing, data_format=data_format,
+        input_size=input_size, resize=resize, mean=mean, std=std, adaround_iterations=adaround_iterations,
+        gate=_gate_policy(max_accuracy_drop, min_agreement, min_latency_gain), fetch_missing=fetch)
+    result = run_tune(TuneOptions(sweep=sweep_options, n_trials=n_trials, timeout_s=timeout,
+                                  target_agreement=target_agreement, min_speedup=min_speedup,
+                                  stop_at_target=stop_at_target, study=study, storage=storage, seed=seed,
+                                  heartbeat_s=heartbeat, calibration_sizes=_sizes(calibration_sizes)))
+    from pipelines.tables import print_tune
+
+    print_tune(result)
+
+
 @app.command()
 @cli_errors
 def baseline(

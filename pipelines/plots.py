@@ -426,3 +426,43 @@ def _fractions(ax, points: list[tuple[float, float]]) -> list[tuple[float, float
     """Data points as fractions of the axes (0..1 inside), on whatever scale the axes has (linear or log)."""
     to_axes = ax.transScale + ax.transLimits
     return [tuple(map(float, to_axes.transform(point))) for point in points]
+
+
+def tune_pareto(trials: list[tuple[float, float, str]], front: list[tuple[float, float]],
+                best: tuple[float, float] | None, target_agreement: float, min_speedup: float, title: str) -> bytes:
+    return _png(tune_pareto_figure(trials, front, best, target_agreement, min_speedup, title))
+
+
+def tune_pareto_figure(trials: list[tuple[float, float, str]], front: list[tuple[float, float]],
+                       best: tuple[float, float] | None, target_agreement: float, min_speedup: float, title: str):
+    """A tune study: every complete trial (speed vs ORT FP32 at batch 256, agreement %), coloured by format; the
+    Pareto front as a line (gid "pareto-front"); the targets as dashed lines (gid "target"); the best feasible trial
+    as a star (gid "best")."""
+    fig, ax = _figure(5.0, title, "batch-256 throughput vs ORT FP32 (same process)", "top-1 agreement with FP32 (%)")
+    if not trials:
+        _note(ax, "no complete trial yet")
+        return fig
+    formats = sorted({f for _, _, f in trials})
+    colors = {f: c for f, c in zip(formats, ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown",
+                                            "tab:pink", "tab:olive", "tab:cyan"))}
+    for fmt in formats:
+        xs = [x for x, _, f in trials if f == fmt]
+        ys = [100 * y for _, y, f in trials if f == fmt]
+        ax.scatter(xs, ys, s=28, color=colors.get(fmt, QUANTIZED_COLOR), alpha=0.8, label=fmt, zorder=3)
+    if front:
+        pts = sorted(front)
+        line, = ax.plot([x for x, _ in pts], [100 * y for _, y in pts], color=FRONT_COLOR, lw=1.2, zorder=2,
+                        label="Pareto front", drawstyle="steps-post" if len(pts) > 1 else "default")
+        line.set_gid("pareto-front")
+    ax.axhline(100 * target_agreement, color="dimgray", ls="--", lw=1, zorder=1).set_gid("target")
+    ax.axvline(min_speedup, color="dimgray", ls="--", lw=1, zorder=1).set_gid("target")
+    if best is not None:
+        ax.scatter([best[0]], [100 * best[1]], marker="*", s=220, color=MEETS_TARGET_COLOR, zorder=4,
+                   label="best feasible").set_gid("best")
+    ys = [100 * y for _, y, _ in trials] + [100 * target_agreement]
+    low = min(ys)
+    ax.set_ylim(max(min(low - 0.3 * (100 - low), 99.0), 0), 100.05)  # at least a point of range, no offset
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    ax.legend(fontsize=FONT_SIZE - 1, loc="lower left")
+    ax.grid(alpha=0.3)
+    return fig

@@ -13,7 +13,7 @@ import json
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -181,21 +181,27 @@ def prepare_inputs(options: SweepOptions) -> SweepInputs:
     transform.check_channels(shape.channels)
     test = shape.fit(data.test.head(options.test_limit or None))
     shapes.check_class_count(model, data, transform(test.images[:1]))
-    note = None
+    inputs = SweepInputs(data=data, model=model, transform=transform, calibration_indices=np.array([], np.int64),
+                         calibration=np.zeros((0,), np.float32), test=test, shape=shape)
     if not options.variants:  # an FP32 baseline needs no calibration set
-        indices = np.array([], dtype=np.int64)
-    elif options.calibration_size > len(data.train):
-        raise ConfigError(f"--calibration-size {options.calibration_size} exceeds the {len(data.train)} training "
-                          "images; pass a smaller --calibration-size")
-    else:
-        selection = stratified_selection(data.train.labels, options.calibration_size, options.calibration_seed,
-                                         data.num_classes)
-        indices, note = selection.indices, selection.note(data.class_names)
-        if note:
-            say(f"[yellow]![/] {note}")
-    return SweepInputs(data=data, model=model, transform=transform, calibration_indices=indices,
-                       calibration=transform(shape.fit_images(data.train.images[indices])), test=test, shape=shape,
-                       calibration_note=note)
+        return inputs
+    return with_calibration(inputs, options.calibration_size, options.calibration_seed)
+
+
+def with_calibration(inputs: SweepInputs, size: int, seed: int) -> SweepInputs:
+    """`inputs` with the calibration set `size` images drawn stratified by class from the training split with
+    `seed` (the rest is shared: nothing is loaded again)."""
+    data = inputs.data
+    if size > len(data.train):
+        raise ConfigError(f"--calibration-size {size} exceeds the {len(data.train)} training images; pass a "
+                          "smaller --calibration-size")
+    selection = stratified_selection(data.train.labels, size, seed, data.num_classes)
+    note = selection.note(data.class_names)
+    if note:
+        say(f"[yellow]![/] {note}")
+    images = inputs.shape.fit_images(data.train.images[selection.indices])
+    return replace(inputs, calibration_indices=selection.indices, calibration=inputs.transform(images),
+                   calibration_note=note)
 
 
 @dataclass
@@ -251,6 +257,8 @@ class Sweep:
         self.versions = package_versions(TRACKED_PACKAGES)
         self.commit = git_commit()
         self.reference: VariantResult | None = None
+        self.parent_run_id: str | None = None
+        self.run_tags: dict[str, str] = {}  # more creation tags for every variant run (a tune trial's number)
         self.fallback = SweepFallback(options.fallback_target(), self.runner, options.fallback_candidates,
                                       options.ranking_images, self.timer)
 
@@ -297,8 +305,8 @@ class Sweep:
 
     # ---- FP32 reference ------------------------------------------------------------------------------------
     def run_fp32(self, experiment_id: str, parent_run_id: str) -> VariantOutcome:
-        with runs.run_scope(experiment_id, FP32, nested=True,
-                            tags={Tag.ROLE: Tag.ROLE_VARIANT, Tag.VARIANT: FP32}) as run_id:
+        with runs.run_scope(experiment_id, FP32, parent_run_id=parent_run_id,
+                            tags={Tag.ROLE: Tag.ROLE_VARIANT, Tag.VARIANT: FP32, **self.run_tags}) as run_id:
             runs.set_tags(self._common_tags(parent_run_id))
             runs.log_params(self._variant_params(None))
             self._log_datasets()
@@ -410,8 +418,8 @@ class Sweep:
                 return self._reuse(spec, previous)
         outcome = VariantOutcome(spec.name, spec.framework, spec, status="failed")
         try:
-            with runs.run_scope(experiment_id, spec.name, nested=True,
-                                tags={Tag.ROLE: Tag.ROLE_VARIANT, Tag.VARIANT: spec.name}) as run_id:
+            with runs.run_scope(experiment_id, spec.name, parent_run_id=parent_run_id,
+                                tags={Tag.ROLE: Tag.ROLE_VARIANT, Tag.VARIANT: spec.name, **self.run_tags}) as run_id:
                 outcome.run_id = run_id
                 try:
                     outcome = self._quantize_and_log(spec, outcome)

@@ -216,3 +216,21 @@ def print_bench(results) -> None:
     if any(r.contended for _, r in results):
         console.print(f"[dim]{mark} timed while the machine was busy (p90/p50 of the timings above "
                       f"{CONTENDED_SPREAD:g}): not a measurement of the model[/]", highlight=False)
+
+
+def print_tune(result) -> None:
+    """A tune study's Pareto front (pipelines.tune.TuneResult), fastest first, and where it was logged."""
+    console = _console()
+    table = Table(title=f"{result.study}: Pareto front of {sum(t.state == 'COMPLETE' for t in result.trials)} "
+                        "complete trials")
+    for column in ("trial", "format", "agreement", "speed vs ORT FP32 (b256)", "feasible", "upgraded", "run"):
+        table.add_column(column, justify="right" if column in ("trial", "agreement") else "left")
+    for t in result.pareto:
+        table.add_row(str(t.number), str(t.params.get("format", "")), f"{100 * t.agreement:.2f}%",
+                      f"{t.speedup:.2f}x", "yes" if t.feasible else "no", str(t.params.get("upgrade_layers", 0)),
+                      t.run_id[:8])
+    console.print(table)
+    for version in result.registered:
+        console.print(f"registered {version.name} version {version.version}", highlight=False)
+    console.print(f"tune parent run {result.parent_run_id}: tune/pareto.png, tune/pareto.md, tune/trials.csv",
+                  highlight=False)

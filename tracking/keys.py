@@ -52,6 +52,14 @@ class Param:
     FALLBACK_TARGET = "fallback_target"
     FALLBACK_STEP = "fallback_step"
     FALLBACK_CHANGE = "fallback_change"
+    # ptqflow tune (pipelines.tune), on its parent run: the study, where it lives (password hidden) and its limits
+    TUNE_STUDY = "tune_study"
+    TUNE_STORAGE = "tune_storage"
+    TUNE_N_TRIALS = "tune_n_trials"
+    TUNE_TIMEOUT_S = "tune_timeout_s"
+    TUNE_MIN_SPEEDUP = "tune_min_speedup"
+    TUNE_SEED = "tune_seed"
+    TUNE_PARAM_PREFIX = "tune."  # + search-space dimension, on each trial's run: what the sampler chose
 
     VARIANT_PARAMS = (
         VARIANT, FRAMEWORK, BACKEND, WEIGHT_DTYPE, ACTIVATION_DTYPE, QUANT_FORMAT, PER_CHANNEL,
@@ -88,6 +96,12 @@ class Metric:
     BEST_INT8_ACCURACY = "best_int8_accuracy"
     BEST_INT8_AGREEMENT = "best_int8_top1_agreement"
     SWEEP_SECONDS = "sweep_seconds"
+    # On a tune's parent run (pipelines.tune)
+    TUNE_TRIALS = "tune_trials"  # trials that ended (complete, pruned or failed)
+    TUNE_PARETO_SIZE = "tune_pareto_size"
+    TUNE_SECONDS = "tune_seconds"  # wall time of the worker that ended the study
+    BEST_FEASIBLE_AGREEMENT = "best_feasible_agreement"
+    BEST_FEASIBLE_SPEEDUP_B256 = "best_feasible_speedup_vs_fp32_b256"
 
     VARIANT_METRICS = (ACCURACY, ACCURACY_DELTA_PP, TOP1_AGREEMENT, MODEL_SIZE_BYTES, COMPRESSION_RATIO)
 
@@ -123,12 +137,18 @@ class Tag:
     # Classes that had fewer training images than their share of the calibration set (pipelines.calibration)
     CALIBRATION_SHORTFALL = "ptqflow.calibration_shortfall"
     MLFLOW_PARENT = "mlflow.parentRunId"
+    TUNE_STUDY = "ptqflow.tune_study"  # on a tune's parent and trial runs: the Optuna study's name
+    TUNE_TRIAL = "ptqflow.tune_trial"  # on a trial's run: its number in the study (unique within it)
+    TUNE_TRIAL_ID = "ptqflow.tune_trial_id"  # the storage's id of the trial: how a worker finds a dead one's run
+    TUNE_SAMPLER_SEED = "ptqflow.tune_sampler_seed"  # the seed of the worker's sampler that chose the trial
+    TUNE_FEASIBLE = "ptqflow.tune_feasible"  # "yes" when the trial meets --target-agreement and --min-speedup
 
     STATUS_OK = "ok"
     STATUS_UNSUPPORTED = "unsupported"
     STATUS_FAILED = "failed"
     ROLE_SWEEP = "sweep"
     ROLE_VARIANT = "variant"
+    ROLE_TUNE = "tune"  # a tune's parent run; its children are the trials (role variant) and each worker's fp32
     ROLE_FALLBACK_STEP = "fallback_step"  # a step of the fallback search, a child of the variant's run
     STEP_ADDED = "added"  # measured; the search goes on from this config
     STEP_REFUSED = "refused"  # the backend could not make the config (the reason tag says why)
@@ -201,6 +221,12 @@ class Artifact:
     DIAGNOSIS_BACKENDS_PLOT = "diagnosis/backends.png"
     # On a variant run that missed the target: the fallback search (candidates, ranking, steps, outcome)
     FALLBACK_SEARCH = "fallback/search.json"
+    # On a tune's parent run: the declared search space, every trial, the Pareto front (table and plot)
+    TUNE_SPACE = "tune/space.json"
+    TUNE_TRIALS_CSV = "tune/trials.csv"
+    TUNE_PARETO_MD = "tune/pareto.md"
+    TUNE_PARETO_CSV = "tune/pareto.csv"
+    TUNE_PARETO_PLOT = "tune/pareto.png"
     # Before MLflow logged models: the run artifact dir that held each variant's MLflow model (`runs:/<run>/model`);
     # still registered from when a resumed sweep reuses such a run. Variants now log a logged model named after
     # themselves (tracking.runs.log_torchscript_model / log_onnx_model).

@@ -143,15 +143,26 @@ def process_tags() -> dict[str, str]:
 
 @contextmanager
 def run_scope(experiment_id: str | None = None, run_name: str | None = None, nested: bool = False,
-              tags: dict[str, str] | None = None):
+              tags: dict[str, str] | None = None, parent_run_id: str | None = None):
     """Start (or, under `mlflow run`, resume) a run; end it FINISHED, KILLED or FAILED. Yields the run id.
 
-    Every run carries this process's pid and host from its first moment, so a later sweep can tell a run whose
-    process was killed (and mark it FAILED) however early the kill came."""
+    With `parent_run_id` the run is that run's child whether or not the parent is this process's active run (a tune
+    worker's trials belong to a parent run another machine started). Every run carries this process's pid and host
+    from its first moment, so a later sweep can tell a run whose process was killed (and mark it FAILED) however
+    early the kill came."""
     checkpoint()  # a stop requested before this run began: do not begin it
     creation_tags = {**process_tags(), **(tags or {})}
+    active = mlflow.active_run()
     try:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested, tags=creation_tags)
+        if parent_run_id and (active is None or active.info.run_id != parent_run_id):
+            # Created through the client with its parent tag, then made active: fluent start_run(parent_run_id=)
+            # wants the parent to be the active run.
+            created = client().create_run(experiment_id, run_name=run_name,
+                                          tags={**creation_tags, Tag.MLFLOW_PARENT: parent_run_id})
+            run = mlflow.start_run(run_id=created.info.run_id, nested=active is not None)
+        else:
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                                   nested=nested or parent_run_id is not None, tags=creation_tags)
         if run.data.tags.get(Tag.PID) != creation_tags[Tag.PID]:  # resumed (`mlflow run`): start_run ignored tags
             mlflow.set_tags(creation_tags)
     except mlflow.exceptions.MlflowException as exc:
@@ -563,3 +574,52 @@ def log_bench_to_run(run_id: str, bench) -> None:
         c.log_param(run_id, Param.BENCH_THREADS, bench.threads)
     except mlflow.exceptions.MlflowException:
         pass  # already logged by the sweep with the same or another thread count; params cannot change
+
+
+# ---- runs no process holds active: a tune study's parent run, shared by workers on several machines ----------
+def sqlite_file(uri: str) -> Path | None:
+    """The sqlite file of a `sqlite:///` tracking URI, else None."""
+    return _sqlite_file(uri)
+
+
+@contextmanager
+def detached_run(experiment_id: str, run_name: str, tags: dict[str, str] | None = None):
+    """A new top-level run written through the client, left RUNNING when the block ends (other processes log under
+    it and end it: `terminate`); FAILED when the block raises. Yields a DetachedRun."""
+    checkpoint()
+    try:
+        run = client().create_run(experiment_id, run_name=run_name, tags={**process_tags(), **(tags or {})})
+    except mlflow.exceptions.MlflowException as exc:
+        raise refused_credentials(exc) or TrackingError(
+            f"tracking server at {public_tracking_uri()} refused to start a run: {one_line(exc)}") from exc
+    try:
+        yield DetachedRun(run.info.run_id)
+    except BaseException:
+        client().set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+
+
+def terminate(run_id: str, status: str) -> None:
+    """End a run FINISHED, FAILED or KILLED."""
+    client().set_terminated(run_id, status)
+
+
+def runs_tagged(experiment_id: str, key: str, value: str) -> list:
+    """The runs of an experiment whose tag `key` is `value`."""
+    return client().search_runs([experiment_id], f"tags.`{key}` = '{value}'", max_results=1000)
+
+
+def log_params_to_run(run_id: str, params: dict) -> None:
+    DetachedRun(run_id).log_params(params)
+
+
+def log_metrics_to_run(run_id: str, metrics: dict[str, float]) -> None:
+    DetachedRun(run_id).log_metrics(metrics)
+
+
+def log_text_to_run(run_id: str, text: str, artifact_file: str) -> None:
+    log_bytes_to_run(run_id, text.encode(), artifact_file)
+
+
+def log_json_to_run(run_id: str, payload, artifact_file: str) -> None:
+    log_bytes_to_run(run_id, (json.dumps(payload, indent=2, default=str) + "\n").encode(), artifact_file)
