@@ -312,33 +312,35 @@ def tune(
     min_agreement: MinAgreementOpt = 0.97,
     min_latency_gain: MinLatencyGainOpt = 0.25,
     fetch: FetchOpt = True,
-    n_trials: Annotated[int, typer.Option("--n-trials", min=1, rich_help_panel="Search",
+    n_trials: Annotated[int, typer.Option("--n-trials", metavar="<n>", rich_help_panel="Search",
                                           help="Finished trials of the whole study (all workers).")] = 40,
     timeout: Annotated[Optional[float], typer.Option(
-        "--timeout", min=1, rich_help_panel="Search",
+        "--timeout", metavar="<s>", rich_help_panel="Search",
         help="Seconds after which this worker starts no new trial.")] = 1200,
-    target_agreement: Annotated[float, typer.Option(
-        "--target-agreement", min=0.0, max=1.0, rich_help_panel="Search",
-        help="Top-1 agreement with FP32 a trial must reach to be feasible.")] = 0.995,
-    min_speedup: Annotated[float, typer.Option(
-        "--min-speedup", min=0.0, rich_help_panel="Search",
-        help="Batch-256 throughput over ORT FP32 (timed by the same worker) a feasible trial must reach.")] = 1.0,
-    stop_at_target: Annotated[bool, typer.Option(
-        "--stop-at-target/--no-stop-at-target", rich_help_panel="Search",
-        help="Stop at the first feasible trial.")] = True,
-    study: Annotated[Optional[str], typer.Option(
-        "--study", rich_help_panel="Search", help="Optuna study name (default: <model stem>-tune); workers with the "
-        "same --study and --storage share it.")] = None,
-    storage: Annotated[Optional[str], typer.Option(
-        "--storage", envvar="PTQFLOW_TUNE_STORAGE", rich_help_panel="Search",
-        help="Where the study lives: an SQLAlchemy URL, e.g. postgresql://user:pw@host/db for several machines "
-        "(default: optuna.db beside the MLflow sqlite store).")] = None,
-    seed: Annotated[int, typer.Option("--seed", rich_help_panel="Search", help="The sampler's seed.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", metavar="<n>", rich_help_panel="Search",
+                                      help="The sampler's seed.")] = 0,
     calibration_sizes: Annotated[str, typer.Option(
-        "--calibration-sizes", rich_help_panel="Search",
-        help="Calibration-set sizes the search chooses from, comma-separated.")] = "500,1000,2000",
+        "--calibration-sizes", metavar="<n,n>", rich_help_panel="Search",
+        help="Calibration-set sizes the search chooses from.")] = "500,1000,2000",
+    target_agreement: Annotated[float, typer.Option(
+        "--target-agreement", metavar="<share>", rich_help_panel="Target",
+        help="Top-1 agreement with FP32 a feasible trial reaches.")] = 0.995,
+    min_speedup: Annotated[float, typer.Option(
+        "--min-speedup", metavar="<ratio>", rich_help_panel="Target",
+        help="Batch-256 throughput over ORT FP32 (timed by the same worker) a feasible trial reaches.")] = 1.0,
+    stop_at_target: Annotated[bool, typer.Option(
+        "--stop-at-target/--no-stop-at-target", rich_help_panel="Target",
+        help="Stop at the first feasible trial, or go on mapping the Pareto front.")] = True,
+    study: Annotated[Optional[str], typer.Option(
+        "--study", metavar="<name>", rich_help_panel="Study",
+        help="Optuna study name (default: <model stem>-tune); workers with the same --study and --storage share "
+        "it.")] = None,
+    storage: Annotated[Optional[str], typer.Option(
+        "--storage", metavar="<url>", envvar="PTQFLOW_TUNE_STORAGE", show_envvar=False, rich_help_panel="Study",
+        help="Where the study lives, an SQLAlchemy URL (postgresql:// for several machines; also from "
+        "PTQFLOW_TUNE_STORAGE). Default: optuna.db beside the MLflow sqlite store.")] = None,
     heartbeat: Annotated[int, typer.Option(
-        "--heartbeat", min=1, rich_help_panel="Search",
+        "--heartbeat", metavar="<s>", rich_help_panel="Study",
         help="Seconds between a worker's heartbeats; a trial silent for twice that is retried.")] = 30,
 ):
     """Search quantization recipes with Optuna for agreement with FP32 and speed; every trial an MLflow run."""

@@ -129,8 +129,14 @@ def quiet_library_warnings() -> None:
     """torch.ao and torch.jit print deprecation notices on every call; users need ptqflow's own output."""
     import warnings
 
+    import os
+
     for category in (DeprecationWarning, FutureWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(torch|onnxruntime|onnx2torch|mlflow)(\.|$)")
+        warnings.filterwarnings("ignore", category=category,
+                                module=r"(torch|onnxruntime|onnx2torch|mlflow|optuna)(\.|$)")
+    # MLflow draws a tqdm bar for every logged model the sweep downloads back (a second each): noise between
+    # ptqflow's own progress lines. A user who wants them sets the variable.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # The same notices attributed to the caller (ptqflow's own torch.jit.trace, MLflow's torch.jit.load), by message:
     # the patterns are models.runtime's JIT_DEPRECATION and QUANTIZED_TENSOR_DEPRECATION (not imported: numpy).
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.[a-z_]+` is deprecated", category=FutureWarning)

@@ -33,6 +33,7 @@ from pipelines.fallback import candidate_rounds
 from pipelines.progress import say
 from pipelines.sweep import (Sweep, SweepOptions, VariantOutcome, _speedup_b1, _speedup_b256, prepare_inputs,
                              with_calibration)
+from models.benchmark import BenchConfig
 from pipelines.timing import PhaseTimer
 from pipelines.tune_space import CALIBRATION_SIZES, SPACE, TrialChoice, choice_of, suggest, sweep_defaults
 from pipelines.variants import VARIANTS, VariantSpec, apply_upgrades
@@ -64,6 +65,7 @@ class TuneOptions:
     heartbeat_s: int = DEFAULT_HEARTBEAT_S
     enqueue_defaults: bool = True  # a new study's first trials are the default sweep's recipes
     calibration_sizes: tuple[int, ...] = CALIBRATION_SIZES  # the space's choices of calibration-set size
+    bench_config: BenchConfig = BenchConfig()  # how each model is timed (the sweep's default)
 
     def __post_init__(self):
         if isinstance(self.n_trials, bool) or not isinstance(self.n_trials, int) or self.n_trials < 1:
@@ -80,7 +82,7 @@ class TuneOptions:
         if not self.calibration_sizes or min(self.calibration_sizes) < 1:
             raise ConfigError(f"--calibration-sizes takes sizes of at least 1; got {self.calibration_sizes!r}")
         if not self.sweep.bench:
-            raise ConfigError("tune measures speed as one of its objectives: it cannot run with --no-bench")
+            raise ConfigError("tune times every trial (speed is one of its objectives): benchmarking must stay on")
         if self.study is not None:
             from pipelines.names import validate_name
 
@@ -212,8 +214,9 @@ class Tuner:
     def _sampler(self, seed: int):
         import optuna
 
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=_constraints,
-                                          n_startup_trials=8)
+        # Constraints come from each trial (Trial.set_constraint in objective): infeasible trials guide the search
+        # away from what misses the target.
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
 
     def _start_parent(self, study) -> None:
         experiment_id = runs.ensure_experiment(self.options.sweep.experiment)
@@ -250,6 +253,8 @@ class Tuner:
             raise ConfigError(f"study {self.options.study_name!r} tunes another model (SHA-256 "
                               f"{parent.data.tags.get(Tag.MODEL_SHA256, '?')[:12]}…); pass the same --model or "
                               "another --study")
+        if parent.info.status != "RUNNING":  # a finished study taken up again (more --n-trials): open it again
+            runs.reopen(self.parent_run_id)
         say(f"joined tune study [bold]{self.options.study_name}[/] (parent run {self.parent_run_id})")
 
     def _dead_trial(self, retry):
@@ -269,24 +274,30 @@ class Tuner:
     # ---- inputs per calibration size ---------------------------------------------------------------------------
     def prepare(self) -> None:
         """Load model and data once, convert, and time this worker's FP32 reference (in open_study's parent)."""
-        options = replace(self.options.sweep, diagnose=False, register=False, variants=tuple(VARIANTS),
-                          calibration_size=self.options.calibration_sizes[0])
+        size = self.options.calibration_sizes[0]
         with self.timer.phase("load"):
-            inputs = prepare_inputs(options)  # checks the first size against the training set
+            inputs = prepare_inputs(replace(self.options.sweep, variants=()))  # no calibration set yet
         largest = max(self.options.calibration_sizes)
         if largest > len(inputs.data.train):
             raise ConfigError(f"--calibration-sizes {largest} exceeds the {len(inputs.data.train)} training images; "
                               "pass smaller sizes")
-        self.base = Sweep(options, inputs, self.work_dir / f"calibration-{options.calibration_size}", self.timer)
+        options = replace(self.options.sweep, diagnose=False, register=False, variants=tuple(VARIANTS),
+                          calibration_size=size)
+        inputs = with_calibration(inputs, size, options.calibration_seed)
+        self.base = self._sweep(options, inputs)
         self.sweeps[options.calibration_size] = self.base
+
+    def _sweep(self, options: SweepOptions, inputs) -> Sweep:
+        sweep = Sweep(options, inputs, self.work_dir / f"calibration-{options.calibration_size}", self.timer)
+        sweep.runner.options = replace(sweep.runner.options, bench_config=self.options.bench_config)
+        return sweep
 
     def sweep_for(self, size: int) -> Sweep:
         """The sweep object whose inputs hold a calibration set of `size` images (same seed); made once."""
         if size not in self.sweeps:
             base = self.base
             inputs = with_calibration(base.inputs, size, base.options.calibration_seed)
-            sweep = Sweep(replace(base.options, calibration_size=size), inputs, self.work_dir / f"calibration-{size}",
-                          self.timer)
+            sweep = self._sweep(replace(base.options, calibration_size=size), inputs)
             sweep.runner.convert(base.specs)
             # the FP32 reference does not depend on the calibration set: measured once per worker
             sweep.reference, sweep.runner.reference = base.reference, base.runner.reference
@@ -332,6 +343,8 @@ class Tuner:
         speedup = self.speedup(outcome, sweep)
         constraints = [self.options.target_agreement - agreement, self.options.min_speedup - speedup]
         trial.set_user_attr(CONSTRAINTS_ATTR, constraints)
+        trial.set_constraint("agreement", constraints[0])
+        trial.set_constraint("speedup", constraints[1])
         trial.set_user_attr("accuracy", outcome.evaluation.accuracy)
         feasible = all(c <= 0 for c in constraints)
         runs.set_run_tags(outcome.run_id, {Tag.TUNE_FEASIBLE: "yes" if feasible else "no"})

@@ -146,9 +146,13 @@ RAISED_BY = {
     "pipelines/registrar.py": QUANTIZERS,  # check_registry_targets; baseline registers nothing
     "pipelines/serve.py": ("serve",),
     "pipelines/sweep.py": SWEEPS,
-    "pipelines/sweep.py:prepare_inputs": QUANTIZERS,  # the calibration set's size: baseline builds none
+    "pipelines/sweep.py:prepare_inputs": QUANTIZERS,
+    "pipelines/sweep.py:with_calibration": QUANTIZERS,  # tune checks its --calibration-sizes before  # the calibration set's size: baseline builds none
     "tracking/registry.py": ("pull", "serve"),  # bench and promote always pass exactly one of version and alias
     "tracking/runs.py": SWEEPS,
+    "pipelines/tune.py": ("tune",),
+    "pipelines/tune_space.py": ("tune",),
+    "pipelines/cli.py:_sizes": ("tune",),
 }
 # Options a module names only on the commands that have them: the value the user gave, or (check_registry_targets)
 # the flag of the framework the command registers.

@@ -585,10 +585,12 @@ def sqlite_file(uri: str) -> Path | None:
 @contextmanager
 def detached_run(experiment_id: str, run_name: str, tags: dict[str, str] | None = None):
     """A new top-level run written through the client, left RUNNING when the block ends (other processes log under
-    it and end it: `terminate`); FAILED when the block raises. Yields a DetachedRun."""
+    it and end it: `terminate`); FAILED when the block raises. Yields a DetachedRun. It carries no pid tag: no one
+    process owns it, so tracking.recovery never takes it for an orphan of the process that started it."""
     checkpoint()
     try:
-        run = client().create_run(experiment_id, run_name=run_name, tags={**process_tags(), **(tags or {})})
+        run = client().create_run(experiment_id, run_name=run_name, tags={Tag.HOST: socket.gethostname(),
+                                                                           **(tags or {})})
     except mlflow.exceptions.MlflowException as exc:
         raise refused_credentials(exc) or TrackingError(
             f"tracking server at {public_tracking_uri()} refused to start a run: {one_line(exc)}") from exc
@@ -623,3 +625,8 @@ def log_text_to_run(run_id: str, text: str, artifact_file: str) -> None:
 
 def log_json_to_run(run_id: str, payload, artifact_file: str) -> None:
     log_bytes_to_run(run_id, (json.dumps(payload, indent=2, default=str) + "\n").encode(), artifact_file)
+
+
+def reopen(run_id: str) -> None:
+    """Set an ended run RUNNING again (a tune study taken up again logs more trials under its parent)."""
+    client().update_run(run_id, status="RUNNING")
