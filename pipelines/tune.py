@@ -47,6 +47,7 @@ FAILURE_ATTR = "failure"  # trial user attribute: why the config could not be ma
 DEFAULT_STUDY_SUFFIX = "-tune"
 DEFAULT_HEARTBEAT_S = 30
 MAX_RETRIES = 2  # a trial whose worker died is run again at most this often
+STORAGE_OPEN_ATTEMPTS = 5  # opening a new database's storage while other workers create its tables
 PARENT_WAIT_S = 300  # how long a joining worker waits for the creator to record the parent run
 
 
@@ -106,6 +107,25 @@ def storage_url(url: str) -> str:
         if url.startswith(plain):
             return "postgresql+psycopg://" + url[len(plain):]
     return url
+
+
+def open_storage(url: str, **kwargs):
+    """optuna's RDBStorage on `url`, tried again while another worker is creating the tables of the same new database:
+    Optuna creates them when a storage is first opened, and PostgreSQL's CREATE TABLE is not atomic, so of workers
+    started together on an empty database all but one fail with "already exists" or a unique violation on a system
+    catalog. The next try finds the tables (and the schema version) in place."""
+    import random
+
+    from optuna.storages import RDBStorage
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(1, STORAGE_OPEN_ATTEMPTS + 1):
+        try:
+            return RDBStorage(url, **kwargs)
+        except (IntegrityError, ProgrammingError):
+            if attempt == STORAGE_OPEN_ATTEMPTS:
+                raise
+            time.sleep(0.2 + random.random())  # not in step with the other worker
 
 
 def public_storage(url: str) -> str:
@@ -172,15 +192,15 @@ class Tuner:
 
         # heartbeats and fail_stale_trials are marked experimental; they are what several workers need
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         url = storage_url(self.options.storage or default_storage())
         try:
             # Optuna 5's name for RetryFailedTrialCallback: retries trials that went stale, not ones that raised.
-            storage = RDBStorage(url, heartbeat_interval=self.options.heartbeat_s,
-                                 heartbeat_stale_trial_callback=self._dead_trial(
-                                     RetryHeartbeatStaleTrialCallback(MAX_RETRIES)))
+            storage = open_storage(url, heartbeat_interval=self.options.heartbeat_s,
+                                   heartbeat_stale_trial_callback=self._dead_trial(
+                                       RetryHeartbeatStaleTrialCallback(MAX_RETRIES)))
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors: one line naming the storage
             raise ConfigError(f"cannot open the tune storage {public_storage(url)}: "
                               f"{str(exc).strip().splitlines()[0][:300]}; check --storage") from exc
