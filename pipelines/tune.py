@@ -249,22 +249,26 @@ class Tuner:
                             P.DATA_DIR: str(o.sweep.data_dir), P.CALIBRATION_SEED: o.sweep.calibration_seed,
                             P.TEST_LIMIT: o.sweep.test_limit or 0, P.ADAROUND_ITERATIONS: o.sweep.adaround_iterations})
             runs.log_json_to_run(run.run_id, SPACE, Artifact.TUNE_SPACE)
-        study.set_user_attr(PARENT_RUN_ATTR, run.run_id)
+        # The experiment first: a joining worker takes the parent run's id as the sign that both are there.
         study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
+        study.set_user_attr(PARENT_RUN_ATTR, run.run_id)
         self.parent_run_id, self.experiment_id = run.run_id, experiment_id
         say(f"tune study [bold]{o.study_name}[/] created in {public_storage(self.storage_url)}; parent run "
             f"{run.run_id}")
 
     def _join_parent(self, study) -> None:
         deadline = time.monotonic() + PARENT_WAIT_S
-        while PARENT_RUN_ATTR not in study.user_attrs:  # read from the storage each time
+        while True:
+            attrs = study.user_attrs  # read from the storage each time; one read for both attributes
+            if PARENT_RUN_ATTR in attrs and EXPERIMENT_ATTR in attrs:
+                break
             if time.monotonic() > deadline:
                 raise ConfigError(f"study {self.options.study_name!r} has no MLflow parent run after "
                                   f"{PARENT_WAIT_S} s: the worker that created it died before starting it; delete "
                                   "the study (optuna delete-study) or pick another --study")
             time.sleep(1)
-        self.parent_run_id = study.user_attrs[PARENT_RUN_ATTR]
-        self.experiment_id = study.user_attrs[EXPERIMENT_ATTR]
+        self.parent_run_id = attrs[PARENT_RUN_ATTR]
+        self.experiment_id = attrs[EXPERIMENT_ATTR]
         parent = runs.get_run(self.parent_run_id)
         if parent.data.tags.get(Tag.MODEL_SHA256) != self.base.inputs.model.sha256:
             raise ConfigError(f"study {self.options.study_name!r} tunes another model (SHA-256 "
