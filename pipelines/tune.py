@@ -48,6 +48,7 @@ FAILURE_ATTR = "failure"  # trial user attribute: why the config could not be ma
 DEFAULT_STUDY_SUFFIX = "-tune"
 DEFAULT_HEARTBEAT_S = 30
 MAX_RETRIES = 2  # a trial whose worker died is run again at most this often
+STORAGE_OPEN_ATTEMPTS = 5  # opening a new database's storage while other workers create its tables
 PARENT_WAIT_S = 300  # how long a joining worker waits for the creator to record the parent run
 
 
@@ -108,6 +109,25 @@ def storage_url(url: str) -> str:
         if url.startswith(plain):
             return "postgresql+psycopg://" + url[len(plain):]
     return url
+
+
+def open_storage(url: str, **kwargs):
+    """optuna's RDBStorage on `url`, tried again while another worker is creating the tables of the same new database:
+    Optuna creates them when a storage is first opened, and PostgreSQL's CREATE TABLE is not atomic, so of workers
+    started together on an empty database all but one fail with "already exists" or a unique violation on a system
+    catalog. The next try finds the tables (and the schema version) in place."""
+    import random
+
+    from optuna.storages import RDBStorage
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(1, STORAGE_OPEN_ATTEMPTS + 1):
+        try:
+            return RDBStorage(url, **kwargs)
+        except (IntegrityError, ProgrammingError):
+            if attempt == STORAGE_OPEN_ATTEMPTS:
+                raise
+            time.sleep(0.2 + random.random())  # not in step with the other worker
 
 
 def public_storage(url: str) -> str:
@@ -174,15 +194,15 @@ class Tuner:
 
         # heartbeats and fail_stale_trials are marked experimental; they are what several workers need
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         url = storage_url(self.options.storage or default_storage())
         try:
             # Optuna 5's name for RetryFailedTrialCallback: retries trials that went stale, not ones that raised.
-            storage = RDBStorage(url, heartbeat_interval=self.options.heartbeat_s,
-                                 heartbeat_stale_trial_callback=self._dead_trial(
-                                     RetryHeartbeatStaleTrialCallback(MAX_RETRIES)))
+            storage = open_storage(url, heartbeat_interval=self.options.heartbeat_s,
+                                   heartbeat_stale_trial_callback=self._dead_trial(
+                                       RetryHeartbeatStaleTrialCallback(MAX_RETRIES)))
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors: one line naming the storage
             raise ConfigError(f"cannot open the tune storage {public_storage(url)}: "
                               f"{str(exc).strip().splitlines()[0][:300]}; check --storage") from exc
@@ -232,22 +252,26 @@ class Tuner:
                             P.DATA_DIR: str(o.sweep.data_dir), P.CALIBRATION_SEED: o.sweep.calibration_seed,
                             P.TEST_LIMIT: o.sweep.test_limit or 0, P.ADAROUND_ITERATIONS: o.sweep.adaround_iterations})
             runs.log_json_to_run(run.run_id, SPACE, Artifact.TUNE_SPACE)
-        study.set_user_attr(PARENT_RUN_ATTR, run.run_id)
+        # The experiment first: a joining worker takes the parent run's id as the sign that both are there.
         study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
+        study.set_user_attr(PARENT_RUN_ATTR, run.run_id)
         self.parent_run_id, self.experiment_id = run.run_id, experiment_id
         say(f"tune study [bold]{o.study_name}[/] created in {public_storage(self.storage_url)}; parent run "
             f"{run.run_id}")
 
     def _join_parent(self, study) -> None:
         deadline = time.monotonic() + PARENT_WAIT_S
-        while PARENT_RUN_ATTR not in study.user_attrs:  # read from the storage each time
+        while True:
+            attrs = study.user_attrs  # read from the storage each time; one read for both attributes
+            if PARENT_RUN_ATTR in attrs and EXPERIMENT_ATTR in attrs:
+                break
             if time.monotonic() > deadline:
                 raise ConfigError(f"study {self.options.study_name!r} has no MLflow parent run after "
                                   f"{PARENT_WAIT_S} s: the worker that created it died before starting it; delete "
                                   "the study (optuna delete-study) or pick another --study")
             time.sleep(1)
-        self.parent_run_id = study.user_attrs[PARENT_RUN_ATTR]
-        self.experiment_id = study.user_attrs[EXPERIMENT_ATTR]
+        self.parent_run_id = attrs[PARENT_RUN_ATTR]
+        self.experiment_id = attrs[EXPERIMENT_ATTR]
         parent = runs.get_run(self.parent_run_id)
         if parent.data.tags.get(Tag.MODEL_SHA256) != self.base.inputs.model.sha256:
             raise ConfigError(f"study {self.options.study_name!r} tunes another model (SHA-256 "
