@@ -90,6 +90,11 @@ class TuneOptions:
             validate_name("--study", self.study)
 
     @property
+    def default_calibration_size(self) -> int:
+        """The size of the space nearest the sweep's (1000): the default recipes' size, and AdaRound's set."""
+        return min(self.calibration_sizes, key=lambda n: abs(n - self.sweep.calibration_size))
+
+    @property
     def study_name(self) -> str:
         return self.study or f"{self.sweep.model_path.stem}{DEFAULT_STUDY_SUFFIX}"
 
@@ -223,9 +228,7 @@ class Tuner:
         if created:
             self._start_parent(study)
             if self.options.enqueue_defaults:
-                sizes = self.options.calibration_sizes
-                default = min(sizes, key=lambda n: abs(n - self.options.sweep.calibration_size))
-                for params in sweep_defaults(default):
+                for params in sweep_defaults(self.options.default_calibration_size):
                     study.enqueue_trial(params, skip_if_exists=True)
         else:
             self._join_parent(study)
@@ -297,8 +300,9 @@ class Tuner:
 
     # ---- inputs per calibration size ---------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Load model and data once, convert, and time this worker's FP32 reference (in open_study's parent)."""
-        size = self.options.calibration_sizes[0]
+        """Load model and data once and make the sweep of the default calibration size, whose calibration set is
+        also every trial's AdaRound set (sweep_for)."""
+        size = self.options.default_calibration_size
         with self.timer.phase("load"):
             inputs = prepare_inputs(replace(self.options.sweep, variants=()))  # no calibration set yet
         largest = max(self.options.calibration_sizes)
@@ -326,6 +330,10 @@ class Tuner:
             # the FP32 reference does not depend on the calibration set: measured once per worker
             sweep.reference, sweep.runner.reference = base.reference, base.runner.reference
             sweep.parent_run_id = base.parent_run_id
+            # AdaRound reconstructs each layer's output on the default calibration set whatever the trial's size:
+            # the size searched is the activation ranges', and AdaRound's result stays cached across sizes (each
+            # trial run records the AdaRound set's size as adaround_calibration_size)
+            sweep.runner.rounding_set = (base.inputs.calibration, base.inputs.calibration_digest)
             self.sweeps[size] = sweep
         return self.sweeps[size]
 
@@ -353,13 +361,22 @@ class Tuner:
             raise optuna.TrialPruned(str(exc)) from exc
         sweep.run_tags = {Tag.TUNE_STUDY: self.options.study_name, Tag.TUNE_TRIAL: str(trial.number),
                           Tag.TUNE_TRIAL_ID: str(trial._trial_id), Tag.TUNE_SAMPLER_SEED: str(self.seed)}
+        # FP32 timed right before the trial: the logged speedups compare two timings seconds apart (FP32, trial,
+        # FP32, trial, ...), not the trial against a reference taken minutes earlier under another load
+        fresh = sweep.runner.bench_reference()
+        sweep.reference = replace(sweep.reference, bench=fresh)
         outcome = sweep.run_variant(spec, self.experiment_id, self.parent_run_id)
         trial.set_user_attr(TRIAL_RUN_ATTR, outcome.run_id)
         if outcome.run_id:
             params = {Param.TUNE_PARAM_PREFIX + k: v for k, v in trial.params.items()}
+            if choice.config.adaround_scheme is not None:
+                params[Param.ADAROUND_CALIBRATION_SIZE] = self.options.default_calibration_size
             if upgraded:
                 params[Param.TUNE_PARAM_PREFIX + "upgraded"] = upgraded
             runs.log_params_to_run(outcome.run_id, params)
+            runs.log_metrics_to_run(outcome.run_id, precision.rounded(
+                {Metric.FP32_THROUGHPUT_IPS_B256: fresh.throughput_ips_b256,
+                 Metric.FP32_LATENCY_MS_B1_P50: fresh.latency_ms_b1_p50}))
         if outcome.status != "ok":
             trial.set_user_attr(FAILURE_ATTR, f"{outcome.status}: {outcome.reason}"[:500])
             raise optuna.TrialPruned(outcome.reason)

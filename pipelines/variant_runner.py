@@ -121,6 +121,9 @@ class VariantRunner:
         self.eval_batch = inputs.model.input.batch_size or EVAL_BATCH  # a fixed batch dimension (1) is used everywhere
         self.bench_images = inputs.transform(inputs.test.images[:BENCH_IMAGES])
         self.reference: Evaluation | None = None
+        # (model-ready images, indices digest) AdaRound reconstructs on, when not the calibration set (ptqflow tune
+        # keeps one AdaRound set while it searches the calibration size)
+        self.rounding_set: tuple[np.ndarray, str] | None = None
 
     def convert(self, specs: list[VariantSpec]) -> None:
         """Each backend's starting point, made once for all variants (the convert phase)."""
@@ -153,6 +156,13 @@ class VariantRunner:
                              fidelity=Fidelity(1.0, 0.0, float("inf")), bench=bench, model_file=self.inputs.model.path,
                              model_sha256=self.inputs.model.sha256, size_bytes=self.inputs.model.size_bytes,
                              torch_agreement=torch_agreement)
+
+    def bench_reference(self) -> BenchResult:
+        """Time the FP32 reference again (ptqflow tune, right before each trial: a speed ratio compares two
+        timings taken under the same load)."""
+        from models.runtime import OrtRunner
+
+        return self._bench(lambda: OrtRunner(self.float_model.onnx.path).predict, FP32)
 
     # ---- one variant ---------------------------------------------------------------------------------------
     def run(self, spec: VariantSpec, store: Store | None = None) -> VariantResult:
@@ -265,15 +275,14 @@ class VariantRunner:
         onto its grid when it asks for that (equalization first: it would move rounded weights off the grid).
         `progress=False` shows no progress line (for a grid computed before, found in memory)."""
         context = {"layout": self.inputs.transform.layout, "preprocessing": self.inputs.transform.preprocessing.value}
+        images, digest = self.rounding_set or (self.inputs.calibration, self.inputs.calibration_digest)
         if spec.config.adaround_scheme is None or not progress:
-            return self.quantization_source.for_config(spec.config, self.inputs.calibration,
-                                                       self.inputs.calibration_digest,
+            return self.quantization_source.for_config(spec.config, images, digest,
                                                        iterations=self.options.adaround_iterations, context=context)
         with self.timer.phase("adaround"), progress_task(f"AdaRound weights ({spec.config.adaround_scheme})",
                                                          total=1) as advance:
-            return self.quantization_source.for_config(
-                spec.config, self.inputs.calibration, self.inputs.calibration_digest, advance,
-                iterations=self.options.adaround_iterations, context=context)
+            return self.quantization_source.for_config(spec.config, images, digest, advance,
+                                                       iterations=self.options.adaround_iterations, context=context)
 
     def _to_store(self, spec: VariantSpec, quantized: QuantizedModel, engine: str) -> ModelToStore:
         from models.runtime import OrtRunner, set_quantized_engine

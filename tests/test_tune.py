@@ -103,6 +103,11 @@ def test_every_trial_is_a_child_run_and_the_parent_holds_the_pareto_front(tracki
             k.removeprefix(Param.TUNE_PARAM_PREFIX): v for k, v in run.data.params.items()
             if k.startswith(Param.TUNE_PARAM_PREFIX) and k != "tune.upgraded"}
         assert float(run.data.params[Param.CALIBRATION_SIZE]) == trial.params["calibration_size"]
+        # AdaRound reconstructs on one set whatever the trial's calibration size (the default size nearest 1000)
+        if run.data.params.get(Param.WEIGHT_ROUNDING) == "adaround":
+            assert run.data.params[Param.ADAROUND_CALIBRATION_SIZE] == "100"
+        else:
+            assert Param.ADAROUND_CALIBRATION_SIZE not in run.data.params
         destination = tracking_store / "downloads" / run.info.run_id
         destination.mkdir(parents=True)
         qconfig = json.loads(Path(client.download_artifacts(run.info.run_id, Artifact.QCONFIG,
@@ -113,6 +118,10 @@ def test_every_trial_is_a_child_run_and_the_parent_holds_the_pareto_front(tracki
         # the objectives are the run's own metrics
         assert trial.values[0] == pytest.approx(run.data.metrics["top1_agreement"], abs=1e-9)
         assert trial.values[1] == pytest.approx(run.data.metrics["speedup_vs_fp32_b256"], rel=0.01)
+        # ... a ratio to the FP32 timing taken right before the trial, which the run records
+        m = run.data.metrics
+        assert m["speedup_vs_fp32_b256"] == pytest.approx(
+            m["throughput_ips_b256"] / m["fp32_throughput_ips_b256"], rel=0.01)
         assert run.data.tags[Tag.TUNE_FEASIBLE] == "yes"  # 100% agreement on the tiny model, no speed floor
     # each worker's FP32 reference is a child run too
     fp32 = [r for r in all_runs() if r.data.tags.get(Tag.MLFLOW_PARENT) == result.parent_run_id

@@ -59,6 +59,7 @@ class Param:
     TUNE_TIMEOUT_S = "tune_timeout_s"
     TUNE_MIN_SPEEDUP = "tune_min_speedup"
     TUNE_SEED = "tune_seed"
+    ADAROUND_CALIBRATION_SIZE = "adaround_calibration_size"  # on a tune trial: the images AdaRound reconstructed on
     TUNE_PARAM_PREFIX = "tune."  # + search-space dimension, on each trial's run: what the sampler chose
 
     VARIANT_PARAMS = (
@@ -96,6 +97,9 @@ class Metric:
     BEST_INT8_ACCURACY = "best_int8_accuracy"
     BEST_INT8_AGREEMENT = "best_int8_top1_agreement"
     SWEEP_SECONDS = "sweep_seconds"
+    # On a tune trial's run: the FP32 reference timed right before it, which its speedups are ratios to
+    FP32_THROUGHPUT_IPS_B256 = "fp32_throughput_ips_b256"
+    FP32_LATENCY_MS_B1_P50 = "fp32_latency_ms_b1_p50"
     # On a tune's parent run (pipelines.tune)
     TUNE_TRIALS = "tune_trials"  # trials that ended (complete, pruned or failed)
     TUNE_PARETO_SIZE = "tune_pareto_size"
