@@ -19,6 +19,7 @@ registers the best feasible trial through the gate.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import socket
@@ -41,6 +42,7 @@ from tracking import runs
 from tracking.keys import Artifact, Metric, Param, Tag
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attribute: the MLflow run every trial is a child of
+INPUTS_ATTR = "inputs"  # study user attribute: model, data and options every trial is measured on
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 TRIAL_RUN_ATTR = "mlflow_run_id"  # trial user attribute
 CONSTRAINTS_ATTR = "constraints"  # trial user attribute read by the sampler: <= 0 is feasible
@@ -253,9 +255,12 @@ class Tuner:
                             P.TARGET_AGREEMENT: o.target_agreement, P.TUNE_MIN_SPEEDUP: o.min_speedup,
                             P.TUNE_SEED: o.seed, P.MODEL_PATH: str(o.sweep.model_path),
                             P.DATA_DIR: str(o.sweep.data_dir), P.CALIBRATION_SEED: o.sweep.calibration_seed,
-                            P.TEST_LIMIT: o.sweep.test_limit or 0, P.ADAROUND_ITERATIONS: o.sweep.adaround_iterations})
+                            P.TEST_LIMIT: o.sweep.test_limit or 0, P.ADAROUND_ITERATIONS: o.sweep.adaround_iterations,
+                            P.TUNE_CALIBRATION_SIZES: ",".join(map(str, o.calibration_sizes)),
+                            P.TUNE_HEARTBEAT_S: o.heartbeat_s})
             runs.log_json_to_run(run.run_id, SPACE, Artifact.TUNE_SPACE)
         # The experiment first: a joining worker takes the parent run's id as the sign that both are there.
+        study.set_user_attr(INPUTS_ATTR, self.study_inputs())
         study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
         study.set_user_attr(PARENT_RUN_ATTR, run.run_id)
         self.parent_run_id, self.experiment_id = run.run_id, experiment_id
@@ -276,13 +281,29 @@ class Tuner:
         self.parent_run_id = attrs[PARENT_RUN_ATTR]
         self.experiment_id = attrs[EXPERIMENT_ATTR]
         parent = runs.get_run(self.parent_run_id)
-        if parent.data.tags.get(Tag.MODEL_SHA256) != self.base.inputs.model.sha256:
+        theirs, ours = attrs.get(INPUTS_ATTR, {}), self.study_inputs()
+        if theirs.get("model_sha256") != ours["model_sha256"]:
             raise ConfigError(f"study {self.options.study_name!r} tunes another model (SHA-256 "
-                              f"{parent.data.tags.get(Tag.MODEL_SHA256, '?')[:12]}…); pass the same --model or "
-                              "another --study")
+                              f"{str(theirs.get('model_sha256', '?'))[:12]}…); pass the same --model or another "
+                              "--study")
+        differ = sorted(key for key in ours if theirs.get(key) != ours[key])
+        if differ:  # trials measured on other inputs are not comparable: one study, one set of inputs
+            raise ConfigError(f"study {self.options.study_name!r} was measured on other inputs ({', '.join(differ)}: "
+                              f"{', '.join(f'{theirs.get(k)!r} there, {ours[k]!r} here' for k in differ)}); pass "
+                              "the same data and options, or another --study")
         if parent.info.status != "RUNNING":  # a finished study taken up again (more --n-trials): open it again
             runs.reopen(self.parent_run_id)
         say(f"joined tune study [bold]{self.options.study_name}[/] (parent run {self.parent_run_id})")
+
+    def study_inputs(self) -> dict:
+        """What every trial of the study is measured on: workers joining it must have the same."""
+        inputs = self.base.inputs
+        return {"model_sha256": inputs.model.sha256, "dataset_sha256": inputs.data.digest,
+                "test_images": len(inputs.test), "calibration_seed": self.options.sweep.calibration_seed,
+                "calibration_sizes": list(self.options.calibration_sizes),
+                "adaround_iterations": self.options.sweep.adaround_iterations,
+                "layout": inputs.transform.layout, "preprocessing": inputs.transform.preprocessing.value,
+                "inputs": json.loads(json.dumps(inputs.input_params(), default=str))}
 
     def _dead_trial(self, retry):
         """The storage's failed-trial callback: the MLflow run of a trial whose worker stopped beating ends FAILED,

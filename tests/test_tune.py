@@ -165,7 +165,7 @@ def test_a_second_worker_takes_up_the_study_under_the_same_parent(tracking_store
     assert len(fp32) == 2
 
 
-def test_another_model_cannot_join_a_study(tracking_store, cifar_dir, tiny_model, tmp_path):
+def test_another_model_or_other_inputs_cannot_join_a_study(tracking_store, cifar_dir, tiny_model, tmp_path):
     run_tune(_options(tiny_model, cifar_dir, study="t4", n_trials=1))
     other = tmp_path / "other" / "resnet8.onnx"
     other.parent.mkdir()
@@ -178,6 +178,12 @@ def test_another_model_cannot_join_a_study(tracking_store, cifar_dir, tiny_model
     onnx.save(proto, str(other))
     with pytest.raises(ConfigError, match="tunes another model"):
         run_tune(_options(other, cifar_dir, study="t4", n_trials=2))
+    # the same model on other inputs: its trials would not compare with the study's
+    with pytest.raises(ConfigError, match=r"other inputs \(calibration_seed, calibration_sizes: "):
+        run_tune(_options(tiny_model, cifar_dir, study="t4", n_trials=2, calibration_sizes=(50,),
+                          sweep=SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_seed=1,
+                                             adaround_iterations=ADAROUND_ITERATIONS)))
+    assert all(r.info.status != "RUNNING" for r in all_runs())
 
 
 def test_bad_options_are_one_line_before_anything_runs(tracking_store, cifar_dir, tiny_model):

@@ -59,6 +59,8 @@ class Param:
     TUNE_TIMEOUT_S = "tune_timeout_s"
     TUNE_MIN_SPEEDUP = "tune_min_speedup"
     TUNE_SEED = "tune_seed"
+    TUNE_CALIBRATION_SIZES = "tune_calibration_sizes"
+    TUNE_HEARTBEAT_S = "tune_heartbeat_s"
     ADAROUND_CALIBRATION_SIZE = "adaround_calibration_size"  # on a tune trial: the images AdaRound reconstructed on
     TUNE_PARAM_PREFIX = "tune."  # + search-space dimension, on each trial's run: what the sampler chose
 
