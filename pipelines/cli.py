@@ -122,6 +122,8 @@ PerChannelOpt = Annotated[Optional[bool], typer.Option("--per-channel/--per-tens
                                                        help="ONNX Runtime weights per channel or per tensor "
                                                             "(default: each variant's own).",
                                                        rich_help_panel="ONNX Runtime")]
+AdaroundItersOpt = Annotated[int, typer.Option("--adaround-iterations", min=1, rich_help_panel="Calibration",
+                                              help="AdaRound optimization steps per layer.")]
 # A short metavar and the choices in the help text: rich folds a long <A|B|C|D> type column mid-word at 80 columns.
 CalMethodOpt = Annotated[Optional[CalibrationMethod], typer.Option(
     "--calibration-method", metavar="<method>", rich_help_panel="ONNX Runtime",
@@ -240,9 +242,7 @@ def sweep(
     per_channel: PerChannelOpt = None,
     calibration_method: CalMethodOpt = None,
     weight_rounding: RoundingOpt = None,
-    adaround_iterations: Annotated[int, typer.Option("--adaround-iterations", min=1,
-                                                     help="AdaRound optimization steps per layer.",
-                                                     rich_help_panel="Calibration")] = 1000,
+    adaround_iterations: AdaroundItersOpt = 1000,
     max_accuracy_drop: MaxDropOpt = 0.5,
     min_agreement: MinAgreementOpt = 0.97,
     min_latency_gain: MinLatencyGainOpt = 0.25,
@@ -306,8 +306,7 @@ def tune(
     resize: ResizeOpt = False,
     mean: MeanOpt = None,
     std: StdOpt = None,
-    adaround_iterations: Annotated[int, typer.Option("--adaround-iterations", min=1,
-                                                     help="AdaRound optimization steps per layer.")] = 1000,
+    adaround_iterations: AdaroundItersOpt = 1000,
     max_accuracy_drop: MaxDropOpt = 0.5,
     min_agreement: MinAgreementOpt = 0.97,
     min_latency_gain: MinLatencyGainOpt = 0.25,

@@ -168,9 +168,21 @@ def run_scope(experiment_id: str | None = None, run_name: str | None = None, nes
     except mlflow.exceptions.MlflowException as exc:
         raise refused_credentials(exc) or TrackingError(
             f"tracking server at {public_tracking_uri()} refused to start a run: {one_line(exc)}") from exc
+    def end(status: str) -> None:
+        _logged_models.pop(run.info.run_id, None)
+        mlflow.end_run(status)
+
+    with _ending(end):
+        yield run.info.run_id
+
+
+@contextmanager
+def _ending(end):
+    """Call end(status) when the block leaves: FINISHED, KILLED on Ctrl-C (and SIGTERM, which raises it), FAILED on
+    any other exception."""
     status = RunStatus.FINISHED
     try:
-        yield run.info.run_id
+        yield
     except KeyboardInterrupt:
         status = RunStatus.KILLED
         raise
@@ -178,8 +190,7 @@ def run_scope(experiment_id: str | None = None, run_name: str | None = None, nes
         status = RunStatus.FAILED
         raise
     finally:
-        _logged_models.pop(run.info.run_id, None)
-        mlflow.end_run(RunStatus.to_string(status))
+        end(RunStatus.to_string(status))
 
 
 class DetachedRun:
@@ -227,17 +238,8 @@ def child_run(parent_run_id: str, run_name: str, tags: dict[str, str] | None = N
     except mlflow.exceptions.MlflowException as exc:
         raise refused_credentials(exc) or TrackingError(
             f"tracking server at {public_tracking_uri()} refused to start a run: {one_line(exc)}") from exc
-    status = RunStatus.FINISHED
-    try:
+    with _ending(lambda status: client().set_terminated(run.info.run_id, status)):
         yield DetachedRun(run.info.run_id)
-    except KeyboardInterrupt:
-        status = RunStatus.KILLED
-        raise
-    except BaseException:
-        status = RunStatus.FAILED
-        raise
-    finally:
-        client().set_terminated(run.info.run_id, RunStatus.to_string(status))
 
 
 def log_params(params: dict) -> None:
