@@ -451,7 +451,9 @@ def tune_pareto_figure(trials: list[tuple[float, float, str]], front: list[tuple
         ax.scatter(xs, ys, s=28, color=colors.get(fmt, QUANTIZED_COLOR), alpha=0.8, label=fmt, zorder=3)
     if front:
         pts = sorted(front)
+        # rings on the front's trials (a front of one trial is a ring), joined by the line no trial crosses
         line, = ax.plot([x for x, _ in pts], [100 * y for _, y in pts], color=FRONT_COLOR, lw=1.2, zorder=2,
+                        marker="o", markersize=11, markerfacecolor="none", markeredgewidth=1.5,
                         label="Pareto front", drawstyle="steps-post" if len(pts) > 1 else "default")
         line.set_gid("pareto-front")
     ax.axhline(100 * target_agreement, color="dimgray", ls="--", lw=1, zorder=1).set_gid("target")
