@@ -198,6 +198,68 @@ def _collect(gm, names, x, bs=250):
     return {n: (torch.cat(a), torch.cat(b)) for n, (a, b) in store.items()}
 
 
+def _walk_layers(gm, fp, x: torch.Tensor, order: List[Tuple[str, bool]], model_batch: int,
+                 solve: Callable[[str, bool, torch.Tensor, torch.Tensor], None]) -> None:
+    """Run the FP32 model `fp` and the model `gm` being rounded side by side, node by node over all images (in
+    chunks of `model_batch`), keeping only the values later nodes still need. At each layer of `order`, call
+    solve(name, relu, input from gm, FP32 output), which rounds gm's weight; then continue with the rounded layer's
+    output. One pass of each model in all, instead of two whole-model passes per layer. Until the first rounded
+    layer (and wherever inputs are the same tensors) the two models share their values."""
+    import torch.fx as fx
+
+    nodes = list(gm.graph.nodes)
+    last_use = {}
+    for i, node in enumerate(nodes):
+        for a in node.all_input_nodes:
+            last_use[a] = i
+    targets = dict(order)
+    remaining = set(targets)
+    run_fp, run_q = fx.Interpreter(fp), fx.Interpreter(gm)
+    chunks = [x[i:i + model_batch] for i in range(0, x.shape[0], model_batch)]
+    env_fp: List[dict] = [{} for _ in chunks]
+    env_q: List[dict] = [{} for _ in chunks]
+    placeholders = [node for node in nodes if node.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ValueError(f"AdaRound needs a model with one input, this one has {len(placeholders)}")
+    for i, node in enumerate(nodes):
+        if not remaining or node.op == "output":
+            break
+        if node.op == "placeholder":
+            for ef, eq, chunk in zip(env_fp, env_q, chunks):
+                ef[node] = eq[node] = chunk
+        elif node.op == "call_module" and node.target in remaining:
+            src = node.args[0]
+            x_q = torch.cat([eq[src] for eq in env_q])
+            module_fp = fp.get_submodule(node.target)
+            y_parts = [module_fp(ef[src]) for ef in env_fp]
+            solve(node.target, targets[node.target], x_q, torch.cat(y_parts))
+            remaining.discard(node.target)
+            module_q = gm.get_submodule(node.target)
+            for ef, eq, y in zip(env_fp, env_q, y_parts):
+                ef[node] = y
+                eq[node] = module_q(eq[src])
+        else:
+            for ef, eq in zip(env_fp, env_q):
+                run_fp.env = ef
+                value = run_fp.run_node(node)
+                ef[node] = value
+                shared = node.op != "get_attr" and all(eq.get(a) is ef.get(a) for a in node.all_input_nodes)
+                if not shared:
+                    run_q.env = eq
+                    q_value = run_q.run_node(node)
+                    same_attr = node.op == "get_attr" and isinstance(q_value, torch.Tensor) and \
+                        isinstance(value, torch.Tensor) and q_value.shape == value.shape and \
+                        torch.equal(q_value, value)
+                    value = value if same_attr else q_value
+                eq[node] = value
+        for a in node.all_input_nodes:
+            if last_use.get(a) == i:
+                for ef, eq in zip(env_fp, env_q):
+                    ef.pop(a, None)
+                    eq.pop(a, None)
+    run_fp.env = run_q.env = {}
+
+
 def adaround_module(gm: nn.Module, calib: np.ndarray, scheme: str = "per_channel_sym_int8", *,
                     iters: int = 1000, batch: int = 32, lam: float = 1.0, lr: float = 1e-2,
                     seed: int = 0, relu_aware: bool = True, layers: Optional[List[str]] = None,
@@ -225,20 +287,28 @@ def adaround_module(gm: nn.Module, calib: np.ndarray, scheme: str = "per_channel
         order = [(n, False) for n, m in gm.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
     if layers is not None:
         order = [o for o in order if o[0] in layers]
+    index = {name: i for i, (name, _) in enumerate(order)}
     changes = {}
     advance(0, total=len(order) * iters)  # progress in optimisation steps over all layers
-    for i, (name, relu) in enumerate(order):
-        x_in = _collect(gm, [name], x, model_batch)[name][0]
-        y_t = _collect(fp, [name], x, model_batch)[name][1]
+
+    def solve(name: str, relu: bool, x_in: torch.Tensor, y_t: torch.Tensor) -> None:
         mod = gm.get_submodule(name)
         with torch.enable_grad():
-            new_w = _adaround_layer(mod, x_in, y_t, scheme, iters, batch, lam, lr, seed + i,
+            new_w = _adaround_layer(mod, x_in, y_t, scheme, iters, batch, lam, lr, seed + index[name],
                                     relu_after=relu and relu_aware, advance=advance)
         old = mod.weight.detach().clone()
         mod.weight.data.copy_(new_w)
         changes[name] = (old, new_w)
         if verbose:
             print(f"adaround {name}: changed {(quantize_weights_like(old, scheme) != new_w).float().mean():.3f}")
+
+    with torch.no_grad():
+        if isinstance(gm, fx.GraphModule):
+            _walk_layers(gm, fp, x, order, model_batch, solve)
+        else:
+            for name, relu in order:
+                solve(name, relu, _collect(gm, [name], x, model_batch)[name][0],
+                      _collect(fp, [name], x, model_batch)[name][1])
     return changes
 
 
