@@ -4,9 +4,10 @@
         --data-dir ../shared/data/cifar-10-batches-py [--profile] [--agreement] [--iterations N]
 
 For each scheme the default sweep AdaRounds (per_channel_sym_int8 for the FX and ORT int8 variants,
-per_tensor_asym_uint8 for ort-uint8) it runs `adaround_onnx` exactly as `FloatModel.with_adarounded_weights` does for
-the default variants (float classifier head, the sweep's calibration set and model batch) -- never reading or writing
-the AdaRound cache -- and prints a table: scheme, layers, wall seconds, CPU seconds (process time, all threads).
+per_tensor_asym_uint8 for ort-uint8) it runs `adaround_onnx_schemes` exactly as `FloatModel` does for the default
+variants (float classifier head, the sweep's calibration set and model batch) -- never reading or writing the
+AdaRound cache -- and prints a table: scheme, layers, wall seconds, CPU seconds (process time, all threads). With
+--together both schemes run in one call, as the default sweep runs them (one FP32 pass, one worker thread per scheme).
 CPU seconds are the figure to compare on a shared machine; wall time depends on what else runs.
 
 --profile prints the torch profiler's top operators (by self CPU time) for each scheme.
@@ -72,7 +73,10 @@ def main() -> int:
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--iterations", type=int, default=None, help="default: the sweep's")
     parser.add_argument("--calibration-size", type=int, default=None, help="default: the sweep's")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads before running (AdaRound itself runs one torch thread per worker)")
+    parser.add_argument("--together", action="store_true",
+                        help="all schemes in one call (adaround_onnx_schemes), as the default sweep runs them")
     parser.add_argument("--profile", action="store_true", help="print the torch profiler's top operators")
     parser.add_argument("--top", type=int, default=25, help="profiler rows")
     parser.add_argument("--agreement", action="store_true",
@@ -86,7 +90,7 @@ def main() -> int:
     import torch
 
     from models.base import FloatModel
-    from models.weight_correction import adaround_onnx
+    from models.weight_correction import adaround_onnx_schemes
     from pipelines.progress import quiet_library_warnings
     from pipelines.sweep import SweepOptions
 
@@ -102,12 +106,13 @@ def main() -> int:
         proto = source.onnx.proto
         test_images = inputs.transform(inputs.test.images) if args.agreement else None
         fp32_top1 = _top1(proto, test_images) if args.agreement else None
-        for scheme in args.schemes:
-            layers = []
+        groups = [list(args.schemes)] if args.together else [[scheme] for scheme in args.schemes]
+        for schemes in groups:
+            steps = []
 
             def advance(n, total=None):
                 if total is not None:
-                    layers.append(total)
+                    steps.append(total)
 
             profiler = None
             if args.profile:
@@ -116,25 +121,27 @@ def main() -> int:
                 profiler = profile(activities=[ProfilerActivity.CPU])
                 profiler.__enter__()
             wall, cpu = time.perf_counter(), time.process_time()
-            rounded = adaround_onnx(proto, inputs.calibration, scheme, iters=iterations, advance=advance,
-                                    model_batch=source.onnx.input.batch_size or 250, round_head=False)
+            rounded = adaround_onnx_schemes(proto, inputs.calibration, schemes, iters=iterations, advance=advance,
+                                            model_batch=source.onnx.input.batch_size or 250, round_head=False)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            label = " + ".join(schemes)
             if profiler is not None:
                 profiler.__exit__(None, None, None)
-                print(f"\n## profile: {scheme} (top {args.top} by self CPU time)\n")
+                print(f"\n## profile: {label} (top {args.top} by self CPU time)\n")
                 print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
-            row = [scheme, layers[0] // iterations if layers else "?", f"{wall:.1f}", f"{cpu:.1f}"]
+            row = [label, steps[0] // iterations // len(schemes) if steps else "?", f"{wall:.1f}", f"{cpu:.1f}"]
             if fp32_top1 is not None:
-                ada = float((_top1(rounded, test_images) == fp32_top1).mean())
-                near = float((_top1(_nearest(proto, scheme), test_images) == fp32_top1).mean())
-                row += [f"{100 * ada:.2f}", f"{100 * near:.2f}"]
+                for scheme in schemes:
+                    ada = float((_top1(rounded[scheme], test_images) == fp32_top1).mean())
+                    near = float((_top1(_nearest(proto, scheme), test_images) == fp32_top1).mean())
+                    row += [f"{scheme}: {100 * ada:.2f}", f"{100 * near:.2f}"]
             rows.append(row)
-            print(f"{scheme}: wall {wall:.1f} s, CPU {cpu:.1f} s", file=sys.stderr, flush=True)
+            print(f"{label}: wall {wall:.1f} s, CPU {cpu:.1f} s", file=sys.stderr, flush=True)
 
     print(f"\nmachine: {machine_line()}; torch threads: {torch.get_num_threads()}")
     print(f"model: {args.model.name}; calibration images: {len(inputs.calibration)}; iterations: {iterations}"
           f"{' (profiled: times include profiler overhead)' if args.profile else ''}\n")
-    header = ["scheme", "layers", "wall s", "CPU s"]
+    header = ["scheme(s)", "layers", "wall s", "CPU s"]
     if args.agreement:
         header += ["weights-only agreement % (AdaRound)", "(nearest)"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))

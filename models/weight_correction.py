@@ -24,7 +24,10 @@ Also: :func:`quantize_weights_like` (plain round-to-nearest snapping onto a sche
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, List, Optional, Tuple
+import math
+import os
+import threading
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,7 +38,9 @@ from common.interrupts import checkpoint
 
 __all__ = [
     "adaround_onnx",
+    "adaround_onnx_schemes",
     "adaround_module",
+    "adaround_schemes",
     "grid_params",
     "quantize_weights_like",
     "onnx_classifier_head_nodes",
@@ -43,6 +48,7 @@ __all__ = [
 
 _ZETA, _GAMMA = 1.1, -0.1
 _PROGRESS_EVERY = 50  # iterations between progress reports (and stop checks)
+_ROUNDED = (nn.Conv1d, nn.Conv2d, nn.Linear)  # the modules whose weights AdaRound rounds
 
 
 # --------------------------------------------------------------------------- grids
@@ -120,42 +126,156 @@ def _layer_fn(mod: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
     raise TypeError(type(mod))
 
 
+def _patch_columns(mod: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """[m, d, positions]: in each of m blocks, the columns the layer's flattened weight [out, d] multiplies (a conv's
+    input patches per image; all of a Linear's input rows as one block); None when the layer is not one dense matrix
+    product (grouped conv, non-zero padding modes)."""
+    if isinstance(mod, nn.Linear):
+        return x.T.unsqueeze(0) if x.dim() == 2 else None
+    if not isinstance(mod, (nn.Conv1d, nn.Conv2d)) or mod.groups != 1 or mod.padding_mode != "zeros" \
+            or isinstance(mod.padding, str):
+        return None
+    kernel, stride, padding, dilation = mod.kernel_size, mod.stride, mod.padding, mod.dilation
+    if isinstance(mod, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+    return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+
+
+def _output_columns(y: torch.Tensor) -> torch.Tensor:
+    """A layer output as [m, out, positions], blocked like :func:`_patch_columns`."""
+    return y.T.unsqueeze(0) if y.dim() == 2 else y.flatten(2)
+
+
+@torch.no_grad()
+def _quadratic_form(mod, fn, x_in, y_target, chunk_elements: int = 1 << 24):
+    """AdaRound's reconstruction error of a layer without a ReLU after it is a quadratic in the weight change
+    D = W_q - W: sum over images and positions of |D p + r0|^2 with p the input patch and r0 = W p + b - y the error
+    of the FP32 weights on these (already quantized) inputs. Returns (H, g, c) with H = sum p p^T [d, d],
+    g = sum p r0^T [d, out] and c = sum |r0|^2, so the error is sum((D H + 2 g^T) * D) + c; or None when the layer
+    is not a plain matrix product. Costs about as much as d / out forward passes of the layer over x_in."""
+    w = mod.weight.detach()
+    out, d = w.shape[0], w[0].numel()
+    probe = _patch_columns(mod, x_in[:1])
+    if probe is None or probe.shape[1] != d:
+        return None
+    step = max(1, chunk_elements // max(1, probe.numel()))
+    H = torch.zeros(d, d)
+    g = torch.zeros(d, out)
+    c = 0.0
+    for start in range(0, x_in.shape[0], step):
+        x, y = x_in[start:start + step], y_target[start:start + step]
+        p = _patch_columns(mod, x)
+        r0 = fn(x, w) - y
+        c += float(torch.vdot(r0.reshape(-1), r0.reshape(-1)))
+        r0 = _output_columns(r0)
+        for i in range(p.shape[0]):  # per block: p[i] @ p[i].T reads the unfolded patches in place
+            H.addmm_(p[i], p[i].T)
+            g.addmm_(p[i], r0[i].T)
+    return H, g, c
+
+
 def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, relu_after=False,
-                    advance: Callable[[int], None] = lambda n: None):
+                    advance: Callable[[int], None] = lambda n: None, stop_early: bool = True,
+                    quadratic: bool = True, trace: Optional[Callable[..., None]] = None):
+    """AdaRound one layer: optimise the rounding of ``mod``'s weight so that its output on ``x_in`` (the input the
+    partially rounded model gives it) reconstructs ``y_target`` (the FP32 model's output there), after the ReLU
+    that follows the layer when ``relu_after``. Returns the new weight, on ``scheme``'s grid.
+
+    The gradients are written out by hand (no autograd graph for the regulariser and the rounding function, one
+    fused Adam step): the same arithmetic as autograd over ``h(v)``, ``clamp`` and the regulariser, in fewer ops."""
     w = mod.weight.detach()
     s, kmin, kmax = grid_params(w, scheme)
     s, kmin, kmax = s.float(), kmin.float(), kmax.float()
     wf = torch.floor(w / s)
     rest = (w / s - wf).clamp(1e-4, 1 - 1e-4)
-    v = (-torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1)).clone().requires_grad_(True)
+    v = (-torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1)).clone()
     mask = _anchor_mask(w.double(), scheme)
     fn = _layer_fn(mod)
-    opt = torch.optim.Adam([v], lr=lr)
-    g = torch.Generator().manual_seed(seed)
     n = x_in.shape[0]
+    form = _quadratic_form(mod, fn, x_in, y_target) if quadratic and not relu_after else None
+    if form is not None:
+        H, g, c = form
+        gt = g.T.contiguous()
+        out = w.shape[0]
+
+        def reconstruction(wq, want_value):
+            D = (wq - w).reshape(out, -1)
+            M = D @ H
+            grad = (M + gt).mul_(2 / n).view_as(w)
+            value = float(((M + 2 * gt) * D).sum().add(c)) / n if want_value else None
+            return value, grad
+
+        def objective(weight) -> float:  # over the whole calibration set, in float64
+            D = (weight - w).reshape(out, -1).double()
+            return float(((D @ H.double() + 2 * gt.double()) * D).sum()) + c
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        bsz = min(batch, n)
+        y_loss = F.relu(y_target) if relu_after else y_target
+
+        def reconstruction(wq, want_value):
+            start = int(torch.randint(0, n - bsz + 1, (1,), generator=gen))
+            xb, yb = x_in[start:start + bsz], y_loss[start:start + bsz]
+            with torch.enable_grad():
+                wl = wq.detach().requires_grad_(True)
+                o = fn(xb, wl)
+            r = F.relu(o.detach()) if relu_after else o.detach()
+            diff = r - yb
+            grad_o = torch.ops.aten.threshold_backward(diff, r, 0) if relu_after else diff
+            grad, = torch.autograd.grad(o, wl, grad_o)
+            value = float(torch.vdot(diff.reshape(-1), diff.reshape(-1))) / bsz if want_value else None
+            return value, grad.mul_(2 / bsz)
+
+        def objective(weight) -> float:
+            return _reconstruction_error(fn, x_in, y_loss, weight, relu_after)
+
+    zg = _ZETA - _GAMMA
+    m1, m2 = torch.zeros_like(v), torch.zeros_like(v)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
     warm = int(0.2 * iters)
+    reported = 0
+    previous = None
+    rec = float("nan")
     for it in range(iters):
-        if it % _PROGRESS_EVERY == 0:
+        check = it % _PROGRESS_EVERY == 0
+        if check:
             checkpoint()
-        idx = torch.randint(0, n, (min(batch, n),), generator=g)
-        xb, yb = x_in[idx], y_target[idx]
-        wq = s * torch.clamp(wf + _h(v), kmin, kmax)
-        out = fn(xb, wq)
-        if relu_after:
-            out, yb = F.relu(out), F.relu(yb)
-        rec = (out - yb).pow(2).flatten(1).sum(1).mean()
-        if it < warm:
-            loss = rec
-        else:
+            if it > warm and (stop_early or trace is not None):
+                hv = _h(v)
+                saturated = float(((hv == 0) | (hv == 1)).float().mean())
+                up = v >= 0
+                flips = -1 if previous is None else int((up != previous).sum())
+                previous = up
+                if trace is not None:
+                    trace(it=it, rec=rec, saturated=saturated, flips=flips)
+                if stop_early and saturated == 1.0:
+                    break
+        sg = torch.sigmoid(v)
+        hr = sg * zg + _GAMMA
+        h = hr.clamp(0, 1)
+        kq = wf + h
+        wq = s * kq.clamp(kmin, kmax)
+        value, grad_w = reconstruction(wq, trace is not None and (it + 1) % _PROGRESS_EVERY == 0)
+        if value is not None:
+            rec = value
+        gk = grad_w.mul_(s).mul_((kq >= kmin) & (kq <= kmax))
+        if it >= warm:
             beta = 20 + (2 - 20) * (it - warm) / max(1, iters - warm)
-            loss = rec + lam * (1 - (2 * _h(v) - 1).abs().pow(beta)).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+            a = 2 * h - 1  # d/dh of lam * (1 - |a|^beta) = -2 lam beta |a|^(beta-1) sign(a)
+            gk.sub_(a.abs().pow_(beta - 1).mul_(a.sign()).mul_(2 * lam * beta))
+        gv = gk.mul_((hr >= 0) & (hr <= 1)).mul_(sg * (1 - sg) * zg)
+        # torch.optim.Adam's update (amsgrad off, no weight decay)
+        step = it + 1
+        m1.mul_(beta1).add_(gv, alpha=1 - beta1)
+        m2.mul_(beta2).addcmul_(gv, gv, value=1 - beta2)
+        denom = (m2.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+        v.addcdiv_(m1, denom, value=-lr / (1 - beta1 ** step))
         if (it + 1) % _PROGRESS_EVERY == 0:
             advance(_PROGRESS_EVERY)
-    if iters % _PROGRESS_EVERY:
-        advance(iters % _PROGRESS_EVERY)
+            reported += _PROGRESS_EVERY
+    if iters > reported:
+        advance(iters - reported)
     with torch.no_grad():
         k = torch.clamp(wf + (v >= 0).float(), kmin, kmax).double()
         k = _snap_anchors(w.double(), k, s.double(), kmin.double(), kmax.double(), mask, scheme)
@@ -164,20 +284,19 @@ def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, re
         # lambda the rounding penalty can dominate a layer whose reconstruction error is small (or be too weak on a
         # large one), and an ill-conditioned layer (e.g. a fitted dense head) then ends up worse than nearest.
         nearest = quantize_weights_like(w, scheme)
-        if _reconstruction_error(fn, x_in, y_target, nearest, relu_after) < \
-                _reconstruction_error(fn, x_in, y_target, rounded, relu_after):
-            return nearest
-        return rounded
+        return nearest if objective(nearest) < objective(rounded) else rounded
 
 
 @torch.no_grad()
-def _reconstruction_error(fn, x_in, y_target, weight, relu_after, chunk: int = 256) -> float:
+def _reconstruction_error(fn, x_in, target, weight, relu_after, chunk: int = 256) -> float:
+    """Sum over x_in of |f(fn(x, weight)) - target|^2, f = ReLU when relu_after (target already after it)."""
     total = 0.0
     for start in range(0, x_in.shape[0], chunk):
-        out, y = fn(x_in[start:start + chunk], weight), y_target[start:start + chunk]
+        out = fn(x_in[start:start + chunk], weight)
         if relu_after:
-            out, y = F.relu(out), F.relu(y)
-        total += float((out - y).double().pow(2).sum())
+            out = F.relu(out)
+        diff = (out - target[start:start + chunk]).reshape(-1)
+        total += float(torch.vdot(diff, diff))
     return total
 
 
@@ -198,26 +317,29 @@ def _collect(gm, names, x, bs=250):
     return {n: (torch.cat(a), torch.cat(b)) for n, (a, b) in store.items()}
 
 
-def _walk_layers(gm, fp, x: torch.Tensor, order: List[Tuple[str, bool]], model_batch: int,
-                 solve: Callable[[str, bool, torch.Tensor, torch.Tensor], None]) -> None:
-    """Run the FP32 model `fp` and the model `gm` being rounded side by side, node by node over all images (in
-    chunks of `model_batch`), keeping only the values later nodes still need. At each layer of `order`, call
-    solve(name, relu, input from gm, FP32 output), which rounds gm's weight; then continue with the rounded layer's
-    output. One pass of each model in all, instead of two whole-model passes per layer. Until the first rounded
-    layer (and wherever inputs are the same tensors) the two models share their values."""
+def _walk_layers(gm_list: List[nn.Module], fp, x: torch.Tensor, order: List[Tuple[str, bool]], model_batch: int,
+                 solve: Callable[[str, bool, List[torch.Tensor], torch.Tensor], None]) -> None:
+    """Run the FP32 model `fp` and the models of `gm_list` being rounded side by side, node by node over all images
+    (in chunks of `model_batch`), keeping only the values later nodes still need. At each layer of `order`, call
+    solve(name, relu, [its input in each model of gm_list], its FP32 output), which rounds that layer's weight in
+    each model; then continue with the rounded layers' outputs. One pass of each model in all, instead of two
+    whole-model passes per layer. A model shares the FP32 model's values until its first rounded layer (wherever a
+    node's inputs are the very same tensors)."""
     import torch.fx as fx
 
-    nodes = list(gm.graph.nodes)
+    gm0 = gm_list[0]
+    nodes = list(gm0.graph.nodes)
     last_use = {}
     for i, node in enumerate(nodes):
         for a in node.all_input_nodes:
             last_use[a] = i
     targets = dict(order)
     remaining = set(targets)
-    run_fp, run_q = fx.Interpreter(fp), fx.Interpreter(gm)
+    run_fp = fx.Interpreter(fp)
+    runs_q = [fx.Interpreter(gm) for gm in gm_list]
     chunks = [x[i:i + model_batch] for i in range(0, x.shape[0], model_batch)]
     env_fp: List[dict] = [{} for _ in chunks]
-    env_q: List[dict] = [{} for _ in chunks]
+    envs_q: List[List[dict]] = [[{} for _ in chunks] for _ in gm_list]
     placeholders = [node for node in nodes if node.op == "placeholder"]
     if len(placeholders) != 1:
         raise ValueError(f"AdaRound needs a model with one input, this one has {len(placeholders)}")
@@ -225,90 +347,156 @@ def _walk_layers(gm, fp, x: torch.Tensor, order: List[Tuple[str, bool]], model_b
         if not remaining or node.op == "output":
             break
         if node.op == "placeholder":
-            for ef, eq, chunk in zip(env_fp, env_q, chunks):
-                ef[node] = eq[node] = chunk
+            for c, chunk in enumerate(chunks):
+                env_fp[c][node] = chunk
+                for env_q in envs_q:
+                    env_q[c][node] = chunk
         elif node.op == "call_module" and node.target in remaining:
             src = node.args[0]
-            x_q = torch.cat([eq[src] for eq in env_q])
+            x_qs = [torch.cat([eq[src] for eq in env_q]) for env_q in envs_q]
             module_fp = fp.get_submodule(node.target)
             y_parts = [module_fp(ef[src]) for ef in env_fp]
-            solve(node.target, targets[node.target], x_q, torch.cat(y_parts))
+            solve(node.target, targets[node.target], x_qs, torch.cat(y_parts))
             remaining.discard(node.target)
-            module_q = gm.get_submodule(node.target)
-            for ef, eq, y in zip(env_fp, env_q, y_parts):
-                ef[node] = y
-                eq[node] = module_q(eq[src])
+            for c, y in enumerate(y_parts):
+                env_fp[c][node] = y
+            for gm, env_q in zip(gm_list, envs_q):
+                module_q = gm.get_submodule(node.target)
+                for eq in env_q:
+                    eq[node] = module_q(eq[src])
         else:
-            for ef, eq in zip(env_fp, env_q):
+            for c, ef in enumerate(env_fp):
                 run_fp.env = ef
                 value = run_fp.run_node(node)
                 ef[node] = value
-                shared = node.op != "get_attr" and all(eq.get(a) is ef.get(a) for a in node.all_input_nodes)
-                if not shared:
-                    run_q.env = eq
-                    q_value = run_q.run_node(node)
-                    same_attr = node.op == "get_attr" and isinstance(q_value, torch.Tensor) and \
-                        isinstance(value, torch.Tensor) and q_value.shape == value.shape and \
-                        torch.equal(q_value, value)
-                    value = value if same_attr else q_value
-                eq[node] = value
+                for run_q, env_q in zip(runs_q, envs_q):
+                    eq = env_q[c]
+                    shared = node.op != "get_attr" and all(eq.get(a) is ef.get(a) for a in node.all_input_nodes)
+                    q_value = value
+                    if not shared:
+                        run_q.env = eq
+                        q_value = run_q.run_node(node)
+                        if node.op == "get_attr" and isinstance(q_value, torch.Tensor) and \
+                                isinstance(value, torch.Tensor) and q_value.shape == value.shape and \
+                                torch.equal(q_value, value):
+                            q_value = value
+                    eq[node] = q_value
         for a in node.all_input_nodes:
             if last_use.get(a) == i:
-                for ef, eq in zip(env_fp, env_q):
-                    ef.pop(a, None)
-                    eq.pop(a, None)
-    run_fp.env = run_q.env = {}
+                for c in range(len(chunks)):
+                    env_fp[c].pop(a, None)
+                    for env_q in envs_q:
+                        env_q[c].pop(a, None)
+    run_fp.env = {}
+    for run_q in runs_q:
+        run_q.env = {}
 
 
-def adaround_module(gm: nn.Module, calib: np.ndarray, scheme: str = "per_channel_sym_int8", *,
-                    iters: int = 1000, batch: int = 32, lam: float = 1.0, lr: float = 1e-2,
-                    seed: int = 0, relu_aware: bool = True, layers: Optional[List[str]] = None,
-                    verbose: bool = False, advance: Callable[..., None] = lambda n, total=None: None,
-                    model_batch: int = 250) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """AdaRound all Conv/Linear modules of ``gm`` (an FX graph, e.g. from ``prepare_graph``) in place.
-
-    Layers are processed in graph order; each layer's input comes from the model
-    whose earlier layers are already rounded, its target from the FP32 model.
-    Returns {module name: (old weight, new weight)}.
-    """
+def _rounding_order(gm: nn.Module, layers: Optional[List[str]]) -> List[Tuple[str, bool]]:
+    """(module name, followed by a ReLU) of the Conv/Linear modules to round, in graph order."""
     import torch.fx as fx
 
-    x = torch.from_numpy(np.ascontiguousarray(calib)).float()
-    fp = copy.deepcopy(gm).eval()
-    gm.eval()
     order = []
     if isinstance(gm, fx.GraphModule):
         for node in gm.graph.nodes:
-            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _ROUNDED):
                 relu = len(node.users) == 1 and next(iter(node.users)).op == "call_module" and isinstance(
                     gm.get_submodule(next(iter(node.users)).target), nn.ReLU)
                 order.append((node.target, relu))
     else:
-        order = [(n, False) for n, m in gm.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+        order = [(n, False) for n, m in gm.named_modules() if isinstance(m, _ROUNDED)]
     if layers is not None:
         order = [o for o in order if o[0] in layers]
-    index = {name: i for i, (name, _) in enumerate(order)}
-    changes = {}
-    advance(0, total=len(order) * iters)  # progress in optimisation steps over all layers
+    return order
 
-    def solve(name: str, relu: bool, x_in: torch.Tensor, y_t: torch.Tensor) -> None:
-        mod = gm.get_submodule(name)
-        with torch.enable_grad():
-            new_w = _adaround_layer(mod, x_in, y_t, scheme, iters, batch, lam, lr, seed + index[name],
-                                    relu_after=relu and relu_aware, advance=advance)
+
+def adaround_schemes(gm: nn.Module, calib: np.ndarray, schemes: Sequence[str], *,
+                     iters: int = 1000, batch: int = 32, lam: float = 1.0, lr: float = 1e-2,
+                     seed: int = 0, relu_aware: bool = True, layers: Optional[List[str]] = None,
+                     verbose: bool = False, advance: Callable[..., None] = lambda n, total=None: None,
+                     model_batch: int = 250, stop_early: bool = True, quadratic: bool = True,
+                     workers: Optional[int] = None, trace: Optional[Callable[..., None]] = None,
+                     ) -> Dict[str, Tuple[nn.Module, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]]:
+    """AdaRound all Conv/Linear modules of ``gm`` (an FX graph, e.g. from ``prepare_graph``) for each of
+    ``schemes``, sharing one FP32 pass. ``gm`` itself is not changed. Returns {scheme: (rounded copy of gm,
+    {module name: (old weight, new weight)})}.
+
+    Layers are processed in graph order; each layer's input comes from the model whose earlier layers are already
+    rounded (per scheme), its target from the FP32 model. The schemes' problems at a layer are independent and run
+    on ``workers`` threads (default: one per scheme, at most one per core), each with one torch thread: AdaRound's
+    ops are small, and a torch thread pool spinning on a busy machine costs more than it gains. Results do not
+    depend on the number of workers.
+    """
+    import torch.fx as fx
+    from concurrent.futures import ThreadPoolExecutor
+
+    schemes = list(dict.fromkeys(schemes))
+    x = torch.from_numpy(np.ascontiguousarray(calib)).float()
+    fp = copy.deepcopy(gm).eval()
+    models = {scheme: copy.deepcopy(gm).eval() for scheme in schemes}
+    order = _rounding_order(gm, layers)
+    index = {name: i for i, (name, _) in enumerate(order)}
+    changes: Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = {scheme: {} for scheme in schemes}
+    advance(0, total=len(order) * iters * len(schemes))  # progress in optimisation steps over all layers
+    lock = threading.Lock()
+    report = advance
+
+    def advance(n: int) -> None:  # noqa: F811 - the workers' reports, one at a time
+        with lock:
+            report(n)
+
+    if workers is None:
+        workers = min(len(schemes), os.cpu_count() or 1)
+
+    def solve_one(scheme: str, name: str, relu: bool, x_in: torch.Tensor, y_t: torch.Tensor) -> None:
+        mod = models[scheme].get_submodule(name)
+        layer_trace = None if trace is None else (lambda **kw: trace(scheme=scheme, layer=name, **kw))
+        new_w = _adaround_layer(mod, x_in, y_t, scheme, iters, batch, lam, lr, seed + index[name],
+                                relu_after=relu and relu_aware, advance=advance, stop_early=stop_early,
+                                quadratic=quadratic, trace=layer_trace)
         old = mod.weight.detach().clone()
         mod.weight.data.copy_(new_w)
-        changes[name] = (old, new_w)
+        changes[scheme][name] = (old, new_w)
         if verbose:
-            print(f"adaround {name}: changed {(quantize_weights_like(old, scheme) != new_w).float().mean():.3f}")
+            changed = float((quantize_weights_like(old, scheme) != new_w).float().mean())
+            print(f"adaround {scheme} {name}: changed {changed:.3f}")
 
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        def solve(name: str, relu: bool, x_ins: List[torch.Tensor], y_t: torch.Tensor) -> None:
+            if pool is None:
+                for scheme, x_in in zip(schemes, x_ins):
+                    solve_one(scheme, name, relu, x_in, y_t)
+                return
+            futures = [pool.submit(solve_one, scheme, name, relu, x_in, y_t) for scheme, x_in in zip(schemes, x_ins)]
+            for future in futures:
+                future.result()
+
+        with torch.no_grad():
+            if isinstance(gm, fx.GraphModule):
+                _walk_layers([models[scheme] for scheme in schemes], fp, x, order, model_batch, solve)
+            else:
+                for name, relu in order:
+                    y_t = _collect(fp, [name], x, model_batch)[name][1]
+                    solve(name, relu, [_collect(models[scheme], [name], x, model_batch)[name][0]
+                                       for scheme in schemes], y_t)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(previous_threads)
+    return {scheme: (models[scheme], changes[scheme]) for scheme in schemes}
+
+
+def adaround_module(gm: nn.Module, calib: np.ndarray, scheme: str = "per_channel_sym_int8",
+                    **kw) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """AdaRound all Conv/Linear modules of ``gm`` (an FX graph, e.g. from ``prepare_graph``) in place, for one
+    scheme; keyword arguments as :func:`adaround_schemes`. Returns {module name: (old weight, new weight)}."""
+    _, changes = adaround_schemes(gm, calib, [scheme], **kw)[scheme]
     with torch.no_grad():
-        if isinstance(gm, fx.GraphModule):
-            _walk_layers(gm, fp, x, order, model_batch, solve)
-        else:
-            for name, relu in order:
-                solve(name, relu, _collect(gm, [name], x, model_batch)[name][0],
-                      _collect(fp, [name], x, model_batch)[name][1])
+        for name, (_, new) in changes.items():
+            gm.get_submodule(name).weight.data.copy_(new)
     return changes
 
 
@@ -345,7 +533,13 @@ def adaround_onnx(onnx_model, calib: np.ndarray, scheme: str = "per_channel_sym_
     e.g. NHWC float32 0..255); returns a new ModelProto whose Conv/MatMul/Gemm weight
     initializers lie on ``scheme``'s grid.  ``round_head=False`` leaves the classifier head's
     weights in FP32 (for backends that keep the head float: a grid only adds error there).
-    kwargs go to :func:`adaround_module`."""
+    kwargs go to :func:`adaround_schemes`."""
+    return adaround_onnx_schemes(onnx_model, calib, [scheme], round_head=round_head, **kw)[scheme]
+
+
+def adaround_onnx_schemes(onnx_model, calib: np.ndarray, schemes: Sequence[str], *, round_head: bool = True, **kw):
+    """:func:`adaround_onnx` for several schemes at once (one FP32 pass, the schemes' problems solved side by side):
+    returns {scheme: ModelProto}, each the same as :func:`adaround_onnx` gives for that scheme alone."""
     import onnx2torch
     from models.graph_prep import classifier_head, prepare_graph
 
@@ -353,8 +547,9 @@ def adaround_onnx(onnx_model, calib: np.ndarray, scheme: str = "per_channel_sym_
     if not round_head:
         head = set(classifier_head(gm, include_pool=False))
         kw["layers"] = [name for name, m in gm.named_modules()
-                        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name not in head]
-    return _replace_initializers(onnx_model, adaround_module(gm, calib, scheme, **kw))
+                        if isinstance(m, _ROUNDED) and name not in head]
+    return {scheme: _replace_initializers(onnx_model, changes)
+            for scheme, (_, changes) in adaround_schemes(gm, calib, schemes, **kw).items()}
 
 
 # --------------------------------------------------------------------------- onnxruntime recipe helpers
