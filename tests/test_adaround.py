@@ -338,3 +338,102 @@ def test_fx_reproduces_the_adarounded_integers(adarounded, data, tmp_path, backe
     assert float_linears
     for name, sub in float_linears:
         assert torch.equal(sub.weight.detach(), expected[name].weight.detach()), name
+
+
+# --------------------------------------------------------------------------- 3. the fast path optimises the same thing
+def _layer_problem(module: nn.Module, shape, seed: int = 0):
+    """Random inputs for `module` and its FP32 outputs, perturbed inputs as a partly rounded model would give."""
+    generator = torch.Generator().manual_seed(seed)
+    x_fp = torch.randn(*shape, generator=generator)
+    x_q = x_fp + 0.05 * torch.randn(*shape, generator=generator)
+    with torch.no_grad():
+        return x_q, module(x_fp)
+
+
+LAYERS = {
+    "conv stride 2 pad 1": (lambda: nn.Conv2d(6, 8, 3, stride=2, padding=1), (40, 6, 9, 9)),
+    "conv 1x1": (lambda: nn.Conv2d(6, 8, 1), (40, 6, 5, 5)),
+    "conv1d dilated": (lambda: nn.Conv1d(4, 5, 3, padding=2, dilation=2), (40, 4, 11)),
+    "linear": (lambda: nn.Linear(12, 7), (200, 12)),
+}
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_the_quadratic_form_is_the_reconstruction_error(layer):
+    """A layer without a ReLU after it is optimised on sum((D H + 2 g^T) * D) + c: that must be the error its output
+    makes over all images, for any weight (here: nearest rounding)."""
+    from models.weight_correction import _layer_fn, _quadratic_form, _reconstruction_error, quantize_weights_like
+
+    torch.manual_seed(0)
+    make, shape = LAYERS[layer]
+    module = make().eval()
+    x_q, y = _layer_problem(module, shape)
+    fn = _layer_fn(module)
+    H, g, c = _quadratic_form(module, fn, x_q, y, chunk_elements=2000)  # several chunks
+    w = module.weight.detach()
+    for scheme in SCHEMES:
+        q = quantize_weights_like(w, scheme)
+        D = (q - w).reshape(w.shape[0], -1).double()
+        quadratic = float(((D @ H.double() + 2 * g.T.double()) * D).sum()) + c
+        direct = _reconstruction_error(fn, x_q, y, q, relu_after=False)
+        assert quadratic == pytest.approx(direct, rel=1e-4), (layer, scheme)
+
+
+@pytest.mark.parametrize("relu_after", [False, True])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_layer_is_never_worse_than_nearest_on_its_objective(scheme, relu_after):
+    """Even when the optimisation is hopeless (4 steps, a rounding penalty 1000x too strong), the rounding returned
+    reconstructs the layer's FP32 output over the calibration inputs at least as well as round-to-nearest."""
+    from models.weight_correction import _adaround_layer, _layer_fn, _reconstruction_error, quantize_weights_like
+
+    torch.manual_seed(1)
+    module = nn.Conv2d(6, 8, 3, padding=1).eval()
+    x_q, y = _layer_problem(module, (40, 6, 6, 6))
+    fn = _layer_fn(module)
+    target = torch.relu(y) if relu_after else y
+    for iters, lam in ((4, 1000.0), (200, 1.0)):
+        with _one_torch_thread():
+            rounded = _adaround_layer(module, x_q, y, scheme, iters, 8, lam, 1e-2, 0, relu_after=relu_after)
+        nearest = quantize_weights_like(module.weight.detach(), scheme)
+        assert _reconstruction_error(fn, x_q, target, rounded, relu_after) <= \
+            _reconstruction_error(fn, x_q, target, nearest, relu_after) * (1 + 1e-6), (iters, lam)
+
+
+@pytest.mark.parametrize("relu_after", [False, True])
+def test_a_layer_stops_once_its_rounding_is_settled(relu_after):
+    """An easy layer (FP32 inputs, weights a hundredth of a grid step from grid points) has every h(v) at exactly 0
+    or 1 soon after the warm-up: it stops there, and its rounding is the one the full schedule gives."""
+    from models.weight_correction import _adaround_layer, grid_params, quantize_weights_like
+
+    torch.manual_seed(2)
+    module = nn.Conv2d(4, 4, 3, padding=1).eval()
+    scheme = "per_channel_sym_int8"
+    with torch.no_grad():
+        w = module.weight
+        step = grid_params(w, scheme)[0].float()
+        w.copy_(quantize_weights_like(w, scheme) + 0.01 * step * torch.randn(w.shape).sign())
+    x = torch.randn(16, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = module(x)
+    checks = []
+    iters = 2000
+    with _one_torch_thread():
+        early = _adaround_layer(module, x, y, scheme, iters, 8, 1.0, 1e-2, 0, relu_after=relu_after,
+                                trace=lambda **k: checks.append(k))
+        full = _adaround_layer(module, x, y, scheme, iters, 8, 1.0, 1e-2, 0, relu_after=relu_after,
+                               stop_early=False)
+    assert checks and checks[-1]["saturated"] == 1.0 and checks[-1]["it"] < iters // 2, checks[-3:]
+    assert torch.equal(early, full)
+
+
+def test_schemes_together_equal_each_scheme_alone(tiny_model, data):
+    """The sweep computes both grids in one walk on two worker threads: the result is each scheme's own."""
+    from models.weight_correction import adaround_onnx, adaround_onnx_schemes
+
+    fp32 = onnx.load(str(tiny_model))
+    calibration = data[0][:50]
+    together = adaround_onnx_schemes(fp32, calibration, SCHEMES, iters=150, round_head=False, workers=2)
+    for scheme in SCHEMES:
+        alone = adaround_onnx(fp32, calibration, scheme, iters=150, round_head=False)
+        a, b = _initializers(together[scheme]), _initializers(alone)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), scheme
