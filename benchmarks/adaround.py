@@ -18,6 +18,7 @@ weights (only) are AdaRounded, next to the same with round-to-nearest weights (a
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -77,6 +78,8 @@ def main() -> int:
                         help="torch.set_num_threads before running (AdaRound itself runs one torch thread per worker)")
     parser.add_argument("--together", action="store_true",
                         help="all schemes in one call (adaround_onnx_schemes), as the default sweep runs them")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker threads for --together (default: one per scheme, at most one per core)")
     parser.add_argument("--profile", action="store_true", help="print the torch profiler's top operators")
     parser.add_argument("--top", type=int, default=25, help="profiler rows")
     parser.add_argument("--agreement", action="store_true",
@@ -106,6 +109,13 @@ def main() -> int:
         proto = source.onnx.proto
         test_images = inputs.transform(inputs.test.images) if args.agreement else None
         fp32_top1 = _top1(proto, test_images) if args.agreement else None
+        # Warm-up outside the timings: the first conversion pays for imports and lazy initialisation, which the
+        # sweep pays in its convert phase.
+        import onnx2torch
+
+        from models.graph_prep import prepare_graph
+
+        prepare_graph(onnx2torch.convert(proto), fold_pad=False)(torch.from_numpy(inputs.calibration[:2]))
         groups = [list(args.schemes)] if args.together else [[scheme] for scheme in args.schemes]
         for schemes in groups:
             steps = []
@@ -122,7 +132,8 @@ def main() -> int:
                 profiler.__enter__()
             wall, cpu = time.perf_counter(), time.process_time()
             rounded = adaround_onnx_schemes(proto, inputs.calibration, schemes, iters=iterations, advance=advance,
-                                            model_batch=source.onnx.input.batch_size or 250, round_head=False)
+                                            model_batch=source.onnx.input.batch_size or 250, round_head=False,
+                                            workers=args.workers)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             label = " + ".join(schemes)
             if profiler is not None:
@@ -138,7 +149,8 @@ def main() -> int:
             rows.append(row)
             print(f"{label}: wall {wall:.1f} s, CPU {cpu:.1f} s", file=sys.stderr, flush=True)
 
-    print(f"\nmachine: {machine_line()}; torch threads: {torch.get_num_threads()}")
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    print(f"\nmachine: {machine_line()}; torch threads: {torch.get_num_threads()}; peak RSS {peak_rss_mb:.0f} MB")
     print(f"model: {args.model.name}; calibration images: {len(inputs.calibration)}; iterations: {iterations}"
           f"{' (profiled: times include profiler overhead)' if args.profile else ''}\n")
     header = ["scheme(s)", "layers", "wall s", "CPU s"]
