@@ -17,7 +17,7 @@ from models.onnx_model import OnnxClassifier, to_torch
 
 
 # Bump when the algorithm or its defaults change: a cached result from older code is not the same result.
-ADAROUND_VERSION = "adaround-v6:lambda=1,lr=0.01,seed=0,nearest-fallback,own-output-exact-quadratic,all-images,stop-when-saturated"
+ADAROUND_VERSION = "adaround-v7:lambda=1,lr=0.01,seed=0,nearest-fallback,own-output-exact-quadratic,all-images,stop-when-saturated"
 # Libraries whose numerics shape AdaRound's result (the torch conversion and its optimizer).
 ADAROUND_LIBRARIES = ("torch", "onnx", "onnx2torch", "numpy")
 

@@ -356,6 +356,8 @@ def _layer_problem(module: nn.Module, shape, seed: int = 0):
 LAYERS = {
     "conv stride 2 pad 1": (lambda: nn.Conv2d(6, 8, 3, stride=2, padding=1), (40, 6, 9, 9)),
     "conv 1x1": (lambda: nn.Conv2d(6, 8, 1), (40, 6, 5, 5)),
+    "conv 3x3 same": (lambda: nn.Conv2d(6, 8, 3, padding=1), (70, 6, 7, 9)),  # the shifted-correlation Gram matrix
+    "conv 5x3 same": (lambda: nn.Conv2d(3, 4, (5, 3), padding=(2, 1)), (70, 3, 6, 4)),
     "conv1d dilated": (lambda: nn.Conv1d(4, 5, 3, padding=2, dilation=2), (40, 4, 11)),
     "linear": (lambda: nn.Linear(12, 7), (200, 12)),
 }
@@ -380,6 +382,16 @@ def test_the_quadratic_form_is_the_reconstruction_error(layer):
         quadratic = float(((D @ H.double() + 2 * g.T.double()) * D).sum()) + c
         direct = _reconstruction_error(fn, x_q, y, q, relu_after=False)
         assert quadratic == pytest.approx(direct, rel=1e-4), (layer, scheme)
+
+
+@pytest.mark.parametrize("kernel,shape", [((3, 3), (70, 5, 7, 9)), ((5, 3), (3, 2, 6, 4)), ((1, 1), (4, 3, 2, 2))])
+def test_the_shifted_gram_matrix_is_the_unfolded_one(kernel, shape):
+    from models.weight_correction import _gram_same_conv
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    p = torch.nn.functional.unfold(x, kernel, padding=(kernel[0] // 2, kernel[1] // 2))
+    p = p.transpose(0, 1).reshape(p.shape[1], -1)
+    assert torch.allclose(_gram_same_conv(x, kernel, chunk=32), p @ p.T, rtol=1e-10, atol=1e-9)
 
 
 @pytest.mark.parametrize("relu_after", [False, True])
