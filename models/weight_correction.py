@@ -127,9 +127,9 @@ def _layer_fn(mod: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
 
 
 def _patch_columns(mod: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """[m, d, positions]: in each of m blocks, the columns the layer's flattened weight [out, d] multiplies (a conv's
-    input patches per image; all of a Linear's input rows as one block); None when the layer is not one dense matrix
-    product (grouped conv, non-zero padding modes)."""
+    """[m, d, positions]: the columns the layer's flattened weight [out, d] multiplies (a conv's input patches, per
+    image; a Linear's input rows as one block, m = 1); None when the layer is not one dense matrix product (grouped
+    conv, non-zero padding modes, a Linear over more than one batch dimension)."""
     if isinstance(mod, nn.Linear):
         return x.T.unsqueeze(0) if x.dim() == 2 else None
     if not isinstance(mod, (nn.Conv1d, nn.Conv2d)) or mod.groups != 1 or mod.padding_mode != "zeros" \
@@ -140,11 +140,6 @@ def _patch_columns(mod: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         x = x.unsqueeze(2)
         kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
     return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-
-
-def _output_columns(y: torch.Tensor) -> torch.Tensor:
-    """A layer output as [m, out, positions], blocked like :func:`_patch_columns`."""
-    return y.T.unsqueeze(0) if y.dim() == 2 else y.flatten(2)
 
 
 def _is_same_conv(mod: nn.Module) -> bool:
@@ -242,13 +237,11 @@ def _quadratic_form(mod, fn, x_in, y_target, chunk_elements: int = 1 << 20):
         if same:
             continue
         for start in range(0, r0_block.shape[0], step):
-            p = _patch_columns(mod, x[start:start + step])
-            r0 = r0_block[start:start + step]
             # [d, m * positions]: one long matrix product per chunk (a per-image product is short for 8x8 maps)
-            p = p.transpose(0, 1).reshape(d, -1)
+            p = _patch_columns(mod, x[start:start + step]).transpose(0, 1).reshape(d, -1)
             H.addmm_(p, p.T)
-            if not isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-                g.addmm_(p, _output_columns(r0).transpose(0, 1).reshape(out, -1).T)
+            if isinstance(mod, nn.Linear):
+                g.addmm_(p, r0_block[start:start + step])
     return H, g, c
 
 
@@ -259,9 +252,9 @@ def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, re
     partially rounded model gives it) reconstructs ``y_target`` (the FP32 model's output there), after the ReLU
     that follows the layer when ``relu_after``. Returns the new weight, on ``scheme``'s grid.
 
-    Without a ReLU after it (or when ``quadratic`` and the layer is a plain matrix product) the reconstruction
-    error is optimised exactly over all of x_in through its quadratic form (:func:`_quadratic_form`); with one, on
-    mini-batches of ``batch`` images. The gradients of h(v), the clamps and the rounding regulariser are written out
+    When the error is a quadratic in the weights (``quadratic``, no ReLU to reconstruct through, a plain matrix
+    product) it is optimised exactly over all of x_in through its quadratic form (:func:`_quadratic_form`);
+    otherwise on mini-batches of ``batch`` images. The gradients of h(v), the clamps and the rounding regulariser are written out
     by hand and Adam's update (torch.optim.Adam's formula) is applied in place: the arithmetic autograd would do,
     in fewer ops. Stops early once every h(v) is exactly 0 or 1 (``stop_early``): no gradient reaches v any more,
     so the rounding is final. ``trace(it=, rec=, saturated=, flips=)`` is called at each check when given."""
