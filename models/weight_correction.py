@@ -24,9 +24,9 @@ Also: :func:`quantize_weights_like` (plain round-to-nearest snapping onto a sche
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
-import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -245,98 +245,171 @@ def _quadratic_form(mod, fn, x_in, y_target, chunk_elements: int = 1 << 20):
     return H, g, c
 
 
-def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, relu_after=False,
-                    advance: Callable[[int], None] = lambda n: None, stop_early: bool = True,
-                    quadratic: bool = True, trace: Optional[Callable[..., None]] = None):
-    """AdaRound one layer: optimise the rounding of ``mod``'s weight so that its output on ``x_in`` (the input the
-    partially rounded model gives it) reconstructs ``y_target`` (the FP32 model's output there), after the ReLU
-    that follows the layer when ``relu_after``. Returns the new weight, on ``scheme``'s grid.
+class _Rounding:
+    """One layer's rounding problem under one scheme: its grid, the continuous rounding variable v's start, the
+    objective, and (after optimisation) the rounded weight. See :func:`_adaround_layer`."""
 
-    When the error is a quadratic in the weights (``quadratic``, no ReLU to reconstruct through, a plain matrix
-    product) it is optimised exactly over all of x_in through its quadratic form (:func:`_quadratic_form`);
-    otherwise on mini-batches of ``batch`` images. The gradients of h(v), the clamps and the rounding regulariser are written out
-    by hand and Adam's update (torch.optim.Adam's formula) is applied in place: the arithmetic autograd would do,
-    in fewer ops. Stops early once every h(v) is exactly 0 or 1 (``stop_early``): no gradient reaches v any more,
-    so the rounding is final. ``trace(it=, rec=, saturated=, flips=)`` is called at each check when given."""
-    w = mod.weight.detach()
-    s, kmin, kmax = grid_params(w, scheme)
-    s, kmin, kmax = s.float(), kmin.float(), kmax.float()
-    wf = torch.floor(w / s)
-    rest = (w / s - wf).clamp(1e-4, 1 - 1e-4)
-    v = (-torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1)).clone()
-    mask = _anchor_mask(w.double(), scheme)
-    fn = _layer_fn(mod)
-    n = x_in.shape[0]
+    def __init__(self, mod: nn.Module, x_in: torch.Tensor, y_target: torch.Tensor, scheme: str, relu_after: bool,
+                 quadratic: bool):
+        self.mod, self.x_in, self.y_target, self.scheme, self.relu_after = mod, x_in, y_target, scheme, relu_after
+        w = self.w = mod.weight.detach()
+        s, kmin, kmax = grid_params(w, scheme)
+        self.s, self.kmin, self.kmax = s.float().expand_as(w), kmin.float().expand_as(w), kmax.float().expand_as(w)
+        self.wf = torch.floor(w / self.s)
+        rest = (w / self.s - self.wf).clamp(1e-4, 1 - 1e-4)
+        self.v0 = -torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1)
+        self.fn = _layer_fn(mod)
+        self.n = x_in.shape[0]
+        # d w_q / d h: the grid step where the clamp to [kmin, kmax] cannot bind (wf and wf + 1 both on the grid),
+        # else 0 (only range-defining elements, snapped to their extreme at the end); times zg = d h / d sigmoid(v).
+        self.dw_dh = (self.s * ((self.wf >= self.kmin) & (self.wf + 1 <= self.kmax))).mul_(_ZETA - _GAMMA)
+        self.wants_form = quadratic and not relu_after
+        self.form = None  # (H, g^T [w's shape], c) from compute_form, when the error is a quadratic
+
+    def compute_form(self) -> None:
+        if self.wants_form:
+            form = _quadratic_form(self.mod, self.fn, self.x_in, self.y_target)
+            if form is not None:
+                H, g, c = form
+                self.form = (H, g.T.contiguous().view_as(self.w), c)
+
+    def objective(self, weight: torch.Tensor) -> float:
+        """The reconstruction error of `weight` over all of x_in (the quadratic form in float64 when there is one)."""
+        if self.form is not None:
+            H, gt, c = self.form
+            D = (weight - self.w).reshape(self.w.shape[0], -1).double()
+            return float(((D @ H.double() + 2 * gt.reshape_as(D).double()) * D).sum()) + c
+        target = F.relu(self.y_target) if self.relu_after else self.y_target
+        return _reconstruction_error(self.fn, self.x_in, target, weight, self.relu_after)
+
+    @torch.no_grad()
+    def rounded(self, v: torch.Tensor) -> torch.Tensor:
+        """Round up where v >= 0, range-defining elements snapped to their extreme; round-to-nearest instead when
+        that reconstructs better: never worse than nearest on AdaRound's own objective over the whole calibration
+        set (with a fixed lambda the rounding penalty can dominate a layer whose reconstruction error is small, or be
+        too weak on a large one, and an ill-conditioned layer, e.g. a fitted dense head, then ends worse)."""
+        w, s = self.w.double(), self.s.double()
+        k = torch.clamp(self.wf + (v >= 0).float(), self.kmin, self.kmax).double()
+        k = _snap_anchors(w, k, s, self.kmin.double(), self.kmax.double(), _anchor_mask(w, self.scheme), self.scheme)
+        rounded = (k * s).float()
+        nearest = quantize_weights_like(self.w, self.scheme)
+        return nearest if self.objective(nearest) < self.objective(rounded) else rounded
+
+
+def _quadratic_stack(problems: List[_Rounding]):
+    """The reconstruction step of same-shaped problems with quadratic forms, stacked on dim 0: given w_q [K, ...],
+    (error / n of each or None, d error / d h * zg [K, ...]), one batched product for all. `keep(indices)` drops the
+    others (problems that stopped)."""
+    state = {"H": torch.stack([p.form[0] for p in problems]),
+             "gt": torch.stack([p.form[1] for p in problems]),
+             "w": torch.stack([p.w for p in problems]),
+             "scale": torch.stack([p.dw_dh * (2 / p.n) for p in problems]),
+             "c": [p.form[2] for p in problems], "n": [p.n for p in problems]}
+
+    def reconstruction(wq: torch.Tensor, want_value: bool):
+        K, out = wq.shape[0], wq.shape[1]
+        D = wq - state["w"]
+        M = torch.bmm(D.view(K, out, -1), state["H"]).view_as(D)
+        values = None
+        if want_value:
+            per = ((M + 2 * state["gt"]) * D).flatten(1).sum(1)
+            values = [(float(e) + c) / n for e, c, n in zip(per, state["c"], state["n"])]
+        return values, M.add_(state["gt"]).mul_(state["scale"])
+
+    def keep(indices: List[int]) -> None:
+        for key in ("H", "gt", "w", "scale"):
+            state[key] = state[key][indices]
+        state["c"] = [state["c"][i] for i in indices]
+        state["n"] = [state["n"][i] for i in indices]
+
+    reconstruction.keep = keep
+    return reconstruction
+
+
+def _minibatch(problem: _Rounding, batch: int, seed: int):
+    """The reconstruction step of a problem without a quadratic form, on mini-batches of `batch` images from a
+    random offset (a slice, no gather), the ReLU's target computed once; same interface as :func:`_quadratic_stack`
+    for a stack of one."""
+    gen = torch.Generator().manual_seed(seed)
+    n, fn, relu_after = problem.n, problem.fn, problem.relu_after
+    bsz = min(batch, n)
+    x_in = problem.x_in
+    y_loss = F.relu(problem.y_target) if relu_after else problem.y_target
+    grad_scale = problem.dw_dh * (2 / bsz)
+
+    def reconstruction(wq: torch.Tensor, want_value: bool):
+        start = int(torch.randint(0, n - bsz + 1, (1,), generator=gen))
+        xb, yb = x_in[start:start + bsz], y_loss[start:start + bsz]
+        with torch.enable_grad():
+            wl = wq[0].detach().requires_grad_(True)
+            o = fn(xb, wl)
+        r = F.relu(o.detach()) if relu_after else o.detach()
+        diff = r - yb
+        grad_o = torch.ops.aten.threshold_backward(diff, r, 0) if relu_after else diff
+        grad, = torch.autograd.grad(o, wl, grad_o)
+        values = [float(torch.vdot(diff.reshape(-1), diff.reshape(-1))) / bsz] if want_value else None
+        return values, grad.mul_(grad_scale).unsqueeze(0)
+
+    reconstruction.keep = lambda indices: None
+    return reconstruction
+
+
+def _optimize(problems: List[_Rounding], reconstruction, iters: int, lam: float, lr: float,
+              advance: Callable[[int], None], stop_early: bool,
+              traces: Optional[List[Optional[Callable[..., None]]]] = None) -> List[torch.Tensor]:
+    """AdaRound's optimisation of the rounding variables v of same-shaped `problems` stacked on dim 0 (independent
+    problems: every op is elementwise or per problem, so each gets exactly what it gets alone). Returns each final v.
+
+    The gradients of h(v), the clamps and the rounding regulariser are written out by hand and Adam's update
+    (torch.optim.Adam's formula) is applied in place: the arithmetic autograd would do, in fewer ops. A problem
+    stops (``stop_early``) once every one of its h(v) is exactly 0 or 1: no gradient reaches its v any more, so its
+    rounding is final; it leaves the stack. ``traces[k](it=, rec=, saturated=, flips=)`` at each check."""
     zg = _ZETA - _GAMMA
-    # d w_q / d h: the grid step where the clamp to [kmin, kmax] cannot bind (wf and wf + 1 both on the grid), else
-    # 0 (only range-defining elements, snapped to their extreme at the end); times zg = d h / d sigmoid(v).
-    dw_dh = (s * ((wf >= kmin) & (wf + 1 <= kmax))).mul_(zg)
-    form = _quadratic_form(mod, fn, x_in, y_target) if quadratic and not relu_after else None
-    if form is not None:
-        H, g, c = form
-        gt = g.T.contiguous().view_as(w)
-        out = w.shape[0]
-        grad_scale = dw_dh * (2 / n)
-
-        def reconstruction(wq, want_value):
-            """(error / n or None, d error / d h * zg) from the exact quadratic form."""
-            D = (wq - w).view(out, -1)
-            M = (D @ H).view_as(w)
-            value = float(((M + 2 * gt) * D.view_as(w)).sum().add(c)) / n if want_value else None
-            return value, M.add_(gt).mul_(grad_scale)
-
-        def objective(weight) -> float:  # over the whole calibration set, in float64
-            D = (weight - w).reshape(out, -1).double()
-            return float(((D @ H.double() + 2 * gt.view(out, -1).double()) * D).sum()) + c
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        bsz = min(batch, n)
-        y_loss = F.relu(y_target) if relu_after else y_target
-        grad_scale = dw_dh * (2 / bsz)
-
-        def reconstruction(wq, want_value):
-            """(mini-batch error / image or None, its d / d h * zg); the batch: bsz images from a random offset."""
-            start = int(torch.randint(0, n - bsz + 1, (1,), generator=gen))
-            xb, yb = x_in[start:start + bsz], y_loss[start:start + bsz]
-            with torch.enable_grad():
-                wl = wq.requires_grad_(True)
-                o = fn(xb, wl)
-            r = F.relu(o.detach()) if relu_after else o.detach()
-            diff = r - yb
-            grad_o = torch.ops.aten.threshold_backward(diff, r, 0) if relu_after else diff
-            grad, = torch.autograd.grad(o, wl, grad_o)
-            value = float(torch.vdot(diff.reshape(-1), diff.reshape(-1))) / bsz if want_value else None
-            return value, grad.mul_(grad_scale)
-
-        def objective(weight) -> float:
-            return _reconstruction_error(fn, x_in, y_loss, weight, relu_after)
-
+    alive = list(range(len(problems)))
+    traces = traces or [None] * len(problems)
+    traced = any(t is not None for t in traces)
+    stack = lambda name: torch.stack([getattr(problems[k], name) for k in alive])  # noqa: E731
+    v, wf, s, kmin, kmax = stack("v0").clone(), stack("wf"), stack("s"), stack("kmin"), stack("kmax")
     m1, m2 = torch.zeros_like(v), torch.zeros_like(v)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     warm = int(0.2 * iters)
+    finals: Dict[int, torch.Tensor] = {}
     reported = 0
-    previous = None
-    rec = float("nan")
+    previous: Dict[int, torch.Tensor] = {}
+    recs = [float("nan")] * len(problems)
     for it in range(iters):
         if it % _PROGRESS_EVERY == 0:
             checkpoint()
-            if it > warm and (stop_early or trace is not None):
-                hv = _h(v)
-                saturated = float(((hv == 0) | (hv == 1)).float().mean())
-                up = v >= 0
-                flips = -1 if previous is None else int((up != previous).sum())
-                previous = up
-                if trace is not None:
-                    trace(it=it, rec=rec, saturated=saturated, flips=flips)
-                if stop_early and saturated == 1.0:
-                    break
+            if it > warm and (stop_early or traced):
+                hv = _h(v).flatten(1)
+                saturated = ((hv == 0) | (hv == 1)).float().mean(1).tolist()
+                up = v.flatten(1) >= 0
+                stopped = []
+                for row, k in enumerate(alive):
+                    if traces[k] is not None:
+                        flips = -1 if k not in previous else int((up[row] != previous[k]).sum())
+                        previous[k] = up[row]
+                        traces[k](it=it, rec=recs[k], saturated=saturated[row], flips=flips)
+                    if stop_early and saturated[row] == 1.0:
+                        stopped.append(row)
+                if stopped:
+                    for row in stopped:
+                        finals[alive[row]] = v[row].clone()
+                    advance((iters - it) * len(stopped))
+                    rows = [row for row in range(len(alive)) if row not in stopped]
+                    alive = [alive[row] for row in rows]
+                    if not alive:
+                        break
+                    v, wf, s, kmin, kmax, m1, m2 = (t[rows] for t in (v, wf, s, kmin, kmax, m1, m2))
+                    reconstruction.keep(rows)
         sg = torch.sigmoid(v)
         hr = sg.mul(zg).add_(_GAMMA)
         h = hr.clamp(0, 1)
         wq = (wf + h).clamp_(kmin, kmax).mul_(s)
-        value, gk = reconstruction(wq, trace is not None and (it + 1) % _PROGRESS_EVERY == 0)
-        if value is not None:
-            rec = value
+        values, gk = reconstruction(wq, traced and (it + 1) % _PROGRESS_EVERY == 0)
+        if values is not None:
+            for k, value in zip(alive, values):
+                recs[k] = value
         if it >= warm:
             beta = 20 + (2 - 20) * (it - warm) / max(1, iters - warm)
             # d/dh of lam * (1 - |a|^beta), a = 2h - 1: -2 lam beta a |a|^(beta - 2); times zg like the rest
@@ -351,19 +424,58 @@ def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, re
         denom = m2.sqrt().div_(math.sqrt(1 - beta2 ** step)).add_(eps)
         v.addcdiv_(m1, denom, value=-lr / (1 - beta1 ** step))
         if (it + 1) % _PROGRESS_EVERY == 0:
-            advance(_PROGRESS_EVERY)
-            reported += _PROGRESS_EVERY
-    if iters > reported:
-        advance(iters - reported)
-    with torch.no_grad():
-        k = torch.clamp(wf + (v >= 0).float(), kmin, kmax).double()
-        k = _snap_anchors(w.double(), k, s.double(), kmin.double(), kmax.double(), mask, scheme)
-        rounded = (k * s.double()).float()
-        # Never worse than round-to-nearest on AdaRound's own objective over the whole calibration set: with a fixed
-        # lambda the rounding penalty can dominate a layer whose reconstruction error is small (or be too weak on a
-        # large one), and an ill-conditioned layer (e.g. a fitted dense head) then ends up worse than nearest.
-        nearest = quantize_weights_like(w, scheme)
-        return nearest if objective(nearest) < objective(rounded) else rounded
+            advance(_PROGRESS_EVERY * len(alive))
+            reported = it + 1
+    else:
+        if iters > reported:
+            advance((iters - reported) * len(alive))
+    for row, k in enumerate(alive):
+        finals.setdefault(k, v[row])
+    return [finals[k] for k in range(len(problems))]
+
+
+def _adaround_layer(mod, x_in, y_target, scheme, iters, batch, lam, lr, seed, relu_after=False,
+                    advance: Callable[[int], None] = lambda n: None, stop_early: bool = True,
+                    quadratic: bool = True, trace: Optional[Callable[..., None]] = None):
+    """AdaRound one layer: optimise the rounding of ``mod``'s weight so that its output on ``x_in`` (the input the
+    partially rounded model gives it) reconstructs ``y_target`` (the FP32 model's output there), after the ReLU
+    that follows the layer when ``relu_after``. Returns the new weight, on ``scheme``'s grid.
+
+    When the error is a quadratic in the weights (``quadratic``, no ReLU to reconstruct through, a plain matrix
+    product) it is optimised exactly over all of x_in through its quadratic form (:func:`_quadratic_form`);
+    otherwise on mini-batches of ``batch`` images (``seed``). See :func:`_optimize` for the loop and its early stop,
+    :meth:`_Rounding.rounded` for the round-to-nearest guarantee."""
+    problem = _Rounding(mod, x_in, y_target, scheme, relu_after, quadratic)
+    problem.compute_form()
+    reconstruction = _quadratic_stack([problem]) if problem.form is not None else _minibatch(problem, batch, seed)
+    v, = _optimize([problem], reconstruction, iters, lam, lr, advance, stop_early, [trace])
+    return problem.rounded(v)
+
+
+def _adaround_layers(problems: List[_Rounding], iters, batch, lam, lr, seed, advance, stop_early,
+                     traces: List[Optional[Callable[..., None]]], pool=None) -> List[torch.Tensor]:
+    """:func:`_adaround_layer` for the same layer under several schemes at once: the quadratic forms on `pool`'s
+    threads (large matrix products, which release the GIL), then one loop for all problems with a quadratic form
+    (each op on the stack of them: half the Python and dispatch overhead of two loops, which on two threads would
+    fight over the GIL), then the others one by one. Each result is the one the problem gets alone."""
+    if pool is not None and sum(p.wants_form for p in problems) > 1:
+        for future in [pool.submit(p.compute_form) for p in problems]:
+            future.result()
+    else:
+        for p in problems:
+            p.compute_form()
+    vs: Dict[int, torch.Tensor] = {}
+    quad = [k for k, p in enumerate(problems) if p.form is not None]
+    if quad:
+        found = _optimize([problems[k] for k in quad], _quadratic_stack([problems[k] for k in quad]), iters, lam, lr,
+                          advance, stop_early, [traces[k] for k in quad])
+        vs.update(zip(quad, found))
+    for k, p in enumerate(problems):
+        if k not in vs:
+            vs[k], = _optimize([p], _minibatch(p, batch, seed), iters, lam, lr, advance, stop_early, [traces[k]])
+    if pool is not None and len(problems) > 1:
+        return [f.result() for f in [pool.submit(p.rounded, vs[k]) for k, p in enumerate(problems)]]
+    return [p.rounded(vs[k]) for k, p in enumerate(problems)]
 
 
 @torch.no_grad()
@@ -506,10 +618,13 @@ def adaround_schemes(gm: nn.Module, calib: np.ndarray, schemes: Sequence[str], *
     spaced (None: all; on ResNet8 500 of the sweep's 1000 cost ort-uint8 0.15 pp of agreement). ``relu_aware``:
     reconstruct a layer's output after the ReLU that follows it, on mini-batches (the default reconstructs every
     layer's own output, exactly over all images through its quadratic form: on ResNet8 as good, measured by the
-    quantized variants' agreement with FP32, and several times faster). The schemes' problems at a layer are independent and run
-    on ``workers`` threads (default: one per scheme, at most one per core), each with one torch thread: AdaRound's
-    ops are small, and a torch thread pool spinning on a busy machine costs more than it gains. Results do not
-    depend on the number of workers.
+    quantized variants' agreement with FP32, and several times faster).
+
+    The schemes' problems at a layer are independent: their quadratic forms (large matrix products) are computed on
+    ``workers`` threads (default: one per scheme, at most one per core), then optimised in one loop whose every op
+    works on the stack of them (:func:`_adaround_layers`). Torch runs one thread meanwhile (restored afterwards):
+    the loop's ops are small, and a torch thread pool spinning on a busy machine costs more than it gains. Each
+    scheme's result is the one it gets alone, whatever the number of workers.
     """
     import torch.fx as fx
     from concurrent.futures import ThreadPoolExecutor
@@ -524,41 +639,29 @@ def adaround_schemes(gm: nn.Module, calib: np.ndarray, schemes: Sequence[str], *
     index = {name: i for i, (name, _) in enumerate(order)}
     changes: Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = {scheme: {} for scheme in schemes}
     advance(0, total=len(order) * iters * len(schemes))  # progress in optimisation steps over all layers
-    lock = threading.Lock()
-    report = advance
-
-    def advance(n: int) -> None:  # noqa: F811 - the workers' reports, one at a time
-        with lock:
-            report(n)
-
     if workers is None:
         workers = min(len(schemes), os.cpu_count() or 1)
-
-    def solve_one(scheme: str, name: str, relu: bool, x_in: torch.Tensor, y_t: torch.Tensor) -> None:
-        mod = models[scheme].get_submodule(name)
-        layer_trace = None if trace is None else (lambda **kw: trace(scheme=scheme, layer=name, **kw))
-        new_w = _adaround_layer(mod, x_in, y_t, scheme, iters, batch, lam, lr, seed + index[name],
-                                relu_after=relu and relu_aware, advance=advance, stop_early=stop_early,
-                                quadratic=quadratic, trace=layer_trace)
-        old = mod.weight.detach().clone()
-        mod.weight.data.copy_(new_w)
-        changes[scheme][name] = (old, new_w)
-        if verbose:
-            changed = float((quantize_weights_like(old, scheme) != new_w).float().mean())
-            print(f"adaround {scheme} {name}: changed {changed:.3f}")
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         def solve(name: str, relu: bool, x_ins: List[torch.Tensor], y_t: torch.Tensor) -> None:
-            if pool is None:
-                for scheme, x_in in zip(schemes, x_ins):
-                    solve_one(scheme, name, relu, x_in, y_t)
-                return
-            futures = [pool.submit(solve_one, scheme, name, relu, x_in, y_t) for scheme, x_in in zip(schemes, x_ins)]
-            for future in futures:
-                future.result()
+            mods = [models[scheme].get_submodule(name) for scheme in schemes]
+            problems = [_Rounding(mod, x_in, y_t, scheme, relu and relu_aware, quadratic)
+                        for mod, x_in, scheme in zip(mods, x_ins, schemes)]
+            traces = [None if trace is None else functools.partial(trace, scheme=scheme, layer=name)
+                      for scheme in schemes]
+            with torch.enable_grad():
+                new_ws = _adaround_layers(problems, iters, batch, lam, lr, seed + index[name], advance, stop_early,
+                                          traces, pool)
+            for scheme, mod, new_w in zip(schemes, mods, new_ws):
+                old = mod.weight.detach().clone()
+                mod.weight.data.copy_(new_w)
+                changes[scheme][name] = (old, new_w)
+                if verbose:
+                    changed = float((quantize_weights_like(old, scheme) != new_w).float().mean())
+                    print(f"adaround {scheme} {name}: changed {changed:.3f}")
 
         with torch.no_grad():
             if isinstance(gm, fx.GraphModule):
