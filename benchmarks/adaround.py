@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line  # noqa: E402
+from harness import machine_line  # noqa: E402
 
 SCHEMES = ("per_channel_sym_int8", "per_tensor_asym_uint8")
 
