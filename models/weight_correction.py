@@ -544,13 +544,18 @@ def _walk_layers(gm_list: List[nn.Module], fp, x: torch.Tensor, order: List[Tupl
                     env_q[c][node] = chunk
         elif node.op == "call_module" and node.target in remaining:
             src = node.args[0]
-            x_qs = [torch.cat([eq[src] for eq in env_q]) for env_q in envs_q]
+            x_qs = _gathered(envs_q, src, others=[env_fp])
             module_fp = fp.get_submodule(node.target)
-            y_parts = [module_fp(ef[src]) for ef in env_fp]
-            solve(node.target, targets[node.target], x_qs, torch.cat(y_parts))
+            y, start = None, 0
+            for ef in env_fp:  # the FP32 output, written chunk by chunk into one tensor; the chunks are views of it
+                part = module_fp(ef[src])
+                y = _like(part, x.shape[0]) if y is None else y
+                ef[node] = y[start:start + len(part)]
+                ef[node].copy_(part)
+                start += len(part)
+            solve(node.target, targets[node.target], x_qs, y)
+            del x_qs, y  # what later nodes need stays in the environments
             remaining.discard(node.target)
-            for c, y in enumerate(y_parts):
-                env_fp[c][node] = y
             for gm, env_q in zip(gm_list, envs_q):
                 module_q = gm.get_submodule(node.target)
                 for eq in env_q:
@@ -581,6 +586,41 @@ def _walk_layers(gm_list: List[nn.Module], fp, x: torch.Tensor, order: List[Tupl
     run_fp.env = {}
     for run_q in runs_q:
         run_q.env = {}
+
+
+def _like(t: torch.Tensor, n: int) -> torch.Tensor:
+    """An empty tensor of n rows shaped like t's rows, in t's memory format (channels-last stays channels-last)."""
+    channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty((n, *t.shape[1:]), dtype=t.dtype,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _gathered(envs: List[List[dict]], node, others: Sequence[List[dict]] = ()) -> List[torch.Tensor]:
+    """For each environment of `envs` (one dict per chunk of images), the value of `node` over all chunks as one
+    tensor. Its chunks are copied in one at a time and replaced by views of it, so the value is in memory once (plus
+    a chunk). Environments holding the very same chunk tensors get the same tensor and the same views (they keep
+    sharing), `others` too where they hold them."""
+    groups: Dict[tuple, List[int]] = {}
+    for k, env in enumerate(envs):
+        groups.setdefault(tuple(id(e[node]) for e in env), []).append(k)
+    wholes: List[torch.Tensor] = [torch.empty(0)] * len(envs)
+    for members in groups.values():
+        holders = [envs[k] for k in members]
+        chunks = holders[0]
+        whole = _like(chunks[0][node], sum(len(e[node]) for e in chunks))
+        start = 0
+        for c in range(len(chunks)):
+            part = chunks[c][node]
+            view = whole[start:start + len(part)]
+            view.copy_(part)
+            start += len(part)
+            for env in (*holders, *others):
+                if env[c].get(node) is part:
+                    env[c][node] = view
+            del part
+        for k in members:
+            wholes[k] = whole
+    return wholes
 
 
 def _rounding_order(gm: nn.Module, layers: Optional[List[str]]) -> List[Tuple[str, bool]]:
