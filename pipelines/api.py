@@ -136,7 +136,9 @@ def _run_untracked(options: SweepOptions, work_dir: Path) -> tuple[list[VariantR
     inputs = prepare_inputs(options)
     runner = VariantRunner(inputs, work_dir, options.runner_options(), timer)
     runner.convert(specs)
-    results = [runner.run_reference()] + [runner.run_safely(spec) for spec in specs]
+    results = [runner.run_reference()]
+    runner.adaround_ahead(specs)
+    results += [runner.run_safely(spec) for spec in specs]
     return results, len(inputs.test)
 
 
