@@ -17,7 +17,7 @@ from models.onnx_model import OnnxClassifier, to_torch
 
 
 # Bump when the algorithm or its defaults change: a cached result from older code is not the same result.
-ADAROUND_VERSION = "adaround-v3:batch=32,lambda=1,lr=0.01,seed=0,nearest-fallback"
+ADAROUND_VERSION = "adaround-v7:lambda=1,lr=0.01,seed=0,nearest-fallback,own-output-exact-quadratic,all-images,stop-when-saturated"
 # Libraries whose numerics shape AdaRound's result (the torch conversion and its optimizer).
 ADAROUND_LIBRARIES = ("torch", "onnx", "onnx2torch", "numpy")
 
@@ -88,6 +88,31 @@ class FloatModel:
             self._torch_module = to_torch(self.onnx)
         return self._torch_module
 
+    def _adaround_cache_file(self, scheme: str, calibration: np.ndarray, calibration_digest: str, iterations: int,
+                             context: dict | None, round_head: bool) -> Path:
+        key = adaround_cache_key(self.onnx.sha256, calibration, calibration_digest, scheme, iterations,
+                                 {**(context or {}), "round_head": round_head})
+        return adaround_cache_dir() / f"{key}.onnx"
+
+    def adaround_ahead(self, schemes: list[str], calibration: np.ndarray, calibration_digest: str,
+                       advance: Callable[..., None] = lambda n, total=None: None, iterations: int = 1000,
+                       context: dict | None = None, round_head: bool = True) -> list[str]:
+        """Compute and cache, in one go, the AdaRounded models of every scheme in `schemes` not cached yet: one FP32
+        pass and the schemes' problems side by side (see `adaround_onnx_schemes`), each result the same as
+        `with_adarounded_weights` computes alone, which then finds it in the cache. Returns the schemes computed."""
+        missing = [scheme for scheme in dict.fromkeys(schemes)
+                   if (scheme, iterations, round_head) not in self._rounded and not self._adaround_cache_file(
+                       scheme, calibration, calibration_digest, iterations, context, round_head).is_file()]
+        if missing:
+            from models.weight_correction import adaround_onnx_schemes
+
+            rounded = adaround_onnx_schemes(self.onnx.proto, calibration, missing, iters=iterations, advance=advance,
+                                            model_batch=self.onnx.input.batch_size or 250, round_head=round_head)
+            for scheme, proto in rounded.items():
+                write_atomic(self._adaround_cache_file(scheme, calibration, calibration_digest, iterations, context,
+                                                       round_head), proto.SerializeToString())
+        return missing
+
     def with_adarounded_weights(self, scheme: str, calibration: np.ndarray, calibration_digest: str,
                                 advance: Callable[..., None] = lambda n, total=None: None,
                                 iterations: int = 1000, context: dict | None = None,
@@ -103,15 +128,9 @@ class FloatModel:
 
         from models.onnx_model import read_input_spec
 
-        key = adaround_cache_key(self.onnx.sha256, calibration, calibration_digest, scheme, iterations,
-                                 {**(context or {}), "round_head": round_head})
-        cached = adaround_cache_dir() / f"{key}.onnx"
+        cached = self._adaround_cache_file(scheme, calibration, calibration_digest, iterations, context, round_head)
         if not cached.is_file():
-            from models.weight_correction import adaround_onnx
-
-            rounded = adaround_onnx(self.onnx.proto, calibration, scheme, iters=iterations, advance=advance,
-                                    model_batch=self.onnx.input.batch_size or 250, round_head=round_head)
-            write_atomic(cached, rounded.SerializeToString())
+            self.adaround_ahead([scheme], calibration, calibration_digest, advance, iterations, context, round_head)
         proto = onnx.load(str(cached))
         variant = FloatModel(replace(self.onnx, path=cached, proto=proto, sha256=file_sha256(cached),
                                      size_bytes=cached.stat().st_size, input=read_input_spec(proto, cached),

@@ -144,6 +144,7 @@ def _run_untracked(options: SweepOptions, work_dir: Path) -> tuple[list[VariantR
     runner = VariantRunner(inputs, work_dir, replace(options.runner_options(), diagnose_images=0), timer)
     runner.convert(specs)
     results = [runner.run_reference()]
+    runner.adaround_ahead(specs)
     for spec in specs:
         results.append(runner.run_safely(spec))
         # a variant that misses target_agreement / max_drop_pp: its `-mixed` repair right after it

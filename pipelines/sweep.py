@@ -408,6 +408,15 @@ class Sweep:
             model_uri=runs.logged_model_uri(run) or "",
             bench=bench, size_bytes=int(m[M.MODEL_SIZE_BYTES]))
 
+    def _reusable(self, experiment_id: str, spec: VariantSpec) -> bool:
+        """With --resume, whether a finished run of this variant on identical inputs will be reused (it needs no
+        AdaRound grid)."""
+        if not self.options.resume:
+            return False
+        from tracking.recovery import find_reusable
+
+        return find_reusable(experiment_id, self.input_key(spec)) is not None
+
     def run_variant(self, spec: VariantSpec, experiment_id: str, parent_run_id: str) -> VariantOutcome:
         if self.options.resume:
             from tracking.recovery import find_reusable
@@ -545,6 +554,7 @@ class Sweep:
                                                                (P.TARGET_MAX_DROP_PP, self.options.max_drop_pp))
                                  if value is not None})
             outcomes = [self.run_fp32(experiment_id, parent_run_id)]
+            self.runner.adaround_ahead([spec for spec in self.specs if not self._reusable(experiment_id, spec)])
             for spec in self.specs:
                 outcomes.append(self.run_variant(spec, experiment_id, parent_run_id))
                 mixed = self.fallback.repair(outcomes[-1])  # None unless it missed --target-agreement/--max-drop

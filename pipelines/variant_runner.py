@@ -28,7 +28,7 @@ from models.onnx_model import OnnxClassifier
 from pipelines.cifar import Cifar10, Split
 from pipelines.evaluation import Evaluation, Fidelity, evaluate, fidelity, predict_scores
 from pipelines.preprocessing import InputTransform
-from pipelines.progress import progress_task
+from pipelines.progress import progress_task, say
 from pipelines.timing import PhaseTimer
 from pipelines.variants import FP32, ONNXRUNTIME, PYTORCH, VariantSpec, config_payload
 
@@ -270,12 +270,49 @@ class VariantRunner:
         except Exception as exc:  # noqa: BLE001 - one variant's failure is its result; the others still run
             return VariantResult(spec.name, spec.framework, spec, status="failed", reason=failure_reason(exc))
 
+    def adaround_ahead(self, specs: list[VariantSpec]) -> None:
+        """The AdaRound grids `specs` will ask for, computed together where several start from the same model (one
+        FP32 pass, the schemes' problems side by side: see FloatModel.adaround_ahead), so each variant then finds its
+        weights in the cache. A failure here is only reported: each variant then computes its own grid and fails
+        (or not) on its own."""
+        wanted: dict[tuple[bool, bool], list[str]] = {}  # (equalized, rounded head) -> schemes
+        for spec in specs:
+            scheme = spec.config.adaround_scheme
+            if scheme is not None:
+                group = wanted.setdefault((bool(getattr(spec.config, "equalization", False)),
+                                           not spec.config.float_head), [])
+                if scheme not in group:
+                    group.append(scheme)
+        for (equalized, round_head), schemes in wanted.items():
+            if len(schemes) < 2:
+                continue  # nothing to share: the variant computes its grid when it needs it
+            try:
+                source = self.quantization_source.equalized() if equalized else self.quantization_source
+                with self.timer.phase("adaround"), \
+                        progress_task(f"AdaRound weights ({', '.join(schemes)})", total=1) as advance:
+                    source.adaround_ahead(schemes, *self._rounding_set(), advance,
+                                          iterations=self.options.adaround_iterations, context=self._context(),
+                                          round_head=round_head)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - each variant retries on its own and records its own failure
+                say(f"[yellow]![/] AdaRound for {', '.join(schemes)} together failed ({failure_reason(exc)}); "
+                    "each variant computes its own")
+
+    def _context(self) -> dict:
+        """What joins an AdaRound cache key beside the model and the calibration images."""
+        return {"layout": self.inputs.transform.layout, "preprocessing": self.inputs.transform.preprocessing.value}
+
+    def _rounding_set(self) -> tuple[np.ndarray, str]:
+        """(model-ready images, indices digest) AdaRound reconstructs on: the calibration set unless told another."""
+        return self.rounding_set or (self.inputs.calibration, self.inputs.calibration_digest)
+
     def _weights_for(self, spec: VariantSpec, progress: bool = True) -> FloatModel:
         """The FP32 model whose weights this variant quantizes: equalized when it asks for that, then AdaRound-ed
         onto its grid when it asks for that (equalization first: it would move rounded weights off the grid).
         `progress=False` shows no progress line (for a grid computed before, found in memory)."""
-        context = {"layout": self.inputs.transform.layout, "preprocessing": self.inputs.transform.preprocessing.value}
-        images, digest = self.rounding_set or (self.inputs.calibration, self.inputs.calibration_digest)
+        context = self._context()
+        images, digest = self._rounding_set()
         if spec.config.adaround_scheme is None or not progress:
             return self.quantization_source.for_config(spec.config, images, digest,
                                                        iterations=self.options.adaround_iterations, context=context)

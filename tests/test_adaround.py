@@ -5,6 +5,9 @@
    agrees with FP32 at least as often on the test images (onnxruntime).
 2. Both backends reproduce the integers AdaRound chose: the int8/uint8 weights inside the ONNX Runtime QDQ and
    QOperator models and inside the FX TorchScript models, times their scales, are the AdaRounded FP32 weights.
+3. The fast path optimises the same thing (issue 13): the quadratic form is the reconstruction error, a layer is
+   never worse than nearest on it, a settled layer stops early with the full schedule's result, and schemes
+   computed together equal each computed alone.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def _sweep_default_iterations() -> int:
 
 
 # Part 1 runs AdaRound as the sweep does by default (1000 steps per layer): the numbers that ship are the ones guarded.
-# About 10 s per scheme on the tiny model on 2 cores.
+# A second or two per scheme on the tiny model.
 COMPARISON_ITERATIONS = _sweep_default_iterations()
 # Part 2 only needs AdaRound to move some weights off nearest rounding (asserted), so the backends have non-trivial
 # integers to reproduce.
@@ -338,3 +341,114 @@ def test_fx_reproduces_the_adarounded_integers(adarounded, data, tmp_path, backe
     assert float_linears
     for name, sub in float_linears:
         assert torch.equal(sub.weight.detach(), expected[name].weight.detach()), name
+
+
+# --------------------------------------------------------------------------- 3. the fast path optimises the same thing
+def _layer_problem(module: nn.Module, shape, seed: int = 0):
+    """Random inputs for `module` and its FP32 outputs, perturbed inputs as a partly rounded model would give."""
+    generator = torch.Generator().manual_seed(seed)
+    x_fp = torch.randn(*shape, generator=generator)
+    x_q = x_fp + 0.05 * torch.randn(*shape, generator=generator)
+    with torch.no_grad():
+        return x_q, module(x_fp)
+
+
+LAYERS = {
+    "conv stride 2 pad 1": (lambda: nn.Conv2d(6, 8, 3, stride=2, padding=1), (40, 6, 9, 9)),
+    "conv 1x1": (lambda: nn.Conv2d(6, 8, 1), (40, 6, 5, 5)),
+    "conv 3x3 same": (lambda: nn.Conv2d(6, 8, 3, padding=1), (70, 6, 7, 9)),  # the shifted-correlation Gram matrix
+    "conv 5x3 same": (lambda: nn.Conv2d(3, 4, (5, 3), padding=(2, 1)), (70, 3, 6, 4)),
+    "conv1d dilated": (lambda: nn.Conv1d(4, 5, 3, padding=2, dilation=2), (40, 4, 11)),
+    "linear": (lambda: nn.Linear(12, 7), (200, 12)),
+}
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_the_quadratic_form_is_the_reconstruction_error(layer):
+    """A layer without a ReLU after it is optimised on sum((D H + 2 g^T) * D) + c: that must be the error its output
+    makes over all images, for any weight (here: nearest rounding)."""
+    from models.weight_correction import _layer_fn, _quadratic_form, _reconstruction_error, quantize_weights_like
+
+    torch.manual_seed(0)
+    make, shape = LAYERS[layer]
+    module = make().eval()
+    x_q, y = _layer_problem(module, shape)
+    fn = _layer_fn(module)
+    H, g, c = _quadratic_form(module, fn, x_q, y, chunk_elements=2000)  # several chunks
+    w = module.weight.detach()
+    for scheme in SCHEMES:
+        q = quantize_weights_like(w, scheme)
+        D = (q - w).reshape(w.shape[0], -1).double()
+        quadratic = float(((D @ H.double() + 2 * g.T.double()) * D).sum()) + c
+        direct = _reconstruction_error(fn, x_q, y, q, relu_after=False)
+        assert quadratic == pytest.approx(direct, rel=1e-4), (layer, scheme)
+
+
+@pytest.mark.parametrize("kernel,shape", [((3, 3), (70, 5, 7, 9)), ((5, 3), (3, 2, 6, 4)), ((1, 1), (4, 3, 2, 2))])
+def test_the_shifted_gram_matrix_is_the_unfolded_one(kernel, shape):
+    from models.weight_correction import _gram_same_conv
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    p = torch.nn.functional.unfold(x, kernel, padding=(kernel[0] // 2, kernel[1] // 2))
+    p = p.transpose(0, 1).reshape(p.shape[1], -1)
+    assert torch.allclose(_gram_same_conv(x, kernel, chunk=32), p @ p.T, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("relu_after", [False, True])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_layer_is_never_worse_than_nearest_on_its_objective(scheme, relu_after):
+    """Even when the optimisation is hopeless (4 steps, a rounding penalty 1000x too strong), the rounding returned
+    reconstructs the layer's FP32 output over the calibration inputs at least as well as round-to-nearest."""
+    from models.weight_correction import _adaround_layer, _layer_fn, _reconstruction_error, quantize_weights_like
+
+    torch.manual_seed(1)
+    module = nn.Conv2d(6, 8, 3, padding=1).eval()
+    x_q, y = _layer_problem(module, (40, 6, 6, 6))
+    fn = _layer_fn(module)
+    target = torch.relu(y) if relu_after else y
+    for iters, lam in ((4, 1000.0), (200, 1.0)):
+        with _one_torch_thread():
+            rounded = _adaround_layer(module, x_q, y, scheme, iters, 8, lam, 1e-2, 0, relu_after=relu_after)
+        nearest = quantize_weights_like(module.weight.detach(), scheme)
+        assert _reconstruction_error(fn, x_q, target, rounded, relu_after) <= \
+            _reconstruction_error(fn, x_q, target, nearest, relu_after) * (1 + 1e-6), (iters, lam)
+
+
+@pytest.mark.parametrize("relu_after", [False, True])
+def test_a_layer_stops_once_its_rounding_is_settled(relu_after):
+    """An easy layer (FP32 inputs, weights a hundredth of a grid step from grid points) has every h(v) at exactly 0
+    or 1 soon after the warm-up: it stops there, and its rounding is the one the full schedule gives."""
+    from models.weight_correction import _adaround_layer, grid_params, quantize_weights_like
+
+    torch.manual_seed(2)
+    module = nn.Conv2d(4, 4, 3, padding=1).eval()
+    scheme = "per_channel_sym_int8"
+    with torch.no_grad():
+        w = module.weight
+        step = grid_params(w, scheme)[0].float()
+        w.copy_(quantize_weights_like(w, scheme) + 0.01 * step * torch.randn(w.shape).sign())
+    x = torch.randn(16, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = module(x)
+    checks = []
+    iters = 2000
+    with _one_torch_thread():
+        early = _adaround_layer(module, x, y, scheme, iters, 8, 1.0, 1e-2, 0, relu_after=relu_after,
+                                trace=lambda **k: checks.append(k))
+        full = _adaround_layer(module, x, y, scheme, iters, 8, 1.0, 1e-2, 0, relu_after=relu_after,
+                               stop_early=False)
+    assert checks and checks[-1]["saturated"] == 1.0 and checks[-1]["it"] < iters // 2, checks[-3:]
+    assert torch.equal(early, full)
+
+
+def test_schemes_together_equal_each_scheme_alone(tiny_model, data):
+    """The sweep computes both grids in one walk on two worker threads: the result is each scheme's own."""
+    from models.weight_correction import adaround_onnx, adaround_onnx_schemes
+
+    fp32 = onnx.load(str(tiny_model))
+    calibration = data[0][:50]
+    together = adaround_onnx_schemes(fp32, calibration, SCHEMES, iters=150, round_head=False, workers=2)
+    for scheme in SCHEMES:
+        alone = adaround_onnx(fp32, calibration, scheme, iters=150, round_head=False)
+        a, b = _initializers(together[scheme]), _initializers(alone)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), scheme

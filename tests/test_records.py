@@ -179,6 +179,55 @@ def test_adaround_cache_misses_when_the_calibration_images_change(tmp_path, tiny
     assert len(list((tmp_path / "warm" / "ptqflow" / "adaround").glob("*.onnx"))) == 3
 
 
+def test_adaround_ahead_computes_the_schemes_together_and_the_variants_find_them(tmp_path, tiny_model, monkeypatch):
+    """The sweep asks for all its AdaRound grids at once (one FP32 pass, schemes side by side); each variant's
+    with_adarounded_weights then reads its scheme from the cache, the same file computing it alone gives."""
+    import models.weight_correction as weight_correction
+    from models.base import FloatModel
+    from models.onnx_model import load_classifier
+
+    images = np.random.default_rng(0).uniform(0, 255, (40, 32, 32, 3)).astype(np.float32)
+    schemes = ["per_channel_sym_int8", "per_tensor_asym_uint8"]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "together"))
+    model = FloatModel(load_classifier(tiny_model), tmp_path / "work")
+    calls = []
+    compute = weight_correction.adaround_onnx_schemes
+    monkeypatch.setattr(weight_correction, "adaround_onnx_schemes",
+                        lambda proto, calib, wanted, **kw: calls.append(list(wanted)) or compute(proto, calib, wanted,
+                                                                                                 **kw))
+    assert model.adaround_ahead(schemes, images, "digest", iterations=20, round_head=False) == schemes
+    assert model.adaround_ahead(schemes, images, "digest", iterations=20, round_head=False) == []  # cached
+    together = {s: model.with_adarounded_weights(s, images, "digest", iterations=20, round_head=False)
+                for s in schemes}
+    assert calls == [schemes]  # the variants computed nothing
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "alone"))
+    for scheme in schemes:
+        alone = FloatModel(load_classifier(tiny_model), tmp_path / "work-alone").with_adarounded_weights(
+            scheme, images, "digest", iterations=20, round_head=False)
+        assert alone.onnx.path.read_bytes() == together[scheme].onnx.path.read_bytes(), scheme
+    assert calls == [schemes, schemes[:1], schemes[1:]]
+
+
+def test_a_sweep_computes_its_adaround_grids_in_one_go(tracking_store, tiny_model, cifar_dir, monkeypatch):
+    """Variants on two grids (int8 per channel for FX and ORT int8, uint8 per tensor for ORT uint8): the sweep asks
+    for both before the first variant, in one call, and no variant computes a grid of its own."""
+    import models.weight_correction as weight_correction
+
+    calls = []
+    compute = weight_correction.adaround_onnx_schemes
+    monkeypatch.setattr(weight_correction, "adaround_onnx_schemes",
+                        lambda proto, calib, wanted, **kw: calls.append(list(wanted)) or compute(proto, calib, wanted,
+                                                                                                 **kw))
+    result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
+                                    bench=False, register=False, variants=("pytorch-fx-int8", "ort-int8", "ort-uint8"),
+                                    adaround_iterations=11))  # an iteration count no other test caches
+    assert not result.failed
+    assert calls == [["per_channel_sym_int8", "per_tensor_asym_uint8"]]
+    runs = runs_by_name()
+    assert all(runs[name].data.params[Param.WEIGHT_ROUNDING] == "adaround"
+               for name in ("pytorch-fx-int8", "ort-int8", "ort-uint8"))
+
+
 # ---- 4. params say what ran -------------------------------------------------------------------------------------
 def _qconfig(run) -> dict:
     return json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/qconfig.json"))
