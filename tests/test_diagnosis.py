@@ -326,3 +326,15 @@ def test_diagnose_command_reads_a_sweep_back_and_logs_the_tables(tracking_store,
     # the FP32 run is the reference, not something to diagnose
     refused = CliRunner().invoke(app, ["diagnose", by_variant["fp32"].run_id])
     assert refused.exit_code != 0 and "FP32 reference" in refused.stderr
+
+
+def test_uint8_weights_are_dequantized_without_wrapping_around(models, images, tmp_path):
+    """onnxruntime's create_weight_matching subtracts a uint8 zero point in uint8; the diagnosis must not report the
+    wrapped-around values as weight noise (ort-uint8 on ResNet8 read -17 dB)."""
+    calibration, test = images
+    config = OrtStaticConfig(quant_format="QOperator", activation_dtype="uint8", weight_dtype="uint8",
+                             per_channel=False, weight_rounding="nearest")
+    diagnosis = diagnose_ort_config(models["clean"], models["clean"], config, calibration, test[:64], tmp_path)
+    weights = [row.weight_sqnr_db for row in diagnosis.layers if row.weight_sqnr_db is not None]
+    assert weights and min(weights) > 20  # 8-bit per-tensor weights of a small CNN: well above 20 dB
+    assert not any("weights lose precision" in row.hint for row in diagnosis.layers)
