@@ -164,18 +164,22 @@ def _gram_same_conv(x: torch.Tensor, kernel: Tuple[int, int], chunk: int = 64) -
         pad = k // 2
         return (size + offset - pad, size) if offset < pad else (0, offset - pad)
 
+    def patch_pairs():
+        """Every pair of patch elements (a1, b1), (a2, b2), with the rows and columns the first never reads."""
+        for a1 in range(kh):
+            for b1 in range(kw):
+                rows, cols = excluded(a1, Hh, kh), excluded(b1, Ww, kw)
+                for a2 in range(kh):
+                    for b2 in range(kw):
+                        yield a1, b1, a2, b2, rows, cols, (a2 - a1, b2 - b1)
+
     # (rows, cols, shift) -> sum of x[u] x[u + shift]^T over u in rows x cols with u + shift inside the image
     terms: Dict[Tuple, torch.Tensor] = {}
-    for a1 in range(kh):
-        for b1 in range(kw):
-            rows, cols = excluded(a1, Hh, kh), excluded(b1, Ww, kw)
-            for a2 in range(kh):
-                for b2 in range(kw):
-                    shift = (a2 - a1, b2 - b1)
-                    terms[(all_rows, all_cols, max(shift, (-shift[0], -shift[1])))] = None
-                    for key in ((rows, all_cols, shift), (all_rows, cols, shift), (rows, cols, shift)):
-                        if key[0][0] < key[0][1] and key[1][0] < key[1][1]:
-                            terms[key] = None
+    for _, _, _, _, rows, cols, shift in patch_pairs():
+        terms[(all_rows, all_cols, max(shift, (-shift[0], -shift[1])))] = None
+        for key in ((rows, all_cols, shift), (all_rows, cols, shift), (rows, cols, shift)):
+            if key[0][0] < key[0][1] and key[1][0] < key[1][1]:
+                terms[key] = None
     for key in terms:
         terms[key] = torch.zeros(C, C, dtype=x.dtype)
     for start in range(0, n, chunk):
@@ -190,16 +194,11 @@ def _gram_same_conv(x: torch.Tensor, kernel: Tuple[int, int], chunk: int = 64) -
 
     H6 = torch.zeros(C, kh, kw, C, kh, kw, dtype=x.dtype)
     zero = torch.zeros(C, C, dtype=x.dtype)
-    for a1 in range(kh):
-        for b1 in range(kw):
-            rows, cols = excluded(a1, Hh, kh), excluded(b1, Ww, kw)
-            for a2 in range(kh):
-                for b2 in range(kw):
-                    shift = (a2 - a1, b2 - b1)
-                    block = terms[(all_rows, all_cols, shift)] if shift >= (0, 0) else \
-                        terms[(all_rows, all_cols, (-shift[0], -shift[1]))].T
-                    H6[:, a1, b1, :, a2, b2] = block - terms.get((rows, all_cols, shift), zero) \
-                        - terms.get((all_rows, cols, shift), zero) + terms.get((rows, cols, shift), zero)
+    for a1, b1, a2, b2, rows, cols, shift in patch_pairs():
+        block = terms[(all_rows, all_cols, shift)] if shift >= (0, 0) else \
+            terms[(all_rows, all_cols, (-shift[0], -shift[1]))].T
+        H6[:, a1, b1, :, a2, b2] = block - terms.get((rows, all_cols, shift), zero) \
+            - terms.get((all_rows, cols, shift), zero) + terms.get((rows, cols, shift), zero)
     d = C * kh * kw
     return H6.reshape(d, d)
 
