@@ -248,8 +248,9 @@ class Tuner:
         runs.mark_experiment(experiment_id)
         o, P = self.options, Param
         run_name = f"tune {o.study_name} · {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        with runs.detached_run(experiment_id, run_name, {Tag.ROLE: Tag.ROLE_TUNE, Tag.TUNE_STUDY: o.study_name,
-                                                          Tag.MODEL_SHA256: self.base.inputs.model.sha256}) as run:
+        tags = {Tag.ROLE: Tag.ROLE_TUNE, Tag.TUNE_STUDY: o.study_name, Tag.TUNE_CREATED_BY: self.worker,
+                Tag.MODEL_SHA256: self.base.inputs.model.sha256}
+        with runs.detached_run(experiment_id, run_name, tags) as run:
             run.log_params({P.TUNE_STUDY: o.study_name, P.TUNE_STORAGE: public_storage(self.storage_url),
                             P.TUNE_N_TRIALS: o.n_trials, P.TUNE_TIMEOUT_S: o.timeout_s or 0,
                             P.TARGET_AGREEMENT: o.target_agreement, P.TUNE_MIN_SPEEDUP: o.min_speedup,

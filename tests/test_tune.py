@@ -82,6 +82,7 @@ def test_every_trial_is_a_child_run_and_the_parent_holds_the_pareto_front(tracki
     assert parent.data.tags[Tag.ROLE] == Tag.ROLE_TUNE
     assert parent.data.params[Param.TUNE_N_TRIALS] == "4"
     assert Tag.PID not in parent.data.tags  # owned by no one process: never taken for an orphan
+    assert parent.data.tags[Tag.TUNE_CREATED_BY].endswith(f":{__import__('os').getpid()}")
     # the study lives beside the MLflow store and knows its parent run
     storage = f"sqlite:///{tracking_store / 'optuna.db'}"
     study = optuna.load_study(study_name="t1", storage=storage)

@@ -63,7 +63,7 @@ def search(client, experiment_id: str, filter_string: str = "") -> list:
 
 
 def wait_for_creator_mid_trial(client, workers: list[Worker]):
-    """The worker that created the study (its pid is on the parent run) and the RUNNING MLflow run of a trial it is
+    """The worker that created the study (its host:pid is on the parent run) and the RUNNING MLflow run of a trial it is
     running, polled fast: a trial's run lives a few seconds on the tiny model."""
     deadline = time.monotonic() + KILL_TIMEOUT
     by_pid = {str(w.process.pid): w for w in workers}
@@ -77,7 +77,7 @@ def wait_for_creator_mid_trial(client, workers: list[Worker]):
                 parents = search(client, experiment.experiment_id, f"tags.`{Tag.ROLE}` = '{Tag.ROLE_TUNE}'")
                 if parents:
                     assert len(parents) == 1, "two workers created the study's parent run"
-                    creator = by_pid[parents[0].data.tags[Tag.PID]]
+                    creator = by_pid[parents[0].data.tags[Tag.TUNE_CREATED_BY].rsplit(":", 1)[1]]
             if creator is not None:
                 running = [r for r in search(client, experiment.experiment_id,
                                              f"tags.`{Tag.PID}` = '{creator.process.pid}' and "
@@ -157,7 +157,7 @@ def test_two_tune_workers_survive_a_killed_one(postgres, tiny_model, cifar_dir, 
             assert [p.info.run_id for p in parents] == [parent_id]
             parent = parents[0]
             assert parent.info.status == "FINISHED"
-            assert parent.data.tags[Tag.PID] == str(victim.process.pid)  # the dead creator's run, ended by the other
+            assert parent.data.tags[Tag.TUNE_CREATED_BY].endswith(f":{victim.process.pid}")  # ended by the other
             trial_runs = [r for r in runs if Tag.TUNE_TRIAL in r.data.tags]
             summary = sorted((int(r.data.tags[Tag.TUNE_TRIAL]), r.info.status, r.data.tags[Tag.PID])
                              for r in trial_runs)

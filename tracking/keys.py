@@ -144,6 +144,9 @@ class Tag:
     CALIBRATION_SHORTFALL = "ptqflow.calibration_shortfall"
     MLFLOW_PARENT = "mlflow.parentRunId"
     TUNE_STUDY = "ptqflow.tune_study"  # on a tune's parent and trial runs: the Optuna study's name
+    # On a tune's parent run: "host:pid" of the worker that created the study (not ptqflow.pid: the run outlives
+    # that worker, and tracking.recovery would take it for an orphan)
+    TUNE_CREATED_BY = "ptqflow.tune_created_by"
     TUNE_TRIAL = "ptqflow.tune_trial"  # on a trial's run: its number in the study (unique within it)
     TUNE_TRIAL_ID = "ptqflow.tune_trial_id"  # the storage's id of the trial: how a worker finds a dead one's run
     TUNE_SAMPLER_SEED = "ptqflow.tune_sampler_seed"  # the seed of the worker's sampler that chose the trial
