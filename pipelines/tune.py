@@ -45,7 +45,7 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attribute: the MLflow run
 INPUTS_ATTR = "inputs"  # study user attribute: model, data and options every trial is measured on
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 TRIAL_RUN_ATTR = "mlflow_run_id"  # trial user attribute
-CONSTRAINTS_ATTR = "constraints"  # trial user attribute read by the sampler: <= 0 is feasible
+CONSTRAINTS_ATTR = "constraints"  # trial user attribute: [agreement, speed] shortfalls, <= 0 feasible (ptqflow reads it)
 FAILURE_ATTR = "failure"  # trial user attribute: why the config could not be made or measured
 DEFAULT_STUDY_SUFFIX = "-tune"
 DEFAULT_HEARTBEAT_S = 30
