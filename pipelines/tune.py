@@ -12,8 +12,8 @@ server share it; Optuna hands each trial to one worker. The worker that creates 
 run and keeps its id in the study's user attributes; the others wait for it and log their trials under it. Every
 worker sends a heartbeat for its running trial; a worker that stops beating (killed) has its trial marked FAIL by
 the next worker that looks, which ends that trial's MLflow run FAILED and enqueues the same params again
-(optuna's RetryHeartbeatStaleTrialCallback, formerly RetryFailedTrialCallback). The last worker to finish writes the Pareto front on the parent run, ends it and
-registers the best feasible trial through the gate.
+(optuna's RetryHeartbeatStaleTrialCallback, formerly RetryFailedTrialCallback). The last worker to finish writes
+the Pareto front on the parent run, ends it and registers the best feasible trial through the gate.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attribute: the MLflow run
 INPUTS_ATTR = "inputs"  # study user attribute: model, data and options every trial is measured on
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 TRIAL_RUN_ATTR = "mlflow_run_id"  # trial user attribute
-CONSTRAINTS_ATTR = "constraints"  # trial user attribute: [agreement, speed] shortfalls, <= 0 feasible (ptqflow reads it)
+CONSTRAINTS_ATTR = "constraints"  # trial user attribute: [agreement, speed] shortfalls, <= 0 feasible
 FAILURE_ATTR = "failure"  # trial user attribute: why the config could not be made or measured
 DEFAULT_STUDY_SUFFIX = "-tune"
 DEFAULT_HEARTBEAT_S = 30
