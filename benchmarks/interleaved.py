@@ -1,0 +1,64 @@
+"""Speed of model files in interleaved rounds: every round times each file once (a freshly loaded model per batch
+size, as the sweep does), so a change of load on a shared machine falls on all of them alike. Prints each file's
+median batch-256 throughput with its range over the rounds, its ratio to the first file (the median of the
+per-round ratios, with their range) and its median batch-1 p50 latency.
+
+    python benchmarks/interleaved.py ../shared/models/resnet8.onnx ort-int8/model.onnx ort-int8-u8s8/model.onnx \
+        --data-dir ../shared/data/cifar-10-batches-py [--rounds 5] [--engine x86]
+
+The first file is the reference (an FP32 ONNX model). ONNX files run in onnxruntime, `.pt` files as TorchScript
+under --engine. Images: the first 256 test images, NHWC raw pixels (ResNet8's input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine_line  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", type=Path, nargs="+", help="model files; the first is the reference")
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--engine", default="x86", help="torch quantized engine for .pt files")
+    args = parser.parse_args()
+
+    import numpy as np
+
+    from models.benchmark import BenchConfig, benchmark
+    from models.runtime import load_runner
+    from pipelines.cifar import load_cifar10
+
+    test = load_cifar10(args.data_dir).test
+    images = np.ascontiguousarray(test.images[:256].transpose(0, 2, 3, 1).astype(np.float32))
+    throughput = {path: [] for path in args.models}
+    latency = {path: [] for path in args.models}
+    for _ in range(args.rounds):
+        for path in args.models:
+            engine = args.engine if path.suffix == ".pt" else None
+            result = benchmark(lambda: load_runner(path, engine=engine).predict, images, BenchConfig())
+            throughput[path].append(result.throughput_ips_b256)
+            latency[path].append(result.latency_ms_b1_p50)
+
+    reference = args.models[0]
+    print(f"machine: {machine_line()}")
+    print(f"{args.rounds} interleaved rounds; ratios to {reference.name} round by round\n")
+    print("| model | b256 images/s, median [range] | µs per image | b256 ratio, median [range] | b1 p50 ms |")
+    print("|---|---|---|---|---|")
+    for path in args.models:
+        ratios = [a / b for a, b in zip(throughput[path], throughput[reference])]
+        median = statistics.median(throughput[path])
+        print(f"| {'/'.join(path.parts[-3:])} | {median:.0f} [{min(throughput[path]):.0f}-"
+              f"{max(throughput[path]):.0f}] | {1e6 / median:.0f} | {statistics.median(ratios):.2f}x "
+              f"[{min(ratios):.2f}-{max(ratios):.2f}] | {statistics.median(latency[path]):.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
