@@ -389,6 +389,11 @@ class Sweep:
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     def _reuse(self, spec: VariantSpec, run) -> VariantOutcome:
+        say(f"[green]↺[/] {spec.name}: reused finished run {run.info.run_id} (same inputs)")
+        return self.outcome_of_run(spec, run)
+
+    def outcome_of_run(self, spec: VariantSpec, run) -> VariantOutcome:
+        """`spec`'s outcome as a finished variant run recorded it (what --resume reuses, what tune registers)."""
         from tracking.recovery import load_json_artifact
 
         M, T = Metric, Tag
@@ -398,7 +403,6 @@ class Sweep:
             bench = BenchResult(m[M.LATENCY_MS_B1_P50], m[M.LATENCY_MS_B1_P90], m.get(M.THROUGHPUT_IPS_B256),
                                 int(run.data.params.get(Param.BENCH_THREADS, 0)), m.get(M.SPREAD_B256))
         per_class = load_json_artifact(run.info.run_id, Artifact.PER_CLASS_ACCURACY)
-        say(f"[green]↺[/] {spec.name}: reused finished run {run.info.run_id} (same inputs)")
         return VariantOutcome(
             spec.name, spec.framework, spec, run_id=run.info.run_id, input_key=tags.get(T.INPUT_KEY),
             evaluation=Evaluation(m[M.ACCURACY], per_class, None, None),

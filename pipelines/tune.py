@@ -137,16 +137,6 @@ def open_storage(url: str, **kwargs):
             time.sleep(0.2 + random.random())  # not in step with the other worker
 
 
-def public_storage(url: str) -> str:
-    """The storage URL without its password, for params and messages."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparsable URL is reported by Optuna when it is opened
-        return url.split("@")[-1]
-
-
 @dataclass
 class TrialResult:
     number: int
@@ -205,13 +195,14 @@ class Tuner:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         url = storage_url(self.options.storage or default_storage())
+        self.public_storage = runs.without_credentials(url)  # for params and messages
         try:
             # Optuna 5's name for RetryFailedTrialCallback: retries trials that went stale, not ones that raised.
             storage = open_storage(url, heartbeat_interval=self.options.heartbeat_s,
                                    heartbeat_stale_trial_callback=self._dead_trial(
                                        RetryHeartbeatStaleTrialCallback(MAX_RETRIES)))
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors: one line naming the storage
-            raise ConfigError(f"cannot open the tune storage {public_storage(url)}: "
+            raise ConfigError(f"cannot open the tune storage {self.public_storage}: "
                               f"{str(exc).strip().splitlines()[0][:300]}; check --storage") from exc
         name = self.options.study_name
         try:
@@ -222,11 +213,11 @@ class Tuner:
             study = optuna.load_study(study_name=name, storage=storage)
             created = False
             if [d.name for d in study.directions] != ["MAXIMIZE", "MAXIMIZE"]:
-                raise ConfigError(f"study {name!r} in {public_storage(url)} is not a ptqflow tune study; pick another "
+                raise ConfigError(f"study {name!r} in {self.public_storage} is not a ptqflow tune study; pick another "
                                   "--study") from None
             self.seed = self.options.seed + os.getpid()
             study.sampler = self._sampler(self.seed)
-        self.storage_url, self.study = url, study
+        self.study = study
         if created:
             self._start_parent(study)
             if self.options.enqueue_defaults:
@@ -251,7 +242,7 @@ class Tuner:
         tags = {Tag.ROLE: Tag.ROLE_TUNE, Tag.TUNE_STUDY: o.study_name, Tag.TUNE_CREATED_BY: self.worker,
                 Tag.MODEL_SHA256: self.base.inputs.model.sha256}
         with runs.detached_run(experiment_id, run_name, tags) as run:
-            run.log_params({P.TUNE_STUDY: o.study_name, P.TUNE_STORAGE: public_storage(self.storage_url),
+            run.log_params({P.TUNE_STUDY: o.study_name, P.TUNE_STORAGE: self.public_storage,
                             P.TUNE_N_TRIALS: o.n_trials, P.TUNE_TIMEOUT_S: o.timeout_s or 0,
                             P.TARGET_AGREEMENT: o.target_agreement, P.TUNE_MIN_SPEEDUP: o.min_speedup,
                             P.TUNE_SEED: o.seed, P.MODEL_PATH: str(o.sweep.model_path),
@@ -265,7 +256,7 @@ class Tuner:
         study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
         study.set_user_attr(PARENT_RUN_ATTR, run.run_id)
         self.parent_run_id, self.experiment_id = run.run_id, experiment_id
-        say(f"tune study [bold]{o.study_name}[/] created in {public_storage(self.storage_url)}; parent run "
+        say(f"tune study [bold]{o.study_name}[/] created in {self.public_storage}; parent run "
             f"{run.run_id}")
 
     def _join_parent(self, study) -> None:
@@ -549,7 +540,7 @@ class Tuner:
         spec = VariantSpec(run.data.tags.get(Tag.VARIANT, f"trial-{best.number:03d}"), choice.framework,
                            config_of(run))
         sweep = self.sweep_for(choice.calibration_size)
-        return sweep.registrar.register_best([sweep._reuse(spec, run)], sweep.reference.evaluation.accuracy)
+        return sweep.registrar.register_best([sweep.outcome_of_run(spec, run)], sweep.reference.evaluation.accuracy)
 
 
 def _constraints(trial) -> list[float]:

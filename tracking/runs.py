@@ -46,13 +46,18 @@ def client() -> MlflowClient:
 
 def public_tracking_uri() -> str:
     """The tracking URI without any user:password@ part, for messages."""
+    return without_credentials(tracking_uri())
+
+
+def without_credentials(uri: str) -> str:
+    """`uri` without any user:password@ part (a tracking server's, a tune study's database), for params and
+    messages."""
     from urllib.parse import urlsplit, urlunsplit
 
-    uri = tracking_uri()
     parts = urlsplit(uri)
     if parts.password is None and parts.username is None:
         return uri
-    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    return urlunsplit(parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")))
 
 
 def refused_credentials(exc: Exception) -> TrackingError | None:
@@ -157,8 +162,7 @@ def run_scope(experiment_id: str | None = None, run_name: str | None = None, nes
         if parent_run_id and (active is None or active.info.run_id != parent_run_id):
             # Created through the client with its parent tag, then made active: fluent start_run(parent_run_id=)
             # wants the parent to be the active run.
-            created = client().create_run(experiment_id, run_name=run_name,
-                                          tags={**creation_tags, Tag.MLFLOW_PARENT: parent_run_id})
+            created = _create_run(experiment_id, run_name, {**creation_tags, Tag.MLFLOW_PARENT: parent_run_id})
             run = mlflow.start_run(run_id=created.info.run_id, nested=active is not None)
         else:
             run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
@@ -225,6 +229,15 @@ class DetachedRun:
                 f"{one_line(exc)}") from exc
 
 
+def _create_run(experiment_id: str, run_name: str, tags: dict[str, str]):
+    """A new run created through the client (never made active here); a refusal is one TrackingError line."""
+    try:
+        return client().create_run(experiment_id, run_name=run_name, tags=tags)
+    except mlflow.exceptions.MlflowException as exc:
+        raise refused_credentials(exc) or TrackingError(
+            f"tracking server at {public_tracking_uri()} refused to start a run: {one_line(exc)}") from exc
+
+
 @contextmanager
 def child_run(parent_run_id: str, run_name: str, tags: dict[str, str] | None = None):
     """A new run under `parent_run_id` (active or ended), in its experiment, written through the client; the active
@@ -232,12 +245,8 @@ def child_run(parent_run_id: str, run_name: str, tags: dict[str, str] | None = N
     host. Yields a DetachedRun."""
     checkpoint()
     parent = get_run(parent_run_id)
-    try:
-        run = client().create_run(parent.info.experiment_id, run_name=run_name,
-                                  tags={**process_tags(), **(tags or {}), Tag.MLFLOW_PARENT: parent_run_id})
-    except mlflow.exceptions.MlflowException as exc:
-        raise refused_credentials(exc) or TrackingError(
-            f"tracking server at {public_tracking_uri()} refused to start a run: {one_line(exc)}") from exc
+    run = _create_run(parent.info.experiment_id, run_name,
+                      {**process_tags(), **(tags or {}), Tag.MLFLOW_PARENT: parent_run_id})
     with _ending(lambda status: client().set_terminated(run.info.run_id, status)):
         yield DetachedRun(run.info.run_id)
 
@@ -590,12 +599,7 @@ def detached_run(experiment_id: str, run_name: str, tags: dict[str, str] | None 
     it and end it: `terminate`); FAILED when the block raises. Yields a DetachedRun. It carries no pid tag: no one
     process owns it, so tracking.recovery never takes it for an orphan of the process that started it."""
     checkpoint()
-    try:
-        run = client().create_run(experiment_id, run_name=run_name, tags={Tag.HOST: socket.gethostname(),
-                                                                           **(tags or {})})
-    except mlflow.exceptions.MlflowException as exc:
-        raise refused_credentials(exc) or TrackingError(
-            f"tracking server at {public_tracking_uri()} refused to start a run: {one_line(exc)}") from exc
+    run = _create_run(experiment_id, run_name, {Tag.HOST: socket.gethostname(), **(tags or {})})
     try:
         yield DetachedRun(run.info.run_id)
     except BaseException:
