@@ -36,9 +36,14 @@ def adaround_cache_key(model_sha256: str, calibration: np.ndarray, calibration_d
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def adaround_cache_dir() -> Path:
+def cache_root() -> Path:
+    """Where ptqflow keeps results that are slow to compute and keyed by everything that shapes them."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ptqflow" / "adaround"
+    return Path(base) / "ptqflow"
+
+
+def adaround_cache_dir() -> Path:
+    return cache_root() / "adaround"
 
 
 class UnsupportedVariant(Exception):

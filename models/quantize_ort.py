@@ -11,8 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from common.files import write_atomic
-from models.base import FloatModel, QuantizedModel, batches
+from common.files import file_sha256, write_atomic
+from models.base import FloatModel, QuantizedModel, batches, cache_root
 
 MODEL_FILE_NAME = "model.onnx"
 QUANT_FORMATS = ("QDQ", "QOperator")
@@ -160,6 +160,8 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
     extra_options = dict(config.extra_options)
     if config.activation_16bit_tensors:
         extra_options["TensorQuantOverrides"] = tensor_overrides_16bit(ready, config)
+    ranges = calibration_cache_path(float_model.ort_ready_path, calibration, batch_size, config)
+    cached = _usable_ranges(ranges)
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch, contextlib.redirect_stdout(io.StringIO()):
         # (stdout: the histogram calibrators print their progress there)
         tmp_model = Path(scratch) / MODEL_FILE_NAME
@@ -175,10 +177,58 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
             calibrate_method=getattr(CalibrationMethod, config.calibration_method),
             extra_options=extra_options,
             nodes_to_exclude=excluded,
+            calibration_cache_path=str(ranges),
         )
         path = out_dir / MODEL_FILE_NAME
         write_atomic(path, tmp_model.read_bytes())
+    if cached:  # the ranges came from these very images (the cache key holds them); the reader was never read
+        advance(len(calibration))
+        return QuantizedModel(path=path, format="onnx", calibration_images=len(calibration))
     return QuantizedModel(path=path, format="onnx", calibration_images=reader.images)
+
+
+CALIBRATION_CACHE_VERSION = "ort-ranges-v1"
+# quantize_static options that reach the calibrator (onnxruntime passes the Calib* keys to it) or change the model
+# it runs (SmoothQuant). Activation and weight types are not among them: the calibrator records float ranges of
+# the FP32 model's tensors, and the types only turn those ranges into scales afterwards, so variants that differ
+# only in types (ort-int8 and ort-int8-u8s8) share one calibration.
+_CALIBRATION_OPTIONS = ("SmoothQuant", "SmoothQuantAlpha", "SmoothQuantFolding")
+
+
+def calibration_cache_path(ready_model: Path, calibration: np.ndarray, batch_size: int,
+                           config: OrtStaticConfig) -> Path:
+    """The file onnxruntime keeps `config`'s calibration ranges in (quantize_static's calibration_cache_path),
+    keyed by everything that shapes them: the model bytes the calibrator runs, the calibration images themselves
+    (bytes, shape, dtype), their batching, the method and its options, and the onnxruntime version."""
+    import hashlib
+    import json
+
+    import onnxruntime
+
+    images = np.ascontiguousarray(calibration)
+    options = {key: value for key, value in config.extra_options
+               if key.startswith("Calib") or key in _CALIBRATION_OPTIONS}
+    payload = {"version": CALIBRATION_CACHE_VERSION, "model": file_sha256(Path(ready_model)),
+               "images": hashlib.sha256(images.tobytes()).hexdigest(), "shape": list(images.shape),
+               "dtype": str(images.dtype), "batch_size": batch_size, "method": config.calibration_method,
+               "options": options, "onnxruntime": onnxruntime.__version__}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_root() / "calibration" / f"{key}.json"
+
+
+def _usable_ranges(path: Path) -> bool:
+    """Whether `path` holds ranges onnxruntime can load; an unreadable file (a crash mid-write on a filesystem
+    without atomic rename, a foreign file) is removed so the calibration runs again and rewrites it."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    if not path.is_file():
+        return False
+    try:
+        load_tensors_data(path)
+        return True
+    except (ValueError, KeyError, TypeError, OSError):
+        path.unlink(missing_ok=True)
+        return False
 
 
 def ready_node_names(float_model: FloatModel, ready, nodes: set[str]) -> list[str]:
