@@ -97,7 +97,7 @@ def test_every_trial_is_a_child_run_and_the_parent_holds_the_pareto_front(tracki
     assert all(r.info.status == "FINISHED" for r in trial_runs)
     # the first trials are the default sweep's recipes; each run records what the sampler chose and its backend config
     by_number = {int(r.data.tags[Tag.TUNE_TRIAL]): r for r in trial_runs}
-    assert [by_number[n].data.params["tune.format"] for n in range(3)] == ["fx-x86", "ort-qop-u8s8", "ort-qdq-s8s8"]
+    assert [by_number[n].data.params["tune.format"] for n in range(3)] == ["fx-x86", "ort-qop-u8s8", "ort-qdq-u8s8"]
     for number, run in by_number.items():
         trial = study.trials[number]
         assert {k: str(v) for k, v in trial.params.items()} == {
