@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -25,6 +25,9 @@ class BenchConfig:
     latency_runs: int = 300  # single-image runs; percentiles over all of them
     throughput_runs: int = 15  # batch-256 runs; median of them
     threads: int = 0  # 0 = all available cores
+    # Beside a reference (benchmark_against): rounds of reference then model, each freshly loaded, the runs above
+    # split between the rounds, so a change of load on a shared machine falls on both sides of every ratio.
+    rounds: int = 3
 
     @property
     def resolved_threads(self) -> int:
@@ -38,6 +41,14 @@ class BenchResult:
     throughput_ips_b256: float | None  # None for a model whose batch dimension is fixed at 1
     threads: int
     spread_b256: float | None = None  # p90/p50 of the batch-256 timings; None when not measured
+    # From benchmark_against: the numbers above are medians over `rounds`; `reference` is the reference's medians
+    # over the same rounds; the speedups are medians of the per-round ratios, each with its (min, max) over rounds.
+    rounds: int = 1
+    reference: "BenchResult | None" = None
+    speedup_b1: float | None = None  # the reference's batch-1 p50 over this one's: > 1 is faster
+    speedup_b1_range: tuple[float, float] | None = None
+    speedup_b256: float | None = None  # this batch-256 throughput over the reference's
+    speedup_b256_range: tuple[float, float] | None = None
 
     @property
     def spread_b1(self) -> float:
@@ -101,3 +112,40 @@ def benchmark(load: Callable[[], Callable[[np.ndarray], np.ndarray]], images: np
         threads=config.resolved_threads,
         spread_b256=float(np.percentile(batch_timings, 90) / np.percentile(batch_timings, 50)),
     )
+
+
+def benchmark_against(load: Callable[[], Callable[[np.ndarray], np.ndarray]],
+                      load_reference: Callable[[], Callable[[np.ndarray], np.ndarray]], images: np.ndarray,
+                      config: BenchConfig = BenchConfig(), throughput: bool = True) -> BenchResult:
+    """Time a model and its reference in `config.rounds` interleaved rounds (reference, model, reference, model,
+    ...; each a freshly loaded model per batch size, as `benchmark`), the single-image and batch-256 runs split
+    evenly between the rounds. Returns the model's medians over the rounds with the reference's beside them and
+    the per-round speedups' median and range: a ratio is taken within a round, between timings seconds apart."""
+    rounds = max(1, config.rounds)
+    per_round = replace(config, warmup_runs=max(2, config.warmup_runs // rounds),
+                        latency_runs=max(10, -(-config.latency_runs // rounds)),
+                        throughput_runs=max(2, -(-config.throughput_runs // rounds)))
+    mine, theirs = [], []
+    for _ in range(rounds):
+        theirs.append(benchmark(load_reference, images, per_round, throughput))
+        mine.append(benchmark(load, images, per_round, throughput))
+    b1 = [r.latency_ms_b1_p50 / m.latency_ms_b1_p50 for r, m in zip(theirs, mine) if m.latency_ms_b1_p50 > 0]
+    b256 = [m.throughput_ips_b256 / r.throughput_ips_b256 for r, m in zip(theirs, mine)
+            if m.throughput_ips_b256 and r.throughput_ips_b256]
+    return replace(_medians(mine), reference=_medians(theirs),
+                   speedup_b1=_median(b1), speedup_b1_range=(min(b1), max(b1)) if b1 else None,
+                   speedup_b256=_median(b256), speedup_b256_range=(min(b256), max(b256)) if b256 else None)
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def _medians(results: list[BenchResult]) -> BenchResult:
+    """One result from several rounds of the same model: each field's median over the rounds."""
+    def of(field: str) -> float | None:
+        return _median([getattr(r, field) for r in results if getattr(r, field) is not None])
+
+    return BenchResult(latency_ms_b1_p50=of("latency_ms_b1_p50"), latency_ms_b1_p90=of("latency_ms_b1_p90"),
+                       throughput_ips_b256=of("throughput_ips_b256"), threads=results[0].threads,
+                       spread_b256=of("spread_b256"), rounds=len(results))

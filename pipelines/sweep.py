@@ -353,8 +353,15 @@ class Sweep:
                    M.SPREAD_B256: bench.spread_b256, M.BENCH_CONTENDED: int(bench.contended),
                    M.SPEEDUP_VS_FP32_B1: _speedup_b1(bench, self.reference.bench),
                    M.SPEEDUP_VS_FP32_B256: _speedup_b256(bench, self.reference.bench)}
-        self._log_metrics(metrics)
-        runs.log_params({Param.BENCH_THREADS: bench.threads})
+        if bench.reference is not None:  # timed in rounds beside FP32: the FP32 side and the ratios' range
+            metrics.update({M.FP32_LATENCY_MS_B1_P50: bench.reference.latency_ms_b1_p50,
+                            M.FP32_THROUGHPUT_IPS_B256: bench.reference.throughput_ips_b256})
+            for (low, high), spread in ((M.SPEEDUP_VS_FP32_B1_MIN, M.SPEEDUP_VS_FP32_B1_MAX), bench.speedup_b1_range), \
+                    ((M.SPEEDUP_VS_FP32_B256_MIN, M.SPEEDUP_VS_FP32_B256_MAX), bench.speedup_b256_range):
+                if spread is not None:
+                    metrics.update({low: spread[0], high: spread[1]})
+        self._log_metrics({key: value for key, value in metrics.items() if value is not None})
+        runs.log_params({Param.BENCH_THREADS: bench.threads, Param.BENCH_ROUNDS: bench.rounds})
         if bench.contended:
             spreads = ", ".join(f"{name} p90/p50 {value:.2f}" for name, value in
                                 (("batch-1", bench.spread_b1), ("batch-256", bench.spread_b256)) if value is not None)
@@ -401,7 +408,9 @@ class Sweep:
         bench = None
         if M.LATENCY_MS_B1_P50 in m:
             bench = BenchResult(m[M.LATENCY_MS_B1_P50], m[M.LATENCY_MS_B1_P90], m.get(M.THROUGHPUT_IPS_B256),
-                                int(run.data.params.get(Param.BENCH_THREADS, 0)), m.get(M.SPREAD_B256))
+                                int(run.data.params.get(Param.BENCH_THREADS, 0)), m.get(M.SPREAD_B256),
+                                rounds=int(run.data.params.get(Param.BENCH_ROUNDS, 1)),
+                                speedup_b1=m.get(M.SPEEDUP_VS_FP32_B1), speedup_b256=m.get(M.SPEEDUP_VS_FP32_B256))
         per_class = load_json_artifact(run.info.run_id, Artifact.PER_CLASS_ACCURACY)
         return VariantOutcome(
             spec.name, spec.framework, spec, run_id=run.info.run_id, input_key=tags.get(T.INPUT_KEY),
@@ -648,14 +657,20 @@ class Sweep:
 
 
 def _speedup_b1(bench: BenchResult | None, reference: BenchResult | None) -> float | None:
-    """FP32's batch-1 p50 latency over this one: > 1 is faster."""
+    """FP32's batch-1 p50 latency over this one: > 1 is faster. A bench timed in rounds beside FP32 carries its
+    own (the median of the per-round ratios); otherwise the ratio to the sweep's FP32 run."""
+    if bench is not None and bench.speedup_b1 is not None:
+        return bench.speedup_b1
     if bench is None or reference is None or not bench.latency_ms_b1_p50:
         return None
     return reference.latency_ms_b1_p50 / bench.latency_ms_b1_p50
 
 
 def _speedup_b256(bench: BenchResult | None, reference: BenchResult | None) -> float | None:
-    """This batch-256 throughput over FP32's: > 1 is faster; None for a model whose batch is fixed at 1."""
+    """This batch-256 throughput over FP32's: > 1 is faster; None for a model whose batch is fixed at 1. Like
+    _speedup_b1, the bench's own per-round ratio first."""
+    if bench is not None and bench.speedup_b256 is not None:
+        return bench.speedup_b256
     if bench is None or reference is None or not bench.throughput_ips_b256 or not reference.throughput_ips_b256:
         return None
     return bench.throughput_ips_b256 / reference.throughput_ips_b256

@@ -374,10 +374,9 @@ class Tuner:
             raise optuna.TrialPruned(str(exc)) from exc
         sweep.run_tags = {Tag.TUNE_STUDY: self.options.study_name, Tag.TUNE_TRIAL: str(trial.number),
                           Tag.TUNE_TRIAL_ID: str(trial._trial_id), Tag.TUNE_SAMPLER_SEED: str(self.seed)}
-        # FP32 timed right before the trial: the logged speedups compare two timings seconds apart (FP32, trial,
-        # FP32, trial, ...), not the trial against a reference taken minutes earlier under another load
-        fresh = sweep.runner.bench_reference()
-        sweep.reference = replace(sweep.reference, bench=fresh)
+        # The trial is timed in rounds alternating with FP32 (models.benchmark.benchmark_against): its speedups
+        # compare timings seconds apart, not the trial against a reference taken minutes earlier under another load;
+        # its run records the FP32 side (fp32_throughput_ips_b256, fp32_latency_ms_b1_p50).
         outcome = sweep.run_variant(spec, self.experiment_id, self.parent_run_id)
         trial.set_user_attr(TRIAL_RUN_ATTR, outcome.run_id)
         if outcome.run_id:
@@ -387,9 +386,6 @@ class Tuner:
             if upgraded:
                 params[Param.TUNE_PARAM_PREFIX + "upgraded"] = upgraded
             runs.log_params_to_run(outcome.run_id, params)
-            runs.log_metrics_to_run(outcome.run_id, precision.rounded(
-                {Metric.FP32_THROUGHPUT_IPS_B256: fresh.throughput_ips_b256,
-                 Metric.FP32_LATENCY_MS_B1_P50: fresh.latency_ms_b1_p50}))
         if outcome.status != "ok":
             trial.set_user_attr(FAILURE_ATTR, f"{outcome.status}: {outcome.reason}"[:500])
             raise optuna.TrialPruned(outcome.reason)

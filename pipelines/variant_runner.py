@@ -23,7 +23,7 @@ import numpy as np
 
 from common.files import file_sha256, write_json_atomic
 from models.base import FloatModel, QuantizedModel, UnsupportedVariant
-from models.benchmark import BenchConfig, BenchResult, benchmark
+from models.benchmark import BenchConfig, BenchResult, benchmark, benchmark_against
 from models.onnx_model import OnnxClassifier
 from pipelines.cifar import Cifar10, Split
 from pipelines.evaluation import Evaluation, Fidelity, evaluate, fidelity, predict_scores
@@ -157,13 +157,6 @@ class VariantRunner:
                              model_sha256=self.inputs.model.sha256, size_bytes=self.inputs.model.size_bytes,
                              torch_agreement=torch_agreement)
 
-    def bench_reference(self) -> BenchResult:
-        """Time the FP32 reference again (ptqflow tune, right before each trial: a speed ratio compares two
-        timings taken under the same load)."""
-        from models.runtime import OrtRunner
-
-        return self._bench(lambda: OrtRunner(self.float_model.onnx.path).predict, FP32)
-
     # ---- one variant ---------------------------------------------------------------------------------------
     def run(self, spec: VariantSpec, store: Store | None = None) -> VariantResult:
         """Quantize, keep (`store`), evaluate and time one variant; run_reference() first. Raises
@@ -198,7 +191,8 @@ class VariantRunner:
                 diagnosis_error = failure_reason(exc)
         bench = None
         if self.options.bench:
-            bench = self._bench(lambda: load_runner(model_file, engine=engine or None).predict, spec.name)
+            bench = self._bench(lambda: load_runner(model_file, engine=engine or None).predict, spec.name,
+                                against_reference=True)
         return VariantResult(spec.name, spec.framework, spec, evaluation=evaluation,
                              fidelity=fidelity(self.reference, evaluation), bench=bench, model_file=public,
                              model_sha256=file_sha256(public), size_bytes=public.stat().st_size,
@@ -335,10 +329,18 @@ class VariantRunner:
             example_out = module(torch.from_numpy(self.example_input)).numpy()
         return ModelToStore(spec, quantized, engine, module, self.example_input, example_out)
 
-    def _bench(self, load, name: str) -> BenchResult:
-        """Time the model file as a user loads it: `load()` gives a fresh predict (see models.benchmark)."""
+    def _bench(self, load, name: str, against_reference: bool = False) -> BenchResult:
+        """Time the model file as a user loads it: `load()` gives a fresh predict (see models.benchmark). A variant
+        is timed `against_reference`: in rounds alternating with the FP32 reference, its speedups taken round by
+        round (models.benchmark.benchmark_against)."""
+        from models.runtime import OrtRunner
+
+        throughput = not self.inputs.model.input.batch_size
         with self.timer.phase("bench"), progress_task(f"benchmarking {name}", total=1) as advance:
-            result = benchmark(load, self.bench_images, self.options.bench_config,
-                               throughput=not self.inputs.model.input.batch_size)
+            if against_reference:
+                result = benchmark_against(load, lambda: OrtRunner(self.float_model.onnx.path).predict,
+                                           self.bench_images, self.options.bench_config, throughput)
+            else:
+                result = benchmark(load, self.bench_images, self.options.bench_config, throughput=throughput)
             advance()
         return result

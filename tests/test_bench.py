@@ -7,7 +7,7 @@ import time
 import numpy as np
 from typer.testing import CliRunner
 
-from models.benchmark import BATCH_THROUGHPUT, BenchConfig, benchmark
+from models.benchmark import BATCH_THROUGHPUT, BenchConfig, benchmark, benchmark_against
 from pipelines.cli import app
 from pipelines.timing import PHASES, PhaseTimer
 
@@ -44,6 +44,35 @@ def test_benchmark_times_each_batch_size_on_a_freshly_loaded_model():
               BenchConfig(warmup_runs=2, latency_runs=5, throughput_runs=2, threads=1))
     assert len(loaded) == 2
     assert set(loaded[0]) == {1} and set(loaded[1]) == {BATCH_THROUGHPUT}
+
+
+def test_benchmark_against_alternates_fresh_loads_and_takes_each_ratio_within_its_round():
+    loads, calls = [], {"model": [], "reference": []}
+
+    def loader(name, seconds):
+        def load():
+            loads.append(name)
+
+            def predict(batch):
+                calls[name].append(batch.shape[0])
+                time.sleep(seconds * batch.shape[0] ** 0.5)
+                return batch
+            return predict
+        return load
+
+    images = np.zeros((4, 32, 32, 3), dtype=np.float32)
+    config = BenchConfig(warmup_runs=6, latency_runs=30, throughput_runs=6, threads=1, rounds=3)
+    result = benchmark_against(loader("model", 0.0002), loader("reference", 0.0008), images, config)
+    # reference then model, a fresh load per batch size, round after round
+    assert loads == ["reference", "reference", "model", "model"] * 3
+    for name in calls:  # the runs are split between the rounds: 30 single images and 6 full batches in all
+        assert calls[name].count(1) == 3 * (2 + 10) and calls[name].count(BATCH_THROUGHPUT) == 3 * (1 + 2)
+    assert result.rounds == result.reference.rounds == 3
+    low, high = result.speedup_b256_range
+    assert low <= result.speedup_b256 <= high and result.speedup_b1_range[0] <= result.speedup_b1
+    # the model sleeps a quarter of the reference's time: faster in every round, whatever else runs here
+    assert low > 1 and result.speedup_b1_range[0] > 1
+    assert result.reference.throughput_ips_b256 < result.throughput_ips_b256
 
 
 def test_phase_timer_counts_nested_blocks_once():

@@ -144,7 +144,7 @@ def sweep_store(tmp_path_factory, cifar_dir, tiny_model):
 
     with pytest.MonkeyPatch.context() as mp:
         _point_mlflow_at(mp, root)
-        mp.setattr(VariantRunner, "_bench", lambda self, load, name: BENCH[name])
+        mp.setattr(VariantRunner, "_bench", lambda self, load, name, against_reference=False: BENCH[name])
         mp.setattr(plots, "agreement", spy_agreement)
         result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, variants=VARIANTS,
                                         calibration_size=CALIBRATION_SIZE, adaround_iterations=ADAROUND_ITERATIONS,

@@ -37,6 +37,7 @@ class Param:
     TEST_LIMIT = "test_limit"
     VARIANTS = "variants"
     BENCH_THREADS = "bench_threads"
+    BENCH_ROUNDS = "bench_rounds"  # rounds a variant was timed in, alternating with FP32
     BATCHNORMS_FOLDED = "batchnorms_folded"  # BatchNormalization nodes folded into their Conv before quantization
     MAX_ACCURACY_DROP_PP = "gate_max_accuracy_drop_pp"
     # AdaRound steps per layer; `ptqflow diagnose` reads it from a sweep run to redo the same AdaRound (cache hit)
@@ -89,6 +90,12 @@ class Metric:
     # throughput, batch 1 from p50 latency (FP32's over the variant's).
     SPEEDUP_VS_FP32_B256 = "speedup_vs_fp32_b256"
     SPEEDUP_VS_FP32_B1 = "speedup_vs_fp32_b1"
+    # A variant is timed in rounds alternating with FP32 (models.benchmark.benchmark_against): its speedups above
+    # are medians of the per-round ratios, these their lowest and highest round
+    SPEEDUP_VS_FP32_B256_MIN = "speedup_vs_fp32_b256_min"
+    SPEEDUP_VS_FP32_B256_MAX = "speedup_vs_fp32_b256_max"
+    SPEEDUP_VS_FP32_B1_MIN = "speedup_vs_fp32_b1_min"
+    SPEEDUP_VS_FP32_B1_MAX = "speedup_vs_fp32_b1_max"
     SPREAD_B1 = "spread_b1_p90_over_p50"  # of the single-image timings
     SPREAD_B256 = "spread_b256_p90_over_p50"  # of the batch-256 timings
     BENCH_CONTENDED = "bench_contended"  # 1 when a spread says the machine was busy (models.benchmark)
@@ -99,7 +106,7 @@ class Metric:
     BEST_INT8_ACCURACY = "best_int8_accuracy"
     BEST_INT8_AGREEMENT = "best_int8_top1_agreement"
     SWEEP_SECONDS = "sweep_seconds"
-    # On a tune trial's run: the FP32 reference timed right before it, which its speedups are ratios to
+    # On a variant run: the FP32 reference as timed in the same rounds (medians), which its speedups are ratios to
     FP32_THROUGHPUT_IPS_B256 = "fp32_throughput_ips_b256"
     FP32_LATENCY_MS_B1_P50 = "fp32_latency_ms_b1_p50"
     # On a tune's parent run (pipelines.tune)
