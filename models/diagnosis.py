@@ -21,7 +21,8 @@ The libraries' own tools do the matching and logging:
 - PyTorch FX (`diagnose_fx`): `torch.ao.ns._numeric_suite_fx` `extract_weights` (weights), `add_loggers`
   (accumulated) and `add_shadow_loggers` (local: each quantized layer shadows the FP32 one on its input);
 - onnxruntime QDQ (`diagnose_ort`): `onnxruntime.quantization.qdq_loss_debug`
-  `modify_model_output_intermediate_tensors` + `collect_activations` on both models, `create_activation_matching`
+  `modify_model_output_intermediate_tensors` on both models, their intermediate tensors collected as
+  `collect_activations` collects them (one session per model, run batch by batch), `create_activation_matching`
   (accumulated), `create_weight_matching` (weights); local: each layer's Q/DQ subgraph of the QDQ model, run on the
   FP32 model's activations. QOperator models have no Q/DQ pairs to match, so `diagnose_ort_config` diagnoses their
   QDQ twin (the same config with quant_format QDQ) and says so in `Diagnosis.method`.
@@ -179,6 +180,17 @@ def hint_for(row: LayerDiagnosis) -> str:
     return ""
 
 
+def _flat64(x) -> np.ndarray:
+    """`x` as a flat float64 array (no copy when it is one already)."""
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def _energy(flat: np.ndarray) -> float:
+    """Sum of squares of a flat float64 array, accumulated in float64, in one pass. (einsum, not np.dot: BLAS's
+    threads would contend with onnxruntime's for the cores.)"""
+    return float(np.einsum("i,i->", flat, flat))
+
+
 class _Power:
     """Signal and noise energy of one comparison, summed over batches: SQNR over all images at the end."""
 
@@ -188,11 +200,14 @@ class _Power:
         self.signal = self.noise = 0.0
         self.seen = False
 
-    def add(self, reference: np.ndarray, other: np.ndarray) -> None:
-        reference = np.asarray(reference, dtype=np.float64)
-        other = np.asarray(other, dtype=np.float64).reshape(reference.shape)
-        self.signal += float(np.sum(reference * reference))
-        self.noise += float(np.sum((reference - other) ** 2))
+    def add(self, reference: np.ndarray, other: np.ndarray, signal: float | None = None) -> None:
+        """Add one batch; `signal`: `_energy(_flat64(reference))` when the caller has it (a reference compared twice,
+        passed as its `_flat64`, which is then not converted again)."""
+        reference = _flat64(reference)
+        # float64 difference of the float32 values (no float64 copy of `other`); its size must match
+        difference = reference - np.asarray(other).reshape(reference.shape)
+        self.signal += _energy(reference) if signal is None else signal
+        self.noise += _energy(difference)
         self.seen = True
 
     def db(self) -> float | None:
@@ -244,18 +259,41 @@ def _rows(layers: list[Layer], weight: dict, local: dict, accumulated: dict, ran
 
 
 # ---- float activations of an ONNX model, batch by batch ----------------------------------------------------------
-class _Reader:
-    """CalibrationDataReader over one batch."""
+def _session_options():
+    """onnxruntime session options for the diagnosis' sessions: graph optimization off (collect_activations' own
+    setting; the Q/DQ nodes run as written), warnings off, and worker threads that sleep rather than spin between
+    runs: several sessions are alive at once and run in turn, each one's spinning threads would slow down the others
+    and numpy (a session's results do not depend on it)."""
+    import onnxruntime as ort
 
-    def __init__(self, input_name: str, batch: np.ndarray):
-        self._items = [{input_name: batch}]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
-    def get_next(self):
-        return self._items.pop() if self._items else None
 
-    def __iter__(self):  # collect_activations iterates the reader
-        while (item := self.get_next()) is not None:
-            yield item
+class _ActivationReader:
+    """A model augmented by `modify_model_output_intermediate_tensors`, in one onnxruntime session run batch by batch:
+    each batch's intermediate tensors (flattened by the augmented model's Reshape outputs), named as
+    `collect_activations` names them. The session is made as collect_activations makes its own (graph optimization
+    off, CPU provider; see `_session_options`), once instead of once per batch."""
+
+    def __init__(self, augmented: Path, input_name: str):
+        import onnxruntime as ort
+        from onnxruntime.quantization.qdq_loss_debug import _TENSOR_SAVE_POSTFIX  # what collect_activations strips
+
+        self._session = ort.InferenceSession(str(augmented), sess_options=_session_options(),
+                                             providers=["CPUExecutionProvider"])
+        self._input_name = input_name
+        # (position in the session's outputs, tensor name) of the saved tensors
+        self._saved = [(i, output.name[:-len(_TENSOR_SAVE_POSTFIX)])
+                       for i, output in enumerate(self._session.get_outputs())
+                       if output.name.endswith(_TENSOR_SAVE_POSTFIX)]
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self._session.run(None, {self._input_name: batch})
+        return {name: outputs[i] for i, name in self._saved}
 
 
 def _augmented(model_path: Path, target: Path) -> Path:
@@ -264,13 +302,6 @@ def _augmented(model_path: Path, target: Path) -> Path:
     with contextlib.redirect_stdout(io.StringIO()):
         modify_model_output_intermediate_tensors(str(model_path), str(target))
     return target
-
-
-def _collect(augmented: Path, input_name: str, batch: np.ndarray) -> dict[str, np.ndarray]:
-    """One batch's intermediate tensors (flattened by the augmented model's Reshape outputs)."""
-    from onnxruntime.quantization.qdq_loss_debug import collect_activations
-
-    return {name: values[0] for name, values in collect_activations(str(augmented), _Reader(input_name, batch)).items()}
 
 
 def _unflatten(flat: np.ndarray, shape: list | None, batch: int) -> np.ndarray | None:
@@ -293,10 +324,11 @@ def input_channel_ranges(float_onnx_path: Path, images: np.ndarray, layers: list
     shapes, input_name = tensor_shapes(model), _input_name(model)
     ranges = {layer.name: _ChannelRange() for layer in layers}
     with tempfile.TemporaryDirectory(prefix="ptqflow-diagnosis-") as scratch:
-        augmented = _augmented(Path(float_onnx_path), Path(scratch) / "float_augmented.onnx")
+        collect = _ActivationReader(_augmented(Path(float_onnx_path), Path(scratch) / "float_augmented.onnx"),
+                                    input_name)
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
-            acts = _collect(augmented, input_name, batch)
+            acts = collect(batch)
             for layer in layers:
                 x = acts.get(layer.input)
                 x = _unflatten(x, shapes.get(layer.input), len(batch)) if x is not None else None
@@ -464,9 +496,7 @@ def diagnose_ort(float_onnx_path: Path, qdq_onnx_path: Path, images: np.ndarray,
         plans[layer.name] = (out, walk.dequantized(out), inputs)
 
     shapes = tensor_shapes(reference)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # run the Q/DQ as written
+    options = _session_options()  # graph optimization off: the Q/DQ run as written
     sessions = {}
     for name, (out, dequantized, inputs) in plans.items():
         if not all(i in float_tensors for i in inputs):
@@ -480,24 +510,34 @@ def diagnose_ort(float_onnx_path: Path, qdq_onnx_path: Path, images: np.ndarray,
     ranges = {layer.name: _ChannelRange() for layer in layers}
     input_name = _input_name(reference)
     with tempfile.TemporaryDirectory(prefix="ptqflow-diagnosis-") as scratch:
-        float_aug = _augmented(float_onnx_path, Path(scratch) / "float_augmented.onnx")
-        qdq_aug = _augmented(qdq_onnx_path, Path(scratch) / "qdq_augmented.onnx")
+        collect_float = _ActivationReader(_augmented(float_onnx_path, Path(scratch) / "float_augmented.onnx"),
+                                          input_name)
+        collect_qdq = _ActivationReader(_augmented(qdq_onnx_path, Path(scratch) / "qdq_augmented.onnx"), input_name)
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
-            float_acts = _collect(float_aug, input_name, batch)
-            qdq_acts = _collect(qdq_aug, input_name, batch)
+            float_acts = collect_float(batch)
+            qdq_acts = collect_qdq(batch)
             matching = create_activation_matching({k: [v] for k, v in qdq_acts.items()},
                                                   {k: [v] for k, v in float_acts.items()})
             for name, (out, dequantized, inputs) in plans.items():
+                compared = []  # (power, the QDQ side) of the comparisons with float_acts[out]
                 match = matching.get(out)
                 if match is not None and "float" in match:
-                    accumulated[name].add(match["float"][0], match["post_qdq"][0])
+                    if match["float"][0] is float_acts.get(out):  # create_activation_matching passes it through
+                        compared.append((accumulated[name], match["post_qdq"][0]))
+                    else:
+                        accumulated[name].add(match["float"][0], match["post_qdq"][0])
                 elif out in qdq_acts and out in float_acts:  # a layer left in FP32: its output is not QDQ-ed
-                    accumulated[name].add(float_acts[out], qdq_acts[dequantized if dequantized in qdq_acts else out])
+                    compared.append((accumulated[name], qdq_acts[dequantized if dequantized in qdq_acts else out]))
                 if name in sessions:
                     feeds = {i: _unflatten(float_acts[i], shapes.get(i), len(batch)) for i in inputs}
                     if all(v is not None for v in feeds.values()):
-                        local[name].add(float_acts[out], sessions[name].run(None, feeds)[0])
+                        compared.append((local[name], sessions[name].run(None, feeds)[0]))
+                if compared:  # the FP32 side converted and its energy summed once for both comparisons
+                    flat = _flat64(float_acts[out])
+                    signal = _energy(flat)
+                    for power, other in compared:
+                        power.add(flat, other, signal)
             for layer in layers:
                 x = float_acts.get(layer.input)
                 x = _unflatten(x, shapes.get(layer.input), len(batch)) if x is not None else None
