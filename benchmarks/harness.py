@@ -20,8 +20,10 @@ def machine_line() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def run_default_sweep(model: Path, data_dir: Path, **options):
-    """The default sweep (plus `options`) against a temp sqlite store; your own store is not touched."""
+def run_default_sweep(model: Path, data_dir: Path, before=None, **options):
+    """The default sweep (plus `options`) against a temp sqlite store; your own store is not touched. `before`:
+    called with the sweep function first, in the same store (e.g. an untimed sweep, so the timed one finds the store
+    and the caches as a user's second sweep does)."""
     model, data_dir = model.resolve(), data_dir.resolve()  # before the chdir below
     with tempfile.TemporaryDirectory(prefix="ptqflow-bench-") as store:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
@@ -33,6 +35,9 @@ def run_default_sweep(model: Path, data_dir: Path, **options):
             from pipelines.sweep import SweepOptions, run_sweep
 
             quiet_library_warnings()
-            return run_sweep(SweepOptions(model_path=model, data_dir=data_dir, **options))
+            sweep = lambda: run_sweep(SweepOptions(model_path=model, data_dir=data_dir, **options))  # noqa: E731
+            if before is not None:
+                before(sweep)
+            return sweep()
         finally:
             os.chdir(cwd)
