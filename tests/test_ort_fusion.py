@@ -1,0 +1,85 @@
+"""The sweep's ONNX Runtime int8 variants run every convolution as an int8 kernel, also where a residual branch
+shares a tensor: with int8 activations onnxruntime's x86 rewrite to uint8 skips shared Q/DQ pairs and leaves those
+convolutions in float between Q and DQ (issue 13: ort-int8 at 0.45-0.6x FP32)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import platform
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from models.base import FloatModel
+from models.onnx_model import load_classifier
+from models.quantize_ort import quantize
+from pipelines.variants import VARIANTS
+
+
+def _residual_cnn() -> onnx.ModelProto:
+    """NHWC input, conv -> relu feeding both the next conv and the residual Add, then a float head."""
+    rng = np.random.default_rng(0)
+
+    def init(name, shape, scale):
+        return numpy_helper.from_array(rng.normal(0, scale, shape).astype(np.float32), name)
+
+    inits = [init("w1", (8, 3, 3, 3), 0.01), init("b1", (8,), 0.1), init("w2", (8, 8, 3, 3), 0.15),
+             init("b2", (8,), 0.1), init("w3", (16, 8, 3, 3), 0.15), init("b3", (16,), 0.1),
+             init("wd", (16, 10), 0.3), init("bd", (10,), 0.1),
+             numpy_helper.from_array(np.array([-1, 16], dtype=np.int64), "flat_shape")]
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [helper.make_node("Transpose", ["x"], ["x_nchw"], perm=[0, 3, 1, 2], name="to_nchw"),
+             helper.make_node("Conv", ["x_nchw", "w1", "b1"], ["c1"], name="conv1", **conv),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", **conv),
+             helper.make_node("Add", ["r1", "c2"], ["sum"], name="residual"),  # r1 has two readers
+             helper.make_node("Relu", ["sum"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3", **conv),
+             helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+             helper.make_node("GlobalAveragePool", ["r3"], ["pool"], name="pool"),
+             helper.make_node("Reshape", ["pool", "flat_shape"], ["flat"], name="flatten"),
+             helper.make_node("MatMul", ["flat", "wd"], ["mm"], name="dense"),
+             helper.make_node("Add", ["mm", "bd"], ["logits"], name="dense_bias"),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=-1, name="softmax")]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                ["N", 16, 16, 3])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model
+
+
+def _executed_ops(path, scratch) -> collections.Counter:
+    """Op types of the graph onnxruntime runs, after its optimizations (default level, CPU)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(scratch / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def _quantized(tmp_path, config, name):
+    path = tmp_path / "residual.onnx"
+    onnx.save(_residual_cnn(), str(path))
+    images = np.random.default_rng(1).uniform(0, 255, (40, 16, 16, 3)).astype(np.float32)
+    return quantize(FloatModel(load_classifier(path), tmp_path / "work"), config, images, tmp_path / name).path
+
+
+@pytest.mark.parametrize("variant", ["ort-int8", "ort-int8-u8s8"])
+def test_every_convolution_runs_as_an_int8_kernel(tmp_path, variant):
+    config = dataclasses.replace(VARIANTS[variant].config, weight_rounding="nearest")
+    ops = _executed_ops(_quantized(tmp_path, config, variant), tmp_path)
+    assert ops["QLinearConv"] == 3 and ops["Conv"] == 0, ops
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="onnxruntime's x86 kernels only")
+def test_int8_activations_leave_shared_convolutions_in_float_on_x86(tmp_path):
+    """Why ort-int8 has uint8 activations: the same model with int8 activations keeps float convolutions."""
+    config = dataclasses.replace(VARIANTS["ort-int8"].config, activation_dtype="int8", weight_rounding="nearest")
+    ops = _executed_ops(_quantized(tmp_path, config, "s8s8"), tmp_path)
+    assert ops["Conv"] >= 1, ops
