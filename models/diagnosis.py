@@ -522,11 +522,8 @@ def diagnose_ort(float_onnx_path: Path, qdq_onnx_path: Path, images: np.ndarray,
             for name, (out, dequantized, inputs) in plans.items():
                 compared = []  # (power, the QDQ side) of the comparisons with float_acts[out]
                 match = matching.get(out)
-                if match is not None and "float" in match:
-                    if match["float"][0] is float_acts.get(out):  # create_activation_matching passes it through
-                        compared.append((accumulated[name], match["post_qdq"][0]))
-                    else:
-                        accumulated[name].add(match["float"][0], match["post_qdq"][0])
+                if match is not None and "float" in match:  # its "float" side is float_acts[out], passed through
+                    compared.append((accumulated[name], match["post_qdq"][0]))
                 elif out in qdq_acts and out in float_acts:  # a layer left in FP32: its output is not QDQ-ed
                     compared.append((accumulated[name], qdq_acts[dequantized if dequantized in qdq_acts else out]))
                 if name in sessions:

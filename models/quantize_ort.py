@@ -183,8 +183,7 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
         write_atomic(path, tmp_model.read_bytes())
     if cached:  # the ranges came from these very images (the cache key holds them); the reader was never read
         advance(len(calibration))
-        return QuantizedModel(path=path, format="onnx", calibration_images=len(calibration))
-    return QuantizedModel(path=path, format="onnx", calibration_images=reader.images)
+    return QuantizedModel(path=path, format="onnx", calibration_images=len(calibration) if cached else reader.images)
 
 
 CALIBRATION_CACHE_VERSION = "ort-ranges-v1"

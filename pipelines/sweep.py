@@ -354,13 +354,12 @@ class Sweep:
                    M.SPEEDUP_VS_FP32_B1: _speedup_b1(bench, self.reference.bench),
                    M.SPEEDUP_VS_FP32_B256: _speedup_b256(bench, self.reference.bench)}
         if bench.reference is not None:  # timed in rounds beside FP32: the FP32 side and the ratios' range
+            b1, b256 = bench.speedup_b1_range or (None, None), bench.speedup_b256_range or (None, None)
             metrics.update({M.FP32_LATENCY_MS_B1_P50: bench.reference.latency_ms_b1_p50,
-                            M.FP32_THROUGHPUT_IPS_B256: bench.reference.throughput_ips_b256})
-            for (low, high), spread in ((M.SPEEDUP_VS_FP32_B1_MIN, M.SPEEDUP_VS_FP32_B1_MAX), bench.speedup_b1_range), \
-                    ((M.SPEEDUP_VS_FP32_B256_MIN, M.SPEEDUP_VS_FP32_B256_MAX), bench.speedup_b256_range):
-                if spread is not None:
-                    metrics.update({low: spread[0], high: spread[1]})
-        self._log_metrics({key: value for key, value in metrics.items() if value is not None})
+                            M.FP32_THROUGHPUT_IPS_B256: bench.reference.throughput_ips_b256,
+                            M.SPEEDUP_VS_FP32_B1_MIN: b1[0], M.SPEEDUP_VS_FP32_B1_MAX: b1[1],
+                            M.SPEEDUP_VS_FP32_B256_MIN: b256[0], M.SPEEDUP_VS_FP32_B256_MAX: b256[1]})
+        self._log_metrics(metrics)  # None values (a range not measured) are left out
         runs.log_params({Param.BENCH_THREADS: bench.threads, Param.BENCH_ROUNDS: bench.rounds})
         if bench.contended:
             spreads = ", ".join(f"{name} p90/p50 {value:.2f}" for name, value in

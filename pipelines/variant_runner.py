@@ -151,7 +151,7 @@ class VariantRunner:
         torch_agreement = fidelity(self.reference, evaluate(torch_scores, test.labels, names)).top1_agreement
         bench = None
         if self.options.bench:
-            bench = self._bench(lambda: OrtRunner(self.float_model.onnx.path).predict, FP32)
+            bench = self._bench(self._load_reference, FP32)
         return VariantResult(FP32, ONNXRUNTIME, evaluation=self.reference,
                              fidelity=Fidelity(1.0, 0.0, float("inf")), bench=bench, model_file=self.inputs.model.path,
                              model_sha256=self.inputs.model.sha256, size_bytes=self.inputs.model.size_bytes,
@@ -329,17 +329,21 @@ class VariantRunner:
             example_out = module(torch.from_numpy(self.example_input)).numpy()
         return ModelToStore(spec, quantized, engine, module, self.example_input, example_out)
 
+    def _load_reference(self):
+        """A freshly loaded FP32 reference's predict, as benchmarks time it."""
+        from models.runtime import OrtRunner
+
+        return OrtRunner(self.float_model.onnx.path).predict
+
     def _bench(self, load, name: str, against_reference: bool = False) -> BenchResult:
         """Time the model file as a user loads it: `load()` gives a fresh predict (see models.benchmark). A variant
         is timed `against_reference`: in rounds alternating with the FP32 reference, its speedups taken round by
         round (models.benchmark.benchmark_against)."""
-        from models.runtime import OrtRunner
-
         throughput = not self.inputs.model.input.batch_size
         with self.timer.phase("bench"), progress_task(f"benchmarking {name}", total=1) as advance:
             if against_reference:
-                result = benchmark_against(load, lambda: OrtRunner(self.float_model.onnx.path).predict,
-                                           self.bench_images, self.options.bench_config, throughput)
+                result = benchmark_against(load, self._load_reference, self.bench_images, self.options.bench_config,
+                                           throughput)
             else:
                 result = benchmark(load, self.bench_images, self.options.bench_config, throughput=throughput)
             advance()
