@@ -368,9 +368,26 @@ def prepare_graph(
 from torch.ao.quantization.observer import MinMaxObserver as _MinMaxObserver  # noqa: E402
 
 
+TOPK_ROWS = 8  # kth_largest's split: measured fastest for 0.1-2 M values on 2 cores
+
+
+def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of the flat tensor `x`, exactly ``torch.topk(x, k).values.min()``, about 2.5x
+    faster on calibration-sized tensors (a 1.6 M-value topk took 6-12 ms; FX calibration is mostly these). The
+    values are split in rows and each row's top k taken (rows in parallel, each in cache): fewer than k values
+    exceed the answer, so every row's values above it are among that row's top k, and with ties at most k per
+    row reach it, so the k-th largest of the rows' top k is the answer itself."""
+    width = x.numel() // TOPK_ROWS
+    if width < 4 * k:
+        return torch.topk(x, k).values.min()
+    rows = x[:TOPK_ROWS * width].view(TOPK_ROWS, width)
+    candidates = torch.cat([torch.topk(rows, k, dim=1).values.flatten(), x[TOPK_ROWS * width:]])
+    return torch.topk(candidates, k).values.min()
+
+
 class PercentileObserver(_MinMaxObserver):
     """Activation observer: range = average over calibration batches of the per-batch
-    ``percentile`` (upper) / ``100 - percentile`` (lower) of the values (exact, via topk);
+    ``percentile`` (upper) / ``100 - percentile`` (lower) of the values (exact: ``kth_largest``);
     a range that includes 0 is kept (post-ReLU tensors get min 0).  Similar to
     onnxruntime's CalibrationMethod.Percentile; use equal-size calibration batches."""
 
@@ -386,8 +403,8 @@ class PercentileObserver(_MinMaxObserver):
             return x_orig
         x = x_orig.detach().float().flatten()
         k = max(1, int(math.ceil((1.0 - self.percentile / 100.0) * x.numel())))
-        hi = torch.topk(x, k).values.min()
-        lo = -torch.topk(-x, k).values.min()
+        hi = kth_largest(x, k)
+        lo = -kth_largest(-x, k)
         n = self._n + 1
         self._hi.copy_(self._hi + (hi - self._hi) / n)
         self._lo.copy_(self._lo + (lo - self._lo) / n)

@@ -12,7 +12,7 @@ onnx2torch = pytest.importorskip("onnx2torch")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.graph_prep import classifier_head, prepare_graph, qconfig_mapping  # noqa: E402
+from models.graph_prep import TOPK_ROWS, classifier_head, kth_largest, prepare_graph, qconfig_mapping  # noqa: E402
 
 warnings.filterwarnings("ignore")
 RNG = np.random.default_rng(0)
@@ -285,3 +285,20 @@ def test_adaround_reports_progress_in_steps_over_all_layers(iters):
     assert sum(n for n, _ in calls) == 2 * iters
     # Reported every 50 steps during a layer, plus the rest at its end: the bar moves while a layer runs.
     assert len(calls) == 1 + 2 * (1 + (iters - 1) // 50)
+
+
+@pytest.mark.parametrize("values", ["relu", "negated_relu", "normal", "few_levels", "sorted", "one_outlier_row"])
+@pytest.mark.parametrize("k", [1, 7, 83])
+def test_kth_largest_is_exactly_topk(values, k):
+    """The percentile observer's k-th largest equals torch.topk's on the shapes calibration feeds it: ties at zero
+    (ReLU), few distinct levels, sorted values (all the top k in one row) and a length not a multiple of the rows."""
+    generator = torch.Generator().manual_seed(k)
+    n = 64 * TOPK_ROWS * 83 + 5
+    x = {"relu": torch.relu(torch.randn(n, generator=generator)),
+         "negated_relu": -torch.relu(torch.randn(n, generator=generator)),
+         "normal": torch.randn(n, generator=generator),
+         "few_levels": torch.randint(0, 3, (n,), generator=generator).float(),
+         "sorted": torch.sort(torch.randn(n, generator=generator)).values,
+         "one_outlier_row": torch.cat([torch.zeros(n - 3 * k), torch.full((3 * k,), 5.0)])}[values]
+    for tensor in (x, -x):
+        assert torch.equal(kth_largest(tensor, k), torch.topk(tensor, k).values.min())
