@@ -4,8 +4,8 @@ the onnx2torch FP32 module; with --sweeps N, the speed ratios of N sweeps agains
     python benchmarks/latency.py --model ../shared/models/resnet8.onnx \
         --data-dir ../shared/data/cifar-10-batches-py [--sweeps 6]
 
-Each variant is timed as the sweep times it: in rounds alternating with ORT FP32 (models.benchmark.
-benchmark_against), its ratios the median of the per-round ratios with their range. With --sweeps N the sweeps run
+Each variant is timed as the sweep times it: in rounds shared with ORT FP32 (models.benchmark.benchmark_rounds:
+FP32, then every variant, round after round), its ratios the median of the per-round ratios with their range. With --sweeps N the sweeps run
 one after another in one throw-away store (the first fills the caches; --no-diagnose, as the diagnosis does not
 change a timing), and a second table gives each sweep's ratios and whether the targets held:
 every int8 variant >= 1.0x ORT FP32 batch-256 throughput, the fastest >= 2.5x, and the fastest int8 batch-1
@@ -70,7 +70,7 @@ def main() -> int:
 
     fp32 = next(o for o in result.outcomes if o.name == "fp32").bench
     print(f"\n{args.model.name}; {machine_line()}; threads = {fp32.threads}; µs per image; each variant in "
-          f"{BenchConfig().rounds} rounds alternating with ORT FP32 (ratios: median of the rounds [range])\n")
+          f"{BenchConfig().rounds} rounds shared with ORT FP32 (ratios: median of the rounds [range])\n")
     print("| model | runtime | batch 1 (p50) | batch 1 (p90) | batch 256 | b256 speedup vs ORT FP32 | "
           "b1 latency vs ORT FP32 | FP32 b256 in its rounds | accuracy % | size KiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")

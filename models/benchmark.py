@@ -25,8 +25,8 @@ class BenchConfig:
     latency_runs: int = 300  # single-image runs; percentiles over all of them
     throughput_runs: int = 15  # batch-256 runs; median of them
     threads: int = 0  # 0 = all available cores
-    # Beside a reference (benchmark_against): rounds of reference then model, each freshly loaded, the runs above
-    # split between the rounds, so a change of load on a shared machine falls on both sides of every ratio.
+    # Beside a reference (benchmark_rounds): rounds of reference then each model, each freshly loaded, the runs
+    # above split between the rounds, so a change of load on a shared machine falls on both sides of every ratio.
     rounds: int = 3
 
     @property
@@ -41,7 +41,7 @@ class BenchResult:
     throughput_ips_b256: float | None  # None for a model whose batch dimension is fixed at 1
     threads: int
     spread_b256: float | None = None  # p90/p50 of the batch-256 timings; None when not measured
-    # From benchmark_against: the numbers above are medians over `rounds`; `reference` is the reference's medians
+    # From benchmark_rounds: the numbers above are medians over `rounds`; `reference` is the reference's medians
     # over the same rounds; the speedups are medians of the per-round ratios, each with its (min, max) over rounds.
     rounds: int = 1
     reference: "BenchResult | None" = None
@@ -61,13 +61,16 @@ class BenchResult:
         return any(spread is not None and spread > CONTENDED_SPREAD for spread in (self.spread_b1, self.spread_b256))
 
 
+Load = Callable[[], Callable[[np.ndarray], np.ndarray]]  # a fresh load of a model file, giving its predict
+
+
 def set_torch_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
 
 
-def benchmark(load: Callable[[], Callable[[np.ndarray], np.ndarray]], images: np.ndarray,
+def benchmark(load: Load, images: np.ndarray,
               config: BenchConfig = BenchConfig(), throughput: bool = True) -> BenchResult:
     """Time real, model-ready images: batch-1 latency percentiles and batch-256 throughput.
 
@@ -114,21 +117,59 @@ def benchmark(load: Callable[[], Callable[[np.ndarray], np.ndarray]], images: np
     )
 
 
-def benchmark_against(load: Callable[[], Callable[[np.ndarray], np.ndarray]],
-                      load_reference: Callable[[], Callable[[np.ndarray], np.ndarray]], images: np.ndarray,
-                      config: BenchConfig = BenchConfig(), throughput: bool = True) -> BenchResult:
+def benchmark_against(load: Load, load_reference: Load, images: np.ndarray, config: BenchConfig = BenchConfig(),
+                      throughput: bool = True) -> BenchResult:
     """Time a model and its reference in `config.rounds` interleaved rounds (reference, model, reference, model,
-    ...; each a freshly loaded model per batch size, as `benchmark`), the single-image and batch-256 runs split
-    evenly between the rounds. Returns the model's medians over the rounds with the reference's beside them and
-    the per-round speedups' median and range: a ratio is taken within a round, between timings seconds apart."""
+    ...): benchmark_rounds with one model."""
+    return benchmark_rounds({"reference": load_reference, "model": load}, "reference", images, config,
+                            throughput).results["model"]
+
+
+@dataclass(frozen=True)
+class RoundsResult:
+    results: dict[str, BenchResult]  # by name; the reference's has no speedups
+    failed: dict[str, str]  # name -> why its timing failed (it left the rounds then)
+
+
+def benchmark_rounds(loads: dict[str, Load], reference: str, images: np.ndarray, config: BenchConfig = BenchConfig(),
+                     throughput: bool = True, advance: Callable[[int], None] | None = None) -> RoundsResult:
+    """Time several models and a reference in `config.rounds` shared rounds: each round times the reference, then
+    every model in turn, each freshly loaded per batch size (as `benchmark`), with the single-image and batch-256
+    runs split evenly between the rounds. Each model's numbers are its medians over the rounds, with the
+    reference's medians beside them and the per-round speedups' median and range: a ratio is taken within a round,
+    against the reference timed seconds before, so a change of load on a shared machine falls on both sides of it.
+    The reference is timed once per round for all the models. A model whose timing raises leaves the rounds
+    (`failed` says why); the reference's failure is raised. `advance(1)` after each model's turn."""
     rounds = max(1, config.rounds)
     per_round = replace(config, warmup_runs=max(2, config.warmup_runs // rounds),
                         latency_runs=max(10, -(-config.latency_runs // rounds)),
                         throughput_runs=max(2, -(-config.throughput_runs // rounds)))
-    mine, theirs = [], []
+    order = [reference, *(name for name in loads if name != reference)]
+    timed: dict[str, list[BenchResult]] = {name: [] for name in order}
+    failed: dict[str, str] = {}
     for _ in range(rounds):
-        theirs.append(benchmark(load_reference, images, per_round, throughput))
-        mine.append(benchmark(load, images, per_round, throughput))
+        for name in order:
+            if name in failed:
+                continue
+            try:
+                timed[name].append(benchmark(loads[name], images, per_round, throughput))
+            except Exception as exc:  # noqa: BLE001 - one model's failure to run is its own; the others go on
+                if name == reference:
+                    raise
+                text = str(exc).strip()
+                failed[name] = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+            if advance is not None:
+                advance(1)
+    theirs = timed[reference]
+    results = {reference: _medians(theirs)}
+    for name in order[1:]:
+        if name not in failed:
+            results[name] = _against(timed[name], theirs)
+    return RoundsResult(results, failed)
+
+
+def _against(mine: list[BenchResult], theirs: list[BenchResult]) -> BenchResult:
+    """A model's medians over its rounds with the reference's beside them and the per-round ratios."""
     b1 = [r.latency_ms_b1_p50 / m.latency_ms_b1_p50 for r, m in zip(theirs, mine) if m.latency_ms_b1_p50 > 0]
     b256 = [m.throughput_ips_b256 / r.throughput_ips_b256 for r, m in zip(theirs, mine)
             if m.throughput_ips_b256 and r.throughput_ips_b256]

@@ -342,9 +342,10 @@ class Sweep:
             f"{100 * torch_agreement:.2f}%)")
         return VariantOutcome.of(reference, run_id=run_id, model_uri=logged.model_uri)
 
-    def _log_bench(self, bench: BenchResult) -> None:
+    def _log_bench(self, bench: BenchResult, ended_run: VariantOutcome | None = None) -> None:
         """Timings, speedups over FP32 named by batch size, and their spread; a spread above CONTENDED_SPREAD sets
-        the contended metric to 1 and tags the run with why its timings are not facts."""
+        the contended metric to 1 and tags the run with why its timings are not facts. On the active run, or on
+        `ended_run`'s run and logged model (timed after its run ended: _bench_together)."""
         from models.benchmark import CONTENDED_SPREAD
 
         M = Metric
@@ -359,13 +360,39 @@ class Sweep:
                             M.FP32_THROUGHPUT_IPS_B256: bench.reference.throughput_ips_b256,
                             M.SPEEDUP_VS_FP32_B1_MIN: b1[0], M.SPEEDUP_VS_FP32_B1_MAX: b1[1],
                             M.SPEEDUP_VS_FP32_B256_MIN: b256[0], M.SPEEDUP_VS_FP32_B256_MAX: b256[1]})
-        self._log_metrics(metrics)  # None values (a range not measured) are left out
-        runs.log_params({Param.BENCH_THREADS: bench.threads, Param.BENCH_ROUNDS: bench.rounds})
+        metrics = precision.rounded(metrics, len(self.inputs.test))  # None values (a range not measured) dropped
+        params = {Param.BENCH_THREADS: bench.threads, Param.BENCH_ROUNDS: bench.rounds}
+        tags = {}
         if bench.contended:
             spreads = ", ".join(f"{name} p90/p50 {value:.2f}" for name, value in
                                 (("batch-1", bench.spread_b1), ("batch-256", bench.spread_b256)) if value is not None)
-            runs.set_tags({Tag.BENCH_CONTENDED: f"{spreads}: above {CONTENDED_SPREAD:g}, the machine was busy while "
-                                                "timing; latency and throughput are not measurements of the model"})
+            tags[Tag.BENCH_CONTENDED] = (f"{spreads}: above {CONTENDED_SPREAD:g}, the machine was busy while timing; "
+                                         "latency and throughput are not measurements of the model")
+        if ended_run is not None:
+            runs.log_to_ended_run(ended_run.run_id, ended_run.model_uri, metrics, params, tags)
+            return
+        runs.log_metrics(metrics)
+        runs.log_params(params)
+        if tags:
+            runs.set_tags(tags)
+
+    def _bench_together(self, outcomes: list[VariantOutcome]) -> None:
+        """Time FP32 and every model this sweep made in shared rounds (VariantRunner.bench_together): each round
+        times FP32 once, then each variant, so every ratio is against FP32 timed seconds before it, and FP32 is
+        not timed again for each variant. Their runs have ended by now; the numbers go on each run and its logged
+        model. Reused runs keep the timings they were logged with."""
+        reference, made = outcomes[0], [o for o in outcomes[1:]
+                                        if o.status == "ok" and o.bench is None and o.model_file is not None]
+        timed = self.runner.bench_together([(o.name, o.model_file, o.quantized_engine) for o in made])
+        self.reference.bench = timed.results[FP32]
+        for outcome in [reference, *made]:
+            if outcome.name in timed.failed:
+                say(f"[yellow]![/] {outcome.name}: not timed ({timed.failed[outcome.name]})")
+                runs.log_to_ended_run(outcome.run_id, None, {}, {}, {
+                    Tag.WARNING: f"not timed: {timed.failed[outcome.name]}"[:5000]})
+                continue
+            outcome.bench = timed.results[outcome.name]
+            self._log_bench(outcome.bench, ended_run=outcome)
 
     def _log_metrics(self, metrics: dict) -> None:
         """Log on the active run, each metric rounded to its precision (pipelines.precision)."""
@@ -565,6 +592,9 @@ class Sweep:
                 runs.log_params({key: value for key, value in ((P.TARGET_AGREEMENT, self.options.target_agreement),
                                                                (P.TARGET_MAX_DROP_PP, self.options.max_drop_pp))
                                  if value is not None})
+            # Every model is timed at the end, together with FP32 (_bench_together), not each in its own run.
+            bench = self.runner.options.bench
+            self.runner.options = replace(self.runner.options, bench=False)
             outcomes = [self.run_fp32(experiment_id, parent_run_id)]
             self.runner.adaround_ahead([spec for spec in self.specs if not self._reusable(experiment_id, spec)])
             for spec in self.specs:
@@ -572,6 +602,8 @@ class Sweep:
                 mixed = self.fallback.repair(outcomes[-1])  # None unless it missed --target-agreement/--max-drop
                 if mixed is not None:
                     outcomes.append(self.run_variant(mixed, experiment_id, parent_run_id))
+            if bench:
+                self._bench_together(outcomes)
             from pipelines.diagnose import log_backend_comparison
 
             log_backend_comparison(outcomes, len(self.inputs.test))

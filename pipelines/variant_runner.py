@@ -23,7 +23,7 @@ import numpy as np
 
 from common.files import file_sha256, write_json_atomic
 from models.base import FloatModel, QuantizedModel, UnsupportedVariant
-from models.benchmark import BenchConfig, BenchResult, benchmark, benchmark_against
+from models.benchmark import BenchConfig, BenchResult, RoundsResult, benchmark, benchmark_against, benchmark_rounds
 from models.onnx_model import OnnxClassifier
 from pipelines.cifar import Cifar10, Split
 from pipelines.evaluation import Evaluation, Fidelity, evaluate, fidelity, predict_scores
@@ -334,6 +334,21 @@ class VariantRunner:
         from models.runtime import OrtRunner
 
         return OrtRunner(self.float_model.onnx.path).predict
+
+    def bench_together(self, models: list[tuple[str, Path, str]]) -> RoundsResult:
+        """Time the FP32 reference (named FP32) and every (name, model file, torch engine or "") in shared rounds
+        (models.benchmark.benchmark_rounds): FP32 is timed once per round for all of them, and each ratio is taken
+        against it within the round."""
+        from models.runtime import load_runner
+
+        loads = {FP32: self._load_reference}
+        for name, model_file, engine in models:
+            loads[name] = lambda path=model_file, engine=engine: load_runner(path, engine=engine or None).predict
+        config = self.options.bench_config
+        with self.timer.phase("bench"), progress_task(f"benchmarking {len(loads)} models in {config.rounds} rounds",
+                                                      total=max(1, config.rounds) * len(loads)) as advance:
+            return benchmark_rounds(loads, FP32, self.bench_images, config, not self.inputs.model.input.batch_size,
+                                    advance)
 
     def _bench(self, load, name: str, against_reference: bool = False) -> BenchResult:
         """Time the model file as a user loads it: `load()` gives a fresh predict (see models.benchmark). A variant

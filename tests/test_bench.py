@@ -7,7 +7,7 @@ import time
 import numpy as np
 from typer.testing import CliRunner
 
-from models.benchmark import BATCH_THROUGHPUT, BenchConfig, benchmark, benchmark_against
+from models.benchmark import BATCH_THROUGHPUT, BenchConfig, benchmark, benchmark_against, benchmark_rounds
 from pipelines.cli import app
 from pipelines.timing import PHASES, PhaseTimer
 
@@ -73,6 +73,37 @@ def test_benchmark_against_alternates_fresh_loads_and_takes_each_ratio_within_it
     # the model sleeps a quarter of the reference's time: faster in every round, whatever else runs here
     assert low > 1 and result.speedup_b1_range[0] > 1
     assert result.reference.throughput_ips_b256 < result.throughput_ips_b256
+
+
+def test_benchmark_rounds_times_the_reference_once_per_round_for_every_model():
+    loads, turns = [], []
+
+    def loader(name, seconds, fails=False):
+        def load():
+            loads.append(name)
+            if fails:
+                raise RuntimeError("cannot run here\nsecond line")
+            return lambda batch: time.sleep(seconds * batch.shape[0] ** 0.5) or batch
+        return load
+
+    images = np.zeros((4, 32, 32, 3), dtype=np.float32)
+    config = BenchConfig(warmup_runs=6, latency_runs=30, throughput_runs=6, threads=1, rounds=3)
+    result = benchmark_rounds({"fast": loader("fast", 0.0002), "fp32": loader("fp32", 0.0008),
+                               "slow": loader("slow", 0.003), "broken": loader("broken", 0.0, fails=True)},
+                              "fp32", images, config, advance=turns.append)
+    # the reference first, then each model in turn (the one that failed leaves after its first turn)
+    assert loads == ["fp32", "fp32", "fast", "fast", "slow", "slow", "broken"] + \
+        ["fp32", "fp32", "fast", "fast", "slow", "slow"] * 2
+    assert len(turns) == 3 * 4 - 2
+    assert result.failed == {"broken": "RuntimeError: cannot run here"}
+    assert set(result.results) == {"fp32", "fast", "slow"}
+    reference = result.results["fp32"]
+    assert reference.rounds == 3 and reference.speedup_b1 is None and reference.reference is None
+    fast, slow = result.results["fast"], result.results["slow"]
+    # both against the same FP32 rounds, each ratio within its round
+    assert fast.reference == slow.reference == reference
+    assert fast.speedup_b256_range[0] > 1 > slow.speedup_b256_range[1]
+    assert fast.speedup_b1_range[0] > 1 > slow.speedup_b1_range[1]
 
 
 def test_phase_timer_counts_nested_blocks_once():

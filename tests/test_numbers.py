@@ -11,7 +11,7 @@ import re
 import pytest
 from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, _point_mlflow_at
 
-from models.benchmark import CONTENDED_SPREAD, BenchResult
+from models.benchmark import CONTENDED_SPREAD, BenchResult, RoundsResult
 from pipelines import plots, precision, report
 from pipelines.promotion import GatePolicy
 from tracking.keys import Metric, Tag
@@ -144,7 +144,8 @@ def sweep_store(tmp_path_factory, cifar_dir, tiny_model):
 
     with pytest.MonkeyPatch.context() as mp:
         _point_mlflow_at(mp, root)
-        mp.setattr(VariantRunner, "_bench", lambda self, load, name, against_reference=False: BENCH[name])
+        mp.setattr(VariantRunner, "bench_together", lambda self, models: RoundsResult(
+            {name: BENCH[name] for name in ("fp32", *(name for name, _, _ in models))}, {}))
         mp.setattr(plots, "agreement", spy_agreement)
         result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, variants=VARIANTS,
                                         calibration_size=CALIBRATION_SIZE, adaround_iterations=ADAROUND_ITERATIONS,

@@ -97,6 +97,28 @@ def test_variant_run_has_every_param_metric_artifact_and_tag(completed_sweep, ci
     assert {t.key: t.value for t in dataset_input.tags}["sha256"] == tags[Tag.DATASET_DIGEST]
 
 
+def test_every_model_is_timed_against_the_same_fp32_rounds(completed_sweep):
+    """The sweep times FP32 and every variant together at the end, in shared rounds: each variant's FP32 side is
+    the FP32 run's own timing, and the numbers are on each run's logged model too (where the Models tab reads)."""
+    runs = runs_by_name()
+    fp32 = runs["fp32"].data
+    assert fp32.params[Param.BENCH_ROUNDS] == "3" and fp32.metrics[Metric.SPEEDUP_VS_FP32_B1] == 1.0
+    client = MlflowClient()
+    for variant in QUANTIZED_OK:
+        data = runs[variant].data
+        assert data.params[Param.BENCH_ROUNDS] == "3"
+        assert data.metrics[Metric.FP32_LATENCY_MS_B1_P50] == fp32.metrics[Metric.LATENCY_MS_B1_P50]
+        assert data.metrics[Metric.FP32_THROUGHPUT_IPS_B256] == fp32.metrics[Metric.THROUGHPUT_IPS_B256]
+        low, high = data.metrics[Metric.SPEEDUP_VS_FP32_B256_MIN], data.metrics[Metric.SPEEDUP_VS_FP32_B256_MAX]
+        assert 0 < low <= data.metrics[Metric.SPEEDUP_VS_FP32_B256] <= high
+        [output] = runs[variant].outputs.model_outputs
+        logged = client.get_logged_model(output.model_id)
+        model_metrics = {m.key: m.value for m in logged.metrics}
+        assert model_metrics[Metric.LATENCY_MS_B1_P50] == data.metrics[Metric.LATENCY_MS_B1_P50]
+        assert model_metrics[Metric.SPEEDUP_VS_FP32_B256] == data.metrics[Metric.SPEEDUP_VS_FP32_B256]
+        assert logged.params[Param.BENCH_ROUNDS] == "3"
+
+
 def test_delta_and_agreement_are_relative_to_the_fp32_run(completed_sweep):
     runs = runs_by_name()
     fp32 = runs["fp32"].data.metrics[Metric.ACCURACY]

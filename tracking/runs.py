@@ -617,6 +617,29 @@ def runs_tagged(experiment_id: str, key: str, value: str) -> list:
     return client().search_runs([experiment_id], f"tags.`{key}` = '{value}'", max_results=1000)
 
 
+def log_to_ended_run(run_id: str, model_uri: str | None, metrics: dict[str, float], params: dict,
+                     tags: dict[str, str]) -> None:
+    """Metrics, params and tags measured after a run ended (a sweep times its models together once all are made),
+    on the run and, as log_metrics and log_params do on the active run, on the MLflow logged model it logged
+    (`model_uri` models:/<id>; a run without one gets them on the run only)."""
+    from mlflow.entities import Metric as MlflowMetric
+    from mlflow.entities import Param as MlflowParam
+    from mlflow.entities import RunTag
+
+    model_id = model_uri.removeprefix("models:/") if model_uri and model_uri.startswith("models:/") else None
+    now = int(time.time() * 1000)
+    try:
+        client().log_batch(run_id, metrics=[MlflowMetric(k, float(v), now, 0, model_id=model_id)
+                                            for k, v in metrics.items() if v is not None],
+                           params=[MlflowParam(k, v) for k, v in _str_params(params).items()],
+                           tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        if model_id and params:
+            client().log_model_params(model_id, _str_params(params))
+    except mlflow.exceptions.MlflowException as exc:
+        raise refused_credentials(exc) or TrackingError(
+            f"tracking server at {public_tracking_uri()} refused to log on run {run_id}: {one_line(exc)}") from exc
+
+
 def log_params_to_run(run_id: str, params: dict) -> None:
     DetachedRun(run_id).log_params(params)
 
