@@ -26,7 +26,7 @@ from models.base import FloatModel, QuantizedModel, UnsupportedVariant
 from models.benchmark import BenchConfig, BenchResult, RoundsResult, benchmark, benchmark_against, benchmark_rounds
 from models.onnx_model import OnnxClassifier
 from pipelines.cifar import Cifar10, Split
-from pipelines.evaluation import Evaluation, Fidelity, evaluate, fidelity, predict_scores
+from pipelines.evaluation import EVAL_BATCH_SIZE, Evaluation, Fidelity, evaluate, fidelity, predict_scores
 from pipelines.preprocessing import InputTransform
 from pipelines.progress import progress_task, say
 from pipelines.timing import PhaseTimer
@@ -34,7 +34,6 @@ from pipelines.variants import FP32, ONNXRUNTIME, PYTORCH, VariantSpec, config_p
 
 QCONFIG_FILE = "qconfig.json"  # the variant's full backend config, written beside its model file
 MODEL_FILE_NAMES = {"torchscript": "model.pt", "onnx": "model.onnx"}  # the variant's model file, by format
-EVAL_BATCH = 500  # images per evaluation batch when the model's batch dimension is dynamic
 BENCH_IMAGES = 256  # real test images, model-ready, reused by every benchmark
 
 
@@ -118,7 +117,7 @@ class VariantRunner:
         # the convert phase (AdaRound's grid must be the one the backends see, so no backend folds after it).
         self.quantization_source = self.float_model
         self.example_input = inputs.transform(inputs.test.images[:1])
-        self.eval_batch = inputs.model.input.batch_size or EVAL_BATCH  # a fixed batch dimension (1) is used everywhere
+        self.eval_batch = inputs.model.input.batch_size or EVAL_BATCH_SIZE  # a fixed batch dimension (1) is used everywhere
         self.bench_images = inputs.transform(inputs.test.images[:BENCH_IMAGES])
         self.reference: Evaluation | None = None
         # (model-ready images, indices digest) AdaRound reconstructs on, when not the calibration set (ptqflow tune
