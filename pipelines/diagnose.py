@@ -17,6 +17,7 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -260,10 +261,18 @@ def render(diagnosis: Diagnosis, variant: str, run_id: str) -> dict[str, bytes]:
     """FILES for one variant: the table as CSV and JSON (worst first) and the SQNR plot."""
     from pipelines.diagnosis_report import layer_sqnr
 
+    return {**tables(diagnosis, variant, run_id), "layer_sqnr.png": layer_sqnr(diagnosis, plot_title(diagnosis,
+                                                                                                   variant))}
+
+
+def tables(diagnosis: Diagnosis, variant: str, run_id: str) -> dict[str, bytes]:
+    """FILES but the plot: the table as CSV and JSON (worst first)."""
     payload = {"variant": variant, "run_id": run_id, **diagnosis.to_dict()}
-    title = f"{variant}: per-layer SQNR, worst first ({diagnosis.images} images)"
-    return {"layers.csv": diagnosis.to_csv().encode(), "layers.json": (json.dumps(payload, indent=2) + "\n").encode(),
-            "layer_sqnr.png": layer_sqnr(diagnosis, title)}
+    return {"layers.csv": diagnosis.to_csv().encode(), "layers.json": (json.dumps(payload, indent=2) + "\n").encode()}
+
+
+def plot_title(diagnosis: Diagnosis, variant: str) -> str:
+    return f"{variant}: per-layer SQNR, worst first ({diagnosis.images} images)"
 
 
 def artifact_paths() -> dict[str, str]:
@@ -274,17 +283,21 @@ def artifact_paths() -> dict[str, str]:
             "layer_sqnr.png": Artifact.DIAGNOSIS_PLOT}
 
 
-def log_variant_diagnosis(result, run_id: str) -> None:
+def log_variant_diagnosis(result, run_id: str, plot: Callable | None = None) -> None:
     """In a sweep, on the active variant run: the diagnosis the runner made (`result` is a
     pipelines.variant_runner.VariantResult) as FILES under diagnosis/, or, when it failed, a tag with the reason.
-    A diagnosis that cannot be rendered is a tag too: the variant stands either way."""
+    A diagnosis that cannot be rendered is a tag too: the variant stands either way. `plot(function, *args)`, when
+    given, draws and logs the SQNR plot (the sweep's plot worker; it tags a failure itself)."""
+    from pipelines.diagnosis_report import layer_sqnr
     from tracking import runs
     from tracking.keys import Tag
 
     error = result.diagnosis_error
     if result.diagnosis is not None:
         try:
-            files = render(result.diagnosis, result.name, run_id)
+            files = tables(result.diagnosis, result.name, run_id)
+            if plot is None:
+                files["layer_sqnr.png"] = layer_sqnr(result.diagnosis, plot_title(result.diagnosis, result.name))
         except Exception as exc:  # noqa: BLE001 - a plot that fails must not fail the variant
             from pipelines.variant_runner import failure_reason
 
@@ -292,6 +305,8 @@ def log_variant_diagnosis(result, run_id: str) -> None:
         else:
             for name, data in files.items():
                 runs.log_bytes(data, artifact_paths()[name])
+            if plot is not None:
+                plot(layer_sqnr, result.diagnosis, plot_title(result.diagnosis, result.name))
     if error:
         runs.set_tags({Tag.DIAGNOSIS_ERROR: error[:5000]})
 

@@ -34,6 +34,7 @@ from pipelines.fallback import (DEFAULT_CANDIDATES, DEFAULT_RANKING_IMAGES, Fall
                                 check_options, mixed_params)
 from pipelines.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL, ensure_data, ensure_model
 from pipelines.names import ONNX_SUFFIX, PYTORCH_SUFFIX, registered_name_for, validate_name
+from pipelines.plot_worker import PendingPlot, PlotWorker
 from pipelines.preprocessing import InputTransform, parse_values
 from pipelines.progress import say
 from pipelines.promotion import GatePolicy
@@ -261,6 +262,10 @@ class Sweep:
         self.run_tags: dict[str, str] = {}  # more creation tags for every variant run (a tune trial's number)
         self.fallback = SweepFallback(options.fallback_target(), self.runner, options.fallback_candidates,
                                       options.ranking_images, self.timer)
+        # Plots are drawn where they are logged, but in run(): a background process draws them while the next
+        # variant runs, and they are logged on their (ended) runs once drawn (_log_plots).
+        self.plot_worker = PlotWorker(background=False)
+        self._pending_plots: list[tuple[str, str, str, PendingPlot]] = []  # (run id, artifact, error tag, plot)
 
     # ---- shared run metadata -------------------------------------------------------------------------------
     def _common_tags(self, parent_run_id: str | None) -> dict[str, str]:
@@ -329,7 +334,7 @@ class Sweep:
                               (Path(Artifact.MODEL_FILE_DIR) / relative.parent).as_posix())
             runs.log_json({"variant": FP32, "note": "FP32 reference, no quantization"}, Artifact.QCONFIG)
             runs.log_json(evaluation.per_class_accuracy, Artifact.PER_CLASS_ACCURACY)
-            self._log_confusion_matrix(FP32, evaluation)
+            self._log_confusion_matrix(run_id, FP32, evaluation)
             self._log_metrics({
                 Metric.ACCURACY: evaluation.accuracy, Metric.ACCURACY_DELTA_PP: 0.0,
                 Metric.TOP1_AGREEMENT: 1.0, Metric.KL_DIVERGENCE: 0.0,
@@ -398,10 +403,40 @@ class Sweep:
         """Log on the active run, each metric rounded to its precision (pipelines.precision)."""
         runs.log_metrics(precision.rounded(metrics, len(self.inputs.test)))
 
-    def _log_confusion_matrix(self, name: str, evaluation: Evaluation) -> None:
-        png = plots.confusion_matrix(self.inputs.test.labels, evaluation.predictions, self.inputs.data.class_names,
-                                     f"{name}: confusion matrix ({len(self.inputs.test)} test images)")
-        runs.log_bytes(png, Artifact.CONFUSION_MATRIX)
+    def _log_confusion_matrix(self, run_id: str, name: str, evaluation: Evaluation) -> None:
+        self._plot(run_id, Artifact.CONFUSION_MATRIX, Tag.WARNING, plots.confusion_matrix, self.inputs.test.labels,
+                   evaluation.predictions, self.inputs.data.class_names,
+                   f"{name}: confusion matrix ({len(self.inputs.test)} test images)")
+
+    def _plot(self, run_id: str, artifact: str, error_tag: str, function, *args) -> None:
+        """Draw `function(*args)` (a PNG) as `artifact` of run `run_id`: now, or in the background plot worker
+        and logged by _log_plots. A plot that cannot be drawn is tagged `error_tag` on the run, never its
+        failure."""
+        pending = self.plot_worker.submit(function, *args)
+        self._pending_plots.append((run_id, artifact, error_tag, pending))
+        if not self.plot_worker.background:
+            self._log_plots()
+
+    def _log_plots_if_possible(self) -> None:
+        """After an error, the plots of the runs that ended before it, where they can still be logged."""
+        try:
+            self._log_plots()
+        except Exception:  # noqa: BLE001 - the error that stopped the sweep is the one to report
+            self._pending_plots = []
+
+    def _log_plots(self, upto: int | None = None) -> None:
+        """Wait for the plots submitted (the first `upto` of them, else all) and log each on its run."""
+        from pipelines.variant_runner import failure_reason
+
+        count = len(self._pending_plots) if upto is None else upto
+        done, self._pending_plots = self._pending_plots[:count], self._pending_plots[count:]
+        for run_id, artifact, error_tag, pending in done:
+            try:
+                png = pending.result()
+            except Exception as exc:  # noqa: BLE001 - the run's numbers stand without the picture
+                runs.set_run_tags(run_id, {error_tag: f"{artifact}: {failure_reason(exc)}"[:5000]})
+                continue
+            runs.log_bytes_to_run(run_id, png, artifact)
 
     def _onnx_requirements(self) -> list[str]:
         return [f"onnx=={self.versions['onnx']}", f"onnxruntime=={self.versions['onnxruntime']}",
@@ -513,7 +548,7 @@ class Sweep:
                        T.MODEL_FILE_IN_MODEL: outcome.model_file_in_artifacts})
         runs.log_file(result.model_file, A.MODEL_FILE_DIR)
         runs.log_json(result.evaluation.per_class_accuracy, A.PER_CLASS_ACCURACY)
-        self._log_confusion_matrix(spec.name, result.evaluation)
+        self._log_confusion_matrix(outcome.run_id, spec.name, result.evaluation)
         # Accuracy and agreement before the timings: the Models tab lists a logged model's metrics (columns and
         # charts) in the order they were logged.
         self._log_metrics({
@@ -527,7 +562,8 @@ class Sweep:
             self._log_bench(result.bench)
         from pipelines.diagnose import log_variant_diagnosis
 
-        log_variant_diagnosis(result, outcome.run_id)
+        log_variant_diagnosis(result, outcome.run_id, plot=lambda function, *args: self._plot(
+            outcome.run_id, A.DIAGNOSIS_PLOT, T.DIAGNOSIS_ERROR, function, *args))
         runs.set_tags({T.STATUS: T.STATUS_OK})
         return outcome
 
@@ -595,13 +631,23 @@ class Sweep:
             # Every model is timed at the end, together with FP32 (_bench_together), not each in its own run.
             bench = self.runner.options.bench
             self.runner.options = replace(self.runner.options, bench=False)
-            outcomes = [self.run_fp32(experiment_id, parent_run_id)]
-            self.runner.adaround_ahead([spec for spec in self.specs if not self._reusable(experiment_id, spec)])
-            for spec in self.specs:
-                outcomes.append(self.run_variant(spec, experiment_id, parent_run_id))
-                mixed = self.fallback.repair(outcomes[-1])  # None unless it missed --target-agreement/--max-drop
-                if mixed is not None:
-                    outcomes.append(self.run_variant(mixed, experiment_id, parent_run_id))
+            with PlotWorker() as self.plot_worker:
+                try:
+                    outcomes = [self.run_fp32(experiment_id, parent_run_id)]
+                    self.runner.adaround_ahead([spec for spec in self.specs
+                                                if not self._reusable(experiment_id, spec)])
+                    for spec in self.specs:
+                        drawing = len(self._pending_plots)  # the plots before this variant: drawn while it runs
+                        outcomes.append(self.run_variant(spec, experiment_id, parent_run_id))
+                        self._log_plots(upto=drawing)
+                        mixed = self.fallback.repair(outcomes[-1])  # None unless it missed the target
+                        if mixed is not None:
+                            outcomes.append(self.run_variant(mixed, experiment_id, parent_run_id))
+                    self._log_plots()  # all drawn before the timing starts, so nothing else runs then
+                except Exception:
+                    self._log_plots_if_possible()
+                    raise
+            self.plot_worker = PlotWorker(background=False)
             if bench:
                 self._bench_together(outcomes)
             from pipelines.diagnose import log_backend_comparison

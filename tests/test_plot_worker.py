@@ -1,0 +1,90 @@
+"""The sweep's background plot process (pipelines.plot_worker): drawn elsewhere, the same bytes, nothing lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from pipelines import plots
+from pipelines.plot_worker import PlotWorker
+
+
+def drawn_where(tag: str) -> bytes:
+    """A stand-in plot: which process drew it."""
+    return f"{tag}:{os.getpid()}".encode()
+
+
+def fails(message: str) -> bytes:
+    raise ValueError(message)
+
+
+def _confusion_args():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+    predictions = np.where(rng.random(60) < 0.7, labels, rng.integers(0, 3, 60))
+    return labels, predictions, ("cat", "dog", "frog"), "x: confusion matrix (60 test images)"
+
+
+def test_background_plots_are_drawn_in_another_process_with_the_same_bytes():
+    with PlotWorker() as worker:
+        assert worker.background
+        pending = [worker.submit(drawn_where, str(i)) for i in range(3)]
+        confusion = worker.submit(plots.confusion_matrix, *_confusion_args())
+        pids = {p.result().decode().split(":")[1] for p in pending}
+        assert pids and str(os.getpid()) not in pids
+        assert [p.result().decode().split(":")[0] for p in pending] == ["0", "1", "2"]
+        assert confusion.result() == plots.confusion_matrix(*_confusion_args())
+
+
+def test_a_drawing_error_reaches_whoever_waits_for_the_plot():
+    with PlotWorker() as worker:
+        with pytest.raises(ValueError, match="no data"):
+            worker.submit(fails, "no data").result()
+        assert worker.submit(drawn_where, "after").result().startswith(b"after:")  # the process goes on
+
+
+def test_a_dead_worker_loses_no_plot():
+    with PlotWorker() as worker:
+        first = worker.submit(drawn_where, "first").result()
+        os.kill(int(first.decode().split(":")[1]), signal.SIGKILL)
+        # in flight when it died, and submitted after: both drawn here instead
+        assert worker.submit(drawn_where, "late").result() == f"late:{os.getpid()}".encode()
+        assert worker.submit(drawn_where, "later").result() == f"later:{os.getpid()}".encode()
+        assert not worker.background
+
+
+def test_without_background_plots_are_drawn_here():
+    worker = PlotWorker(background=False)
+    assert not worker.background
+    assert worker.submit(drawn_where, "here").result() == f"here:{os.getpid()}".encode()
+
+
+def unreadable_confusion(labels, predictions, class_names, title) -> bytes:
+    raise ValueError(f"cannot draw {title}")
+
+
+def test_a_plot_that_cannot_be_drawn_is_a_tag_on_its_run_and_the_sweep_goes_on(tracking_store, cifar_dir,
+                                                                                tiny_model, monkeypatch):
+    from conftest import CALIBRATION_SIZE, runs_by_name
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.sweep import SweepOptions, run_sweep
+    from tracking.keys import Artifact, Tag
+
+    monkeypatch.setattr(plots, "confusion_matrix", unreadable_confusion)  # drawn by name in the worker
+    result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, variants=("ort-int8",),
+                                    calibration_size=CALIBRATION_SIZE, weight_rounding="nearest", bench=False,
+                                    register=False))
+    assert [o.status for o in result.outcomes] == ["ok", "ok"]
+    for name, run in runs_by_name().items():
+        if name in ("fp32", "ort-int8"):
+            assert run.info.status == "FINISHED"
+            assert run.data.tags[Tag.WARNING] == (f"{Artifact.CONFUSION_MATRIX}: ValueError: cannot draw {name}: "
+                                                  f"confusion matrix ({len(result.outcomes[0].evaluation.predictions)} test images)")
+            artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+            assert Artifact.CONFUSION_MATRIX not in artifacts and Artifact.PER_CLASS_ACCURACY in artifacts
+    diagnosis = {a.path for a in MlflowClient().list_artifacts(result.outcomes[1].run_id, "diagnosis")}
+    assert Artifact.DIAGNOSIS_PLOT in diagnosis  # the other plots were drawn and logged
