@@ -319,7 +319,8 @@ class Sweep:
             evaluation, torch_agreement = reference.evaluation, reference.torch_agreement
             if torch_agreement < FP32_AGREEMENT_WARNING:
                 runs.set_tags({Tag.WARNING: f"{Tag.WARNING_FP32_MISMATCH}: onnx2torch and onnxruntime "
-                                            f"agree on {100 * torch_agreement:.2f}% of top-1"})
+                                            f"agree on {100 * torch_agreement:.2f}% of top-1 on the first "
+                                            f"{reference.torch_check_images} test images"})
             float_model = self.runner.float_model
             with tempfile.TemporaryDirectory(dir=self.work_dir) as d:
                 # An MLflow logged model linked to this run: the metrics logged below are attached to it too.
@@ -339,12 +340,13 @@ class Sweep:
                 Metric.ACCURACY: evaluation.accuracy, Metric.ACCURACY_DELTA_PP: 0.0,
                 Metric.TOP1_AGREEMENT: 1.0, Metric.KL_DIVERGENCE: 0.0,
                 Metric.MODEL_SIZE_BYTES: self.inputs.model.size_bytes, Metric.COMPRESSION_RATIO: 1.0,
-                Metric.TORCH_ORT_AGREEMENT: torch_agreement, Metric.TEST_IMAGES: len(self.inputs.test)})
+                Metric.TORCH_ORT_AGREEMENT: torch_agreement, Metric.TORCH_ORT_IMAGES: reference.torch_check_images,
+                Metric.TEST_IMAGES: len(self.inputs.test)})
             if reference.bench:
                 self._log_bench(reference.bench)
             runs.set_tags({Tag.STATUS: Tag.STATUS_OK})
         say(f"[green]✓[/] fp32: accuracy {100 * evaluation.accuracy:.2f}% (onnx2torch agrees on "
-            f"{100 * torch_agreement:.2f}%)")
+            f"{100 * torch_agreement:.2f}% of the first {reference.torch_check_images})")
         return VariantOutcome.of(reference, run_id=run_id, model_uri=logged.model_uri)
 
     def _log_bench(self, bench: BenchResult, ended_run: VariantOutcome | None = None) -> None:

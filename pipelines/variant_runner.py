@@ -35,6 +35,10 @@ from pipelines.variants import FP32, ONNXRUNTIME, PYTORCH, VariantSpec, config_p
 QCONFIG_FILE = "qconfig.json"  # the variant's full backend config, written beside its model file
 MODEL_FILE_NAMES = {"torchscript": "model.pt", "onnx": "model.onnx"}  # the variant's model file, by format
 BENCH_IMAGES = 256  # real test images, model-ready, reused by every benchmark
+# The onnx2torch module (what the PyTorch variants start from) is checked against onnxruntime on the first N test
+# images: a faulty conversion disagrees on far more than one in a thousand, and eager FP32 is the slowest model a
+# sweep runs (16 s of resnet8_large_wide's 10,000 images). The variants themselves are measured on every image.
+TORCH_CHECK_IMAGES = 1000
 
 
 class PreparedInputs(Protocol):
@@ -93,6 +97,7 @@ class VariantResult:
     quantized_engine: str = ""  # torch quantized engine of a TorchScript file
     calibration_images: int = 0  # calibration images the backend's observers saw
     torch_agreement: float | None = None  # FP32 only: top-1 agreement of the onnx2torch module with onnxruntime
+    torch_check_images: int = 0  # FP32 only: on the first this many test images
     diagnosis: object | None = None  # models.diagnosis.Diagnosis, with RunnerOptions.diagnose_images
     diagnosis_error: str = ""  # why the diagnosis failed (the variant itself is fine)
 
@@ -144,17 +149,19 @@ class VariantRunner:
         with self.timer.phase("evaluate"):
             ort_scores = predict_scores(OrtRunner(self.float_model.onnx.path), test.images, transform,
                                         "FP32 onnxruntime", self.eval_batch)
-            torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), test.images, transform,
-                                          "FP32 onnx2torch", self.eval_batch)
+            checked = min(len(test), TORCH_CHECK_IMAGES)
+            torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), test.images[:checked],
+                                          transform, "FP32 onnx2torch", self.eval_batch)
         self.reference = evaluate(ort_scores, test.labels, names)
-        torch_agreement = fidelity(self.reference, evaluate(torch_scores, test.labels, names)).top1_agreement
+        torch_agreement = fidelity(evaluate(ort_scores[:checked], test.labels[:checked], names),
+                                   evaluate(torch_scores, test.labels[:checked], names)).top1_agreement
         bench = None
         if self.options.bench:
             bench = self._bench(self._load_reference, FP32)
         return VariantResult(FP32, ONNXRUNTIME, evaluation=self.reference,
                              fidelity=Fidelity(1.0, 0.0, float("inf")), bench=bench, model_file=self.inputs.model.path,
                              model_sha256=self.inputs.model.sha256, size_bytes=self.inputs.model.size_bytes,
-                             torch_agreement=torch_agreement)
+                             torch_agreement=torch_agreement, torch_check_images=checked)
 
     # ---- one variant ---------------------------------------------------------------------------------------
     def run(self, spec: VariantSpec, store: Store | None = None) -> VariantResult:

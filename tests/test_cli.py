@@ -235,7 +235,10 @@ def test_baseline_command_logs_only_the_fp32_run(tracking_store, tiny_model, cif
     assert result.exit_code == 0, result.output
     variants = {name for name, r in runs_by_name().items() if r.data.tags.get("ptqflow.role") == "variant"}
     assert variants == {"fp32"}
-    assert runs_by_name()["fp32"].data.metrics["fp32_torch_vs_ort_agreement"] == 1.0
+    metrics = runs_by_name()["fp32"].data.metrics
+    assert metrics["fp32_torch_vs_ort_agreement"] == 1.0
+    # the conversion is checked on the first 1,000 test images; the fixture has fewer, so on all of them
+    assert metrics["fp32_torch_vs_ort_images"] == metrics["test_images"] == 100
 
 
 @pytest.mark.parametrize("framework,variant", [("pytorch", "pytorch-fx-int8-x86"), ("ort", "ort-int8-u8s8")])
@@ -264,3 +267,14 @@ def test_default_paths_offline_give_one_line_naming_the_url_and_the_flags(tracki
 
 def test_no_fetch_names_the_missing_default_and_what_to_pass(tracking_store, cifar_dir):
     assert_one_line_error(invoke("sweep", "--data-dir", cifar_dir, "--no-fetch"), "models/resnet8.onnx", "--model")
+
+
+def test_baseline_checks_the_conversion_on_the_first_images_only(tracking_store, tiny_model, cifar_dir, monkeypatch):
+    from pipelines import variant_runner
+
+    monkeypatch.setattr(variant_runner, "TORCH_CHECK_IMAGES", 30)
+    result = invoke("baseline", "--model", tiny_model, "--data-dir", cifar_dir)
+    assert result.exit_code == 0, result.output
+    metrics = runs_by_name()["fp32"].data.metrics
+    assert metrics["fp32_torch_vs_ort_images"] == 30 and metrics["test_images"] == 100
+    assert metrics["fp32_torch_vs_ort_agreement"] == 1.0 and "of the first 30" in result.output

@@ -81,6 +81,7 @@ class Metric:
     MODEL_SIZE_BYTES = "model_size_bytes"
     COMPRESSION_RATIO = "compression_ratio"
     TORCH_ORT_AGREEMENT = "fp32_torch_vs_ort_agreement"
+    TORCH_ORT_IMAGES = "fp32_torch_vs_ort_images"  # the first N test images that agreement is measured on
     TEST_IMAGES = "test_images"
     CALIBRATION_IMAGES_USED = "calibration_images_used"  # counted by the backend as its observers ran
     LATENCY_MS_B1_P50 = "latency_ms_b1_p50"
