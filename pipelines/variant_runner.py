@@ -25,7 +25,7 @@ from common.files import file_sha256, write_json_atomic
 from models.base import FloatModel, QuantizedModel, UnsupportedVariant
 from models.benchmark import BenchConfig, BenchResult, RoundsResult, benchmark, benchmark_against, benchmark_rounds
 from models.onnx_model import OnnxClassifier
-from pipelines.cifar import Cifar10, Split
+from pipelines.datasets import Dataset, Split
 from pipelines.evaluation import EVAL_BATCH_SIZE, Evaluation, Fidelity, evaluate, fidelity, predict_scores
 from pipelines.preprocessing import InputTransform
 from pipelines.progress import progress_task, say
@@ -44,7 +44,7 @@ TORCH_CHECK_IMAGES = 1000
 class PreparedInputs(Protocol):
     """What the runner reads of a sweep's inputs (pipelines.sweep.SweepInputs has it)."""
 
-    data: Cifar10
+    data: Dataset  # any format pipelines.datasets loads
     model: OnnxClassifier
     transform: InputTransform
     calibration: np.ndarray  # model-ready float32
