@@ -311,9 +311,11 @@ def log_variant_diagnosis(result, run_id: str, plot: Callable | None = None) -> 
         runs.set_tags({Tag.DIAGNOSIS_ERROR: error[:5000]})
 
 
-def log_backend_comparison(outcomes: list, test_images: int) -> None:
+def log_backend_comparison(outcomes: list, test_images: int, plot: Callable | None = None) -> None:
     """In a sweep, on the active sweep run: the variants' diagnoses compared layer by layer (their `-mixed` repairs
-    left out: the plot compares backends), when at least one variant has a diagnosis."""
+    left out: the plot compares backends), when at least one variant has a diagnosis. `plot(function, *args)`, when
+    given, draws and logs it (the sweep's plot worker; it tags a failure itself)."""
+    from pipelines.diagnosis_report import backend_comparison
     from tracking import runs
     from tracking.keys import Artifact, Tag
 
@@ -322,10 +324,12 @@ def log_backend_comparison(outcomes: list, test_images: int) -> None:
     if not diagnoses:
         return
     images = next(iter(diagnoses.values())).images
+    title = f"Per-layer SQNR by variant ({images} of {test_images} test images)"
+    if plot is not None:
+        plot(backend_comparison, diagnoses, title)
+        return
     try:
-        from pipelines.diagnosis_report import backend_comparison
-
-        png = backend_comparison(diagnoses, f"Per-layer SQNR by variant ({images} of {test_images} test images)")
+        png = backend_comparison(diagnoses, title)
     except Exception as exc:  # noqa: BLE001 - the sweep's results stand without the plot
         from pipelines.variant_runner import failure_reason
 

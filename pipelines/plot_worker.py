@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
@@ -31,6 +32,13 @@ def _lower_priority() -> None:
 
 def _draw(module: str, name: str, args: tuple, kwargs: dict) -> bytes:
     return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
+def _importable(function: Callable) -> bool:
+    """Whether the worker can find `function` by its module and name (a nested function or a lambda it cannot:
+    those are drawn here)."""
+    module = sys.modules.get(getattr(function, "__module__", None) or "")
+    return module is not None and getattr(module, getattr(function, "__name__", ""), None) is function
 
 
 class PendingPlot:
@@ -71,9 +79,10 @@ class PlotWorker:
         return self._pool is not None
 
     def submit(self, function: Callable[..., bytes], *args, **kwargs) -> PendingPlot:
-        """Start drawing `function(*args, **kwargs)`, a module-level function of picklable data."""
+        """Start drawing `function(*args, **kwargs)`: in the worker when `function` is a module-level function
+        (its arguments picklable data), else here when its result is asked for."""
         future = None
-        if self._pool is not None:
+        if self._pool is not None and _importable(function):
             try:
                 future = self._pool.submit(_draw, function.__module__, function.__name__, args, kwargs)
             except (BrokenProcessPool, RuntimeError):  # died earlier, or shut down: draw here from now on

@@ -646,26 +646,31 @@ class Sweep:
                         if mixed is not None:
                             outcomes.append(self.run_variant(mixed, experiment_id, parent_run_id))
                     self._log_plots()  # all drawn before the timing starts, so nothing else runs then
+                    if bench:
+                        self._bench_together(outcomes)
+                    rows = [self._row(o) for o in outcomes]
+                    # the sweep's own plots are drawn while the best variants are registered and the tables logged
+                    from pipelines.diagnose import log_backend_comparison
+
+                    log_backend_comparison(outcomes, len(self.inputs.test), plot=lambda function, *args: self._plot(
+                        parent_run_id, Artifact.DIAGNOSIS_BACKENDS_PLOT, Tag.DIAGNOSIS_ERROR, function, *args))
+                    self._log_sweep_plots(parent_run_id, outcomes, rows)
+                    with self.timer.phase("register"):
+                        registered = (self.registrar.register_best(outcomes, self.reference.evaluation.accuracy)
+                                      if self.options.register else [])
+                    title = (f"{self.inputs.model.path.name} on {len(self.inputs.test)} {self.inputs.data.title} "
+                             "test images")
+                    runs.log_text(report.to_markdown(rows, title), Artifact.COMPARISON_MD)
+                    runs.log_text(report.to_csv(rows), Artifact.COMPARISON_CSV)
+                    runs.log_text(report.to_html(rows, title,
+                                                 run_url=lambda run_id: self._run_url(experiment_id, run_id),
+                                                 champions=self._champions(experiment_id)),
+                                  Artifact.COMPARISON_HTML)
+                    self._log_plots()
                 except Exception:
                     self._log_plots_if_possible()
                     raise
             self.plot_worker = PlotWorker(background=False)
-            if bench:
-                self._bench_together(outcomes)
-            from pipelines.diagnose import log_backend_comparison
-
-            log_backend_comparison(outcomes, len(self.inputs.test))
-            with self.timer.phase("register"):
-                registered = (self.registrar.register_best(outcomes, self.reference.evaluation.accuracy)
-                              if self.options.register else [])
-            rows = [self._row(o) for o in outcomes]
-            title = f"{self.inputs.model.path.name} on {len(self.inputs.test)} {self.inputs.data.title} test images"
-            runs.log_text(report.to_markdown(rows, title), Artifact.COMPARISON_MD)
-            runs.log_text(report.to_csv(rows), Artifact.COMPARISON_CSV)
-            runs.log_text(report.to_html(rows, title, run_url=lambda run_id: self._run_url(experiment_id, run_id),
-                                         champions=self._champions(experiment_id)),
-                          Artifact.COMPARISON_HTML)
-            self._log_sweep_plots(outcomes, rows)
             seconds = time.perf_counter() - started
             self._log_summary(outcomes, seconds)
             say(f"MLflow UI (Model training view, ptqflow's columns): {runs.experiment_page(experiment_id)}")
@@ -675,15 +680,17 @@ class Sweep:
                 raise VariantsFailed(result)
         return result
 
-    def _log_sweep_plots(self, outcomes: list[VariantOutcome], rows: list[report.VariantRow]) -> None:
+    def _log_sweep_plots(self, run_id: str, outcomes: list[VariantOutcome], rows: list[report.VariantRow]) -> None:
         A = Artifact
         latency = {r.variant: r.latency_ms_b1_p50 for r in rows if r.latency_ms_b1_p50 is not None}
         contended = {r.variant for r in rows if r.contended}
         per_class = {o.name: o.evaluation.per_class_accuracy for o in outcomes if o.evaluation}
-        runs.log_bytes(plots.accuracy_vs_size(rows), A.PLOT_ACCURACY_VS_SIZE)
-        runs.log_bytes(plots.accuracy_vs_latency(rows, latency, contended), A.PLOT_ACCURACY_VS_LATENCY)
-        runs.log_bytes(plots.per_class_accuracy(per_class), A.PLOT_PER_CLASS)
-        runs.log_bytes(plots.agreement(rows, self.options.gate.min_agreement), A.PLOT_AGREEMENT)
+        for artifact, function, *args in (
+                (A.PLOT_ACCURACY_VS_SIZE, plots.accuracy_vs_size, rows),
+                (A.PLOT_ACCURACY_VS_LATENCY, plots.accuracy_vs_latency, rows, latency, contended),
+                (A.PLOT_PER_CLASS, plots.per_class_accuracy, per_class),
+                (A.PLOT_AGREEMENT, plots.agreement, rows, self.options.gate.min_agreement)):
+            self._plot(run_id, artifact, Tag.WARNING, function, *args)
 
     @staticmethod
     def _run_url(experiment_id: str, run_id: str) -> str:

@@ -56,6 +56,15 @@ def test_a_dead_worker_loses_no_plot():
         assert not worker.background
 
 
+def test_a_function_the_worker_cannot_import_is_drawn_here():
+    def nested(tag: str) -> bytes:
+        return drawn_where(tag)
+
+    with PlotWorker() as worker:
+        assert worker.submit(nested, "nested").result() == f"nested:{os.getpid()}".encode()
+        assert worker.background  # the worker stays for the functions it can import
+
+
 def test_without_background_plots_are_drawn_here():
     worker = PlotWorker(background=False)
     assert not worker.background
