@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import signal
 import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -23,7 +24,10 @@ from typing import Callable
 NICENESS = 10  # the drawing yields the CPU to the sweep's own work
 
 
-def _lower_priority() -> None:
+def _start_worker() -> None:
+    """In the worker: a lower priority, and Ctrl-C left to the sweep (the terminal sends it to the whole process
+    group; the sweep ends its runs and stops the worker, which would otherwise print a traceback of its own)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         os.nice(NICENESS)
     except OSError:  # not permitted here: draw at the same priority
@@ -69,7 +73,7 @@ class PlotWorker:
         if background:
             try:
                 self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_lower_priority)
+                                                 initializer=_start_worker)
             except (OSError, ValueError):  # no process to be had here: draw in this one
                 self._pool = None
 

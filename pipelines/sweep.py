@@ -420,7 +420,8 @@ class Sweep:
             self._log_plots()
 
     def _log_plots_if_possible(self) -> None:
-        """After an error, the plots of the runs that ended before it, where they can still be logged."""
+        """After an error or a stop, the plots of the runs that ended before it, where they can still be logged
+        (the worker ignores Ctrl-C, so it finishes drawing them)."""
         try:
             self._log_plots()
         except Exception:  # noqa: BLE001 - the error that stopped the sweep is the one to report
@@ -667,7 +668,7 @@ class Sweep:
                                                  champions=self._champions(experiment_id)),
                                   Artifact.COMPARISON_HTML)
                     self._log_plots()
-                except Exception:
+                except BaseException:  # Ctrl-C too: the runs that ended keep their plots (a second or two)
                     self._log_plots_if_possible()
                     raise
             self.plot_worker = PlotWorker(background=False)

@@ -9,12 +9,17 @@ import numpy as np
 import pytest
 
 from pipelines import plots
-from pipelines.plot_worker import PlotWorker
+from pipelines.plot_worker import NICENESS, PlotWorker
 
 
 def drawn_where(tag: str) -> bytes:
     """A stand-in plot: which process drew it."""
     return f"{tag}:{os.getpid()}".encode()
+
+
+def worker_state(_: str) -> bytes:
+    """A stand-in plot: how the process drawing it treats Ctrl-C, and its niceness."""
+    return f"{signal.getsignal(signal.SIGINT) == signal.SIG_IGN}:{os.nice(0)}".encode()
 
 
 def fails(message: str) -> bytes:
@@ -37,6 +42,12 @@ def test_background_plots_are_drawn_in_another_process_with_the_same_bytes():
         assert pids and str(os.getpid()) not in pids
         assert [p.result().decode().split(":")[0] for p in pending] == ["0", "1", "2"]
         assert confusion.result() == plots.confusion_matrix(*_confusion_args())
+
+
+def test_the_worker_leaves_ctrl_c_to_the_sweep_and_yields_the_cpu():
+    with PlotWorker() as worker:
+        ignores_ctrl_c, niceness = worker.submit(worker_state, "").result().decode().split(":")
+    assert ignores_ctrl_c == "True" and int(niceness) >= min(19, os.nice(0) + NICENESS)
 
 
 def test_a_drawing_error_reaches_whoever_waits_for_the_plot():
@@ -97,3 +108,35 @@ def test_a_plot_that_cannot_be_drawn_is_a_tag_on_its_run_and_the_sweep_goes_on(t
             assert Artifact.CONFUSION_MATRIX not in artifacts and Artifact.PER_CLASS_ACCURACY in artifacts
     diagnosis = {a.path for a in MlflowClient().list_artifacts(result.outcomes[1].run_id, "diagnosis")}
     assert Artifact.DIAGNOSIS_PLOT in diagnosis  # the other plots were drawn and logged
+
+
+def test_a_stopped_sweep_logs_the_plots_of_the_runs_that_ended(tracking_store, cifar_dir, tiny_model, monkeypatch):
+    """Ctrl-C while the second variant runs: the first one's run ended FINISHED, its plots still drawing in the
+    worker; they are logged before the sweep stops."""
+    from conftest import CALIBRATION_SIZE, runs_by_name
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.sweep import SweepOptions, run_sweep
+    from pipelines.variant_runner import VariantRunner
+    from tracking.keys import Artifact
+
+    real_run = VariantRunner.run
+
+    def stopped_at_the_second(self, spec, store=None):
+        if spec.name == "ort-int8-u8s8":
+            raise KeyboardInterrupt
+        return real_run(self, spec, store)
+
+    monkeypatch.setattr(VariantRunner, "run", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, variants=("ort-int8", "ort-int8-u8s8"),
+                               calibration_size=CALIBRATION_SIZE, weight_rounding="nearest", bench=False,
+                               register=False))
+    runs = runs_by_name()
+    statuses = {name: run.info.status for name, run in runs.items()}
+    assert (statuses["fp32"], statuses["ort-int8"], statuses["ort-int8-u8s8"]) == ("FINISHED", "FINISHED", "KILLED")
+    client = MlflowClient()
+    first = {a.path for a in client.list_artifacts(runs["ort-int8"].info.run_id)}
+    assert Artifact.CONFUSION_MATRIX in first
+    assert Artifact.DIAGNOSIS_PLOT in {a.path for a in client.list_artifacts(runs["ort-int8"].info.run_id,
+                                                                             "diagnosis")}
