@@ -17,21 +17,33 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
 NICENESS = 10  # the drawing yields the CPU to the sweep's own work
+PARENT_CHECK_SECONDS = 0.5
 
 
-def _start_worker() -> None:
-    """In the worker: a lower priority, and Ctrl-C left to the sweep (the terminal sends it to the whole process
-    group; the sweep ends its runs and stops the worker, which would otherwise print a traceback of its own)."""
+def _start_worker(sweep_pid: int) -> None:
+    """In the worker: a lower priority; Ctrl-C left to the sweep (the terminal sends it to the whole process group;
+    the sweep ends its runs and stops the worker, which would otherwise print a traceback of its own); and an end
+    when the sweep's process is gone without stopping it (killed): the worker holds both ends of its task queue,
+    so it would wait for a task forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         os.nice(NICENESS)
     except OSError:  # not permitted here: draw at the same priority
         pass
+    threading.Thread(target=_exit_without, args=(sweep_pid,), daemon=True, name="exit-with-the-sweep").start()
+
+
+def _exit_without(sweep_pid: int) -> None:
+    while os.getppid() == sweep_pid:  # re-parented once the sweep's process has died
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(0)
 
 
 def _draw(module: str, name: str, args: tuple, kwargs: dict) -> bytes:
@@ -73,7 +85,7 @@ class PlotWorker:
         if background:
             try:
                 self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_start_worker)
+                                                 initializer=_start_worker, initargs=(os.getpid(),))
             except (OSError, ValueError):  # no process to be had here: draw in this one
                 self._pool = None
 

@@ -140,3 +140,40 @@ def test_a_stopped_sweep_logs_the_plots_of_the_runs_that_ended(tracking_store, c
     assert Artifact.CONFUSION_MATRIX in first
     assert Artifact.DIAGNOSIS_PLOT in {a.path for a in client.list_artifacts(runs["ort-int8"].info.run_id,
                                                                              "diagnosis")}
+
+
+def test_the_worker_ends_when_the_sweep_process_is_killed(tmp_path):
+    """SIGKILL (the OOM killer, a CI timeout) gives the sweep no chance to stop its worker: the worker notices its
+    parent is gone and exits instead of waiting for a task forever."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "sweep_stand_in.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path[:0] = [{str(Path(__file__).resolve().parents[1])!r}, {str(Path(__file__).resolve().parent)!r}]\n"
+        "from pipelines.plot_worker import PlotWorker\n"
+        "from test_plot_worker import drawn_where\n"
+        "if __name__ == '__main__':\n"
+        "    worker = PlotWorker()\n"
+        "    print(worker.submit(drawn_where, 'x').result().decode().split(':')[1], flush=True)\n"
+        "    time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker_pid = int(parent.stdout.readline())
+        assert worker_pid != parent.pid
+        os.kill(worker_pid, 0)  # alive
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(worker_pid, signal.SIGKILL)
+    pytest.fail(f"plot worker {worker_pid} outlived its killed sweep by 10 s")
