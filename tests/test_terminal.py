@@ -79,9 +79,10 @@ def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path, tiny_mo
     lines = [PLAIN_LINE.fullmatch(line) for line in result.stderr.splitlines()]
     progress = [m for m in lines if m]
     done = {m["step"] for m in progress if "done in" in m.group(0)}
-    # A line at the end of every step of every phase: FP32 reference, AdaRound, calibration, evaluation, benchmark.
+    # A line at the end of every step of every phase: FP32 reference, AdaRound, calibration, evaluation, and the
+    # benchmark (FP32 and the variant, timed together at the end).
     for step in ("FP32 onnxruntime", "calibrating pytorch-fx-int8", "evaluating pytorch-fx-int8",
-                 "benchmarking pytorch-fx-int8"):
+                 "benchmarking 2 models in 3 rounds"):
         assert step in done, result.stderr
     assert any(step.startswith("AdaRound") for step in done), result.stderr
     # While AdaRound runs: interval lines (at every advance here), counting optimization steps up to the total.
