@@ -2,6 +2,12 @@
 message as one line and exits non-zero, without a traceback."""
 
 
+def failure_reason(exc: BaseException) -> str:
+    """Why something failed, in one line: the exception's type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class PtqflowError(Exception):
     """Base class: a problem the user can fix; the message says what is wrong and what to do."""
 

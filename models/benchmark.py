@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 
+from common.errors import failure_reason
 from common.interrupts import checkpoint
 from models.runtime import cpu_threads
 
@@ -156,8 +157,7 @@ def benchmark_rounds(loads: dict[str, Load], reference: str, images: np.ndarray,
             except Exception as exc:  # noqa: BLE001 - one model's failure to run is its own; the others go on
                 if name == reference:
                     raise
-                text = str(exc).strip()
-                failed[name] = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+                failed[name] = failure_reason(exc)
             if advance is not None:
                 advance(1)
     theirs = timed[reference]

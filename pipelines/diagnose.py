@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from models.diagnosis import DEBUG_IMAGES, Diagnosis
-from common.errors import ConfigError, IntegrityError, ModelError, TrackingError
+from common.errors import ConfigError, IntegrityError, ModelError, TrackingError, failure_reason
 
 FILES = ("layers.csv", "layers.json", "layer_sqnr.png")
 COMPARISON_FILE = "backends.png"
@@ -283,11 +283,11 @@ def artifact_paths() -> dict[str, str]:
             "layer_sqnr.png": Artifact.DIAGNOSIS_PLOT}
 
 
-def log_variant_diagnosis(result, run_id: str, plot: Callable | None = None) -> None:
+def log_variant_diagnosis(result, run_id: str, plot: Callable) -> None:
     """In a sweep, on the active variant run: the diagnosis the runner made (`result` is a
-    pipelines.variant_runner.VariantResult) as FILES under diagnosis/, or, when it failed, a tag with the reason.
-    A diagnosis that cannot be rendered is a tag too: the variant stands either way. `plot(function, *args)`, when
-    given, draws and logs the SQNR plot (the sweep's plot worker; it tags a failure itself)."""
+    pipelines.variant_runner.VariantResult) as FILES under diagnosis/, or, when it failed, a tag with the reason;
+    `plot(function, *args)` draws and logs the SQNR plot (the sweep's plot worker, which tags a plot that fails).
+    The variant stands either way."""
     from pipelines.diagnosis_report import layer_sqnr
     from tracking import runs
     from tracking.keys import Tag
@@ -296,46 +296,27 @@ def log_variant_diagnosis(result, run_id: str, plot: Callable | None = None) -> 
     if result.diagnosis is not None:
         try:
             files = tables(result.diagnosis, result.name, run_id)
-            if plot is None:
-                files["layer_sqnr.png"] = layer_sqnr(result.diagnosis, plot_title(result.diagnosis, result.name))
-        except Exception as exc:  # noqa: BLE001 - a plot that fails must not fail the variant
-            from pipelines.variant_runner import failure_reason
-
+        except Exception as exc:  # noqa: BLE001 - a diagnosis that cannot be written must not fail the variant
             error = failure_reason(exc)
         else:
             for name, data in files.items():
                 runs.log_bytes(data, artifact_paths()[name])
-            if plot is not None:
-                plot(layer_sqnr, result.diagnosis, plot_title(result.diagnosis, result.name))
+            plot(layer_sqnr, result.diagnosis, plot_title(result.diagnosis, result.name))
     if error:
         runs.set_tags({Tag.DIAGNOSIS_ERROR: error[:5000]})
 
 
-def log_backend_comparison(outcomes: list, test_images: int, plot: Callable | None = None) -> None:
-    """In a sweep, on the active sweep run: the variants' diagnoses compared layer by layer (their `-mixed` repairs
-    left out: the plot compares backends), when at least one variant has a diagnosis. `plot(function, *args)`, when
-    given, draws and logs it (the sweep's plot worker; it tags a failure itself)."""
+def log_backend_comparison(outcomes: list, test_images: int, plot: Callable) -> None:
+    """In a sweep: the variants' diagnoses compared layer by layer (their `-mixed` repairs left out: the plot
+    compares backends), when at least one variant has a diagnosis; `plot(function, *args)` draws and logs it (the
+    sweep's plot worker, which tags a plot that fails)."""
     from pipelines.diagnosis_report import backend_comparison
-    from tracking import runs
-    from tracking.keys import Artifact, Tag
 
     diagnoses = {o.name: o.diagnosis for o in outcomes
                  if getattr(o, "diagnosis", None) is not None and (o.spec is None or o.spec.mixed is None)}
-    if not diagnoses:
-        return
-    images = next(iter(diagnoses.values())).images
-    title = f"Per-layer SQNR by variant ({images} of {test_images} test images)"
-    if plot is not None:
-        plot(backend_comparison, diagnoses, title)
-        return
-    try:
-        png = backend_comparison(diagnoses, title)
-    except Exception as exc:  # noqa: BLE001 - the sweep's results stand without the plot
-        from pipelines.variant_runner import failure_reason
-
-        runs.set_tags({Tag.DIAGNOSIS_ERROR: f"comparison plot: {failure_reason(exc)}"[:5000]})
-        return
-    runs.log_bytes(png, Artifact.DIAGNOSIS_BACKENDS_PLOT)
+    if diagnoses:
+        images = next(iter(diagnoses.values())).images
+        plot(backend_comparison, diagnoses, f"Per-layer SQNR by variant ({images} of {test_images} test images)")
 
 
 def diagnose(options: DiagnoseOptions) -> DiagnoseResult:

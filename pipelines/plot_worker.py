@@ -71,10 +71,6 @@ class PendingPlot:
                 pass
         return self._function(*self._args, **self._kwargs)
 
-    def cancel(self) -> None:
-        if self._future is not None:
-            self._future.cancel()
-
 
 class PlotWorker:
     """One background process drawing plots; a context manager that stops it on leaving (pending plots that

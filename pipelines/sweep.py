@@ -395,8 +395,7 @@ class Sweep:
         for outcome in [reference, *made]:
             if outcome.name in timed.failed:
                 say(f"[yellow]![/] {outcome.name}: not timed ({timed.failed[outcome.name]})")
-                runs.log_to_ended_run(outcome.run_id, None, {}, {}, {
-                    Tag.WARNING: f"not timed: {timed.failed[outcome.name]}"[:5000]})
+                runs.set_run_tags(outcome.run_id, {Tag.WARNING: f"not timed: {timed.failed[outcome.name]}"[:5000]})
                 continue
             outcome.bench = timed.results[outcome.name]
             self._log_bench(outcome.bench, ended_run=outcome)
@@ -429,8 +428,6 @@ class Sweep:
 
     def _log_plots(self, upto: int | None = None) -> None:
         """Wait for the plots submitted (the first `upto` of them, else all) and log each on its run."""
-        from pipelines.variant_runner import failure_reason
-
         count = len(self._pending_plots) if upto is None else upto
         done, self._pending_plots = self._pending_plots[:count], self._pending_plots[count:]
         for run_id, artifact, error_tag, pending in done:

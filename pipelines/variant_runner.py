@@ -21,6 +21,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from common.errors import failure_reason  # noqa: F401 - a failed variant's reason; imported from here too
 from common.files import file_sha256, write_json_atomic
 from models.base import FloatModel, QuantizedModel, UnsupportedVariant
 from models.benchmark import BenchConfig, BenchResult, RoundsResult, benchmark, benchmark_against, benchmark_rounds
@@ -100,12 +101,6 @@ class VariantResult:
     torch_check_images: int = 0  # FP32 only: on the first this many test images
     diagnosis: object | None = None  # models.diagnosis.Diagnosis, with RunnerOptions.diagnose_images
     diagnosis_error: str = ""  # why the diagnosis failed (the variant itself is fine)
-
-
-def failure_reason(exc: BaseException) -> str:
-    """A failed variant's reason: the exception's type and the first line of its message."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 class VariantRunner:

@@ -199,30 +199,38 @@ def _ending(end):
 
 class DetachedRun:
     """A run written through the client by id: it never becomes the active run, so it can be the child of a run
-    that has ended (a variant's run, after it logged its model)."""
+    that has ended (a variant's run, after it logged its model). With `model_id`, metrics and params go on that
+    logged model too, as log_metrics and log_params do on the active run."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, model_id: str | None = None):
         self.run_id = run_id
+        self.model_id = model_id
 
     def log_params(self, params: dict) -> None:
-        from mlflow.entities import Param as MlflowParam
-
-        self._batch(params=[MlflowParam(k, "" if v is None else str(v)) for k, v in params.items()])
+        self.log(params=params)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric as MlflowMetric
-
-        now = int(time.time() * 1000)
-        self._batch(metrics=[MlflowMetric(k, float(v), now, 0) for k, v in metrics.items() if v is not None])
+        self.log(metrics=metrics)
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        self.log(tags=tags)
+
+    def log(self, metrics: dict[str, float] | None = None, params: dict | None = None,
+            tags: dict[str, str] | None = None) -> None:
+        """Metrics (None values left out), params and tags in one batch."""
+        from mlflow.entities import Metric as MlflowMetric
+        from mlflow.entities import Param as MlflowParam
         from mlflow.entities import RunTag
 
-        self._batch(tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def _batch(self, **entries) -> None:
+        now = int(time.time() * 1000)
+        params = _str_params(params or {})
         try:
-            client().log_batch(self.run_id, **entries)
+            client().log_batch(self.run_id, metrics=[MlflowMetric(k, float(v), now, 0, model_id=self.model_id)
+                                                     for k, v in (metrics or {}).items() if v is not None],
+                               params=[MlflowParam(k, v) for k, v in params.items()],
+                               tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+            if self.model_id and params:
+                client().log_model_params(self.model_id, params)
         except mlflow.exceptions.MlflowException as exc:
             raise refused_credentials(exc) or TrackingError(
                 f"tracking server at {public_tracking_uri()} refused to log on run {self.run_id}: "
@@ -620,24 +628,9 @@ def runs_tagged(experiment_id: str, key: str, value: str) -> list:
 def log_to_ended_run(run_id: str, model_uri: str | None, metrics: dict[str, float], params: dict,
                      tags: dict[str, str]) -> None:
     """Metrics, params and tags measured after a run ended (a sweep times its models together once all are made),
-    on the run and, as log_metrics and log_params do on the active run, on the MLflow logged model it logged
-    (`model_uri` models:/<id>; a run without one gets them on the run only)."""
-    from mlflow.entities import Metric as MlflowMetric
-    from mlflow.entities import Param as MlflowParam
-    from mlflow.entities import RunTag
-
+    on the run and on the MLflow logged model it logged (`model_uri` models:/<id>; else on the run only)."""
     model_id = model_uri.removeprefix("models:/") if model_uri and model_uri.startswith("models:/") else None
-    now = int(time.time() * 1000)
-    try:
-        client().log_batch(run_id, metrics=[MlflowMetric(k, float(v), now, 0, model_id=model_id)
-                                            for k, v in metrics.items() if v is not None],
-                           params=[MlflowParam(k, v) for k, v in _str_params(params).items()],
-                           tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        if model_id and params:
-            client().log_model_params(model_id, _str_params(params))
-    except mlflow.exceptions.MlflowException as exc:
-        raise refused_credentials(exc) or TrackingError(
-            f"tracking server at {public_tracking_uri()} refused to log on run {run_id}: {one_line(exc)}") from exc
+    DetachedRun(run_id, model_id).log(metrics, params, tags)
 
 
 def log_params_to_run(run_id: str, params: dict) -> None:
