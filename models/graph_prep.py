@@ -49,6 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 try:  # onnx2torch is optional at import time (prepare_graph also works on plain torch modules)
+    from models.onnx2torch_import import import_onnx2torch
+
+    import_onnx2torch()
     from onnx2torch.node_converters import (
         OnnxBinaryMathOperation,
         OnnxFlatten,

@@ -264,7 +264,9 @@ def _first_line(exc: BaseException) -> str:
 
 def to_torch(model: OnnxClassifier):
     """onnx2torch conversion; returns an eval-mode torch.fx.GraphModule."""
-    import onnx2torch
+    from models.onnx2torch_import import import_onnx2torch
+
+    onnx2torch = import_onnx2torch()
 
     try:
         module = onnx2torch.convert(model.proto)

@@ -768,8 +768,10 @@ def adaround_onnx(onnx_model, calib: np.ndarray, scheme: str = "per_channel_sym_
 def adaround_onnx_schemes(onnx_model, calib: np.ndarray, schemes: Sequence[str], *, round_head: bool = True, **kw):
     """:func:`adaround_onnx` for several schemes at once (one FP32 pass, the schemes' problems solved side by side):
     returns {scheme: ModelProto}, each the same as :func:`adaround_onnx` gives for that scheme alone."""
-    import onnx2torch
     from models.graph_prep import classifier_head, prepare_graph
+    from models.onnx2torch_import import import_onnx2torch
+
+    onnx2torch = import_onnx2torch()
 
     gm = prepare_graph(onnx2torch.convert(onnx_model), fold_pad=False)
     if not round_head:

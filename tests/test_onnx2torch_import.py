@@ -1,0 +1,80 @@
+"""onnx2torch imported with torchvision deferred: a classifier converts without importing torchvision (nor the
+torch._dynamo it brings), and the converters that do use torchvision still run the real one, with onnxruntime's
+results. Each check runs in a fresh interpreter: this one may have imported torchvision already."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_a_classifier_converts_without_importing_torchvision():
+    out = _run("""
+        import sys
+        sys.path.insert(0, "tests")
+        import numpy as np, torch
+        from onnx_fixture import tiny_cnn
+        from models.onnx2torch_import import import_onnx2torch
+        from models.graph_prep import prepare_graph
+        onnx2torch = import_onnx2torch()
+        module = prepare_graph(onnx2torch.convert(tiny_cnn()).eval())
+        module(torch.zeros(2, 32, 32, 3))
+        print("torchvision" in sys.modules, "torch._dynamo" in sys.modules)
+    """)
+    assert out.split() == ["False", "False"]
+
+
+def test_roialign_and_nms_converters_run_the_real_torchvision():
+    out = _run("""
+        import sys
+        import numpy as np, onnx, onnxruntime as ort, torch
+        from onnx import TensorProto, helper
+        from models.onnx2torch_import import import_onnx2torch
+        onnx2torch = import_onnx2torch()
+        assert "torchvision" not in sys.modules
+
+        roi = helper.make_graph(
+            [helper.make_node("RoiAlign", ["x", "rois", "batch"], ["y"], output_height=2, output_width=2,
+                              sampling_ratio=2, spatial_scale=1.0, coordinate_transformation_mode="half_pixel")],
+            "roi", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8]),
+                    helper.make_tensor_value_info("rois", TensorProto.FLOAT, [2, 4]),
+                    helper.make_tensor_value_info("batch", TensorProto.INT64, [2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2, 2, 2])])
+        nms = helper.make_graph(
+            [helper.make_node("NonMaxSuppression", ["boxes", "scores", "k", "iou"], ["selected"])],
+            "nms", [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4, 4]),
+                    helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, 4])],
+            [helper.make_tensor_value_info("selected", TensorProto.INT64, [None, 3])],
+            initializer=[helper.make_tensor("k", TensorProto.INT64, [1], [3]),
+                         helper.make_tensor("iou", TensorProto.FLOAT, [1], [0.5])])
+        rng = np.random.default_rng(0)
+        feeds = {
+            "roi": {"x": rng.normal(size=(1, 2, 8, 8)).astype(np.float32),
+                    "rois": np.array([[0, 0, 4, 4], [1, 2, 7, 6]], np.float32), "batch": np.zeros(2, np.int64)},
+            "nms": {"boxes": np.array([[[0, 0, 1, 1], [0, 0.05, 1, 1.05], [2, 2, 3, 3], [0, 0, 0.5, 0.5]]],
+                                      np.float32),
+                    "scores": np.array([[[0.9, 0.8, 0.7, 0.6]]], np.float32)}}
+        for graph in (roi, nms):
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
+            model.ir_version = 8
+            expected = ort.InferenceSession(model.SerializeToString(),
+                                            providers=["CPUExecutionProvider"]).run(None, feeds[graph.name])[0]
+            module = onnx2torch.convert(model)
+            got = module(*[torch.from_numpy(v) for v in feeds[graph.name].values()])
+            np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+        import torchvision
+        print(type(torchvision).__name__, hasattr(torchvision, "__version__"), len(expected))
+    """)
+    # the real torchvision module after the calls, and NMS kept 3 of the 4 boxes (one overlaps the first)
+    assert out.split() == ["module", "True", "3"]
