@@ -37,6 +37,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import functools
+import hashlib
 import io
 import json
 import math
@@ -540,18 +542,30 @@ def diagnose_ort(float_onnx_path: Path, qdq_onnx_path: Path, images: np.ndarray,
                 x = _unflatten(x, shapes.get(layer.input), len(batch)) if x is not None else None
                 if x is not None:
                     ranges[layer.name].add(x, layer.channel_axis)
-    method = method or ("onnxruntime.quantization.qdq_loss_debug (create_weight_matching; collect_activations + "
-                        "create_activation_matching for accumulated SQNR); local SQNR: each layer's Q/DQ subgraph of "
-                        "the QDQ model run on the FP32 model's activations")
-    return Diagnosis("onnxruntime", method, len(images), _rows(layers, weight, local, accumulated, ranges, quantized))
+    return Diagnosis("onnxruntime", method or _ORT_METHOD, len(images),
+                     _rows(layers, weight, local, accumulated, ranges, quantized))
+
+
+_ORT_METHOD = ("onnxruntime.quantization.qdq_loss_debug (create_weight_matching; collect_activations + "
+               "create_activation_matching for accumulated SQNR); local SQNR: each layer's Q/DQ subgraph of the QDQ "
+               "model run on the FP32 model's activations")
+_ORT_TWIN_METHOD = ("QDQ twin of this {format} model (the same config with quant_format=QDQ): "
+                    "onnxruntime.quantization.qdq_loss_debug (create_weight_matching; collect_activations + "
+                    "create_activation_matching); local SQNR: each layer's Q/DQ subgraph run on the FP32 model's "
+                    "activations")
 
 
 def diagnose_ort_config(reference, source, config, calibration: np.ndarray, images: np.ndarray, work_dir: Path,
-                        qdq_path: Path | None = None, batch_size: int = _BATCH) -> Diagnosis:
+                        qdq_path: Path | None = None, batch_size: int = _BATCH, memo: dict | None = None) -> Diagnosis:
     """Diagnose an onnxruntime variant: `reference` is the FP32 FloatModel before AdaRound, `source` the one the
     quantizer read (AdaRound-ed when the config asks for it; see FloatModel.for_config). A QDQ config diagnoses
     `qdq_path` when given (e.g. the logged model) or quantizes `source` with `calibration`; a QOperator config is
-    diagnosed through its QDQ twin (the same config with quant_format QDQ), quantized here."""
+    diagnosed through its QDQ twin (the same config with quant_format QDQ), quantized here.
+
+    `memo` (a dict the caller keeps, e.g. for one sweep) holds diagnoses by the QDQ file's SHA-256, the FP32 model
+    and the images: a QOperator variant whose twin is byte for byte a QDQ variant already diagnosed (ort-int8-u8s8
+    and ort-int8) gets that diagnosis instead of a second identical one."""
+    from common.files import file_sha256
     from models.quantize_ort import quantize
 
     reference = reference.ready_for(config)
@@ -559,17 +573,22 @@ def diagnose_ort_config(reference, source, config, calibration: np.ndarray, imag
     if twin or qdq_path is None:
         qdq_config = replace(config, quant_format="QDQ") if twin else config
         qdq_path = quantize(source, qdq_config, calibration, Path(work_dir) / ("qdq-twin" if twin else "qdq")).path
-    method = None
-    if twin:
-        method = (f"QDQ twin of this {config.quant_format} model (the same config with quant_format=QDQ): "
-                  "onnxruntime.quantization.qdq_loss_debug (create_weight_matching; collect_activations + "
-                  "create_activation_matching); local SQNR: each layer's Q/DQ subgraph run on the FP32 model's "
-                  "activations")
-    return diagnose_ort(reference.ort_ready_path, qdq_path, images, layers_model=reference.onnx.proto, method=method,
-                        batch_size=batch_size)
+    method = _ORT_TWIN_METHOD.format(format=config.quant_format) if twin else _ORT_METHOD
+    key = None
+    if memo is not None:
+        images = np.ascontiguousarray(images)
+        key = (file_sha256(qdq_path), file_sha256(reference.ort_ready_path),
+               hashlib.sha256(reference.onnx.proto.SerializeToString()).hexdigest(),  # names the layers
+               images.shape, str(images.dtype), hashlib.sha256(images.data).hexdigest(), batch_size)
+        if key in memo:
+            return replace(memo[key], method=method)
+    diagnosis = diagnose_ort(reference.ort_ready_path, qdq_path, images, layers_model=reference.onnx.proto,
+                             method=method, batch_size=batch_size)
+    if key is not None:
+        memo[key] = diagnosis
+    return diagnosis
 
 
-# ---- PyTorch FX ---------------------------------------------------------------------------------------------------
 def _as_float(value):
     return value.dequantize() if value.is_quantized else value
 
@@ -629,6 +648,28 @@ def _identity(x):
     return x
 
 
+@functools.cache
+def _reversed_fusions() -> list:
+    from torch.ao.ns.fx.pattern_utils import get_reversed_fusions
+
+    return get_reversed_fusions()
+
+
+@contextlib.contextmanager
+def _fusion_patterns_built_once():
+    """torch.ao.ns's graph matcher calls get_reversed_fusions() for every node it visits, and each call builds the
+    pattern table of torch's native backend config anew (2.4 s of a ResNet8 sweep's 4.8 s of FX diagnosis). The
+    table depends on nothing else, and the matcher only iterates over it: built once, it is the same table."""
+    import torch.ao.ns.fx.graph_matcher as matcher
+
+    original = matcher.get_reversed_fusions
+    matcher.get_reversed_fusions = _reversed_fusions
+    try:
+        yield
+    finally:
+        matcher.get_reversed_fusions = original
+
+
 def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_model, backend: str,
                        float_onnx_path: Path | None = None, batch_size: int = _BATCH) -> Diagnosis:
     """Diagnose an FX-converted `quantized` GraphModule against `reference_prepared`, the FP32 model prepared the same
@@ -655,7 +696,7 @@ def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_m
     weight, is_quantized = {}, {}
     local, accumulated, depth = {}, {}, {}
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _fusion_patterns_built_once():
             # (stdout: add_shadow_loggers prints each pattern it cannot shadow, e.g. add_relu)
             warnings.simplefilter("ignore")
             weights = ns.extract_weights("fp32", reference_prepared, "int8", quantized)

@@ -123,6 +123,7 @@ class VariantRunner:
         # (model-ready images, indices digest) AdaRound reconstructs on, when not the calibration set (ptqflow tune
         # keeps one AdaRound set while it searches the calibration size)
         self.rounding_set: tuple[np.ndarray, str] | None = None
+        self.ort_diagnoses: dict = {}  # diagnose_ort_config's memo: a QDQ file diagnosed once per runner
 
     def convert(self, specs: list[VariantSpec]) -> None:
         """Each backend's starting point, made once for all variants (the convert phase)."""
@@ -223,7 +224,7 @@ class VariantRunner:
                 with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=f".{spec.name}-diagnosis-") as scratch:
                     diagnosis = diagnose_ort_config(self.quantization_source, source, spec.config,
                                                     self.inputs.calibration, test, Path(scratch), qdq_path=qdq,
-                                                    batch_size=batch)
+                                                    batch_size=batch, memo=self.ort_diagnoses)
             advance()
         return diagnosis
 

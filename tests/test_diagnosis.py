@@ -208,6 +208,27 @@ def test_a_qoperator_variant_is_diagnosed_through_its_qdq_twin(models, images, t
     assert diagnosis.worst_first()[0].layer == "conv2"
 
 
+
+def test_a_twin_identical_to_a_diagnosed_qdq_file_reuses_its_diagnosis(models, images, tmp_path):
+    calibration, test = images
+    model = models["outlier"]
+    qdq = OrtStaticConfig(quant_format="QDQ", activation_dtype="uint8", weight_dtype="int8",
+                          weight_rounding="nearest")
+    qoperator = replace(qdq, quant_format="QOperator")
+    memo = {}
+    first = diagnose_ort_config(model, model, qdq, calibration, test[:64], tmp_path / "a", memo=memo)
+    reused = diagnose_ort_config(model, model, qoperator, calibration, test[:64], tmp_path / "b", memo=memo)
+    assert len(memo) == 1  # the twin hashed to the diagnosed file
+    assert reused.layers == first.layers and reused.method.startswith("QDQ twin of this QOperator model")
+    assert first.method.startswith("onnxruntime.quantization.qdq_loss_debug")
+    # the same result as diagnosing the twin on its own
+    assert diagnose_ort_config(model, model, qoperator, calibration, test[:64], tmp_path / "c").layers == first.layers
+    # other bytes (per-tensor weights) or other images are diagnosed anew
+    diagnose_ort_config(model, model, replace(qoperator, per_channel=not qdq.per_channel), calibration, test[:64],
+                        tmp_path / "d", memo=memo)
+    diagnose_ort_config(model, model, qoperator, calibration, test[:32], tmp_path / "e", memo=memo)
+    assert len(memo) == 3
+
 # ---- repairs --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config", [FX, ORT], ids=["fx", "ort"])
 def test_repairs_restore_agreement(models, images, tmp_path, config):
