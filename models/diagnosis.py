@@ -691,11 +691,11 @@ def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_m
         layer = by_node.get(node)
         return layer, (layer.nodes.index(node) if layer else -1)
 
-    previous_engine = torch.backends.quantized.engine
-    torch.backends.quantized.engine = backend
+    from models.quantize_pytorch import fx_quantization
+
     weight, is_quantized = {}, {}
     local, accumulated, depth = {}, {}, {}
-    try:
+    with fx_quantization(backend):
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _fusion_patterns_built_once():
             # (stdout: add_shadow_loggers prints each pattern it cannot shadow, e.g. add_relu)
             warnings.simplefilter("ignore")
@@ -746,8 +746,6 @@ def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_m
                             if layer is not None and ours["values"]:
                                 record(local, layer, position, ref["values"][-1], ours["values"][-1])
                     _clear(float_logged, int8_logged, shadowed)
-    finally:
-        torch.backends.quantized.engine = previous_engine
     fed_by_input = _fed_by_model_input(onnx_model, layers)
     for layer in layers:
         if layer.name not in local and layer.name in accumulated and layer.name in fed_by_input:

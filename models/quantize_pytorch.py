@@ -5,6 +5,7 @@ FX GraphModules do not pickle reliably, so the quantized model is traced and sav
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -204,24 +205,35 @@ def _source_and_mapping(float_model: FloatModel, config: PytorchFxConfig, exampl
     return source, _qconfig_mapping(config, source, float_model.onnx.proto)
 
 
+@contextlib.contextmanager
+def fx_quantization(backend: str):
+    """torch's quantized engine set to `backend`, and FX's tracer told not to record each node's Python stack: the
+    first symbolized stack imports torch._inductor and torch._dynamo (2 s, nothing else here needs them), and the
+    stacks only feed error messages (torch.fx.config.do_not_emit_stack_traces). Both are restored after."""
+    import torch
+    import torch.fx.config
+
+    previous = torch.backends.quantized.engine, torch.fx.config.do_not_emit_stack_traces
+    torch.backends.quantized.engine = backend
+    torch.fx.config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine, torch.fx.config.do_not_emit_stack_traces = previous
+
+
 def prepare_reference(float_model: FloatModel, config: PytorchFxConfig, example):
     """`float_model` prepared (not calibrated) exactly as `quantize_graphs` prepares the model it quantizes: the FP32
     side of a numeric-suite comparison, with the same modules, fusions and float parts."""
     import copy
 
-    import torch
     from torch.ao.quantization.quantize_fx import prepare_fx
 
     source, mapping = _source_and_mapping(float_model.ready_for(config), config, example)
-    previous_engine = torch.backends.quantized.engine
-    torch.backends.quantized.engine = config.backend
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return prepare_fx(copy.deepcopy(source), mapping, example_inputs=(example,),
-                              backend_config=_backend_config(config))
-    finally:
-        torch.backends.quantized.engine = previous_engine
+    with fx_quantization(config.backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prepare_fx(copy.deepcopy(source), mapping, example_inputs=(example,),
+                          backend_config=_backend_config(config))
 
 
 def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibration: np.ndarray,
@@ -239,23 +251,18 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
     example = torch.from_numpy(calibration[:fixed or 2])
     backend_config = _backend_config(config)
     source, mapping = _source_and_mapping(float_model, config, example)
-    previous_engine = torch.backends.quantized.engine
-    torch.backends.quantized.engine = config.backend
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.ao deprecation notices on every call
-            _check_kernels_accept(source, mapping, backend_config, example, config)
-            prepared = prepare_fx(copy.deepcopy(source), mapping, example_inputs=(example,),
-                                  backend_config=backend_config)
-            seen = 0
-            with torch.no_grad():  # observers update their buffers in place
-                for batch in batches(calibration, fixed or config.calibration_batch_size):
-                    prepared(torch.from_numpy(batch))
-                    seen += len(batch)
-                    advance(len(batch))
-            converted = convert_fx(copy.deepcopy(prepared), backend_config=backend_config)
-    finally:
-        torch.backends.quantized.engine = previous_engine
+    with fx_quantization(config.backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao deprecation notices on every call
+        _check_kernels_accept(source, mapping, backend_config, example, config)
+        prepared = prepare_fx(copy.deepcopy(source), mapping, example_inputs=(example,),
+                              backend_config=backend_config)
+        seen = 0
+        with torch.no_grad():  # observers update their buffers in place
+            for batch in batches(calibration, fixed or config.calibration_batch_size):
+                prepared(torch.from_numpy(batch))
+                seen += len(batch)
+                advance(len(batch))
+        converted = convert_fx(copy.deepcopy(prepared), backend_config=backend_config)
     return FxGraphs(source, prepared, converted, mapping, backend_config, example, seen)
 
 

@@ -1,6 +1,7 @@
-"""onnx2torch imported with torchvision deferred: a classifier converts without importing torchvision (nor the
-torch._dynamo it brings), and the converters that do use torchvision still run the real one, with onnxruntime's
-results. Each check runs in a fresh interpreter: this one may have imported torchvision already."""
+"""onnx2torch imported with torchvision deferred, and FX tracing without stack traces: a classifier converts, is
+quantized and diagnosed without importing torchvision or torch._dynamo (2 s of imports), and the converters that do
+use torchvision still run the real one, with onnxruntime's results. Each check runs in a fresh interpreter: this
+one may have imported torchvision already."""
 
 from __future__ import annotations
 
@@ -19,17 +20,25 @@ def _run(code: str) -> str:
     return done.stdout
 
 
-def test_a_classifier_converts_without_importing_torchvision():
-    out = _run("""
+def test_converting_quantizing_and_diagnosing_a_classifier_import_neither_torchvision_nor_dynamo(tmp_path):
+    out = _run(f"""
         import sys
         sys.path.insert(0, "tests")
-        import numpy as np, torch
+        from pathlib import Path
+        import numpy as np, onnx
         from onnx_fixture import tiny_cnn
-        from models.onnx2torch_import import import_onnx2torch
-        from models.graph_prep import prepare_graph
-        onnx2torch = import_onnx2torch()
-        module = prepare_graph(onnx2torch.convert(tiny_cnn()).eval())
-        module(torch.zeros(2, 32, 32, 3))
+        from models.base import FloatModel
+        from models.diagnosis import diagnose_fx
+        from models.onnx_model import load_classifier
+        from models.quantize_pytorch import PytorchFxConfig, quantize
+        onnx.save(tiny_cnn(), "{tmp_path}/tiny.onnx")
+        model = FloatModel.for_runtimes(load_classifier("{tmp_path}/tiny.onnx"), Path("{tmp_path}"))
+        model = model.for_quantization()
+        images = np.random.default_rng(0).uniform(0, 255, (40, 32, 32, 3)).astype(np.float32)
+        config = PytorchFxConfig(backend="x86", weight_rounding="nearest")
+        quantize(model, config, images[:20], Path("{tmp_path}/out"))
+        diagnosis = diagnose_fx(model, model, config, images[:20], images[20:])
+        assert diagnosis.layers
         print("torchvision" in sys.modules, "torch._dynamo" in sys.modules)
     """)
     assert out.split() == ["False", "False"]
