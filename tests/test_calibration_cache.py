@@ -80,3 +80,35 @@ def test_an_unreadable_cache_file_is_recomputed(float_model, tmp_path):
     again = quantize(float_model, INT8, images, tmp_path / "again")
     assert again.path.read_bytes() == first.path.read_bytes() and again.calibration_images == 40
     assert _cached() == [cached] and cached.read_text().startswith("{")
+
+
+@pytest.mark.parametrize("method", ["Percentile", "Entropy"])
+def test_histograms_made_on_several_threads_give_the_same_model_bytes(float_model, tmp_path, monkeypatch, method):
+    import threading
+
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    import models.quantize_ort as quantize_ort
+    import models.runtime
+
+    config = OrtStaticConfig(quant_format="QDQ", activation_dtype="uint8", weight_dtype="int8", per_channel=True,
+                             weight_rounding="nearest", calibration_method=method,
+                             extra_options=(("CalibPercentile", 99.99),) if method == "Percentile" else ())
+    images = _images(40)
+    monkeypatch.setattr(models.runtime, "cpu_threads", lambda: 2)  # threads even on a 1-core machine
+    threads = set()
+    original = HistogramCollector.collect
+
+    def recording(self, name_to_arr):
+        threads.add(threading.get_ident())
+        return original(self, name_to_arr)
+
+    monkeypatch.setattr(HistogramCollector, "collect", recording)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-parallel"))
+    parallel = quantize(float_model, config, images, tmp_path / "parallel").path.read_bytes()
+    assert threads and threading.get_ident() not in threads  # onnxruntime's collect ran on the pool's threads
+    assert HistogramCollector.collect is recording  # put back afterwards
+
+    monkeypatch.setattr(quantize_ort, "_histograms_in_parallel", __import__("contextlib").nullcontext)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-serial"))
+    assert quantize(float_model, config, images, tmp_path / "serial").path.read_bytes() == parallel
