@@ -236,6 +236,57 @@ def prepare_reference(float_model: FloatModel, config: PytorchFxConfig, example)
                           backend_config=_backend_config(config))
 
 
+# The observer state of the last calibration, by _calibration_key: the sweep's two FX variants (fbgemm, x86) prepare
+# the same observed graph, with the same weights and observers, and calibrate it on the same images.
+_LAST_CALIBRATION: dict[str, tuple[dict, int]] = {}
+
+
+def _calibration_key(prepared, calibration: np.ndarray, batch_size: int) -> str:
+    """Everything that shapes the observers' state after calibration: the observed graph's code, each module's type
+    and plain settings (observer dtype, qscheme, range, percentile, ...), every parameter and buffer (weights and the
+    observers' initial state), the images' bytes and the batch size."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256(prepared.code.encode())
+    for name, module in prepared.named_modules():
+        digest.update(f"\0{name}\0{type(module).__module__}.{type(module).__qualname__}".encode())
+        for attribute, value in sorted(vars(module).items()):
+            if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.qscheme)):
+                digest.update(f"\0{attribute}={value!r}".encode())
+    for name, tensor in prepared.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    calibration = np.ascontiguousarray(calibration)
+    digest.update(f"\0{calibration.dtype}\0{calibration.shape}\0{batch_size}\0".encode())
+    digest.update(calibration.data)
+    return digest.hexdigest()
+
+
+def _calibrate(prepared, calibration: np.ndarray, batch_size: int, advance: Callable[[int], None]) -> int:
+    """Run the calibration images through `prepared`'s observers, or give them the state the same calibration of the
+    same observed graph left (see _LAST_CALIBRATION); returns the number of images seen."""
+    import torch
+
+    key = _calibration_key(prepared, calibration, batch_size)
+    if key in _LAST_CALIBRATION:
+        state, seen = _LAST_CALIBRATION[key]
+        prepared.load_state_dict(state)
+        advance(seen)
+        return seen
+    seen = 0
+    with torch.no_grad():  # observers update their buffers in place
+        for batch in batches(calibration, batch_size):
+            prepared(torch.from_numpy(batch))
+            seen += len(batch)
+            advance(len(batch))
+    _LAST_CALIBRATION.clear()
+    _LAST_CALIBRATION[key] = ({name: value.detach().clone() for name, value in prepared.state_dict().items()}, seen)
+    return seen
+
+
 def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibration: np.ndarray,
                     advance: Callable[[int], None] = lambda n: None) -> FxGraphs:
     """prepare_fx, calibration on model-ready `calibration` inputs and convert_fx of the onnx2torch module (equalized
@@ -256,12 +307,7 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
         _check_kernels_accept(source, mapping, backend_config, example, config)
         prepared = prepare_fx(copy.deepcopy(source), mapping, example_inputs=(example,),
                               backend_config=backend_config)
-        seen = 0
-        with torch.no_grad():  # observers update their buffers in place
-            for batch in batches(calibration, fixed or config.calibration_batch_size):
-                prepared(torch.from_numpy(batch))
-                seen += len(batch)
-                advance(len(batch))
+        seen = _calibrate(prepared, calibration, fixed or config.calibration_batch_size, advance)
         converted = convert_fx(copy.deepcopy(prepared), backend_config=backend_config)
     return FxGraphs(source, prepared, converted, mapping, backend_config, example, seen)
 

@@ -1,0 +1,90 @@
+"""FX calibration done once for graphs that observe the same thing: the sweep's fbgemm and x86 variants prepare the
+same observed graph and calibrate it on the same images, so the second one takes the first one's observer state;
+anything that shapes that state (images, observer settings, weights) calibrates again."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx_fixture import tiny_cnn
+
+import models.quantize_pytorch as quantize_pytorch
+from models.base import FloatModel
+from models.onnx_model import load_classifier
+from models.quantize_pytorch import PytorchFxConfig, quantize_graphs
+
+X86 = PytorchFxConfig(backend="x86", weight_rounding="nearest")
+
+
+@pytest.fixture
+def float_model(tmp_path) -> FloatModel:
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_cnn(), str(path))
+    return FloatModel.for_runtimes(load_classifier(path), tmp_path / "work").for_quantization()
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (n, 32, 32, 3)).astype(np.float32)
+
+
+def _observer_state(graphs) -> dict:
+    return {name: value.clone() for name, value in graphs.prepared.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _forwards(monkeypatch) -> list:
+    """Counts calibration batches run through an observed graph."""
+    calls = []
+    original = torch.fx.GraphModule.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.fx.GraphModule, "__call__", counting)
+    return calls
+
+
+def test_the_second_backend_takes_the_first_ones_calibration_and_it_is_the_same(float_model, monkeypatch):
+    images = _images(60)
+    quantize_pytorch._LAST_CALIBRATION.clear()
+    fbgemm = quantize_graphs(float_model, replace(X86, backend="fbgemm"), images)
+    calls = _forwards(monkeypatch)
+    reused = quantize_graphs(float_model, X86, images)
+    assert reused.calibration_images == 60
+    reused_calls = len(calls)
+    quantize_pytorch._LAST_CALIBRATION.clear()
+    fresh = quantize_graphs(float_model, X86, images)
+    assert reused_calls == 0 and len(calls) > 0  # a fresh calibration runs its batches; the reused one ran none
+    assert _same(_observer_state(reused), _observer_state(fresh))
+    assert _same(_observer_state(reused), _observer_state(fbgemm))
+    example = torch.from_numpy(images[:8])
+    torch.backends.quantized.engine = "x86"
+    with torch.no_grad():
+        assert torch.equal(reused.converted(example), fresh.converted(example))
+
+
+@pytest.mark.parametrize("change", ["images", "percentile", "weights"])
+def test_what_shapes_the_observers_calibrates_again(float_model, monkeypatch, change):
+    images = _images(60)
+    quantize_pytorch._LAST_CALIBRATION.clear()
+    first = quantize_graphs(float_model, X86, images)
+    config, model = X86, float_model
+    if change == "images":
+        images = _images(60, seed=1)
+    elif change == "percentile":
+        config = replace(X86, percentile=99.9)
+    else:
+        with torch.no_grad():
+            next(p for p in model.torch_module.parameters() if p.dim() == 4).mul_(1.5)
+    calls = _forwards(monkeypatch)
+    second = quantize_graphs(model, config, images)
+    assert calls, "calibrated again"
+    assert not _same(_observer_state(first), _observer_state(second))
