@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -16,13 +17,14 @@ from pipelines.progress import progress_task
 EVAL_BATCH_SIZE = 256
 
 
-def predict_scores(runner, images_nchw: np.ndarray, transform: InputTransform, description: str,
-                   batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
-    """Class scores for every image, computed batch by batch with a progress bar."""
+def predict_scores(runner, images: np.ndarray, transform: InputTransform | Callable[[np.ndarray], np.ndarray],
+                   description: str, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
+    """Class scores for every image, computed batch by batch with a progress bar; `transform` makes a batch of
+    `images` model-ready."""
     outputs = []
-    with progress_task(description, total=len(images_nchw)) as advance:
-        for start in range(0, len(images_nchw), batch_size):
-            batch = transform(images_nchw[start:start + batch_size])
+    with progress_task(description, total=len(images)) as advance:
+        for start in range(0, len(images), batch_size):
+            batch = transform(images[start:start + batch_size])
             outputs.append(np.asarray(runner.predict(batch), dtype=np.float32).reshape(len(batch), -1))
             advance(len(batch))
     return np.concatenate(outputs)

@@ -40,6 +40,9 @@ BENCH_IMAGES = 256  # real test images, model-ready, reused by every benchmark
 # images: a faulty conversion disagrees on far more than one in a thousand, and eager FP32 is the slowest model a
 # sweep runs (16 s of resnet8_large_wide's 10,000 images). The variants themselves are measured on every image.
 TORCH_CHECK_IMAGES = 1000
+# The test set is made model-ready once for all the models a sweep evaluates when it takes at most this many bytes as
+# float32 (CIFAR-10's 10,000 test images: 123 MB); a larger one is made ready batch by batch, for each model.
+READY_TEST_BYTES = 512 * 2**20
 
 
 class PreparedInputs(Protocol):
@@ -124,6 +127,7 @@ class VariantRunner:
         # keeps one AdaRound set while it searches the calibration size)
         self.rounding_set: tuple[np.ndarray, str] | None = None
         self.ort_diagnoses: dict = {}  # diagnose_ort_config's memo: a QDQ file diagnosed once per runner
+        self._ready_test: np.ndarray | None = None
 
     def convert(self, specs: list[VariantSpec]) -> None:
         """Each backend's starting point, made once for all variants (the convert phase)."""
@@ -135,18 +139,27 @@ class VariantRunner:
                     torch=any(spec.framework == PYTORCH for spec in specs),
                     onnxruntime=any(spec.framework == ONNXRUNTIME for spec in specs))
 
+    def _test_inputs(self) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+        """The test images and what makes a batch of them model-ready: transformed once, for every model, when they
+        fit in READY_TEST_BYTES (the transform works image by image, so the values are the same either way)."""
+        images = self.inputs.test.images
+        if self._ready_test is None and images.size * 4 <= READY_TEST_BYTES:
+            self._ready_test = self.inputs.transform(images)
+        return (self._ready_test, _model_ready) if self._ready_test is not None else (images, self.inputs.transform)
+
     # ---- FP32 reference ------------------------------------------------------------------------------------
     def run_reference(self) -> VariantResult:
         """FP32 through onnxruntime (the reference every variant is compared with) and through the onnx2torch
         module (its agreement checks the conversion the PyTorch backends start from)."""
         from models.runtime import OrtRunner, TorchRunner
 
-        test, transform, names = self.inputs.test, self.inputs.transform, self.inputs.data.class_names
+        test, names = self.inputs.test, self.inputs.data.class_names
         with self.timer.phase("evaluate"):
-            ort_scores = predict_scores(OrtRunner(self.float_model.onnx.path), test.images, transform,
+            images, transform = self._test_inputs()
+            ort_scores = predict_scores(OrtRunner(self.float_model.onnx.path), images, transform,
                                         "FP32 onnxruntime", self.eval_batch)
             checked = min(len(test), TORCH_CHECK_IMAGES)
-            torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), test.images[:checked],
+            torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), images[:checked],
                                           transform, "FP32 onnx2torch", self.eval_batch)
         self.reference = evaluate(ort_scores, test.labels, names)
         torch_agreement = fidelity(evaluate(ort_scores[:checked], test.labels[:checked], names),
@@ -179,8 +192,8 @@ class VariantRunner:
         model_file = store(self._to_store(spec, quantized, engine)) if store else quantized.path
         runner = TorchRunner.from_torchscript(model_file, engine) if engine else OrtRunner(model_file)
         with self.timer.phase("evaluate"):
-            scores = predict_scores(runner, self.inputs.test.images, self.inputs.transform,
-                                    f"evaluating {spec.name}", self.eval_batch)
+            images, transform = self._test_inputs()
+            scores = predict_scores(runner, images, transform, f"evaluating {spec.name}", self.eval_batch)
         evaluation = evaluate(scores, self.inputs.test.labels, self.inputs.data.class_names)
         public = variant_dir / MODEL_FILE_NAMES[quantized.format]
         if model_file != public:
@@ -246,8 +259,9 @@ class VariantRunner:
             runner = TorchRunner.from_torchscript(quantized.path, engine) if engine else OrtRunner(quantized.path)
             outputs = []
             with self.timer.phase("evaluate"):
+                images, transform = self._test_inputs()
                 for start in range(0, count, self.eval_batch):
-                    batch = self.inputs.transform(test.images[start:min(start + self.eval_batch, count)])
+                    batch = transform(images[start:min(start + self.eval_batch, count)])
                     outputs.append(np.asarray(runner.predict(batch), dtype=np.float32).reshape(len(batch), -1))
             scores = np.concatenate(outputs)
         names = self.inputs.data.class_names
@@ -365,3 +379,7 @@ class VariantRunner:
                 result = benchmark(load, self.bench_images, self.options.bench_config, throughput=throughput)
             advance()
         return result
+
+
+def _model_ready(images: np.ndarray) -> np.ndarray:
+    return images
