@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -187,6 +188,9 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
     return QuantizedModel(path=path, format="onnx", calibration_images=len(calibration) if cached else reader.images)
 
 
+_HISTOGRAM_PATCH = threading.Lock()
+
+
 @contextlib.contextmanager
 def _histograms_in_parallel():
     """onnxruntime's HistogramCollector (Percentile, Entropy, Distribution) makes one numpy histogram per tensor over
@@ -199,22 +203,24 @@ def _histograms_in_parallel():
 
     from models.runtime import cpu_threads
 
-    original = HistogramCollector.collect
     threads = cpu_threads()
+    # one patch at a time: two threads quantizing at once would otherwise restore each other's
+    with _HISTOGRAM_PATCH:
+        original = HistogramCollector.collect
 
-    def collect(self, name_to_arr):
-        if threads < 2 or len(name_to_arr) < 2:
-            return original(self, name_to_arr)
-        order = list(self.histogram_dict) + [name for name in name_to_arr if name not in self.histogram_dict]
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda item: original(self, {item[0]: item[1]}), name_to_arr.items()))
-        self.histogram_dict = {name: self.histogram_dict[name] for name in order if name in self.histogram_dict}
+        def collect(self, name_to_arr):
+            if threads < 2 or len(name_to_arr) < 2:
+                return original(self, name_to_arr)
+            order = list(self.histogram_dict) + [name for name in name_to_arr if name not in self.histogram_dict]
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda item: original(self, {item[0]: item[1]}), name_to_arr.items()))
+            self.histogram_dict = {name: self.histogram_dict[name] for name in order if name in self.histogram_dict}
 
-    HistogramCollector.collect = collect
-    try:
-        yield
-    finally:
-        HistogramCollector.collect = original
+        HistogramCollector.collect = collect
+        try:
+            yield
+        finally:
+            HistogramCollector.collect = original
 
 
 CALIBRATION_CACHE_VERSION = "ort-ranges-v1"
