@@ -22,16 +22,21 @@ ADAROUND_VERSION = "adaround-v7:lambda=1,lr=0.01,seed=0,nearest-fallback,own-out
 ADAROUND_LIBRARIES = ("torch", "onnx", "onnx2torch", "numpy")
 
 
+def array_sha256(array: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (C order): the same values in another layout or type differ."""
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def adaround_cache_key(model_sha256: str, calibration: np.ndarray, calibration_digest: str, scheme: str,
                        iterations: int, context: dict | None = None) -> str:
     """Everything that shapes an AdaRound result: the model, the calibration images' bytes as the model sees them
     (so another copy of the data, layout or preprocessing misses the cache), which images they are, the grid, the
     iterations, the algorithm version and the library versions."""
-    calibration = np.ascontiguousarray(calibration)
-    data = hashlib.sha256(f"{calibration.dtype.str}{calibration.shape}".encode())
-    data.update(calibration.tobytes())
     payload = {"algorithm": ADAROUND_VERSION, "iterations": iterations, "model_sha256": model_sha256,
-               "calibration_sha256": data.hexdigest(), "calibration_indices_sha256": calibration_digest,
+               "calibration_sha256": array_sha256(calibration), "calibration_indices_sha256": calibration_digest,
                "scheme": scheme, "versions": package_versions(ADAROUND_LIBRARIES), "context": context or {}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -38,7 +38,6 @@ import contextlib
 import copy
 import csv
 import functools
-import hashlib
 import io
 import json
 import math
@@ -563,9 +562,11 @@ def diagnose_ort_config(reference, source, config, calibration: np.ndarray, imag
     diagnosed through its QDQ twin (the same config with quant_format QDQ), quantized here.
 
     `memo` (a dict the caller keeps, e.g. for one sweep) holds diagnoses by the QDQ file's SHA-256, the FP32 model
-    and the images: a QOperator variant whose twin is byte for byte a QDQ variant already diagnosed (ort-int8-u8s8
-    and ort-int8) gets that diagnosis instead of a second identical one."""
+    (which names the layers; its onnxruntime-ready form is made from it) and the images: a QOperator variant whose
+    twin is byte for byte a QDQ variant already diagnosed (ort-int8-u8s8 and ort-int8) gets that diagnosis instead
+    of a second identical one."""
     from common.files import file_sha256
+    from models.base import array_sha256
     from models.quantize_ort import quantize
 
     reference = reference.ready_for(config)
@@ -576,10 +577,7 @@ def diagnose_ort_config(reference, source, config, calibration: np.ndarray, imag
     method = _ORT_TWIN_METHOD.format(format=config.quant_format) if twin else _ORT_METHOD
     key = None
     if memo is not None:
-        images = np.ascontiguousarray(images)
-        key = (file_sha256(qdq_path), file_sha256(reference.ort_ready_path),
-               hashlib.sha256(reference.onnx.proto.SerializeToString()).hexdigest(),  # names the layers
-               images.shape, str(images.dtype), hashlib.sha256(images.data).hexdigest(), batch_size)
+        key = (file_sha256(qdq_path), reference.onnx.sha256, array_sha256(images), batch_size)
         if key in memo:
             return replace(memo[key], method=method)
     diagnosis = diagnose_ort(reference.ort_ready_path, qdq_path, images, layers_model=reference.onnx.proto,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import ConfigError, ModelError, PtqflowError
+from common.errors import ConfigError, ModelError, PtqflowError, failure_reason
 from common.files import file_sha256
 from common.versions import package_versions
 from models.base import UnsupportedVariant
@@ -40,7 +40,7 @@ from pipelines.progress import say
 from pipelines.promotion import GatePolicy
 from pipelines.registrar import MeasuredOn, Registrar, check_registry_targets
 from pipelines.timing import PhaseTimer
-from pipelines.variant_runner import ModelToStore, RunnerOptions, VariantResult, VariantRunner, failure_reason
+from pipelines.variant_runner import ModelToStore, RunnerOptions, VariantResult, VariantRunner
 from pipelines.variants import (DEFAULT_VARIANTS, FP32, ONNXRUNTIME, PYTORCH, VariantSpec, config_payload,
                                 qconfig_document, select)
 from tracking import runs

@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from common.errors import failure_reason  # noqa: F401 - a failed variant's reason; imported from here too
+from common.errors import failure_reason
 from common.files import file_sha256, write_json_atomic
 from models.base import FloatModel, QuantizedModel, UnsupportedVariant
 from models.benchmark import BenchConfig, BenchResult, RoundsResult, benchmark, benchmark_against, benchmark_rounds
@@ -224,7 +224,8 @@ class VariantRunner:
         from models.quantize_pytorch import PytorchFxConfig
 
         count = images or self.options.diagnose_images or DEBUG_IMAGES
-        test = self.inputs.transform(self.inputs.test.images[:count])
+        ready, transform = self._test_inputs()
+        test = transform(ready[:count])
         source = source or self._weights_for(spec)
         batch = self.inputs.model.input.batch_size or 64
         with self.timer.phase("diagnose"), progress_task(f"diagnosing {spec.name}", total=1) as advance:
