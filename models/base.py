@@ -17,7 +17,8 @@ from models.onnx_model import OnnxClassifier, to_torch
 
 
 # Bump when the algorithm or its defaults change: a cached result from older code is not the same result.
-ADAROUND_VERSION = "adaround-v7:lambda=1,lr=0.01,seed=0,nearest-fallback,own-output-exact-quadratic,all-images,stop-when-saturated"
+ADAROUND_VERSION = ("adaround-v8:lambda=1,lr=0.01,seed=0,nearest-fallback,own-output-exact-quadratic,all-images,"
+                    "stop-when-saturated,large-layers-on-torch-threads")
 # Libraries whose numerics shape AdaRound's result (the torch conversion and its optimizer).
 ADAROUND_LIBRARIES = ("torch", "onnx", "onnx2torch", "numpy")
 
@@ -34,8 +35,12 @@ def adaround_cache_key(model_sha256: str, calibration: np.ndarray, calibration_d
                        iterations: int, context: dict | None = None) -> str:
     """Everything that shapes an AdaRound result: the model, the calibration images' bytes as the model sees them
     (so another copy of the data, layout or preprocessing misses the cache), which images they are, the grid, the
-    iterations, the algorithm version and the library versions."""
+    iterations, the algorithm version, the library versions and torch's thread count (a large layer's matrix
+    product sums in another order on another number of threads, which can tip a weight's rounding)."""
+    import torch
+
     payload = {"algorithm": ADAROUND_VERSION, "iterations": iterations, "model_sha256": model_sha256,
+               "torch_threads": torch.get_num_threads(),
                "calibration_sha256": array_sha256(calibration), "calibration_indices_sha256": calibration_digest,
                "scheme": scheme, "versions": package_versions(ADAROUND_LIBRARIES), "context": context or {}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

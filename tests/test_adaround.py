@@ -452,3 +452,53 @@ def test_schemes_together_equal_each_scheme_alone(tiny_model, data):
         alone = adaround_onnx(fp32, calibration, scheme, iters=150, round_head=False)
         a, b = _initializers(together[scheme]), _initializers(alone)
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), scheme
+
+
+def test_a_large_layer_on_all_threads_gets_its_result_alone_or_beside_another_scheme():
+    """A layer of at least _ALL_CORES_FROM weights runs its loop on torch's threads, with one matrix product per scheme:
+    beside another scheme on the pool (as the sweep runs it) it gets exactly the rounding it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from models.weight_correction import _ALL_CORES_FROM, _adaround_layers, _Rounding
+
+    torch.manual_seed(4)
+    module = nn.Conv2d(160, 48, 3, padding=1).eval()  # 48 x 1440 = 69,120 weights
+    assert module.weight.numel() >= _ALL_CORES_FROM
+    x_q, y = _layer_problem(module, (24, 160, 6, 6))
+    iters = 120
+    threads = 2
+
+    def problems(schemes):
+        return [_Rounding(copy.deepcopy(module), x_q, y, scheme, False, True) for scheme in schemes]
+
+    with ThreadPoolExecutor(2) as pool:
+        together = _adaround_layers(problems(SCHEMES), iters, 8, 1.0, 1e-2, 0, lambda n: None, True, [None, None],
+                                    pool, threads)
+    for scheme, beside in zip(SCHEMES, together):
+        alone, = _adaround_layers(problems([scheme]), iters, 8, 1.0, 1e-2, 0, lambda n: None, True, [None], None,
+                                  threads)
+        assert torch.equal(alone, beside), scheme
+        assert not torch.equal(alone, _nearest_of(module, scheme)), "AdaRound moved nothing: the check is empty"
+
+
+def _nearest_of(module: nn.Module, scheme: str) -> torch.Tensor:
+    from models.weight_correction import quantize_weights_like
+
+    return quantize_weights_like(module.weight.detach(), scheme)
+
+
+def test_the_adaround_cache_key_covers_torch_threads():
+    """A large layer's products sum in another order on another number of threads: another thread count is another
+    cache entry."""
+    from models.base import adaround_cache_key
+
+    calibration = np.zeros((2, 3, 4, 4), np.float32)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = adaround_cache_key("model", calibration, "indices", SCHEMES[0], 1000)
+        torch.set_num_threads(2)
+        two = adaround_cache_key("model", calibration, "indices", SCHEMES[0], 1000)
+    finally:
+        torch.set_num_threads(previous)
+    assert one != two
