@@ -75,7 +75,8 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=None, help="default: the sweep's")
     parser.add_argument("--calibration-size", type=int, default=None, help="default: the sweep's")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads before running (AdaRound itself runs one torch thread per worker)")
+                        help="torch.set_num_threads before running: the threads the model passes and the steps of layers of "
+                             "50,000+ weights use (the rest runs one torch thread per worker)")
     parser.add_argument("--together", action="store_true",
                         help="all schemes in one call (adaround_onnx_schemes), as the default sweep runs them")
     parser.add_argument("--workers", type=int, default=None,

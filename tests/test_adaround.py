@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -43,16 +42,12 @@ BACKEND_ITERATIONS = 200
 
 
 # --------------------------------------------------------------------------- shared inputs
-@contextlib.contextmanager
 def _one_torch_thread():
     """AdaRound's many small steps on the tiny model: on a busy 2-core machine two torch threads made 200 steps take
     43 s instead of 4 s (spinning threads fighting for the cores). One thread, restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    from models.weight_correction import _torch_threads
+
+    return _torch_threads(1)
 
 
 def _grid_steps_off(w: np.ndarray, scheme: str) -> float:
@@ -459,7 +454,7 @@ def test_a_large_layer_on_all_threads_gets_its_result_alone_or_beside_another_sc
     beside another scheme on the pool (as the sweep runs it) it gets exactly the rounding it gets alone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from models.weight_correction import _ALL_CORES_FROM, _adaround_layers, _Rounding
+    from models.weight_correction import _ALL_CORES_FROM, _adaround_layers, _Rounding, quantize_weights_like
 
     torch.manual_seed(4)
     module = nn.Conv2d(160, 48, 3, padding=1).eval()  # 48 x 1440 = 69,120 weights
@@ -478,27 +473,19 @@ def test_a_large_layer_on_all_threads_gets_its_result_alone_or_beside_another_sc
         alone, = _adaround_layers(problems([scheme]), iters, 8, 1.0, 1e-2, 0, lambda n: None, True, [None], None,
                                   threads)
         assert torch.equal(alone, beside), scheme
-        assert not torch.equal(alone, _nearest_of(module, scheme)), "AdaRound moved nothing: the check is empty"
-
-
-def _nearest_of(module: nn.Module, scheme: str) -> torch.Tensor:
-    from models.weight_correction import quantize_weights_like
-
-    return quantize_weights_like(module.weight.detach(), scheme)
+        assert not torch.equal(alone, quantize_weights_like(module.weight.detach(), scheme)), \
+            "AdaRound moved nothing: the check is empty"
 
 
 def test_the_adaround_cache_key_covers_torch_threads():
     """A large layer's products sum in another order on another number of threads: another thread count is another
     cache entry."""
     from models.base import adaround_cache_key
+    from models.weight_correction import _torch_threads
 
     calibration = np.zeros((2, 3, 4, 4), np.float32)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with _torch_threads(1):
         one = adaround_cache_key("model", calibration, "indices", SCHEMES[0], 1000)
-        torch.set_num_threads(2)
+    with _torch_threads(2):
         two = adaround_cache_key("model", calibration, "indices", SCHEMES[0], 1000)
-    finally:
-        torch.set_num_threads(previous)
     assert one != two
