@@ -69,6 +69,40 @@ def model_sha256(path: Path, external_files: tuple[Path, ...] = ()) -> str:
     return sha.hexdigest()
 
 
+def graph_digest(proto) -> str:
+    """SHA-256 of what an ONNX model computes, blind to names and to the order its independent nodes are stored in:
+    each value is named by how it is made (a graph input by position and type, an initializer by its content, a
+    node's output by the node's op, domain, attributes and the values it reads, recursively), and the digest is that
+    of the opsets and the graph outputs' values. Two models with one digest run the same ops on the same constants
+    for every output, so one runtime gives them the same outputs. Names inside subgraphs only make digests differ."""
+    graph = proto.graph
+    source: dict[str, str] = {}
+    for tensor in list(graph.initializer) + [s.values for s in graph.sparse_initializer]:
+        source[tensor.name] = "const:" + _tensor_sha256(tensor)
+    for position, value in enumerate(v for v in graph.input if v.name not in source):
+        source[value.name] = "input:" + hashlib.sha256(f"{position}:".encode() + value.type.SerializeToString()
+                                                       ).hexdigest()
+    for node in graph.node:  # stored in topological order, as ONNX requires
+        sha = hashlib.sha256(f"{node.domain}:{node.op_type}".encode())
+        for attribute in sorted(node.attribute, key=lambda a: a.name):
+            sha.update(attribute.SerializeToString())
+        sha.update(repr([source.get(name, f"name:{name}") if name else "" for name in node.input]).encode())
+        made = sha.hexdigest()
+        for slot, name in enumerate(node.output):
+            if name:
+                source[name] = f"node:{made}:{slot}"
+    opsets = sorted((o.domain, o.version) for o in proto.opset_import)
+    return hashlib.sha256(repr((opsets, [source.get(v.name, f"name:{v.name}") for v in graph.output])).encode()
+                          ).hexdigest()
+
+
+def _tensor_sha256(tensor) -> str:
+    from onnx import numpy_helper
+
+    array = numpy_helper.to_array(tensor)
+    return hashlib.sha256(f"{tensor.data_type}:{list(tensor.dims)}:".encode() + array.tobytes()).hexdigest()
+
+
 def _dims(value_info) -> list[int | None]:
     dims = []
     for d in value_info.type.tensor_type.shape.dim:

@@ -24,13 +24,17 @@ def cpu_threads() -> int:
 
 
 class OrtRunner:
-    def __init__(self, model: Path | bytes, threads: int | None = None):
+    def __init__(self, model: Path | bytes, threads: int | None = None, optimized_copy: Path | None = None):
+        """`optimized_copy`: where onnxruntime writes the graph this session runs, after its graph optimizations
+        (for this machine only: it may hold CPU-specific ops)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or cpu_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # the quantizer's shape warnings are noise to users
+        if optimized_copy is not None:
+            options.optimized_model_filepath = str(optimized_copy)
         source = str(model) if isinstance(model, Path) else model
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name

@@ -526,7 +526,9 @@ class Sweep:
             return outcome
         say(f"[green]✓[/] {spec.name}: accuracy {100 * outcome.evaluation.accuracy:.2f}% "
             f"({100 * (outcome.evaluation.accuracy - self.reference.evaluation.accuracy):+.2f} pp), "
-            f"agreement {100 * outcome.fidelity.top1_agreement:.2f}%")
+            f"agreement {100 * outcome.fidelity.top1_agreement:.2f}%"
+            + (f" (onnxruntime runs it as the same graph as {outcome.scores_from}: its scores)"
+               if outcome.scores_from else ""))
         return outcome
 
     def _quantize_and_log(self, spec: VariantSpec, outcome: VariantOutcome) -> VariantOutcome:
@@ -544,6 +546,10 @@ class Sweep:
                                     model_file_in_artifacts=logged["model"].model_file_in_model)
         if result.quantized_engine:
             runs.set_tags({T.QUANTIZED_ENGINE: result.quantized_engine})
+        if result.ort_graph_sha256:
+            runs.set_tags({T.ORT_GRAPH_SHA256: result.ort_graph_sha256})
+        if result.scores_from:
+            runs.set_tags({T.SCORES_FROM: result.scores_from})
         runs.set_tags({T.MODEL_FILE_SHA256: result.model_sha256,
                        T.MODEL_FILE_IN_MODEL: outcome.model_file_in_artifacts})
         runs.log_file(result.model_file, A.MODEL_FILE_DIR)

@@ -104,6 +104,8 @@ class VariantResult:
     torch_check_images: int = 0  # FP32 only: on the first this many test images
     diagnosis: object | None = None  # models.diagnosis.Diagnosis, with RunnerOptions.diagnose_images
     diagnosis_error: str = ""  # why the diagnosis failed (the variant itself is fine)
+    ort_graph_sha256: str = ""  # onnxruntime: the graph its session runs, names aside (models.onnx_model.graph_digest)
+    scores_from: str = ""  # the variant evaluated before it with the same ort_graph_sha256, whose test scores these are
 
 
 class VariantRunner:
@@ -127,6 +129,9 @@ class VariantRunner:
         # keeps one AdaRound set while it searches the calibration size)
         self.rounding_set: tuple[np.ndarray, str] | None = None
         self.ort_diagnoses: dict = {}  # diagnose_ort_config's memo: a QDQ file diagnosed once per runner
+        # onnxruntime graph digest -> (variant, its test scores): a file that onnxruntime optimizes into a graph
+        # already evaluated (ort-int8's QDQ and ort-int8-u8s8's QOperator) gives the same scores, so it is not run again
+        self._evaluated_graphs: dict[str, tuple[str, np.ndarray]] = {}
         self._ready_test: np.ndarray | None = None
 
     def convert(self, specs: list[VariantSpec]) -> None:
@@ -176,7 +181,7 @@ class VariantRunner:
     def run(self, spec: VariantSpec, store: Store | None = None) -> VariantResult:
         """Quantize, keep (`store`), evaluate and time one variant; run_reference() first. Raises
         UnsupportedVariant when the backend refuses the configuration, and whatever else goes wrong."""
-        from models.runtime import OrtRunner, TorchRunner, load_runner
+        from models.runtime import TorchRunner, load_runner
 
         if self.reference is None:
             raise RuntimeError("run_reference() must run before any variant: variants are compared with it")
@@ -190,10 +195,19 @@ class VariantRunner:
         # and x86 variants are loaded, evaluated and timed under the engine they were built for.
         engine = spec.config.backend if quantized.format == "torchscript" else ""
         model_file = store(self._to_store(spec, quantized, engine)) if store else quantized.path
-        runner = TorchRunner.from_torchscript(model_file, engine) if engine else OrtRunner(model_file)
+        graph, scores_from = "", ""
         with self.timer.phase("evaluate"):
-            images, transform = self._test_inputs()
-            scores = predict_scores(runner, images, transform, f"evaluating {spec.name}", self.eval_batch)
+            if engine:
+                runner = TorchRunner.from_torchscript(model_file, engine)
+            else:
+                runner, graph = self._ort_session(model_file, spec.name)
+            if graph in self._evaluated_graphs:
+                scores_from, scores = self._evaluated_graphs[graph]
+            else:
+                images, transform = self._test_inputs()
+                scores = predict_scores(runner, images, transform, f"evaluating {spec.name}", self.eval_batch)
+                if graph:
+                    self._evaluated_graphs[graph] = (spec.name, scores)
         evaluation = evaluate(scores, self.inputs.test.labels, self.inputs.data.class_names)
         public = variant_dir / MODEL_FILE_NAMES[quantized.format]
         if model_file != public:
@@ -212,7 +226,24 @@ class VariantRunner:
                              fidelity=fidelity(self.reference, evaluation), bench=bench, model_file=public,
                              model_sha256=file_sha256(public), size_bytes=public.stat().st_size,
                              quantized_engine=engine, calibration_images=quantized.calibration_images,
-                             diagnosis=diagnosis, diagnosis_error=diagnosis_error)
+                             diagnosis=diagnosis, diagnosis_error=diagnosis_error, ort_graph_sha256=graph,
+                             scores_from=scores_from)
+
+    def _ort_session(self, model_file: Path, name: str):
+        """An onnxruntime session of `model_file` (models.runtime.OrtRunner) and the digest of the graph it runs
+        after onnxruntime's optimizations (models.onnx_model.graph_digest); "" when that graph cannot be read."""
+        import onnx
+
+        from models.onnx_model import graph_digest
+        from models.runtime import OrtRunner
+
+        with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=f".{name}-optimized-") as scratch:
+            optimized = Path(scratch) / "optimized.onnx"
+            runner = OrtRunner(model_file, optimized_copy=optimized)
+            try:
+                return runner, graph_digest(onnx.load(str(optimized)))
+            except Exception:  # noqa: BLE001 - without a digest the variant is simply evaluated itself
+                return runner, ""
 
     def diagnose(self, spec: VariantSpec, quantized: QuantizedModel | None = None, model_file: Path | None = None,
                  source: FloatModel | None = None, images: int | None = None):

@@ -83,3 +83,87 @@ def test_int8_activations_leave_shared_convolutions_in_float_on_x86(tmp_path):
     config = dataclasses.replace(VARIANTS["ort-int8"].config, activation_dtype="int8", weight_rounding="nearest")
     ops = _executed_ops(_quantized(tmp_path, config, "s8s8"), tmp_path)
     assert ops["Conv"] >= 1, ops
+
+
+def _renamed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with every node, tensor and initializer renamed (and the initializers stored in reverse)."""
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    graph = renamed.graph
+    keep = {v.name for v in list(graph.input) + list(graph.output)}
+    new = {}
+    for tensor in graph.initializer:
+        new[tensor.name] = f"const_{len(new)}"
+    for node in graph.node:
+        node.name = f"n{len(new)}"
+        for name in node.output:
+            new.setdefault(name, name if name in keep else f"t{len(new)}")
+    for tensor in graph.initializer:
+        tensor.name = new[tensor.name]
+    for node in graph.node:
+        node.input[:] = [new.get(name, name) for name in node.input]
+        node.output[:] = [new.get(name, name) for name in node.output]
+    initializers = list(graph.initializer)[::-1]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return renamed
+
+
+def test_graph_digest_sees_what_is_computed_not_the_names():
+    from models.onnx_model import graph_digest
+
+    model = _residual_cnn()
+    assert graph_digest(_renamed(model)) == graph_digest(model)
+
+    other_weight = onnx.ModelProto()
+    other_weight.CopyFrom(model)
+    w2 = next(t for t in other_weight.graph.initializer if t.name == "w2")
+    values = numpy_helper.to_array(w2).copy()
+    values.flat[0] += 1e-3
+    w2.CopyFrom(numpy_helper.from_array(values, "w2"))
+    other_pads = onnx.ModelProto()
+    other_pads.CopyFrom(model)
+    conv3 = next(n for n in other_pads.graph.node if n.name == "conv3")
+    next(a for a in conv3.attribute if a.name == "pads").ints[:] = [0, 0, 0, 0]
+    other_wiring = onnx.ModelProto()
+    other_wiring.CopyFrom(model)
+    next(n for n in other_wiring.graph.node if n.name == "relu2").input[:] = ["c2"]  # skips the residual Add
+    digests = {graph_digest(m) for m in (model, other_weight, other_pads, other_wiring)}
+    assert len(digests) == 4
+
+
+def test_graph_digest_does_not_depend_on_the_order_of_independent_nodes():
+    """onnxruntime stores the branches of a residual block in either order (ort-int8 and ort-int8-u8s8 on ResNet8)."""
+    from models.onnx_model import graph_digest
+
+    def branches(first: str):
+        nodes = {"relu": helper.make_node("Relu", ["x"], ["a"], name="relu"),
+                 "neg": helper.make_node("Neg", ["x"], ["b"], name="neg")}
+        order = [nodes[first], *(node for name, node in nodes.items() if name != first)]
+        graph = helper.make_graph(order + [helper.make_node("Sub", ["a", "b"], ["y"], name="sub")], "branches",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+    assert graph_digest(branches("relu")) == graph_digest(branches("neg"))
+    swapped = branches("relu")
+    swapped.graph.node[2].input[:] = ["b", "a"]  # Sub is not symmetric: another function
+    assert graph_digest(swapped) != graph_digest(branches("relu"))
+
+
+def test_qdq_and_qoperator_int8_files_run_as_one_graph_and_give_the_same_scores(tmp_path):
+    """Why the sweep evaluates ort-int8-u8s8 once only when its graph is ort-int8's: onnxruntime fuses the QDQ file
+    into the QOperator file's graph; ort-uint8 (other weights) is another graph."""
+    from models.onnx_model import graph_digest
+    from models.runtime import OrtRunner
+
+    images = np.random.default_rng(2).uniform(0, 255, (64, 16, 16, 3)).astype(np.float32)
+    digests, scores = {}, {}
+    for variant in ("ort-int8", "ort-int8-u8s8", "ort-uint8"):
+        config = dataclasses.replace(VARIANTS[variant].config, weight_rounding="nearest")
+        optimized = tmp_path / f"{variant}-optimized.onnx"
+        runner = OrtRunner(_quantized(tmp_path, config, variant), optimized_copy=optimized)
+        digests[variant] = graph_digest(onnx.load(str(optimized)))
+        scores[variant] = runner.predict(images)
+    assert digests["ort-int8"] == digests["ort-int8-u8s8"] != digests["ort-uint8"]
+    assert np.array_equal(scores["ort-int8"], scores["ort-int8-u8s8"])

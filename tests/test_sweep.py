@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, runs_by_name
@@ -95,6 +97,28 @@ def test_variant_run_has_every_param_metric_artifact_and_tag(completed_sweep, ci
     assert "signature:" in mlmodel and "saved_input_example_info" in mlmodel
     [dataset_input] = run.inputs.dataset_inputs
     assert {t.key: t.value for t in dataset_input.tags}["sha256"] == tags[Tag.DATASET_DIGEST]
+
+
+def test_an_ort_file_that_runs_as_a_graph_already_evaluated_shares_its_scores(completed_sweep, cifar_dir, tmp_path):
+    """ort-int8-u8s8 (QOperator) runs as ort-int8's graph (QDQ) in onnxruntime: evaluated once, its run says so,
+    and the scores are those its own file gives."""
+    import onnxruntime as ort
+
+    from pipelines.cifar import load_cifar10
+
+    runs = runs_by_name()
+    int8, u8s8, uint8 = (runs[name].data.tags for name in ("ort-int8", "ort-int8-u8s8", "ort-uint8"))
+    assert u8s8[Tag.ORT_GRAPH_SHA256] == int8[Tag.ORT_GRAPH_SHA256] != uint8[Tag.ORT_GRAPH_SHA256]
+    assert u8s8[Tag.SCORES_FROM] == "ort-int8" and Tag.SCORES_FROM not in int8 and Tag.SCORES_FROM not in uint8
+    outcome = {o.name: o for o in completed_sweep[0].outcomes}["ort-int8-u8s8"]
+    logged = mlflow.artifacts.download_artifacts(run_id=runs["ort-int8-u8s8"].info.run_id,
+                                                 artifact_path=Artifact.MODEL_FILE_DIR, dst_path=str(tmp_path))
+    [model_file] = [path for path in Path(logged).iterdir() if path.suffix == ".onnx"]
+    test = load_cifar10(cifar_dir).test
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    own = session.run(None, {session.get_inputs()[0].name: test.images.transpose(0, 2, 3, 1).astype("float32")})[0]
+    assert np.array_equal(own.argmax(axis=1), outcome.evaluation.predictions)
+    assert np.allclose(own, outcome.evaluation.scores, rtol=0, atol=1e-6)
 
 
 def test_every_model_is_timed_against_the_same_fp32_rounds(completed_sweep):

@@ -126,6 +126,8 @@ class Tag:
     STATUS = "ptqflow.status"  # ok, unsupported or failed
     REASON = "ptqflow.reason"  # why a variant is unsupported or failed
     QUANTIZED_ENGINE = "ptqflow.quantized_engine"  # torch engine the accuracy was measured under
+    ORT_GRAPH_SHA256 = "ptqflow.ort_graph_sha256"  # the graph onnxruntime runs after its optimizations, names aside
+    SCORES_FROM = "ptqflow.scores_from"  # the variant whose evaluation gave this run's scores: the same ORT graph
     WARNING = "ptqflow.warning"
     MODEL_SHA256 = "ptqflow.model_sha256"  # of the FP32 input model
     DATASET_DIGEST = "ptqflow.dataset_sha256"
