@@ -142,7 +142,7 @@ def _run_untracked(options: SweepOptions, work_dir: Path) -> tuple[list[VariantR
     timer = PhaseTimer()
     inputs = prepare_inputs(options)
     runner = VariantRunner(inputs, work_dir, replace(options.runner_options(), diagnose_images=0), timer)
-    runner.convert(specs)
+    runner.convert(specs, reference_meanwhile=True)
     results = [runner.run_reference()]
     runner.adaround_ahead(specs)
     for spec in specs:

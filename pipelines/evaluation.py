@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,13 +18,20 @@ from pipelines.progress import progress_task
 EVAL_BATCH_SIZE = 256
 
 
+class Cancelled(Exception):
+    """predict_scores stopped because its `cancelled` event was set."""
+
+
 def predict_scores(runner, images: np.ndarray, transform: InputTransform | Callable[[np.ndarray], np.ndarray],
-                   description: str, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
+                   description: str, batch_size: int = EVAL_BATCH_SIZE,
+                   cancelled: threading.Event | None = None) -> np.ndarray:
     """Class scores for every image, computed batch by batch with a progress bar; `transform` makes a batch of
-    `images` model-ready."""
+    `images` model-ready. Raises Cancelled before a batch once `cancelled` is set (work on another thread)."""
     outputs = []
     with progress_task(description, total=len(images)) as advance:
         for start in range(0, len(images), batch_size):
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled(description)
             batch = transform(images[start:start + batch_size])
             outputs.append(np.asarray(runner.predict(batch), dtype=np.float32).reshape(len(batch), -1))
             advance(len(batch))

@@ -627,7 +627,7 @@ class Sweep:
             self._log_datasets(train=True)
             runs.log_json({"indices": self.inputs.calibration_indices.tolist(),
                                 "sha256": self.inputs.calibration_digest}, Artifact.CALIBRATION_INDICES)
-            self.runner.convert(self.specs)
+            self.runner.convert(self.specs, reference_meanwhile=True)
             if self.specs:
                 runs.log_params({P.BATCHNORMS_FOLDED: self.runner.quantization_source.folded_batch_norms})
             if self.fallback.target.active:

@@ -352,7 +352,7 @@ class Tuner:
 
     def run_reference(self) -> None:
         base = self.base
-        base.runner.convert(base.specs)
+        base.runner.convert(base.specs, reference_meanwhile=True)
         base.parent_run_id = self.parent_run_id
         base.run_tags = {Tag.TUNE_STUDY: self.options.study_name}
         base.run_fp32(self.experiment_id, self.parent_run_id)
