@@ -141,7 +141,7 @@ class VariantRunner:
         """Each backend's starting point, made once for all variants (the convert phase). `reference_meanwhile`:
         the FP32 reference's onnxruntime pass over the test set runs on a second thread during the conversion, and
         run_reference() takes its scores: the conversion is one core of Python and torch, onnxruntime runs without
-        the GIL (ResNet8: about 1.5 s of the 4 s the two took one after the other)."""
+        the GIL (ResNet8: the two took 3.0-3.1 s together, 3.6-4.3 s one after the other)."""
         if reference_meanwhile and self._reference_scores is None:
             self._start_reference_scores()
         try:
