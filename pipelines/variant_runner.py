@@ -153,7 +153,7 @@ class VariantRunner:
                         torch=any(spec.framework == PYTORCH for spec in specs),
                         onnxruntime=any(spec.framework == ONNXRUNTIME for spec in specs))
         except BaseException:
-            self._cancel_reference_scores()
+            self.stop_reference()
             raise
 
     def _start_reference_scores(self) -> None:
@@ -166,7 +166,9 @@ class VariantRunner:
                                   cancelled)
         pool.shutdown(wait=False)
 
-    def _cancel_reference_scores(self) -> None:
+    def stop_reference(self) -> None:
+        """Stop the FP32 reference pass convert(reference_meanwhile=True) started, if run_reference() has not taken
+        it: it ends before its next batch; returns once it has. For a caller that fails before run_reference()."""
         if self._reference_scores is not None:
             future, cancelled = self._reference_scores
             cancelled.set()

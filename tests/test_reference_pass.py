@@ -1,0 +1,96 @@
+"""The FP32 reference's onnxruntime pass runs on a second thread while the model is converted
+(VariantRunner.convert(reference_meanwhile=True)): the same scores as run after it, and nothing left running when
+the sweep fails before it takes them."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE
+from onnx_fixture import tiny_cnn
+
+from models.onnx_model import load_classifier
+from pipelines.datasets import Dataset, Split
+from pipelines.evaluation import Cancelled
+from pipelines.preprocessing import InputTransform, Preprocessing
+from pipelines.variant_runner import RunnerOptions, VariantRunner
+
+
+def _runner(tmp_path, name: str, images: int = 300) -> VariantRunner:
+    if not (tmp_path / "tiny.onnx").exists():
+        onnx.save(tiny_cnn(), str(tmp_path / "tiny.onnx"))
+    rng = np.random.default_rng(0)
+    test = Split(rng.integers(0, 256, (images, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, images))
+    data = Dataset(test, test, tuple(f"c{i}" for i in range(10)), "digest", tmp_path)
+    inputs = SimpleNamespace(data=data, model=load_classifier(tmp_path / "tiny.onnx"), test=test,
+                             transform=InputTransform("NHWC", Preprocessing.raw), calibration=None,
+                             calibration_digest="")
+    return VariantRunner(inputs, tmp_path / name, RunnerOptions(bench=False, diagnose_images=0))
+
+
+def test_the_reference_evaluated_during_the_conversion_gives_the_same_scores(tmp_path):
+    after = _runner(tmp_path, "after")
+    after.convert([])
+    meanwhile = _runner(tmp_path, "meanwhile")
+    meanwhile.convert([], reference_meanwhile=True)
+    assert meanwhile._reference_scores is not None  # started, taken by run_reference below
+    np.testing.assert_array_equal(after.run_reference().evaluation.scores,
+                                  meanwhile.run_reference().evaluation.scores)
+    assert meanwhile._reference_scores is None
+
+
+def test_a_failed_conversion_stops_the_reference_evaluation_it_started(tmp_path, monkeypatch):
+    runner = _runner(tmp_path, "failing", images=20_000)  # 79 batches: still running when the conversion fails
+    monkeypatch.setattr(runner.float_model, "prepare", lambda **_: (_ for _ in ()).throw(ValueError("no torch")))
+    stopped = []
+    cancel = runner.stop_reference
+
+    def cancel_and_see():
+        future = runner._reference_scores[0]
+        cancel()
+        stopped.append(future.exception())
+
+    monkeypatch.setattr(runner, "stop_reference", cancel_and_see)
+    with pytest.raises(ValueError, match="no torch"):
+        runner.convert([], reference_meanwhile=True)
+    [reason] = stopped
+    assert isinstance(reason, Cancelled)  # it stopped between batches rather than finish the test set
+    assert runner._reference_scores is None
+    assert not _reference_pass_alive()
+
+
+
+def _reference_pass_alive() -> bool:
+    return any(t.name.startswith("fp32-onnxruntime") and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_sweep_failing_before_its_fp32_run_stops_the_reference_pass(tracking_store, cifar_dir, tiny_model,
+                                                                      monkeypatch):
+    from pipelines.sweep import SweepOptions, run_sweep
+    from tracking import runs
+    from tracking.keys import Param
+
+    log_params, stopped = runs.log_params, []
+    stop = VariantRunner.stop_reference
+
+    def tracking_gone(params):
+        if Param.BATCHNORMS_FOLDED in params:  # logged just after the conversion
+            raise RuntimeError("the tracking server went away")
+        return log_params(params)
+
+    def stop_and_see(runner):
+        stopped.append(runner._reference_scores is not None)  # the pass was still the runner's to stop
+        stop(runner)
+
+    monkeypatch.setattr(runs, "log_params", tracking_gone)
+    monkeypatch.setattr(VariantRunner, "stop_reference", stop_and_see)
+    with pytest.raises(RuntimeError, match="went away"):
+        run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, variants=("ort-int8",),
+                               calibration_size=CALIBRATION_SIZE, adaround_iterations=ADAROUND_ITERATIONS,
+                               bench=False, register=False))
+    assert stopped == [True]
+    assert not _reference_pass_alive()
