@@ -99,8 +99,9 @@ def graph_digest(proto) -> str:
 def _tensor_sha256(tensor) -> str:
     from onnx import numpy_helper
 
-    array = numpy_helper.to_array(tensor)
-    return hashlib.sha256(f"{tensor.data_type}:{list(tensor.dims)}:".encode() + array.tobytes()).hexdigest()
+    from models.base import array_sha256  # here: models.base imports this module
+
+    return array_sha256(numpy_helper.to_array(tensor))
 
 
 def _dims(value_info) -> list[int | None]:

@@ -628,21 +628,17 @@ class Sweep:
             runs.log_json({"indices": self.inputs.calibration_indices.tolist(),
                                 "sha256": self.inputs.calibration_digest}, Artifact.CALIBRATION_INDICES)
             self.runner.convert(self.specs, reference_meanwhile=True)
-            try:
-                if self.specs:
-                    runs.log_params({P.BATCHNORMS_FOLDED: self.runner.quantization_source.folded_batch_norms})
-                if self.fallback.target.active:
-                    runs.log_params({key: value for key, value in ((P.TARGET_AGREEMENT, self.options.target_agreement),
-                                                                   (P.TARGET_MAX_DROP_PP, self.options.max_drop_pp))
-                                     if value is not None})
-            except BaseException:
-                self.runner.stop_reference()  # not left computing scores nobody will read
-                raise
             # Every model is timed at the end, together with FP32 (_bench_together), not each in its own run.
             bench = self.runner.options.bench
             self.runner.options = replace(self.runner.options, bench=False)
             with PlotWorker() as self.plot_worker:
                 try:
+                    if self.specs:
+                        runs.log_params({P.BATCHNORMS_FOLDED: self.runner.quantization_source.folded_batch_norms})
+                    if self.fallback.target.active:
+                        runs.log_params({key: value for key, value in (
+                            (P.TARGET_AGREEMENT, self.options.target_agreement),
+                            (P.TARGET_MAX_DROP_PP, self.options.max_drop_pp)) if value is not None})
                     outcomes = [self.run_fp32(experiment_id, parent_run_id)]
                     self.runner.adaround_ahead([spec for spec in self.specs
                                                 if not self._reusable(experiment_id, spec)])
@@ -676,7 +672,7 @@ class Sweep:
                                   Artifact.COMPARISON_HTML)
                     self._log_plots()
                 except BaseException:  # Ctrl-C too: the runs that ended keep their plots (a second or two)
-                    self.runner.stop_reference()  # when the FP32 run failed before taking the reference's scores
+                    self.runner.stop_reference()  # failed before the FP32 run took them: not left computing scores
                     self._log_plots_if_possible()
                     raise
             self.plot_worker = PlotWorker(background=False)

@@ -111,3 +111,26 @@ def version_reason(name: str, version: str) -> str:
 
     mv = MlflowClient().get_model_version(name, version)
     return recorded_reason(dict(mv.tags), mv.description) or ""
+
+
+def tiny_runner(tmp_path: Path, name: str, images: int = 300, preprocessing=None):
+    """A VariantRunner (no benchmark, no diagnosis) of tiny_cnn on `images` random 32x32 test images (NHWC, raw
+    pixels unless `preprocessing`), its work in tmp_path / name."""
+    from types import SimpleNamespace
+
+    import onnx
+
+    from models.onnx_model import load_classifier
+    from pipelines.datasets import Dataset, Split
+    from pipelines.preprocessing import InputTransform, Preprocessing
+    from pipelines.variant_runner import RunnerOptions, VariantRunner
+
+    if not (tmp_path / "tiny.onnx").exists():
+        onnx.save(tiny_cnn(), str(tmp_path / "tiny.onnx"))
+    rng = np.random.default_rng(0)
+    test = Split(rng.integers(0, 256, (images, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, images))
+    data = Dataset(test, test, tuple(f"c{i}" for i in range(10)), "digest", tmp_path)
+    inputs = SimpleNamespace(data=data, model=load_classifier(tmp_path / "tiny.onnx"), test=test,
+                             transform=InputTransform("NHWC", preprocessing or Preprocessing.raw), calibration=None,
+                             calibration_digest="")
+    return VariantRunner(inputs, tmp_path / name, RunnerOptions(bench=False, diagnose_images=0))

@@ -5,37 +5,19 @@ the sweep fails before it takes them."""
 from __future__ import annotations
 
 import threading
-from types import SimpleNamespace
 
 import numpy as np
-import onnx
 import pytest
-from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE
-from onnx_fixture import tiny_cnn
+from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, tiny_runner
 
-from models.onnx_model import load_classifier
-from pipelines.datasets import Dataset, Split
 from pipelines.evaluation import Cancelled
-from pipelines.preprocessing import InputTransform, Preprocessing
-from pipelines.variant_runner import RunnerOptions, VariantRunner
-
-
-def _runner(tmp_path, name: str, images: int = 300) -> VariantRunner:
-    if not (tmp_path / "tiny.onnx").exists():
-        onnx.save(tiny_cnn(), str(tmp_path / "tiny.onnx"))
-    rng = np.random.default_rng(0)
-    test = Split(rng.integers(0, 256, (images, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, images))
-    data = Dataset(test, test, tuple(f"c{i}" for i in range(10)), "digest", tmp_path)
-    inputs = SimpleNamespace(data=data, model=load_classifier(tmp_path / "tiny.onnx"), test=test,
-                             transform=InputTransform("NHWC", Preprocessing.raw), calibration=None,
-                             calibration_digest="")
-    return VariantRunner(inputs, tmp_path / name, RunnerOptions(bench=False, diagnose_images=0))
+from pipelines.variant_runner import VariantRunner
 
 
 def test_the_reference_evaluated_during_the_conversion_gives_the_same_scores(tmp_path):
-    after = _runner(tmp_path, "after")
+    after = tiny_runner(tmp_path, "after")
     after.convert([])
-    meanwhile = _runner(tmp_path, "meanwhile")
+    meanwhile = tiny_runner(tmp_path, "meanwhile")
     meanwhile.convert([], reference_meanwhile=True)
     assert meanwhile._reference_scores is not None  # started, taken by run_reference below
     np.testing.assert_array_equal(after.run_reference().evaluation.scores,
@@ -44,7 +26,7 @@ def test_the_reference_evaluated_during_the_conversion_gives_the_same_scores(tmp
 
 
 def test_a_failed_conversion_stops_the_reference_evaluation_it_started(tmp_path, monkeypatch):
-    runner = _runner(tmp_path, "failing", images=20_000)  # 79 batches: still running when the conversion fails
+    runner = tiny_runner(tmp_path, "failing", images=20_000)  # 79 batches: still running when the conversion fails
     monkeypatch.setattr(runner.float_model, "prepare", lambda **_: (_ for _ in ()).throw(ValueError("no torch")))
     stopped = []
     cancel = runner.stop_reference
