@@ -10,9 +10,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from pipelines.choices import VARIANT_NAMES  # noqa: E402
-from tracking import runs  # noqa: E402
-from tracking.keys import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL, DEFAULT_REGISTERED_ONNX_MODEL, Metric, Tag  # noqa: E402
+from ptqflow.pipelines.shared.choices import VARIANT_NAMES  # noqa: E402
+from ptqflow.tracking import runs  # noqa: E402
+from ptqflow.tracking.keys import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL, DEFAULT_REGISTERED_ONNX_MODEL, Metric, Tag  # noqa: E402
 
 UNSUPPORTED = {"pytorch-fx-uint8"}
 # Accuracy limits every int8/uint8 variant must meet on the CI smoke sweep (the real ResNet8, first 2,000 test

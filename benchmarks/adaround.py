@@ -32,7 +32,7 @@ SCHEMES = ("per_channel_sym_int8", "per_tensor_asym_uint8")
 
 def _inputs(model: Path, data_dir: Path, calibration_size: int | None, test_limit: int | None):
     """The sweep's own inputs: calibration images, in the model's layout and preprocessing, and the test split."""
-    from pipelines.sweep import SweepOptions, prepare_inputs
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, prepare_inputs
 
     options = SweepOptions(model_path=model, data_dir=data_dir, test_limit=test_limit)
     if calibration_size:
@@ -45,8 +45,8 @@ def _nearest(proto, scheme: str):
     import onnx2torch
     import torch
 
-    from models.graph_prep import classifier_head, prepare_graph
-    from models.weight_correction import _replace_initializers, quantize_weights_like
+    from ptqflow.models.graph.fx_prep import classifier_head, prepare_graph
+    from ptqflow.models.adaround.weight_correction import _replace_initializers, quantize_weights_like
 
     gm = prepare_graph(onnx2torch.convert(proto), fold_pad=False)
     head = set(classifier_head(gm, include_pool=False))
@@ -93,10 +93,10 @@ def main() -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import torch
 
-    from models.base import FloatModel
-    from models.weight_correction import adaround_onnx_schemes
-    from pipelines.progress import quiet_library_warnings
-    from pipelines.sweep import SweepOptions
+    from ptqflow.models.backends.base import FloatModel
+    from ptqflow.models.adaround.weight_correction import adaround_onnx_schemes
+    from ptqflow.pipelines.shared.progress import quiet_library_warnings
+    from ptqflow.pipelines.sweep.sweep import SweepOptions
 
     quiet_library_warnings()
     if args.threads:
@@ -114,7 +114,7 @@ def main() -> int:
         # sweep pays in its convert phase.
         import onnx2torch
 
-        from models.graph_prep import prepare_graph
+        from ptqflow.models.graph.fx_prep import prepare_graph
 
         prepare_graph(onnx2torch.convert(proto), fold_pad=False)(torch.from_numpy(inputs.calibration[:2]))
         groups = [list(args.schemes)] if args.together else [[scheme] for scheme in args.schemes]

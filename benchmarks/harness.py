@@ -31,8 +31,8 @@ def run_default_sweep(model: Path, data_dir: Path, before=None, **options):
         cwd = os.getcwd()
         os.chdir(store)
         try:
-            from pipelines.progress import quiet_library_warnings
-            from pipelines.sweep import SweepOptions, run_sweep
+            from ptqflow.pipelines.shared.progress import quiet_library_warnings
+            from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
 
             quiet_library_warnings()
             sweep = lambda: run_sweep(SweepOptions(model_path=model, data_dir=data_dir, **options))  # noqa: E731

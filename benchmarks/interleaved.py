@@ -31,9 +31,9 @@ def main() -> int:
 
     import numpy as np
 
-    from models.benchmark import BenchConfig, benchmark
-    from models.runtime import load_runner
-    from pipelines.cifar import load_cifar10
+    from ptqflow.models.runtime.latency import BenchConfig, benchmark
+    from ptqflow.models.runtime.runners import load_runner
+    from ptqflow.pipelines.data.cifar import load_cifar10
 
     test = load_cifar10(args.data_dir).test
     images = np.ascontiguousarray(test.images[:256].transpose(0, 2, 3, 1).astype(np.float32))

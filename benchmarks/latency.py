@@ -4,7 +4,7 @@ the onnx2torch FP32 module; with --sweeps N, the speed ratios of N sweeps agains
     python benchmarks/latency.py --model ../shared/models/resnet8.onnx \
         --data-dir ../shared/data/cifar-10-batches-py [--sweeps 6]
 
-Each variant is timed as the sweep times it: in rounds shared with ORT FP32 (models.benchmark.benchmark_rounds:
+Each variant is timed as the sweep times it: in rounds shared with ORT FP32 (ptqflow.models.runtime.latency.benchmark_rounds:
 FP32, then every variant, round after round), its ratios the median of the per-round ratios with their range. With --sweeps N the sweeps run
 one after another in one throw-away store (the first fills the caches; --no-diagnose, as the diagnosis does not
 change a timing), and a second table gives each sweep's ratios and whether the targets held:
@@ -57,11 +57,11 @@ def main() -> int:
                                      diagnose=args.sweeps == 1))
     result = results[-1]
 
-    from models.benchmark import BenchConfig, benchmark
-    from models.onnx_model import load_classifier, to_torch
-    from models.runtime import TorchRunner
-    from pipelines.cifar import load_cifar10
-    from pipelines.preprocessing import InputTransform
+    from ptqflow.models.runtime.latency import BenchConfig, benchmark
+    from ptqflow.models.graph.onnx_model import load_classifier, to_torch
+    from ptqflow.models.runtime.runners import TorchRunner
+    from ptqflow.pipelines.data.cifar import load_cifar10
+    from ptqflow.pipelines.data.preprocessing import InputTransform
 
     model = load_classifier(args.model)
     images = InputTransform(model.input.layout)(load_cifar10(args.data_dir).test.images[:256])

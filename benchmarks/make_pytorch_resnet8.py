@@ -102,7 +102,7 @@ class ResNet8(nn.Module):
 def load_keras_weights(model: ResNet8, h5_path: Path) -> None:
     """Copy kernels (HWIO -> OIHW), biases and BatchNorm statistics from the Keras file, matched by layer order and
     checked by shape and by which convolutions a BatchNormalization follows."""
-    from models.keras_resnet8 import _read_keras_file
+    from ptqflow.models.graph.keras_resnet8 import _read_keras_file
 
     layers, _, _ = _read_keras_file(h5_path)
     consumers: dict[str, list] = {}
@@ -185,7 +185,7 @@ def main() -> int:
     import onnx
     import onnxruntime as ort
 
-    from pipelines.cifar import load_cifar10
+    from ptqflow.pipelines.data.cifar import load_cifar10
 
     torch.manual_seed(0)
     model = ResNet8()

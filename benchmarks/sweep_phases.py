@@ -39,7 +39,7 @@ def main() -> int:
 
     def untimed_first(sweep):
         # in its own process, as a user's first sweep: the timed one then starts with nothing imported or converted
-        command = [sys.executable, "-c", "from pipelines.cli import app; app()", "sweep", "--model", str(model),
+        command = [sys.executable, "-c", "from ptqflow.pipelines.cli.app import app; app()", "sweep", "--model", str(model),
                    "--data-dir", str(data_dir)] + (["--no-bench"] if args.no_bench else []) + \
             (["--test-limit", str(args.test_limit)] if args.test_limit else [])
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

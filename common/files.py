@@ -42,3 +42,14 @@ def hash_file(path: Path | str, digest):
 def file_sha256(path: Path | str) -> str:
     """The file's SHA-256 as 64 hex digits."""
     return hash_file(path, hashlib.sha256()).hexdigest()
+
+
+def array_sha256(array) -> str:
+    """SHA-256 of a numpy array's dtype, shape and bytes (C order): the same values in another layout or type
+    differ."""
+    import numpy as np  # here: importing ptqflow.common stays free of numpy
+
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()

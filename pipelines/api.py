@@ -1,21 +1,21 @@
 """ptqflow from Python: quantize an FP32 ONNX classifier into its int8/uint8 variants and get the numbers back.
 
-    from pipelines.api import quantize
+    from ptqflow.pipelines.api import quantize
 
     results = quantize("models/resnet8.onnx", "data/cifar-10-batches-py", variants=["ort-int8-u8s8"],
                        track=False, test_limit=1000)
     for r in results:  # fp32 first, then each variant
         print(r.name, r.status, r.accuracy, r.agreement, r.size_bytes, r.latency_ms, r.model_file)
 
-`track=True` (the default) is `ptqflow sweep`: the same function (pipelines.sweep.run_sweep) with the same runs,
+`track=True` (the default) is `ptqflow sweep`: the same function (ptqflow.pipelines.sweep.sweep.run_sweep) with the same runs,
 params, metrics, artifacts, registered versions and promotion gate, in the active MLflow tracking store
 (MLFLOW_TRACKING_URI). `track=False` runs the same quantization, evaluation and benchmarks
-(pipelines.variant_runner) without MLflow: no run, no registry, no mlflow.db or mlruns directory; nothing is
+(ptqflow.pipelines.variants.runner) without MLflow: no run, no registry, no mlflow.db or mlruns directory; nothing is
 written but the model files (and the AdaRound cache in ~/.cache/ptqflow, as for the sweep).
 
 Model files go to `output_dir/<variant>/model.pt` (TorchScript) or `model.onnx`, next to the variant's
 `qconfig.json`. Without `output_dir` they go to a temporary directory that lives as long as the returned result
-(or until `result.cleanup()`). Every number is rounded as the sweep logs it (pipelines/precision.py), so with
+(or until `result.cleanup()`). Every number is rounded as the sweep logs it (pipelines/shared/precision.py), so with
 `track=True` the values equal the runs' metrics.
 """
 
@@ -26,13 +26,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from common.errors import ConfigError
-from pipelines.precision import round_metric
-from pipelines.sweep import SweepOptions, VariantsFailed, prepare_inputs, run_sweep
-from pipelines.timing import PhaseTimer
-from pipelines.variant_runner import VariantResult, VariantRunner
-from pipelines.variants import DEFAULT_VARIANTS
-from tracking.keys import Metric
+from ptqflow.common.errors import ConfigError
+from ptqflow.pipelines.shared.precision import round_metric
+from ptqflow.pipelines.sweep.sweep import SweepOptions, VariantsFailed, prepare_inputs, run_sweep
+from ptqflow.pipelines.variants.phases import PhaseTimer
+from ptqflow.pipelines.variants.runner import VariantResult, VariantRunner
+from ptqflow.pipelines.variants.specs import DEFAULT_VARIANTS
+from ptqflow.tracking.keys import Metric
 
 # Options that only mean something for tracked runs: refused with track=False rather than silently ignored.
 # The diagnosis only makes files to log on the runs.
@@ -86,14 +86,14 @@ def quantize(model: str | Path, data: str | Path, variants: str | list[str] | tu
     """Quantize the FP32 ONNX classifier `model` into `variants` (default: all; [] for FP32 only), calibrated and
     evaluated on the CIFAR-10 directory `data` (the cifar-10-batches-py layout).
 
-    `options` are those of pipelines.sweep.SweepOptions, e.g. calibration_size=1000, calibration_seed=0,
+    `options` are those of ptqflow.pipelines.sweep.sweep.SweepOptions, e.g. calibration_size=1000, calibration_seed=0,
     test_limit=None (all test images), bench=True, weight_rounding=None ("adaround" or "nearest" for every
     variant), adaround_iterations=1000, input_layout, preprocessing, ort_per_channel, ort_calibration_method,
     target_agreement=None and max_drop_pp=None (a variant that misses them is followed by its `<variant>-mixed`
-    repair, pipelines.fallback), ranking_images=1000, fallback_candidates=8; and with track=True also experiment,
-    registered_model, registered_onnx_model, register, gate (a pipelines.promotion.GatePolicy), resume, run_name,
+    repair, ptqflow.pipelines.repair.fallback), ranking_images=1000, fallback_candidates=8; and with track=True also experiment,
+    registered_model, registered_onnx_model, register, gate (a ptqflow.pipelines.registry.gate.GatePolicy), resume, run_name,
     diagnose=True and diagnose_images=256 (per-layer diagnosis logged on each variant run). Bad input raises
-    common.errors.PtqflowError (ConfigError, DataError, ModelError ...); a variant that fails is reported with status
+    ptqflow.common.errors.PtqflowError (ConfigError, DataError, ModelError ...); a variant that fails is reported with status
     "failed" and its reason."""
     sweep_options = _sweep_options(model, data, variants, track, options)
     scratch = tempfile.TemporaryDirectory(prefix="ptqflow-api-") if output_dir is None else None
@@ -136,7 +136,7 @@ def _sweep_options(model, data, variants, track: bool, options: dict) -> SweepOp
 
 def _run_untracked(options: SweepOptions, work_dir: Path) -> tuple[list[VariantResult], int]:
     """What the sweep computes, without the sweep's MLflow runs: the reference, then every variant."""
-    from pipelines.fallback import repair_untracked
+    from ptqflow.pipelines.repair.fallback import repair_untracked
 
     specs = options.specs()  # an unknown variant is refused before anything is loaded
     timer = PhaseTimer()
@@ -156,7 +156,7 @@ def _run_untracked(options: SweepOptions, work_dir: Path) -> tuple[list[VariantR
 
 
 def _report(result: VariantResult, test_images: int, run_id: str | None = None) -> VariantReport:
-    """The result's numbers as the sweep logs them (pipelines.precision)."""
+    """The result's numbers as the sweep logs them (ptqflow.pipelines.shared.precision)."""
     M = Metric
     return VariantReport(
         name=result.name, status=result.status, reason=result.reason,

@@ -39,7 +39,7 @@ def tiny_model(tmp_path_factory, cifar_dir) -> Path:
     so its registered names are the default ones (resnet8-int8, resnet8-int8-onnx)."""
     import onnx
 
-    from pipelines.cifar import load_cifar10
+    from ptqflow.pipelines.data.cifar import load_cifar10
 
     train = load_cifar10(cifar_dir).train
     model = fit_dense_head(tiny_cnn(), train.images.transpose(0, 2, 3, 1).astype(np.float32), train.labels)
@@ -74,7 +74,7 @@ def tracking_store(tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def completed_sweep(tmp_path_factory, cifar_dir, tiny_model):
     """One default sweep on the tiny fixtures, in its own store; yields (result, store_dir)."""
-    from pipelines.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
 
     root = tmp_path_factory.mktemp("sweep_store")
     with pytest.MonkeyPatch.context() as mp:
@@ -107,7 +107,7 @@ def version_reason(name: str, version: str) -> str:
     """The gate's reason for a registered version, as ptqflow records it (the description's decision sentence)."""
     from mlflow.tracking import MlflowClient
 
-    from tracking.aliases import recorded_reason
+    from ptqflow.tracking.aliases import recorded_reason
 
     mv = MlflowClient().get_model_version(name, version)
     return recorded_reason(dict(mv.tags), mv.description) or ""
@@ -120,10 +120,10 @@ def tiny_runner(tmp_path: Path, name: str, images: int = 300, preprocessing=None
 
     import onnx
 
-    from models.onnx_model import load_classifier
-    from pipelines.datasets import Dataset, Split
-    from pipelines.preprocessing import InputTransform, Preprocessing
-    from pipelines.variant_runner import RunnerOptions, VariantRunner
+    from ptqflow.models.graph.onnx_model import load_classifier
+    from ptqflow.pipelines.data.datasets import Dataset, Split
+    from ptqflow.pipelines.data.preprocessing import InputTransform, Preprocessing
+    from ptqflow.pipelines.variants.runner import RunnerOptions, VariantRunner
 
     if not (tmp_path / "tiny.onnx").exists():
         onnx.save(tiny_cnn(), str(tmp_path / "tiny.onnx"))

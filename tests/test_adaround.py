@@ -28,7 +28,7 @@ SCHEMES = ("per_channel_sym_int8", "per_tensor_asym_uint8")
 
 
 def _sweep_default_iterations() -> int:
-    from pipelines.sweep import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import SweepOptions
 
     return next(f.default for f in dataclasses.fields(SweepOptions) if f.name == "adaround_iterations")
 
@@ -45,14 +45,14 @@ BACKEND_ITERATIONS = 200
 def _one_torch_thread():
     """AdaRound's many small steps on the tiny model: on a busy 2-core machine two torch threads made 200 steps take
     43 s instead of 4 s (spinning threads fighting for the cores). One thread, restored afterwards."""
-    from models.weight_correction import _torch_threads
+    from ptqflow.models.adaround.weight_correction import _torch_threads
 
     return _torch_threads(1)
 
 
 def _grid_steps_off(w: np.ndarray, scheme: str) -> float:
     """How far (in grid steps) the farthest element of `w` is from `scheme`'s grid as computed from `w` itself."""
-    from models.weight_correction import grid_params
+    from ptqflow.models.adaround.weight_correction import grid_params
 
     scale, _, _ = grid_params(torch.from_numpy(np.array(w)), scheme)
     k = w.astype(np.float64) / scale.numpy()
@@ -62,7 +62,7 @@ def _grid_steps_off(w: np.ndarray, scheme: str) -> float:
 def _integers_differing(a: np.ndarray, b: np.ndarray, original: np.ndarray, scheme: str) -> int:
     """How many grid integers differ between two roundings `a` and `b` of `original` (not float bits: the same
     integer can come out one float32 ulp apart)."""
-    from models.weight_correction import grid_params
+    from ptqflow.models.adaround.weight_correction import grid_params
 
     scale = grid_params(torch.from_numpy(np.array(original)), scheme)[0].numpy()
     return int((np.round(a.astype(np.float64) / scale) != np.round(b.astype(np.float64) / scale)).sum())
@@ -71,9 +71,9 @@ def _integers_differing(a: np.ndarray, b: np.ndarray, original: np.ndarray, sche
 @pytest.fixture(scope="module")
 def data(cifar_dir):
     """(calibration, calibration digest, test images), model-ready (NHWC float32 0..255) as the sweep builds them."""
-    from pipelines.calibration import indices_digest, stratified_indices
-    from pipelines.cifar import load_cifar10
-    from pipelines.preprocessing import InputTransform
+    from ptqflow.pipelines.data.calibration import indices_digest, stratified_indices
+    from ptqflow.pipelines.data.cifar import load_cifar10
+    from ptqflow.pipelines.data.preprocessing import InputTransform
 
     dataset = load_cifar10(cifar_dir)
     transform = InputTransform("NHWC")
@@ -82,10 +82,10 @@ def data(cifar_dir):
 
 
 def _graph_module(proto: onnx.ModelProto):
-    """The torch graph AdaRound itself works on (models.weight_correction.adaround_onnx)."""
+    """The torch graph AdaRound itself works on (ptqflow.models.adaround.weight_correction.adaround_onnx)."""
     import onnx2torch
 
-    from models.graph_prep import prepare_graph
+    from ptqflow.models.graph.fx_prep import prepare_graph
 
     return prepare_graph(onnx2torch.convert(proto), fold_pad=False)
 
@@ -109,7 +109,7 @@ def _predict(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
 def _nearest_onnx(proto: onnx.ModelProto, scheme: str) -> onnx.ModelProto:
     """Every Conv/MatMul/Gemm weight snapped to the nearest point of `scheme`'s grid (output channels on dim 0 in
     torch layout, as AdaRound and the backends see them)."""
-    from models.weight_correction import quantize_weights_like
+    from ptqflow.models.adaround.weight_correction import quantize_weights_like
 
     def nearest(w: np.ndarray) -> np.ndarray:
         return quantize_weights_like(torch.from_numpy(np.array(w)), scheme).numpy()
@@ -145,7 +145,7 @@ def _layer_outputs(gm, images: np.ndarray) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def rounding(tiny_model, data):
     """scheme -> (fp32, AdaRound, nearest) ONNX models of the fitted tiny CNN; each scheme computed once."""
-    from models.weight_correction import adaround_onnx
+    from ptqflow.models.adaround.weight_correction import adaround_onnx
 
     fp32 = onnx.load(str(tiny_model))
     calibration = data[0]
@@ -207,8 +207,8 @@ def test_adaround_agrees_with_fp32_at_least_as_often_as_nearest(rounding, data, 
 @pytest.fixture(scope="module")
 def adarounded(tiny_model, data, tmp_path_factory):
     """scheme -> (source FloatModel, AdaRounded FloatModel), made the way the sweep makes them."""
-    from models.base import FloatModel
-    from models.onnx_model import load_classifier
+    from ptqflow.models.backends.base import FloatModel
+    from ptqflow.models.graph.onnx_model import load_classifier
 
     calibration, digest, _ = data
     source = FloatModel.for_runtimes(load_classifier(tiny_model), tmp_path_factory.mktemp("adaround-work"))
@@ -241,7 +241,7 @@ def _assert_adaround_moved_weights(source, rounded, scheme: str) -> None:
     """The AdaRounded conv weights differ from nearest rounding of the originals, so a backend that re-rounded the
     FP32 weights (or lost AdaRound's choice) would fail the integer checks. A layer may keep nearest rounding where
     AdaRound did not beat it on the calibration set (its fallback); at least one layer must carry AdaRound's own."""
-    from models.weight_correction import quantize_weights_like
+    from ptqflow.models.adaround.weight_correction import quantize_weights_like
 
     original, ada = _initializers(source.onnx.proto), _initializers(rounded.onnx.proto)
     differing = {}
@@ -257,7 +257,7 @@ def _assert_adaround_moved_weights(source, rounded, scheme: str) -> None:
 ])
 def test_onnxruntime_reproduces_the_adarounded_integers(adarounded, data, tmp_path, quant_format, dtype,
                                                         per_channel, scheme):
-    from models.quantize_ort import OrtStaticConfig, quantize
+    from ptqflow.models.backends.ort import OrtStaticConfig, quantize
 
     source, rounded = adarounded(scheme)
     config = OrtStaticConfig(quant_format=quant_format, activation_dtype=dtype, weight_dtype=dtype,
@@ -296,7 +296,7 @@ def test_onnxruntime_reproduces_the_adarounded_integers(adarounded, data, tmp_pa
 
 @pytest.mark.parametrize("backend", ["x86", "fbgemm"])
 def test_fx_reproduces_the_adarounded_integers(adarounded, data, tmp_path, backend):
-    from models.quantize_pytorch import PytorchFxConfig, quantize
+    from ptqflow.models.backends.pytorch_fx import PytorchFxConfig, quantize
 
     scheme = "per_channel_sym_int8"
     source, rounded = adarounded(scheme)
@@ -362,7 +362,7 @@ LAYERS = {
 def test_the_quadratic_form_is_the_reconstruction_error(layer):
     """A layer without a ReLU after it is optimised on sum((D H + 2 g^T) * D) + c: that must be the error its output
     makes over all images, for any weight (here: nearest rounding)."""
-    from models.weight_correction import _layer_fn, _quadratic_form, _reconstruction_error, quantize_weights_like
+    from ptqflow.models.adaround.weight_correction import _layer_fn, _quadratic_form, _reconstruction_error, quantize_weights_like
 
     torch.manual_seed(0)
     make, shape = LAYERS[layer]
@@ -381,7 +381,7 @@ def test_the_quadratic_form_is_the_reconstruction_error(layer):
 
 @pytest.mark.parametrize("kernel,shape", [((3, 3), (70, 5, 7, 9)), ((5, 3), (3, 2, 6, 4)), ((1, 1), (4, 3, 2, 2))])
 def test_the_shifted_gram_matrix_is_the_unfolded_one(kernel, shape):
-    from models.weight_correction import _gram_same_conv
+    from ptqflow.models.adaround.weight_correction import _gram_same_conv
 
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     p = torch.nn.functional.unfold(x, kernel, padding=(kernel[0] // 2, kernel[1] // 2))
@@ -394,7 +394,7 @@ def test_the_shifted_gram_matrix_is_the_unfolded_one(kernel, shape):
 def test_a_layer_is_never_worse_than_nearest_on_its_objective(scheme, relu_after):
     """Even when the optimisation is hopeless (4 steps, a rounding penalty 1000x too strong), the rounding returned
     reconstructs the layer's FP32 output over the calibration inputs at least as well as round-to-nearest."""
-    from models.weight_correction import _adaround_layer, _layer_fn, _reconstruction_error, quantize_weights_like
+    from ptqflow.models.adaround.weight_correction import _adaround_layer, _layer_fn, _reconstruction_error, quantize_weights_like
 
     torch.manual_seed(1)
     module = nn.Conv2d(6, 8, 3, padding=1).eval()
@@ -413,7 +413,7 @@ def test_a_layer_is_never_worse_than_nearest_on_its_objective(scheme, relu_after
 def test_a_layer_stops_once_its_rounding_is_settled(relu_after):
     """An easy layer (FP32 inputs, weights a hundredth of a grid step from grid points) has every h(v) at exactly 0
     or 1 soon after the warm-up: it stops there, and its rounding is the one the full schedule gives."""
-    from models.weight_correction import _adaround_layer, grid_params, quantize_weights_like
+    from ptqflow.models.adaround.weight_correction import _adaround_layer, grid_params, quantize_weights_like
 
     torch.manual_seed(2)
     module = nn.Conv2d(4, 4, 3, padding=1).eval()
@@ -438,7 +438,7 @@ def test_a_layer_stops_once_its_rounding_is_settled(relu_after):
 
 def test_schemes_together_equal_each_scheme_alone(tiny_model, data):
     """The sweep computes both grids in one walk on two worker threads: the result is each scheme's own."""
-    from models.weight_correction import adaround_onnx, adaround_onnx_schemes
+    from ptqflow.models.adaround.weight_correction import adaround_onnx, adaround_onnx_schemes
 
     fp32 = onnx.load(str(tiny_model))
     calibration = data[0][:50]
@@ -454,7 +454,7 @@ def test_a_large_layer_on_all_threads_gets_its_result_alone_or_beside_another_sc
     beside another scheme on the pool (as the sweep runs it) it gets exactly the rounding it gets alone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from models.weight_correction import _ALL_CORES_FROM, _adaround_layers, _Rounding, quantize_weights_like
+    from ptqflow.models.adaround.weight_correction import _ALL_CORES_FROM, _adaround_layers, _Rounding, quantize_weights_like
 
     torch.manual_seed(4)
     module = nn.Conv2d(160, 48, 3, padding=1).eval()  # 48 x 1440 = 69,120 weights
@@ -480,8 +480,8 @@ def test_a_large_layer_on_all_threads_gets_its_result_alone_or_beside_another_sc
 def test_the_adaround_cache_key_covers_torch_threads():
     """A large layer's products sum in another order on another number of threads: another thread count is another
     cache entry."""
-    from models.base import adaround_cache_key
-    from models.weight_correction import _torch_threads
+    from ptqflow.models.backends.base import adaround_cache_key
+    from ptqflow.models.adaround.weight_correction import _torch_threads
 
     calibration = np.zeros((2, 3, 4, 4), np.float32)
     with _torch_threads(1):

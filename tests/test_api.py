@@ -10,10 +10,10 @@ import pytest
 from conftest import CALIBRATION_SIZE
 from mlflow.tracking import MlflowClient
 
-from common.errors import ConfigError
-from common.files import file_sha256
-from pipelines.api import quantize
-from tracking.keys import Metric, Param, Tag
+from ptqflow.common.errors import ConfigError
+from ptqflow.common.files import file_sha256
+from ptqflow.pipelines.api import quantize
+from ptqflow.tracking.keys import Metric, Param, Tag
 
 FAST = {"calibration_size": CALIBRATION_SIZE, "test_limit": 50, "weight_rounding": "nearest"}
 
@@ -27,7 +27,7 @@ def _nothing_tracked(*directories) -> None:
 
 
 def _predict_one(model_file, engine=None):
-    from models.runtime import load_runner
+    from ptqflow.models.runtime.runners import load_runner
 
     runner = load_runner(model_file, engine=engine)
     return np.asarray(runner.predict(np.zeros((1, 32, 32, 3), np.float32)))

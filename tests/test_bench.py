@@ -7,9 +7,9 @@ import time
 import numpy as np
 from typer.testing import CliRunner
 
-from models.benchmark import BATCH_THROUGHPUT, BenchConfig, benchmark, benchmark_against, benchmark_rounds
-from pipelines.cli import app
-from pipelines.timing import PHASES, PhaseTimer
+from ptqflow.models.runtime.latency import BATCH_THROUGHPUT, BenchConfig, benchmark, benchmark_against, benchmark_rounds
+from ptqflow.pipelines.cli.app import app
+from ptqflow.pipelines.variants.phases import PHASES, PhaseTimer
 
 
 def test_benchmark_times_single_images_and_full_batches():

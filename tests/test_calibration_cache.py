@@ -10,9 +10,9 @@ import onnx
 import pytest
 from onnx_fixture import tiny_cnn
 
-from models.base import FloatModel, cache_root
-from models.onnx_model import load_classifier
-from models.quantize_ort import OrtStaticConfig, calibration_cache_path, quantize
+from ptqflow.models.backends.base import FloatModel, cache_root
+from ptqflow.models.graph.onnx_model import load_classifier
+from ptqflow.models.backends.ort import OrtStaticConfig, calibration_cache_path, quantize
 
 RNG = np.random.default_rng(3)
 INT8 = OrtStaticConfig(quant_format="QDQ", activation_dtype="int8", weight_dtype="int8", per_channel=True,
@@ -88,14 +88,14 @@ def test_histograms_made_on_several_threads_give_the_same_model_bytes(float_mode
 
     from onnxruntime.quantization.calibrate import HistogramCollector
 
-    import models.quantize_ort as quantize_ort
-    import models.runtime
+    import ptqflow.models.backends.ort as quantize_ort
+    import ptqflow.models.runtime.runners
 
     config = OrtStaticConfig(quant_format="QDQ", activation_dtype="uint8", weight_dtype="int8", per_channel=True,
                              weight_rounding="nearest", calibration_method=method,
                              extra_options=(("CalibPercentile", 99.99),) if method == "Percentile" else ())
     images = _images(40)
-    monkeypatch.setattr(models.runtime, "cpu_threads", lambda: 2)  # threads even on a 1-core machine
+    monkeypatch.setattr(ptqflow.models.runtime.runners, "cpu_threads", lambda: 2)  # threads even on a 1-core machine
     threads = set()
     original = HistogramCollector.collect
 

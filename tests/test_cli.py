@@ -18,9 +18,9 @@ from conftest import CALIBRATION_SIZE, all_runs, runs_by_name
 from onnx_fixture import write_tiny_cnn
 from typer.testing import CliRunner
 
-from pipelines.choices import VARIANT_NAMES
-from pipelines.cli import app
-from tracking.keys import Tag
+from ptqflow.pipelines.shared.choices import VARIANT_NAMES
+from ptqflow.pipelines.cli.app import app
+from ptqflow.tracking.keys import Tag
 
 runner = CliRunner()
 
@@ -63,7 +63,7 @@ def test_help_lists_every_command():
 
 
 def test_help_does_not_import_heavy_libraries():
-    code = ("import sys; from typer.testing import CliRunner; from pipelines.cli import app; "
+    code = ("import sys; from typer.testing import CliRunner; from ptqflow.pipelines.cli.app import app; "
             "CliRunner().invoke(app, ['sweep', '--help']); "
             "print(sorted(m for m in ('torch', 'onnxruntime', 'mlflow', 'onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -150,7 +150,7 @@ def test_pull_of_a_version_that_does_not_exist(tracking_store):
 
 
 def test_unexpected_exception_fails_that_variant_only(tracking_store, tiny_model, cifar_dir, monkeypatch):
-    from models import quantize_ort
+    from ptqflow.models.backends import ort as quantize_ort
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated crash inside the ORT backend")
@@ -184,7 +184,7 @@ def test_sigterm_ends_open_runs_as_killed(tracking_store, tiny_model, cifar_dir)
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     assert all_runs() == []  # creates the store's tables now, not concurrently with the subprocess
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *map(str, sweep_args(tiny_model, cifar_dir))],
+    proc = subprocess.Popen([sys.executable, "-m", "ptqflow", *map(str, sweep_args(tiny_model, cifar_dir))],
                             cwd=tracking_store, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until a variant run is in progress
@@ -258,19 +258,19 @@ def test_quantize_refuses_a_variant_of_the_other_framework(tracking_store, tiny_
 
 
 def test_default_paths_offline_give_one_line_naming_the_url_and_the_flags(tracking_store, cifar_dir):
-    # tracking_store is the working directory: it has no models/resnet8.onnx, so the sweep tries to fetch it.
+    # tracking_store is the working directory: it has no data/models/resnet8.onnx, so the sweep tries to fetch it.
     unreachable = "http://127.0.0.1:9/pretrainedResnet.h5"  # port 9 (discard) refuses connections here
     result = invoke("sweep", "--data-dir", cifar_dir, "--resnet8-url", unreachable)
     assert_one_line_error(result, unreachable, "--model")
-    assert not (tracking_store / "models" / "resnet8.onnx").exists()
+    assert not (tracking_store / "data" / "models" / "resnet8.onnx").exists()
 
 
 def test_no_fetch_names_the_missing_default_and_what_to_pass(tracking_store, cifar_dir):
-    assert_one_line_error(invoke("sweep", "--data-dir", cifar_dir, "--no-fetch"), "models/resnet8.onnx", "--model")
+    assert_one_line_error(invoke("sweep", "--data-dir", cifar_dir, "--no-fetch"), "data/models/resnet8.onnx", "--model")
 
 
 def test_baseline_checks_the_conversion_on_the_first_images_only(tracking_store, tiny_model, cifar_dir, monkeypatch):
-    from pipelines import variant_runner
+    from ptqflow.pipelines.variants import runner as variant_runner
 
     monkeypatch.setattr(variant_runner, "TORCH_CHECK_IMAGES", 30)
     result = invoke("baseline", "--model", tiny_model, "--data-dir", cifar_dir)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from cifar_fixture import batch_bytes, write_cifar_dir
 
-from common.errors import ConfigError, DataError
-from pipelines.calibration import indices_digest, stratified_indices
-from pipelines.choices import Preprocessing
-from pipelines.cifar import dataset_digest, load_cifar10
-from pipelines.preprocessing import InputTransform
+from ptqflow.common.errors import ConfigError, DataError
+from ptqflow.pipelines.data.calibration import indices_digest, stratified_indices
+from ptqflow.pipelines.shared.choices import Preprocessing
+from ptqflow.pipelines.data.cifar import dataset_digest, load_cifar10
+from ptqflow.pipelines.data.preprocessing import InputTransform
 
 
 def test_fixture_files_load_with_bytes_and_with_str_keys(cifar_dir):

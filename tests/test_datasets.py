@@ -15,15 +15,15 @@ from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, all_runs, runs_by_na
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from pipelines.calibration import class_shares, stratified_selection
-from pipelines.choices import Preprocessing
-from pipelines.cli import app
-from pipelines.datasets import detect_format, load_dataset, resize_images
-from common.errors import ConfigError, DataError
-from pipelines.preprocessing import InputTransform
-from pipelines.sweep import SweepOptions, run_sweep
-from pipelines.variants import DEFAULT_VARIANTS
-from tracking.keys import Param, Tag
+from ptqflow.pipelines.data.calibration import class_shares, stratified_selection
+from ptqflow.pipelines.shared.choices import Preprocessing
+from ptqflow.pipelines.cli.app import app
+from ptqflow.pipelines.data.datasets import detect_format, load_dataset, resize_images
+from ptqflow.common.errors import ConfigError, DataError
+from ptqflow.pipelines.data.preprocessing import InputTransform
+from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+from ptqflow.pipelines.variants.specs import DEFAULT_VARIANTS
+from ptqflow.tracking.keys import Param, Tag
 
 
 def _splits(data):
@@ -336,7 +336,7 @@ def test_cli_data_format_that_does_not_match_the_directory(tracking_store, tiny_
 
 
 def test_plots_stay_readable_with_100_classes():
-    from pipelines import plots
+    from ptqflow.pipelines.reports import plots
 
     names = tuple(cifar100_names())
     rng = np.random.default_rng(0)

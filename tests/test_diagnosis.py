@@ -20,14 +20,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cifar_fixture import make_images
 from onnx_fixture import FACTOR, OUTLIER_CHANNEL, WIDTH, outlier_cnn
-from models.base import FloatModel
-from models.diagnosis import BAD_LOCAL_DB, diagnose_fx, diagnose_ort_config
-from models.equalization import equalize
-from models.layer_map import layer_table
-from models.onnx_model import load_classifier
-from models.quantize_ort import OrtStaticConfig
-from models.quantize_pytorch import PytorchFxConfig
-from pipelines.variants import config_payload
+from ptqflow.models.backends.base import FloatModel
+from ptqflow.models.diagnosis.diagnosis import BAD_LOCAL_DB, diagnose_fx, diagnose_ort_config
+from ptqflow.models.backends.equalization import equalize
+from ptqflow.models.graph.layer_map import layer_table
+from ptqflow.models.graph.onnx_model import load_classifier
+from ptqflow.models.backends.ort import OrtStaticConfig
+from ptqflow.models.backends.pytorch_fx import PytorchFxConfig
+from ptqflow.pipelines.variants.specs import config_payload
 
 # nearest rounding: AdaRound has its own tests, and the repairs must show without it
 FX = PytorchFxConfig(weight_rounding="nearest")
@@ -57,8 +57,9 @@ def models(tmp_path_factory):
 
 def agreement(float_model: FloatModel, config, calibration, test, out_dir: Path) -> float:
     """Top-1 agreement with the FP32 model of `float_model` quantized with `config`, in its own runtime."""
-    from models import quantize_ort, quantize_pytorch
-    from models.runtime import OrtRunner, TorchRunner
+    from ptqflow.models.backends import ort as quantize_ort
+    from ptqflow.models.backends import pytorch_fx as quantize_pytorch
+    from ptqflow.models.runtime.runners import OrtRunner, TorchRunner
 
     if isinstance(config, PytorchFxConfig):
         quantized = quantize_pytorch.quantize(float_model, config, calibration, out_dir)
@@ -72,8 +73,8 @@ def agreement(float_model: FloatModel, config, calibration, test, out_dir: Path)
 
 # ---- equalization ---------------------------------------------------------------------------------------------
 def test_equalization_is_function_preserving_and_undoes_the_outlier(images, tmp_path):
-    from models.equalization import equalize_file
-    from models.runtime import OrtRunner
+    from ptqflow.models.backends.equalization import equalize_file
+    from ptqflow.models.runtime.runners import OrtRunner
 
     _, test = images
     outlier = outlier_cnn(outlier=True)
@@ -171,8 +172,8 @@ def test_diagnosis_files_are_worst_first(diagnoses):
 
 
 def test_diagnosis_round_trips_through_its_json_and_plots_worst_first(diagnoses):
-    from models.diagnosis import Diagnosis
-    from pipelines.diagnosis_report import backend_comparison_figure, layer_sqnr_figure
+    from ptqflow.models.diagnosis.diagnosis import Diagnosis
+    from ptqflow.pipelines.reports.diagnosis import backend_comparison_figure, layer_sqnr_figure
 
     diagnosis = diagnoses[("outlier", "fx")]
     assert Diagnosis.from_dict(json.loads(diagnosis.to_json())) == diagnosis
@@ -278,7 +279,8 @@ def test_repairs_are_recorded_in_the_config(tmp_path):
 
 def test_bad_repair_options_are_refused(models, images, tmp_path):
     calibration, _ = images
-    from models import quantize_ort, quantize_pytorch
+    from ptqflow.models.backends import ort as quantize_ort
+    from ptqflow.models.backends import pytorch_fx as quantize_pytorch
 
     with pytest.raises(ValueError, match="needs quant_format QDQ"):
         OrtStaticConfig(quant_format="QOperator", activation_16bit_tensors=("r1",))
@@ -310,10 +312,10 @@ def test_diagnose_command_reads_a_sweep_back_and_logs_the_tables(tracking_store,
     from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
-    from pipelines.sweep import SweepOptions, run_sweep
-    from tracking import runs
-    from tracking.keys import Artifact
+    from ptqflow.pipelines.cli.app import app
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.tracking import runs
+    from ptqflow.tracking.keys import Artifact
 
     result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                                     variants=("pytorch-fx-int8", "ort-int8", "ort-uint8"), bench=False,

@@ -54,9 +54,10 @@ def _register(tmp_path, engine: str) -> str:
     """Log the module as ptqflow logs its variants and register it with ptqflow's tags; returns the version."""
     import mlflow
 
-    from common.files import file_sha256
-    from tracking import registry, runs
-    from tracking.keys import VersionTag as V
+    from ptqflow.common.files import file_sha256
+    from ptqflow.tracking import registry
+    from ptqflow.tracking import runs
+    from ptqflow.tracking.keys import VersionTag as V
 
     module, example, output = _int8_torchscript(engine)
     model_dir = tmp_path / f"model-{engine}"
@@ -106,7 +107,7 @@ def _other(engine: str) -> str:
 def test_pull_loads_under_the_versions_engine(versions, tmp_path, restore_engine, engine):
     import torch
 
-    from pipelines.pull import pull
+    from ptqflow.pipelines.registry.pull import pull
 
     version = versions[engine]
     torch.backends.quantized.engine = _other(engine)  # so only pull can have set it
@@ -121,9 +122,9 @@ def test_bench_targets_take_the_versions_engine_and_files_the_engine_before_pull
                                                                                    restore_engine):
     import torch
 
-    from models.benchmark import BenchConfig
-    from pipelines.bench import bench_files, resolve_targets
-    from pipelines.pull import pull
+    from ptqflow.models.runtime.latency import BenchConfig
+    from ptqflow.pipelines.sweep.bench import bench_files, resolve_targets
+    from ptqflow.pipelines.registry.pull import pull
 
     fbgemm, x86 = versions["fbgemm"], versions["x86"]
     file = pull(MODEL, x86, None, tmp_path / "file").model_file  # a TorchScript file outside the registry
@@ -136,7 +137,7 @@ def test_bench_targets_take_the_versions_engine_and_files_the_engine_before_pull
 
     # bench_files loads each target under its own engine.
     seen = []
-    import models.runtime as runtime
+    import ptqflow.models.runtime.runners as runtime
 
     real = runtime.TorchRunner.from_torchscript
 
@@ -155,9 +156,9 @@ def test_bench_targets_take_the_versions_engine_and_files_the_engine_before_pull
 def test_pull_refuses_an_engine_this_torch_lacks(versions, tmp_path, restore_engine):
     from mlflow.tracking import MlflowClient
 
-    from common.errors import ModelError
-    from pipelines.pull import pull
-    from tracking.keys import VersionTag as V
+    from ptqflow.common.errors import ModelError
+    from ptqflow.pipelines.registry.pull import pull
+    from ptqflow.tracking.keys import VersionTag as V
 
     version = versions["fbgemm"]
     client = MlflowClient()
@@ -174,7 +175,7 @@ def test_serve_loads_the_verified_copy_under_the_versions_engine(versions, tmp_p
     """What `ptqflow serve` hands to MLflow's scoring server: the downloaded copy, loaded under the tag's engine."""
     import torch
 
-    from pipelines.serve import load_verified, scoring_app
+    from ptqflow.pipelines.registry.serve import load_verified, scoring_app
 
     version = versions[engine]
     torch.backends.quantized.engine = _other(engine)

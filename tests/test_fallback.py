@@ -18,15 +18,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 from onnx import numpy_helper
 
-from common.errors import ConfigError
+from ptqflow.common.errors import ConfigError
 from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, all_runs
-from models.diagnosis import Diagnosis, LayerDiagnosis
-from models.quantize_ort import OrtStaticConfig
-from models.quantize_pytorch import PytorchFxConfig
+from ptqflow.models.diagnosis.diagnosis import Diagnosis, LayerDiagnosis
+from ptqflow.models.backends.ort import OrtStaticConfig
+from ptqflow.models.backends.pytorch_fx import PytorchFxConfig
 from onnx_fixture import outlier_cnn
-from pipelines.fallback import FallbackSearch, FallbackTarget, Measurement, candidates
-from pipelines.variants import Upgrade, VariantSpec, apply_upgrades, upgrade_kinds
-from tracking.keys import Artifact, Metric, Param, Tag
+from ptqflow.pipelines.repair.fallback import FallbackSearch, FallbackTarget, Measurement, candidates
+from ptqflow.pipelines.variants.specs import Upgrade, VariantSpec, apply_upgrades, upgrade_kinds
+from ptqflow.tracking.keys import Artifact, Metric, Param, Tag
 
 VARIANTS = ("pytorch-fx-int8", "ort-int8", "ort-uint8")
 TARGET = 0.99  # the outlier model reaches 89-95% agreement on the fixture's 100 test images
@@ -174,9 +174,9 @@ def test_targets_and_kinds():
 def test_input_layers_and_float_weights_of_fp32_layers(tmp_path):
     """A layer's inputs come from the layers before it; a layer kept in FP32 computes with its FP32 weights, not the
     AdaRound grid's (the float head does the same)."""
-    from models.base import FloatModel
-    from models.layer_map import input_layers
-    from models.onnx_model import load_classifier
+    from ptqflow.models.backends.base import FloatModel
+    from ptqflow.models.graph.layer_map import input_layers
+    from ptqflow.models.graph.onnx_model import load_classifier
 
     model = outlier_cnn(outlier=True)
     assert input_layers(model) == {"conv1": (), "conv2": ("conv1",), "dense": ()}  # AveragePool requantizes
@@ -196,8 +196,8 @@ def test_input_layers_and_float_weights_of_fp32_layers(tmp_path):
 
 # ---- end to end -----------------------------------------------------------------------------------------------
 def test_target_agreement_repairs_every_variant_that_misses_it(tracking_store, outlier_model, cifar_dir):
-    from pipelines.sweep import SweepOptions, run_sweep
-    from tracking import runs
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.tracking import runs
 
     result = run_sweep(SweepOptions(model_path=outlier_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                                     adaround_iterations=ADAROUND_ITERATIONS, variants=VARIANTS, bench=False,
@@ -248,9 +248,9 @@ def test_a_target_out_of_reach_is_one_line_and_leaves_no_run_running(tracking_st
                                                                       monkeypatch, capsys):
     """When the backend refuses every config the search makes (here: this test, on the full test set), every step
     is recorded as refused, the variant keeps no -mixed variant, one line says so and every run ends FINISHED."""
-    from pipelines.sweep import SweepOptions, run_sweep
-    from pipelines.variant_runner import VariantRunner
-    from tracking import runs
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.variants.runner import VariantRunner
+    from ptqflow.tracking import runs
 
     measure = VariantRunner.measure
 
@@ -277,7 +277,7 @@ def test_a_target_out_of_reach_is_one_line_and_leaves_no_run_running(tracking_st
 def test_a_bad_target_is_one_line_before_anything_runs(tracking_store, outlier_model, cifar_dir):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from ptqflow.pipelines.cli.app import app
 
     for option, value in (("--target-agreement", "1.01"), ("--max-drop", "-1")):
         invoked = CliRunner().invoke(app, ["sweep", "--model", str(outlier_model), "--data-dir", str(cifar_dir),
@@ -288,7 +288,7 @@ def test_a_bad_target_is_one_line_before_anything_runs(tracking_store, outlier_m
 
 
 def test_the_python_api_repairs_without_tracking(outlier_model, cifar_dir, tmp_path, monkeypatch):
-    from pipelines.api import quantize
+    from ptqflow.pipelines.api import quantize
 
     monkeypatch.chdir(tmp_path)
     results = quantize(outlier_model, cifar_dir, variants=["ort-uint8"], track=False, output_dir=tmp_path / "out",
@@ -305,13 +305,13 @@ def test_the_python_api_repairs_without_tracking(outlier_model, cifar_dir, tmp_p
 
 
 def test_a_failing_diagnosis_leaves_the_variant_standing(tracking_store, outlier_model, cifar_dir, monkeypatch):
-    import models.diagnosis
-    from pipelines.sweep import SweepOptions, run_sweep
+    import ptqflow.models.diagnosis.diagnosis
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
 
     def fail(*args, **kwargs):
         raise RuntimeError("no layer table today")
 
-    monkeypatch.setattr(models.diagnosis, "diagnose_ort_config", fail)
+    monkeypatch.setattr(ptqflow.models.diagnosis.diagnosis, "diagnose_ort_config", fail)
     result = run_sweep(SweepOptions(model_path=outlier_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                                     weight_rounding="nearest", variants=("ort-uint8",), bench=False, register=False))
     outcome = {o.name: o for o in result.outcomes}["ort-uint8"]
@@ -323,7 +323,7 @@ def test_a_failing_diagnosis_leaves_the_variant_standing(tracking_store, outlier
 
 
 def test_resume_reuses_the_search_and_the_mixed_variant(tracking_store, outlier_model, cifar_dir, capsys):
-    from pipelines.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
 
     options = SweepOptions(model_path=outlier_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                            weight_rounding="nearest", variants=("ort-uint8",), bench=False, target_agreement=TARGET,

@@ -14,9 +14,9 @@ import pytest
 
 from cifar_fixture import write_cifar_dir
 from http_fixture import LocalHttpServer
-from common.errors import DataError, FetchError, IntegrityError
-from pipelines.cifar import load_cifar10
-from pipelines.fetch import (CIFAR10_ARCHIVE_NAME, CIFAR10_DIR_NAME, RESNET8_H5_NAME, RESNET8_ONNX_NAME,
+from ptqflow.common.errors import DataError, FetchError, IntegrityError
+from ptqflow.pipelines.data.cifar import load_cifar10
+from ptqflow.pipelines.data.fetch import (CIFAR10_ARCHIVE_NAME, CIFAR10_DIR_NAME, RESNET8_H5_NAME, RESNET8_ONNX_NAME,
                              VERIFIED_MARKER, download, fetch_cifar10, fetch_resnet8, safe_extract_tar)
 from test_keras_resnet8 import write_resnet8_h5
 
@@ -252,7 +252,7 @@ def test_fetch_cifar10_refuses_archive_that_is_not_cifar(server, tmp_path):
 # --- fetch_resnet8 ----------------------------------------------------------------------------------------
 
 def test_fetch_resnet8_converts_keeps_h5_and_is_idempotent(server, tmp_path):
-    from models.keras_resnet8 import recorded_source_sha256
+    from ptqflow.models.graph.keras_resnet8 import recorded_source_sha256
 
     h5_bytes = write_resnet8_h5(tmp_path / "source.h5").read_bytes()
     server.files["/resnet.h5"] = h5_bytes
@@ -281,7 +281,7 @@ def test_fetch_resnet8_sha256_mismatch_leaves_nothing(server, tmp_path):
 
 def test_importing_fetch_loads_no_heavy_library():
     heavy = ["torch", "onnxruntime", "mlflow", "onnx", "h5py"]
-    code = f"import sys, pipelines.fetch; print([m for m in {heavy!r} if m in sys.modules])"
+    code = f"import sys, ptqflow.pipelines.data.fetch; print([m for m in {heavy!r} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip() == "[]"

@@ -12,10 +12,10 @@ import pytest
 import torch
 from onnx_fixture import tiny_cnn
 
-import models.quantize_pytorch as quantize_pytorch
-from models.base import FloatModel
-from models.onnx_model import load_classifier
-from models.quantize_pytorch import PytorchFxConfig, quantize_graphs
+import ptqflow.models.backends.pytorch_fx as quantize_pytorch
+from ptqflow.models.backends.base import FloatModel
+from ptqflow.models.graph.onnx_model import load_classifier
+from ptqflow.models.backends.pytorch_fx import PytorchFxConfig, quantize_graphs
 
 X86 = PytorchFxConfig(backend="x86", weight_rounding="nearest")
 

@@ -1,4 +1,4 @@
-"""Unit tests of models.graph_prep / models.weight_correction on small ONNX graphs (no /work/shared)."""
+"""Unit tests of ptqflow.models.graph.fx_prep / ptqflow.models.adaround.weight_correction on small ONNX graphs (no /work/shared)."""
 import sys
 import warnings
 from pathlib import Path
@@ -12,7 +12,7 @@ onnx2torch = pytest.importorskip("onnx2torch")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.graph_prep import TOPK_ROWS, classifier_head, kth_largest, prepare_graph, qconfig_mapping  # noqa: E402
+from ptqflow.models.graph.fx_prep import TOPK_ROWS, classifier_head, kth_largest, prepare_graph, qconfig_mapping  # noqa: E402
 
 warnings.filterwarnings("ignore")
 RNG = np.random.default_rng(0)
@@ -219,7 +219,7 @@ def _conv_relu_dense_model():
 
 
 def test_weight_correction_grid_and_onnx_roundtrip():
-    from models.weight_correction import adaround_onnx, grid_params, quantize_weights_like
+    from ptqflow.models.adaround.weight_correction import adaround_onnx, grid_params, quantize_weights_like
 
     w = torch.randn(4, 3, 3, 3)
     for scheme in ("per_channel_sym_int8", "per_tensor_asym_uint8", "per_tensor_sym_int8"):
@@ -240,7 +240,7 @@ def test_weight_correction_grid_and_onnx_roundtrip():
 
 
 def test_classifier_head_kept_float_and_onnx_head_nodes():
-    from models.weight_correction import onnx_classifier_head_nodes
+    from ptqflow.models.adaround.weight_correction import onnx_classifier_head_nodes
 
     m = _model(
         [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="conv"),
@@ -275,7 +275,7 @@ def test_classifier_head_kept_float_and_onnx_head_nodes():
 @pytest.mark.parametrize("iters", [20, 120])
 def test_adaround_reports_progress_in_steps_over_all_layers(iters):
     """AdaRound is the longest step of a cold sweep: its bar counts optimisation steps, with the total known."""
-    from models.weight_correction import adaround_onnx
+    from ptqflow.models.adaround.weight_correction import adaround_onnx
 
     m = _conv_relu_dense_model()
     calls = []

@@ -33,13 +33,13 @@ from test_cli import assert_nothing_running, assert_one_line_error, sweep_args
 from test_keras_resnet8 import random_weights, resnet8_model_config, write_keras_h5
 from typer.testing import CliRunner
 
-from common.errors import ConfigError, DataError, FetchError, ModelError, PtqflowError
-from models.keras_resnet8 import convert_h5_to_onnx
-from models.onnx_model import load_classifier
-from pipelines.cifar import ALL_FILES, META_FILE, load_cifar10
-from pipelines.cli import app
-from pipelines.fetch import safe_extract_tar
-from pipelines.names import validate_name, validate_output_dir
+from ptqflow.common.errors import ConfigError, DataError, FetchError, ModelError, PtqflowError
+from ptqflow.models.graph.keras_resnet8 import convert_h5_to_onnx
+from ptqflow.models.graph.onnx_model import load_classifier
+from ptqflow.pipelines.data.cifar import ALL_FILES, META_FILE, load_cifar10
+from ptqflow.pipelines.cli.app import app
+from ptqflow.pipelines.data.fetch import safe_extract_tar
+from ptqflow.pipelines.shared.names import validate_name, validate_output_dir
 
 # PTQFLOW_FUZZ_EXAMPLES=2000 runs a deeper (slower) search locally; CI keeps the default, derandomized.
 FUZZ = settings(max_examples=int(os.environ.get("PTQFLOW_FUZZ_EXAMPLES", "100")), deadline=None,
@@ -385,7 +385,7 @@ def test_truncated_and_random_onnx_files_are_model_errors(tmp_path, tiny_model):
 
 
 def test_external_data_is_part_of_the_model_digest(tmp_path):
-    from common.files import file_sha256
+    from ptqflow.common.files import file_sha256
 
     path, _ = _external_model(tmp_path / "m")
     first = load_classifier(path)
@@ -731,7 +731,7 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost", "::ffff:127.0.0.1"}
 
 
 def test_sweep_never_connects_beyond_loopback(tracking_store, tiny_model, cifar_dir, monkeypatch):
-    from pipelines.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
 
     attempts: list[object] = []
 

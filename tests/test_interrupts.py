@@ -9,8 +9,8 @@ import signal
 import numpy as np
 import pytest
 
-from common.interrupts import checkpoint, deferred_interrupts, stop_requested
-from models.benchmark import BenchConfig, benchmark
+from ptqflow.common.interrupts import checkpoint, deferred_interrupts, stop_requested
+from ptqflow.models.runtime.latency import BenchConfig, benchmark
 
 
 def test_first_signal_only_sets_the_flag_and_checkpoint_raises():

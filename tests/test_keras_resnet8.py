@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 
 from http_fixture import LocalHttpServer
-from common.errors import ModelError
-from models.keras_resnet8 import (INPUT_NAME, SOURCE_SHA256_KEY, convert_h5_to_onnx,
+from ptqflow.common.errors import ModelError
+from ptqflow.models.graph.keras_resnet8 import (INPUT_NAME, SOURCE_SHA256_KEY, convert_h5_to_onnx,
                                   recorded_source_sha256)
 
 BN_EPSILON = 1e-3
@@ -256,8 +256,8 @@ def test_recorded_source_sha256_of_unreadable_file_is_none(tmp_path):
 @pytest.mark.shared
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared (real model and data)")
 def test_fetched_real_model_matches_reference_export(tmp_path):
-    from pipelines.cifar import load_cifar10
-    from pipelines.fetch import RESNET8_H5_SHA256, fetch_resnet8
+    from ptqflow.pipelines.data.cifar import load_cifar10
+    from ptqflow.pipelines.data.fetch import RESNET8_H5_SHA256, fetch_resnet8
 
     with LocalHttpServer() as server:
         server.files["/pretrainedResnet.h5"] = (SHARED / "models" / "mlperf_tiny_pretrainedResnet.h5").read_bytes()

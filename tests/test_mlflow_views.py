@@ -13,10 +13,10 @@ from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, version_reason
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from pipelines.cli import app
-from pipelines.precision import share_decimals
-from pipelines.promotion import GatePolicy
-from tracking.keys import ExperimentTag, Metric, Param, Tag, VersionTag
+from ptqflow.pipelines.cli.app import app
+from ptqflow.pipelines.shared.precision import share_decimals
+from ptqflow.pipelines.registry.gate import GatePolicy
+from ptqflow.tracking.keys import ExperimentTag, Metric, Param, Tag, VersionTag
 
 EXPERIMENT = "resnet8-quantization"
 MODEL = "resnet8-int8"
@@ -31,7 +31,7 @@ RUN_NAME = re.compile(r"^resnet8 · \d{4}-\d\d-\d\d \d\d:\d\d:\d\d · (\d+) imgs
 
 
 def _sweep(tiny_model, cifar_dir):
-    from pipelines.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
 
     return run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                                   adaround_iterations=ADAROUND_ITERATIONS, variants=VARIANTS, gate=ALWAYS_PASS))
@@ -92,7 +92,7 @@ def test_sweeps_as_the_mlflow_ui_shows_them(two_sweeps, tmp_path):
         assert mv.source == best.model_uri and mv.source.startswith("models:/m-")
         assert mv.run_id == best.run_id  # the version's own run_id, set by MLflow from the logged model
         local = mlflow.artifacts.download_artifacts(artifact_uri=best.model_uri, dst_path=str(tmp_path / version))
-        from common.files import file_sha256
+        from ptqflow.common.files import file_sha256
 
         assert file_sha256(f"{local}/{mv.tags[VersionTag.MODEL_FILE]}") == mv.tags[VersionTag.SHA256]
         # Few, short tags: policy, reason and source run are in the description or the version itself.
@@ -130,8 +130,8 @@ def test_sweeps_as_the_mlflow_ui_shows_them(two_sweeps, tmp_path):
 def test_pull_and_resume_use_the_logged_model(tracking_store, tiny_model, cifar_dir, tmp_path):
     """`pull` finds the file at the version's model_file path and checks its sha256; a resumed sweep registers
     the logged model of the run it reuses."""
-    from pipelines.pull import pull
-    from pipelines.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.registry.pull import pull
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
 
     options = dict(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                    adaround_iterations=ADAROUND_ITERATIONS, variants=("ort-int8",), bench=False, gate=ALWAYS_PASS)
@@ -151,7 +151,7 @@ def test_pull_and_resume_use_the_logged_model(tracking_store, tiny_model, cifar_
 
 
 def test_decision_sentence_keeps_reason_and_policy():
-    from tracking.aliases import decision_sentence
+    from ptqflow.tracking.aliases import decision_sentence
 
     sentence = decision_sentence("rejected", "agreement 0.9500 is below 0.97", "agreement >= 0.97")
     assert sentence == "Rejected: agreement 0.9500 is below 0.97. Gate: agreement >= 0.97."

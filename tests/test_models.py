@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from onnx_fixture import write_tiny_cnn
 
-from common.errors import ModelError
-from models.onnx_model import NCHW, NHWC, load_classifier, to_torch
-from models.runtime import OrtRunner, TorchRunner
-from pipelines.evaluation import evaluate, fidelity
+from ptqflow.common.errors import ModelError
+from ptqflow.models.graph.onnx_model import NCHW, NHWC, load_classifier, to_torch
+from ptqflow.models.runtime.runners import OrtRunner, TorchRunner
+from ptqflow.pipelines.variants.evaluation import evaluate, fidelity
 
 
 @pytest.mark.parametrize("layout,batch", [(NHWC, None), (NCHW, None), (NHWC, 4), (NCHW, 1)])

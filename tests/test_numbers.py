@@ -11,10 +11,12 @@ import re
 import pytest
 from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, _point_mlflow_at
 
-from models.benchmark import CONTENDED_SPREAD, BenchResult, RoundsResult
-from pipelines import plots, precision, report
-from pipelines.promotion import GatePolicy
-from tracking.keys import Metric, Tag
+from ptqflow.models.runtime.latency import CONTENDED_SPREAD, BenchResult, RoundsResult
+from ptqflow.pipelines.reports import plots
+from ptqflow.pipelines.shared import precision
+from ptqflow.pipelines.reports import comparison as report
+from ptqflow.pipelines.registry.gate import GatePolicy
+from ptqflow.tracking.keys import Metric, Tag
 
 NOISY = -0.15000000000000568  # accuracy_delta_pp as it was logged
 VARIANTS = ("pytorch-fx-int8", "ort-int8")
@@ -95,7 +97,7 @@ def test_wide_spread_is_contended_and_tight_is_not():
 def test_benchmark_records_both_spreads():
     import numpy as np
 
-    from models.benchmark import BenchConfig, benchmark
+    from ptqflow.models.runtime.latency import BenchConfig, benchmark
 
     result = benchmark(lambda: (lambda x: x * 2), np.zeros((4, 3), np.float32),
                        BenchConfig(warmup_runs=2, latency_runs=20, throughput_runs=5, threads=1))
@@ -107,7 +109,7 @@ def test_benchmark_records_both_spreads():
 
 def test_speedups_without_batch_256_throughput():
     """A model whose batch is fixed at 1 has no throughput: the b256 speedup is absent, b1 still defined."""
-    from pipelines.sweep import _speedup_b1, _speedup_b256
+    from ptqflow.pipelines.sweep.sweep import _speedup_b1, _speedup_b256
 
     fixed, reference = BenchResult(0.2, 0.25, None, 2), BenchResult(0.4, 0.5, None, 2)
     assert _speedup_b256(fixed, reference) is None and _speedup_b1(fixed, reference) == pytest.approx(2.0)
@@ -116,8 +118,8 @@ def test_speedups_without_batch_256_throughput():
 
 
 def test_bench_table_with_a_fixed_batch_model(capsys):
-    from pipelines.bench import BenchTarget
-    from pipelines.tables import print_bench
+    from ptqflow.pipelines.sweep.bench import BenchTarget
+    from ptqflow.pipelines.reports.tables import print_bench
 
     targets = [BenchTarget("fixed.onnx", None, "NHWC", "raw"), BenchTarget("busy.onnx", None, "NHWC", "raw")]
     print_bench([(targets[0], BenchResult(0.2, 0.25, None, 2)), (targets[1], BenchResult(0.2, 64.0, 900.0, 2))])
@@ -131,8 +133,8 @@ def test_bench_table_with_a_fixed_batch_model(capsys):
 def sweep_store(tmp_path_factory, cifar_dir, tiny_model):
     """A tiny two-variant sweep whose timings are BENCH (so contention is deterministic); records what the
     agreement plot was asked to draw."""
-    from pipelines.sweep import SweepOptions, run_sweep
-    from pipelines.variant_runner import VariantRunner
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.variants.runner import VariantRunner
 
     root = tmp_path_factory.mktemp("numbers_store")
     drawn = {}
@@ -188,7 +190,7 @@ def test_logged_metrics_have_no_float_noise(sweep_store):
 
 
 def test_comparison_files_have_no_float_noise(sweep_store):
-    from tracking import runs
+    from ptqflow.tracking import runs
 
     result, _ = sweep_store
     text = runs.download_text(result.parent_run_id, "comparison.csv")
@@ -215,7 +217,7 @@ def test_contended_run_is_flagged(sweep_store):
 
 
 def test_contended_timings_are_marked_in_the_sweeps_tables(sweep_store):
-    from tracking import runs
+    from ptqflow.tracking import runs
 
     result, _ = sweep_store
     mark = report.CONTENDED_MARK
@@ -230,8 +232,9 @@ def test_contended_timings_are_marked_in_the_sweeps_tables(sweep_store):
 
 
 def test_comparison_page_links_runs_and_marks_best_and_champion(sweep_store):
-    from pipelines.promotion import CHAMPION_ALIAS
-    from tracking import aliases, runs
+    from ptqflow.pipelines.registry.gate import CHAMPION_ALIAS
+    from ptqflow.tracking import aliases
+    from ptqflow.tracking import runs
 
     result, _ = sweep_store
     page = runs.download_text(result.parent_run_id, "comparison.html")

@@ -27,10 +27,10 @@ def test_converting_quantizing_and_diagnosing_a_classifier_import_neither_torchv
         from pathlib import Path
         import numpy as np, onnx
         from onnx_fixture import tiny_cnn
-        from models.base import FloatModel
-        from models.diagnosis import diagnose_fx
-        from models.onnx_model import load_classifier
-        from models.quantize_pytorch import PytorchFxConfig, quantize
+        from ptqflow.models.backends.base import FloatModel
+        from ptqflow.models.diagnosis.diagnosis import diagnose_fx
+        from ptqflow.models.graph.onnx_model import load_classifier
+        from ptqflow.models.backends.pytorch_fx import PytorchFxConfig, quantize
         onnx.save(tiny_cnn(), "{tmp_path}/tiny.onnx")
         model = FloatModel.for_runtimes(load_classifier("{tmp_path}/tiny.onnx"), Path("{tmp_path}"))
         model = model.for_quantization()
@@ -49,7 +49,7 @@ def test_roialign_and_nms_converters_run_the_real_torchvision():
         import sys
         import numpy as np, onnx, onnxruntime as ort, torch
         from onnx import TensorProto, helper
-        from models.onnx2torch_import import import_onnx2torch
+        from ptqflow.models.graph.onnx2torch_import import import_onnx2torch
         onnx2torch = import_onnx2torch()
         assert "torchvision" not in sys.modules
 

@@ -1,4 +1,4 @@
-"""Graph rewrites before quantization (models/onnx_rewrites.py) and what they guarantee downstream: BatchNorm folded
+"""Graph rewrites before quantization (models/graph/rewrites.py) and what they guarantee downstream: BatchNorm folded
 without changing the function, every node named so the float head is excluded by structure, and AdaRound's integers
 surviving onnxruntime's quantization of a model that had BatchNorm."""
 
@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_fixture import batchnorm_cnn, pytorch_style_cnn, tiny_cnn
 
-from models.onnx_rewrites import fold_batch_norms, has_unnamed_nodes, name_unnamed_nodes
+from ptqflow.models.graph.rewrites import fold_batch_norms, has_unnamed_nodes, name_unnamed_nodes
 
 RNG = np.random.default_rng(0)
 
@@ -129,7 +129,7 @@ def test_name_unnamed_nodes_is_unique_deterministic_and_keeps_names():
 
 
 def test_head_detection_refuses_unnamed_nodes():
-    from models.weight_correction import onnx_classifier_head_nodes
+    from ptqflow.models.adaround.weight_correction import onnx_classifier_head_nodes
 
     with pytest.raises(ValueError, match="unnamed"):
         onnx_classifier_head_nodes(_unnamed(tiny_cnn()))
@@ -144,9 +144,9 @@ def _producers(model: onnx.ModelProto) -> dict:
 @pytest.mark.parametrize("quant_format, dtype, per_channel", [("QOperator", "uint8", False), ("QDQ", "int8", True)])
 def test_unnamed_model_quantizes_every_conv_and_keeps_the_head_float(tmp_path, quant_format, dtype, per_channel):
     """Before the fix the head's empty names went into nodes_to_exclude and excluded every unnamed node."""
-    from models.base import FloatModel
-    from models.onnx_model import load_classifier
-    from models.quantize_ort import OrtStaticConfig, quantize
+    from ptqflow.models.backends.base import FloatModel
+    from ptqflow.models.graph.onnx_model import load_classifier
+    from ptqflow.models.backends.ort import OrtStaticConfig, quantize
 
     path = tmp_path / "unnamed.onnx"
     onnx.save(_unnamed(tiny_cnn()), str(path))
@@ -174,9 +174,9 @@ def test_unnamed_model_quantizes_every_conv_and_keeps_the_head_float(tmp_path, q
 
 
 def test_for_quantization_folds_names_and_records(tmp_path):
-    from common.files import file_sha256
-    from models.base import FloatModel
-    from models.onnx_model import load_classifier
+    from ptqflow.common.files import file_sha256
+    from ptqflow.models.backends.base import FloatModel
+    from ptqflow.models.graph.onnx_model import load_classifier
 
     path = tmp_path / "bn.onnx"
     onnx.save(batchnorm_cnn(), str(path))
@@ -201,9 +201,9 @@ def test_for_quantization_folds_names_and_records(tmp_path):
 def test_adarounded_grid_survives_ort_quantization_of_a_batchnorm_model(tmp_path):
     """onnxruntime's pre-processing folds BatchNorm into the conv; after AdaRound that would move every weight off
     the grid. Folded first, the QLinearConv integers are exactly AdaRound's."""
-    from models.base import FloatModel
-    from models.onnx_model import load_classifier
-    from models.quantize_ort import OrtStaticConfig, quantize
+    from ptqflow.models.backends.base import FloatModel
+    from ptqflow.models.graph.onnx_model import load_classifier
+    from ptqflow.models.backends.ort import OrtStaticConfig, quantize
 
     path = tmp_path / "bn.onnx"
     onnx.save(pytorch_style_cnn(), str(path))

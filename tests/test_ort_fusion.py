@@ -13,10 +13,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from models.base import FloatModel
-from models.onnx_model import load_classifier
-from models.quantize_ort import quantize
-from pipelines.variants import VARIANTS
+from ptqflow.models.backends.base import FloatModel
+from ptqflow.models.graph.onnx_model import load_classifier
+from ptqflow.models.backends.ort import quantize
+from ptqflow.pipelines.variants.specs import VARIANTS
 
 
 def _residual_cnn() -> onnx.ModelProto:
@@ -110,7 +110,7 @@ def _renamed(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def test_graph_digest_sees_what_is_computed_not_the_names():
-    from models.onnx_model import graph_digest
+    from ptqflow.models.graph.onnx_model import graph_digest
 
     model = _residual_cnn()
     assert graph_digest(_renamed(model)) == graph_digest(model)
@@ -134,7 +134,7 @@ def test_graph_digest_sees_what_is_computed_not_the_names():
 
 def test_graph_digest_does_not_depend_on_the_order_of_independent_nodes():
     """onnxruntime stores the branches of a residual block in either order (ort-int8 and ort-int8-u8s8 on ResNet8)."""
-    from models.onnx_model import graph_digest
+    from ptqflow.models.graph.onnx_model import graph_digest
 
     def branches(first: str):
         nodes = {"relu": helper.make_node("Relu", ["x"], ["a"], name="relu"),
@@ -154,8 +154,8 @@ def test_graph_digest_does_not_depend_on_the_order_of_independent_nodes():
 def test_qdq_and_qoperator_int8_files_run_as_one_graph_and_give_the_same_scores(tmp_path):
     """Why the sweep evaluates ort-int8-u8s8 once only when its graph is ort-int8's: onnxruntime fuses the QDQ file
     into the QOperator file's graph; ort-uint8 (other weights) is another graph."""
-    from models.onnx_model import graph_digest
-    from models.runtime import OrtRunner
+    from ptqflow.models.graph.onnx_model import graph_digest
+    from ptqflow.models.runtime.runners import OrtRunner
 
     images = np.random.default_rng(2).uniform(0, 255, (64, 16, 16, 3)).astype(np.float32)
     digests, scores = {}, {}

@@ -8,8 +8,8 @@ from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, SHARED
 from onnx_fixture import pytorch_style_cnn, tiny_cnn
 from mlflow.tracking import MlflowClient
 
-from pipelines.sweep import SweepOptions, run_sweep
-from tracking.keys import Metric
+from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+from ptqflow.tracking.keys import Metric
 
 VARIANTS = ("pytorch-fx-int8-x86", "ort-int8", "ort-uint8")
 
@@ -18,7 +18,7 @@ def _onnxruntime_accuracy(model_path, cifar_dir, layout: str) -> float:
     """The model's accuracy on the fixture test set, computed directly (raw 0..255 pixels in `layout`)."""
     import onnxruntime as ort
 
-    from pipelines.cifar import load_cifar10
+    from ptqflow.pipelines.data.cifar import load_cifar10
 
     test = load_cifar10(cifar_dir).test
     images = test.images.astype("float32")

@@ -1,4 +1,4 @@
-"""The sweep's background plot process (pipelines.plot_worker): drawn elsewhere, the same bytes, nothing lost."""
+"""The sweep's background plot process (ptqflow.pipelines.reports.plot_worker): drawn elsewhere, the same bytes, nothing lost."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import signal
 import numpy as np
 import pytest
 
-from pipelines import plots
-from pipelines.plot_worker import NICENESS, PlotWorker
+from ptqflow.pipelines.reports import plots
+from ptqflow.pipelines.reports.plot_worker import NICENESS, PlotWorker
 
 
 def drawn_where(tag: str) -> bytes:
@@ -91,8 +91,8 @@ def test_a_plot_that_cannot_be_drawn_is_a_tag_on_its_run_and_the_sweep_goes_on(t
     from conftest import CALIBRATION_SIZE, runs_by_name
     from mlflow.tracking import MlflowClient
 
-    from pipelines.sweep import SweepOptions, run_sweep
-    from tracking.keys import Artifact, Tag
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.tracking.keys import Artifact, Tag
 
     monkeypatch.setattr(plots, "confusion_matrix", unreadable_confusion)  # drawn by name in the worker
     result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, variants=("ort-int8",),
@@ -116,9 +116,9 @@ def test_a_stopped_sweep_logs_the_plots_of_the_runs_that_ended(tracking_store, c
     from conftest import CALIBRATION_SIZE, runs_by_name
     from mlflow.tracking import MlflowClient
 
-    from pipelines.sweep import SweepOptions, run_sweep
-    from pipelines.variant_runner import VariantRunner
-    from tracking.keys import Artifact
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.variants.runner import VariantRunner
+    from ptqflow.tracking.keys import Artifact
 
     real_run = VariantRunner.run
 
@@ -154,7 +154,7 @@ def test_the_worker_ends_when_the_sweep_process_is_killed(tmp_path):
     script.write_text(
         "import os, sys, time\n"
         f"sys.path[:0] = [{str(Path(__file__).resolve().parents[1])!r}, {str(Path(__file__).resolve().parent)!r}]\n"
-        "from pipelines.plot_worker import PlotWorker\n"
+        "from ptqflow.pipelines.reports.plot_worker import PlotWorker\n"
         "from test_plot_worker import drawn_where\n"
         "if __name__ == '__main__':\n"
         "    worker = PlotWorker()\n"

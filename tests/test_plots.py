@@ -18,9 +18,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from pipelines import plots, report
-from pipelines.promotion import GatePolicy
-from pipelines.tables import rows_from_csv
+from ptqflow.pipelines.reports import plots
+
+from ptqflow.pipelines.reports import comparison as report
+from ptqflow.pipelines.registry.gate import GatePolicy
+from ptqflow.pipelines.reports.tables import rows_from_csv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -135,7 +137,7 @@ def test_new_columns_are_formatted():
 
 def test_timing_headers_name_their_batch_size():
     """"speedup" at batch 256 beside a batch-1 latency read as one number: every timing header says its batch."""
-    from pipelines.tables import COMPARED_METRICS, TERMINAL_COLUMNS
+    from ptqflow.pipelines.reports.tables import COMPARED_METRICS, TERMINAL_COLUMNS
 
     timing = {"latency_ms_b1_p50": "b1", "speedup_b1_vs_fp32": "b1", "speedup_b256_vs_fp32": "b256"}
     headers = {f: h for h, f in report.COLUMNS}
@@ -399,8 +401,8 @@ def test_html_links_rows_to_their_runs_and_marks_best_and_champion():
     ("sqlite:///tmp/mlflow.db", "http://127.0.0.1:5000/"),  # where `mlflow ui` serves a local store
 ])
 def test_run_links_point_at_the_mlflow_ui(monkeypatch, uri, base):
-    from pipelines.sweep import Sweep
-    from tracking import runs
+    from ptqflow.pipelines.sweep.sweep import Sweep
+    from ptqflow.tracking import runs
 
     monkeypatch.setattr(runs, "tracking_uri", lambda: uri)
     assert Sweep._run_url("3", "abc123") == f"{base}#/experiments/3/runs/abc123"

@@ -21,7 +21,7 @@ def test_mlproject_has_the_documented_entry_points_and_runs_the_cli():
     mlproject = yaml.safe_load((ROOT / "MLproject").read_text())
     assert set(mlproject["entry_points"]) == {"main", "baseline", "quantize_pytorch", "quantize_ort", "pull"}
     for entry in mlproject["entry_points"].values():
-        assert entry["command"].startswith("python -m pipelines.cli ")
+        assert entry["command"].startswith("python -m ptqflow ")
         for name in entry["parameters"]:
             assert "{" + name + "}" in entry["command"]
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import tiny_runner
 
-import pipelines.variant_runner as variant_runner
-from pipelines.preprocessing import Preprocessing
+import ptqflow.pipelines.variants.runner as variant_runner
+from ptqflow.pipelines.data.preprocessing import Preprocessing
 
 
 @pytest.mark.parametrize("preprocessing", [Preprocessing.raw, Preprocessing.standardize])

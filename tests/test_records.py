@@ -14,11 +14,11 @@ from conftest import CALIBRATION_SIZE, runs_by_name, version_reason
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from common.errors import ConfigError, TrackingError
-from pipelines.names import registered_name_for
-from pipelines.promotion import Candidate, GatePolicy, decide
-from pipelines.sweep import SweepOptions, run_sweep
-from tracking.keys import Metric, Param, Tag, VersionTag
+from ptqflow.common.errors import ConfigError, TrackingError
+from ptqflow.pipelines.shared.names import registered_name_for
+from ptqflow.pipelines.registry.gate import Candidate, GatePolicy, decide
+from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+from ptqflow.tracking.keys import Metric, Param, Tag, VersionTag
 
 PASS_ALL = GatePolicy(max_accuracy_drop_pp=100, min_agreement=0.0)
 MEASURED = {VersionTag.FP32_MODEL_SHA256: "a" * 64, VersionTag.DATASET_DIGEST: "d" * 64,
@@ -148,7 +148,7 @@ def test_resume_does_not_reuse_runs_made_by_other_ptqflow_code(tracking_store, t
     first = _sweep(tiny_model, cifar_dir, variants=("ort-uint8",), register=False)
     same = _sweep(tiny_model, cifar_dir, variants=("ort-uint8",), register=False, resume=True)
     assert same.outcomes[1].run_id == first.outcomes[1].run_id
-    monkeypatch.setattr("pipelines.sweep.git_commit", lambda: "0" * 40)
+    monkeypatch.setattr("ptqflow.pipelines.sweep.sweep.git_commit", lambda: "0" * 40)
     after_fix = _sweep(tiny_model, cifar_dir, variants=("ort-uint8",), register=False, resume=True)
     assert after_fix.outcomes[1].run_id != first.outcomes[1].run_id
     assert runs_by_name()  # the store is readable
@@ -157,8 +157,8 @@ def test_resume_does_not_reuse_runs_made_by_other_ptqflow_code(tracking_store, t
 
 
 def test_adaround_cache_misses_when_the_calibration_images_change(tmp_path, tiny_model, monkeypatch):
-    from models.base import FloatModel
-    from models.onnx_model import load_classifier
+    from ptqflow.models.backends.base import FloatModel
+    from ptqflow.models.graph.onnx_model import load_classifier
 
     rng = np.random.default_rng(0)
     images_a = rng.uniform(0, 255, (40, 32, 32, 3)).astype(np.float32)
@@ -182,9 +182,9 @@ def test_adaround_cache_misses_when_the_calibration_images_change(tmp_path, tiny
 def test_adaround_ahead_computes_the_schemes_together_and_the_variants_find_them(tmp_path, tiny_model, monkeypatch):
     """The sweep asks for all its AdaRound grids at once (one FP32 pass, schemes side by side); each variant's
     with_adarounded_weights then reads its scheme from the cache, the same file computing it alone gives."""
-    import models.weight_correction as weight_correction
-    from models.base import FloatModel
-    from models.onnx_model import load_classifier
+    import ptqflow.models.adaround.weight_correction as weight_correction
+    from ptqflow.models.backends.base import FloatModel
+    from ptqflow.models.graph.onnx_model import load_classifier
 
     images = np.random.default_rng(0).uniform(0, 255, (40, 32, 32, 3)).astype(np.float32)
     schemes = ["per_channel_sym_int8", "per_tensor_asym_uint8"]
@@ -211,7 +211,7 @@ def test_adaround_ahead_computes_the_schemes_together_and_the_variants_find_them
 def test_a_sweep_computes_its_adaround_grids_in_one_go(tracking_store, tiny_model, cifar_dir, monkeypatch):
     """Variants on two grids (int8 per channel for FX and ORT int8, uint8 per tensor for ORT uint8): the sweep asks
     for both before the first variant, in one call, and no variant computes a grid of its own."""
-    import models.weight_correction as weight_correction
+    import ptqflow.models.adaround.weight_correction as weight_correction
 
     calls = []
     compute = weight_correction.adaround_onnx_schemes
@@ -264,7 +264,7 @@ def test_onnxruntime_calibrates_on_every_calibration_image(tracking_store, tiny_
 
 
 def test_runs_record_the_cpu_and_its_int8_instructions(tracking_store, tiny_model, cifar_dir):
-    from models.machine import INT8_ISA_FLAGS, _cpuinfo_fields
+    from ptqflow.models.runtime.machine import INT8_ISA_FLAGS, _cpuinfo_fields
 
     _sweep(tiny_model, cifar_dir, variants=("ort-uint8",), register=False)
     tags = runs_by_name()["ort-uint8"].data.tags
@@ -276,7 +276,7 @@ def test_runs_record_the_cpu_and_its_int8_instructions(tracking_store, tiny_mode
 
 def test_fp32_reference_is_recorded_with_copy_of_the_data(tmp_path, cifar_dir):
     """A copy of the data directory has the same dataset digest (the gate compares by content, not by path)."""
-    from pipelines.cifar import load_cifar10
+    from ptqflow.pipelines.data.cifar import load_cifar10
 
     copy = tmp_path / "copy"
     shutil.copytree(cifar_dir, copy)
@@ -291,7 +291,7 @@ def _fitted_batchnorm_cnn(cifar_dir):
     from onnx import helper, numpy_helper
     from onnx_fixture import batchnorm_cnn
 
-    from pipelines.cifar import load_cifar10
+    from ptqflow.pipelines.data.cifar import load_cifar10
 
     model = batchnorm_cnn(depthwise=False)
     train = load_cifar10(cifar_dir).train
@@ -315,7 +315,7 @@ def _fitted_batchnorm_cnn(cifar_dir):
 
 
 def test_unfolded_batchnorm_is_folded_before_adaround_and_every_variant_agrees(tracking_store, cifar_dir):
-    from models.onnx_rewrites import fold_batch_norms
+    from ptqflow.models.graph.rewrites import fold_batch_norms
 
     model = _fitted_batchnorm_cnn(cifar_dir)
     (tracking_store / "bn").mkdir()
@@ -345,8 +345,8 @@ def test_unfolded_batchnorm_is_folded_before_adaround_and_every_variant_agrees(t
 def test_a_model_with_batch_fixed_at_1_sweeps_registers_and_pulls(tracking_store, cifar_dir, tmp_path):
     from onnx_fixture import fit_dense_head, tiny_cnn
 
-    from pipelines.cifar import load_cifar10
-    from pipelines.pull import pull
+    from ptqflow.pipelines.data.cifar import load_cifar10
+    from ptqflow.pipelines.registry.pull import pull
 
     train = load_cifar10(cifar_dir).train
     path = tracking_store / "fixed.onnx"
@@ -369,7 +369,7 @@ def test_a_model_with_batch_fixed_at_1_sweeps_registers_and_pulls(tracking_store
 def test_a_model_with_batch_fixed_above_1_is_refused_before_any_run(tracking_store, cifar_dir):
     from onnx_fixture import tiny_cnn
 
-    from common.errors import ModelError
+    from ptqflow.common.errors import ModelError
 
     path = tracking_store / "fixed8.onnx"
     onnx.save(tiny_cnn(batch=8), str(path))

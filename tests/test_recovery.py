@@ -11,8 +11,8 @@ import time
 import pytest
 from conftest import CALIBRATION_SIZE, all_runs
 
-from pipelines.sweep import SweepOptions, VariantsFailed, run_sweep
-from tracking.keys import Tag
+from ptqflow.pipelines.sweep.sweep import SweepOptions, VariantsFailed, run_sweep
+from ptqflow.tracking.keys import Tag
 
 VARIANTS = ("pytorch-fx-int8", "ort-uint8")
 
@@ -29,7 +29,7 @@ def _runs_named(name: str) -> list:
 
 def test_resume_reuses_finished_variants_and_recomputes_failed_ones(tracking_store, tiny_model, cifar_dir,
                                                                     monkeypatch):
-    from models import quantize_ort
+    from ptqflow.models.backends import ort as quantize_ort
 
     real_quantize = quantize_ort.quantize
     monkeypatch.setattr(quantize_ort, "quantize", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
@@ -65,7 +65,7 @@ def test_runs_of_a_killed_process_are_marked_failed_by_the_next_sweep(tracking_s
     assert all_runs() == []  # creates the store's tables now, not concurrently with the subprocess
     args = ["sweep", "--model", tiny_model, "--data-dir", cifar_dir, "--calibration-size", CALIBRATION_SIZE,
             "--no-register", "--weight-rounding", "nearest"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *map(str, args)], cwd=tracking_store, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "ptqflow", *map(str, args)], cwd=tracking_store, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not [r for r in all_runs() if r.info.status == "RUNNING"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, tiny_runner
 
-from pipelines.evaluation import Cancelled
-from pipelines.variant_runner import VariantRunner
+from ptqflow.pipelines.variants.evaluation import Cancelled
+from ptqflow.pipelines.variants.runner import VariantRunner
 
 
 def test_the_reference_evaluated_during_the_conversion_gives_the_same_scores(tmp_path):
@@ -52,9 +52,9 @@ def _reference_pass_alive() -> bool:
 
 def test_a_sweep_failing_before_its_fp32_run_stops_the_reference_pass(tracking_store, cifar_dir, tiny_model,
                                                                       monkeypatch):
-    from pipelines.sweep import SweepOptions, run_sweep
-    from tracking import runs
-    from tracking.keys import Param
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.tracking import runs
+    from ptqflow.tracking.keys import Param
 
     log_params, stopped = runs.log_params, []
     stop = VariantRunner.stop_reference

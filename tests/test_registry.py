@@ -7,9 +7,9 @@ from conftest import CALIBRATION_SIZE, version_reason
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from pipelines.cli import app
-from pipelines.promotion import Candidate, GatePolicy, decide
-from tracking.keys import VersionTag
+from ptqflow.pipelines.cli.app import app
+from ptqflow.pipelines.registry.gate import Candidate, GatePolicy, decide
+from ptqflow.tracking.keys import VersionTag
 
 POLICY = GatePolicy(max_accuracy_drop_pp=0.5, min_agreement=0.97)
 SAME_JOB = ((VersionTag.FP32_MODEL_SHA256, "a" * 64), (VersionTag.DATASET_DIGEST, "d" * 64),
@@ -44,7 +44,7 @@ def test_gate_decisions(candidate, champion, promote, reason):
 
 
 def _sweep(tiny_model, cifar_dir, gate: GatePolicy):
-    from pipelines.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
 
     return run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                                   variants=("pytorch-fx-int8", "ort-uint8"), bench=False, gate=gate,

@@ -1,6 +1,6 @@
 """A team's shared tracking server: `mlflow server` on PostgreSQL (with proxied artifacts, with basic auth), and
 concurrent sweeps against it and against a sqlite store. Every sweep and pull runs as its own `python -m
-pipelines.cli` process, the way team members' machines would; the checks read the server back through MlflowClient.
+ptqflow.pipelines.cli.app` process, the way team members' machines would; the checks read the server back through MlflowClient.
 Sweeps run two variants (one per registered model) without benchmarks, to stay within a few minutes.
 
 Skipped when the PostgreSQL binaries or the drivers are missing; `bash .ci/services.sh` installs them."""
@@ -23,7 +23,7 @@ from servers import (  # noqa: F401  (fixtures)
     tracking_servers,
 )
 
-from tracking.keys import Tag, VersionTag
+from ptqflow.tracking.keys import Tag, VersionTag
 
 pytestmark = pytest.mark.server
 
@@ -33,7 +33,7 @@ VARIANTS = ("pytorch-fx-int8", "ort-int8")
 
 
 def cli_command(*args) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", *(str(a) for a in args)]
+    return [sys.executable, "-m", "ptqflow", *(str(a) for a in args)]
 
 
 def sweep_args(model: Path, data_dir: Path, experiment: str, registered: str) -> list:

@@ -35,8 +35,8 @@ def champion_store(tmp_path_factory, cifar_dir, tiny_model):
     """A sweep into a fresh sqlite store with the always-pass gate; yields (tracking URI, store dir)."""
     import mlflow
 
-    from pipelines.promotion import GatePolicy
-    from pipelines.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.registry.gate import GatePolicy
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
 
     root = tmp_path_factory.mktemp("serve_store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -63,7 +63,7 @@ def _env(uri: str) -> dict:
 
 
 def _serve_cmd(ref: str, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", "serve", ref, "--host", HOST, "--port", str(port), *extra]
+    return [sys.executable, "-m", "ptqflow", "serve", ref, "--host", HOST, "--port", str(port), *extra]
 
 
 def _run_serve(champion_store, ref: str, port: int) -> subprocess.CompletedProcess:
@@ -122,10 +122,10 @@ def test_served_champion_predicts_like_the_registered_torchscript(champion_store
     import torch
     url, log = model_server
 
-    from common.files import file_sha256
-    from pipelines.cifar import load_cifar10
-    from tracking.keys import VersionTag
-    from tracking.registry import download, resolve
+    from ptqflow.common.files import file_sha256
+    from ptqflow.pipelines.data.cifar import load_cifar10
+    from ptqflow.tracking.keys import VersionTag
+    from ptqflow.tracking.registry import download, resolve
 
     version = resolve(MODEL, alias=ALIAS)
     assert ALIAS in version.aliases
@@ -183,8 +183,8 @@ def test_serve_refuses_a_changed_registered_file(champion_store):
     non-zero, and never listens (the server is only started after the check)."""
     from mlflow.tracking import MlflowClient
 
-    from tracking.keys import VersionTag
-    from tracking.registry import resolve
+    from ptqflow.tracking.keys import VersionTag
+    from ptqflow.tracking.registry import resolve
 
     version = resolve(MODEL, alias=ALIAS)
     source = MlflowClient().get_model_version_download_uri(MODEL, version.version)

@@ -12,7 +12,7 @@ import pytest
 from conftest import CALIBRATION_SIZE
 from processes import HOST, free_port, start_in_own_group, stop_process_groups, wait_ready
 
-from tracking.keys import Tag
+from ptqflow.tracking.keys import Tag
 
 pytestmark = pytest.mark.server
 
@@ -41,7 +41,7 @@ def test_sweep_survives_a_server_outage_and_resumes(tmp_path, tiny_model, cifar_
     url = f"http://{HOST}:{port}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
            "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    args = [sys.executable, "-m", "pipelines.cli", "sweep", "--model", str(tiny_model), "--data-dir", str(cifar_dir),
+    args = [sys.executable, "-m", "ptqflow", "sweep", "--model", str(tiny_model), "--data-dir", str(cifar_dir),
             "--calibration-size", str(CALIBRATION_SIZE), "--weight-rounding", "nearest", "--no-bench",
             "--no-register"]
     server = _start_server(tmp_path, port)

@@ -16,16 +16,16 @@ from onnx import TensorProto, helper
 from onnx_fixture import fit_dense_head, tiny_cnn
 from typer.testing import CliRunner
 
-from models.onnx_model import NCHW, NHWC, output_width, read_input_spec
-from pipelines.choices import LayoutChoice, Preprocessing
-from pipelines.cli import app
-from pipelines.datasets import Dataset, Split, load_dataset, resize_images
-from common.errors import ConfigError, DataError, ModelError
-from pipelines.preprocessing import InputTransform
-from pipelines.shapes import resolve_model_input
-from pipelines.sweep import SweepOptions, run_sweep
-from pipelines.variants import DEFAULT_VARIANTS
-from tracking.keys import Param, Tag, VersionTag
+from ptqflow.models.graph.onnx_model import NCHW, NHWC, output_width, read_input_spec
+from ptqflow.pipelines.shared.choices import LayoutChoice, Preprocessing
+from ptqflow.pipelines.cli.app import app
+from ptqflow.pipelines.data.datasets import Dataset, Split, load_dataset, resize_images
+from ptqflow.common.errors import ConfigError, DataError, ModelError
+from ptqflow.pipelines.data.preprocessing import InputTransform
+from ptqflow.pipelines.data.shapes import resolve_model_input
+from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+from ptqflow.pipelines.variants.specs import DEFAULT_VARIANTS
+from ptqflow.tracking.keys import Param, Tag, VersionTag
 
 runner = CliRunner()
 

@@ -12,9 +12,9 @@ import torch
 from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, runs_by_name
 from mlflow.tracking import MlflowClient
 
-from pipelines.precision import round_metric
-from pipelines.variants import DEFAULT_VARIANTS
-from tracking.keys import Artifact, Metric, Param, Tag, VersionTag
+from ptqflow.pipelines.shared.precision import round_metric
+from ptqflow.pipelines.variants.specs import DEFAULT_VARIANTS
+from ptqflow.tracking.keys import Artifact, Metric, Param, Tag, VersionTag
 
 QUANTIZED_OK = ("pytorch-fx-int8", "pytorch-fx-int8-x86", "ort-int8", "ort-uint8", "ort-int8-u8s8")
 # Top-1 agreement with FP32 that completed_sweep (tiny fitted CNN, 100 test images, AdaRound 20 steps) must reach.
@@ -29,7 +29,7 @@ def _fp32_accuracy_with_onnxruntime(model_path, cifar_dir) -> float:
     """The FP32 model's accuracy on the fixture test set, computed directly (NHWC, raw 0..255 pixels)."""
     import onnxruntime as ort
 
-    from pipelines.cifar import load_cifar10
+    from ptqflow.pipelines.data.cifar import load_cifar10
 
     test = load_cifar10(cifar_dir).test
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
@@ -104,7 +104,7 @@ def test_an_ort_file_that_runs_as_a_graph_already_evaluated_shares_its_scores(co
     and the scores are those its own file gives."""
     import onnxruntime as ort
 
-    from pipelines.cifar import load_cifar10
+    from ptqflow.pipelines.data.cifar import load_cifar10
 
     runs = runs_by_name()
     int8, u8s8, uint8 = (runs[name].data.tags for name in ("ort-int8", "ort-int8-u8s8", "ort-uint8"))
@@ -148,7 +148,7 @@ def test_delta_and_agreement_are_relative_to_the_fp32_run(completed_sweep):
     fp32 = runs["fp32"].data.metrics[Metric.ACCURACY]
     for name in QUANTIZED_OK:
         m = runs[name].data.metrics
-        # Both are stored rounded to what the measurement supports (pipelines/precision.py).
+        # Both are stored rounded to what the measurement supports (pipelines/shared/precision.py).
         assert m[Metric.ACCURACY_DELTA_PP] == round_metric(Metric.ACCURACY_DELTA_PP,
                                                            100 * (m[Metric.ACCURACY] - fp32))
         assert m[Metric.COMPRESSION_RATIO] == round_metric(
@@ -223,8 +223,8 @@ def test_best_int8_models_are_registered_with_verifiable_tags(completed_sweep):
 
 
 def test_registered_torchscript_reproduces_logged_accuracy_with_plain_jit_load(completed_sweep, cifar_dir, tmp_path):
-    from pipelines.cifar import load_cifar10
-    from tracking.registry import download, resolve
+    from ptqflow.pipelines.data.cifar import load_cifar10
+    from ptqflow.tracking.registry import download, resolve
 
     version = resolve("resnet8-int8", version="1")
     model_dir = download(version, tmp_path)
@@ -236,7 +236,7 @@ def test_registered_torchscript_reproduces_logged_accuracy_with_plain_jit_load(c
 
 
 def test_pull_by_version_verifies_and_reevaluates(completed_sweep, cifar_dir, tmp_path):
-    from pipelines.pull import pull
+    from ptqflow.pipelines.registry.pull import pull
 
     result = pull("resnet8-int8", "1", None, tmp_path, cifar_dir)
     assert result.model_file.is_file()
@@ -246,9 +246,9 @@ def test_pull_by_version_verifies_and_reevaluates(completed_sweep, cifar_dir, tm
 
 
 def test_pull_refuses_a_file_changed_after_registration(completed_sweep, tmp_path, monkeypatch):
-    from common.errors import IntegrityError
-    from pipelines.pull import pull
-    from tracking import registry
+    from ptqflow.common.errors import IntegrityError
+    from ptqflow.pipelines.registry.pull import pull
+    from ptqflow.tracking import registry
 
     real_download = registry.download
 
@@ -260,14 +260,14 @@ def test_pull_refuses_a_file_changed_after_registration(completed_sweep, tmp_pat
 
     loaded = []
     monkeypatch.setattr(registry, "download", tampering_download)
-    monkeypatch.setattr("models.runtime.load_runner", lambda path: loaded.append(path))
+    monkeypatch.setattr("ptqflow.models.runtime.runners.load_runner", lambda path: loaded.append(path))
     with pytest.raises(IntegrityError, match="SHA-256"):
         pull("resnet8-int8", "1", None, tmp_path, None)
     assert loaded == []  # never loaded
 
 
 def test_second_sweep_adds_version_2_and_leaves_version_1_alone(completed_sweep, cifar_dir, tiny_model):
-    from pipelines.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
 
     client = MlflowClient()
     before = client.get_model_version("resnet8-int8", "1")

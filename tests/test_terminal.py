@@ -25,7 +25,7 @@ import typer
 from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE
 from typer.testing import CliRunner
 
-from pipelines.cli import app
+from ptqflow.pipelines.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[")
@@ -58,7 +58,7 @@ def _cli_env(**extra: str) -> dict[str, str]:
 
 def _run_cli(*args, cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     """`ptqflow ARGS` in a subprocess, stdout and stderr to pipes (so not a terminal)."""
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], cwd=cwd, env=_cli_env(**env),
+    return subprocess.run([sys.executable, "-m", "ptqflow", *map(str, args)], cwd=cwd, env=_cli_env(**env),
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout)
 
 
@@ -95,7 +95,7 @@ def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path, tiny_mo
 
 
 def test_progress_lines_honour_the_interval(monkeypatch, capsys):
-    from pipelines import progress
+    from ptqflow.pipelines.shared import progress
 
     monkeypatch.setenv(progress.INTERVAL_ENV, "3600")
     with progress.progress_task("counting", total=4) as advance:
@@ -109,8 +109,8 @@ def test_progress_lines_honour_the_interval(monkeypatch, capsys):
 def test_downloads_report_plain_progress_lines(tmp_path, monkeypatch, capsys):
     from http_fixture import LocalHttpServer
 
-    from pipelines.fetch import download
-    from pipelines.progress import INTERVAL_ENV
+    from ptqflow.pipelines.data.fetch import download
+    from ptqflow.pipelines.shared.progress import INTERVAL_ENV
 
     monkeypatch.setenv(INTERVAL_ENV, "0")
     blob = bytes(range(256)) * 1000  # 256,000 bytes: four 64 KiB reads
@@ -130,38 +130,38 @@ QUANTIZERS = ("sweep", "quantize pytorch", "quantize ort")
 # Where the messages of each module (or of one of its top-level names) reach the user: the commands that can raise
 # them. A module that starts naming options must be added here, with the commands its messages can come from.
 RAISED_BY = {
-    "models/onnx_model.py": (*SWEEPS, "diagnose"),
-    "pipelines/calibration.py": QUANTIZERS,
-    "pipelines/cifar.py": (*SWEEPS, "pull", "bench", "diagnose"),
-    "pipelines/datasets.py": (*SWEEPS, "pull", "bench", "diagnose"),
-    "pipelines/diagnose.py": ("diagnose",),
-    "pipelines/shapes.py": SWEEPS,
-    "pipelines/fetch.py:CIFAR10_FETCH_HINTS": ("fetch cifar10",),
-    "pipelines/fetch.py:RESNET8_FETCH_HINTS": ("fetch resnet8",),
-    "pipelines/fallback.py": ("sweep",),  # the search's options are the sweep command's
-    "pipelines/inputs.py": SWEEPS,
-    "pipelines/names.py": ("pull", "serve", "diagnose"),
-    "pipelines/plots.py": QUANTIZERS,  # the no-latency note; baseline always benchmarks
-    "pipelines/preprocessing.py": SWEEPS,
-    "pipelines/pull.py": ("pull",),  # the dataset check of --evaluate
-    "pipelines/registrar.py": QUANTIZERS,  # check_registry_targets; baseline registers nothing
-    "pipelines/serve.py": ("serve",),
-    "pipelines/sweep.py": SWEEPS,
-    "pipelines/sweep.py:prepare_inputs": QUANTIZERS,
-    "pipelines/sweep.py:with_calibration": QUANTIZERS,  # tune checks its --calibration-sizes before  # the calibration set's size: baseline builds none
+    "models/graph/onnx_model.py": (*SWEEPS, "diagnose"),
+    "pipelines/data/calibration.py": QUANTIZERS,
+    "pipelines/data/cifar.py": (*SWEEPS, "pull", "bench", "diagnose"),
+    "pipelines/data/datasets.py": (*SWEEPS, "pull", "bench", "diagnose"),
+    "pipelines/repair/diagnose.py": ("diagnose",),
+    "pipelines/data/shapes.py": SWEEPS,
+    "pipelines/data/fetch.py:CIFAR10_FETCH_HINTS": ("fetch cifar10",),
+    "pipelines/data/fetch.py:RESNET8_FETCH_HINTS": ("fetch resnet8",),
+    "pipelines/repair/fallback.py": ("sweep",),  # the search's options are the sweep command's
+    "pipelines/data/inputs.py": SWEEPS,
+    "pipelines/shared/names.py": ("pull", "serve", "diagnose"),
+    "pipelines/reports/plots.py": QUANTIZERS,  # the no-latency note; baseline always benchmarks
+    "pipelines/data/preprocessing.py": SWEEPS,
+    "pipelines/registry/pull.py": ("pull",),  # the dataset check of --evaluate
+    "pipelines/registry/registrar.py": QUANTIZERS,  # check_registry_targets; baseline registers nothing
+    "pipelines/registry/serve.py": ("serve",),
+    "pipelines/sweep/sweep.py": SWEEPS,
+    "pipelines/sweep/sweep.py:prepare_inputs": QUANTIZERS,
+    "pipelines/sweep/sweep.py:with_calibration": QUANTIZERS,  # tune checks its --calibration-sizes before  # the calibration set's size: baseline builds none
     "tracking/registry.py": ("pull", "serve"),  # bench and promote always pass exactly one of version and alias
     "tracking/runs.py": SWEEPS,
-    "pipelines/tune.py": ("tune",),
-    "pipelines/tune_space.py": ("tune",),
-    "pipelines/cli.py:_sizes": ("tune",),
+    "pipelines/tune/tuner.py": ("tune",),
+    "pipelines/tune/space.py": ("tune",),
+    "pipelines/cli/app.py:_sizes": ("tune",),
 }
 # Options a module names only on the commands that have them: the value the user gave, or (check_registry_targets)
 # the flag of the framework the command registers.
 NAMED_ONLY_WHERE_GIVEN = {
-    ("pipelines/sweep.py", "--registered-model"),
-    ("pipelines/sweep.py", "--registered-onnx-model"),
-    ("pipelines/registrar.py", "--registered-model"),
-    ("pipelines/registrar.py", "--registered-onnx-model"),
+    ("pipelines/sweep/sweep.py", "--registered-model"),
+    ("pipelines/sweep/sweep.py", "--registered-onnx-model"),
+    ("pipelines/registry/registrar.py", "--registered-model"),
+    ("pipelines/registry/registrar.py", "--registered-onnx-model"),
 }
 ERROR_CALLS = re.compile(r"_fail|\w*Error")
 
@@ -191,13 +191,13 @@ def _messages_naming_options():
     `_fail(...)` or `...Error(...)` calls (the rest are option declarations and help texts, checked from the
     commands)."""
     folders = ("common", "pipelines", "models", "tracking")
-    for path in sorted(p for folder in folders for p in (ROOT / folder).glob("*.py")):
+    for path in sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py")):
         relative = path.relative_to(ROOT).as_posix()
         tree = ast.parse(path.read_text(), relative)
         skip = _docstrings(tree)
         for top in tree.body:
             name = _top_level_name(top)
-            if relative == "pipelines/cli.py":
+            if relative == "pipelines/cli/app.py":
                 parts = [node for node in ast.walk(top) if isinstance(node, ast.Call)
                          and ERROR_CALLS.fullmatch(getattr(node.func, "id", getattr(node.func, "attr", "")))]
             else:
@@ -238,7 +238,7 @@ def test_every_hint_names_an_option_of_the_commands_that_can_raise_it():
     for relative, name, text in _messages_naming_options():
         seen += 1
         where = f"{relative}:{name}"
-        if relative == "pipelines/cli.py":
+        if relative == "pipelines/cli/app.py":
             command = _command_of_callback(name)
             commands = (command,) if command else RAISED_BY.get(where)
         else:
@@ -280,7 +280,7 @@ UNREACHABLE = "http://127.0.0.1:9/file"  # port 9 (discard) refuses connections 
 ])
 def test_offline_fetch_errors_name_the_commands_own_mirror_option(tracking_store, tiny_model, cifar_dir, args,
                                                                     mirror_option):
-    # tracking_store is the working directory: no models/resnet8.onnx or data/cifar-10-batches-py, so they are fetched.
+    # tracking_store is the working directory: no data/models/resnet8.onnx or data/cifar-10-batches-py, so they are fetched.
     args = [str(tiny_model) if a == "{model}" else a for a in args]
     if args[0] != "fetch" and "--model" not in args:
         args += ["--data-dir", str(cifar_dir)]
@@ -340,7 +340,7 @@ def test_pull_of_a_registered_torchscript_prints_no_deprecation_notice(tracking_
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 def test_serve_of_a_registered_torchscript_prints_no_deprecation_notice(tracking_store, registered_torchscript):
     name, version = registered_torchscript.split("/")
-    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", name, "--version", version,
+    process = subprocess.Popen([sys.executable, "-m", "ptqflow", "serve", name, "--version", version,
                                 "--port", "0"], cwd=tracking_store, env=_cli_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     try:

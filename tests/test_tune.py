@@ -16,16 +16,16 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from common.errors import ConfigError
+from ptqflow.common.errors import ConfigError
 from conftest import ADAROUND_ITERATIONS, all_runs, version_reason
-from models.benchmark import BenchConfig
-from models.quantize_ort import OrtStaticConfig
-from models.quantize_pytorch import PytorchFxConfig
-from pipelines.sweep import SweepOptions
-from pipelines.tune import PARENT_RUN_ATTR, TuneOptions, run_tune
-from pipelines.tune_space import FORMATS, choice_of, suggest, sweep_defaults
-from pipelines.variants import VARIANTS
-from tracking.keys import Artifact, Param, Tag
+from ptqflow.models.runtime.latency import BenchConfig
+from ptqflow.models.backends.ort import OrtStaticConfig
+from ptqflow.models.backends.pytorch_fx import PytorchFxConfig
+from ptqflow.pipelines.sweep.sweep import SweepOptions
+from ptqflow.pipelines.tune.tuner import PARENT_RUN_ATTR, TuneOptions, run_tune
+from ptqflow.pipelines.tune.space import FORMATS, choice_of, suggest, sweep_defaults
+from ptqflow.pipelines.variants.specs import VARIANTS
+from ptqflow.tracking.keys import Artifact, Param, Tag
 
 PROJECT = Path(__file__).resolve().parents[1]
 SIZES = (50, 100)  # the fixture has 200 training images
@@ -196,7 +196,7 @@ def test_bad_options_are_one_line_before_anything_runs(tracking_store, cifar_dir
     with pytest.raises(ConfigError, match="--calibration-sizes 5000 exceeds"):
         run_tune(_options(tiny_model, cifar_dir, calibration_sizes=(50, 5000)))
     # a storage that cannot be opened: one line on stderr, exit 2, no traceback, no run left RUNNING
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "tune", "--model", str(tiny_model), "--data-dir",
+    out = subprocess.run([sys.executable, "-m", "ptqflow", "tune", "--model", str(tiny_model), "--data-dir",
                           str(cifar_dir), "--calibration-sizes", "50,100", "--storage",
                           "postgresql://nobody:secret@127.0.0.1:1/nothing"],
                          capture_output=True, text=True, cwd=tracking_store,

@@ -23,7 +23,7 @@ from conftest import ADAROUND_ITERATIONS
 from processes import start_in_own_group, stop_process_groups, tail
 from servers import postgres, start_tracking_server  # noqa: F401  (fixture)
 
-from tracking.keys import Artifact, Tag
+from ptqflow.tracking.keys import Artifact, Tag
 
 pytestmark = [pytest.mark.server,
               # RetryHeartbeatStaleTrialCallback.retried_trial_number is marked experimental; it is what ptqflow uses
@@ -47,7 +47,7 @@ class Worker:
 
 
 def tune_command(model: Path, data_dir: Path, storage: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", "tune", "--model", str(model), "--data-dir", str(data_dir),
+    return [sys.executable, "-m", "ptqflow", "tune", "--model", str(model), "--data-dir", str(data_dir),
             "--experiment", EXPERIMENT, "--study", STUDY, "--storage", storage, "--calibration-sizes", "50,100",
             "--adaround-iterations", str(ADAROUND_ITERATIONS), "--n-trials", str(N_TRIALS), "--no-stop-at-target",
             "--heartbeat", str(HEARTBEAT_S), "--timeout", "900", "--no-register"]
@@ -94,7 +94,7 @@ def test_two_tune_workers_survive_a_killed_one(postgres, tiny_model, cifar_dir, 
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
-    from pipelines.tune import PARENT_RUN_ATTR, storage_url
+    from ptqflow.pipelines.tune.tuner import PARENT_RUN_ATTR, storage_url
 
     storage = postgres.create_database("optuna")  # the study's own database, not the MLflow server's
     with start_tracking_server(postgres, tmp_path / "server") as server:

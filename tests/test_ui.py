@@ -99,8 +99,8 @@ def ui_store(tmp_path_factory, request) -> UiStore:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipelines.promotion import GatePolicy
-    from pipelines.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.registry.gate import GatePolicy
+    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
 
     if REAL:
         options = SweepOptions(model_path=SHARED_MODEL, data_dir=SHARED_DATA, test_limit=REAL_TEST_LIMIT)
@@ -264,7 +264,7 @@ def _model_metric(page: Page, model_id: str, key: str) -> str:
 
 
 def test_experiment_opens_on_model_training_with_metric_columns(page: Page, ui_store, screenshots):
-    from tracking import runs
+    from ptqflow.tracking import runs
 
     # The link the sweep prints, opened in a fresh browser profile on a fresh store.
     route = runs.experiment_route(ui_store.experiment_id)
@@ -296,7 +296,7 @@ def test_experiment_opens_on_model_training_with_metric_columns(page: Page, ui_s
 
 
 def test_models_tab_lists_every_variants_logged_model_with_metrics(page: Page, ui_store, screenshots):
-    from tracking import runs
+    from ptqflow.tracking import runs
 
     page.goto(f"/#{runs.experiment_route(ui_store.experiment_id, 'models')}")
     links = page.locator('a[href*="/models/m-"]')
@@ -328,7 +328,7 @@ def test_models_tab_lists_every_variants_logged_model_with_metrics(page: Page, u
 
 
 def test_parent_run_plots(page: Page, ui_store, screenshots):
-    from tracking.keys import Artifact
+    from ptqflow.tracking.keys import Artifact
 
     parent = ui_store.parent_run_ids[-1]
     page.goto(f"/#/experiments/{ui_store.experiment_id}/runs/{parent}/artifacts/{Artifact.PLOT_ACCURACY_VS_SIZE}"
@@ -344,7 +344,7 @@ def test_parent_run_plots(page: Page, ui_store, screenshots):
 
 
 def test_variant_run_params_metrics_and_logged_model(page: Page, ui_store, screenshots):
-    from tracking.keys import Metric, Param
+    from ptqflow.tracking.keys import Metric, Param
 
     page.goto(f"/#/experiments/{ui_store.experiment_id}/runs/{ui_store.variant_run_id}?{ML}")
     expect(page.get_by_text("pytorch-fx-int8").first).to_be_visible()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import mlflow
 
-from common.errors import TrackingError
-from tracking.keys import VersionTag
-from tracking.runs import client, refused_credentials, tracking_uri
+from ptqflow.common.errors import TrackingError
+from ptqflow.tracking.keys import VersionTag
+from ptqflow.tracking.runs import client, refused_credentials, tracking_uri
 
 
 def alias_target(name: str, alias: str):

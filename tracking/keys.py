@@ -4,7 +4,7 @@ Defined once here so the sweep, the reports, the pull command and the tests cann
 """
 
 DEFAULT_EXPERIMENT = "resnet8-quantization"
-# Registered names follow the model file (pipelines.names.registered_name_for); these are the default model's.
+# Registered names follow the model file (ptqflow.pipelines.shared.names.registered_name_for); these are the default model's.
 DEFAULT_REGISTERED_MODEL = "resnet8-int8"
 DEFAULT_REGISTERED_ONNX_MODEL = "resnet8-int8-onnx"
 
@@ -23,7 +23,7 @@ class Param:
     CALIBRATION_SEED = "calibration_seed"
     INPUT_LAYOUT = "input_layout"
     PREPROCESSING = "preprocessing"
-    # What the data is and how it reaches the model (pipelines.shapes.input_params); on the parent and every variant.
+    # What the data is and how it reaches the model (ptqflow.pipelines.data.shapes.input_params); on the parent and every variant.
     DATA_FORMAT = "data_format"  # cifar10, cifar100, imagefolder or npz
     NUM_CLASSES = "num_classes"
     INPUT_SIZE = "input_size"  # HxW the model is fed
@@ -43,7 +43,7 @@ class Param:
     # AdaRound steps per layer; `ptqflow diagnose` reads it from a sweep run to redo the same AdaRound (cache hit)
     ADAROUND_ITERATIONS = "adaround_iterations"
     MIN_AGREEMENT = "gate_min_agreement"
-    # Sensitivity-ranked fallback (pipelines.fallback): on the sweep run the target; on a `<variant>-mixed` run
+    # Sensitivity-ranked fallback (ptqflow.pipelines.repair.fallback): on the sweep run the target; on a `<variant>-mixed` run
     # the variant it repairs, its upgraded layers (`layer:kind`, in the order the search added them) and the target;
     # on each search step's run the same plus the step's number and change
     TARGET_AGREEMENT = "target_agreement"
@@ -53,7 +53,7 @@ class Param:
     FALLBACK_TARGET = "fallback_target"
     FALLBACK_STEP = "fallback_step"
     FALLBACK_CHANGE = "fallback_change"
-    # ptqflow tune (pipelines.tune), on its parent run: the study, where it lives (password hidden) and its limits
+    # ptqflow tune (ptqflow.pipelines.tune.tuner), on its parent run: the study, where it lives (password hidden) and its limits
     TUNE_STUDY = "tune_study"
     TUNE_STORAGE = "tune_storage"
     TUNE_N_TRIALS = "tune_n_trials"
@@ -91,7 +91,7 @@ class Metric:
     # throughput, batch 1 from p50 latency (FP32's over the variant's).
     SPEEDUP_VS_FP32_B256 = "speedup_vs_fp32_b256"
     SPEEDUP_VS_FP32_B1 = "speedup_vs_fp32_b1"
-    # A variant is timed in rounds alternating with FP32 (models.benchmark.benchmark_against): its speedups above
+    # A variant is timed in rounds alternating with FP32 (ptqflow.models.runtime.latency.benchmark_against): its speedups above
     # are medians of the per-round ratios, these their lowest and highest round
     SPEEDUP_VS_FP32_B256_MIN = "speedup_vs_fp32_b256_min"
     SPEEDUP_VS_FP32_B256_MAX = "speedup_vs_fp32_b256_max"
@@ -99,7 +99,7 @@ class Metric:
     SPEEDUP_VS_FP32_B1_MAX = "speedup_vs_fp32_b1_max"
     SPREAD_B1 = "spread_b1_p90_over_p50"  # of the single-image timings
     SPREAD_B256 = "spread_b256_p90_over_p50"  # of the batch-256 timings
-    BENCH_CONTENDED = "bench_contended"  # 1 when a spread says the machine was busy (models.benchmark)
+    BENCH_CONTENDED = "bench_contended"  # 1 when a spread says the machine was busy (ptqflow.models.runtime.latency)
     # Parent-run summaries
     VARIANTS_OK = "variants_ok"
     VARIANTS_FAILED = "variants_failed"
@@ -110,7 +110,7 @@ class Metric:
     # On a variant run: the FP32 reference as timed in the same rounds (medians), which its speedups are ratios to
     FP32_THROUGHPUT_IPS_B256 = "fp32_throughput_ips_b256"
     FP32_LATENCY_MS_B1_P50 = "fp32_latency_ms_b1_p50"
-    # On a tune's parent run (pipelines.tune)
+    # On a tune's parent run (ptqflow.pipelines.tune.tuner)
     TUNE_TRIALS = "tune_trials"  # trials that ended (complete, pruned or failed)
     TUNE_PARETO_SIZE = "tune_pareto_size"
     TUNE_SECONDS = "tune_seconds"  # wall time of the worker that ended the study
@@ -150,12 +150,12 @@ class Tag:
     REUSED_FROM = "ptqflow.reused."  # + variant, on a resumed sweep's parent: the run reused for it
     BENCH_CONTENDED = "ptqflow.bench_contended"  # why the timings are not facts, only on contended runs
     ORPHANS_MARKED = "ptqflow.orphans_marked_failed"  # "name/version" on the run that was registered
-    # Classes that had fewer training images than their share of the calibration set (pipelines.calibration)
+    # Classes that had fewer training images than their share of the calibration set (ptqflow.pipelines.data.calibration)
     CALIBRATION_SHORTFALL = "ptqflow.calibration_shortfall"
     MLFLOW_PARENT = "mlflow.parentRunId"
     TUNE_STUDY = "ptqflow.tune_study"  # on a tune's parent and trial runs: the Optuna study's name
     # On a tune's parent run: "host:pid" of the worker that created the study (not ptqflow.pid: the run outlives
-    # that worker, and tracking.recovery would take it for an orphan)
+    # that worker, and ptqflow.tracking.recovery would take it for an orphan)
     TUNE_CREATED_BY = "ptqflow.tune_created_by"
     TUNE_TRIAL = "ptqflow.tune_trial"  # on a trial's run: its number in the study (unique within it)
     TUNE_TRIAL_ID = "ptqflow.tune_trial_id"  # the storage's id of the trial: how a worker finds a dead one's run
@@ -179,7 +179,7 @@ class ExperimentTag:
 
     # MLflow's experiment kind; "custom_model_development" is its "Model training" kind (GenAI experiments use
     # "genai_development"). The 3.17 UI picks its view from the workflow switch (`?workflowType=`) instead, so the
-    # links ptqflow prints carry that parameter too (see tracking.runs.experiment_page).
+    # links ptqflow prints carry that parameter too (see ptqflow.tracking.runs.experiment_page).
     KIND = "mlflow.experimentKind"
     KIND_MODEL_DEVELOPMENT = "custom_model_development"
     # A saved runs-table view (the "Views" menu), opened by `?viewStateShareKey=<id>`: the UI reads no tag for the
@@ -207,7 +207,7 @@ class VersionTag:
     INPUT_LAYOUT = "input_layout"
     PREPROCESSING = "preprocessing"
     INPUT_BATCH = "input_batch"  # only for a model whose batch dimension is fixed (at 1)
-    # How `pull --evaluate` rebuilds the inputs (pipelines.shapes.input_version_tags); absent on older versions
+    # How `pull --evaluate` rebuilds the inputs (ptqflow.pipelines.data.shapes.input_version_tags); absent on older versions
     DATA_FORMAT = "data_format"
     INPUT_SIZE = "input_size"  # HxW
     RESIZE = "resize"  # none, or bilinear from HxW
@@ -232,7 +232,7 @@ class Artifact:
     PLOT_ACCURACY_VS_LATENCY = "plots/accuracy_vs_latency.png"
     PLOT_PER_CLASS = "plots/per_class_accuracy.png"
     PLOT_AGREEMENT = "plots/top1_agreement.png"
-    # Per-layer diagnosis (models.diagnosis): on a variant run, its table and plot; on a sweep run, the variants
+    # Per-layer diagnosis (ptqflow.models.diagnosis.diagnosis): on a variant run, its table and plot; on a sweep run, the variants
     # compared layer by layer.
     DIAGNOSIS_CSV = "diagnosis/layers.csv"
     DIAGNOSIS_JSON = "diagnosis/layers.json"
@@ -248,7 +248,7 @@ class Artifact:
     TUNE_PARETO_PLOT = "tune/pareto.png"
     # Before MLflow logged models: the run artifact dir that held each variant's MLflow model (`runs:/<run>/model`);
     # still registered from when a resumed sweep reuses such a run. Variants now log a logged model named after
-    # themselves (tracking.runs.log_torchscript_model / log_onnx_model).
+    # themselves (ptqflow.tracking.runs.log_torchscript_model / log_onnx_model).
     LOGGED_MODEL_NAME = "model"
     DATASET_CONTEXT_TEST = "test"
     DATASET_CONTEXT_TRAIN = "train"  # on the sweep's parent run: the images calibration draws from

@@ -9,8 +9,8 @@ import socket
 import mlflow
 from mlflow.entities import RunStatus
 
-from tracking.keys import Tag
-from tracking.runs import client
+from ptqflow.tracking.keys import Tag
+from ptqflow.tracking.runs import client
 
 
 def _process_alive(pid: int) -> bool:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import mlflow
 
-from common.errors import TrackingError
-from tracking.runs import client, refused_credentials, tracking_uri
+from ptqflow.common.errors import TrackingError
+from ptqflow.tracking.runs import client, refused_credentials, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def download(version: RegisteredVersion, destination: Path) -> Path:
 def source_model_digests(name: str) -> set[str]:
     """SHA-256 of the FP32 model each version of `name` was quantized from (from the version's tag, or for versions
     registered before that tag existed, from its source run); empty when `name` does not exist."""
-    from tracking.keys import Tag, VersionTag
+    from ptqflow.tracking.keys import Tag, VersionTag
 
     c = client()
     try:

@@ -24,9 +24,9 @@ import mlflow  # noqa: E402
 from mlflow.entities import RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from common.errors import TrackingError  # noqa: E402
-from common.interrupts import checkpoint  # noqa: E402
-from tracking.keys import Artifact, ExperimentTag, Metric, Param, Tag  # noqa: E402
+from ptqflow.common.errors import TrackingError  # noqa: E402
+from ptqflow.common.interrupts import checkpoint  # noqa: E402
+from ptqflow.tracking.keys import Artifact, ExperimentTag, Metric, Param, Tag  # noqa: E402
 
 # MLflow's INFO lines (database migrations, "registered model") would bury ptqflow's own one-line messages.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -582,7 +582,7 @@ def latest_sweep_run_id(experiment: str) -> str:
 
 def log_bench_to_run(run_id: str, bench) -> None:
     """Latency/throughput numbers from `ptqflow bench` on an existing run, under the sweep's metric names."""
-    from tracking.keys import Metric, Param
+    from ptqflow.tracking.keys import Metric, Param
 
     c = client()
     for key, value in ((Metric.LATENCY_MS_B1_P50, bench.latency_ms_b1_p50),
@@ -605,7 +605,7 @@ def sqlite_file(uri: str) -> Path | None:
 def detached_run(experiment_id: str, run_name: str, tags: dict[str, str] | None = None):
     """A new top-level run written through the client, left RUNNING when the block ends (other processes log under
     it and end it: `terminate`); FAILED when the block raises. Yields a DetachedRun. It carries no pid tag: no one
-    process owns it, so tracking.recovery never takes it for an orphan of the process that started it."""
+    process owns it, so ptqflow.tracking.recovery never takes it for an orphan of the process that started it."""
     checkpoint()
     run = _create_run(experiment_id, run_name, {Tag.HOST: socket.gethostname(), **(tags or {})})
     try:

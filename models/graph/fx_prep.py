@@ -1,0 +1,555 @@
+"""Graph preparation of onnx2torch modules before torch.ao FX quantization.
+
+``prepare_graph(module)`` returns an FP32-equivalent ``torch.fx.GraphModule``
+(eval mode) in which onnx2torch-specific modules are replaced by native torch
+modules/ops that the fbgemm/x86 FX backends know how to quantize:
+
+* ``nn.Sequential`` sub-modules (onnx2torch wraps Pad+Conv into one) are inlined;
+* ``OnnxPadStatic`` (constant 0) followed by ``Conv{1,2,3}d`` is folded into the
+  conv: symmetric pads go into ``conv.padding``; asymmetric pads with
+  ``pad_end >= pad_begin`` (TF "SAME" for stride 2) become a symmetric padding of
+  ``pad_end`` plus ``pad_end - pad_begin`` leading zero taps in the kernel
+  (exact; zero weights quantize to exactly zero with symmetric weight quant);
+* ``MatMul(x, W-initializer) [+ Add(b-initializer)]`` and ``OnnxGemm`` on
+  initializers -> ``nn.Linear`` (so the weight is quantized as a weight, per
+  channel, instead of as a per-tensor quint8 activation);
+* ``OnnxBinaryMathOperation`` Add/Sub/Mul/Div on two tensors -> ``operator.*``
+  (so FX fuses add+relu into quantized ``add_relu``);
+* ``OnnxTranspose`` -> ``permute``; ``OnnxReshape`` with a constant shape ->
+  ``reshape``; ``OnnxFlatten``/``OnnxGlobalAveragePoolWithKnownInputShape`` ->
+  ``torch.flatten`` / ``nn.AdaptiveAvgPool{1,2,3}d``;
+* with ``example_input`` given, integer sub-graphs that only depend on input
+  shapes (Shape->Gather->Concat->Pad ...) and do not depend on the batch size
+  are constant-folded, so ``OnnxPadDynamic`` becomes foldable as well.
+
+Softmax is left in the graph (the model still returns probabilities) and kept
+in float by ``qconfig_mapping`` (qconfig ``None`` for all softmax flavours).
+
+Default FX recipe (pytorch-fx-int8 with backend "fbgemm", pytorch-fx-int8-x86 with "x86")::
+
+    from ptqflow.models.adaround.weight_correction import adaround_onnx
+    onnx_model = adaround_onnx(onnx_model, calib_nhwc, "per_channel_sym_int8")  # weights on int8 grid
+    gm = prepare_graph(onnx2torch.convert(onnx_model), example_input=calib[:2])
+    torch.backends.quantized.engine = backend
+    qm = qconfig_mapping(backend, activation_observer="percentile",      # 99.995, no reduce_range
+                         float_modules=classifier_head(gm))              # pool+reshape+dense in float
+    pm = prepare_fx(gm, qm, example_inputs=(x[:2],)); [pm(b) for b in calib batches of 100]
+    q = convert_fx(pm); ts = torch.jit.trace(q, (x[:2],))
+"""
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+try:  # onnx2torch is optional at import time (prepare_graph also works on plain torch modules)
+    from ptqflow.models.graph.onnx2torch_import import import_onnx2torch
+
+    import_onnx2torch()
+    from onnx2torch.node_converters import (
+        OnnxBinaryMathOperation,
+        OnnxFlatten,
+        OnnxGemm,
+        OnnxGlobalAveragePoolWithKnownInputShape,
+        OnnxMatMul,
+        OnnxPadDynamic,
+        OnnxPadStatic,
+        OnnxReshape,
+        OnnxSoftmaxV1V11,
+        OnnxTranspose,
+    )
+except ImportError:  # pragma: no cover
+    OnnxBinaryMathOperation = OnnxFlatten = OnnxGemm = OnnxMatMul = OnnxPadDynamic = ()  # type: ignore
+    OnnxPadStatic = OnnxReshape = OnnxSoftmaxV1V11 = OnnxTranspose = ()  # type: ignore
+    OnnxGlobalAveragePoolWithKnownInputShape = ()  # type: ignore
+
+__all__ = ["prepare_graph", "qconfig_mapping", "classifier_head", "PercentileObserver", "FnModule", "SOFTMAX_TYPES"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SOFTMAX_TYPES: tuple = tuple(t for t in (nn.Softmax, nn.LogSoftmax, OnnxSoftmaxV1V11) if isinstance(t, type))
+_SOFTMAX_FUNCS = (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)
+_BINOPS = {torch.add: operator.add, torch.sub: operator.sub, torch.mul: operator.mul}
+
+
+# --------------------------------------------------------------------------- helpers
+def _mod(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(node.target)
+
+
+def _module_calls(gm: fx.GraphModule):
+    """(node, module) for every call_module node, over a snapshot of the graph so callers may rewrite it."""
+    for node in list(gm.graph.nodes):
+        m = _mod(gm, node)
+        if m is not None:
+            yield node, m
+
+
+def _const(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
+    """Value of a get_attr node (onnx2torch initializers), else None."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        obj: Any = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, torch.Tensor):
+            return obj.detach()
+    return None
+
+
+_counter = [0]
+
+
+def _add_module(gm: fx.GraphModule, base: str, mod: nn.Module) -> str:
+    name = base.replace(".", "_").replace("/", "_")
+    while hasattr(gm, name):
+        _counter[0] += 1
+        name = f"{base.replace('.', '_').replace('/', '_')}_{_counter[0]}"
+    gm.add_submodule(name, mod)
+    return name
+
+
+def _finish(gm: fx.GraphModule) -> None:
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+# --------------------------------------------------------------------------- passes
+def _inline_sequential(gm: fx.GraphModule) -> bool:
+    changed = False
+    for node, m in _module_calls(gm):
+        if isinstance(m, nn.Sequential) and len(node.args) == 1 and not node.kwargs:
+            cur = node.args[0]
+            with gm.graph.inserting_before(node):
+                for i, child in enumerate(m):
+                    name = _add_module(gm, f"{node.target}_{i}", child)
+                    cur = gm.graph.call_module(name, (cur,))
+            node.replace_all_uses_with(cur)
+            gm.graph.erase_node(node)
+            changed = True
+    return changed
+
+
+def _simple_ops(gm: fx.GraphModule) -> None:
+    g = gm.graph
+    for node, m in _module_calls(gm):
+        new = None
+        with g.inserting_before(node):
+            if OnnxTranspose and isinstance(m, OnnxTranspose) and m.perm is not None:
+                new = g.call_method("permute", (node.args[0], *[int(p) for p in m.perm]))
+            elif OnnxBinaryMathOperation and isinstance(m, OnnxBinaryMathOperation) and not (
+                m.broadcast == 1 and m.axis is not None
+            ) and m.math_op_function in _BINOPS and len(node.args) == 2:
+                new = g.call_function(_BINOPS[m.math_op_function], tuple(node.args))
+            elif OnnxReshape and isinstance(m, OnnxReshape) and len(node.args) == 2:
+                shape = _const(gm, node.args[1])
+                if shape is not None and shape.dim() == 1:
+                    s = [int(v) for v in shape.tolist()]
+                    x = node.args[0]
+                    if len(s) == 2 and s[0] in (0, -1) and s[1] == -1:
+                        new = g.call_function(torch.flatten, (x, 1))
+                    else:
+                        dims = [g.call_method("size", (x, i)) if v == 0 else v for i, v in enumerate(s)]
+                        new = g.call_method("reshape", (x, *dims))
+            elif OnnxFlatten and isinstance(m, OnnxFlatten) and m.axis == 1:
+                new = g.call_function(torch.flatten, (node.args[0], 1))
+            elif OnnxGlobalAveragePoolWithKnownInputShape and isinstance(
+                m, OnnxGlobalAveragePoolWithKnownInputShape
+            ) and len(m._x_dims) in (1, 2, 3):
+                pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[len(m._x_dims)]
+                name = _add_module(gm, f"{node.target}_gap", pool(1))
+                new = g.call_module(name, (node.args[0],))
+        if new is not None:
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+
+
+def _linear_from(gm, node, weight_in_out: torch.Tensor, bias: Optional[torch.Tensor], name: str, x):
+    w = weight_in_out.t().contiguous()  # [out, in]
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if bias is not None:
+            lin.bias.copy_(bias.reshape(-1).to(w.dtype))
+    mname = _add_module(gm, name, lin)
+    with gm.graph.inserting_before(node):
+        return gm.graph.call_module(mname, (x,))
+
+
+def _matmul_to_linear(gm: fx.GraphModule) -> None:
+    g = gm.graph
+    for node, m in _module_calls(gm):
+        is_mm = OnnxMatMul and isinstance(m, OnnxMatMul)
+        if not is_mm and node.op == "call_function" and node.target in (torch.matmul, operator.matmul):
+            is_mm = True
+        if is_mm and len(node.args) == 2:
+            W = _const(gm, node.args[1])
+            if W is None or W.dim() != 2 or not W.is_floating_point():
+                continue
+            bias, add_node = None, None
+            users = list(node.users)
+            if len(users) == 1:
+                u = users[0]
+                um = _mod(gm, u)
+                is_add = (OnnxBinaryMathOperation and isinstance(um, OnnxBinaryMathOperation)
+                          and um.math_op_function is torch.add) or (
+                    u.op == "call_function" and u.target in (operator.add, torch.add))
+                if is_add and len(u.args) == 2:
+                    other = u.args[1] if u.args[0] is node else u.args[0]
+                    b = _const(gm, other)
+                    if b is not None and b.numel() == W.shape[1] and b.dim() <= 2 and b.shape[-1] == W.shape[1]:
+                        bias, add_node = b, u
+            anchor = add_node or node
+            new = _linear_from(gm, anchor, W, bias, f"{node.target}_linear", node.args[0])
+            anchor.replace_all_uses_with(new)
+            if add_node is not None:
+                g.erase_node(add_node)
+            g.erase_node(node)
+        elif OnnxGemm and isinstance(m, OnnxGemm) and not m.trans_a and len(node.args) >= 2:
+            W = _const(gm, node.args[1])
+            C = _const(gm, node.args[2]) if len(node.args) > 2 else None
+            if W is None or W.dim() != 2 or (len(node.args) > 2 and C is None):
+                continue
+            Wio = (W.t() if m.trans_b else W) * m.alpha
+            if C is not None:
+                if C.numel() != Wio.shape[1]:
+                    continue
+                C = C.reshape(-1) * m.beta
+            new = _linear_from(gm, node, Wio, C, f"{node.target}_linear", node.args[0])
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+
+
+def _pad_spec(m: nn.Module) -> Optional[list]:
+    """Torch-format pads [last_begin, last_end, prev_begin, prev_end, ...] of a zero constant pad."""
+    if OnnxPadStatic and isinstance(m, OnnxPadStatic):
+        if m.mode != "constant" or float(m.constant_value) != 0.0:
+            return None
+        return [int(p) for p in m.pads]
+    if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
+        if getattr(m, "value", 0.0) != 0.0:
+            return None
+        return [int(p) for p in m.padding]
+    return None
+
+
+def _fold_pad_into_conv(gm: fx.GraphModule) -> None:
+    g = gm.graph
+    for node, m in _module_calls(gm):
+        pads = _pad_spec(m)
+        if pads is None and OnnxPadDynamic and isinstance(m, OnnxPadDynamic) and m.mode == "constant":
+            p = _const(gm, node.args[1]) if len(node.args) > 1 else None
+            cv = _const(gm, node.args[2]) if len(node.args) > 2 else None
+            if p is not None and (cv is None or float(cv.reshape(-1)[0]) == 0.0) and not (
+                len(node.args) > 2 and cv is None and node.args[2] is not None
+            ):
+                onnx_p = [int(v) for v in p.tolist()]
+                half = len(onnx_p) // 2
+                b, e = onnx_p[:half][::-1], onnx_p[half:][::-1]
+                pads = [v for pair in zip(b, e) for v in pair]
+        if pads is None or len(node.users) != 1:
+            continue
+        conv_node = next(iter(node.users))
+        conv = _mod(gm, conv_node)
+        if not isinstance(conv, _CONV) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            continue
+        nsp = conv.weight.dim() - 2
+        # pads beyond spatial dims (batch/channel) must be zero
+        if len(pads) > 2 * nsp and any(pads[2 * nsp:]):
+            continue
+        pads = pads + [0] * (2 * nsp - len(pads))
+        begin = [pads[2 * (nsp - 1 - i)] for i in range(nsp)]  # per spatial dim, in order H, W...
+        end = [pads[2 * (nsp - 1 - i) + 1] for i in range(nsp)]
+        if any(b_ > e_ for b_, e_ in zip(begin, end)):
+            continue
+        if any(b_ != e_ for b_, e_ in zip(begin, end)) and any(d != 1 for d in conv.dilation):
+            continue
+        new_pad = [conv.padding[i] + end[i] for i in range(nsp)]
+        lead = [end[i] - begin[i] for i in range(nsp)]
+        new_conv = copy.deepcopy(conv)
+        if any(lead):
+            w = conv.weight.detach()
+            wpad = []
+            for i in reversed(range(nsp)):
+                wpad += [lead[i], 0]
+            new_w = F.pad(w, wpad)
+            new_conv.weight = nn.Parameter(new_w)
+            new_conv.kernel_size = tuple(new_w.shape[2:])
+        new_conv.padding = tuple(new_pad)
+        new_conv._reversed_padding_repeated_twice = [p for p in reversed(new_pad) for _ in range(2)]
+        name = _add_module(gm, f"{conv_node.target}_padfold", new_conv)
+        with g.inserting_before(conv_node):
+            nn_ = g.call_module(name, (node.args[0],))
+        conv_node.replace_all_uses_with(nn_)
+        g.erase_node(conv_node)
+        g.erase_node(node)
+
+
+def _fold_shape_constants(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+    """Replace nodes whose value does not depend on input *values* nor on the batch size by constants."""
+
+    def run(x):
+        env = {}
+
+        class Rec(fx.Interpreter):
+            def run_node(self, n):
+                r = super().run_node(n)
+                env[n] = r
+                return r
+
+        Rec(gm).run(x)
+        return env
+
+    x1 = example_input[:1]
+    xa = torch.cat([x1, x1], 0)
+    xb = torch.cat([x1 * 0.5 + 1.0, x1 * 2.0 - 3.0, x1], 0)  # different values and batch size
+    ea, eb = run(xa), run(xb)
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+        if isinstance(a, (int, float, bool)) and type(a) is type(b):
+            return a == b
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+            return all(same(u, v) for u, v in zip(a, b))
+        return False
+
+    static = {n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")
+              and n in ea and n in eb and same(ea[n], eb[n])
+              and isinstance(ea[n], torch.Tensor) and not ea[n].is_floating_point()}
+    g = gm.graph
+    for n in list(g.nodes):
+        if n in static and any(u not in static for u in n.users):
+            name = _add_module(gm, f"folded_{n.name}", nn.Module())
+            gm.get_submodule(name).register_buffer("value", ea[n].clone())
+            with g.inserting_before(n):
+                c = g.get_attr(f"{name}.value")
+            n.replace_all_uses_with(c)
+    gm.graph.eliminate_dead_code()
+
+
+def prepare_graph(
+    module: nn.Module,
+    example_input: Optional[torch.Tensor] = None,
+    *,
+    fold_pad: bool = True,
+) -> fx.GraphModule:
+    """FP32-equivalent FX graph ready for ``prepare_fx`` (module is deep-copied, result in eval mode).
+
+    ``example_input`` (optional, any batch size) enables folding of shape-only
+    integer sub-graphs (e.g. Pad amounts computed from Shape ops).
+    """
+    gm = copy.deepcopy(module).eval()
+    if not isinstance(gm, fx.GraphModule):
+        gm = fx.symbolic_trace(gm)
+    while _inline_sequential(gm):
+        pass
+    _finish(gm)
+    if example_input is not None:
+        with torch.no_grad():
+            _fold_shape_constants(gm, example_input)
+        _finish(gm)
+    _matmul_to_linear(gm)
+    _finish(gm)
+    _simple_ops(gm)
+    _finish(gm)
+    if fold_pad:
+        _fold_pad_into_conv(gm)
+        _finish(gm)
+    return gm.eval()
+
+
+# --------------------------------------------------------------------------- qconfig
+from torch.ao.quantization.observer import MinMaxObserver as _MinMaxObserver  # noqa: E402
+
+
+TOPK_ROWS = 8  # kth_largest's split: measured fastest for 0.1-2 M values on 2 cores
+
+
+def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of the flat tensor `x`, exactly ``torch.topk(x, k).values.min()``, about 2.5x
+    faster on calibration-sized tensors (a 1.6 M-value topk took 6-12 ms; FX calibration is mostly these). The
+    values are split in rows and each row's top k taken (rows in parallel, each in cache): fewer than k values
+    exceed the answer, so every row's values above it are among that row's top k, and with ties at most k per
+    row reach it, so the k-th largest of the rows' top k is the answer itself."""
+    width = x.numel() // TOPK_ROWS
+    if width < 4 * k:
+        return torch.topk(x, k).values.min()
+    rows = x[:TOPK_ROWS * width].view(TOPK_ROWS, width)
+    candidates = torch.cat([torch.topk(rows, k, dim=1).values.flatten(), x[TOPK_ROWS * width:]])
+    return torch.topk(candidates, k).values.min()
+
+
+class PercentileObserver(_MinMaxObserver):
+    """Activation observer: range = average over calibration batches of the per-batch
+    ``percentile`` (upper) / ``100 - percentile`` (lower) of the values (exact: ``kth_largest``);
+    a range that includes 0 is kept (post-ReLU tensors get min 0).  Similar to
+    onnxruntime's CalibrationMethod.Percentile; use equal-size calibration batches."""
+
+    def __init__(self, percentile: float = 99.995, **kwargs):
+        super().__init__(**kwargs)
+        self.percentile = float(percentile)
+        self.register_buffer("_n", torch.tensor(0.0))
+        self.register_buffer("_lo", torch.tensor(0.0))
+        self.register_buffer("_hi", torch.tensor(0.0))
+
+    def forward(self, x_orig):
+        if x_orig.numel() == 0:
+            return x_orig
+        x = x_orig.detach().float().flatten()
+        k = max(1, int(math.ceil((1.0 - self.percentile / 100.0) * x.numel())))
+        hi = kth_largest(x, k)
+        lo = -kth_largest(-x, k)
+        n = self._n + 1
+        self._hi.copy_(self._hi + (hi - self._hi) / n)
+        self._lo.copy_(self._lo + (lo - self._lo) / n)
+        self._n.copy_(n)
+        self.min_val.copy_(torch.minimum(self._lo, torch.zeros_like(self._lo)))
+        self.max_val.copy_(torch.maximum(self._hi, torch.zeros_like(self._hi)))
+        return x_orig
+
+
+def qconfig_mapping(
+    backend: str = "x86",
+    *,
+    activation_observer: str = "percentile",
+    weight_observer: str = "perchannel_minmax",
+    reduce_range: bool = False,
+    percentile: float = 99.995,
+    keep_float: Sequence[Any] = (),
+    float_modules: Sequence[str] = (),
+):
+    """QConfigMapping of the ptqflow recipe for ``backend`` in {"fbgemm", "x86", "qnnpack", "onednn"}.
+
+    Starts from ``get_default_qconfig_mapping(backend)`` (keeps fixed-qparams ops
+    etc.), replaces the global/conv/linear/add qconfig by quint8 activations
+    (``activation_observer``: "percentile" (recipe default, see ``PercentileObserver``,
+    ``percentile``), "histogram", "minmax", "moving_minmax") without ``reduce_range``
+    (VNNI CPUs do not saturate) and qint8 symmetric per-channel weights with range
+    [-127, 127] (scale = max|w|/127, same grid as onnxruntime and
+    ``weight_correction.adaround_onnx``), and keeps all softmax flavours in float
+    (qconfig None).  ``keep_float`` adds further module types / functions kept in
+    float; ``float_modules`` module names kept in float (e.g. ``classifier_head(gm)``).
+    """
+    from torch.ao.quantization import QConfig, get_default_qconfig_mapping
+    from torch.ao.quantization.observer import (
+        HistogramObserver,
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
+        PerChannelMinMaxObserver,
+    )
+
+    act = {
+        "minmax": MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=reduce_range),
+        "histogram": HistogramObserver.with_args(dtype=torch.quint8, reduce_range=reduce_range),
+        "moving_minmax": MovingAverageMinMaxObserver.with_args(dtype=torch.quint8, reduce_range=reduce_range),
+        "percentile": PercentileObserver.with_args(percentile=percentile, dtype=torch.quint8,
+                                                   reduce_range=reduce_range),
+    }[activation_observer]
+    wt = {
+        # [-127, 127]: scale = max|w| / 127, same grid as onnxruntime's symmetric int8 weights
+        # (and ptqflow.models.adaround.weight_correction "per_channel_sym_int8"), so pre-rounded weights stay exact
+        "perchannel_minmax": PerChannelMinMaxObserver.with_args(
+            dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-127, quant_max=127),
+        "minmax": MinMaxObserver.with_args(
+            dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-127, quant_max=127),
+    }[weight_observer]
+    if backend == "qnnpack" and weight_observer == "perchannel_minmax":
+        pass  # qnnpack supports per-channel for conv/linear in recent torch
+    qc = QConfig(activation=act, weight=wt)
+    m = get_default_qconfig_mapping(backend)
+    m.set_global(qc)
+    # object-type entries of the default mapping would override global for these ops
+    for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ReLU, F.relu, operator.add, torch.add,
+              operator.mul, torch.mul, nn.AdaptiveAvgPool2d, nn.AvgPool2d, F.adaptive_avg_pool2d,
+              nn.BatchNorm2d, torch.flatten, torch.cat):
+        m.set_object_type(t, qc)
+    for t in (*SOFTMAX_TYPES, *_SOFTMAX_FUNCS, *keep_float):
+        m.set_object_type(t, None)
+    for name in float_modules:
+        m.set_module_name(name, None)
+    return m
+
+
+def classifier_head(gm: fx.GraphModule, include_pool: bool = True) -> list:
+    """Names of the modules of the classifier head: the Linear/Conv module(s) producing the
+    model output (through softmax, flatten, reshape, ...) and, with ``include_pool``, the
+    pooling modules feeding them (through flatten/reshape).  Pass to
+    ``qconfig_mapping(float_modules=...)`` to keep them in float: 8-bit logits tie under
+    argmax, and a quantized global average pool re-rounds the pooled features onto the
+    (coarse) grid of its input, costing ~1 point of top-1 agreement on ResNet8.
+    Quantize the head's weights beforehand (``ptqflow.models.adaround.weight_correction``) to keep an
+    int8-weight head computed with float accumulation (= onnxruntime QDQ numerics)."""
+    pools = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+             nn.AdaptiveAvgPool3d, nn.Flatten)
+    passthrough_fn = (torch.flatten, torch.reshape, F.adaptive_avg_pool2d, F.avg_pool2d)
+    out = [n for n in gm.graph.nodes if n.op == "output"][0]
+    todo, seen, heads = list(out.all_input_nodes), set(), []
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        m = _mod(gm, n)
+        if isinstance(m, (nn.Linear, *_CONV)):
+            heads.append(n.target)
+            if include_pool:
+                up = list(n.all_input_nodes)
+                while up:
+                    u = up.pop()
+                    um = _mod(gm, u)
+                    if isinstance(um, pools):
+                        heads.append(u.target)
+                        up.extend(u.all_input_nodes)
+                    elif isinstance(um, FnModule):
+                        heads.append(u.target)
+                        up.extend(u.all_input_nodes)
+                    elif (u.op == "call_method" and u.target in ("reshape", "view", "flatten", "squeeze", "mean")) or (
+                            u.op == "call_function" and u.target in passthrough_fn + (torch.mean,)):
+                        # wrap into a named module so that it can be kept float by module name
+                        fn = u.target if u.op == "call_function" else _method_caller(u.target)
+                        rest = [a for a in u.args[1:]]
+                        if any(isinstance(a, fx.Node) for a in rest) or len(u.all_input_nodes) != 1:
+                            continue
+                        name = _add_module(gm, f"head_{u.name}", FnModule(fn, tuple(rest), dict(u.kwargs)))
+                        with gm.graph.inserting_before(u):
+                            nn_ = gm.graph.call_module(name, (u.args[0],))
+                        u.replace_all_uses_with(nn_)
+                        gm.graph.erase_node(u)
+                        heads.append(name)
+                        up.extend(nn_.all_input_nodes)
+            continue
+        todo.extend(n.all_input_nodes)
+    _finish(gm)
+    return heads
+
+
+class _MethodCaller:
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, x, *args, **kwargs):
+        return getattr(x, self.name)(*args, **kwargs)
+
+
+def _method_caller(name):
+    return _MethodCaller(name)
+
+
+class FnModule(nn.Module):
+    """``fn(x, *args, **kwargs)`` as a module (addressable by name in a QConfigMapping)."""
+
+    def __init__(self, fn, args=(), kwargs=None):
+        super().__init__()
+        self.fn, self.args, self.kwargs = fn, tuple(args), dict(kwargs or {})
+
+    def forward(self, x):
+        return self.fn(x, *self.args, **self.kwargs)

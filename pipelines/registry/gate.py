@@ -1,0 +1,117 @@
+"""The promotion gate: when a newly registered version may take the `champion` alias.
+
+Pure logic, no MLflow: a version must stay within the accuracy-drop and agreement limits and beat the current
+champion on agreement with FP32. On an agreement tie it must be clearly faster at batch 1, and a version made from
+the same inputs as the champion (a re-run) or with a byte-identical model file never replaces it: on a shared
+machine the same file's batch-1 latency moves by up to 1.6x between runs, so a bare "faster" would hand the alias
+back and forth on noise.
+
+Two versions are compared only when they were measured on the same job: the same FP32 model, test set (dataset
+digest and number of images), input layout and preprocessing, and, where versions record them, input size, resizing
+and mean/std. A 100-image sweep that agrees on 100 of 100 images says nothing about a version measured on 10,000,
+so it is "not comparable" and never takes the alias on its own;
+`ptqflow promote` remains the manual way. Values are compared as they are recorded in the registry (rounded), so a
+tie the registry shows is a tie here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ptqflow.tracking.keys import VersionTag as V
+
+CHAMPION_ALIAS = "champion"
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    max_accuracy_drop_pp: float = 0.5  # accuracy may fall at most this many points below FP32
+    min_agreement: float = 0.97  # share of test images whose top-1 equals FP32's
+    min_latency_gain: float = 0.25  # on an agreement tie, batch-1 latency must be at least this fraction lower
+
+    def describe(self) -> str:
+        return (f"accuracy drop <= {self.max_accuracy_drop_pp:g} pp, agreement >= {self.min_agreement:g}, "
+                f"ties need >= {100 * self.min_latency_gain:g}% lower batch-1 latency")
+
+
+# What must be equal for two versions' numbers to be comparable, with the words a decision uses for each.
+COMPARABILITY = ((V.FP32_MODEL_SHA256, "FP32 model"), (V.DATASET_DIGEST, "test set"),
+                 (V.TEST_IMAGES, "number of test images"), (V.INPUT_LAYOUT, "input layout"),
+                 (V.PREPROCESSING, "preprocessing"))
+# Recorded only by newer versions: a missing tag means what older versions did (no resizing, no mean/std), or, for
+# the input size, that the version does not say (then the FP32 model's digest stands for it).
+OPTIONAL_COMPARABILITY = ((V.INPUT_SIZE, "input size", None), (V.RESIZE, "resizing", "none"),
+                          (V.INPUT_MEAN, "mean", ""), (V.INPUT_STD, "std", ""))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    version: str
+    accuracy_delta_pp: float
+    agreement: float
+    latency_ms: float | None = None
+    sha256: str | None = None  # of the registered model file
+    input_key: str | None = None  # of the run that made it: model, data, calibration, config, library versions
+    measured_on: tuple[tuple[str, str], ...] = ()  # COMPARABILITY keys and values: what the numbers were measured on
+
+    @classmethod
+    def from_tags(cls, version: str, tags: dict[str, str]) -> "Candidate":
+        """A version as the registry records it: the gate compares recorded values, never unrounded floats."""
+        latency = tags.get(V.LATENCY_MS_B1)
+        return cls(str(version), float(tags.get(V.ACCURACY_DELTA_PP, "nan")), float(tags.get(V.TOP1_AGREEMENT, "nan")),
+                   float(latency) if latency else None, tags.get(V.SHA256), tags.get(V.INPUT_KEY),
+                   tuple((key, tags[key]) for key, *_ in (*COMPARABILITY, *OPTIONAL_COMPARABILITY) if key in tags))
+
+
+def incomparable(candidate: Candidate, champion: Candidate) -> str | None:
+    """Why the two versions' numbers cannot be compared, or None when they were measured on the same job."""
+    ours, theirs = dict(candidate.measured_on), dict(champion.measured_on)
+    differ = []
+    for key, words in COMPARABILITY:
+        if key not in theirs or key not in ours:
+            differ.append(f"{words} not recorded")
+        elif ours[key] != theirs[key]:
+            a, b = (ours[key][:12], theirs[key][:12]) if len(ours[key]) == 64 else (ours[key], theirs[key])
+            differ.append(f"{words} {a} vs {b}")
+    for key, words, missing in OPTIONAL_COMPARABILITY:
+        a, b = ours.get(key, missing), theirs.get(key, missing)
+        if a is not None and b is not None and a != b:
+            differ.append(f"{words} {a or 'none'} vs {b or 'none'}")
+    return "; ".join(differ) or None
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+
+def decide(candidate: Candidate, champion: Candidate | None, policy: GatePolicy) -> Decision:
+    if candidate.accuracy_delta_pp < -policy.max_accuracy_drop_pp:
+        return Decision(False, f"accuracy drop {-candidate.accuracy_delta_pp:.2f} pp exceeds "
+                               f"{policy.max_accuracy_drop_pp:g} pp")
+    if candidate.agreement < policy.min_agreement:
+        return Decision(False, f"agreement {candidate.agreement:.4f} is below {policy.min_agreement:g}")
+    if champion is None:
+        return Decision(True, f"passes the gate ({policy.describe()}); no champion yet")
+    if math.isnan(champion.agreement):
+        return Decision(False, f"champion v{champion.version} has no recorded agreement to compare with; "
+                               "`ptqflow promote` moves the alias by hand")
+    why = incomparable(candidate, champion)
+    if why:
+        return Decision(False, f"not comparable with champion v{champion.version}: {why}; "
+                               "`ptqflow promote` moves the alias by hand")
+    if candidate.sha256 and candidate.sha256 == champion.sha256:
+        return Decision(False, f"same model file as champion v{champion.version} (sha256 {candidate.sha256[:12]})")
+    if candidate.input_key and candidate.input_key == champion.input_key:
+        return Decision(False, f"same inputs as champion v{champion.version} (input key {candidate.input_key[:12]}): "
+                               "a re-run, not a new model")
+    if candidate.agreement > champion.agreement:
+        return Decision(True, f"agreement {candidate.agreement:.4f} beats champion v{champion.version} "
+                              f"({champion.agreement:.4f})")
+    if candidate.agreement == champion.agreement and None not in (candidate.latency_ms, champion.latency_ms) \
+            and candidate.latency_ms <= (1 - policy.min_latency_gain) * champion.latency_ms:
+        return Decision(True, f"ties champion v{champion.version} on agreement ({candidate.agreement:.4f}) "
+                              f"and is faster ({candidate.latency_ms:.3f} ms vs {champion.latency_ms:.3f} ms)")
+    return Decision(False, f"agreement {candidate.agreement:.4f} does not beat champion v{champion.version} "
+                           f"({champion.agreement:.4f})")

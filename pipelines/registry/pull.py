@@ -1,0 +1,122 @@
+"""Get a registered model back: download, verify its SHA-256 before loading, optionally re-check accuracy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ptqflow.common.errors import IntegrityError, ModelError, TrackingError
+from ptqflow.common.files import file_sha256
+
+ACCURACY_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class PullResult:
+    name: str
+    version: str
+    model_file: Path
+    sha256: str
+    logged_accuracy: float | None
+    accuracy: float | None = None  # re-computed with --evaluate
+    model_dir: Path | None = None  # the downloaded MLflow model directory the verified file sits in
+    engine: str | None = None  # torch quantized engine the file was loaded under (its version's tag)
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None]:
+    """NAME@ALIAS → (NAME, ALIAS); NAME → (NAME, None)."""
+    name, _, alias = ref.partition("@")
+    if not name:
+        raise TrackingError(f"'{ref}' is not a registered model name (NAME or NAME@ALIAS)")
+    return name, alias or None
+
+
+def pull(name: str, version: str | None, alias: str | None, output_dir: Path,
+         data_dir: Path | None = None, data_format: str = "auto") -> PullResult:
+    """Download, verify and load a registered version; with `data_dir`, re-compute its accuracy on that dataset
+    (read as `data_format`; auto: the format the version records, else detected), fed as the sweep fed it."""
+    from ptqflow.tracking import registry
+    from ptqflow.tracking.keys import VersionTag as V
+
+    registered = registry.resolve(name, version, alias)
+    expected_sha = registered.tags.get(V.SHA256)
+    relative_file = registered.tags.get(V.MODEL_FILE)
+    if not expected_sha or not relative_file:
+        raise IntegrityError(f"{name} version {registered.version} has no '{V.SHA256}'/'{V.MODEL_FILE}' tags; "
+                             "it was not registered by ptqflow and cannot be verified")
+    model_dir = registry.download(registered, output_dir / f"{name}-v{registered.version}")
+    model_file = (model_dir / relative_file).resolve()
+    if model_dir.resolve() not in model_file.parents or not model_file.is_file():
+        raise IntegrityError(f"{name} version {registered.version}: model file '{relative_file}' is missing "
+                             "from the download")
+    actual_sha = file_sha256(model_file)
+    if actual_sha != expected_sha:
+        # TorchScript loading runs code and has no safe mode: a changed file is never loaded.
+        raise IntegrityError(f"{name} version {registered.version}: {model_file.name} has SHA-256 "
+                             f"{actual_sha[:12]}…, registered {expected_sha[:12]}…; refusing to load it")
+    logged = float(registered.tags[V.ACCURACY]) if V.ACCURACY in registered.tags else None
+    engine = registered.tags.get(V.QUANTIZED_ENGINE) or None
+    result = PullResult(name, registered.version, model_file, actual_sha, logged, model_dir=model_dir.resolve(),
+                        engine=engine)
+    from ptqflow.models.runtime.runners import load_runner
+
+    # Loading proves the file is usable. TorchScript int8 modules pack their weights for the quantized engine that
+    # is current at load time, so the version's engine is set first (and stays set for whoever uses the result).
+    if model_file.suffix != ".onnx":
+        checked_engine(engine, f"{name} version {registered.version}")
+    runner = load_runner(model_file, engine=engine)
+    if data_dir is None:
+        return result
+    return _reevaluate(result, runner, registered.tags, data_dir, data_format)
+
+
+def checked_engine(engine: str | None, what: str) -> str | None:
+    """`engine` if this torch build supports it (None stays None); a ModelError naming `what` otherwise."""
+    if not engine:
+        return None
+    import torch
+
+    supported = torch.backends.quantized.supported_engines
+    if engine not in supported:
+        raise ModelError(f"{what} was quantized for torch's '{engine}' engine, which this torch build lacks "
+                         f"(it has {', '.join(e for e in supported if e != 'none')})")
+    return engine
+
+
+def _reevaluate(result: PullResult, runner, tags: dict[str, str], data_dir: Path,
+                data_format: str = "auto") -> PullResult:
+    from dataclasses import replace
+
+    from ptqflow.pipelines.data.datasets import load_dataset, resize_images, size_text
+    from ptqflow.pipelines.variants.evaluation import EVAL_BATCH_SIZE, evaluate, predict_scores
+    from ptqflow.pipelines.data.preprocessing import InputTransform, Preprocessing, parse_values
+    from ptqflow.pipelines.data.shapes import NO_RESIZE, size_from_tag
+    from ptqflow.tracking.keys import VersionTag as V
+
+    data_format = getattr(data_format, "value", data_format)
+    if data_format == "auto":
+        data_format = tags.get(V.DATA_FORMAT, "auto")
+    data = load_dataset(data_dir, data_format)
+    limit = int(tags[V.TEST_IMAGES]) if V.TEST_IMAGES in tags else None
+    if V.DATASET_DIGEST in tags and tags[V.DATASET_DIGEST] != data.digest:
+        raise IntegrityError(f"{data_dir} is not the dataset {result.name} v{result.version} was measured on "
+                             "(dataset SHA-256 differs); pass the same --data-dir as the sweep")
+    test = data.test.head(limit)
+    size = size_from_tag(tags.get(V.INPUT_SIZE))
+    images = test.images
+    if size is not None and size != data.image_size:
+        if tags.get(V.RESIZE, NO_RESIZE) == NO_RESIZE:  # a tag edited by hand, or another dataset
+            raise IntegrityError(f"{result.name} v{result.version} takes {size_text(size)} images but {data_dir} "
+                                 f"holds {size_text(data.image_size)} ones and the version was not measured resized")
+        images = resize_images(images, size)
+    mean, std = (parse_values(key, tags.get(key)) for key in (V.INPUT_MEAN, V.INPUT_STD))
+    transform = InputTransform(tags.get(V.INPUT_LAYOUT, "NHWC"), Preprocessing(tags.get(V.PREPROCESSING, "raw")),
+                               mean, std)
+    batch = int(tags.get(V.INPUT_BATCH, 0)) or EVAL_BATCH_SIZE  # a model exported with a fixed batch of 1
+    scores = predict_scores(runner, images, transform, f"evaluating {result.name} v{result.version}", batch)
+    accuracy = evaluate(scores, test.labels, data.class_names).accuracy
+    result = replace(result, accuracy=accuracy)
+    if result.logged_accuracy is not None and abs(accuracy - result.logged_accuracy) > ACCURACY_TOLERANCE:
+        raise IntegrityError(f"{result.name} v{result.version}: accuracy {accuracy:.6f} differs from the "
+                             f"registered {result.logged_accuracy:.6f} by more than {ACCURACY_TOLERANCE}")
+    return result

@@ -1,0 +1,194 @@
+"""The registry side of a sweep: register each framework's best int8 variant as a new version (tags, description),
+let the promotion gate decide whether it takes @champion, and read the champions back for the report.
+
+The versions are made from the variant runs the sweep logged (ptqflow.pipelines.sweep.sweep); the gate's rules are
+ptqflow.pipelines.registry.gate, the registry calls ptqflow.tracking.registry and ptqflow.tracking.aliases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ptqflow.common.errors import ConfigError, PtqflowError
+from ptqflow.pipelines.reports import comparison as report
+from ptqflow.pipelines.shared.precision import round_metric, share_decimals
+from ptqflow.pipelines.shared.progress import say
+from ptqflow.pipelines.registry.gate import CHAMPION_ALIAS, Candidate, GatePolicy, decide
+from ptqflow.pipelines.variants.specs import FP32, PYTORCH, VariantSpec
+from ptqflow.tracking import runs
+from ptqflow.tracking.keys import Artifact, Metric, Tag, VersionTag
+
+# Framework → (registered model name, whether the user named it explicitly); see SweepOptions.registered_names.
+RegisteredNames = dict[str, tuple[str, bool]]
+
+
+@dataclass(frozen=True)
+class MeasuredOn:
+    """The sweep's FP32 model and test set: what every registered number was measured on."""
+
+    model_file_name: str
+    model_sha256: str
+    dataset_digest: str
+    test_images: int
+    input_layout: str
+    preprocessing: str
+    input_batch: int | None  # the model's fixed batch dimension, None when dynamic
+    data_title: str = "CIFAR-10"  # e.g. CIFAR-100, or the image folder's name
+    input_size_text: str = "32x32x3"  # HxWxC of the model's input
+    input_tags: tuple[tuple[str, str], ...] = ()  # data format, resizing, mean/std where not the default
+
+    @classmethod
+    def of(cls, inputs) -> "MeasuredOn":
+        """From ptqflow.pipelines.sweep.sweep.SweepInputs."""
+        from ptqflow.pipelines.data import shapes
+
+        shape = inputs.shape
+        input_tags = shapes.input_version_tags(inputs.data, shape, inputs.transform) if shape else {}
+        return cls(inputs.model.path.name, inputs.model.sha256, inputs.data.digest, len(inputs.test),
+                   inputs.transform.layout, inputs.transform.preprocessing.value, inputs.model.input.batch_size,
+                   inputs.data.title, f"{shape.size[0]}x{shape.size[1]}x{shape.channels}" if shape else "?",
+                   tuple(input_tags.items()))
+
+    def version_tags(self) -> dict[str, str]:
+        """What this sweep's numbers were measured on; the gate compares only versions that agree on all of it."""
+        V = VersionTag
+        return {V.FP32_MODEL_SHA256: self.model_sha256, V.DATASET_DIGEST: self.dataset_digest,
+                V.TEST_IMAGES: str(self.test_images), V.INPUT_LAYOUT: self.input_layout,
+                V.PREPROCESSING: self.preprocessing, **dict(self.input_tags)}
+
+
+def check_registry_targets(names: RegisteredNames, specs: list[VariantSpec], model_sha256: str) -> None:
+    """Refuse, before any run starts, to add versions to a default-named registered model whose versions were
+    quantized from another FP32 model: a name the user did not choose must not mix models."""
+    from ptqflow.tracking.registry import source_model_digests
+
+    frameworks = {spec.framework for spec in specs}
+    for framework, (name, explicit) in names.items():
+        if explicit or framework not in frameworks:
+            continue
+        others = source_model_digests(name) - {model_sha256}
+        if others:
+            flag = "--registered-model" if framework == PYTORCH else "--registered-onnx-model"
+            raise ConfigError(f"registered model '{name}' holds versions of another FP32 model (SHA-256 "
+                              f"{sorted(others)[0][:12]}…, this one is {model_sha256[:12]}…); pass {flag} NAME to "
+                              "choose where this model's versions go")
+
+
+def current_champion(name: str) -> Candidate | None:
+    """The current champion as the registry records it, or None; a read error raises (never "no champion")."""
+    from ptqflow.tracking import aliases
+
+    current = aliases.alias_target(name, CHAMPION_ALIAS)
+    return Candidate.from_tags(str(current.version), current.tags) if current is not None else None
+
+
+class Registrar:
+    """Registers a sweep's best int8 variants under `names` and gates them with `gate`."""
+
+    def __init__(self, names: RegisteredNames, gate: GatePolicy, measured_on: MeasuredOn):
+        self.names = names
+        self.gate = gate
+        self.measured_on = measured_on
+
+    def register_best(self, outcomes: list, reference_accuracy: float) -> list:
+        """Per framework, the ok int8 variant that agrees most often with FP32 (accuracy breaks ties) becomes a new
+        version; returns the registered ModelVersions. `outcomes` are ptqflow.pipelines.sweep.sweep.VariantOutcome."""
+        from ptqflow.tracking import registry
+
+        registered = []
+        for framework, (name, _) in self.names.items():
+            candidates = [o for o in outcomes if o.framework == framework and o.status == "ok" and o.name != FP32
+                          and o.spec is not None and o.spec.weight_dtype == "int8"]
+            if not candidates:
+                continue
+            # Agreement with FP32 is the sharper measure on 10,000 images; accuracy breaks ties.
+            best = max(candidates, key=lambda o: (o.fidelity.top1_agreement, o.evaluation.accuracy))
+            tags = self._version_tags(best, reference_accuracy)
+            description, model_description = self._descriptions(best, framework, reference_accuracy)
+            champion = current_champion(name)  # read before registering: a failed read leaves no undecided version
+            # From the variant's MLflow logged model (a run reused from before logged models: its model/ dir).
+            source = best.model_uri or f"runs:/{best.run_id}/{Artifact.LOGGED_MODEL_NAME}"
+            version = registry.register(source, name, tags, description, model_description)
+            runs.set_run_tags(best.run_id, {Tag.REGISTERED_VERSION: f"{name}/{version.version}"})
+            say(f"[green]✓[/] registered {best.name} as [bold]{name}[/] version {version.version}")
+            self._gate(name, version.version, tags, champion)
+            registered.append(version)
+        return registered
+
+    def _version_tags(self, best, reference_accuracy: float) -> dict[str, str]:
+        """Few, short tags: what `pull`, `serve`, `bench`, the gate and `ptqflow models` read. The source run is the
+        version's own run_id (MLflow sets it from the logged model), and the decision's reason is the first sentence
+        of the description, where the registry page shows it whole. Numbers at the precision their metrics have."""
+        V = VersionTag
+        decimals = share_decimals(self.measured_on.test_images)
+        tags = {V.VARIANT: best.name, V.ACCURACY: f"{best.evaluation.accuracy:.{decimals}f}",
+                V.ACCURACY_DELTA_PP: f"{100 * (best.evaluation.accuracy - reference_accuracy):+.{max(2, decimals - 2)}f}",
+                V.TOP1_AGREEMENT: f"{best.fidelity.top1_agreement:.{decimals}f}",
+                V.SHA256: best.model_sha256, V.MODEL_FILE: best.model_file_in_artifacts,
+                **self.measured_on.version_tags()}
+        if best.input_key:
+            tags[V.INPUT_KEY] = best.input_key
+        if best.quantized_engine:
+            tags[V.QUANTIZED_ENGINE] = best.quantized_engine
+        if self.measured_on.input_batch:
+            tags[V.INPUT_BATCH] = str(self.measured_on.input_batch)
+        if best.bench:
+            tags[V.LATENCY_MS_B1] = f"{round_metric(Metric.LATENCY_MS_B1_P50, best.bench.latency_ms_b1_p50):.3f}"
+        return tags
+
+    def _descriptions(self, best, framework: str, reference_accuracy: float) -> tuple[str, str]:
+        """The version's description (the gate's decision is put in front of it once it is made, by
+        ptqflow.tracking.aliases.record_decision) and the registered model's."""
+        m = self.measured_on
+        latency = f", batch-1 latency {best.bench.latency_ms_b1_p50:.3f} ms" if best.bench else ""
+        description = (f"{best.name}: {m.model_file_name} quantized by ptqflow. Top-1 accuracy "
+                       f"{100 * best.evaluation.accuracy:.2f}% on {m.test_images} {m.data_title} test images "
+                       f"({100 * (best.evaluation.accuracy - reference_accuracy):+.2f} pp vs FP32), "
+                       f"agreement with FP32 {100 * best.fidelity.top1_agreement:.2f}%{latency}. "
+                       f"Source run {best.run_id}, logged model {best.model_uri}.")
+        model_description = (
+            f"{'TorchScript' if framework == PYTORCH else 'ONNX'} int8 quantizations of "
+            f"{m.model_file_name} ({m.data_title} classifier, {m.input_layout} {m.input_size_text}, "
+            f"{m.preprocessing} pixels), one version per ptqflow sweep: the variant "
+            "that agrees most often with the FP32 model's top-1. Alias @champion marks the version that passed "
+            "the promotion gate and beat the previous champion; each version's description says what the gate "
+            "decided and why, its tags hold the numbers `ptqflow pull` and the gate read.")
+        return description, model_description
+
+    def _gate(self, name: str, version: str, tags: dict[str, str], champion: Candidate | None) -> None:
+        """Move the champion alias to the new version only if it passes the gate and beats the champion, both
+        read as the registry records them."""
+        from ptqflow.tracking import aliases
+
+        decision = decide(Candidate.from_tags(version, tags), champion, self.gate)
+        if decision.promote:
+            aliases.set_alias(name, CHAMPION_ALIAS, version)
+        aliases.record_decision(name, version, "promoted" if decision.promote else "rejected", decision.reason,
+                                self.gate.describe(), alias=CHAMPION_ALIAS)
+        mark = "[green]✓[/]" if decision.promote else "[yellow]–[/]"
+        say(f"{mark} {name} v{version} {'is now' if decision.promote else 'not'} @{CHAMPION_ALIAS}: {decision.reason}")
+
+    def champions(self, experiment_id: str,
+                  run_url: Callable[[str, str], str]) -> list[tuple[report.Champion, str]]:
+        """Each registered model's @champion after this sweep's gate, with a link to the run that made it
+        (`run_url(experiment_id, run_id)`). Only marks the report: a read error leaves the mark out, it fails
+        nothing."""
+        from ptqflow.tracking import aliases
+
+        champions = []
+        for name, _ in self.names.values():
+            try:
+                current = aliases.alias_target(name, CHAMPION_ALIAS)
+                if current is None:
+                    continue
+                experiment = runs.get_run(current.run_id).info.experiment_id if current.run_id else experiment_id
+            except PtqflowError as exc:
+                say(f"[yellow]![/] comparison.html has no @champion mark for {name}: {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - a missing mark must not fail a finished sweep
+                say(f"[yellow]![/] comparison.html has no @champion mark for {name}: {type(exc).__name__}")
+                continue
+            champion = report.Champion(name, str(current.version), current.run_id or "")
+            champions.append((champion, run_url(experiment, current.run_id) if current.run_id else ""))
+        return champions

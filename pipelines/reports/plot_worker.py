@@ -1,0 +1,113 @@
+"""Plots drawn in a background process while the sweep goes on.
+
+matplotlib took about 7 s of a ResNet8 sweep's main thread (a confusion matrix and a per-layer SQNR plot per
+variant, 0.3-1 s each inside a large process), time in which the next variant could already be quantized. Every
+plot here is a function of plain data returning PNG bytes (ptqflow.pipelines.reports.plots, ptqflow.pipelines.reports.diagnosis), so one
+spawned process can draw them: it runs at a lower priority (nice) and takes the CPU the sweep leaves idle (MLflow
+calls, Python between the kernels). A process, not a thread: matplotlib is Python code that holds the GIL.
+
+`submit` returns a PendingPlot whose `result()` gives the PNG. When the process cannot start or dies, plots are
+drawn in this process instead, so a sweep never loses one to the worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable
+
+NICENESS = 10  # the drawing yields the CPU to the sweep's own work
+PARENT_CHECK_SECONDS = 0.5
+
+
+def _start_worker(sweep_pid: int) -> None:
+    """In the worker: a lower priority; Ctrl-C left to the sweep (the terminal sends it to the whole process group;
+    the sweep ends its runs and stops the worker, which would otherwise print a traceback of its own); and an end
+    when the sweep's process is gone without stopping it (killed): the worker holds both ends of its task queue,
+    so it would wait for a task forever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.nice(NICENESS)
+    except OSError:  # not permitted here: draw at the same priority
+        pass
+    threading.Thread(target=_exit_without, args=(sweep_pid,), daemon=True, name="exit-with-the-sweep").start()
+
+
+def _exit_without(sweep_pid: int) -> None:
+    while os.getppid() == sweep_pid:  # re-parented once the sweep's process has died
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(0)
+
+
+def _draw(module: str, name: str, args: tuple, kwargs: dict) -> bytes:
+    return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
+def _importable(function: Callable) -> bool:
+    """Whether the worker can find `function` by its module and name (a nested function or a lambda it cannot:
+    those are drawn here)."""
+    module = sys.modules.get(getattr(function, "__module__", None) or "")
+    return module is not None and getattr(module, getattr(function, "__name__", ""), None) is function
+
+
+class PendingPlot:
+    """A plot being drawn: `result()` waits for its PNG (and raises what drawing it raised)."""
+
+    def __init__(self, function: Callable[..., bytes], args: tuple, kwargs: dict, future: Future | None):
+        self._function, self._args, self._kwargs, self._future = function, args, kwargs, future
+
+    def result(self) -> bytes:
+        if self._future is not None:
+            try:
+                return self._future.result()
+            except BrokenProcessPool:  # the worker died (killed, out of memory): draw it here
+                pass
+        return self._function(*self._args, **self._kwargs)
+
+
+class PlotWorker:
+    """One background process drawing plots; a context manager that stops it on leaving (pending plots that
+    were not awaited are cancelled). `background=False` draws every plot in this process when asked for."""
+
+    def __init__(self, background: bool = True):
+        self._pool: ProcessPoolExecutor | None = None
+        if background:
+            try:
+                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_start_worker, initargs=(os.getpid(),))
+            except (OSError, ValueError):  # no process to be had here: draw in this one
+                self._pool = None
+
+    @property
+    def background(self) -> bool:
+        """Whether plots are drawn in the background process (else each when its result is asked for)."""
+        return self._pool is not None
+
+    def submit(self, function: Callable[..., bytes], *args, **kwargs) -> PendingPlot:
+        """Start drawing `function(*args, **kwargs)`: in the worker when `function` is a module-level function
+        (its arguments picklable data), else here when its result is asked for."""
+        future = None
+        if self._pool is not None and _importable(function):
+            try:
+                future = self._pool.submit(_draw, function.__module__, function.__name__, args, kwargs)
+            except (BrokenProcessPool, RuntimeError):  # died earlier, or shut down: draw here from now on
+                self._pool = None
+        return PendingPlot(function, args, kwargs, future)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "PlotWorker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,455 @@
+"""Quantize, evaluate and benchmark one variant at a time, without any experiment tracking.
+
+Given a sweep's prepared inputs (the FP32 model, model-ready calibration images, the test split) the runner makes
+each variant's model file (AdaRound weights first where the variant asks for them), evaluates it against the labels
+and against the FP32 reference (accuracy, per-class accuracy, predictions, agreement, KL divergence, SQNR), times
+it, and returns a plain `VariantResult`. It imports neither mlflow nor `tracking`: `ptqflow.pipelines.sweep.sweep` logs what it
+returns as MLflow runs, `ptqflow.pipelines.api` returns it as it is (tests/test_layers.py checks the imports).
+
+Where the model file is kept is the caller's choice: `run(spec, store=...)` hands the quantized file to `store`,
+which returns the file to evaluate. The sweep's store logs it as an MLflow model and returns the copy downloaded
+back, so the numbers are those of the stored bytes; without a store the quantizer's own file is used.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from ptqflow.common.errors import failure_reason
+from ptqflow.common.files import file_sha256, write_json_atomic
+from ptqflow.models.backends.base import FloatModel, QuantizedModel, UnsupportedVariant
+from ptqflow.models.runtime.latency import BenchConfig, BenchResult, RoundsResult, benchmark, benchmark_against, benchmark_rounds
+from ptqflow.models.graph.onnx_model import OnnxClassifier
+from ptqflow.pipelines.data.datasets import Dataset, Split
+from ptqflow.pipelines.variants.evaluation import EVAL_BATCH_SIZE, Evaluation, Fidelity, evaluate, fidelity, predict_scores
+from ptqflow.pipelines.data.preprocessing import InputTransform
+from ptqflow.pipelines.shared.progress import progress_task, say
+from ptqflow.pipelines.variants.phases import PhaseTimer
+from ptqflow.pipelines.variants.specs import FP32, ONNXRUNTIME, PYTORCH, VariantSpec, config_payload
+
+QCONFIG_FILE = "qconfig.json"  # the variant's full backend config, written beside its model file
+MODEL_FILE_NAMES = {"torchscript": "model.pt", "onnx": "model.onnx"}  # the variant's model file, by format
+BENCH_IMAGES = 256  # real test images, model-ready, reused by every benchmark
+# The onnx2torch module (what the PyTorch variants start from) is checked against onnxruntime on the first N test
+# images: a faulty conversion disagrees on far more than one in a thousand, and eager FP32 is the slowest model a
+# sweep runs (16 s of resnet8_large_wide's 10,000 images). The variants themselves are measured on every image.
+TORCH_CHECK_IMAGES = 1000
+# The test set is made model-ready once for all the models a sweep evaluates when it takes at most this many bytes as
+# float32 (CIFAR-10's 10,000 test images: 123 MB); a larger one is made ready batch by batch, for each model.
+READY_TEST_BYTES = 512 * 2**20
+
+
+class PreparedInputs(Protocol):
+    """What the runner reads of a sweep's inputs (ptqflow.pipelines.sweep.sweep.SweepInputs has it)."""
+
+    data: Dataset  # any format ptqflow.pipelines.data.datasets loads
+    model: OnnxClassifier
+    transform: InputTransform
+    calibration: np.ndarray  # model-ready float32
+    test: Split
+
+    @property
+    def calibration_digest(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    bench: bool = True  # measure batch-1 latency and batch-256 throughput of every model file
+    adaround_iterations: int = 1000  # AdaRound optimization steps per layer
+    bench_config: BenchConfig = BenchConfig()
+    # Per-layer diagnosis (ptqflow.models.diagnosis.diagnosis) of every variant on the first N test images right after it is made;
+    # 0: none
+    diagnose_images: int = 0
+
+
+@dataclass(frozen=True)
+class ModelToStore:
+    """A quantized model file on its way to where it is kept, with what a model store records beside it."""
+
+    spec: VariantSpec
+    quantized: QuantizedModel
+    engine: str  # torch quantized engine the file runs under ("" for ONNX)
+    module: object | None  # the loaded TorchScript module (None for ONNX)
+    example_input: np.ndarray  # one model-ready test image
+    example_output: np.ndarray  # the model's scores for it
+
+
+Store = Callable[[ModelToStore], Path]  # keeps the file; returns the kept copy, which is evaluated
+
+
+@dataclass
+class VariantResult:
+    """One variant's numbers and file; the FP32 reference is one too (spec None)."""
+
+    name: str
+    framework: str
+    spec: VariantSpec | None = None  # None for the FP32 reference
+    status: str = "ok"  # ok, unsupported or failed
+    reason: str = ""  # why it is unsupported or failed
+    evaluation: Evaluation | None = None
+    fidelity: Fidelity | None = None  # against the FP32 reference
+    bench: BenchResult | None = None  # None when benchmarking is off
+    model_file: Path | None = None  # the model file (for a variant: byte for byte the stored copy)
+    model_sha256: str = ""
+    size_bytes: int | None = None
+    quantized_engine: str = ""  # torch quantized engine of a TorchScript file
+    calibration_images: int = 0  # calibration images the backend's observers saw
+    torch_agreement: float | None = None  # FP32 only: top-1 agreement of the onnx2torch module with onnxruntime
+    torch_check_images: int = 0  # FP32 only: on the first this many test images
+    diagnosis: object | None = None  # ptqflow.models.diagnosis.diagnosis.Diagnosis, with RunnerOptions.diagnose_images
+    diagnosis_error: str = ""  # why the diagnosis failed (the variant itself is fine)
+    ort_graph_sha256: str = ""  # onnxruntime: the graph its session runs, names aside (ptqflow.models.graph.onnx_model.graph_digest)
+    scores_from: str = ""  # the variant evaluated before it with the same ort_graph_sha256, whose test scores these are
+
+
+class VariantRunner:
+    """Makes and measures variants of one FP32 model on one set of prepared inputs, in `work_dir`."""
+
+    def __init__(self, inputs: PreparedInputs, work_dir: Path, options: RunnerOptions = RunnerOptions(),
+                 timer: PhaseTimer | None = None):
+        self.inputs = inputs
+        self.work_dir = work_dir
+        self.options = options
+        self.timer = timer or PhaseTimer()
+        self.float_model = FloatModel.for_runtimes(inputs.model, work_dir)  # the FP32 reference, as the user gave it
+        # What the variants quantize: the same function with BatchNormalization folded and every node named, made in
+        # the convert phase (AdaRound's grid must be the one the backends see, so no backend folds after it).
+        self.quantization_source = self.float_model
+        self.example_input = inputs.transform(inputs.test.images[:1])
+        self.eval_batch = inputs.model.input.batch_size or EVAL_BATCH_SIZE  # a fixed batch dimension (1) is used everywhere
+        self.bench_images = inputs.transform(inputs.test.images[:BENCH_IMAGES])
+        self.reference: Evaluation | None = None
+        # (model-ready images, indices digest) AdaRound reconstructs on, when not the calibration set (ptqflow tune
+        # keeps one AdaRound set while it searches the calibration size)
+        self.rounding_set: tuple[np.ndarray, str] | None = None
+        self.ort_diagnoses: dict = {}  # diagnose_ort_config's memo: a QDQ file diagnosed once per runner
+        # onnxruntime graph digest -> (variant, its test scores): a file that onnxruntime optimizes into a graph
+        # already evaluated (ort-int8's QDQ and ort-int8-u8s8's QOperator) gives the same scores, so it is not run again
+        self._evaluated_graphs: dict[str, tuple[str, np.ndarray]] = {}
+        self._ready_test: np.ndarray | None = None
+        # (future of the FP32 reference's onnxruntime scores, its cancel event) while convert() computes them
+        self._reference_scores: tuple | None = None
+
+    def convert(self, specs: list[VariantSpec], reference_meanwhile: bool = False) -> None:
+        """Each backend's starting point, made once for all variants (the convert phase). `reference_meanwhile`:
+        the FP32 reference's onnxruntime pass over the test set runs on a second thread during the conversion, and
+        run_reference() takes its scores: the conversion is one core of Python and torch, onnxruntime runs without
+        the GIL (ResNet8: the two took 3.0-3.1 s together, 3.6-4.3 s one after the other)."""
+        if reference_meanwhile and self._reference_scores is None:
+            self._start_reference_scores()
+        try:
+            with self.timer.phase("convert"):
+                self.float_model.prepare(torch=True, onnxruntime=False)
+                if specs:
+                    self.quantization_source = self.float_model.for_quantization()
+                    self.quantization_source.prepare(
+                        torch=any(spec.framework == PYTORCH for spec in specs),
+                        onnxruntime=any(spec.framework == ONNXRUNTIME for spec in specs))
+        except BaseException:
+            self.stop_reference()
+            raise
+
+    def _start_reference_scores(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        images, transform = self._test_inputs()  # made here, not on both threads at once
+        cancelled = threading.Event()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="fp32-onnxruntime")
+        self._reference_scores = (pool.submit(self._reference_onnxruntime_scores, images, transform, cancelled),
+                                  cancelled)
+        pool.shutdown(wait=False)
+
+    def stop_reference(self) -> None:
+        """Stop the FP32 reference pass convert(reference_meanwhile=True) started, if run_reference() has not taken
+        it: it ends before its next batch; returns once it has. For a caller that fails before run_reference()."""
+        if self._reference_scores is not None:
+            future, cancelled = self._reference_scores
+            cancelled.set()
+            future.exception()  # wait: the session stops before the next batch
+            self._reference_scores = None
+
+    def _reference_onnxruntime_scores(self, images, transform, cancelled: threading.Event | None = None):
+        from ptqflow.models.runtime.runners import OrtRunner
+
+        return predict_scores(OrtRunner(self.float_model.onnx.path), images, transform, "FP32 onnxruntime",
+                              self.eval_batch, cancelled)
+
+    def _test_inputs(self) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+        """The test images and what makes a batch of them model-ready: transformed once, for every model, when they
+        fit in READY_TEST_BYTES (the transform works image by image, so the values are the same either way)."""
+        images = self.inputs.test.images
+        if self._ready_test is None and images.size * 4 <= READY_TEST_BYTES:
+            self._ready_test = self.inputs.transform(images)
+        return (self._ready_test, _model_ready) if self._ready_test is not None else (images, self.inputs.transform)
+
+    # ---- FP32 reference ------------------------------------------------------------------------------------
+    def run_reference(self) -> VariantResult:
+        """FP32 through onnxruntime (the reference every variant is compared with) and through the onnx2torch
+        module (its agreement checks the conversion the PyTorch backends start from)."""
+        from ptqflow.models.runtime.runners import TorchRunner
+
+        test, names = self.inputs.test, self.inputs.data.class_names
+        with self.timer.phase("evaluate"):
+            images, transform = self._test_inputs()
+            started, self._reference_scores = self._reference_scores, None
+            ort_scores = (started[0].result() if started is not None else
+                          self._reference_onnxruntime_scores(images, transform))
+            checked = min(len(test), TORCH_CHECK_IMAGES)
+            torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), images[:checked],
+                                          transform, "FP32 onnx2torch", self.eval_batch)
+        self.reference = evaluate(ort_scores, test.labels, names)
+        torch_agreement = fidelity(evaluate(ort_scores[:checked], test.labels[:checked], names),
+                                   evaluate(torch_scores, test.labels[:checked], names)).top1_agreement
+        bench = None
+        if self.options.bench:
+            bench = self._bench(self._load_reference, FP32)
+        return VariantResult(FP32, ONNXRUNTIME, evaluation=self.reference,
+                             fidelity=Fidelity(1.0, 0.0, float("inf")), bench=bench, model_file=self.inputs.model.path,
+                             model_sha256=self.inputs.model.sha256, size_bytes=self.inputs.model.size_bytes,
+                             torch_agreement=torch_agreement, torch_check_images=checked)
+
+    # ---- one variant ---------------------------------------------------------------------------------------
+    def run(self, spec: VariantSpec, store: Store | None = None) -> VariantResult:
+        """Quantize, keep (`store`), evaluate and time one variant; run_reference() first. Raises
+        UnsupportedVariant when the backend refuses the configuration, and whatever else goes wrong."""
+        from ptqflow.models.runtime.runners import TorchRunner, load_runner
+
+        if self.reference is None:
+            raise RuntimeError("run_reference() must run before any variant: variants are compared with it")
+        variant_dir = self.work_dir / spec.name
+        source = self._weights_for(spec)
+        with self.timer.phase("quantize"), \
+                progress_task(f"calibrating {spec.name}", total=len(self.inputs.calibration)) as advance:
+            quantized = spec.quantize(source, self.inputs.calibration, variant_dir, advance)
+        write_json_atomic(variant_dir / QCONFIG_FILE, config_payload(spec.config))
+        # TorchScript int8 modules repack their weights for the engine that is current when they load, so fbgemm
+        # and x86 variants are loaded, evaluated and timed under the engine they were built for.
+        engine = spec.config.backend if quantized.format == "torchscript" else ""
+        model_file = store(self._to_store(spec, quantized, engine)) if store else quantized.path
+        graph, scores_from = "", ""
+        with self.timer.phase("evaluate"):
+            if engine:
+                runner = TorchRunner.from_torchscript(model_file, engine)
+            else:
+                runner, graph = self._ort_session(model_file, spec.name)
+            if graph in self._evaluated_graphs:
+                scores_from, scores = self._evaluated_graphs[graph]
+            else:
+                images, transform = self._test_inputs()
+                scores = predict_scores(runner, images, transform, f"evaluating {spec.name}", self.eval_batch)
+                if graph:
+                    self._evaluated_graphs[graph] = (spec.name, scores)
+        evaluation = evaluate(scores, self.inputs.test.labels, self.inputs.data.class_names)
+        public = variant_dir / MODEL_FILE_NAMES[quantized.format]
+        if model_file != public:
+            shutil.copyfile(model_file, public)  # same bytes as the stored file
+        diagnosis, diagnosis_error = None, ""
+        if self.options.diagnose_images:
+            try:
+                diagnosis = self.diagnose(spec, quantized, model_file, source)
+            except Exception as exc:  # noqa: BLE001 - a diagnosis that fails says why; the variant stands
+                diagnosis_error = failure_reason(exc)
+        bench = None
+        if self.options.bench:
+            bench = self._bench(lambda: load_runner(model_file, engine=engine or None).predict, spec.name,
+                                against_reference=True)
+        return VariantResult(spec.name, spec.framework, spec, evaluation=evaluation,
+                             fidelity=fidelity(self.reference, evaluation), bench=bench, model_file=public,
+                             model_sha256=file_sha256(public), size_bytes=public.stat().st_size,
+                             quantized_engine=engine, calibration_images=quantized.calibration_images,
+                             diagnosis=diagnosis, diagnosis_error=diagnosis_error, ort_graph_sha256=graph,
+                             scores_from=scores_from)
+
+    def _ort_session(self, model_file: Path, name: str):
+        """An onnxruntime session of `model_file` (ptqflow.models.runtime.runners.OrtRunner) and the digest of the graph it runs
+        after onnxruntime's optimizations (ptqflow.models.graph.onnx_model.graph_digest); "" when that graph cannot be read."""
+        import onnx
+
+        from ptqflow.models.graph.onnx_model import graph_digest
+        from ptqflow.models.runtime.runners import OrtRunner
+
+        with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=f".{name}-optimized-") as scratch:
+            optimized = Path(scratch) / "optimized.onnx"
+            runner = OrtRunner(model_file, optimized_copy=optimized)
+            try:
+                return runner, graph_digest(onnx.load(str(optimized)))
+            except Exception:  # noqa: BLE001 - without a digest the variant is simply evaluated itself
+                return runner, ""
+
+    def diagnose(self, spec: VariantSpec, quantized: QuantizedModel | None = None, model_file: Path | None = None,
+                 source: FloatModel | None = None, images: int | None = None):
+        """The per-layer diagnosis (ptqflow.models.diagnosis.diagnosis) of `spec` on the first `images` test images (default
+        RunnerOptions.diagnose_images, else ptqflow.models.diagnosis.diagnosis.DEBUG_IMAGES), against the FP32 model before AdaRound.
+        FX reuses the graphs `quantized` was traced from; ONNX Runtime QDQ diagnoses `model_file` (the stored
+        file); QOperator goes through its QDQ twin. Without `quantized`, the variant is quantized again."""
+        from ptqflow.models.diagnosis.diagnosis import DEBUG_IMAGES, diagnose_fx, diagnose_ort_config
+        from ptqflow.models.backends.pytorch_fx import PytorchFxConfig
+
+        count = images or self.options.diagnose_images or DEBUG_IMAGES
+        ready, transform = self._test_inputs()
+        test = transform(ready[:count])
+        source = source or self._weights_for(spec)
+        batch = self.inputs.model.input.batch_size or 64
+        with self.timer.phase("diagnose"), progress_task(f"diagnosing {spec.name}", total=1) as advance:
+            if isinstance(spec.config, PytorchFxConfig):
+                graphs = quantized.graphs if quantized is not None else None
+                diagnosis = diagnose_fx(self.quantization_source, source, spec.config, self.inputs.calibration, test,
+                                        graphs=graphs, batch_size=batch)
+            else:
+                qdq = (model_file or quantized.path) if quantized is not None and spec.quant_format == "QDQ" else None
+                with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=f".{spec.name}-diagnosis-") as scratch:
+                    diagnosis = diagnose_ort_config(self.quantization_source, source, spec.config,
+                                                    self.inputs.calibration, test, Path(scratch), qdq_path=qdq,
+                                                    batch_size=batch, memo=self.ort_diagnoses)
+            advance()
+        return diagnosis
+
+    def measure(self, spec: VariantSpec, limit: int | None = None) -> tuple[Evaluation, Fidelity]:
+        """Quantize `spec` and evaluate it on the first `limit` test images (all with None), against the labels and
+        the FP32 reference on the same images: how the fallback search (ptqflow.pipelines.repair.fallback) compares configs. The
+        model file is thrown away; nothing is stored, timed or shown as progress."""
+        from ptqflow.models.runtime.runners import OrtRunner, TorchRunner
+
+        if self.reference is None:
+            raise RuntimeError("run_reference() must run before any variant: variants are compared with it")
+        test = self.inputs.test
+        count = len(test) if limit is None else min(limit, len(test))
+        source = self._weights_for(spec, progress=False)  # computed (and cached) for the variant itself
+        with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=f".{spec.name}-measure-") as scratch:
+            with self.timer.phase("quantize"):
+                quantized = spec.quantize(source, self.inputs.calibration, Path(scratch))
+            engine = spec.config.backend if quantized.format == "torchscript" else ""
+            runner = TorchRunner.from_torchscript(quantized.path, engine) if engine else OrtRunner(quantized.path)
+            outputs = []
+            with self.timer.phase("evaluate"):
+                images, transform = self._test_inputs()
+                for start in range(0, count, self.eval_batch):
+                    batch = transform(images[start:min(start + self.eval_batch, count)])
+                    outputs.append(np.asarray(runner.predict(batch), dtype=np.float32).reshape(len(batch), -1))
+            scores = np.concatenate(outputs)
+        names = self.inputs.data.class_names
+        evaluation = evaluate(scores, test.labels[:count], names)
+        reference = self.reference if count == len(test) else evaluate(self.reference.scores[:count],
+                                                                         test.labels[:count], names)
+        return evaluation, fidelity(reference, evaluation)
+
+    def run_safely(self, spec: VariantSpec, store: Store | None = None) -> VariantResult:
+        """run(), with a refused configuration as status `unsupported` and any other error as `failed` (the reason
+        says which); Ctrl-C still stops."""
+        try:
+            return self.run(spec, store)
+        except UnsupportedVariant as exc:
+            return VariantResult(spec.name, spec.framework, spec, status="unsupported", reason=exc.reason)
+        except Exception as exc:  # noqa: BLE001 - one variant's failure is its result; the others still run
+            return VariantResult(spec.name, spec.framework, spec, status="failed", reason=failure_reason(exc))
+
+    def adaround_ahead(self, specs: list[VariantSpec]) -> None:
+        """The AdaRound grids `specs` will ask for, computed together where several start from the same model (one
+        FP32 pass, the schemes' problems side by side: see FloatModel.adaround_ahead), so each variant then finds its
+        weights in the cache. A failure here is only reported: each variant then computes its own grid and fails
+        (or not) on its own."""
+        wanted: dict[tuple[bool, bool], list[str]] = {}  # (equalized, rounded head) -> schemes
+        for spec in specs:
+            scheme = spec.config.adaround_scheme
+            if scheme is not None:
+                group = wanted.setdefault((bool(getattr(spec.config, "equalization", False)),
+                                           not spec.config.float_head), [])
+                if scheme not in group:
+                    group.append(scheme)
+        for (equalized, round_head), schemes in wanted.items():
+            if len(schemes) < 2:
+                continue  # nothing to share: the variant computes its grid when it needs it
+            try:
+                source = self.quantization_source.equalized() if equalized else self.quantization_source
+                with self.timer.phase("adaround"), \
+                        progress_task(f"AdaRound weights ({', '.join(schemes)})", total=1) as advance:
+                    source.adaround_ahead(schemes, *self._rounding_set(), advance,
+                                          iterations=self.options.adaround_iterations, context=self._context(),
+                                          round_head=round_head)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - each variant retries on its own and records its own failure
+                say(f"[yellow]![/] AdaRound for {', '.join(schemes)} together failed ({failure_reason(exc)}); "
+                    "each variant computes its own")
+
+    def _context(self) -> dict:
+        """What joins an AdaRound cache key beside the model and the calibration images."""
+        return {"layout": self.inputs.transform.layout, "preprocessing": self.inputs.transform.preprocessing.value}
+
+    def _rounding_set(self) -> tuple[np.ndarray, str]:
+        """(model-ready images, indices digest) AdaRound reconstructs on: the calibration set unless told another."""
+        return self.rounding_set or (self.inputs.calibration, self.inputs.calibration_digest)
+
+    def _weights_for(self, spec: VariantSpec, progress: bool = True) -> FloatModel:
+        """The FP32 model whose weights this variant quantizes: equalized when it asks for that, then AdaRound-ed
+        onto its grid when it asks for that (equalization first: it would move rounded weights off the grid).
+        `progress=False` shows no progress line (for a grid computed before, found in memory)."""
+        context = self._context()
+        images, digest = self._rounding_set()
+        if spec.config.adaround_scheme is None or not progress:
+            return self.quantization_source.for_config(spec.config, images, digest,
+                                                       iterations=self.options.adaround_iterations, context=context)
+        with self.timer.phase("adaround"), progress_task(f"AdaRound weights ({spec.config.adaround_scheme})",
+                                                         total=1) as advance:
+            return self.quantization_source.for_config(spec.config, images, digest, advance,
+                                                       iterations=self.options.adaround_iterations, context=context)
+
+    def _to_store(self, spec: VariantSpec, quantized: QuantizedModel, engine: str) -> ModelToStore:
+        from ptqflow.models.runtime.runners import OrtRunner, set_quantized_engine
+
+        if not engine:
+            example_out = OrtRunner(quantized.path).predict(self.example_input)
+            return ModelToStore(spec, quantized, engine, None, self.example_input, example_out)
+        import torch
+
+        set_quantized_engine(engine)
+        module = torch.jit.load(str(quantized.path))
+        with torch.no_grad():  # a float head keeps parameters that require grad
+            example_out = module(torch.from_numpy(self.example_input)).numpy()
+        return ModelToStore(spec, quantized, engine, module, self.example_input, example_out)
+
+    def _load_reference(self):
+        """A freshly loaded FP32 reference's predict, as benchmarks time it."""
+        from ptqflow.models.runtime.runners import OrtRunner
+
+        return OrtRunner(self.float_model.onnx.path).predict
+
+    def bench_together(self, models: list[tuple[str, Path, str]]) -> RoundsResult:
+        """Time the FP32 reference (named FP32) and every (name, model file, torch engine or "") in shared rounds
+        (ptqflow.models.runtime.latency.benchmark_rounds): FP32 is timed once per round for all of them, and each ratio is taken
+        against it within the round."""
+        from ptqflow.models.runtime.runners import load_runner
+
+        loads = {FP32: self._load_reference}
+        for name, model_file, engine in models:
+            loads[name] = lambda path=model_file, engine=engine: load_runner(path, engine=engine or None).predict
+        config = self.options.bench_config
+        with self.timer.phase("bench"), progress_task(f"benchmarking {len(loads)} models in {config.rounds} rounds",
+                                                      total=max(1, config.rounds) * len(loads)) as advance:
+            return benchmark_rounds(loads, FP32, self.bench_images, config, not self.inputs.model.input.batch_size,
+                                    advance)
+
+    def _bench(self, load, name: str, against_reference: bool = False) -> BenchResult:
+        """Time the model file as a user loads it: `load()` gives a fresh predict (see ptqflow.models.runtime.latency). A variant
+        is timed `against_reference`: in rounds alternating with the FP32 reference, its speedups taken round by
+        round (ptqflow.models.runtime.latency.benchmark_against)."""
+        throughput = not self.inputs.model.input.batch_size
+        with self.timer.phase("bench"), progress_task(f"benchmarking {name}", total=1) as advance:
+            if against_reference:
+                result = benchmark_against(load, self._load_reference, self.bench_images, self.options.bench_config,
+                                           throughput)
+            else:
+                result = benchmark(load, self.bench_images, self.options.bench_config, throughput=throughput)
+            advance()
+        return result
+
+
+def _model_ready(images: np.ndarray) -> np.ndarray:
+    return images
