@@ -314,7 +314,7 @@ def test_diagnose_command_reads_a_sweep_back_and_logs_the_tables(tracking_store,
 
     from ptqflow.pipelines.cli.app import app
     from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
-    from ptqflow.tracking import runs
+    from ptqflow.tracking import records
     from ptqflow.tracking.keys import Artifact
 
     result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
@@ -334,12 +334,12 @@ def test_diagnose_command_reads_a_sweep_back_and_logs_the_tables(tracking_store,
         run_id = by_variant[variant].run_id
         directory = out / f"{variant}-{run_id[:8]}"
         assert sorted(p.name for p in directory.iterdir()) == ["layer_sqnr.png", "layers.csv", "layers.json"]
-        logged = json.loads(runs.download_text(run_id, Artifact.DIAGNOSIS_JSON))
+        logged = json.loads(records.download_text(run_id, Artifact.DIAGNOSIS_JSON))
         assert logged["variant"] == variant and logged["images"] == 64
         assert {row["layer"] for row in logged["layers"]} == {"Conv_1", "Conv_3", "MatMul_7"}
-        assert runs.download_text(run_id, Artifact.DIAGNOSIS_CSV) == (directory / "layers.csv").read_text()
+        assert records.download_text(run_id, Artifact.DIAGNOSIS_CSV) == (directory / "layers.csv").read_text()
     assert (out / f"sweep-{result.parent_run_id[:8]}-backends.png").is_file()
-    assert runs.download_artifact(result.parent_run_id, Artifact.DIAGNOSIS_BACKENDS_PLOT, tmp_path / "dl").is_file()
+    assert records.download_artifact(result.parent_run_id, Artifact.DIAGNOSIS_BACKENDS_PLOT, tmp_path / "dl").is_file()
     # a registered version diagnoses the run it came from
     version = next(v for v in result.registered if v.name.endswith("-onnx"))
     again = CliRunner().invoke(app, ["diagnose", f"{version.name}/{version.version}", "--images", "32", "--output",

@@ -56,16 +56,15 @@ def _register(tmp_path, engine: str) -> str:
 
     from ptqflow.common.files import file_sha256
     from ptqflow.tracking import registry
-    from ptqflow.tracking import runs
     from ptqflow.tracking.keys import VersionTag as V
+    from ptqflow.tracking.logged_models import log_torchscript_model
 
     module, example, output = _int8_torchscript(engine)
-    model_dir = tmp_path / f"model-{engine}"
-    model_file = runs.save_torchscript_model(module, model_dir, example, output, pip_requirements=["torch"])
-    with mlflow.start_run() as run:
-        runs.log_model_dir(model_dir)
-    tags = {V.SHA256: file_sha256(model_file), V.MODEL_FILE: str(model_file.relative_to(model_dir))}
-    version = registry.register(f"runs:/{run.info.run_id}/model", MODEL, tags).version
+    with mlflow.start_run():
+        logged = log_torchscript_model(module, f"tiny-{engine}", tmp_path / f"model-{engine}", example, output,
+                                       pip_requirements=["torch"], params={})
+    tags = {V.SHA256: file_sha256(logged.model_file), V.MODEL_FILE: logged.model_file_in_model}
+    version = registry.register(logged.model_uri, MODEL, tags).version
     # The engine tag is set here, not trusted from the sweep's own tagging (tested elsewhere).
     from mlflow.tracking import MlflowClient
 

@@ -197,6 +197,7 @@ def test_input_layers_and_float_weights_of_fp32_layers(tmp_path):
 # ---- end to end -----------------------------------------------------------------------------------------------
 def test_target_agreement_repairs_every_variant_that_misses_it(tracking_store, outlier_model, cifar_dir):
     from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.tracking import records
     from ptqflow.tracking import runs
 
     result = run_sweep(SweepOptions(model_path=outlier_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
@@ -210,7 +211,7 @@ def test_target_agreement_repairs_every_variant_that_misses_it(tracking_store, o
         assert base.fidelity.top1_agreement < TARGET  # the outlier channel costs every backend
         assert mixed.status == "ok" and mixed.fidelity.top1_agreement >= TARGET, variant
         # the -mixed variant: its params and qconfig.json name the upgraded layers, the outlier's reader among them
-        qconfig = json.loads(runs.download_text(mixed.run_id, Artifact.QCONFIG))
+        qconfig = json.loads(records.download_text(mixed.run_id, Artifact.QCONFIG))
         fallback = qconfig["fallback"]
         assert fallback["of"] == variant and fallback["reached"] and fallback["target"] == "top-1 agreement >= 99%"
         assert "conv2" in {layer["layer"] for layer in fallback["layers"]}
@@ -224,7 +225,7 @@ def test_target_agreement_repairs_every_variant_that_misses_it(tracking_store, o
         assert steps and all(step.info.status == "FINISHED" for step in steps)
         assert {step.data.tags[Tag.ROLE] for step in steps} == {Tag.ROLE_FALLBACK_STEP}
         assert {step.data.tags[Tag.STEP_DECISION] for step in steps} == {Tag.STEP_ADDED}
-        search = json.loads(runs.download_text(base.run_id, Artifact.FALLBACK_SEARCH))
+        search = json.loads(records.download_text(base.run_id, Artifact.FALLBACK_SEARCH))
         assert search["reached"] and search["best_step"] == len(steps)
         assert search["ranking"][0]["layer"] == "conv2" and search["ranking_images"] == 50
         assert steps[-1].data.params[Param.FALLBACK_LAYERS] == run.data.params[Param.FALLBACK_LAYERS]

@@ -190,10 +190,10 @@ def test_logged_metrics_have_no_float_noise(sweep_store):
 
 
 def test_comparison_files_have_no_float_noise(sweep_store):
-    from ptqflow.tracking import runs
+    from ptqflow.tracking.records import download_text
 
     result, _ = sweep_store
-    text = runs.download_text(result.parent_run_id, "comparison.csv")
+    text = download_text(result.parent_run_id, "comparison.csv")
     numeric = [f for f in report.NUMERIC_FIELDS if f != "model_size_bytes"]
     for record in csv.DictReader(io.StringIO(text)):
         for field in numeric:
@@ -217,27 +217,27 @@ def test_contended_run_is_flagged(sweep_store):
 
 
 def test_contended_timings_are_marked_in_the_sweeps_tables(sweep_store):
-    from ptqflow.tracking import runs
+    from ptqflow.tracking.records import download_text
 
     result, _ = sweep_store
     mark = report.CONTENDED_MARK
-    markdown = runs.download_text(result.parent_run_id, "comparison.md")
+    markdown = download_text(result.parent_run_id, "comparison.md")
     busy_line = next(line for line in markdown.splitlines() if line.startswith(f"| {CONTENDED} "))
     assert "0.427" + mark in busy_line
     quiet_line = next(line for line in markdown.splitlines() if line.startswith("| ort-int8 "))
     assert mark not in quiet_line and report.CONTENDED_NOTE in markdown
     records = {r["variant"]: r for r in csv.DictReader(io.StringIO(
-        runs.download_text(result.parent_run_id, "comparison.csv")))}
+        download_text(result.parent_run_id, "comparison.csv")))}
     assert records[CONTENDED]["contended"] == "True" and records["ort-int8"]["contended"] == "False"
 
 
 def test_comparison_page_links_runs_and_marks_best_and_champion(sweep_store):
     from ptqflow.pipelines.registry.gate import CHAMPION_ALIAS
     from ptqflow.tracking import aliases
-    from ptqflow.tracking import runs
+    from ptqflow.tracking.records import download_text
 
     result, _ = sweep_store
-    page = runs.download_text(result.parent_run_id, "comparison.html")
+    page = download_text(result.parent_run_id, "comparison.html")
     parent, children = _runs(result)
     experiment = parent.info.experiment_id
     for name, run in children.items():  # a local store: links go where `mlflow ui` serves it

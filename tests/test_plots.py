@@ -402,9 +402,9 @@ def test_html_links_rows_to_their_runs_and_marks_best_and_champion():
 ])
 def test_run_links_point_at_the_mlflow_ui(monkeypatch, uri, base):
     from ptqflow.pipelines.sweep.sweep import Sweep
-    from ptqflow.tracking import runs
+    from ptqflow.tracking import connection
 
-    monkeypatch.setattr(runs, "tracking_uri", lambda: uri)
+    monkeypatch.setattr(connection, "tracking_uri", lambda: uri)
     assert Sweep._run_url("3", "abc123") == f"{base}#/experiments/3/runs/abc123"
 
 

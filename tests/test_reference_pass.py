@@ -53,10 +53,10 @@ def _reference_pass_alive() -> bool:
 def test_a_sweep_failing_before_its_fp32_run_stops_the_reference_pass(tracking_store, cifar_dir, tiny_model,
                                                                       monkeypatch):
     from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
-    from ptqflow.tracking import runs
+    from ptqflow.tracking import records
     from ptqflow.tracking.keys import Param
 
-    log_params, stopped = runs.log_params, []
+    log_params, stopped = records.log_params, []
     stop = VariantRunner.stop_reference
 
     def tracking_gone(params):
@@ -68,7 +68,7 @@ def test_a_sweep_failing_before_its_fp32_run_stops_the_reference_pass(tracking_s
         stopped.append(runner._reference_scores is not None)  # the pass was still the runner's to stop
         stop(runner)
 
-    monkeypatch.setattr(runs, "log_params", tracking_gone)
+    monkeypatch.setattr(records, "log_params", tracking_gone)
     monkeypatch.setattr(VariantRunner, "stop_reference", stop_and_see)
     with pytest.raises(RuntimeError, match="went away"):
         run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, variants=("ort-int8",),

@@ -150,7 +150,7 @@ RAISED_BY = {
     "pipelines/sweep/sweep.py:prepare_inputs": QUANTIZERS,
     "pipelines/sweep/sweep.py:with_calibration": QUANTIZERS,  # tune checks its --calibration-sizes before  # the calibration set's size: baseline builds none
     "tracking/registry.py": ("pull", "serve"),  # bench and promote always pass exactly one of version and alias
-    "tracking/runs.py": SWEEPS,
+    "tracking/experiments.py": SWEEPS,
     "pipelines/tune/tuner.py": ("tune",),
     "pipelines/tune/space.py": ("tune",),
     "pipelines/cli/app.py:_sizes": ("tune",),

@@ -264,11 +264,11 @@ def _model_metric(page: Page, model_id: str, key: str) -> str:
 
 
 def test_experiment_opens_on_model_training_with_metric_columns(page: Page, ui_store, screenshots):
-    from ptqflow.tracking import runs
+    from ptqflow.tracking import experiments
 
     # The link the sweep prints, opened in a fresh browser profile on a fresh store.
-    route = runs.experiment_route(ui_store.experiment_id)
-    assert runs.experiment_page(ui_store.experiment_id).endswith(f"#{route}")
+    route = experiments.experiment_route(ui_store.experiment_id)
+    assert experiments.experiment_page(ui_store.experiment_id).endswith(f"#{route}")
     page.goto(f"/#{route}")
     expect(page.get_by_text(EXPERIMENT).first).to_be_visible()
     _expect_model_training_view(page)
@@ -296,9 +296,9 @@ def test_experiment_opens_on_model_training_with_metric_columns(page: Page, ui_s
 
 
 def test_models_tab_lists_every_variants_logged_model_with_metrics(page: Page, ui_store, screenshots):
-    from ptqflow.tracking import runs
+    from ptqflow.tracking import experiments
 
-    page.goto(f"/#{runs.experiment_route(ui_store.experiment_id, 'models')}")
+    page.goto(f"/#{experiments.experiment_route(ui_store.experiment_id, 'models')}")
     links = page.locator('a[href*="/models/m-"]')
     expect(links.first).to_be_visible()
     _expect_model_training_view(page)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import mlflow
 
-from ptqflow.common.errors import TrackingError
+from ptqflow.common.errors import TrackingError, first_line
 from ptqflow.tracking.keys import VersionTag
-from ptqflow.tracking.runs import client, refused_credentials, tracking_uri
+from ptqflow.tracking.connection import client, refused_credentials, tracking_uri
 
 
 def alias_target(name: str, alias: str):
@@ -24,7 +24,7 @@ def alias_target(name: str, alias: str):
                 exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {alias} not found" in exc.message):
             return None
         raise refused_credentials(exc) or TrackingError(
-            f"cannot read @{alias} of {name} at {tracking_uri()}: {exc.message.splitlines()[0]}; the promotion gate "
+            f"cannot read @{alias} of {name} at {tracking_uri()}: {first_line(exc)}; the promotion gate "
             "does not decide without it") from exc
 
 
@@ -33,7 +33,7 @@ def set_alias(name: str, alias: str, version: str) -> None:
         client().set_registered_model_alias(name, alias, version)
     except mlflow.exceptions.MlflowException as exc:
         raise TrackingError(f"cannot point alias '{alias}' of {name} at version {version}: "
-                            f"{exc.message.splitlines()[0]}") from exc
+                            f"{first_line(exc)}") from exc
 
 
 # How a decision sentence starts, by decision; record_decision replaces an earlier one that starts like these. Short:
@@ -83,7 +83,7 @@ def record_decision(name: str, version: str, decision: str, reason: str, policy:
     except mlflow.exceptions.MlflowException as exc:
         raise refused_credentials(exc) or TrackingError(
             f"cannot record the {decision} decision on {name} version {version}: "
-            f"{exc.message.splitlines()[0]}") from exc
+            f"{first_line(exc)}") from exc
 
 
 def list_registered(names_like: str | None = None) -> list[dict]:
@@ -93,7 +93,7 @@ def list_registered(names_like: str | None = None) -> list[dict]:
         models = c.search_registered_models(f"name LIKE '{names_like}'" if names_like else None)
     except mlflow.exceptions.MlflowException as exc:
         raise TrackingError(f"cannot list registered models at {tracking_uri()}: "
-                            f"{exc.message.splitlines()[0]}") from exc
+                            f"{first_line(exc)}") from exc
     listing = []
     for model in models:
         aliases_by_version: dict[str, list[str]] = {}

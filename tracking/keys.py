@@ -149,7 +149,6 @@ class Tag:
     STEP_DECISION = "ptqflow.step"  # on a search step's run: added, or refused (the backend could not make it)
     REUSED_FROM = "ptqflow.reused."  # + variant, on a resumed sweep's parent: the run reused for it
     BENCH_CONTENDED = "ptqflow.bench_contended"  # why the timings are not facts, only on contended runs
-    ORPHANS_MARKED = "ptqflow.orphans_marked_failed"  # "name/version" on the run that was registered
     # Classes that had fewer training images than their share of the calibration set (ptqflow.pipelines.data.calibration)
     CALIBRATION_SHORTFALL = "ptqflow.calibration_shortfall"
     MLFLOW_PARENT = "mlflow.parentRunId"
@@ -179,7 +178,7 @@ class ExperimentTag:
 
     # MLflow's experiment kind; "custom_model_development" is its "Model training" kind (GenAI experiments use
     # "genai_development"). The 3.17 UI picks its view from the workflow switch (`?workflowType=`) instead, so the
-    # links ptqflow prints carry that parameter too (see ptqflow.tracking.runs.experiment_page).
+    # links ptqflow prints carry that parameter too (see ptqflow.tracking.experiments.experiment_page).
     KIND = "mlflow.experimentKind"
     KIND_MODEL_DEVELOPMENT = "custom_model_development"
     # A saved runs-table view (the "Views" menu), opened by `?viewStateShareKey=<id>`: the UI reads no tag for the
@@ -232,7 +231,7 @@ class Artifact:
     PLOT_ACCURACY_VS_LATENCY = "plots/accuracy_vs_latency.png"
     PLOT_PER_CLASS = "plots/per_class_accuracy.png"
     PLOT_AGREEMENT = "plots/top1_agreement.png"
-    # Per-layer diagnosis (ptqflow.models.diagnosis.diagnosis): on a variant run, its table and plot; on a sweep run, the variants
+    # Per-layer diagnosis (ptqflow.models.diagnosis): on a variant run, its table and plot; on a sweep run, the variants
     # compared layer by layer.
     DIAGNOSIS_CSV = "diagnosis/layers.csv"
     DIAGNOSIS_JSON = "diagnosis/layers.json"
@@ -248,8 +247,7 @@ class Artifact:
     TUNE_PARETO_PLOT = "tune/pareto.png"
     # Before MLflow logged models: the run artifact dir that held each variant's MLflow model (`runs:/<run>/model`);
     # still registered from when a resumed sweep reuses such a run. Variants now log a logged model named after
-    # themselves (ptqflow.tracking.runs.log_torchscript_model / log_onnx_model).
+    # themselves (ptqflow.tracking.logged_models.log_torchscript_model / log_onnx_model).
     LOGGED_MODEL_NAME = "model"
     DATASET_CONTEXT_TEST = "test"
     DATASET_CONTEXT_TRAIN = "train"  # on the sweep's parent run: the images calibration draws from
-    DATASET_CONTEXT_CALIBRATION = "calibration"

@@ -10,7 +10,7 @@ import mlflow
 from mlflow.entities import RunStatus
 
 from ptqflow.tracking.keys import Tag
-from ptqflow.tracking.runs import client
+from ptqflow.tracking.connection import client
 
 
 def _process_alive(pid: int) -> bool:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import mlflow
 
-from ptqflow.common.errors import TrackingError
-from ptqflow.tracking.runs import client, refused_credentials, tracking_uri
+from ptqflow.common.errors import TrackingError, first_line
+from ptqflow.tracking.connection import client, refused_credentials, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def register(model_uri: str, name: str, tags: dict[str, str], description: str |
             client().update_registered_model(name, description=model_description)
     except mlflow.exceptions.MlflowException as exc:
         raise refused_credentials(exc) or TrackingError(
-            f"registry at {tracking_uri()} refused to register '{name}': {exc.message.splitlines()[0]}") from exc
+            f"registry at {tracking_uri()} refused to register '{name}': {first_line(exc)}") from exc
     return RegisteredVersion(name, str(version.version), dict(tags), version.run_id, ())
 
 
@@ -64,7 +64,7 @@ def download(version: RegisteredVersion, destination: Path) -> Path:
                                                     dst_path=str(destination))
     except mlflow.exceptions.MlflowException as exc:
         raise refused_credentials(exc) or TrackingError(
-            f"cannot download {version.name} version {version.version}: {exc.message.splitlines()[0]}") from exc
+            f"cannot download {version.name} version {version.version}: {first_line(exc)}") from exc
     return Path(local)
 
 
@@ -85,7 +85,7 @@ def source_model_digests(name: str) -> set[str]:
                 digests.add(digest)
     except mlflow.exceptions.MlflowException as exc:
         raise refused_credentials(exc) or TrackingError(
-            f"cannot read the versions of '{name}' at {tracking_uri()}: {exc.message.splitlines()[0]}") from exc
+            f"cannot read the versions of '{name}' at {tracking_uri()}: {first_line(exc)}") from exc
     return digests
 
 

@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from ptqflow.common.errors import first_line
 from ptqflow.common.files import write_atomic
 from ptqflow.common.files import array_sha256
 from ptqflow.models.backends.base import FloatModel, QuantizedModel, UnsupportedVariant, batches
@@ -179,7 +180,7 @@ def _check_kernels_accept(source, mapping, backend_config, example, config: Pyto
         convert_fx(probe, backend_config=backend_config)
     except RuntimeError as exc:
         raise UnsupportedVariant(f"{config.backend} cannot pack {config.weight_dtype} weights: "
-                                 f"{str(exc).splitlines()[0]}") from exc
+                                 f"{first_line(exc)}") from exc
 
 
 @dataclass

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ptqflow.common.errors import ModelError
+from ptqflow.common.errors import ModelError, first_line
 from ptqflow.common.files import file_sha256
 
 NHWC = "NHWC"
@@ -271,14 +271,14 @@ def load_classifier(path: Path | str) -> OnnxClassifier:
             onnx.load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:  # onnx's own location checks, or a file that changed under us
             raise ModelError(f"{path}: cannot load its external data ({type(exc).__name__}: "
-                             f"{_first_line(exc)})") from exc
+                             f"{first_line(exc)})") from exc
         if any(_uses_external_data(tensor) for tensor in all_tensors(proto)):
             raise ModelError(f"{path} keeps sparse or function tensors in external data, which ptqflow does not "
                              "load; save the model with its data embedded")
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
-        raise ModelError(f"{path} fails the ONNX checker: {_first_line(exc)}") from exc
+        raise ModelError(f"{path} fails the ONNX checker: {first_line(exc)}") from exc
     if len(proto.graph.output) != 1:
         raise ModelError(f"{path} has {len(proto.graph.output)} outputs; expected one class-score output")
     return OnnxClassifier(
@@ -290,11 +290,6 @@ def load_classifier(path: Path | str) -> OnnxClassifier:
         size_bytes=path.stat().st_size + sum((path.parent / f).stat().st_size for f in external_files),
         external_files=external_files,
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def to_torch(model: OnnxClassifier):

@@ -598,7 +598,7 @@ def bench(
     results = bench_files(resolved, images, BenchConfig(threads=threads))
     print_bench(results)
     if run_id:
-        from ptqflow.tracking.runs import log_bench_to_run
+        from ptqflow.tracking.records import log_bench_to_run
 
         log_bench_to_run(run_id, results[0][1])
         typer.echo(f"logged to run {run_id}")

@@ -16,6 +16,7 @@ from ptqflow.pipelines.shared.precision import round_metric, share_decimals
 from ptqflow.pipelines.shared.progress import say
 from ptqflow.pipelines.registry.gate import CHAMPION_ALIAS, Candidate, GatePolicy, decide
 from ptqflow.pipelines.variants.specs import FP32, PYTORCH, VariantSpec
+from ptqflow.tracking import records
 from ptqflow.tracking import runs
 from ptqflow.tracking.keys import Artifact, Metric, Tag, VersionTag
 
@@ -110,7 +111,7 @@ class Registrar:
             # From the variant's MLflow logged model (a run reused from before logged models: its model/ dir).
             source = best.model_uri or f"runs:/{best.run_id}/{Artifact.LOGGED_MODEL_NAME}"
             version = registry.register(source, name, tags, description, model_description)
-            runs.set_run_tags(best.run_id, {Tag.REGISTERED_VERSION: f"{name}/{version.version}"})
+            records.set_run_tags(best.run_id, {Tag.REGISTERED_VERSION: f"{name}/{version.version}"})
             say(f"[green]✓[/] registered {best.name} as [bold]{name}[/] version {version.version}")
             self._gate(name, version.version, tags, champion)
             registered.append(version)

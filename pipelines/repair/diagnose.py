@@ -124,7 +124,7 @@ def _sweep_inputs(run, parent, options: DiagnoseOptions, work_dir: Path) -> _Swe
     from ptqflow.pipelines.data.datasets import load_dataset
     from ptqflow.pipelines.data.preprocessing import InputTransform, parse_values
     from ptqflow.pipelines.data.shapes import NO_RESIZE, parse_size, resolve_model_input
-    from ptqflow.tracking import runs
+    from ptqflow.tracking import records
     from ptqflow.tracking.keys import Artifact, Param, Tag
 
     params, tags = run.data.params, run.data.tags
@@ -151,7 +151,7 @@ def _sweep_inputs(run, parent, options: DiagnoseOptions, work_dir: Path) -> _Swe
     if tags.get(Tag.DATASET_DIGEST) and data.digest != tags[Tag.DATASET_DIGEST]:
         raise IntegrityError(f"{data_dir} is not the dataset run {run.info.run_id} was calibrated on (dataset "
                              "SHA-256 differs); pass the sweep's --data-dir")
-    indices = np.array(json.loads(runs.download_text(parent.info.run_id, Artifact.CALIBRATION_INDICES))["indices"],
+    indices = np.array(json.loads(records.download_text(parent.info.run_id, Artifact.CALIBRATION_INDICES))["indices"],
                        dtype=np.int64)
     digest = indices_digest(indices)
     if tags.get(Tag.CALIBRATION_DIGEST) and digest != tags[Tag.CALIBRATION_DIGEST]:
@@ -170,10 +170,10 @@ def config_of(run):
     """The backend config a variant run was quantized with, from its qconfig.json."""
     from ptqflow.models.backends.ort import OrtStaticConfig
     from ptqflow.models.backends.pytorch_fx import PytorchFxConfig
-    from ptqflow.tracking import runs
+    from ptqflow.tracking import records
     from ptqflow.tracking.keys import Artifact
 
-    payload = json.loads(runs.download_text(run.info.run_id, Artifact.QCONFIG)).get("config", {})
+    payload = json.loads(records.download_text(run.info.run_id, Artifact.QCONFIG)).get("config", {})
     kinds = {cls.__name__: cls for cls in (PytorchFxConfig, OrtStaticConfig)}
     kind = kinds.get(payload.get("type"))
     if kind is None:
@@ -186,12 +186,12 @@ def _logged_model_file(run, work_dir: Path) -> Path:
     """The variant's logged model file, downloaded and verified against the run's SHA-256 tag before anything loads
     it (TorchScript loading runs code)."""
     from ptqflow.common.files import file_sha256
-    from ptqflow.tracking import runs
+    from ptqflow.tracking import records
     from ptqflow.tracking.keys import Artifact, Tag
 
     expected = run.data.tags.get(Tag.MODEL_FILE_SHA256)
     name = "model.pt" if run.data.tags.get(Tag.QUANTIZED_ENGINE) else "model.onnx"
-    path = runs.download_artifact(run.info.run_id, f"{Artifact.MODEL_FILE_DIR}/{name}", work_dir / run.info.run_id)
+    path = records.download_artifact(run.info.run_id, f"{Artifact.MODEL_FILE_DIR}/{name}", work_dir / run.info.run_id)
     actual = file_sha256(path)
     if not expected or actual != expected:
         raise IntegrityError(f"run {run.info.run_id}: {name} has SHA-256 {actual[:12]}…, the run recorded "
@@ -290,7 +290,7 @@ def log_variant_diagnosis(result, run_id: str, plot: Callable) -> None:
     `plot(function, *args)` draws and logs the SQNR plot (the sweep's plot worker, which tags a plot that fails).
     The variant stands either way."""
     from ptqflow.pipelines.reports.diagnosis import layer_sqnr
-    from ptqflow.tracking import runs
+    from ptqflow.tracking import records
     from ptqflow.tracking.keys import Tag
 
     error = result.diagnosis_error
@@ -301,10 +301,10 @@ def log_variant_diagnosis(result, run_id: str, plot: Callable) -> None:
             error = failure_reason(exc)
         else:
             for name, data in files.items():
-                runs.log_bytes(data, artifact_paths()[name])
+                records.log_bytes(data, artifact_paths()[name])
             plot(layer_sqnr, result.diagnosis, plot_title(result.diagnosis, result.name))
     if error:
-        runs.set_tags({Tag.DIAGNOSIS_ERROR: error[:5000]})
+        records.set_tags({Tag.DIAGNOSIS_ERROR: error[:5000]})
 
 
 def log_backend_comparison(outcomes: list, test_images: int, plot: Callable) -> None:
@@ -325,6 +325,7 @@ def diagnose(options: DiagnoseOptions) -> DiagnoseResult:
     comparison plot for a sweep); with options.log, log them on the runs."""
     from ptqflow.common.files import write_atomic
     from ptqflow.pipelines.shared.names import validate_output_dir
+    from ptqflow.tracking import records
     from ptqflow.tracking import runs
     from ptqflow.tracking.keys import Artifact, Param, Tag
 
@@ -350,7 +351,7 @@ def diagnose(options: DiagnoseOptions) -> DiagnoseResult:
             for name, data in render(diagnosis, variant, run.info.run_id).items():
                 write_atomic(directory / name, data)
                 if options.log:
-                    runs.log_bytes_to_run(run.info.run_id, data, artifacts[name])
+                    records.log_bytes_to_run(run.info.run_id, data, artifacts[name])
             result.variants.append(VariantDiagnosis(run.info.run_id, variant, diagnosis, directory))
     if sweep_run_id and result.variants:
         from ptqflow.pipelines.reports.diagnosis import backend_comparison
@@ -360,5 +361,5 @@ def diagnose(options: DiagnoseOptions) -> DiagnoseResult:
         result.comparison = output_dir / f"sweep-{sweep_run_id[:8]}-{COMPARISON_FILE}"
         write_atomic(result.comparison, png)
         if options.log:
-            runs.log_bytes_to_run(sweep_run_id, png, Artifact.DIAGNOSIS_BACKENDS_PLOT)
+            records.log_bytes_to_run(sweep_run_id, png, Artifact.DIAGNOSIS_BACKENDS_PLOT)
     return result

@@ -500,7 +500,7 @@ class SweepFallback:
         target and some upgrade brought it closer; None otherwise."""
         from contextlib import nullcontext
 
-        from ptqflow.tracking import runs
+        from ptqflow.tracking import records
         from ptqflow.tracking.keys import Artifact, Tag
 
         if self.runner.reference is None or not misses(self.target, outcome, self.runner.reference.accuracy):
@@ -517,13 +517,13 @@ class SweepFallback:
             raise
         except Exception as exc:  # noqa: BLE001 - the variant stands; the search's failure is recorded on it
             reason = _reason(exc)
-            runs.set_run_tags(outcome.run_id, {Tag.FALLBACK: f"search failed: {reason}"[:5000]})
+            records.set_run_tags(outcome.run_id, {Tag.FALLBACK: f"search failed: {reason}"[:5000]})
             say(f"[red]✗[/] {outcome.name}: the fallback search failed ({reason})")
             return None
         payload = {**result.to_dict(), "options": self._options()}
-        runs.log_bytes_to_run(outcome.run_id, (json.dumps(payload, indent=2) + "\n").encode(),
-                              Artifact.FALLBACK_SEARCH)
-        runs.set_run_tags(outcome.run_id, {Tag.FALLBACK: result.summary()[:5000]})
+        records.log_bytes_to_run(outcome.run_id, (json.dumps(payload, indent=2) + "\n").encode(),
+                                 Artifact.FALLBACK_SEARCH)
+        records.set_run_tags(outcome.run_id, {Tag.FALLBACK: result.summary()[:5000]})
         say(("[green]✓[/] " if result.reached else "[yellow]![/] ") + result.summary())
         return result.mixed_spec(outcome.spec)
 
@@ -535,11 +535,11 @@ class SweepFallback:
     def _reused_search(self, outcome) -> tuple[bool, VariantSpec | None]:
         """For a variant run a resumed sweep reused: (True, its -mixed spec or None) when the run holds a search made
         with the same options (same inputs, same search: the same result); (False, None) when it must search."""
-        from ptqflow.tracking import runs
+        from ptqflow.tracking import records
         from ptqflow.tracking.keys import Artifact
 
         try:
-            payload = json.loads(runs.download_text(outcome.run_id, Artifact.FALLBACK_SEARCH))
+            payload = json.loads(records.download_text(outcome.run_id, Artifact.FALLBACK_SEARCH))
         except Exception:  # noqa: BLE001 - no search on that run (or not readable): search again
             return False, None
         if payload.get("options") != self._options():

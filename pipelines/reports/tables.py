@@ -72,11 +72,12 @@ def rows_from_csv(text: str) -> list[report.VariantRow]:
 
 
 def print_sweep_table(run_id: str | None, experiment: str) -> None:
+    from ptqflow.tracking import records
     from ptqflow.tracking import runs
     from ptqflow.tracking.keys import Artifact
 
     run_id = run_id or runs.latest_sweep_run_id(experiment)
-    rows = rows_from_csv(runs.download_text(run_id, Artifact.COMPARISON_CSV))
+    rows = rows_from_csv(records.download_text(run_id, Artifact.COMPARISON_CSV))
     print_rows(rows, title=f"sweep {run_id}")
 
 

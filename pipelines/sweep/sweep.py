@@ -46,6 +46,9 @@ from ptqflow.pipelines.variants.phases import PhaseTimer
 from ptqflow.pipelines.variants.runner import ModelToStore, RunnerOptions, VariantResult, VariantRunner
 from ptqflow.pipelines.variants.specs import (DEFAULT_VARIANTS, FP32, ONNXRUNTIME, PYTORCH, VariantSpec, config_payload,
                                 qconfig_document, select)
+from ptqflow.tracking import experiments
+from ptqflow.tracking import logged_models
+from ptqflow.tracking import records
 from ptqflow.tracking import runs
 from ptqflow.tracking.keys import DEFAULT_EXPERIMENT, Artifact, Metric, Param, Tag
 
@@ -305,39 +308,39 @@ class Sweep:
         calibration images come from), named after the dataset, with its source and digest."""
         data, source = self.inputs.data, str(self.inputs.data.root.resolve())
         tags = {"format": data.format, "classes": str(data.num_classes)}
-        runs.log_dataset(self.inputs.test.images, self.inputs.test.labels, source, f"{data.name}-test",
-                         data.digest, Artifact.DATASET_CONTEXT_TEST, tags)
+        records.log_dataset(self.inputs.test.images, self.inputs.test.labels, source, f"{data.name}-test",
+                            data.digest, Artifact.DATASET_CONTEXT_TEST, tags)
         if train:
-            runs.log_dataset(data.train.images, data.train.labels, source, f"{data.name}-train", data.digest,
-                             Artifact.DATASET_CONTEXT_TRAIN, tags)
+            records.log_dataset(data.train.images, data.train.labels, source, f"{data.name}-train", data.digest,
+                                Artifact.DATASET_CONTEXT_TRAIN, tags)
 
     # ---- FP32 reference ------------------------------------------------------------------------------------
     def run_fp32(self, experiment_id: str, parent_run_id: str) -> VariantOutcome:
         with runs.run_scope(experiment_id, FP32, parent_run_id=parent_run_id,
                             tags={Tag.ROLE: Tag.ROLE_VARIANT, Tag.VARIANT: FP32, **self.run_tags}) as run_id:
-            runs.set_tags(self._common_tags(parent_run_id))
-            runs.log_params(self._variant_params(None))
+            records.set_tags(self._common_tags(parent_run_id))
+            records.log_params(self._variant_params(None))
             self._log_datasets()
             reference = self.reference = self.runner.run_reference()
             evaluation, torch_agreement = reference.evaluation, reference.torch_agreement
             if torch_agreement < FP32_AGREEMENT_WARNING:
-                runs.set_tags({Tag.WARNING: f"{Tag.WARNING_FP32_MISMATCH}: onnx2torch and onnxruntime "
-                                            f"agree on {100 * torch_agreement:.2f}% of top-1 on the first "
-                                            f"{reference.torch_check_images} test images"})
+                records.set_tags({Tag.WARNING: f"{Tag.WARNING_FP32_MISMATCH}: onnx2torch and onnxruntime "
+                                               f"agree on {100 * torch_agreement:.2f}% of top-1 on the first "
+                                               f"{reference.torch_check_images} test images"})
             float_model = self.runner.float_model
             with tempfile.TemporaryDirectory(dir=self.work_dir) as d:
                 # An MLflow logged model linked to this run: the metrics logged below are attached to it too.
-                logged = runs.log_onnx_model(float_model.onnx.path, FP32, Path(d) / "mlflow_model",
-                                             self.runner.example_input, evaluation.scores[:1],
-                                             self._onnx_requirements(), self._variant_params(None))
-                runs.set_tags({Tag.MODEL_FILE_SHA256: file_sha256(logged.model_file),
-                               Tag.MODEL_FILE_IN_MODEL: logged.model_file_in_model})
-            runs.log_file(self.inputs.model.path, Artifact.MODEL_FILE_DIR)
+                logged = logged_models.log_onnx_model(float_model.onnx.path, FP32, Path(d) / "mlflow_model",
+                                                      self.runner.example_input, evaluation.scores[:1],
+                                                      self._onnx_requirements(), self._variant_params(None))
+                records.set_tags({Tag.MODEL_FILE_SHA256: file_sha256(logged.model_file),
+                                  Tag.MODEL_FILE_IN_MODEL: logged.model_file_in_model})
+            records.log_file(self.inputs.model.path, Artifact.MODEL_FILE_DIR)
             for relative in self.inputs.model.external_files:  # the .onnx alone would be a model without weights
-                runs.log_file(self.inputs.model.path.parent / relative,
-                              (Path(Artifact.MODEL_FILE_DIR) / relative.parent).as_posix())
-            runs.log_json({"variant": FP32, "note": "FP32 reference, no quantization"}, Artifact.QCONFIG)
-            runs.log_json(evaluation.per_class_accuracy, Artifact.PER_CLASS_ACCURACY)
+                records.log_file(self.inputs.model.path.parent / relative,
+                                 (Path(Artifact.MODEL_FILE_DIR) / relative.parent).as_posix())
+            records.log_json({"variant": FP32, "note": "FP32 reference, no quantization"}, Artifact.QCONFIG)
+            records.log_json(evaluation.per_class_accuracy, Artifact.PER_CLASS_ACCURACY)
             self._log_confusion_matrix(run_id, FP32, evaluation)
             self._log_metrics({
                 Metric.ACCURACY: evaluation.accuracy, Metric.ACCURACY_DELTA_PP: 0.0,
@@ -347,7 +350,7 @@ class Sweep:
                 Metric.TEST_IMAGES: len(self.inputs.test)})
             if reference.bench:
                 self._log_bench(reference.bench)
-            runs.set_tags({Tag.STATUS: Tag.STATUS_OK})
+            records.set_tags({Tag.STATUS: Tag.STATUS_OK})
         say(f"[green]✓[/] fp32: accuracy {100 * evaluation.accuracy:.2f}% (onnx2torch agrees on "
             f"{100 * torch_agreement:.2f}% of the first {reference.torch_check_images})")
         return VariantOutcome.of(reference, run_id=run_id, model_uri=logged.model_uri)
@@ -379,12 +382,12 @@ class Sweep:
             tags[Tag.BENCH_CONTENDED] = (f"{spreads}: above {CONTENDED_SPREAD:g}, the machine was busy while timing; "
                                          "latency and throughput are not measurements of the model")
         if ended_run is not None:
-            runs.log_to_ended_run(ended_run.run_id, ended_run.model_uri, metrics, params, tags)
+            records.log_to_ended_run(ended_run.run_id, ended_run.model_uri, metrics, params, tags)
             return
-        runs.log_metrics(metrics)
-        runs.log_params(params)
+        records.log_metrics(metrics)
+        records.log_params(params)
         if tags:
-            runs.set_tags(tags)
+            records.set_tags(tags)
 
     def _bench_together(self, outcomes: list[VariantOutcome]) -> None:
         """Time FP32 and every model this sweep made in shared rounds (VariantRunner.bench_together): each round
@@ -398,14 +401,14 @@ class Sweep:
         for outcome in [reference, *made]:
             if outcome.name in timed.failed:
                 say(f"[yellow]![/] {outcome.name}: not timed ({timed.failed[outcome.name]})")
-                runs.set_run_tags(outcome.run_id, {Tag.WARNING: f"not timed: {timed.failed[outcome.name]}"[:5000]})
+                records.set_run_tags(outcome.run_id, {Tag.WARNING: f"not timed: {timed.failed[outcome.name]}"[:5000]})
                 continue
             outcome.bench = timed.results[outcome.name]
             self._log_bench(outcome.bench, ended_run=outcome)
 
     def _log_metrics(self, metrics: dict) -> None:
         """Log on the active run, each metric rounded to its precision (ptqflow.pipelines.shared.precision)."""
-        runs.log_metrics(precision.rounded(metrics, len(self.inputs.test)))
+        records.log_metrics(precision.rounded(metrics, len(self.inputs.test)))
 
     def _log_confusion_matrix(self, run_id: str, name: str, evaluation: Evaluation) -> None:
         self._plot(run_id, Artifact.CONFUSION_MATRIX, Tag.WARNING, plots.confusion_matrix, self.inputs.test.labels,
@@ -437,9 +440,9 @@ class Sweep:
             try:
                 png = pending.result()
             except Exception as exc:  # noqa: BLE001 - the run's numbers stand without the picture
-                runs.set_run_tags(run_id, {error_tag: f"{artifact}: {failure_reason(exc)}"[:5000]})
+                records.set_run_tags(run_id, {error_tag: f"{artifact}: {failure_reason(exc)}"[:5000]})
                 continue
-            runs.log_bytes_to_run(run_id, png, artifact)
+            records.log_bytes_to_run(run_id, png, artifact)
 
     def _onnx_requirements(self) -> list[str]:
         return [f"onnx=={self.versions['onnx']}", f"onnxruntime=={self.versions['onnxruntime']}",
@@ -482,7 +485,7 @@ class Sweep:
             fidelity=Fidelity(m[M.TOP1_AGREEMENT], m.get(M.KL_DIVERGENCE, float("nan")), m.get(M.SQNR_DB, float("nan"))),
             model_file_in_artifacts=tags.get(T.MODEL_FILE_IN_MODEL, ""), model_sha256=tags.get(T.MODEL_FILE_SHA256, ""),
             quantized_engine=tags.get(T.QUANTIZED_ENGINE, ""), reason=f"reused run {run.info.run_id[:8]}",
-            model_uri=runs.logged_model_uri(run) or "",
+            model_uri=logged_models.logged_model_uri(run) or "",
             bench=bench, size_bytes=int(m[M.MODEL_SIZE_BYTES]))
 
     def _reusable(self, experiment_id: str, spec: VariantSpec) -> bool:
@@ -500,7 +503,7 @@ class Sweep:
 
             previous = find_reusable(experiment_id, self.input_key(spec))
             if previous is not None:
-                runs.set_tags({Tag.REUSED_FROM + spec.name: previous.info.run_id})
+                records.set_tags({Tag.REUSED_FROM + spec.name: previous.info.run_id})
                 return self._reuse(spec, previous)
         outcome = VariantOutcome(spec.name, spec.framework, spec, status="failed")
         try:
@@ -511,13 +514,13 @@ class Sweep:
                     outcome = self._quantize_and_log(spec, outcome)
                 except UnsupportedVariant as exc:
                     outcome.status, outcome.reason = "unsupported", exc.reason
-                    runs.set_tags({Tag.STATUS: Tag.STATUS_UNSUPPORTED, Tag.REASON: exc.reason})
+                    records.set_tags({Tag.STATUS: Tag.STATUS_UNSUPPORTED, Tag.REASON: exc.reason})
                     raise
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except BaseException as exc:
                     outcome.reason = failure_reason(exc)
-                    runs.set_tags({Tag.STATUS: Tag.STATUS_FAILED, Tag.REASON: outcome.reason[:5000]})
+                    records.set_tags({Tag.STATUS: Tag.STATUS_FAILED, Tag.REASON: outcome.reason[:5000]})
                     raise
         except UnsupportedVariant:
             say(f"[yellow]–[/] {spec.name}: unsupported ({outcome.reason})")
@@ -538,25 +541,25 @@ class Sweep:
         """Run the variant with the runner, its model kept as the run's MLflow logged model, and log the result."""
         A, M, T = Artifact, Metric, Tag
         input_key = self.input_key(spec)
-        runs.set_tags({**self._common_tags(self.parent_run_id), T.INPUT_KEY: input_key})
-        runs.log_params(self._variant_params(spec))
+        records.set_tags({**self._common_tags(self.parent_run_id), T.INPUT_KEY: input_key})
+        records.log_params(self._variant_params(spec))
         self._log_datasets()
-        runs.log_json(qconfig_document(spec), A.QCONFIG)
+        records.log_json(qconfig_document(spec), A.QCONFIG)
         logged = {}
         result = self.runner.run(spec, store=lambda model: self._log_model(model, logged))
         outcome = VariantOutcome.of(result, run_id=outcome.run_id, input_key=input_key,
                                     model_uri=logged["model"].model_uri,
                                     model_file_in_artifacts=logged["model"].model_file_in_model)
         if result.quantized_engine:
-            runs.set_tags({T.QUANTIZED_ENGINE: result.quantized_engine})
+            records.set_tags({T.QUANTIZED_ENGINE: result.quantized_engine})
         if result.ort_graph_sha256:
-            runs.set_tags({T.ORT_GRAPH_SHA256: result.ort_graph_sha256})
+            records.set_tags({T.ORT_GRAPH_SHA256: result.ort_graph_sha256})
         if result.scores_from:
-            runs.set_tags({T.SCORES_FROM: result.scores_from})
-        runs.set_tags({T.MODEL_FILE_SHA256: result.model_sha256,
-                       T.MODEL_FILE_IN_MODEL: outcome.model_file_in_artifacts})
-        runs.log_file(result.model_file, A.MODEL_FILE_DIR)
-        runs.log_json(result.evaluation.per_class_accuracy, A.PER_CLASS_ACCURACY)
+            records.set_tags({T.SCORES_FROM: result.scores_from})
+        records.set_tags({T.MODEL_FILE_SHA256: result.model_sha256,
+                          T.MODEL_FILE_IN_MODEL: outcome.model_file_in_artifacts})
+        records.log_file(result.model_file, A.MODEL_FILE_DIR)
+        records.log_json(result.evaluation.per_class_accuracy, A.PER_CLASS_ACCURACY)
         self._log_confusion_matrix(outcome.run_id, spec.name, result.evaluation)
         # Accuracy and agreement before the timings: the Models tab lists a logged model's metrics (columns and
         # charts) in the order they were logged.
@@ -573,7 +576,7 @@ class Sweep:
 
         log_variant_diagnosis(result, outcome.run_id, plot=lambda function, *args: self._plot(
             outcome.run_id, A.DIAGNOSIS_PLOT, T.DIAGNOSIS_ERROR, function, *args))
-        runs.set_tags({T.STATUS: T.STATUS_OK})
+        records.set_tags({T.STATUS: T.STATUS_OK})
         return outcome
 
     def _log_model(self, model: ModelToStore, logged: dict) -> Path:
@@ -583,12 +586,12 @@ class Sweep:
         spec, params = model.spec, self._variant_params(model.spec)
         model_dir = self.work_dir / spec.name / "mlflow_model"
         if model.module is not None:
-            logged["model"] = runs.log_torchscript_model(
+            logged["model"] = logged_models.log_torchscript_model(
                 model.module, spec.name, model_dir, model.example_input, model.example_output,
                 [f"torch=={self.versions['torch']}", f"numpy=={self.versions['numpy']}"], params)
         else:
-            logged["model"] = runs.log_onnx_model(model.quantized.path, spec.name, model_dir, model.example_input,
-                                                  model.example_output, self._onnx_requirements(), params)
+            logged["model"] = logged_models.log_onnx_model(model.quantized.path, spec.name, model_dir, model.example_input,
+                                                           model.example_output, self._onnx_requirements(), params)
         return logged["model"].model_file
 
     # ---- the whole sweep -----------------------------------------------------------------------------------
@@ -602,7 +605,7 @@ class Sweep:
         import mlflow  # only for the active run's experiment under `mlflow run`
 
         started = time.perf_counter()
-        experiment_id = runs.ensure_experiment(self.options.experiment)
+        experiment_id = experiments.ensure_experiment(self.options.experiment)
         from ptqflow.tracking.recovery import mark_orphans_failed
 
         orphans = mark_orphans_failed(experiment_id)
@@ -613,23 +616,23 @@ class Sweep:
         with runs.run_scope(experiment_id, run_name) as parent_run_id:
             self.parent_run_id = parent_run_id
             experiment_id = mlflow.active_run().info.experiment_id  # `mlflow run` may have chosen another one
-            runs.mark_experiment(experiment_id)  # opens as a "Model training" experiment with ptqflow's columns
-            runs.set_tags({Tag.ROLE: Tag.ROLE_SWEEP, **self._common_tags(None)})
+            experiments.mark_experiment(experiment_id)  # opens as a "Model training" experiment with ptqflow's columns
+            records.set_tags({Tag.ROLE: Tag.ROLE_SWEEP, **self._common_tags(None)})
             P = Param
-            runs.log_params({P.MODEL_PATH: str(self.options.model_path), P.DATA_DIR: str(self.options.data_dir),
-                                  P.VARIANTS: ",".join(s.name for s in self.specs),
-                                  P.CALIBRATION_SIZE: len(self.inputs.calibration_indices),
-                                  P.CALIBRATION_SEED: self.options.calibration_seed,
-                                  P.INPUT_LAYOUT: self.inputs.transform.layout,
-                                  P.PREPROCESSING: self.inputs.transform.preprocessing.value,
-                                  P.TEST_LIMIT: self.options.test_limit or 0,  # 0 = all, as in MLproject
-                                  P.MAX_ACCURACY_DROP_PP: self.options.gate.max_accuracy_drop_pp,
-                                  P.MIN_AGREEMENT: self.options.gate.min_agreement,
-                                  P.ADAROUND_ITERATIONS: self.options.adaround_iterations,
-                                  **self.inputs.input_params()})
+            records.log_params({P.MODEL_PATH: str(self.options.model_path), P.DATA_DIR: str(self.options.data_dir),
+                                     P.VARIANTS: ",".join(s.name for s in self.specs),
+                                     P.CALIBRATION_SIZE: len(self.inputs.calibration_indices),
+                                     P.CALIBRATION_SEED: self.options.calibration_seed,
+                                     P.INPUT_LAYOUT: self.inputs.transform.layout,
+                                     P.PREPROCESSING: self.inputs.transform.preprocessing.value,
+                                     P.TEST_LIMIT: self.options.test_limit or 0,  # 0 = all, as in MLproject
+                                     P.MAX_ACCURACY_DROP_PP: self.options.gate.max_accuracy_drop_pp,
+                                     P.MIN_AGREEMENT: self.options.gate.min_agreement,
+                                     P.ADAROUND_ITERATIONS: self.options.adaround_iterations,
+                                     **self.inputs.input_params()})
             self._log_datasets(train=True)
-            runs.log_json({"indices": self.inputs.calibration_indices.tolist(),
-                                "sha256": self.inputs.calibration_digest}, Artifact.CALIBRATION_INDICES)
+            records.log_json({"indices": self.inputs.calibration_indices.tolist(),
+                                   "sha256": self.inputs.calibration_digest}, Artifact.CALIBRATION_INDICES)
             self.runner.convert(self.specs, reference_meanwhile=True)
             # Every model is timed at the end, together with FP32 (_bench_together), not each in its own run.
             bench = self.runner.options.bench
@@ -637,11 +640,11 @@ class Sweep:
             with PlotWorker() as self.plot_worker:
                 try:
                     if self.specs:
-                        runs.log_params({P.BATCHNORMS_FOLDED: self.runner.quantization_source.folded_batch_norms})
+                        records.log_params({P.BATCHNORMS_FOLDED: self.runner.quantization_source.folded_batch_norms})
                     if self.fallback.target.active:
-                        runs.log_params({key: value for key, value in (
-                            (P.TARGET_AGREEMENT, self.options.target_agreement),
-                            (P.TARGET_MAX_DROP_PP, self.options.max_drop_pp)) if value is not None})
+                        records.log_params({key: value for key, value in (
+                               (P.TARGET_AGREEMENT, self.options.target_agreement),
+                               (P.TARGET_MAX_DROP_PP, self.options.max_drop_pp)) if value is not None})
                     outcomes = [self.run_fp32(experiment_id, parent_run_id)]
                     self.runner.adaround_ahead([spec for spec in self.specs
                                                 if not self._reusable(experiment_id, spec)])
@@ -667,12 +670,12 @@ class Sweep:
                                       if self.options.register else [])
                     title = (f"{self.inputs.model.path.name} on {len(self.inputs.test)} {self.inputs.data.title} "
                              "test images")
-                    runs.log_text(report.to_markdown(rows, title), Artifact.COMPARISON_MD)
-                    runs.log_text(report.to_csv(rows), Artifact.COMPARISON_CSV)
-                    runs.log_text(report.to_html(rows, title,
-                                                 run_url=lambda run_id: self._run_url(experiment_id, run_id),
-                                                 champions=self._champions(experiment_id)),
-                                  Artifact.COMPARISON_HTML)
+                    records.log_text(report.to_markdown(rows, title), Artifact.COMPARISON_MD)
+                    records.log_text(report.to_csv(rows), Artifact.COMPARISON_CSV)
+                    records.log_text(report.to_html(rows, title,
+                                                    run_url=lambda run_id: self._run_url(experiment_id, run_id),
+                                                    champions=self._champions(experiment_id)),
+                                     Artifact.COMPARISON_HTML)
                     self._log_plots()
                 except BaseException:  # Ctrl-C too: the runs that ended keep their plots (a second or two)
                     self.runner.stop_reference()  # failed before the FP32 run took them: not left computing scores
@@ -681,7 +684,7 @@ class Sweep:
             self.plot_worker = PlotWorker(background=False)
             seconds = time.perf_counter() - started
             self._log_summary(outcomes, seconds)
-            say(f"MLflow UI (Model training view, ptqflow's columns): {runs.experiment_page(experiment_id)}")
+            say(f"MLflow UI (Model training view, ptqflow's columns): {experiments.experiment_page(experiment_id)}")
             result = SweepResult(parent_run_id, outcomes, rows, registered, seconds,
                                  test_images=len(self.inputs.test))
             if result.failed:
@@ -703,8 +706,8 @@ class Sweep:
     @staticmethod
     def _run_url(experiment_id: str, run_id: str) -> str:
         """The run's page in the MLflow UI: on the tracking server when it is one (without credentials), else
-        where `mlflow ui` serves a local store by default (ptqflow.tracking.runs.ui_base_url)."""
-        return f"{runs.ui_base_url()}#/experiments/{experiment_id}/runs/{run_id}"
+        where `mlflow ui` serves a local store by default (ptqflow.tracking.experiments.ui_base_url)."""
+        return f"{experiments.ui_base_url()}#/experiments/{experiment_id}/runs/{run_id}"
 
     def _champions(self, experiment_id: str) -> list[tuple[report.Champion, str]]:
         """Each registered model's @champion after this sweep's gate, with a link to its run; empty when nothing was

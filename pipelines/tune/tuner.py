@@ -39,6 +39,9 @@ from ptqflow.models.runtime.latency import BenchConfig
 from ptqflow.pipelines.variants.phases import PhaseTimer
 from ptqflow.pipelines.tune.space import CALIBRATION_SIZES, SPACE, TrialChoice, choice_of, suggest, sweep_defaults
 from ptqflow.pipelines.variants.specs import VARIANTS, VariantSpec, apply_upgrades
+from ptqflow.tracking import connection
+from ptqflow.tracking import experiments
+from ptqflow.tracking import records
 from ptqflow.tracking import runs
 from ptqflow.tracking.keys import Artifact, Metric, Param, Tag
 
@@ -105,8 +108,8 @@ class TuneOptions:
 def default_storage() -> str:
     """Beside the MLflow store when it is a sqlite file (`optuna.db` next to `mlflow.db`), else in the working
     directory: one machine's default. Several machines pass --storage postgresql://..."""
-    uri = runs.tracking_uri()
-    store = runs.sqlite_file(uri)
+    uri = connection.tracking_uri()
+    store = connection.sqlite_file(uri)
     directory = store.parent if store is not None else Path.cwd()
     return f"sqlite:///{(directory / 'optuna.db').resolve()}"
 
@@ -196,7 +199,7 @@ class Tuner:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         url = storage_url(self.options.storage or default_storage())
-        self.public_storage = runs.without_credentials(url)  # for params and messages
+        self.public_storage = connection.without_credentials(url)  # for params and messages
         try:
             # Optuna 5's name for RetryFailedTrialCallback: retries trials that went stale, not ones that raised.
             storage = open_storage(url, heartbeat_interval=self.options.heartbeat_s,
@@ -236,8 +239,8 @@ class Tuner:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
 
     def _start_parent(self, study) -> None:
-        experiment_id = runs.ensure_experiment(self.options.sweep.experiment)
-        runs.mark_experiment(experiment_id)
+        experiment_id = experiments.ensure_experiment(self.options.sweep.experiment)
+        experiments.mark_experiment(experiment_id)
         o, P = self.options, Param
         run_name = f"tune {o.study_name} · {time.strftime('%Y-%m-%d %H:%M:%S')}"
         tags = {Tag.ROLE: Tag.ROLE_TUNE, Tag.TUNE_STUDY: o.study_name, Tag.TUNE_CREATED_BY: self.worker,
@@ -251,7 +254,7 @@ class Tuner:
                             P.TEST_LIMIT: o.sweep.test_limit or 0, P.ADAROUND_ITERATIONS: o.sweep.adaround_iterations,
                             P.TUNE_CALIBRATION_SIZES: ",".join(map(str, o.calibration_sizes)),
                             P.TUNE_HEARTBEAT_S: o.heartbeat_s})
-            runs.log_json_to_run(run.run_id, SPACE, Artifact.TUNE_SPACE)
+            records.log_json_to_run(run.run_id, SPACE, Artifact.TUNE_SPACE)
         # The experiment first: a joining worker takes the parent run's id as the sign that both are there.
         study.set_user_attr(INPUTS_ATTR, self.study_inputs())
         study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
@@ -306,7 +309,7 @@ class Tuner:
                       f"trial {trial.number} failed; retried as a new trial")
             for run in runs.runs_tagged(self.experiment_id, Tag.TUNE_TRIAL_ID, str(trial._trial_id)):
                 if run.info.status == "RUNNING":
-                    runs.set_run_tags(run.info.run_id, {Tag.STATUS: Tag.STATUS_FAILED, Tag.REASON: reason})
+                    records.set_run_tags(run.info.run_id, {Tag.STATUS: Tag.STATUS_FAILED, Tag.REASON: reason})
                     runs.terminate(run.info.run_id, "FAILED")
             say(f"[yellow]![/] {reason}")
             retry(study, trial)
@@ -386,7 +389,7 @@ class Tuner:
                 params[Param.ADAROUND_CALIBRATION_SIZE] = self.options.default_calibration_size
             if upgraded:
                 params[Param.TUNE_PARAM_PREFIX + "upgraded"] = upgraded
-            runs.log_params_to_run(outcome.run_id, params)
+            records.log_params_to_run(outcome.run_id, params)
         if outcome.status != "ok":
             trial.set_user_attr(FAILURE_ATTR, f"{outcome.status}: {outcome.reason}"[:500])
             raise optuna.TrialPruned(outcome.reason)
@@ -398,7 +401,7 @@ class Tuner:
         trial.set_constraint("speedup", constraints[1])
         trial.set_user_attr("accuracy", outcome.evaluation.accuracy)
         feasible = all(c <= 0 for c in constraints)
-        runs.set_run_tags(outcome.run_id, {Tag.TUNE_FEASIBLE: "yes" if feasible else "no"})
+        records.set_run_tags(outcome.run_id, {Tag.TUNE_FEASIBLE: "yes" if feasible else "no"})
         say(f"  trial {trial.number}: {choice.format}, agreement {100 * agreement:.2f}%, "
             f"{speedup:.2f}x ORT FP32 (b256){' [green]feasible[/]' if feasible else ''}")
         return agreement, speedup
@@ -512,22 +515,22 @@ class Tuner:
                            t.user_attrs.get("worker", ""))
 
     def _log_front(self, trials: list[TrialResult], front: list[TrialResult], best: TrialResult | None) -> None:
-        runs.log_text_to_run(self.parent_run_id, _csv([t.row() for t in trials]), Artifact.TUNE_TRIALS_CSV)
-        runs.log_text_to_run(self.parent_run_id, _csv([t.row() for t in front]), Artifact.TUNE_PARETO_CSV)
-        runs.log_text_to_run(self.parent_run_id, pareto_markdown(front, best, self.options),
-                             Artifact.TUNE_PARETO_MD)
+        records.log_text_to_run(self.parent_run_id, _csv([t.row() for t in trials]), Artifact.TUNE_TRIALS_CSV)
+        records.log_text_to_run(self.parent_run_id, _csv([t.row() for t in front]), Artifact.TUNE_PARETO_CSV)
+        records.log_text_to_run(self.parent_run_id, pareto_markdown(front, best, self.options),
+                                Artifact.TUNE_PARETO_MD)
         png = plots.tune_pareto(
             [(t.speedup, t.agreement, t.params.get("format", "?")) for t in trials if t.state == "COMPLETE"],
             [(t.speedup, t.agreement) for t in front],
             (best.speedup, best.agreement) if best else None, self.options.target_agreement,
             self.options.min_speedup, f"{self.options.study_name}: {len(trials)} trials")
-        runs.log_bytes_to_run(self.parent_run_id, png, Artifact.TUNE_PARETO_PLOT)
+        records.log_bytes_to_run(self.parent_run_id, png, Artifact.TUNE_PARETO_PLOT)
         M = Metric
         metrics = {M.TUNE_TRIALS: len(trials), M.TUNE_PARETO_SIZE: len(front),
                    M.TUNE_SECONDS: time.monotonic() - self.started}
         if best is not None:
             metrics.update({M.BEST_FEASIBLE_AGREEMENT: best.agreement, M.BEST_FEASIBLE_SPEEDUP_B256: best.speedup})
-        runs.log_metrics_to_run(self.parent_run_id, precision.rounded(metrics, len(self.base.inputs.test)))
+        records.log_metrics_to_run(self.parent_run_id, precision.rounded(metrics, len(self.base.inputs.test)))
 
     def _register(self, best: TrialResult) -> list:
         from ptqflow.pipelines.repair.diagnose import config_of
