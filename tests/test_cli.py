@@ -278,3 +278,55 @@ def test_baseline_checks_the_conversion_on_the_first_images_only(tracking_store,
     metrics = runs_by_name()["fp32"].data.metrics
     assert metrics["fp32_torch_vs_ort_images"] == 30 and metrics["test_images"] == 100
     assert metrics["fp32_torch_vs_ort_agreement"] == 1.0 and "of the first 30" in result.output
+
+
+# ---- the option groups: commands that run the same part offer the same options ----------------------------------
+def _offered(*path: str) -> set[str]:
+    import typer
+
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return {opt for param in command.params for opt in (*param.opts, *param.secondary_opts) if opt.startswith("--")}
+
+
+GATE = {"--max-accuracy-drop", "--min-agreement", "--min-latency-gain"}
+DIAGNOSIS = {"--diagnose", "--no-diagnose", "--diagnose-images"}
+FALLBACK = {"--target-agreement", "--max-drop", "--ranking-images", "--fallback-candidates"}
+MIRRORS = {"--cifar10-url", "--cifar10-md5", "--resnet8-url"}
+
+
+def test_quantize_ort_help_lists_the_gate_resume_adaround_and_diagnosis_options():
+    result = runner.invoke(app, ["quantize", "ort", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for option in (*GATE, "--resume", "--adaround-iterations", *DIAGNOSIS, *FALLBACK, *MIRRORS):
+        assert option in result.output, option
+
+
+def test_quantize_commands_offer_the_sweeps_options_for_their_framework():
+    sweep = _offered("sweep")
+    # The only differences: the other framework's registry name and ONNX Runtime's recipe overrides.
+    assert sweep - _offered("quantize", "ort") == {"--registered-model"}
+    assert sweep - _offered("quantize", "pytorch") == {"--registered-onnx-model", "--per-channel", "--per-tensor",
+                                                       "--calibration-method"}
+    assert _offered("quantize", "ort") <= sweep and _offered("quantize", "pytorch") <= sweep
+
+
+def test_tune_and_baseline_offer_the_sweeps_input_fetch_and_tracking_options():
+    sweep, tune, baseline = _offered("sweep"), _offered("tune"), _offered("baseline")
+    # tune searches the recipe (size, rounding, ONNX Runtime grid and method), always times its trials, and has a
+    # --target-agreement of its own (what a feasible trial reaches)
+    assert sweep - tune == {"--variant", "--calibration-size", "--weight-rounding", "--per-channel", "--per-tensor",
+                            "--calibration-method", "--bench", "--no-bench", "--resume",
+                            *DIAGNOSIS, *FALLBACK - {"--target-agreement"}}
+    assert MIRRORS | GATE | {"--fetch", "--no-fetch", "--adaround-iterations", "--calibration-seed"} <= tune
+    # baseline runs FP32 only: no calibration, registry, gate, diagnosis or fallback; it always times FP32
+    assert baseline <= sweep and MIRRORS | {"--model", "--data-dir", "--test-limit", "--experiment"} <= baseline
+
+
+def test_tune_fetches_from_the_mirror_it_is_given(tracking_store, cifar_dir):
+    # tracking_store is the working directory: it has no data/models/resnet8.onnx, so tune tries to fetch it.
+    unreachable = "http://127.0.0.1:9/pretrainedResnet.h5"  # port 9 (discard) refuses connections here
+    result = invoke("tune", "--data-dir", cifar_dir, "--resnet8-url", unreachable, "--n-trials", 1)
+    assert_one_line_error(result, unreachable, "--model")
+    assert not (tracking_store / "data" / "models" / "resnet8.onnx").exists()

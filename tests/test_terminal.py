@@ -138,8 +138,8 @@ RAISED_BY = {
     "pipelines/data/shapes.py": SWEEPS,
     "pipelines/data/fetch.py:CIFAR10_FETCH_HINTS": ("fetch cifar10",),
     "pipelines/data/fetch.py:RESNET8_FETCH_HINTS": ("fetch resnet8",),
-    "pipelines/repair/fallback.py": ("sweep",),  # the search's options are the sweep command's
-    "pipelines/data/inputs.py": SWEEPS,
+    "pipelines/repair/fallback.py": QUANTIZERS,  # the search's options are the sweep's and quantize's
+    "pipelines/data/inputs.py": (*SWEEPS, "tune"),
     "pipelines/shared/names.py": ("pull", "serve", "diagnose"),
     "pipelines/reports/plots.py": QUANTIZERS,  # the no-latency note; baseline always benchmarks
     "pipelines/data/preprocessing.py": SWEEPS,
@@ -153,7 +153,7 @@ RAISED_BY = {
     "tracking/experiments.py": SWEEPS,
     "pipelines/tune/tuner.py": ("tune",),
     "pipelines/tune/space.py": ("tune",),
-    "pipelines/cli/app.py:_sizes": ("tune",),
+    "pipelines/cli/quantizing.py:_sizes": ("tune",),
 }
 # Options a module names only on the commands that have them: the value the user gave, or (check_registry_targets)
 # the flag of the framework the command registers.
@@ -187,7 +187,7 @@ def _strings(node: ast.AST, skip: set[int]):
 
 def _messages_naming_options():
     """(file, top-level name, text) for every string literal (f-string parts included) that names a --option: in
-    common/, pipelines/, models/ and tracking/ all of them but docstrings; in the CLI module only those inside
+    common/, pipelines/, models/ and tracking/ all of them but docstrings; in the CLI's modules only those inside
     `_fail(...)` or `...Error(...)` calls (the rest are option declarations and help texts, checked from the
     commands)."""
     folders = ("common", "pipelines", "models", "tracking")
@@ -197,7 +197,7 @@ def _messages_naming_options():
         skip = _docstrings(tree)
         for top in tree.body:
             name = _top_level_name(top)
-            if relative == "pipelines/cli/app.py":
+            if relative.startswith("pipelines/cli/"):
                 parts = [node for node in ast.walk(top) if isinstance(node, ast.Call)
                          and ERROR_CALLS.fullmatch(getattr(node.func, "id", getattr(node.func, "attr", "")))]
             else:
@@ -238,7 +238,7 @@ def test_every_hint_names_an_option_of_the_commands_that_can_raise_it():
     for relative, name, text in _messages_naming_options():
         seen += 1
         where = f"{relative}:{name}"
-        if relative == "pipelines/cli/app.py":
+        if relative.startswith("pipelines/cli/"):
             command = _command_of_callback(name)
             commands = (command,) if command else RAISED_BY.get(where)
         else:
