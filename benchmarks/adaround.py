@@ -46,7 +46,8 @@ def _nearest(proto, scheme: str):
     import torch
 
     from ptqflow.models.graph.fx_prep import classifier_head, prepare_graph
-    from ptqflow.models.adaround.weight_correction import _replace_initializers, quantize_weights_like
+    from ptqflow.models.adaround.grids import quantize_weights_like
+    from ptqflow.models.adaround.onnx import replace_initializers
 
     gm = prepare_graph(onnx2torch.convert(proto), fold_pad=False)
     head = set(classifier_head(gm, include_pool=False))
@@ -54,7 +55,7 @@ def _nearest(proto, scheme: str):
     for name, m in gm.named_modules():
         if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)) and name not in head:
             changes[name] = (m.weight.detach().clone(), quantize_weights_like(m.weight.detach(), scheme))
-    return _replace_initializers(proto, changes)
+    return replace_initializers(proto, changes)
 
 
 def _top1(proto, images):
@@ -94,7 +95,7 @@ def main() -> int:
     import torch
 
     from ptqflow.models.backends.base import FloatModel
-    from ptqflow.models.adaround.weight_correction import adaround_onnx_schemes
+    from ptqflow.models.adaround.onnx import adaround_onnx_schemes
     from ptqflow.pipelines.shared.progress import quiet_library_warnings
     from ptqflow.pipelines.sweep.sweep import SweepOptions
 

@@ -45,14 +45,14 @@ BACKEND_ITERATIONS = 200
 def _one_torch_thread():
     """AdaRound's many small steps on the tiny model: on a busy 2-core machine two torch threads made 200 steps take
     43 s instead of 4 s (spinning threads fighting for the cores). One thread, restored afterwards."""
-    from ptqflow.models.adaround.weight_correction import _torch_threads
+    from ptqflow.models.adaround.optimize import torch_threads
 
-    return _torch_threads(1)
+    return torch_threads(1)
 
 
 def _grid_steps_off(w: np.ndarray, scheme: str) -> float:
     """How far (in grid steps) the farthest element of `w` is from `scheme`'s grid as computed from `w` itself."""
-    from ptqflow.models.adaround.weight_correction import grid_params
+    from ptqflow.models.adaround.grids import grid_params
 
     scale, _, _ = grid_params(torch.from_numpy(np.array(w)), scheme)
     k = w.astype(np.float64) / scale.numpy()
@@ -62,7 +62,7 @@ def _grid_steps_off(w: np.ndarray, scheme: str) -> float:
 def _integers_differing(a: np.ndarray, b: np.ndarray, original: np.ndarray, scheme: str) -> int:
     """How many grid integers differ between two roundings `a` and `b` of `original` (not float bits: the same
     integer can come out one float32 ulp apart)."""
-    from ptqflow.models.adaround.weight_correction import grid_params
+    from ptqflow.models.adaround.grids import grid_params
 
     scale = grid_params(torch.from_numpy(np.array(original)), scheme)[0].numpy()
     return int((np.round(a.astype(np.float64) / scale) != np.round(b.astype(np.float64) / scale)).sum())
@@ -82,7 +82,7 @@ def data(cifar_dir):
 
 
 def _graph_module(proto: onnx.ModelProto):
-    """The torch graph AdaRound itself works on (ptqflow.models.adaround.weight_correction.adaround_onnx)."""
+    """The torch graph AdaRound itself works on (ptqflow.models.adaround.onnx.adaround_onnx)."""
     import onnx2torch
 
     from ptqflow.models.graph.fx_prep import prepare_graph
@@ -109,7 +109,7 @@ def _predict(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
 def _nearest_onnx(proto: onnx.ModelProto, scheme: str) -> onnx.ModelProto:
     """Every Conv/MatMul/Gemm weight snapped to the nearest point of `scheme`'s grid (output channels on dim 0 in
     torch layout, as AdaRound and the backends see them)."""
-    from ptqflow.models.adaround.weight_correction import quantize_weights_like
+    from ptqflow.models.adaround.grids import quantize_weights_like
 
     def nearest(w: np.ndarray) -> np.ndarray:
         return quantize_weights_like(torch.from_numpy(np.array(w)), scheme).numpy()
@@ -145,7 +145,7 @@ def _layer_outputs(gm, images: np.ndarray) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def rounding(tiny_model, data):
     """scheme -> (fp32, AdaRound, nearest) ONNX models of the fitted tiny CNN; each scheme computed once."""
-    from ptqflow.models.adaround.weight_correction import adaround_onnx
+    from ptqflow.models.adaround.onnx import adaround_onnx
 
     fp32 = onnx.load(str(tiny_model))
     calibration = data[0]
@@ -241,7 +241,7 @@ def _assert_adaround_moved_weights(source, rounded, scheme: str) -> None:
     """The AdaRounded conv weights differ from nearest rounding of the originals, so a backend that re-rounded the
     FP32 weights (or lost AdaRound's choice) would fail the integer checks. A layer may keep nearest rounding where
     AdaRound did not beat it on the calibration set (its fallback); at least one layer must carry AdaRound's own."""
-    from ptqflow.models.adaround.weight_correction import quantize_weights_like
+    from ptqflow.models.adaround.grids import quantize_weights_like
 
     original, ada = _initializers(source.onnx.proto), _initializers(rounded.onnx.proto)
     differing = {}
@@ -362,31 +362,33 @@ LAYERS = {
 def test_the_quadratic_form_is_the_reconstruction_error(layer):
     """A layer without a ReLU after it is optimised on sum((D H + 2 g^T) * D) + c: that must be the error its output
     makes over all images, for any weight (here: nearest rounding)."""
-    from ptqflow.models.adaround.weight_correction import _layer_fn, _quadratic_form, _reconstruction_error, quantize_weights_like
+    from ptqflow.models.adaround.grids import quantize_weights_like
+    from ptqflow.models.adaround.optimize import reconstruction_error
+    from ptqflow.models.adaround.quadratic import layer_fn, quadratic_form
 
     torch.manual_seed(0)
     make, shape = LAYERS[layer]
     module = make().eval()
     x_q, y = _layer_problem(module, shape)
-    fn = _layer_fn(module)
-    H, g, c = _quadratic_form(module, fn, x_q, y, chunk_elements=2000)  # several chunks
+    fn = layer_fn(module)
+    H, g, c = quadratic_form(module, fn, x_q, y, chunk_elements=2000)  # several chunks
     w = module.weight.detach()
     for scheme in SCHEMES:
         q = quantize_weights_like(w, scheme)
         D = (q - w).reshape(w.shape[0], -1).double()
         quadratic = float(((D @ H.double() + 2 * g.T.double()) * D).sum()) + c
-        direct = _reconstruction_error(fn, x_q, y, q, relu_after=False)
+        direct = reconstruction_error(fn, x_q, y, q, relu_after=False)
         assert quadratic == pytest.approx(direct, rel=1e-4), (layer, scheme)
 
 
 @pytest.mark.parametrize("kernel,shape", [((3, 3), (70, 5, 7, 9)), ((5, 3), (3, 2, 6, 4)), ((1, 1), (4, 3, 2, 2))])
 def test_the_shifted_gram_matrix_is_the_unfolded_one(kernel, shape):
-    from ptqflow.models.adaround.weight_correction import _gram_same_conv
+    from ptqflow.models.adaround.quadratic import gram_same_conv
 
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     p = torch.nn.functional.unfold(x, kernel, padding=(kernel[0] // 2, kernel[1] // 2))
     p = p.transpose(0, 1).reshape(p.shape[1], -1)
-    assert torch.allclose(_gram_same_conv(x, kernel, chunk=32), p @ p.T, rtol=1e-10, atol=1e-9)
+    assert torch.allclose(gram_same_conv(x, kernel, chunk=32), p @ p.T, rtol=1e-10, atol=1e-9)
 
 
 @pytest.mark.parametrize("relu_after", [False, True])
@@ -394,26 +396,29 @@ def test_the_shifted_gram_matrix_is_the_unfolded_one(kernel, shape):
 def test_a_layer_is_never_worse_than_nearest_on_its_objective(scheme, relu_after):
     """Even when the optimisation is hopeless (4 steps, a rounding penalty 1000x too strong), the rounding returned
     reconstructs the layer's FP32 output over the calibration inputs at least as well as round-to-nearest."""
-    from ptqflow.models.adaround.weight_correction import _adaround_layer, _layer_fn, _reconstruction_error, quantize_weights_like
+    from ptqflow.models.adaround.grids import quantize_weights_like
+    from ptqflow.models.adaround.optimize import adaround_layer, reconstruction_error
+    from ptqflow.models.adaround.quadratic import layer_fn
 
     torch.manual_seed(1)
     module = nn.Conv2d(6, 8, 3, padding=1).eval()
     x_q, y = _layer_problem(module, (40, 6, 6, 6))
-    fn = _layer_fn(module)
+    fn = layer_fn(module)
     target = torch.relu(y) if relu_after else y
     for iters, lam in ((4, 1000.0), (200, 1.0)):
         with _one_torch_thread():
-            rounded = _adaround_layer(module, x_q, y, scheme, iters, 8, lam, 1e-2, 0, relu_after=relu_after)
+            rounded = adaround_layer(module, x_q, y, scheme, iters, 8, lam, 1e-2, 0, relu_after=relu_after)
         nearest = quantize_weights_like(module.weight.detach(), scheme)
-        assert _reconstruction_error(fn, x_q, target, rounded, relu_after) <= \
-            _reconstruction_error(fn, x_q, target, nearest, relu_after) * (1 + 1e-6), (iters, lam)
+        assert reconstruction_error(fn, x_q, target, rounded, relu_after) <= \
+            reconstruction_error(fn, x_q, target, nearest, relu_after) * (1 + 1e-6), (iters, lam)
 
 
 @pytest.mark.parametrize("relu_after", [False, True])
 def test_a_layer_stops_once_its_rounding_is_settled(relu_after):
     """An easy layer (FP32 inputs, weights a hundredth of a grid step from grid points) has every h(v) at exactly 0
     or 1 soon after the warm-up: it stops there, and its rounding is the one the full schedule gives."""
-    from ptqflow.models.adaround.weight_correction import _adaround_layer, grid_params, quantize_weights_like
+    from ptqflow.models.adaround.grids import grid_params, quantize_weights_like
+    from ptqflow.models.adaround.optimize import adaround_layer
 
     torch.manual_seed(2)
     module = nn.Conv2d(4, 4, 3, padding=1).eval()
@@ -428,17 +433,17 @@ def test_a_layer_stops_once_its_rounding_is_settled(relu_after):
     checks = []
     iters = 2000
     with _one_torch_thread():
-        early = _adaround_layer(module, x, y, scheme, iters, 8, 1.0, 1e-2, 0, relu_after=relu_after,
-                                trace=lambda **k: checks.append(k))
-        full = _adaround_layer(module, x, y, scheme, iters, 8, 1.0, 1e-2, 0, relu_after=relu_after,
-                               stop_early=False)
+        early = adaround_layer(module, x, y, scheme, iters, 8, 1.0, 1e-2, 0, relu_after=relu_after,
+                               trace=lambda **k: checks.append(k))
+        full = adaround_layer(module, x, y, scheme, iters, 8, 1.0, 1e-2, 0, relu_after=relu_after,
+                              stop_early=False)
     assert checks and checks[-1]["saturated"] == 1.0 and checks[-1]["it"] < iters // 2, checks[-3:]
     assert torch.equal(early, full)
 
 
 def test_schemes_together_equal_each_scheme_alone(tiny_model, data):
     """The sweep computes both grids in one walk on two worker threads: the result is each scheme's own."""
-    from ptqflow.models.adaround.weight_correction import adaround_onnx, adaround_onnx_schemes
+    from ptqflow.models.adaround.onnx import adaround_onnx, adaround_onnx_schemes
 
     fp32 = onnx.load(str(tiny_model))
     calibration = data[0][:50]
@@ -450,28 +455,29 @@ def test_schemes_together_equal_each_scheme_alone(tiny_model, data):
 
 
 def test_a_large_layer_on_all_threads_gets_its_result_alone_or_beside_another_scheme():
-    """A layer of at least _ALL_CORES_FROM weights runs its loop on torch's threads, with one matrix product per scheme:
+    """A layer of at least ALL_CORES_FROM weights runs its loop on torch's threads, with one matrix product per scheme:
     beside another scheme on the pool (as the sweep runs it) it gets exactly the rounding it gets alone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ptqflow.models.adaround.weight_correction import _ALL_CORES_FROM, _adaround_layers, _Rounding, quantize_weights_like
+    from ptqflow.models.adaround.grids import quantize_weights_like
+    from ptqflow.models.adaround.optimize import ALL_CORES_FROM, Rounding, adaround_layers
 
     torch.manual_seed(4)
     module = nn.Conv2d(160, 48, 3, padding=1).eval()  # 48 x 1440 = 69,120 weights
-    assert module.weight.numel() >= _ALL_CORES_FROM
+    assert module.weight.numel() >= ALL_CORES_FROM
     x_q, y = _layer_problem(module, (24, 160, 6, 6))
     iters = 120
     threads = 2
 
     def problems(schemes):
-        return [_Rounding(copy.deepcopy(module), x_q, y, scheme, False, True) for scheme in schemes]
+        return [Rounding(copy.deepcopy(module), x_q, y, scheme, False, True) for scheme in schemes]
 
     with ThreadPoolExecutor(2) as pool:
-        together = _adaround_layers(problems(SCHEMES), iters, 8, 1.0, 1e-2, 0, lambda n: None, True, [None, None],
-                                    pool, threads)
+        together = adaround_layers(problems(SCHEMES), iters, 8, 1.0, 1e-2, 0, lambda n: None, True, [None, None],
+                                   pool, threads)
     for scheme, beside in zip(SCHEMES, together):
-        alone, = _adaround_layers(problems([scheme]), iters, 8, 1.0, 1e-2, 0, lambda n: None, True, [None], None,
-                                  threads)
+        alone, = adaround_layers(problems([scheme]), iters, 8, 1.0, 1e-2, 0, lambda n: None, True, [None], None,
+                                 threads)
         assert torch.equal(alone, beside), scheme
         assert not torch.equal(alone, quantize_weights_like(module.weight.detach(), scheme)), \
             "AdaRound moved nothing: the check is empty"
@@ -481,11 +487,11 @@ def test_the_adaround_cache_key_covers_torch_threads():
     """A large layer's products sum in another order on another number of threads: another thread count is another
     cache entry."""
     from ptqflow.models.backends.base import adaround_cache_key
-    from ptqflow.models.adaround.weight_correction import _torch_threads
+    from ptqflow.models.adaround.optimize import torch_threads
 
     calibration = np.zeros((2, 3, 4, 4), np.float32)
-    with _torch_threads(1):
+    with torch_threads(1):
         one = adaround_cache_key("model", calibration, "indices", SCHEMES[0], 1000)
-    with _torch_threads(2):
+    with torch_threads(2):
         two = adaround_cache_key("model", calibration, "indices", SCHEMES[0], 1000)
     assert one != two

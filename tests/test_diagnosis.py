@@ -21,7 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 from cifar_fixture import make_images
 from onnx_fixture import FACTOR, OUTLIER_CHANNEL, WIDTH, outlier_cnn
 from ptqflow.models.backends.base import FloatModel
-from ptqflow.models.diagnosis.diagnosis import BAD_LOCAL_DB, diagnose_fx, diagnose_ort_config
+from ptqflow.models.diagnosis.fx import diagnose_fx
+from ptqflow.models.diagnosis.ort import diagnose_ort_config
+from ptqflow.models.diagnosis.records import BAD_LOCAL_DB
 from ptqflow.models.backends.equalization import equalize
 from ptqflow.models.graph.layer_map import layer_table
 from ptqflow.models.graph.onnx_model import load_classifier
@@ -172,7 +174,7 @@ def test_diagnosis_files_are_worst_first(diagnoses):
 
 
 def test_diagnosis_round_trips_through_its_json_and_plots_worst_first(diagnoses):
-    from ptqflow.models.diagnosis.diagnosis import Diagnosis
+    from ptqflow.models.diagnosis.records import Diagnosis
     from ptqflow.pipelines.reports.diagnosis import backend_comparison_figure, layer_sqnr_figure
 
     diagnosis = diagnoses[("outlier", "fx")]

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from ptqflow.common.errors import ConfigError
 from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, all_runs
-from ptqflow.models.diagnosis.diagnosis import Diagnosis, LayerDiagnosis
+from ptqflow.models.diagnosis.records import Diagnosis, LayerDiagnosis
 from ptqflow.models.backends.ort import OrtStaticConfig
 from ptqflow.models.backends.pytorch_fx import PytorchFxConfig
 from onnx_fixture import outlier_cnn
@@ -306,13 +306,13 @@ def test_the_python_api_repairs_without_tracking(outlier_model, cifar_dir, tmp_p
 
 
 def test_a_failing_diagnosis_leaves_the_variant_standing(tracking_store, outlier_model, cifar_dir, monkeypatch):
-    import ptqflow.models.diagnosis.diagnosis
+    import ptqflow.models.diagnosis.ort
     from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
 
     def fail(*args, **kwargs):
         raise RuntimeError("no layer table today")
 
-    monkeypatch.setattr(ptqflow.models.diagnosis.diagnosis, "diagnose_ort_config", fail)
+    monkeypatch.setattr(ptqflow.models.diagnosis.ort, "diagnose_ort_config", fail)
     result = run_sweep(SweepOptions(model_path=outlier_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                                     weight_rounding="nearest", variants=("ort-uint8",), bench=False, register=False))
     outcome = {o.name: o for o in result.outcomes}["ort-uint8"]

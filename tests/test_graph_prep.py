@@ -1,4 +1,4 @@
-"""Unit tests of ptqflow.models.graph.fx_prep / ptqflow.models.adaround.weight_correction on small ONNX graphs (no /work/shared)."""
+"""Unit tests of ptqflow.models.graph.fx_prep / ptqflow.models.adaround on small ONNX graphs (no /work/shared)."""
 import sys
 import warnings
 from pathlib import Path
@@ -218,8 +218,9 @@ def _conv_relu_dense_model():
         [_vi("x", [2, 3, 4, 4])], [_vi("y", [2, 5])], [_init("W", _w(4, 3, 3, 3)), _init("Wd", _w(64, 5))])
 
 
-def test_weight_correction_grid_and_onnx_roundtrip():
-    from ptqflow.models.adaround.weight_correction import adaround_onnx, grid_params, quantize_weights_like
+def test_adaround_grid_and_onnx_roundtrip():
+    from ptqflow.models.adaround.grids import grid_params, quantize_weights_like
+    from ptqflow.models.adaround.onnx import adaround_onnx
 
     w = torch.randn(4, 3, 3, 3)
     for scheme in ("per_channel_sym_int8", "per_tensor_asym_uint8", "per_tensor_sym_int8"):
@@ -240,7 +241,7 @@ def test_weight_correction_grid_and_onnx_roundtrip():
 
 
 def test_classifier_head_kept_float_and_onnx_head_nodes():
-    from ptqflow.models.adaround.weight_correction import onnx_classifier_head_nodes
+    from ptqflow.models.adaround.onnx import onnx_classifier_head_nodes
 
     m = _model(
         [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="conv"),
@@ -275,7 +276,7 @@ def test_classifier_head_kept_float_and_onnx_head_nodes():
 @pytest.mark.parametrize("iters", [20, 120])
 def test_adaround_reports_progress_in_steps_over_all_layers(iters):
     """AdaRound is the longest step of a cold sweep: its bar counts optimisation steps, with the total known."""
-    from ptqflow.models.adaround.weight_correction import adaround_onnx
+    from ptqflow.models.adaround.onnx import adaround_onnx
 
     m = _conv_relu_dense_model()
     calls = []

@@ -28,7 +28,7 @@ def test_converting_quantizing_and_diagnosing_a_classifier_import_neither_torchv
         import numpy as np, onnx
         from onnx_fixture import tiny_cnn
         from ptqflow.models.backends.base import FloatModel
-        from ptqflow.models.diagnosis.diagnosis import diagnose_fx
+        from ptqflow.models.diagnosis.fx import diagnose_fx
         from ptqflow.models.graph.onnx_model import load_classifier
         from ptqflow.models.backends.pytorch_fx import PytorchFxConfig, quantize
         onnx.save(tiny_cnn(), "{tmp_path}/tiny.onnx")

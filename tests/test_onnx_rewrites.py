@@ -129,7 +129,7 @@ def test_name_unnamed_nodes_is_unique_deterministic_and_keeps_names():
 
 
 def test_head_detection_refuses_unnamed_nodes():
-    from ptqflow.models.adaround.weight_correction import onnx_classifier_head_nodes
+    from ptqflow.models.adaround.onnx import onnx_classifier_head_nodes
 
     with pytest.raises(ValueError, match="unnamed"):
         onnx_classifier_head_nodes(_unnamed(tiny_cnn()))

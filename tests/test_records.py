@@ -182,7 +182,7 @@ def test_adaround_cache_misses_when_the_calibration_images_change(tmp_path, tiny
 def test_adaround_ahead_computes_the_schemes_together_and_the_variants_find_them(tmp_path, tiny_model, monkeypatch):
     """The sweep asks for all its AdaRound grids at once (one FP32 pass, schemes side by side); each variant's
     with_adarounded_weights then reads its scheme from the cache, the same file computing it alone gives."""
-    import ptqflow.models.adaround.weight_correction as weight_correction
+    import ptqflow.models.adaround.onnx as adaround_onnx
     from ptqflow.models.backends.base import FloatModel
     from ptqflow.models.graph.onnx_model import load_classifier
 
@@ -191,8 +191,8 @@ def test_adaround_ahead_computes_the_schemes_together_and_the_variants_find_them
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "together"))
     model = FloatModel(load_classifier(tiny_model), tmp_path / "work")
     calls = []
-    compute = weight_correction.adaround_onnx_schemes
-    monkeypatch.setattr(weight_correction, "adaround_onnx_schemes",
+    compute = adaround_onnx.adaround_onnx_schemes
+    monkeypatch.setattr(adaround_onnx, "adaround_onnx_schemes",
                         lambda proto, calib, wanted, **kw: calls.append(list(wanted)) or compute(proto, calib, wanted,
                                                                                                  **kw))
     assert model.adaround_ahead(schemes, images, "digest", iterations=20, round_head=False) == schemes
@@ -211,11 +211,11 @@ def test_adaround_ahead_computes_the_schemes_together_and_the_variants_find_them
 def test_a_sweep_computes_its_adaround_grids_in_one_go(tracking_store, tiny_model, cifar_dir, monkeypatch):
     """Variants on two grids (int8 per channel for FX and ORT int8, uint8 per tensor for ORT uint8): the sweep asks
     for both before the first variant, in one call, and no variant computes a grid of its own."""
-    import ptqflow.models.adaround.weight_correction as weight_correction
+    import ptqflow.models.adaround.onnx as adaround_onnx
 
     calls = []
-    compute = weight_correction.adaround_onnx_schemes
-    monkeypatch.setattr(weight_correction, "adaround_onnx_schemes",
+    compute = adaround_onnx.adaround_onnx_schemes
+    monkeypatch.setattr(adaround_onnx, "adaround_onnx_schemes",
                         lambda proto, calib, wanted, **kw: calls.append(list(wanted)) or compute(proto, calib, wanted,
                                                                                                  **kw))
     result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,

@@ -111,7 +111,7 @@ class FloatModel:
                    if (scheme, iterations, round_head) not in self._rounded and not self._adaround_cache_file(
                        scheme, calibration, calibration_digest, iterations, context, round_head).is_file()]
         if missing:
-            from ptqflow.models.adaround.weight_correction import adaround_onnx_schemes
+            from ptqflow.models.adaround.onnx import adaround_onnx_schemes
 
             rounded = adaround_onnx_schemes(self.onnx.proto, calibration, missing, iters=iterations, advance=advance,
                                             model_batch=self.onnx.input.batch_size or 250, round_head=round_head)

@@ -284,7 +284,7 @@ def excluded_nodes(float_model: FloatModel, config: OrtStaticConfig, ready) -> l
     pre-processed model `ready` names them. A name that is no node of the model is a ValueError."""
     excluded = []
     if config.float_head:
-        from ptqflow.models.adaround.weight_correction import onnx_classifier_head_nodes
+        from ptqflow.models.adaround.onnx import onnx_classifier_head_nodes
 
         excluded = onnx_classifier_head_nodes(ready)
     if config.fp32_nodes:

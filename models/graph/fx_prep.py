@@ -27,7 +27,7 @@ in float by ``qconfig_mapping`` (qconfig ``None`` for all softmax flavours).
 
 Default FX recipe (pytorch-fx-int8 with backend "fbgemm", pytorch-fx-int8-x86 with "x86")::
 
-    from ptqflow.models.adaround.weight_correction import adaround_onnx
+    from ptqflow.models.adaround.onnx import adaround_onnx
     onnx_model = adaround_onnx(onnx_model, calib_nhwc, "per_channel_sym_int8")  # weights on int8 grid
     gm = prepare_graph(onnx2torch.convert(onnx_model), example_input=calib[:2])
     torch.backends.quantized.engine = backend
@@ -435,7 +435,7 @@ def qconfig_mapping(
     ``percentile``), "histogram", "minmax", "moving_minmax") without ``reduce_range``
     (VNNI CPUs do not saturate) and qint8 symmetric per-channel weights with range
     [-127, 127] (scale = max|w|/127, same grid as onnxruntime and
-    ``weight_correction.adaround_onnx``), and keeps all softmax flavours in float
+    ``ptqflow.models.adaround.onnx.adaround_onnx``), and keeps all softmax flavours in float
     (qconfig None).  ``keep_float`` adds further module types / functions kept in
     float; ``float_modules`` module names kept in float (e.g. ``classifier_head(gm)``).
     """
@@ -456,7 +456,7 @@ def qconfig_mapping(
     }[activation_observer]
     wt = {
         # [-127, 127]: scale = max|w| / 127, same grid as onnxruntime's symmetric int8 weights
-        # (and ptqflow.models.adaround.weight_correction "per_channel_sym_int8"), so pre-rounded weights stay exact
+        # (and ptqflow.models.adaround's "per_channel_sym_int8"), so pre-rounded weights stay exact
         "perchannel_minmax": PerChannelMinMaxObserver.with_args(
             dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-127, quant_max=127),
         "minmax": MinMaxObserver.with_args(
@@ -486,7 +486,7 @@ def classifier_head(gm: fx.GraphModule, include_pool: bool = True) -> list:
     ``qconfig_mapping(float_modules=...)`` to keep them in float: 8-bit logits tie under
     argmax, and a quantized global average pool re-rounds the pooled features onto the
     (coarse) grid of its input, costing ~1 point of top-1 agreement on ResNet8.
-    Quantize the head's weights beforehand (``ptqflow.models.adaround.weight_correction``) to keep an
+    Quantize the head's weights beforehand (``ptqflow.models.adaround``) to keep an
     int8-weight head computed with float accumulation (= onnxruntime QDQ numerics)."""
     pools = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
              nn.AdaptiveAvgPool3d, nn.Flatten)

@@ -1,4 +1,4 @@
-"""`ptqflow diagnose`: the per-layer diagnosis (ptqflow.models.diagnosis.diagnosis) of a logged int8 variant, found by its run id, its
+"""`ptqflow diagnose`: the per-layer diagnosis (ptqflow.models.diagnosis) of a logged int8 variant, found by its run id, its
 sweep's run id (every int8 variant of the sweep, plus a plot comparing them layer by layer) or a registered version
 (NAME/VERSION, NAME@ALIAS).
 
@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from ptqflow.models.diagnosis.diagnosis import DEBUG_IMAGES, Diagnosis
+from ptqflow.models.diagnosis.records import DEBUG_IMAGES, Diagnosis
 from ptqflow.common.errors import ConfigError, IntegrityError, ModelError, TrackingError, failure_reason
 
 FILES = ("layers.csv", "layers.json", "layer_sqnr.png")
@@ -210,7 +210,8 @@ def _agreement_note(what: str, ours: np.ndarray, logged: np.ndarray) -> str:
 
 def diagnose_run(run, inputs: _SweepInputs, work_dir: Path) -> Diagnosis:
     """The diagnosis of one variant run (see the module docstring for how each kind is diagnosed)."""
-    from ptqflow.models.diagnosis.diagnosis import diagnose_fx, diagnose_ort_config
+    from ptqflow.models.diagnosis.fx import diagnose_fx
+    from ptqflow.models.diagnosis.ort import diagnose_ort_config
     from ptqflow.models.backends.pytorch_fx import PytorchFxConfig, quantize_graphs
     from ptqflow.models.runtime.runners import OrtRunner, TorchRunner
     from ptqflow.pipelines.shared.progress import progress_task

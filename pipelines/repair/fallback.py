@@ -3,7 +3,7 @@ both), find the few layers whose 8-bit quantization costs it most and take them 
 on the full test set. The result is a new variant, `<variant>-mixed`, made, measured, logged, diagnosed and
 registered like any other.
 
-1. Candidates (`candidates`): the variant's quantized layers from its per-layer diagnosis (ptqflow.models.diagnosis.diagnosis), worst
+1. Candidates (`candidates`): the variant's quantized layers from its per-layer diagnosis (ptqflow.models.diagnosis), worst
    local SQNR first: the worst `candidates` (8), any other layer the diagnosis gives a hint, and any without a local
    SQNR. Local SQNR is only this pre-filter: a layer's own noise says little about what it costs at the output.
 2. Ranking (`FallbackSearch.rank`): each candidate upgraded alone, quantized and measured on the first
@@ -143,7 +143,7 @@ class Candidate:
 
 def candidate_rounds(diagnosis, limit: int = DEFAULT_CANDIDATES, inputs: dict[str, tuple[str, ...]] | None = None,
                      tensors: dict[str, tuple[str, ...]] | None = None) -> list[list[Candidate]]:
-    """Every quantized layer of `diagnosis` (ptqflow.models.diagnosis.diagnosis.Diagnosis), in the rounds the search ranks them: first
+    """Every quantized layer of `diagnosis` (ptqflow.models.diagnosis.records.Diagnosis), in the rounds the search ranks them: first
     the `limit` worst by local SQNR (the table's order) and any other layer with a hint or without a local SQNR (FX
     cannot shadow a quantized add_relu, ResNet's residual sums: the pre-filter has nothing to judge them by); then
     the rest, `limit` at a time, worst first. `inputs` maps a layer to the layers whose output it reads

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from ptqflow.models.diagnosis.diagnosis import BAD_LOCAL_DB, Diagnosis, LayerDiagnosis
+from ptqflow.models.diagnosis.records import BAD_LOCAL_DB, Diagnosis, LayerDiagnosis
 from ptqflow.pipelines.reports.plots import FONT_SIZE, _figure, _note, _png
 
 LOCAL_COLOR = "#c0540c"

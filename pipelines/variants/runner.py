@@ -64,7 +64,7 @@ class RunnerOptions:
     bench: bool = True  # measure batch-1 latency and batch-256 throughput of every model file
     adaround_iterations: int = 1000  # AdaRound optimization steps per layer
     bench_config: BenchConfig = BenchConfig()
-    # Per-layer diagnosis (ptqflow.models.diagnosis.diagnosis) of every variant on the first N test images right after it is made;
+    # Per-layer diagnosis (ptqflow.models.diagnosis) of every variant on the first N test images right after it is made;
     # 0: none
     diagnose_images: int = 0
 
@@ -103,7 +103,7 @@ class VariantResult:
     calibration_images: int = 0  # calibration images the backend's observers saw
     torch_agreement: float | None = None  # FP32 only: top-1 agreement of the onnx2torch module with onnxruntime
     torch_check_images: int = 0  # FP32 only: on the first this many test images
-    diagnosis: object | None = None  # ptqflow.models.diagnosis.diagnosis.Diagnosis, with RunnerOptions.diagnose_images
+    diagnosis: object | None = None  # ptqflow.models.diagnosis.records.Diagnosis, with RunnerOptions.diagnose_images
     diagnosis_error: str = ""  # why the diagnosis failed (the variant itself is fine)
     ort_graph_sha256: str = ""  # onnxruntime: the graph its session runs, names aside (ptqflow.models.graph.onnx_model.graph_digest)
     scores_from: str = ""  # the variant evaluated before it with the same ort_graph_sha256, whose test scores these are
@@ -285,11 +285,13 @@ class VariantRunner:
 
     def diagnose(self, spec: VariantSpec, quantized: QuantizedModel | None = None, model_file: Path | None = None,
                  source: FloatModel | None = None, images: int | None = None):
-        """The per-layer diagnosis (ptqflow.models.diagnosis.diagnosis) of `spec` on the first `images` test images (default
-        RunnerOptions.diagnose_images, else ptqflow.models.diagnosis.diagnosis.DEBUG_IMAGES), against the FP32 model before AdaRound.
+        """The per-layer diagnosis (ptqflow.models.diagnosis) of `spec` on the first `images` test images (default
+        RunnerOptions.diagnose_images, else ptqflow.models.diagnosis.records.DEBUG_IMAGES), against the FP32 model before AdaRound.
         FX reuses the graphs `quantized` was traced from; ONNX Runtime QDQ diagnoses `model_file` (the stored
         file); QOperator goes through its QDQ twin. Without `quantized`, the variant is quantized again."""
-        from ptqflow.models.diagnosis.diagnosis import DEBUG_IMAGES, diagnose_fx, diagnose_ort_config
+        from ptqflow.models.diagnosis.fx import diagnose_fx
+        from ptqflow.models.diagnosis.ort import diagnose_ort_config
+        from ptqflow.models.diagnosis.records import DEBUG_IMAGES
         from ptqflow.models.backends.pytorch_fx import PytorchFxConfig
 
         count = images or self.options.diagnose_images or DEBUG_IMAGES

@@ -1,0 +1,156 @@
+"""The diagnosis' records: one row per layer (`LayerDiagnosis`), the whole table (`Diagnosis`: worst first, JSON and
+CSV), the thresholds that make a layer bad and the hint each bad layer gets (`hint_for`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+
+from ptqflow.models.graph.layer_map import Layer
+
+DEBUG_IMAGES = 256  # a few seconds on a small CNN; enough images for stable per-layer SQNR
+# 8-bit per-channel weights reach 40+ dB; per-tensor weights of a layer with one wide channel fall below 30
+BAD_WEIGHT_DB = 30.0
+BAD_LOCAL_DB = 25.0  # one 8-bit layer alone normally loses less than this
+BAD_ACCUMULATED_DB = 15.0  # below this the layer's output has lost most of its precision, wherever it was lost
+OUTLIER_RATIO = 8.0  # a channel 8x the median channel's range costs the others 3 of their 8 bits
+BATCH_SIZE = 64  # images per run of a model: memory stays bounded
+
+
+@dataclass(frozen=True)
+class LayerDiagnosis:
+    layer: str  # ONNX node name
+    op_type: str
+    mac_share: float
+    weight_sqnr_db: float | None
+    local_sqnr_db: float | None
+    accumulated_sqnr_db: float | None
+    quantized: bool = True  # False for layers the backend left in FP32 (float head, fp32 fallback)
+    input_tensor: str = ""
+    output_tensor: str = ""
+    input_range_ratio: float | None = None  # largest channel's max |x| over the median channel's
+    outlier_channel: int | None = None  # that largest channel
+    hint: str = ""
+
+    @property
+    def bad(self) -> bool:
+        return bool(self.hint)
+
+
+COLUMNS = ("layer", "op_type", "mac_share", "weight_sqnr_db", "local_sqnr_db", "accumulated_sqnr_db", "quantized",
+           "input_tensor", "output_tensor", "input_range_ratio", "outlier_channel", "hint")
+
+
+def _rank_key(row: LayerDiagnosis):
+    missing = math.inf
+    return (row.local_sqnr_db if row.local_sqnr_db is not None else missing,
+            row.accumulated_sqnr_db if row.accumulated_sqnr_db is not None else missing)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    backend: str  # "pytorch-fx" or "onnxruntime"
+    method: str  # which tools compared what, e.g. that a QOperator model was diagnosed through its QDQ twin
+    images: int
+    layers: tuple[LayerDiagnosis, ...]  # in graph order
+    notes: tuple[str, ...] = ()
+
+    def worst_first(self) -> list[LayerDiagnosis]:
+        """Rows by local SQNR, lowest first (a layer's own loss, not what it inherits), then accumulated; layers
+        without a local SQNR (FP32 layers) last."""
+        return sorted(self.layers, key=_rank_key)
+
+    def row(self, layer: str) -> LayerDiagnosis:
+        return next(r for r in self.layers if r.layer == layer)
+
+    def with_notes(self, *notes: str) -> "Diagnosis":
+        return replace(self, notes=self.notes + tuple(n for n in notes if n))
+
+    def to_dict(self) -> dict:
+        def clean(value):
+            return "inf" if isinstance(value, float) and math.isinf(value) else value
+
+        return {"backend": self.backend, "method": self.method, "images": self.images, "notes": list(self.notes),
+                "graph_order": [row.layer for row in self.layers],
+                "layers": [{k: clean(v) for k, v in asdict(row).items()} for row in self.worst_first()]}
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> "Diagnosis":
+        """The Diagnosis a `to_dict` (layers.json) was made from."""
+        def number(value):
+            return math.inf if value == "inf" else value
+
+        keys = set(LayerDiagnosis.__dataclass_fields__)
+        rows = [LayerDiagnosis(**{k: number(v) for k, v in row.items() if k in keys})
+                for row in payload.get("layers", [])]
+        order = {name: i for i, name in enumerate(payload.get("graph_order", ()))}
+        rows = tuple(sorted(rows, key=lambda row: order.get(row.layer, len(order))))
+        return cls(payload["backend"], payload["method"], int(payload["images"]), rows,
+                   tuple(payload.get("notes", ())))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def to_csv(self) -> str:
+        """One row per layer, worst first; SQNR in dB with 2 decimals, empty where not measured."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        for row in self.worst_first():
+            values = asdict(row)
+            writer.writerow([_csv_cell(k, values[k]) for k in COLUMNS])
+        return out.getvalue()
+
+
+def _csv_cell(key: str, value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.4f}" if key == "mac_share" else f"{value:.2f}"
+    return str(value)
+
+
+def hint_for(row: LayerDiagnosis) -> str:
+    """One line on what to try for a bad layer; empty for a layer that is fine or runs in FP32."""
+    if not row.quantized:
+        return ""
+    local, weight, accumulated = row.local_sqnr_db, row.weight_sqnr_db, row.accumulated_sqnr_db
+    local_bad = local is not None and local < BAD_LOCAL_DB
+    if local_bad and row.input_range_ratio is not None and row.input_range_ratio >= OUTLIER_RATIO:
+        return (f"activation range set by one channel ({row.input_tensor} channel {row.outlier_channel} spans "
+                f"{row.input_range_ratio:.0f}x the median channel): try equalization or 16-bit activations on "
+                f"{row.input_tensor}")
+    if weight is not None and weight < BAD_WEIGHT_DB:
+        return f"weights lose precision ({weight:.1f} dB): try per-channel weights or FP32 fallback of this layer"
+    if local_bad:
+        return (f"activation quantization noise ({local:.1f} dB on its own): try 16-bit activations on "
+                f"{row.input_tensor} or {row.output_tensor}, or another calibration method")
+    if accumulated is not None and accumulated < BAD_ACCUMULATED_DB:
+        return (f"error accumulated upstream ({accumulated:.1f} dB here, {local:.1f} dB on its own): fix the worst "
+                "layers before it" if local is not None else
+                f"error accumulated upstream ({accumulated:.1f} dB here): fix the worst layers before it")
+    return ""
+
+
+def layer_rows(layers: list[Layer], weight: dict, local: dict, accumulated: dict, ranges: dict,
+               quantized: dict) -> tuple[LayerDiagnosis, ...]:
+    """One row per layer, in `layers`' order, from the measurements by layer name, each with its hint."""
+    total = sum(layer.macs for layer in layers) or 1
+    rows = []
+    for layer in layers:
+        ratio, channel = ranges[layer.name].outlier() if layer.name in ranges else (None, None)
+        is_quantized = quantized.get(layer.name, False)
+        row = LayerDiagnosis(
+            layer=layer.name, op_type=layer.op_type, mac_share=layer.macs / total,
+            weight_sqnr_db=weight.get(layer.name) if is_quantized else None,
+            local_sqnr_db=local[layer.name].db() if is_quantized and layer.name in local else None,
+            accumulated_sqnr_db=accumulated[layer.name].db() if layer.name in accumulated else None,
+            quantized=is_quantized, input_tensor=layer.input, output_tensor=layer.output,
+            input_range_ratio=ratio, outlier_channel=channel)
+        rows.append(replace(row, hint=hint_for(row)))
+    return tuple(rows)
