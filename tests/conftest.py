@@ -121,7 +121,7 @@ def tiny_runner(tmp_path: Path, name: str, images: int = 300, preprocessing=None
     import onnx
 
     from ptqflow.models.graph.onnx_model import load_classifier
-    from ptqflow.pipelines.data.datasets import Dataset, Split
+    from ptqflow.pipelines.data.dataset import Dataset, Split
     from ptqflow.pipelines.data.preprocessing import InputTransform, Preprocessing
     from ptqflow.pipelines.variants.runner import RunnerOptions, VariantRunner
 

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from ptqflow.models.graph.onnx_model import NCHW, NHWC, output_width, read_input_spec
 from ptqflow.pipelines.shared.choices import LayoutChoice, Preprocessing
 from ptqflow.pipelines.cli.app import app
-from ptqflow.pipelines.data.datasets import Dataset, Split, load_dataset, resize_images
+from ptqflow.pipelines.data.dataset import Dataset, Split
+from ptqflow.pipelines.data.datasets import load_dataset, resize_images
 from ptqflow.common.errors import ConfigError, DataError, ModelError
 from ptqflow.pipelines.data.preprocessing import InputTransform
 from ptqflow.pipelines.data.shapes import resolve_model_input

@@ -134,6 +134,7 @@ RAISED_BY = {
     "pipelines/data/calibration.py": QUANTIZERS,
     "pipelines/data/cifar.py": (*SWEEPS, "pull", "bench", "diagnose"),
     "pipelines/data/datasets.py": (*SWEEPS, "pull", "bench", "diagnose"),
+    "pipelines/data/npz.py": (*SWEEPS, "pull", "bench", "diagnose"),
     "pipelines/repair/diagnose.py": ("diagnose",),
     "pipelines/data/shapes.py": SWEEPS,
     "pipelines/data/fetch.py:CIFAR10_FETCH_HINTS": ("fetch cifar10",),

@@ -2,8 +2,8 @@
 
 The official files are Python 2 pickles. Pickle can run arbitrary code, so batches are read with a restricted
 unpickler that admits only what these files contain (builtin containers, strings, numbers and numpy's array
-reconstruction); anything else is refused before it is called. Both load into a ptqflow.pipelines.data.datasets.Dataset (images
-N x 3 x 32 x 32 uint8, the files' own channel-first order).
+reconstruction); anything else is refused before it is called. Both load into a
+ptqflow.pipelines.data.dataset.Dataset (images N x 3 x 32 x 32 uint8, the files' own channel-first order).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ptqflow.common.errors import DataError
-from ptqflow.pipelines.data.datasets import MAX_CLASSES, Dataset, Split, check_dataset, file_digest
+from ptqflow.pipelines.data.dataset import MAX_CLASSES, Dataset, Split, check_dataset, file_digest
 
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"

@@ -18,7 +18,8 @@ import numpy as np
 from ptqflow.common.errors import ConfigError, DataError, ModelError
 from ptqflow.models.graph.onnx_model import IMAGE_CHANNELS, InputSpec, OnnxClassifier, output_width
 from ptqflow.pipelines.shared.choices import DataFormat, LayoutChoice
-from ptqflow.pipelines.data.datasets import Dataset, Split, resize_images, size_text
+from ptqflow.pipelines.data.dataset import Dataset, Split, size_text
+from ptqflow.pipelines.data.datasets import resize_images
 from ptqflow.pipelines.data.preprocessing import InputTransform, format_values, resolve_layout
 from ptqflow.tracking.keys import Param, VersionTag
 

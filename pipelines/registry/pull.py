@@ -87,7 +87,8 @@ def _reevaluate(result: PullResult, runner, tags: dict[str, str], data_dir: Path
                 data_format: str = "auto") -> PullResult:
     from dataclasses import replace
 
-    from ptqflow.pipelines.data.datasets import load_dataset, resize_images, size_text
+    from ptqflow.pipelines.data.dataset import size_text
+    from ptqflow.pipelines.data.datasets import load_dataset, resize_images
     from ptqflow.pipelines.variants.evaluation import EVAL_BATCH_SIZE, evaluate, predict_scores
     from ptqflow.pipelines.data.preprocessing import InputTransform, Preprocessing, parse_values
     from ptqflow.pipelines.data.shapes import NO_RESIZE, size_from_tag

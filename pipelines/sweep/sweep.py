@@ -31,7 +31,8 @@ from ptqflow.pipelines.reports import comparison as report
 from ptqflow.pipelines.data import shapes
 from ptqflow.pipelines.data.calibration import indices_digest, stratified_selection
 from ptqflow.pipelines.shared.choices import DataFormat, LayoutChoice, Preprocessing
-from ptqflow.pipelines.data.datasets import Dataset, Split, load_dataset
+from ptqflow.pipelines.data.dataset import Dataset, Split
+from ptqflow.pipelines.data.datasets import load_dataset
 from ptqflow.pipelines.variants.evaluation import Evaluation, Fidelity
 from ptqflow.pipelines.repair.fallback import (DEFAULT_CANDIDATES, DEFAULT_RANKING_IMAGES, FallbackTarget, SweepFallback,
                                 check_options, mixed_params)

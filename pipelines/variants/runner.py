@@ -27,7 +27,7 @@ from ptqflow.common.files import file_sha256, write_json_atomic
 from ptqflow.models.backends.base import FloatModel, QuantizedModel, UnsupportedVariant
 from ptqflow.models.runtime.latency import BenchConfig, BenchResult, RoundsResult, benchmark, benchmark_against, benchmark_rounds
 from ptqflow.models.graph.onnx_model import OnnxClassifier
-from ptqflow.pipelines.data.datasets import Dataset, Split
+from ptqflow.pipelines.data.dataset import Dataset, Split
 from ptqflow.pipelines.variants.evaluation import EVAL_BATCH_SIZE, Evaluation, Fidelity, evaluate, fidelity, predict_scores
 from ptqflow.pipelines.data.preprocessing import InputTransform
 from ptqflow.pipelines.shared.progress import progress_task, say
