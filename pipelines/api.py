@@ -1,17 +1,18 @@
 """ptqflow from Python: quantize an FP32 ONNX classifier into its int8/uint8 variants and get the numbers back.
 
-    from ptqflow.pipelines.api import quantize
+    from ptqflow import quantize
 
-    results = quantize("models/resnet8.onnx", "data/cifar-10-batches-py", variants=["ort-int8-u8s8"],
+    results = quantize("data/models/resnet8.onnx", "data/cifar-10-batches-py", variants=["ort-int8-u8s8"],
                        track=False, test_limit=1000)
     for r in results:  # fp32 first, then each variant
         print(r.name, r.status, r.accuracy, r.agreement, r.size_bytes, r.latency_ms, r.model_file)
 
-`track=True` (the default) is `ptqflow sweep`: the same function (ptqflow.pipelines.sweep.sweep.run_sweep) with the same runs,
-params, metrics, artifacts, registered versions and promotion gate, in the active MLflow tracking store
+`track=True` (the default) is `ptqflow sweep`: the same function (ptqflow.pipelines.sweep.sweep.run_sweep) with the
+same runs, params, metrics, artifacts, registered versions and promotion gate, in the active MLflow tracking store
 (MLFLOW_TRACKING_URI). `track=False` runs the same quantization, evaluation and benchmarks
 (ptqflow.pipelines.variants.runner) without MLflow: no run, no registry, no mlflow.db or mlruns directory; nothing is
-written but the model files (and the AdaRound cache in ~/.cache/ptqflow, as for the sweep).
+written but the model files, the preprocessed FP32 model and AdaRound's working files (and the AdaRound cache in
+~/.cache/ptqflow, as for the sweep).
 
 Model files go to `output_dir/<variant>/model.pt` (TorchScript) or `model.onnx`, next to the variant's
 `qconfig.json`. Without `output_dir` they go to a temporary directory that lives as long as the returned result
@@ -28,7 +29,10 @@ from pathlib import Path
 
 from ptqflow.common.errors import ConfigError
 from ptqflow.pipelines.shared.precision import round_metric
-from ptqflow.pipelines.sweep.sweep import SweepOptions, VariantsFailed, prepare_inputs, run_sweep
+from ptqflow.pipelines.sweep.inputs import prepare_inputs
+from ptqflow.pipelines.sweep.options import SweepOptions
+from ptqflow.pipelines.sweep.outcomes import VariantsFailed
+from ptqflow.pipelines.sweep.sweep import run_sweep
 from ptqflow.pipelines.variants.phases import PhaseTimer
 from ptqflow.pipelines.variants.runner import VariantResult, VariantRunner
 from ptqflow.pipelines.variants.specs import DEFAULT_VARIANTS
@@ -84,9 +88,10 @@ class QuantizeResult:
 def quantize(model: str | Path, data: str | Path, variants: str | list[str] | tuple[str, ...] | None = None,
              track: bool = True, output_dir: str | Path | None = None, **options) -> QuantizeResult:
     """Quantize the FP32 ONNX classifier `model` into `variants` (default: all; [] for FP32 only), calibrated and
-    evaluated on the CIFAR-10 directory `data` (the cifar-10-batches-py layout).
+    evaluated on the dataset `data` (any format `ptqflow sweep --data-dir` reads: CIFAR-10/100 pickles, an image
+    folder, an .npz file; `data_format` says which when detection should not).
 
-    `options` are those of ptqflow.pipelines.sweep.sweep.SweepOptions, e.g. calibration_size=1000, calibration_seed=0,
+    `options` are those of ptqflow.pipelines.sweep.options.SweepOptions, e.g. calibration_size=1000, calibration_seed=0,
     test_limit=None (all test images), bench=True, weight_rounding=None ("adaround" or "nearest" for every
     variant), adaround_iterations=1000, input_layout, preprocessing, ort_per_channel, ort_calibration_method,
     target_agreement=None and max_drop_pp=None (a variant that misses them is followed by its `<variant>-mixed`

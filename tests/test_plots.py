@@ -401,11 +401,11 @@ def test_html_links_rows_to_their_runs_and_marks_best_and_champion():
     ("sqlite:///tmp/mlflow.db", "http://127.0.0.1:5000/"),  # where `mlflow ui` serves a local store
 ])
 def test_run_links_point_at_the_mlflow_ui(monkeypatch, uri, base):
-    from ptqflow.pipelines.sweep.sweep import Sweep
+    from ptqflow.pipelines.sweep.recording import run_url
     from ptqflow.tracking import connection
 
     monkeypatch.setattr(connection, "tracking_uri", lambda: uri)
-    assert Sweep._run_url("3", "abc123") == f"{base}#/experiments/3/runs/abc123"
+    assert run_url("3", "abc123") == f"{base}#/experiments/3/runs/abc123"
 
 
 def test_contended_timings_are_marked():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import tiny_runner
 
-import ptqflow.pipelines.variants.runner as variant_runner
+import ptqflow.pipelines.variants.ready_test as ready_test
 from ptqflow.pipelines.data.preprocessing import Preprocessing
 
 
@@ -16,11 +16,11 @@ def test_ready_once_and_batch_by_batch_give_the_same_scores(tmp_path, monkeypatc
     once = tiny_runner(tmp_path, "once", preprocessing=preprocessing)
     once.convert([])
     ready = once.run_reference().evaluation.scores
-    assert once._ready_test is not None  # 300 images fit: kept ready
+    assert once.test_images.kept_ready  # 300 images fit: kept ready
 
-    monkeypatch.setattr(variant_runner, "READY_TEST_BYTES", 0)
+    monkeypatch.setattr(ready_test, "READY_TEST_BYTES", 0)
     batched = tiny_runner(tmp_path, "batched", preprocessing=preprocessing)
     batched.convert([])
     scores = batched.run_reference().evaluation.scores
-    assert batched._ready_test is None
+    assert not batched.test_images.kept_ready
     np.testing.assert_array_equal(ready, scores)

@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from ptqflow.common.errors import ConfigError, TrackingError
 from ptqflow.pipelines.shared.names import registered_name_for
 from ptqflow.pipelines.registry.gate import Candidate, GatePolicy, decide
-from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+from ptqflow.pipelines.sweep.options import SweepOptions
+from ptqflow.pipelines.sweep.sweep import run_sweep
 from ptqflow.tracking.keys import Metric, Param, Tag, VersionTag
 
 PASS_ALL = GatePolicy(max_accuracy_drop_pp=100, min_agreement=0.0)
@@ -148,7 +149,7 @@ def test_resume_does_not_reuse_runs_made_by_other_ptqflow_code(tracking_store, t
     first = _sweep(tiny_model, cifar_dir, variants=("ort-uint8",), register=False)
     same = _sweep(tiny_model, cifar_dir, variants=("ort-uint8",), register=False, resume=True)
     assert same.outcomes[1].run_id == first.outcomes[1].run_id
-    monkeypatch.setattr("ptqflow.pipelines.sweep.sweep.git_commit", lambda: "0" * 40)
+    monkeypatch.setattr("ptqflow.pipelines.sweep.recording.git_commit", lambda: "0" * 40)
     after_fix = _sweep(tiny_model, cifar_dir, variants=("ort-uint8",), register=False, resume=True)
     assert after_fix.outcomes[1].run_id != first.outcomes[1].run_id
     assert runs_by_name()  # the store is readable

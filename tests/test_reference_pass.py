@@ -19,10 +19,10 @@ def test_the_reference_evaluated_during_the_conversion_gives_the_same_scores(tmp
     after.convert([])
     meanwhile = tiny_runner(tmp_path, "meanwhile")
     meanwhile.convert([], reference_meanwhile=True)
-    assert meanwhile._reference_scores is not None  # started, taken by run_reference below
+    assert meanwhile.reference_pass.running  # started, taken by run_reference below
     np.testing.assert_array_equal(after.run_reference().evaluation.scores,
                                   meanwhile.run_reference().evaluation.scores)
-    assert meanwhile._reference_scores is None
+    assert not meanwhile.reference_pass.running
 
 
 def test_a_failed_conversion_stops_the_reference_evaluation_it_started(tmp_path, monkeypatch):
@@ -32,7 +32,7 @@ def test_a_failed_conversion_stops_the_reference_evaluation_it_started(tmp_path,
     cancel = runner.stop_reference
 
     def cancel_and_see():
-        future = runner._reference_scores[0]
+        future = runner.reference_pass.future
         cancel()
         stopped.append(future.exception())
 
@@ -41,7 +41,7 @@ def test_a_failed_conversion_stops_the_reference_evaluation_it_started(tmp_path,
         runner.convert([], reference_meanwhile=True)
     [reason] = stopped
     assert isinstance(reason, Cancelled)  # it stopped between batches rather than finish the test set
-    assert runner._reference_scores is None
+    assert not runner.reference_pass.running
     assert not _reference_pass_alive()
 
 
@@ -52,7 +52,8 @@ def _reference_pass_alive() -> bool:
 
 def test_a_sweep_failing_before_its_fp32_run_stops_the_reference_pass(tracking_store, cifar_dir, tiny_model,
                                                                       monkeypatch):
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
     from ptqflow.tracking import records
     from ptqflow.tracking.keys import Param
 
@@ -65,7 +66,7 @@ def test_a_sweep_failing_before_its_fp32_run_stops_the_reference_pass(tracking_s
         return log_params(params)
 
     def stop_and_see(runner):
-        stopped.append(runner._reference_scores is not None)  # the pass was still the runner's to stop
+        stopped.append(runner.reference_pass.running)  # the pass was still the runner's to stop
         stop(runner)
 
     monkeypatch.setattr(records, "log_params", tracking_gone)

@@ -147,20 +147,23 @@ RAISED_BY = {
     "pipelines/registry/pull.py": ("pull",),  # the dataset check of --evaluate
     "pipelines/registry/registrar.py": QUANTIZERS,  # check_registry_targets; baseline registers nothing
     "pipelines/registry/serve.py": ("serve",),
-    "pipelines/sweep/sweep.py": SWEEPS,
-    "pipelines/sweep/sweep.py:prepare_inputs": QUANTIZERS,
-    "pipelines/sweep/sweep.py:with_calibration": QUANTIZERS,  # tune checks its --calibration-sizes before  # the calibration set's size: baseline builds none
+    "pipelines/sweep/options.py": SWEEPS,
+    "pipelines/sweep/inputs.py:prepare_inputs": QUANTIZERS,
+    # the calibration set's size: baseline builds none; tune checks its --calibration-sizes before
+    "pipelines/sweep/inputs.py:with_calibration": QUANTIZERS,
     "tracking/registry.py": ("pull", "serve"),  # bench and promote always pass exactly one of version and alias
     "tracking/experiments.py": SWEEPS,
     "pipelines/tune/tuner.py": ("tune",),
+    "pipelines/tune/options.py": ("tune",),
+    "pipelines/tune/study.py": ("tune",),
     "pipelines/tune/space.py": ("tune",),
     "pipelines/cli/quantizing.py:_sizes": ("tune",),
 }
 # Options a module names only on the commands that have them: the value the user gave, or (check_registry_targets)
 # the flag of the framework the command registers.
 NAMED_ONLY_WHERE_GIVEN = {
-    ("pipelines/sweep/sweep.py", "--registered-model"),
-    ("pipelines/sweep/sweep.py", "--registered-onnx-model"),
+    ("pipelines/sweep/options.py", "--registered-model"),
+    ("pipelines/sweep/options.py", "--registered-onnx-model"),
     ("pipelines/registry/registrar.py", "--registered-model"),
     ("pipelines/registry/registrar.py", "--registered-onnx-model"),
 }

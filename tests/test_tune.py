@@ -21,8 +21,10 @@ from conftest import ADAROUND_ITERATIONS, all_runs, version_reason
 from ptqflow.models.runtime.latency import BenchConfig
 from ptqflow.models.backends.ort import OrtStaticConfig
 from ptqflow.models.backends.pytorch_fx import PytorchFxConfig
-from ptqflow.pipelines.sweep.sweep import SweepOptions
-from ptqflow.pipelines.tune.tuner import PARENT_RUN_ATTR, TuneOptions, run_tune
+from ptqflow.pipelines.sweep.options import SweepOptions
+from ptqflow.pipelines.tune.options import TuneOptions
+from ptqflow.pipelines.tune.study import PARENT_RUN_ATTR
+from ptqflow.pipelines.tune.tuner import run_tune
 from ptqflow.pipelines.tune.space import FORMATS, choice_of, suggest, sweep_defaults
 from ptqflow.pipelines.variants.specs import VARIANTS
 from ptqflow.tracking.keys import Artifact, Param, Tag

@@ -94,7 +94,8 @@ def test_two_tune_workers_survive_a_killed_one(postgres, tiny_model, cifar_dir, 
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
-    from ptqflow.pipelines.tune.tuner import PARENT_RUN_ATTR, storage_url
+    from ptqflow.pipelines.tune.storage import storage_url
+    from ptqflow.pipelines.tune.study import PARENT_RUN_ATTR
 
     storage = postgres.create_database("optuna")  # the study's own database, not the MLflow server's
     with start_tracking_server(postgres, tmp_path / "server") as server:

@@ -35,21 +35,19 @@ def resolve_target(ref: str, download_dir: Path, layout: str | None, preprocessi
         model_layout, size = _input_of(path)
         return BenchTarget(path.name, path, layout or model_layout, preprocessing, engine, size)
     if "@" in ref or ("/" in ref and not ref.endswith((".onnx", ".pt", ".pth"))):
-        from ptqflow.pipelines.data.preprocessing import parse_values
+        from ptqflow.pipelines.data.shapes import RecordedFeed
         from ptqflow.pipelines.registry.pull import pull
-        from ptqflow.pipelines.data.shapes import size_from_tag
+        from ptqflow.pipelines.shared.names import parse_version_ref
         from ptqflow.tracking import registry
         from ptqflow.tracking.keys import VersionTag as V
 
-        name, sep, rest = ref.partition("@") if "@" in ref else ref.partition("/")
-        version, alias = (None, rest) if sep == "@" else (rest, None)
-        pulled = pull(name, version, alias, download_dir)
-        tags = registry.resolve(name, version=pulled.version).tags
-        return BenchTarget(f"{name} v{pulled.version}", pulled.model_file,
-                           layout or tags.get(V.INPUT_LAYOUT, "NHWC"), tags.get(V.PREPROCESSING, preprocessing),
-                           pulled.engine or engine,  # untagged versions: like a file
-                           size_from_tag(tags.get(V.INPUT_SIZE)), parse_values(V.INPUT_MEAN, tags.get(V.INPUT_MEAN)),
-                           parse_values(V.INPUT_STD, tags.get(V.INPUT_STD)))
+        named = parse_version_ref(ref)
+        pulled = pull(named.name, named.version, named.alias, download_dir)
+        tags = registry.resolve(named.name, version=pulled.version).tags
+        feed = RecordedFeed.read(tags)  # fed as the sweep fed it
+        return BenchTarget(f"{named.name} v{pulled.version}", pulled.model_file, layout or feed.layout or "NHWC",
+                           tags.get(V.PREPROCESSING, preprocessing), pulled.engine or engine,  # untagged: as a file
+                           feed.size, feed.mean, feed.std)
     raise ModelError(f"{ref} is neither a model file nor a registered NAME@ALIAS or NAME/VERSION")
 
 

@@ -30,9 +30,12 @@ from ptqflow.models.graph.onnx_model import OnnxClassifier
 from ptqflow.pipelines.data.dataset import Dataset, Split
 from ptqflow.pipelines.variants.evaluation import EVAL_BATCH_SIZE, Evaluation, Fidelity, evaluate, fidelity, predict_scores
 from ptqflow.pipelines.data.preprocessing import InputTransform
-from ptqflow.pipelines.shared.progress import progress_task, say
+from ptqflow.pipelines.shared.progress import progress_task
 from ptqflow.pipelines.variants.phases import PhaseTimer
+from ptqflow.pipelines.variants.ready_test import ReadyTestImages
+from ptqflow.pipelines.variants.reference_pass import ReferencePass
 from ptqflow.pipelines.variants.specs import FP32, ONNXRUNTIME, PYTORCH, VariantSpec, config_payload
+from ptqflow.pipelines.variants.weights import WeightSource
 
 QCONFIG_FILE = "qconfig.json"  # the variant's full backend config, written beside its model file
 MODEL_FILE_NAMES = {"torchscript": "model.pt", "onnx": "model.onnx"}  # the variant's model file, by format
@@ -41,13 +44,10 @@ BENCH_IMAGES = 256  # real test images, model-ready, reused by every benchmark
 # images: a faulty conversion disagrees on far more than one in a thousand, and eager FP32 is the slowest model a
 # sweep runs (16 s of resnet8_large_wide's 10,000 images). The variants themselves are measured on every image.
 TORCH_CHECK_IMAGES = 1000
-# The test set is made model-ready once for all the models a sweep evaluates when it takes at most this many bytes as
-# float32 (CIFAR-10's 10,000 test images: 123 MB); a larger one is made ready batch by batch, for each model.
-READY_TEST_BYTES = 512 * 2**20
 
 
 class PreparedInputs(Protocol):
-    """What the runner reads of a sweep's inputs (ptqflow.pipelines.sweep.sweep.SweepInputs has it)."""
+    """What the runner reads of a sweep's inputs (ptqflow.pipelines.sweep.inputs.SweepInputs has it)."""
 
     data: Dataset  # any format ptqflow.pipelines.data.datasets loads
     model: OnnxClassifier
@@ -119,36 +119,51 @@ class VariantRunner:
         self.options = options
         self.timer = timer or PhaseTimer()
         self.float_model = FloatModel.for_runtimes(inputs.model, work_dir)  # the FP32 reference, as the user gave it
-        # What the variants quantize: the same function with BatchNormalization folded and every node named, made in
-        # the convert phase (AdaRound's grid must be the one the backends see, so no backend folds after it).
-        self.quantization_source = self.float_model
+        # What the variants quantize starts as the float model; the convert phase replaces it with the same function
+        # with BatchNormalization folded and every node named (AdaRound's grid must be the one the backends see, so
+        # no backend folds after it).
+        self.weights = WeightSource(self.float_model, inputs.calibration, inputs.calibration_digest,
+                                    {"layout": inputs.transform.layout,
+                                     "preprocessing": inputs.transform.preprocessing.value},
+                                    options.adaround_iterations, self.timer)
         self.example_input = inputs.transform(inputs.test.images[:1])
         self.eval_batch = inputs.model.input.batch_size or EVAL_BATCH_SIZE  # a fixed batch dimension (1) is used everywhere
         self.bench_images = inputs.transform(inputs.test.images[:BENCH_IMAGES])
         self.reference: Evaluation | None = None
-        # (model-ready images, indices digest) AdaRound reconstructs on, when not the calibration set (ptqflow tune
-        # keeps one AdaRound set while it searches the calibration size)
-        self.rounding_set: tuple[np.ndarray, str] | None = None
         self.ort_diagnoses: dict = {}  # diagnose_ort_config's memo: a QDQ file diagnosed once per runner
         # onnxruntime graph digest -> (variant, its test scores): a file that onnxruntime optimizes into a graph
         # already evaluated (ort-int8's QDQ and ort-int8-u8s8's QOperator) gives the same scores, so it is not run again
         self._evaluated_graphs: dict[str, tuple[str, np.ndarray]] = {}
-        self._ready_test: np.ndarray | None = None
-        # (future of the FP32 reference's onnxruntime scores, its cancel event) while convert() computes them
-        self._reference_scores: tuple | None = None
+        self.test_images = ReadyTestImages(inputs.test.images, inputs.transform)
+        self.reference_pass = ReferencePass()  # the FP32 reference's onnxruntime scores while convert() runs
+
+    @property
+    def quantization_source(self) -> FloatModel:
+        """The FP32 model every variant quantizes (before its own equalization and AdaRound)."""
+        return self.weights.source
+
+    def round_on(self, images: np.ndarray, digest: str) -> None:
+        """AdaRound reconstructs on these model-ready images instead of the calibration set (WeightSource.round_on)."""
+        self.weights.round_on(images, digest)
+
+    def share_reference(self, other: "VariantRunner") -> None:
+        """Compare variants with `other`'s FP32 reference (same model and test set), without evaluating it again."""
+        self.reference = other.reference
 
     def convert(self, specs: list[VariantSpec], reference_meanwhile: bool = False) -> None:
         """Each backend's starting point, made once for all variants (the convert phase). `reference_meanwhile`:
         the FP32 reference's onnxruntime pass over the test set runs on a second thread during the conversion, and
         run_reference() takes its scores: the conversion is one core of Python and torch, onnxruntime runs without
         the GIL (ResNet8: the two took 3.0-3.1 s together, 3.6-4.3 s one after the other)."""
-        if reference_meanwhile and self._reference_scores is None:
-            self._start_reference_scores()
+        if reference_meanwhile:
+            images, transform = self.test_images.batches_source()  # made here, not on both threads at once
+            self.reference_pass.start(lambda cancelled: self._reference_onnxruntime_scores(images, transform,
+                                                                                            cancelled))
         try:
             with self.timer.phase("convert"):
                 self.float_model.prepare(torch=True, onnxruntime=False)
                 if specs:
-                    self.quantization_source = self.float_model.for_quantization()
+                    self.weights.source = self.float_model.for_quantization()
                     self.quantization_source.prepare(
                         torch=any(spec.framework == PYTORCH for spec in specs),
                         onnxruntime=any(spec.framework == ONNXRUNTIME for spec in specs))
@@ -156,38 +171,16 @@ class VariantRunner:
             self.stop_reference()
             raise
 
-    def _start_reference_scores(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        images, transform = self._test_inputs()  # made here, not on both threads at once
-        cancelled = threading.Event()
-        pool = ThreadPoolExecutor(1, thread_name_prefix="fp32-onnxruntime")
-        self._reference_scores = (pool.submit(self._reference_onnxruntime_scores, images, transform, cancelled),
-                                  cancelled)
-        pool.shutdown(wait=False)
-
     def stop_reference(self) -> None:
         """Stop the FP32 reference pass convert(reference_meanwhile=True) started, if run_reference() has not taken
         it: it ends before its next batch; returns once it has. For a caller that fails before run_reference()."""
-        if self._reference_scores is not None:
-            future, cancelled = self._reference_scores
-            cancelled.set()
-            future.exception()  # wait: the session stops before the next batch
-            self._reference_scores = None
+        self.reference_pass.stop()
 
     def _reference_onnxruntime_scores(self, images, transform, cancelled: threading.Event | None = None):
         from ptqflow.models.runtime.runners import OrtRunner
 
         return predict_scores(OrtRunner(self.float_model.onnx.path), images, transform, "FP32 onnxruntime",
                               self.eval_batch, cancelled)
-
-    def _test_inputs(self) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
-        """The test images and what makes a batch of them model-ready: transformed once, for every model, when they
-        fit in READY_TEST_BYTES (the transform works image by image, so the values are the same either way)."""
-        images = self.inputs.test.images
-        if self._ready_test is None and images.size * 4 <= READY_TEST_BYTES:
-            self._ready_test = self.inputs.transform(images)
-        return (self._ready_test, _model_ready) if self._ready_test is not None else (images, self.inputs.transform)
 
     # ---- FP32 reference ------------------------------------------------------------------------------------
     def run_reference(self) -> VariantResult:
@@ -197,10 +190,10 @@ class VariantRunner:
 
         test, names = self.inputs.test, self.inputs.data.class_names
         with self.timer.phase("evaluate"):
-            images, transform = self._test_inputs()
-            started, self._reference_scores = self._reference_scores, None
-            ort_scores = (started[0].result() if started is not None else
-                          self._reference_onnxruntime_scores(images, transform))
+            images, transform = self.test_images.batches_source()
+            ort_scores = self.reference_pass.take()
+            if ort_scores is None:
+                ort_scores = self._reference_onnxruntime_scores(images, transform)
             checked = min(len(test), TORCH_CHECK_IMAGES)
             torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), images[:checked],
                                           transform, "FP32 onnx2torch", self.eval_batch)
@@ -224,7 +217,7 @@ class VariantRunner:
         if self.reference is None:
             raise RuntimeError("run_reference() must run before any variant: variants are compared with it")
         variant_dir = self.work_dir / spec.name
-        source = self._weights_for(spec)
+        source = self.weights.for_spec(spec)
         with self.timer.phase("quantize"), \
                 progress_task(f"calibrating {spec.name}", total=len(self.inputs.calibration)) as advance:
             quantized = spec.quantize(source, self.inputs.calibration, variant_dir, advance)
@@ -242,7 +235,7 @@ class VariantRunner:
             if graph in self._evaluated_graphs:
                 scores_from, scores = self._evaluated_graphs[graph]
             else:
-                images, transform = self._test_inputs()
+                images, transform = self.test_images.batches_source()
                 scores = predict_scores(runner, images, transform, f"evaluating {spec.name}", self.eval_batch)
                 if graph:
                     self._evaluated_graphs[graph] = (spec.name, scores)
@@ -295,9 +288,9 @@ class VariantRunner:
         from ptqflow.models.backends.pytorch_fx import PytorchFxConfig
 
         count = images or self.options.diagnose_images or DEBUG_IMAGES
-        ready, transform = self._test_inputs()
+        ready, transform = self.test_images.batches_source()
         test = transform(ready[:count])
-        source = source or self._weights_for(spec)
+        source = source or self.weights.for_spec(spec)
         batch = self.inputs.model.input.batch_size or 64
         with self.timer.phase("diagnose"), progress_task(f"diagnosing {spec.name}", total=1) as advance:
             if isinstance(spec.config, PytorchFxConfig):
@@ -323,7 +316,7 @@ class VariantRunner:
             raise RuntimeError("run_reference() must run before any variant: variants are compared with it")
         test = self.inputs.test
         count = len(test) if limit is None else min(limit, len(test))
-        source = self._weights_for(spec, progress=False)  # computed (and cached) for the variant itself
+        source = self.weights.for_spec(spec, progress=False)  # computed (and cached) for the variant itself
         with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=f".{spec.name}-measure-") as scratch:
             with self.timer.phase("quantize"):
                 quantized = spec.quantize(source, self.inputs.calibration, Path(scratch))
@@ -331,7 +324,7 @@ class VariantRunner:
             runner = TorchRunner.from_torchscript(quantized.path, engine) if engine else OrtRunner(quantized.path)
             outputs = []
             with self.timer.phase("evaluate"):
-                images, transform = self._test_inputs()
+                images, transform = self.test_images.batches_source()
                 for start in range(0, count, self.eval_batch):
                     batch = transform(images[start:min(start + self.eval_batch, count)])
                     outputs.append(np.asarray(runner.predict(batch), dtype=np.float32).reshape(len(batch), -1))
@@ -353,55 +346,8 @@ class VariantRunner:
             return VariantResult(spec.name, spec.framework, spec, status="failed", reason=failure_reason(exc))
 
     def adaround_ahead(self, specs: list[VariantSpec]) -> None:
-        """The AdaRound grids `specs` will ask for, computed together where several start from the same model (one
-        FP32 pass, the schemes' problems side by side: see FloatModel.adaround_ahead), so each variant then finds its
-        weights in the cache. A failure here is only reported: each variant then computes its own grid and fails
-        (or not) on its own."""
-        wanted: dict[tuple[bool, bool], list[str]] = {}  # (equalized, rounded head) -> schemes
-        for spec in specs:
-            scheme = spec.config.adaround_scheme
-            if scheme is not None:
-                group = wanted.setdefault((bool(getattr(spec.config, "equalization", False)),
-                                           not spec.config.float_head), [])
-                if scheme not in group:
-                    group.append(scheme)
-        for (equalized, round_head), schemes in wanted.items():
-            if len(schemes) < 2:
-                continue  # nothing to share: the variant computes its grid when it needs it
-            try:
-                source = self.quantization_source.equalized() if equalized else self.quantization_source
-                with self.timer.phase("adaround"), \
-                        progress_task(f"AdaRound weights ({', '.join(schemes)})", total=1) as advance:
-                    source.adaround_ahead(schemes, *self._rounding_set(), advance,
-                                          iterations=self.options.adaround_iterations, context=self._context(),
-                                          round_head=round_head)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:  # noqa: BLE001 - each variant retries on its own and records its own failure
-                say(f"[yellow]![/] AdaRound for {', '.join(schemes)} together failed ({failure_reason(exc)}); "
-                    "each variant computes its own")
-
-    def _context(self) -> dict:
-        """What joins an AdaRound cache key beside the model and the calibration images."""
-        return {"layout": self.inputs.transform.layout, "preprocessing": self.inputs.transform.preprocessing.value}
-
-    def _rounding_set(self) -> tuple[np.ndarray, str]:
-        """(model-ready images, indices digest) AdaRound reconstructs on: the calibration set unless told another."""
-        return self.rounding_set or (self.inputs.calibration, self.inputs.calibration_digest)
-
-    def _weights_for(self, spec: VariantSpec, progress: bool = True) -> FloatModel:
-        """The FP32 model whose weights this variant quantizes: equalized when it asks for that, then AdaRound-ed
-        onto its grid when it asks for that (equalization first: it would move rounded weights off the grid).
-        `progress=False` shows no progress line (for a grid computed before, found in memory)."""
-        context = self._context()
-        images, digest = self._rounding_set()
-        if spec.config.adaround_scheme is None or not progress:
-            return self.quantization_source.for_config(spec.config, images, digest,
-                                                       iterations=self.options.adaround_iterations, context=context)
-        with self.timer.phase("adaround"), progress_task(f"AdaRound weights ({spec.config.adaround_scheme})",
-                                                         total=1) as advance:
-            return self.quantization_source.for_config(spec.config, images, digest, advance,
-                                                       iterations=self.options.adaround_iterations, context=context)
+        """The AdaRound grids `specs` will ask for, computed ahead and together (WeightSource.adaround_ahead)."""
+        self.weights.adaround_ahead(specs)
 
     def _to_store(self, spec: VariantSpec, quantized: QuantizedModel, engine: str) -> ModelToStore:
         from ptqflow.models.runtime.runners import OrtRunner, set_quantized_engine
@@ -452,6 +398,3 @@ class VariantRunner:
             advance()
         return result
 
-
-def _model_ready(images: np.ndarray) -> np.ndarray:
-    return images
