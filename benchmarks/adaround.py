@@ -32,7 +32,8 @@ SCHEMES = ("per_channel_sym_int8", "per_tensor_asym_uint8")
 
 def _inputs(model: Path, data_dir: Path, calibration_size: int | None, test_limit: int | None):
     """The sweep's own inputs: calibration images, in the model's layout and preprocessing, and the test split."""
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, prepare_inputs
+    from ptqflow.pipelines.sweep.inputs import prepare_inputs
+    from ptqflow.pipelines.sweep.options import SweepOptions
 
     options = SweepOptions(model_path=model, data_dir=data_dir, test_limit=test_limit)
     if calibration_size:
@@ -97,7 +98,7 @@ def main() -> int:
     from ptqflow.models.backends.base import FloatModel
     from ptqflow.models.adaround.onnx import adaround_onnx_schemes
     from ptqflow.pipelines.shared.progress import quiet_library_warnings
-    from ptqflow.pipelines.sweep.sweep import SweepOptions
+    from ptqflow.pipelines.sweep.options import SweepOptions
 
     quiet_library_warnings()
     if args.threads:

@@ -32,7 +32,8 @@ def run_default_sweep(model: Path, data_dir: Path, before=None, **options):
         os.chdir(store)
         try:
             from ptqflow.pipelines.shared.progress import quiet_library_warnings
-            from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+            from ptqflow.pipelines.sweep.options import SweepOptions
+            from ptqflow.pipelines.sweep.sweep import run_sweep
 
             quiet_library_warnings()
             sweep = lambda: run_sweep(SweepOptions(model_path=model, data_dir=data_dir, **options))  # noqa: E731

@@ -74,7 +74,8 @@ def tracking_store(tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def completed_sweep(tmp_path_factory, cifar_dir, tiny_model):
     """One default sweep on the tiny fixtures, in its own store; yields (result, store_dir)."""
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
 
     root = tmp_path_factory.mktemp("sweep_store")
     with pytest.MonkeyPatch.context() as mp:

@@ -28,7 +28,7 @@ SCHEMES = ("per_channel_sym_int8", "per_tensor_asym_uint8")
 
 
 def _sweep_default_iterations() -> int:
-    from ptqflow.pipelines.sweep.sweep import SweepOptions
+    from ptqflow.pipelines.sweep.options import SweepOptions
 
     return next(f.default for f in dataclasses.fields(SweepOptions) if f.name == "adaround_iterations")
 

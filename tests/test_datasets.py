@@ -21,7 +21,8 @@ from ptqflow.pipelines.cli.app import app
 from ptqflow.pipelines.data.datasets import detect_format, load_dataset, resize_images
 from ptqflow.common.errors import ConfigError, DataError
 from ptqflow.pipelines.data.preprocessing import InputTransform
-from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+from ptqflow.pipelines.sweep.options import SweepOptions
+from ptqflow.pipelines.sweep.sweep import run_sweep
 from ptqflow.pipelines.variants.specs import DEFAULT_VARIANTS
 from ptqflow.tracking.keys import Param, Tag
 

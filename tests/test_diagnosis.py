@@ -315,7 +315,8 @@ def test_diagnose_command_reads_a_sweep_back_and_logs_the_tables(tracking_store,
     from typer.testing import CliRunner
 
     from ptqflow.pipelines.cli.app import app
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
     from ptqflow.tracking import records
     from ptqflow.tracking.keys import Artifact
 

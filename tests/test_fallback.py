@@ -196,7 +196,8 @@ def test_input_layers_and_float_weights_of_fp32_layers(tmp_path):
 
 # ---- end to end -----------------------------------------------------------------------------------------------
 def test_target_agreement_repairs_every_variant_that_misses_it(tracking_store, outlier_model, cifar_dir):
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
     from ptqflow.tracking import records
     from ptqflow.tracking import runs
 
@@ -249,7 +250,8 @@ def test_a_target_out_of_reach_is_one_line_and_leaves_no_run_running(tracking_st
                                                                       monkeypatch, capsys):
     """When the backend refuses every config the search makes (here: this test, on the full test set), every step
     is recorded as refused, the variant keeps no -mixed variant, one line says so and every run ends FINISHED."""
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
     from ptqflow.pipelines.variants.runner import VariantRunner
     from ptqflow.tracking import runs
 
@@ -307,7 +309,8 @@ def test_the_python_api_repairs_without_tracking(outlier_model, cifar_dir, tmp_p
 
 def test_a_failing_diagnosis_leaves_the_variant_standing(tracking_store, outlier_model, cifar_dir, monkeypatch):
     import ptqflow.models.diagnosis.ort
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
 
     def fail(*args, **kwargs):
         raise RuntimeError("no layer table today")
@@ -324,7 +327,8 @@ def test_a_failing_diagnosis_leaves_the_variant_standing(tracking_store, outlier
 
 
 def test_resume_reuses_the_search_and_the_mixed_variant(tracking_store, outlier_model, cifar_dir, capsys):
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
 
     options = SweepOptions(model_path=outlier_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                            weight_rounding="nearest", variants=("ort-uint8",), bench=False, target_agreement=TARGET,

@@ -731,7 +731,8 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost", "::ffff:127.0.0.1"}
 
 
 def test_sweep_never_connects_beyond_loopback(tracking_store, tiny_model, cifar_dir, monkeypatch):
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
 
     attempts: list[object] = []
 

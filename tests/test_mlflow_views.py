@@ -31,7 +31,8 @@ RUN_NAME = re.compile(r"^resnet8 · \d{4}-\d\d-\d\d \d\d:\d\d:\d\d · (\d+) imgs
 
 
 def _sweep(tiny_model, cifar_dir):
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
 
     return run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                                   adaround_iterations=ADAROUND_ITERATIONS, variants=VARIANTS, gate=ALWAYS_PASS))
@@ -131,7 +132,8 @@ def test_pull_and_resume_use_the_logged_model(tracking_store, tiny_model, cifar_
     """`pull` finds the file at the version's model_file path and checks its sha256; a resumed sweep registers
     the logged model of the run it reuses."""
     from ptqflow.pipelines.registry.pull import pull
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
 
     options = dict(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                    adaround_iterations=ADAROUND_ITERATIONS, variants=("ort-int8",), bench=False, gate=ALWAYS_PASS)

@@ -109,12 +109,12 @@ def test_benchmark_records_both_spreads():
 
 def test_speedups_without_batch_256_throughput():
     """A model whose batch is fixed at 1 has no throughput: the b256 speedup is absent, b1 still defined."""
-    from ptqflow.pipelines.sweep.sweep import _speedup_b1, _speedup_b256
+    from ptqflow.pipelines.sweep.outcomes import speedup_b1, speedup_b256
 
     fixed, reference = BenchResult(0.2, 0.25, None, 2), BenchResult(0.4, 0.5, None, 2)
-    assert _speedup_b256(fixed, reference) is None and _speedup_b1(fixed, reference) == pytest.approx(2.0)
-    assert _speedup_b256(BenchResult(0.2, 0.25, 500.0, 2), BenchResult(0.4, 0.5, 250.0, 2)) == pytest.approx(2.0)
-    assert _speedup_b1(None, reference) is None and _speedup_b256(fixed, None) is None
+    assert speedup_b256(fixed, reference) is None and speedup_b1(fixed, reference) == pytest.approx(2.0)
+    assert speedup_b256(BenchResult(0.2, 0.25, 500.0, 2), BenchResult(0.4, 0.5, 250.0, 2)) == pytest.approx(2.0)
+    assert speedup_b1(None, reference) is None and speedup_b256(fixed, None) is None
 
 
 def test_bench_table_with_a_fixed_batch_model(capsys):
@@ -133,7 +133,8 @@ def test_bench_table_with_a_fixed_batch_model(capsys):
 def sweep_store(tmp_path_factory, cifar_dir, tiny_model):
     """A tiny two-variant sweep whose timings are BENCH (so contention is deterministic); records what the
     agreement plot was asked to draw."""
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
     from ptqflow.pipelines.variants.runner import VariantRunner
 
     root = tmp_path_factory.mktemp("numbers_store")

@@ -8,7 +8,9 @@ from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, SHARED
 from onnx_fixture import pytorch_style_cnn, tiny_cnn
 from mlflow.tracking import MlflowClient
 
-from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+from ptqflow.pipelines.sweep.options import SweepOptions
+
+from ptqflow.pipelines.sweep.sweep import run_sweep
 from ptqflow.tracking.keys import Metric
 
 VARIANTS = ("pytorch-fx-int8-x86", "ort-int8", "ort-uint8")

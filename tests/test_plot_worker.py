@@ -91,7 +91,9 @@ def test_a_plot_that_cannot_be_drawn_is_a_tag_on_its_run_and_the_sweep_goes_on(t
     from conftest import CALIBRATION_SIZE, runs_by_name
     from mlflow.tracking import MlflowClient
 
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+
+    from ptqflow.pipelines.sweep.sweep import run_sweep
     from ptqflow.tracking.keys import Artifact, Tag
 
     monkeypatch.setattr(plots, "confusion_matrix", unreadable_confusion)  # drawn by name in the worker
@@ -116,7 +118,9 @@ def test_a_stopped_sweep_logs_the_plots_of_the_runs_that_ended(tracking_store, c
     from conftest import CALIBRATION_SIZE, runs_by_name
     from mlflow.tracking import MlflowClient
 
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+
+    from ptqflow.pipelines.sweep.sweep import run_sweep
     from ptqflow.pipelines.variants.runner import VariantRunner
     from ptqflow.tracking.keys import Artifact
 

@@ -11,7 +11,11 @@ import time
 import pytest
 from conftest import CALIBRATION_SIZE, all_runs
 
-from ptqflow.pipelines.sweep.sweep import SweepOptions, VariantsFailed, run_sweep
+from ptqflow.pipelines.sweep.options import SweepOptions
+
+from ptqflow.pipelines.sweep.outcomes import VariantsFailed
+
+from ptqflow.pipelines.sweep.sweep import run_sweep
 from ptqflow.tracking.keys import Tag
 
 VARIANTS = ("pytorch-fx-int8", "ort-uint8")

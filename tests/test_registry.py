@@ -44,7 +44,8 @@ def test_gate_decisions(candidate, champion, promote, reason):
 
 
 def _sweep(tiny_model, cifar_dir, gate: GatePolicy):
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
 
     return run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                                   variants=("pytorch-fx-int8", "ort-uint8"), bench=False, gate=gate,

@@ -36,7 +36,8 @@ def champion_store(tmp_path_factory, cifar_dir, tiny_model):
     import mlflow
 
     from ptqflow.pipelines.registry.gate import GatePolicy
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
 
     root = tmp_path_factory.mktemp("serve_store")
     uri = f"sqlite:///{root / 'mlflow.db'}"

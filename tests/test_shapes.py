@@ -24,7 +24,8 @@ from ptqflow.pipelines.data.datasets import load_dataset, resize_images
 from ptqflow.common.errors import ConfigError, DataError, ModelError
 from ptqflow.pipelines.data.preprocessing import InputTransform
 from ptqflow.pipelines.data.shapes import resolve_model_input
-from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+from ptqflow.pipelines.sweep.options import SweepOptions
+from ptqflow.pipelines.sweep.sweep import run_sweep
 from ptqflow.pipelines.variants.specs import DEFAULT_VARIANTS
 from ptqflow.tracking.keys import Param, Tag, VersionTag
 

@@ -267,7 +267,8 @@ def test_pull_refuses_a_file_changed_after_registration(completed_sweep, tmp_pat
 
 
 def test_second_sweep_adds_version_2_and_leaves_version_1_alone(completed_sweep, cifar_dir, tiny_model):
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
 
     client = MlflowClient()
     before = client.get_model_version("resnet8-int8", "1")

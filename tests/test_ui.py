@@ -100,7 +100,8 @@ def ui_store(tmp_path_factory, request) -> UiStore:
     from mlflow.tracking import MlflowClient
 
     from ptqflow.pipelines.registry.gate import GatePolicy
-    from ptqflow.pipelines.sweep.sweep import SweepOptions, run_sweep
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
 
     if REAL:
         options = SweepOptions(model_path=SHARED_MODEL, data_dir=SHARED_DATA, test_limit=REAL_TEST_LIMIT)

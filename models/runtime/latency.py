@@ -15,7 +15,7 @@ from ptqflow.models.runtime.runners import cpu_threads
 BATCH_LATENCY = 1
 BATCH_THROUGHPUT = 256
 # p90/p50 of the timings above which a measurement is flagged as contended. On this project's 2-core VM a quiet
-# machine gives batch-1 p90/p50 of 1.1-1.5 (README, "Results"); twice the median at the 90th percentile means at least
+# machine gives batch-1 p90/p50 of 1.1-1.5 (docs/results.md); twice the median at the 90th percentile means at least
 # one run in ten waited for the CPU as long as it computed, so the numbers describe the machine's load, not the model.
 CONTENDED_SPREAD = 2.0
 

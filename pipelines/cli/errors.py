@@ -8,7 +8,7 @@ from functools import wraps
 
 import typer
 
-from ptqflow.common.errors import PtqflowError
+from ptqflow.common.errors import PtqflowError, first_line
 from ptqflow.common.interrupts import deferred_interrupts, stop_requested
 from ptqflow.pipelines.shared.progress import quiet_library_warnings
 
@@ -39,8 +39,7 @@ def cli_errors(fn):
         except Exception as exc:
             if os.environ.get("PTQFLOW_DEBUG"):
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            _fail(f"unexpected {type(exc).__name__}: {first[:500]} (open runs were ended as FAILED; "
+            _fail(f"unexpected {type(exc).__name__}: {first_line(str(exc), 500)} (open runs were ended as FAILED; "
                   "set PTQFLOW_DEBUG=1 for the traceback)", 1)
 
     return wrapper

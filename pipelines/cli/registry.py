@@ -27,18 +27,11 @@ def pull(
     data_format: DataFormatOpt = DataFormat.auto,
 ):
     """Download a registered model, verify its SHA-256, load it, and optionally re-check its accuracy."""
-    from ptqflow.common.errors import ConfigError
-    from ptqflow.pipelines.registry.pull import parse_model_ref
     from ptqflow.pipelines.registry.pull import pull as pull_model
-    from ptqflow.pipelines.shared.names import validate_alias, validate_name, validate_output_dir
+    from ptqflow.pipelines.shared.names import validate_output_dir, version_ref
 
-    model_name, ref_alias = parse_model_ref(name)
-    if ref_alias and alias and ref_alias != alias:
-        raise ConfigError(f"{name} names alias '{ref_alias}' but --alias says '{alias}'")
-    validate_name("registered model name", model_name)
-    if alias or ref_alias:
-        validate_alias(alias or ref_alias)
-    result = pull_model(model_name, version, alias or ref_alias, validate_output_dir(output),
+    named = version_ref(name, version, alias)
+    result = pull_model(named.name, named.version, named.alias, validate_output_dir(output),
                         data_dir if evaluate else None, data_format)
     typer.echo(f"{result.name} version {result.version}: {result.model_file} (sha256 {result.sha256[:12]}…, "
                "verified)")

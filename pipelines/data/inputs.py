@@ -12,7 +12,7 @@ DEFAULT_MODEL = DEFAULT_MODELS_DIR / "resnet8.onnx"
 DEFAULT_DATA_DIR = Path("data/cifar-10-batches-py")
 
 # How a failed fetch of a default path ends its message, in options every command that fetches them has (sweep,
-# baseline, quantize pytorch/ort); `ptqflow fetch` names its own (ptqflow.pipelines.data.fetch).
+# baseline, quantize pytorch/ort, tune); `ptqflow fetch` names its own (ptqflow.pipelines.data.fetch).
 MODEL_UNREACHABLE_HINT = "pass --resnet8-url for a mirror, or --model for a local file"
 MODEL_MISMATCH_HINT = "retry, or pass --model for a local file"
 DATA_UNREACHABLE_HINT = "pass --cifar10-url for a mirror, or --data-dir for a local copy"

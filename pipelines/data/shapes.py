@@ -11,16 +11,17 @@ starts. Each mismatch is one line that names both sides and the option that fixe
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from ptqflow.common.errors import ConfigError, DataError, ModelError
+from ptqflow.common.errors import ConfigError, DataError, ModelError, first_line
 from ptqflow.models.graph.onnx_model import IMAGE_CHANNELS, InputSpec, OnnxClassifier, output_width
-from ptqflow.pipelines.shared.choices import DataFormat, LayoutChoice
+from ptqflow.pipelines.shared.choices import DataFormat, LayoutChoice, Preprocessing
 from ptqflow.pipelines.data.dataset import Dataset, Split, size_text
 from ptqflow.pipelines.data.datasets import resize_images
-from ptqflow.pipelines.data.preprocessing import InputTransform, format_values, resolve_layout
+from ptqflow.pipelines.data.preprocessing import InputTransform, format_values, parse_values, resolve_layout
 from ptqflow.tracking.keys import Param, VersionTag
 
 NO_RESIZE = "none"
@@ -109,7 +110,7 @@ def check_class_count(model: OnnxClassifier, data: Dataset, example: np.ndarray)
         try:
             scores = OrtRunner(model.path, threads=1).predict(example)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are many kinds of RuntimeError and more
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc, 300)
             raise ModelError(f"onnxruntime cannot run {model.path} on one {data.title} image: {first}") from exc
         width = int(np.asarray(scores).reshape(len(example), -1).shape[1])
     if width != data.num_classes:
@@ -147,3 +148,33 @@ def size_from_tag(text: str | None) -> tuple[int, int] | None:
     """An `input_size` tag (HxW) as (height, width); None when absent or unreadable."""
     match = re.fullmatch(r"(\d+)x(\d+)", text or "")
     return (int(match[1]), int(match[2])) if match else None
+
+
+@dataclass(frozen=True)
+class RecordedFeed:
+    """How a sweep fed the data to its model, read back from what it recorded: a variant run's params or a registered
+    version's tags, which use the same keys (input_params, input_version_tags). What `diagnose`, `pull --evaluate`
+    and `bench` need to feed the test set again exactly as the sweep did."""
+
+    data_format: str  # "auto" when not recorded (CIFAR-10 pickles: found again by detection)
+    layout: str | None  # NHWC or NCHW; None when not recorded
+    preprocessing: Preprocessing
+    size: tuple[int, int] | None  # (height, width) the model was fed, when recorded
+    resized: bool  # whether the sweep resized the data to `size`
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+    @classmethod
+    def read(cls, record: Mapping[str, str]) -> RecordedFeed:
+        P = Param  # VersionTag uses the same key strings for these
+        return cls(data_format=record.get(P.DATA_FORMAT, DataFormat.auto.value),
+                   layout=record.get(P.INPUT_LAYOUT),
+                   preprocessing=Preprocessing(record.get(P.PREPROCESSING, Preprocessing.raw.value)),
+                   size=size_from_tag(record.get(P.INPUT_SIZE)),
+                   resized=record.get(P.RESIZE, NO_RESIZE) != NO_RESIZE,
+                   mean=parse_values(P.INPUT_MEAN, record.get(P.INPUT_MEAN)),
+                   std=parse_values(P.INPUT_STD, record.get(P.INPUT_STD)))
+
+    def transform(self, layout: str | None = None) -> InputTransform:
+        """The recorded preprocessing for `layout` (default: the recorded one, else NHWC)."""
+        return InputTransform(layout or self.layout or "NHWC", self.preprocessing, self.mean, self.std)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptqflow.common.errors import IntegrityError, ModelError, TrackingError
+from ptqflow.common.errors import IntegrityError, ModelError
 from ptqflow.common.files import file_sha256
 
 ACCURACY_TOLERANCE = 1e-4
@@ -21,14 +21,6 @@ class PullResult:
     accuracy: float | None = None  # re-computed with --evaluate
     model_dir: Path | None = None  # the downloaded MLflow model directory the verified file sits in
     engine: str | None = None  # torch quantized engine the file was loaded under (its version's tag)
-
-
-def parse_model_ref(ref: str) -> tuple[str, str | None]:
-    """NAME@ALIAS → (NAME, ALIAS); NAME → (NAME, None)."""
-    name, _, alias = ref.partition("@")
-    if not name:
-        raise TrackingError(f"'{ref}' is not a registered model name (NAME or NAME@ALIAS)")
-    return name, alias or None
 
 
 def pull(name: str, version: str | None, alias: str | None, output_dir: Path,
@@ -90,29 +82,27 @@ def _reevaluate(result: PullResult, runner, tags: dict[str, str], data_dir: Path
     from ptqflow.pipelines.data.dataset import size_text
     from ptqflow.pipelines.data.datasets import load_dataset, resize_images
     from ptqflow.pipelines.variants.evaluation import EVAL_BATCH_SIZE, evaluate, predict_scores
-    from ptqflow.pipelines.data.preprocessing import InputTransform, Preprocessing, parse_values
-    from ptqflow.pipelines.data.shapes import NO_RESIZE, size_from_tag
+    from ptqflow.pipelines.data.shapes import RecordedFeed
     from ptqflow.tracking.keys import VersionTag as V
 
+    feed = RecordedFeed.read(tags)  # the data as the sweep fed it
     data_format = getattr(data_format, "value", data_format)
     if data_format == "auto":
-        data_format = tags.get(V.DATA_FORMAT, "auto")
+        data_format = feed.data_format
     data = load_dataset(data_dir, data_format)
     limit = int(tags[V.TEST_IMAGES]) if V.TEST_IMAGES in tags else None
     if V.DATASET_DIGEST in tags and tags[V.DATASET_DIGEST] != data.digest:
         raise IntegrityError(f"{data_dir} is not the dataset {result.name} v{result.version} was measured on "
                              "(dataset SHA-256 differs); pass the same --data-dir as the sweep")
     test = data.test.head(limit)
-    size = size_from_tag(tags.get(V.INPUT_SIZE))
+    size = feed.size
     images = test.images
     if size is not None and size != data.image_size:
-        if tags.get(V.RESIZE, NO_RESIZE) == NO_RESIZE:  # a tag edited by hand, or another dataset
+        if not feed.resized:  # a tag edited by hand, or another dataset
             raise IntegrityError(f"{result.name} v{result.version} takes {size_text(size)} images but {data_dir} "
                                  f"holds {size_text(data.image_size)} ones and the version was not measured resized")
         images = resize_images(images, size)
-    mean, std = (parse_values(key, tags.get(key)) for key in (V.INPUT_MEAN, V.INPUT_STD))
-    transform = InputTransform(tags.get(V.INPUT_LAYOUT, "NHWC"), Preprocessing(tags.get(V.PREPROCESSING, "raw")),
-                               mean, std)
+    transform = feed.transform()  # the recorded layout, else NHWC
     batch = int(tags.get(V.INPUT_BATCH, 0)) or EVAL_BATCH_SIZE  # a model exported with a fixed batch of 1
     scores = predict_scores(runner, images, transform, f"evaluating {result.name} v{result.version}", batch)
     accuracy = evaluate(scores, test.labels, data.class_names).accuracy

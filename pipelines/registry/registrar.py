@@ -41,7 +41,7 @@ class MeasuredOn:
 
     @classmethod
     def of(cls, inputs) -> "MeasuredOn":
-        """From ptqflow.pipelines.sweep.sweep.SweepInputs."""
+        """From ptqflow.pipelines.sweep.inputs.SweepInputs."""
         from ptqflow.pipelines.data import shapes
 
         shape = inputs.shape
@@ -94,7 +94,7 @@ class Registrar:
 
     def register_best(self, outcomes: list, reference_accuracy: float) -> list:
         """Per framework, the ok int8 variant that agrees most often with FP32 (accuracy breaks ties) becomes a new
-        version; returns the registered ModelVersions. `outcomes` are ptqflow.pipelines.sweep.sweep.VariantOutcome."""
+        version; returns the registered ModelVersions. `outcomes` are ptqflow.pipelines.sweep.outcomes.VariantOutcome."""
         from ptqflow.tracking import registry
 
         registered = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ptqflow.common.errors import ConfigError, IntegrityError, ModelError
+from ptqflow.common.errors import ConfigError, IntegrityError, ModelError, first_line
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5001
@@ -40,20 +40,14 @@ class ServedModel:
 
 
 def model_ref(ref: str, version: str | None, alias: str | None) -> tuple[str, str | None, str | None]:
-    """NAME@ALIAS / NAME --version N / NAME --alias A → (name, version, alias), with the same checks as pull."""
-    from ptqflow.pipelines.shared.names import validate_alias, validate_name
-    from ptqflow.pipelines.registry.pull import parse_model_ref
+    """NAME@ALIAS / NAME/N / NAME --version N / NAME --alias A → (name, version, alias), with the same checks as
+    pull, and exactly one of a version or an alias."""
+    from ptqflow.pipelines.shared.names import version_ref
 
-    name, ref_alias = parse_model_ref(ref)
-    if ref_alias and alias and ref_alias != alias:
-        raise ConfigError(f"{ref} names alias '{ref_alias}' but --alias says '{alias}'")
-    validate_name("registered model name", name)
-    alias = alias or ref_alias
-    if alias:
-        validate_alias(alias)
-    if (version is None) == (alias is None):
+    named = version_ref(ref, version, alias)
+    if (named.version is None) == (named.alias is None):
         raise ConfigError("give exactly one of --version or an alias (NAME@ALIAS or --alias)")
-    return name, version, alias
+    return named.name, named.version, named.alias
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -124,7 +118,7 @@ def load_verified(name: str, version: str | None, alias: str | None, download_di
         pyfunc = mlflow.pyfunc.load_model(str(pulled.model_dir))
     except mlflow.exceptions.MlflowException as exc:
         raise ModelError(f"{name} version {pulled.version}: MLflow cannot load the verified model: "
-                         f"{exc.message.splitlines()[0]}") from exc
+                         f"{first_line(exc.message)}") from exc
     return ServedModel(name, pulled.version, pulled.model_dir, pulled.model_file, pulled.sha256, pulled.engine,
                        pyfunc)
 

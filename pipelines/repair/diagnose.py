@@ -23,6 +23,7 @@ import numpy as np
 
 from ptqflow.models.diagnosis.records import DEBUG_IMAGES, Diagnosis
 from ptqflow.common.errors import ConfigError, IntegrityError, ModelError, TrackingError, failure_reason
+from ptqflow.pipelines.shared.names import names_a_version, parse_version_ref
 
 FILES = ("layers.csv", "layers.json", "layer_sqnr.png")
 COMPARISON_FILE = "backends.png"
@@ -62,14 +63,10 @@ def variant_runs(ref: str) -> tuple[list, str | None]:
     from ptqflow.tracking import runs
     from ptqflow.tracking.keys import Tag, VersionTag
 
-    if "/" in ref or "@" in ref:
-        from ptqflow.pipelines.shared.names import validate_alias, validate_name
-
-        name, sep, rest = ref.partition("/") if "/" in ref else ref.partition("@")
-        validate_name("registered model name", name)
-        if sep == "@":
-            validate_alias(rest)
-        version = registry.resolve(name, version=rest) if sep == "/" else registry.resolve(name, alias=rest)
+    if names_a_version(ref):
+        named = parse_version_ref(ref)
+        version = registry.resolve(named.name, version=named.version, alias=named.alias)
+        name = named.name
         run_id = version.run_id or version.tags.get(VersionTag.SOURCE_RUN_ID)  # the tag: older versions
         if not run_id:
             raise TrackingError(f"{name} version {version.version} names no source run; it was not registered by "
@@ -119,11 +116,9 @@ def _sweep_inputs(run, parent, options: DiagnoseOptions, work_dir: Path) -> _Swe
     from ptqflow.models.backends.base import FloatModel
     from ptqflow.models.graph.onnx_model import load_classifier
     from ptqflow.pipelines.data.calibration import indices_digest
-    from ptqflow.pipelines.shared.choices import Preprocessing
-    from ptqflow.pipelines.shared.choices import DataFormat, LayoutChoice
     from ptqflow.pipelines.data.datasets import load_dataset
-    from ptqflow.pipelines.data.preprocessing import InputTransform, parse_values
-    from ptqflow.pipelines.data.shapes import NO_RESIZE, parse_size, resolve_model_input
+    from ptqflow.pipelines.data.shapes import RecordedFeed, resolve_model_input
+    from ptqflow.pipelines.shared.choices import DataFormat, LayoutChoice
     from ptqflow.tracking import records
     from ptqflow.tracking.keys import Artifact, Param, Tag
 
@@ -142,12 +137,10 @@ def _sweep_inputs(run, parent, options: DiagnoseOptions, work_dir: Path) -> _Swe
     if data_dir is None:
         raise ConfigError("the sweep recorded no data directory; pass --data-dir")
     # The data as the sweep fed it: same format, size (resized when the sweep resized) and mean/std.
-    data_format = options.data_format if options.data_format != DataFormat.auto.value else \
-        params.get(Param.DATA_FORMAT, DataFormat.auto.value)
+    feed = RecordedFeed.read(params)
+    data_format = options.data_format if options.data_format != DataFormat.auto.value else feed.data_format
     data = load_dataset(data_dir, data_format)
-    resized = params.get(Param.RESIZE, NO_RESIZE) != NO_RESIZE
-    shape = resolve_model_input(model.input, data, LayoutChoice(params.get(Param.INPUT_LAYOUT, "auto")),
-                                parse_size(params.get(Param.INPUT_SIZE)), resized)
+    shape = resolve_model_input(model.input, data, LayoutChoice(feed.layout or "auto"), feed.size, feed.resized)
     if tags.get(Tag.DATASET_DIGEST) and data.digest != tags[Tag.DATASET_DIGEST]:
         raise IntegrityError(f"{data_dir} is not the dataset run {run.info.run_id} was calibrated on (dataset "
                              "SHA-256 differs); pass the sweep's --data-dir")
@@ -157,9 +150,7 @@ def _sweep_inputs(run, parent, options: DiagnoseOptions, work_dir: Path) -> _Swe
     if tags.get(Tag.CALIBRATION_DIGEST) and digest != tags[Tag.CALIBRATION_DIGEST]:
         raise IntegrityError(f"the calibration indices of sweep {parent.info.run_id} do not match run "
                              f"{run.info.run_id}'s calibration digest")
-    transform = InputTransform(shape.layout, Preprocessing(params.get(Param.PREPROCESSING, Preprocessing.raw.value)),
-                               parse_values("mean", params.get(Param.INPUT_MEAN)),
-                               parse_values("std", params.get(Param.INPUT_STD)))
+    transform = feed.transform(shape.layout)
     iterations = options.adaround_iterations or int(parent.data.params.get(Param.ADAROUND_ITERATIONS, 1000))
     float_model = FloatModel.for_runtimes(model, work_dir).for_quantization()
     return _SweepInputs(float_model, transform, transform(shape.fit_images(data.train.images[indices])), digest,

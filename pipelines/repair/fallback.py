@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable, ContextManager
 
-from ptqflow.common.errors import ConfigError, TrackingError
+from ptqflow.common.errors import ConfigError, TrackingError, failure_reason
 from ptqflow.common.interrupts import checkpoint
 from ptqflow.pipelines.shared.progress import progress_task, say
 from ptqflow.pipelines.variants.specs import Mixed, Upgrade, VariantSpec, apply_upgrades, upgrade_kinds
@@ -308,7 +308,7 @@ class FallbackSearch:
                     except (ConfigError, TrackingError):
                         raise
                     except Exception as exc:  # noqa: BLE001 - a config the backend refuses is not a candidate
-                        entry.refused[kind] = _reason(exc)
+                        entry.refused[kind] = failure_reason(exc)[:500]
                     advance(1)
         return sorted(ranked, key=Ranked.sort_key)
 
@@ -387,7 +387,7 @@ class FallbackSearch:
             except (ConfigError, TrackingError):
                 raise
             except Exception as exc:  # noqa: BLE001 - the step is recorded as refused; the search goes on
-                step = Step(number, change, upgrades, None, _reason(exc))
+                step = Step(number, change, upgrades, None, failure_reason(exc)[:500])
             else:
                 step = Step(number, change, upgrades, measured)
             record(step)
@@ -413,11 +413,6 @@ def _db(value: float | None):
     if value is None or math.isnan(value):
         return None
     return value if math.isfinite(value) else "inf"
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:500]
 
 
 def search(runner, result, target: FallbackTarget, candidates: int = DEFAULT_CANDIDATES,
@@ -464,7 +459,7 @@ def repair_untracked(runner, result, target: FallbackTarget, candidates: int = D
     except (ConfigError, TrackingError):
         raise
     except Exception as exc:  # noqa: BLE001 - as a failing variant does, a failing search leaves the others
-        say(f"[red]✗[/] {result.name}: the fallback search failed ({_reason(exc)})")
+        say(f"[red]✗[/] {result.name}: the fallback search failed ({failure_reason(exc)[:500]})")
         return None
     say(("[green]✓[/] " if found.reached else "[yellow]![/] ") + found.summary())
     return found.mixed_spec(result.spec)
@@ -496,7 +491,7 @@ class SweepFallback:
         self.timer = timer
 
     def repair(self, outcome) -> VariantSpec | None:
-        """The `-mixed` spec for `outcome` (ptqflow.pipelines.sweep.sweep.VariantOutcome, with its run id) when it misses the
+        """The `-mixed` spec for `outcome` (ptqflow.pipelines.sweep.outcomes.VariantOutcome, with its run id) when it misses the
         target and some upgrade brought it closer; None otherwise."""
         from contextlib import nullcontext
 
@@ -505,7 +500,7 @@ class SweepFallback:
 
         if self.runner.reference is None or not misses(self.target, outcome, self.runner.reference.accuracy):
             return None
-        if outcome.reason.startswith("reused run"):  # ptqflow.pipelines.sweep.sweep.Sweep._reuse: a run of an earlier sweep
+        if outcome.reason.startswith("reused run"):  # ptqflow.pipelines.sweep.outcomes.outcome_of_run: a run of an earlier sweep
             found, mixed = self._reused_search(outcome)
             if found:
                 return mixed
@@ -516,7 +511,7 @@ class SweepFallback:
         except (ConfigError, TrackingError):
             raise
         except Exception as exc:  # noqa: BLE001 - the variant stands; the search's failure is recorded on it
-            reason = _reason(exc)
+            reason = failure_reason(exc)[:500]
             records.set_run_tags(outcome.run_id, {Tag.FALLBACK: f"search failed: {reason}"[:5000]})
             say(f"[red]✗[/] {outcome.name}: the fallback search failed ({reason})")
             return None

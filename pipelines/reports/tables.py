@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ptqflow.pipelines.reports import comparison as report
+from ptqflow.pipelines.shared.names import names_a_version, parse_version_ref
 
 
 
@@ -110,10 +111,10 @@ def resolve_reference(ref: str) -> tuple[str, list]:
     from ptqflow.tracking import runs
     from ptqflow.tracking.keys import Tag
 
-    if "/" in ref or "@" in ref:
-        name, sep, rest = ref.partition("/") if "/" in ref else ref.partition("@")
-        version = registry.resolve(name, version=rest) if sep == "/" else registry.resolve(name, alias=rest)
-        return f"{name} v{version.version}", [runs.get_run(version.run_id)]
+    if names_a_version(ref):
+        named = parse_version_ref(ref)
+        version = registry.resolve(named.name, version=named.version, alias=named.alias)
+        return f"{named.name} v{version.version}", [runs.get_run(version.run_id)]
     run = runs.get_run(ref)
     if run.data.tags.get(Tag.ROLE) == Tag.ROLE_SWEEP:
         children = sorted(runs.child_runs(ref), key=lambda r: r.info.start_time)
@@ -221,7 +222,7 @@ def print_bench(results) -> None:
 
 
 def print_tune(result) -> None:
-    """A tune study's Pareto front (ptqflow.pipelines.tune.tuner.TuneResult), fastest first, and where it was logged."""
+    """A tune study's Pareto front (ptqflow.pipelines.tune.results.TuneResult), fastest first, and where it was logged."""
     console = _console()
     table = Table(title=f"{result.study}: Pareto front of {sum(t.state == 'COMPLETE' for t in result.trials)} "
                         "complete trials")

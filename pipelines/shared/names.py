@@ -9,6 +9,7 @@ Only the standard library is imported, so the CLI can use this module without sl
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from ptqflow.common.errors import ConfigError
@@ -64,6 +65,49 @@ def validate_alias(value: str) -> str:
         raise ConfigError(f"alias {value!r} is not allowed: use letters, digits, '_' or '-' (not 'latest' or "
                           "'v<number>')")
     return value
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    """A registered model version as a user names it: NAME/VERSION, NAME@ALIAS, or (where allowed) NAME alone."""
+
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        return self.name + (f"/{self.version}" if self.version else f"@{self.alias}" if self.alias else "")
+
+
+def names_a_version(text: str) -> bool:
+    """Whether `text` has the form NAME/VERSION or NAME@ALIAS (rather than a run id or a file)."""
+    return "/" in text or "@" in text
+
+
+def parse_version_ref(text: str, bare_name: bool = False) -> VersionRef:
+    """NAME/VERSION, NAME@ALIAS, and with `bare_name` NAME alone, checked (validate_name, validate_alias); anything
+    else is one ConfigError line."""
+    name, sep, rest = text.partition("/") if "/" in text else text.partition("@")
+    forms = "NAME/VERSION or NAME@ALIAS" + (" or NAME" if bare_name else "")
+    if not name or (sep and not rest) or (not sep and not bare_name):
+        raise ConfigError(f"{_shown(text)} does not name a registered model version: use {forms}")
+    validate_name("registered model name", name)
+    if sep == "@":
+        return VersionRef(name, alias=validate_alias(rest))
+    return VersionRef(name, version=rest or None)
+
+
+def version_ref(text: str, version: str | None = None, alias: str | None = None) -> VersionRef:
+    """The version a command names: NAME/VERSION, NAME@ALIAS, or NAME with its --version or --alias option, each
+    checked; a version or alias given twice, differently, is a ConfigError."""
+    parsed = parse_version_ref(text, bare_name=True)
+    for kind, in_text, option in (("alias", parsed.alias, alias), ("version", parsed.version, version)):
+        if in_text and option and in_text != option:
+            raise ConfigError(f"{text} names {kind} '{in_text}' but --{kind} says '{option}'")
+    alias = alias or parsed.alias
+    if alias:
+        validate_alias(alias)
+    return VersionRef(parsed.name, version or parsed.version, alias)
 
 
 PYTORCH_SUFFIX = "-int8"
