@@ -151,6 +151,44 @@ def test_graph_digest_does_not_depend_on_the_order_of_independent_nodes():
     assert graph_digest(swapped) != graph_digest(branches("relu"))
 
 
+def test_graph_digest_sees_values_a_subgraph_reads_from_the_outer_scope():
+    """An If branch that adds an initializer of the enclosing graph: its value is not among the If node's inputs."""
+    from ptqflow.models.graph.onnx_model import graph_digest
+
+    def model(offset: float):
+        branch = lambda name, op: helper.make_graph(  # noqa: E731
+            [helper.make_node(op, ["x", "w"], [f"{name}_y"])], name, [],
+            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [2])])
+        node = helper.make_node("If", ["c"], ["y"], then_branch=branch("then", "Add"),
+                                else_branch=branch("else", "Sub"))
+        graph = helper.make_graph([node], "outer", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                                    helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                                  [numpy_helper.from_array(np.array([1.0, offset], np.float32), "w")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+    onnx.checker.check_model(model(2.0))
+    assert graph_digest(model(2.0)) == graph_digest(model(2.0))
+    assert graph_digest(model(2.0)) != graph_digest(model(3.0))
+
+
+def test_graph_digest_sees_the_body_of_a_model_local_function():
+    from ptqflow.models.graph.onnx_model import graph_digest
+
+    def model(op: str):
+        function = helper.make_function("local", "Act", ["a"], ["b"], [helper.make_node(op, ["a"], ["b"])],
+                                        [helper.make_opsetid("", 13)])
+        graph = helper.make_graph([helper.make_node("Act", ["x"], ["y"], domain="local")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        return helper.make_model(graph, functions=[function],
+                                 opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("local", 1)])
+
+    onnx.checker.check_model(model("Relu"))
+    assert graph_digest(model("Relu")) == graph_digest(model("Relu"))
+    assert graph_digest(model("Relu")) != graph_digest(model("Neg"))
+
+
 def test_qdq_and_qoperator_int8_files_run_as_one_graph_and_give_the_same_scores(tmp_path):
     """Why the sweep evaluates ort-int8-u8s8 once only when its graph is ort-int8's: onnxruntime fuses the QDQ file
     into the QOperator file's graph; ort-uint8 (other weights) is another graph."""

@@ -74,7 +74,10 @@ def graph_digest(proto) -> str:
     each value is named by how it is made (a graph input by position and type, an initializer by its content, a
     node's output by the node's op, domain, attributes and the values it reads, recursively), and the digest is that
     of the opsets and the graph outputs' values. Two models with one digest run the same ops on the same constants
-    for every output, so one runtime gives them the same outputs. Names inside subgraphs only make digests differ."""
+    for every output, so one runtime gives them the same outputs. Names inside subgraphs only make digests differ.
+    A node with subgraphs (If, Loop, Scan) also hashes the values its subgraphs read from the outer scope, by how
+    they are made, and the model-local functions (their whole protos) are part of the digest: both decide what the
+    graph computes without appearing in a node's own inputs."""
     graph = proto.graph
     source: dict[str, str] = {}
     for tensor in list(graph.initializer) + [s.values for s in graph.sparse_initializer]:
@@ -87,13 +90,47 @@ def graph_digest(proto) -> str:
         for attribute in sorted(node.attribute, key=lambda a: a.name):
             sha.update(attribute.SerializeToString())
         sha.update(repr([source.get(name, f"name:{name}") if name else "" for name in node.input]).encode())
+        outer = sorted(_outer_scope_reads(node))  # named in the subgraph: hashed with their names
+        sha.update(repr([(name, source.get(name, f"name:{name}")) for name in outer]).encode())
         made = sha.hexdigest()
         for slot, name in enumerate(node.output):
             if name:
                 source[name] = f"node:{made}:{slot}"
     opsets = sorted((o.domain, o.version) for o in proto.opset_import)
-    return hashlib.sha256(repr((opsets, [source.get(v.name, f"name:{v.name}") for v in graph.output])).encode()
-                          ).hexdigest()
+    # Every local function, called or not (an unused one only makes digests differ), names and all.
+    functions = sorted(hashlib.sha256(f.SerializeToString(deterministic=True)).hexdigest() for f in proto.functions)
+    outputs = [source.get(v.name, f"name:{v.name}") for v in graph.output]
+    return hashlib.sha256(repr((opsets, outputs, functions)).encode()).hexdigest()
+
+
+def _outer_scope_reads(node) -> set[str]:
+    """Names the subgraphs of `node` (at any depth) read without defining them: values of the enclosing graph."""
+    return set().union(*(_free_names(subgraph) for subgraph in _subgraphs(node)))
+
+
+def _free_names(graph) -> set[str]:
+    """Names `graph` reads (its nodes, its nested subgraphs, its outputs) that it does not define itself."""
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer} \
+        | {t.values.name for t in graph.sparse_initializer}
+    reads = {v.name for v in graph.output}
+    for inner in graph.node:
+        reads.update(name for name in inner.input if name)
+        defined.update(name for name in inner.output if name)
+        for subgraph in _subgraphs(inner):
+            reads.update(_free_names(subgraph))
+    return reads - defined
+
+
+def _subgraphs(node) -> list:
+    from onnx import AttributeProto
+
+    found = []
+    for attribute in node.attribute:
+        if attribute.type == AttributeProto.GRAPH:
+            found.append(attribute.g)
+        elif attribute.type == AttributeProto.GRAPHS:
+            found.extend(attribute.graphs)
+    return found
 
 
 def _tensor_sha256(tensor) -> str:
