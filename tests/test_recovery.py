@@ -88,3 +88,35 @@ def test_runs_of_a_killed_process_are_marked_failed_by_the_next_sweep(tracking_s
         assert after[run_id].info.status == "FAILED"
         assert f"process {proc.pid}" in after[run_id].data.tags[Tag.REASON]
     assert not [r for r in after.values() if r.info.status == "RUNNING"]
+
+
+def test_orphans_are_told_by_process_start_not_by_host_and_pid_alone(tracking_store):
+    """A RUNNING run of this host is an orphan only when its process, identified by pid and start (boot id, pid
+    namespace, start time), is gone: a live run of another container with a pid unknown here stays RUNNING, a run
+    whose pid a later process reuses ends FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from ptqflow.tracking.recovery import mark_orphans_failed
+    from ptqflow.tracking.runs import process_start
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment("orphans")
+    host = __import__("socket").gethostname()
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    dead_pid, live_pid = exited.pid, os.getppid()
+    boot, namespace, _ = process_start(os.getpid()).split("/")
+
+    def running(name: str, pid: int, start: str) -> str:
+        return client.create_run(experiment_id, run_name=name, tags={
+            Tag.HOST: host, Tag.PID: str(pid), Tag.PROCESS_START: start}).info.run_id
+
+    other_container = running("other container", dead_pid, f"{boot}/{int(namespace) + 1}/{12345}")
+    reused_pid = running("reused pid", live_pid, f"{boot}/{namespace}/1")
+    dead = running("dead", dead_pid, f"{boot}/{namespace}/12345")
+    alive = running("alive", live_pid, process_start(live_pid))
+
+    assert sorted(mark_orphans_failed(experiment_id)) == sorted([reused_pid, dead])
+    status = {run_id: client.get_run(run_id).info.status for run_id in (other_container, reused_pid, dead, alive)}
+    assert status == {other_container: "RUNNING", reused_pid: "FAILED", dead: "FAILED", alive: "RUNNING"}
+    assert f"process {live_pid}" in client.get_run(reused_pid).data.tags[Tag.REASON]

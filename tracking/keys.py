@@ -137,6 +137,9 @@ class Tag:
     CPU_INT8_ISA = "ptqflow.cpu_int8_isa"  # e.g. "avx2,avx512_vnni"; "none" when it has none of them
     PID = "ptqflow.pid"
     HOST = "ptqflow.host"
+    # "<boot id>/<pid namespace>/<start time>" of the process that made the run (Linux /proc; absent elsewhere): with
+    # ptqflow.pid, what no two live processes share, so a live run of another container is never taken for an orphan
+    PROCESS_START = "ptqflow.process_start"
     SWEEP_RUN_ID = "ptqflow.sweep_run_id"
     VERSION_PREFIX = "ptqflow.version."  # + package name
     REGISTERED_VERSION = "ptqflow.registered_version"
@@ -160,6 +163,11 @@ class Tag:
     TUNE_TRIAL_ID = "ptqflow.tune_trial_id"  # the storage's id of the trial: how a worker finds a dead one's run
     TUNE_SAMPLER_SEED = "ptqflow.tune_sampler_seed"  # the seed of the worker's sampler that chose the trial
     TUNE_FEASIBLE = "ptqflow.tune_feasible"  # "yes" when the trial meets --target-agreement and --min-speedup
+    # On a tune's parent run: the worker that ended it ("host:pid", the one whose claim went in) and when (UTC)
+    TUNE_ENDED_BY = "ptqflow.tune_ended_by"
+    # + n, on a tune's parent run: the n-th time the study was taken up again and its ended run reopened, as
+    # "<UTC time> by <host:pid>"
+    TUNE_REOPENED_PREFIX = "ptqflow.tune_reopened."
 
     STATUS_OK = "ok"
     STATUS_UNSUPPORTED = "unsupported"

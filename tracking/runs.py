@@ -21,7 +21,29 @@ from ptqflow.tracking.records import DetachedRun, forget_logged_model
 
 
 def process_tags() -> dict[str, str]:
-    return {Tag.PID: str(os.getpid()), Tag.HOST: socket.gethostname()}
+    """This process's pid, host and, where /proc tells it, its start (process_start): how a later sweep on the same
+    machine tells whether the process that holds a run RUNNING is alive (ptqflow.tracking.recovery)."""
+    tags = {Tag.PID: str(os.getpid()), Tag.HOST: socket.gethostname()}
+    start = process_start(os.getpid())
+    if start is not None:
+        tags[Tag.PROCESS_START] = start
+    return tags
+
+
+def process_start(pid: int) -> str | None:
+    """"<boot id>/<pid namespace>/<start time>" of process `pid` as this process sees it, or None when it does not
+    exist (or there is no /proc). The boot id tells machines (and boots) apart, the pid namespace containers on one
+    kernel (the same pid names another process in each), the start time (clock ticks after boot, field 22 of
+    /proc/<pid>/stat) a pid reused by a later process: two live processes never share all three with the pid."""
+    try:
+        boot_id = open("/proc/sys/kernel/random/boot_id").read().strip()
+        namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:").strip("[]")
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: count fields after its closing parenthesis
+    start_ticks = stat[stat.rindex(")") + 2:].split()[19]
+    return f"{boot_id}/{namespace}/{start_ticks}"
 
 
 @contextmanager
