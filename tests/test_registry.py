@@ -104,3 +104,46 @@ def test_pull_by_alias_and_compare_two_sweeps(tracking_store, tiny_model, cifar_
     versions = runner.invoke(app, ["compare", "resnet8-int8/1", "resnet8-int8/2"])
     assert versions.exit_code == 0, versions.output
     assert "resnet8-int8 v1" in versions.stdout and "resnet8-int8 v2" in versions.stdout
+
+
+@pytest.mark.parametrize("test_images", [1, 3, 7, 30, 99, 100, 101, 300, 333, 500, 999, 1000, 1001, 2500, 9999, 10000])
+def test_pull_compares_what_the_recorded_accuracy_cannot_hide(test_images):
+    """The version's accuracy tag is rounded to the test set's resolution: a faithful re-evaluation (the same number
+    of correct images) matches it for every size, and one image more or fewer never does."""
+    from ptqflow.pipelines.registry.pull import accuracy_matches
+    from ptqflow.pipelines.shared.precision import share_decimals
+
+    decimals = share_decimals(test_images)
+    for correct in sorted({0, 1, test_images // 3, (2 * test_images) // 3, test_images - 1, test_images}):
+        recorded = f"{correct / test_images:.{decimals}f}"  # as the registrar writes it
+        assert accuracy_matches(correct / test_images, recorded, test_images)
+        for other in (correct - 1, correct + 1):
+            if 0 <= other <= test_images:
+                assert not accuracy_matches(other / test_images, recorded, test_images), (other, recorded)
+
+
+def test_pull_evaluate_passes_on_a_test_set_whose_shares_round(tracking_store, tiny_model, cifar_dir, tmp_path):
+    """30 test images, one relabelled so that not all are right: the accuracy is k/30, recorded with 2 decimals
+    (29/30 as 0.97); `pull --evaluate` of the faithful version passes."""
+    from cifar_fixture import write_npz
+
+    from ptqflow.pipelines.data.datasets import load_dataset
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
+
+    data = load_dataset(cifar_dir)
+    labels = data.test.labels.copy()
+    labels[0] = (labels[0] + 1) % 10
+    npz = write_npz(tmp_path / "data" / "relabelled.npz", (data.train.images, data.train.labels),
+                    (data.test.images, labels), data.class_names)
+    run_sweep(SweepOptions(model_path=tiny_model, data_dir=npz, calibration_size=CALIBRATION_SIZE,
+                           variants=("ort-int8",), bench=False, diagnose=False, weight_rounding="nearest",
+                           test_limit=30))
+    tags = MlflowClient().get_model_version("resnet8-int8-onnx", "1").tags
+    accuracy = float(tags[VersionTag.ACCURACY])
+    assert tags[VersionTag.TEST_IMAGES] == "30" and len(tags[VersionTag.ACCURACY].split(".")[1]) == 2
+    assert abs(round(accuracy * 30) / 30 - accuracy) > 1e-4  # rounded: what a fixed 1e-4 tolerance refused
+    pulled = CliRunner().invoke(app, ["pull", "resnet8-int8-onnx/1", "--output", str(tmp_path / "pulled"),
+                                      "--evaluate", "--data-dir", str(npz)])
+    assert pulled.exit_code == 0, pulled.output
+    assert "matches the registered" in pulled.stdout

@@ -8,7 +8,6 @@ from pathlib import Path
 from ptqflow.common.errors import IntegrityError, ModelError
 from ptqflow.common.files import file_sha256
 
-ACCURACY_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,26 @@ def _reevaluate(result: PullResult, runner, tags: dict[str, str], data_dir: Path
     scores = predict_scores(runner, images, transform, f"evaluating {result.name} v{result.version}", batch)
     accuracy = evaluate(scores, test.labels, data.class_names).accuracy
     result = replace(result, accuracy=accuracy)
-    if result.logged_accuracy is not None and abs(accuracy - result.logged_accuracy) > ACCURACY_TOLERANCE:
-        raise IntegrityError(f"{result.name} v{result.version}: accuracy {accuracy:.6f} differs from the "
-                             f"registered {result.logged_accuracy:.6f} by more than {ACCURACY_TOLERANCE}")
+    recorded = tags.get(V.ACCURACY)
+    if recorded is not None and not accuracy_matches(accuracy, recorded, len(test)):
+        correct = round(accuracy * len(test))
+        raise IntegrityError(f"{result.name} v{result.version}: accuracy {accuracy:.6f} ({correct} of {len(test)} "
+                             f"images) differs from the registered {recorded} by more than its rounding "
+                             f"(±{recorded_half_step(recorded):g})")
     return result
+
+
+def recorded_half_step(recorded: str) -> float:
+    """Half the last decimal of a number as the registry records it ("0.773" -> 0.0005): how far the true value
+    may lie from the recorded one."""
+    decimals = len(recorded.partition(".")[2])
+    return 0.5 * 10 ** -decimals
+
+
+def accuracy_matches(accuracy: float, recorded: str, test_images: int) -> bool:
+    """Whether `accuracy`, re-computed on `test_images` images, is the one registered as the text `recorded`. The
+    tag is rounded to the test set's resolution (ptqflow.pipelines.shared.precision.share_decimals), so what is
+    compared is what rounding cannot hide: the number of correct images must lie within half the last recorded
+    decimal of the recorded share."""
+    correct = round(accuracy * test_images)
+    return abs(correct / max(test_images, 1) - float(recorded)) <= recorded_half_step(recorded) + 1e-12
