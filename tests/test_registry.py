@@ -147,3 +147,22 @@ def test_pull_evaluate_passes_on_a_test_set_whose_shares_round(tracking_store, t
                                       "--evaluate", "--data-dir", str(npz)])
     assert pulled.exit_code == 0, pulled.output
     assert "matches the registered" in pulled.stdout
+
+
+def test_a_description_written_by_hand_survives_the_next_sweep(tracking_store, tiny_model, cifar_dir):
+    """ptqflow writes a registered model's description only when it creates the model; a person's edit stays."""
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
+
+    def sweep():
+        return run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
+                                      variants=("ort-int8",), bench=False, diagnose=False,
+                                      weight_rounding="nearest"))
+
+    client = MlflowClient()
+    sweep()
+    assert "ONNX int8 quantizations of resnet8.onnx" in client.get_registered_model("resnet8-int8-onnx").description
+    client.update_registered_model("resnet8-int8-onnx", description="Owned by the vision team; ask before use.")
+    sweep()
+    assert client.get_model_version("resnet8-int8-onnx", "2") is not None
+    assert client.get_registered_model("resnet8-int8-onnx").description == "Owned by the vision team; ask before use."

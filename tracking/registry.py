@@ -25,18 +25,31 @@ class RegisteredVersion:
 def register(model_uri: str, name: str, tags: dict[str, str], description: str | None = None,
              model_description: str | None = None) -> RegisteredVersion:
     """A new version of `name`; the registry numbers versions itself, so an existing one is never replaced.
-    Called only after the model's artifacts are fully uploaded."""
+    `model_description` is written only by the call that creates the registered model: a description someone
+    wrote on it since stays. Called only after the model's artifacts are fully uploaded."""
     try:
+        if model_description:
+            _create_registered_model(name, model_description)
         with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints its own "Successfully registered" lines
             version = mlflow.register_model(model_uri, name, tags=tags)
         if description:
             client().update_model_version(name, version.version, description=description)
-        if model_description:
-            client().update_registered_model(name, description=model_description)
     except mlflow.exceptions.MlflowException as exc:
         raise refused_credentials(exc) or TrackingError(
             f"registry at {tracking_uri()} refused to register '{name}': {first_line(exc)}") from exc
     return RegisteredVersion(name, str(version.version), dict(tags), version.run_id, ())
+
+
+def _create_registered_model(name: str, description: str) -> bool:
+    """Create `name` with `description`; False when it exists already (made earlier, or by another sweep a moment
+    ago), its description then left as it is."""
+    try:
+        client().create_registered_model(name, description=description)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return False
+    return True
 
 
 def resolve(name: str, version: str | None = None, alias: str | None = None) -> RegisteredVersion:
