@@ -326,7 +326,7 @@ def test_a_failing_diagnosis_leaves_the_variant_standing(tracking_store, outlier
     assert not MlflowClient().list_artifacts(result.parent_run_id, "diagnosis")  # nothing to compare
 
 
-def test_resume_reuses_the_search_and_the_mixed_variant(tracking_store, outlier_model, cifar_dir, capsys):
+def test_resume_reuses_the_search_and_the_mixed_variant(tracking_store, outlier_model, cifar_dir, capsys, tmp_path):
     from ptqflow.pipelines.sweep.options import SweepOptions
     from ptqflow.pipelines.sweep.sweep import run_sweep
 
@@ -346,6 +346,23 @@ def test_resume_reuses_the_search_and_the_mixed_variant(tracking_store, outlier_
     for name in ("ort-uint8", "ort-uint8-mixed"):
         assert second[name].run_id == first[name].run_id and second[name].reason.startswith("reused run")
     assert steps() == searched  # no second search
-    # other search options: the search runs again (its steps under the reused variant run)
-    third = {o.name: o for o in run_sweep(replace(options, resume=True, ranking_images=40)).outcomes}
-    assert steps() > searched and third["ort-uint8"].run_id == first["ort-uint8"].run_id
+    # other search options: the search runs again, recorded on a new run of the third sweep; the first sweep's
+    # variant run keeps its own search record and gains no step runs
+    client, reused = MlflowClient(), first["ort-uint8"].run_id
+
+    def record_of(run_id: str, where: Path) -> tuple:
+        path = client.download_artifacts(run_id, Artifact.FALLBACK_SEARCH, str(where))
+        return client.get_run(run_id).data.tags[Tag.FALLBACK], Path(path).read_text()
+
+    def children(run_id: str) -> list:
+        return [r for r in all_runs() if r.data.tags.get(Tag.MLFLOW_PARENT) == run_id]
+
+    before, steps_before = record_of(reused, tmp_path / "before"), len(children(reused))
+    result = run_sweep(replace(options, resume=True, ranking_images=40))
+    third = {o.name: o for o in result.outcomes}
+    assert steps() > searched and third["ort-uint8"].run_id == reused
+    assert record_of(reused, tmp_path / "after") == before and len(children(reused)) == steps_before
+    search_run, = [r for r in children(result.parent_run_id) if r.data.tags[Tag.ROLE] == Tag.ROLE_FALLBACK_SEARCH]
+    assert search_run.data.tags[Tag.FALLBACK_VARIANT_RUN] == reused
+    assert json.loads(record_of(search_run.info.run_id, tmp_path / "new")[1])["options"]["ranking_images"] == 40
+    assert len(children(search_run.info.run_id)) == steps() - searched

@@ -149,12 +149,58 @@ def test_resume_does_not_reuse_runs_made_by_other_ptqflow_code(tracking_store, t
     first = _sweep(tiny_model, cifar_dir, variants=("ort-uint8",), register=False)
     same = _sweep(tiny_model, cifar_dir, variants=("ort-uint8",), register=False, resume=True)
     assert same.outcomes[1].run_id == first.outcomes[1].run_id
-    monkeypatch.setattr("ptqflow.pipelines.sweep.recording.git_commit", lambda: "0" * 40)
+    # an uncommitted edit of ptqflow's source: the commit is the same, the code is not
+    monkeypatch.setattr("ptqflow.pipelines.sweep.recording.source_digest", lambda: "0" * 64)
     after_fix = _sweep(tiny_model, cifar_dir, variants=("ort-uint8",), register=False, resume=True)
     assert after_fix.outcomes[1].run_id != first.outcomes[1].run_id
     assert runs_by_name()  # the store is readable
-    key = MlflowClient().get_run(after_fix.outcomes[1].run_id).data.tags[Tag.INPUT_KEY]
-    assert key != first.outcomes[1].input_key
+    run = MlflowClient().get_run(after_fix.outcomes[1].run_id)
+    assert run.data.tags[Tag.INPUT_KEY] != first.outcomes[1].input_key
+    assert run.data.tags[Tag.SOURCE_SHA256] == "0" * 64
+
+
+def test_the_source_digest_changes_with_any_edit_of_the_package(tmp_path, monkeypatch):
+    """A dirty tree or a wheel without git: the digest of the source files is the code's identity."""
+    from ptqflow.pipelines.sweep.recording import SOURCE_PACKAGES, source_digest
+
+    package = tmp_path / "h6pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "maths.py").write_text("SCALE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = source_digest(("h6pkg", "h6pkg.sub"))
+    source_digest.cache_clear()
+    assert source_digest(("h6pkg", "h6pkg.sub")) == before
+    (package / "sub" / "maths.py").write_text("SCALE = 2\n")
+    source_digest.cache_clear()
+    assert source_digest(("h6pkg", "h6pkg.sub")) != before
+    assert len(source_digest(SOURCE_PACKAGES)) == 64  # ptqflow's own, as installed here
+
+
+@pytest.mark.parametrize("change", ["cpu", "isa", "torch_threads"])
+def test_resume_does_not_reuse_runs_made_on_another_cpu_or_thread_count(tracking_store, tiny_model, cifar_dir,
+                                                                       monkeypatch, change):
+    import torch
+
+    first = _sweep(tiny_model, cifar_dir, variants=("ort-uint8",), register=False)
+    tags = MlflowClient().get_run(first.outcomes[1].run_id).data.tags
+    model, isa = tags[Tag.CPU_MODEL], tags[Tag.CPU_INT8_ISA]
+    other = {"cpu": (model + " (another)", isa), "isa": (model, "avx2" if isa != "avx2" else "none"),
+             "torch_threads": (model, isa)}[change]
+    for module in ("ptqflow.models.runtime.machine", "ptqflow.pipelines.sweep.recording"):
+        monkeypatch.setattr(f"{module}.cpu_description", lambda: other)
+    threads = torch.get_num_threads()
+    if change == "torch_threads":
+        torch.set_num_threads(threads + 1)
+    try:
+        again = _sweep(tiny_model, cifar_dir, variants=("ort-uint8",), register=False, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert again.outcomes[1].run_id != first.outcomes[1].run_id and not again.outcomes[1].reason
+    tags = MlflowClient().get_run(again.outcomes[1].run_id).data.tags
+    assert (tags[Tag.CPU_MODEL], tags[Tag.CPU_INT8_ISA]) == other
+    assert tags[Tag.TORCH_THREADS] == str(threads + 1 if change == "torch_threads" else threads)
 
 
 def test_adaround_cache_misses_when_the_calibration_images_change(tmp_path, tiny_model, monkeypatch):
@@ -232,6 +278,21 @@ def test_a_sweep_computes_its_adaround_grids_in_one_go(tracking_store, tiny_mode
 # ---- 4. params say what ran -------------------------------------------------------------------------------------
 def _qconfig(run) -> dict:
     return json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/qconfig.json"))
+
+
+def test_a_conflicting_param_is_refused_loudly_and_an_equal_one_passes(tracking_store):
+    """MLflow cannot change a param: a second value must stop the writer, not vanish. The same value as `mlflow run`
+    writes it ("1000.0", a path with a trailing slash) is the same param."""
+    from ptqflow.tracking import records
+
+    with mlflow.start_run() as run:
+        mlflow.log_params({Param.CALIBRATION_SIZE: "1000.0", Param.DATA_DIR: "data/cifar/"})  # as `mlflow run` does
+        records.log_params({Param.CALIBRATION_SIZE: 1000, Param.DATA_DIR: "data/cifar", Param.BENCH_THREADS: 2})
+        with pytest.raises(TrackingError, match=r"calibration_size='1000.0', not '500'"):
+            records.log_params({Param.CALIBRATION_SIZE: 500, Param.CALIBRATION_SEED: 0})
+    params = MlflowClient().get_run(run.info.run_id).data.params
+    assert params[Param.CALIBRATION_SIZE] == "1000.0" and params[Param.BENCH_THREADS] == "2"
+    assert Param.CALIBRATION_SEED not in params  # nothing of a refused batch is written
 
 
 def test_minmax_calibration_records_no_percentile(tracking_store, tiny_model, cifar_dir):

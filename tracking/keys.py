@@ -133,6 +133,9 @@ class Tag:
     DATASET_DIGEST = "ptqflow.dataset_sha256"
     CALIBRATION_DIGEST = "ptqflow.calibration_indices_sha256"
     GIT_COMMIT = "ptqflow.git_commit"
+    # SHA-256 over ptqflow's own .py files as run (pipelines.sweep.recording.source_digest): the code, committed or not
+    SOURCE_SHA256 = "ptqflow.source_sha256"
+    TORCH_THREADS = "ptqflow.torch_threads"  # torch's intra-op threads while the variants were made
     CPU_MODEL = "ptqflow.cpu_model"  # results without reduce_range depend on the CPU's int8 instructions
     CPU_INT8_ISA = "ptqflow.cpu_int8_isa"  # e.g. "avx2,avx512_vnni"; "none" when it has none of them
     PID = "ptqflow.pid"
@@ -149,6 +152,8 @@ class Tag:
     DIAGNOSIS_ERROR = "ptqflow.diagnosis_error"  # why a variant has no diagnosis artifacts (the variant is fine)
     FALLBACK = "ptqflow.fallback"  # on a variant that missed the target: what the fallback search found, one line
     FALLBACK_OF = "ptqflow.fallback_of"  # on a search step's run: the variant it repairs
+    # On a fallback search run (a resumed sweep's search for a variant run an earlier sweep made): that run's id
+    FALLBACK_VARIANT_RUN = "ptqflow.fallback_variant_run"
     STEP_DECISION = "ptqflow.step"  # on a search step's run: added, or refused (the backend could not make it)
     REUSED_FROM = "ptqflow.reused."  # + variant, on a resumed sweep's parent: the run reused for it
     BENCH_CONTENDED = "ptqflow.bench_contended"  # why the timings are not facts, only on contended runs
@@ -176,6 +181,8 @@ class Tag:
     ROLE_VARIANT = "variant"
     ROLE_TUNE = "tune"  # a tune's parent run; its children are the trials (role variant) and each worker's fp32
     ROLE_FALLBACK_STEP = "fallback_step"  # a step of the fallback search, a child of the variant's run
+    # A resumed sweep's search for a reused variant run: a child of the sweep's run; its steps are its children
+    ROLE_FALLBACK_SEARCH = "fallback_search"
     STEP_ADDED = "added"  # measured; the search goes on from this config
     STEP_REFUSED = "refused"  # the backend could not make the config (the reason tag says why)
     WARNING_FP32_MISMATCH = "fp32_torch_ort_mismatch"

@@ -4,6 +4,7 @@ not active, or has ended), and artifacts read back from a run."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -42,16 +43,32 @@ def str_params(params: dict) -> dict[str, str]:
 
 # ---- on the active run -----------------------------------------------------------------------------------------------
 def log_params(params: dict) -> None:
-    """Log params on the active run, skipping keys it already has: under `mlflow run` the entry point's own
-    parameters are on the run already, and MLflow refuses to change a param's value."""
+    """Log params on the active run, skipping keys it already has with the same value (under `mlflow run` the entry
+    point's own parameters are on the run already, as the user typed them: "1000.0" for 1000, "data/x/" for
+    data/x). A param already there with another value raises TrackingError: MLflow cannot change a param, and
+    skipping it would leave the run saying what did not run."""
     run = mlflow.active_run()
     existing = client().get_run(run.info.run_id).data.params if run else {}
+    conflicts = {k: v for k, v in str_params(params).items() if k in existing and not _same_param(existing[k], v)}
+    if conflicts:
+        raise TrackingError(f"run {run.info.run_id} already has " + "; ".join(
+            f"param {k}={existing[k]!r}, not {v!r}" for k, v in conflicts.items()) + ": params cannot change")
     fresh = {k: ("" if v is None else v) for k, v in params.items() if k not in existing}
     if fresh:
         mlflow.log_params(fresh)
         model_id = _active_model_id()
         if model_id:
             client().log_model_params(model_id, str_params(fresh))
+
+
+def _same_param(recorded: str, value: str) -> bool:
+    """One value written two ways: the same text, number ("1000.0", "1000") or path ("data/x/", "data/x")."""
+    if recorded == value:
+        return True
+    try:
+        return float(recorded) == float(value)
+    except ValueError:
+        return bool(recorded) and bool(value) and os.path.normpath(recorded) == os.path.normpath(value)
 
 
 def log_metrics(metrics: dict[str, float]) -> None:

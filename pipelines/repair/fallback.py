@@ -490,35 +490,47 @@ class SweepFallback:
         self.ranking_images = ranking_images
         self.timer = timer
 
-    def repair(self, outcome) -> VariantSpec | None:
+    def repair(self, outcome, sweep_run_id: str) -> VariantSpec | None:
         """The `-mixed` spec for `outcome` (ptqflow.pipelines.sweep.outcomes.VariantOutcome, with its run id) when it misses the
-        target and some upgrade brought it closer; None otherwise."""
+        target and some upgrade brought it closer; None otherwise. The search is recorded on the variant's run, or,
+        for a run an earlier sweep made (reused by --resume), on a new run under this sweep's run `sweep_run_id`:
+        an earlier sweep's records are never written over, nor given runs it did not make."""
+        from ptqflow.tracking import runs
+        from ptqflow.tracking.keys import Tag
+
+        if self.runner.reference is None or not misses(self.target, outcome, self.runner.reference.accuracy):
+            return None
+        if not outcome.reason.startswith("reused run"):  # ptqflow.pipelines.sweep.outcomes.outcome_of_run: an earlier sweep's
+            return self._search(outcome, outcome.run_id)
+        found, mixed = self._reused_search(outcome)
+        if found:
+            return mixed
+        tags = {Tag.ROLE: Tag.ROLE_FALLBACK_SEARCH, Tag.FALLBACK_OF: outcome.name,
+                Tag.FALLBACK_VARIANT_RUN: outcome.run_id}
+        with runs.child_run(sweep_run_id, f"{outcome.name} · fallback search", tags) as search_run:
+            return self._search(outcome, search_run.run_id)
+
+    def _search(self, outcome, record_on: str) -> VariantSpec | None:
+        """Search for `outcome`, its steps as child runs of run `record_on`, its result on that run."""
         from contextlib import nullcontext
 
         from ptqflow.tracking import records
         from ptqflow.tracking.keys import Artifact, Tag
 
-        if self.runner.reference is None or not misses(self.target, outcome, self.runner.reference.accuracy):
-            return None
-        if outcome.reason.startswith("reused run"):  # ptqflow.pipelines.sweep.outcomes.outcome_of_run: a run of an earlier sweep
-            found, mixed = self._reused_search(outcome)
-            if found:
-                return mixed
         try:
             with self.timer.phase("fallback") if self.timer else nullcontext():
                 result = search(self.runner, outcome, self.target, self.candidates, self.ranking_images,
-                                step_scope=lambda *step: self._step_run(outcome, *step), announce=say)
+                                step_scope=lambda *step: self._step_run(outcome, record_on, *step), announce=say)
         except (ConfigError, TrackingError):
             raise
         except Exception as exc:  # noqa: BLE001 - the variant stands; the search's failure is recorded on it
             reason = failure_reason(exc)[:500]
-            records.set_run_tags(outcome.run_id, {Tag.FALLBACK: f"search failed: {reason}"[:5000]})
+            records.set_run_tags(record_on, {Tag.FALLBACK: f"search failed: {reason}"[:5000]})
             say(f"[red]✗[/] {outcome.name}: the fallback search failed ({reason})")
             return None
         payload = {**result.to_dict(), "options": self._options()}
-        records.log_bytes_to_run(outcome.run_id, (json.dumps(payload, indent=2) + "\n").encode(),
-                                 Artifact.FALLBACK_SEARCH)
-        records.set_run_tags(outcome.run_id, {Tag.FALLBACK: result.summary()[:5000]})
+        records.log_bytes_to_run(record_on, (json.dumps(payload, indent=2) + "\n").encode(), Artifact.FALLBACK_SEARCH)
+        records.set_run_tags(record_on, {Tag.FALLBACK: result.summary()[:5000]})
         say(("[green]✓[/] " if result.reached else "[yellow]![/] ") + result.summary())
         return result.mixed_spec(outcome.spec)
 
@@ -549,13 +561,13 @@ class SweepFallback:
                                  Mixed(outcome.name, upgrades, payload["target"], bool(payload["reached"])))
 
     @contextmanager
-    def _step_run(self, outcome, number: int, change: Upgrade, upgrades: tuple[Upgrade, ...]):
+    def _step_run(self, outcome, parent_run_id: str, number: int, change: Upgrade, upgrades: tuple[Upgrade, ...]):
         from ptqflow.pipelines.shared import precision
         from ptqflow.tracking import runs
         from ptqflow.tracking.keys import Metric, Param, Tag
 
         tags = {Tag.ROLE: Tag.ROLE_FALLBACK_STEP, Tag.FALLBACK_OF: outcome.name}
-        with runs.child_run(outcome.run_id, f"{outcome.name} · step {number}: {change.label}", tags) as run:
+        with runs.child_run(parent_run_id, f"{outcome.name} · step {number}: {change.label}", tags) as run:
             run.log_params({Param.FALLBACK_OF: outcome.name, Param.FALLBACK_STEP: number,
                             Param.FALLBACK_CHANGE: change.label,
                             Param.FALLBACK_LAYERS: ",".join(u.label for u in upgrades),

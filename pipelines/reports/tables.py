@@ -117,7 +117,9 @@ def resolve_reference(ref: str) -> tuple[str, list]:
         return f"{named.name} v{version.version}", [runs.get_run(version.run_id)]
     run = runs.get_run(ref)
     if run.data.tags.get(Tag.ROLE) == Tag.ROLE_SWEEP:
-        children = sorted(runs.child_runs(ref), key=lambda r: r.info.start_time)
+        children = sorted((r for r in runs.child_runs(ref)  # variants, not a resumed sweep's fallback search runs
+                           if r.data.tags.get(Tag.ROLE, Tag.ROLE_VARIANT) == Tag.ROLE_VARIANT),
+                          key=lambda r: r.info.start_time)
         return f"sweep {ref[:8]}", children
     return f"run {ref[:8]}", [run]
 

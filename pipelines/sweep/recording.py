@@ -4,7 +4,10 @@ an MLflow logged model."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import subprocess
+from functools import lru_cache
 from pathlib import Path
 
 from ptqflow.common.versions import package_versions
@@ -39,6 +42,35 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+# ptqflow's packages as they are imported: the checkout's folders (editable install) or the installed wheel's.
+SOURCE_PACKAGES = ("ptqflow", "ptqflow.common", "ptqflow.models", "ptqflow.tracking", "ptqflow.pipelines")
+
+
+@lru_cache(maxsize=None)
+def source_digest(packages: tuple[str, ...] = SOURCE_PACKAGES) -> str:
+    """SHA-256 over the source of the ptqflow code this process runs: every .py file of its packages, by module
+    name. It names the code whether it runs from a commit, a checkout with uncommitted edits or an installed wheel
+    without git, where a commit alone would not; it ignores what cannot change a number (docs, tests)."""
+    files: dict[str, Path] = {}
+    for package in packages:
+        for directory in importlib.import_module(package).__path__:
+            root = Path(directory)  # the first package's own modules only: an editable install adds the checkout
+            for path in (root.glob("*.py") if package == packages[0] else root.rglob("*.py")):
+                module = ".".join((package, *path.relative_to(root).with_suffix("").parts))
+                files.setdefault(module, path)
+    sha = hashlib.sha256()
+    for module in sorted(files):
+        sha.update(f"{module}\0{hashlib.sha256(files[module].read_bytes()).hexdigest()}\n".encode())
+    return sha.hexdigest()
+
+
+def torch_threads() -> int:
+    """Torch's intra-op thread count: a large layer's sums (AdaRound, FX calibration) run in its order."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run_url(experiment_id: str, run_id: str) -> str:
     """The run's page in the MLflow UI: on the tracking server when it is one (without credentials), else where
     `mlflow ui` serves a local store by default (ptqflow.tracking.experiments.ui_base_url)."""
@@ -53,7 +85,8 @@ class RunRecorder:
         self.inputs = inputs
         self.work_dir = work_dir
         self.versions = package_versions(TRACKED_PACKAGES)  # of the code that makes the numbers, as tags
-        self.commit = git_commit()
+        self.commit = git_commit()  # a tag: which commit, when it runs from one; source_digest is the code's identity
+        self.source_sha256 = source_digest()
 
     def common_tags(self, parent_run_id: str | None) -> dict[str, str]:
         """Tags of the parent run and every variant run: what was run, on what, by which code."""
@@ -61,6 +94,7 @@ class RunRecorder:
         inputs = self.inputs
         tags = {Tag.MODEL_SHA256: inputs.model.sha256, Tag.CPU_MODEL: cpu_model, Tag.CPU_INT8_ISA: cpu_isa,
                 Tag.DATASET_DIGEST: inputs.data.digest, Tag.CALIBRATION_DIGEST: inputs.calibration_digest,
+                Tag.SOURCE_SHA256: self.source_sha256, Tag.TORCH_THREADS: str(torch_threads()),
                 **inputs.input_tags(), **runs.process_tags(),
                 **{Tag.VERSION_PREFIX + k: v for k, v in self.versions.items()}}
         if self.commit:

@@ -123,7 +123,7 @@ class Sweep:
             drawing = len(self.variants.plots)  # the plots before this variant: drawn while it runs
             outcomes.append(self.variants.run_variant(spec, experiment_id, parent_run_id))
             self.variants.plots.log(upto=drawing)
-            mixed = self.fallback.repair(outcomes[-1])  # None unless it missed the target
+            mixed = self.fallback.repair(outcomes[-1], parent_run_id)  # None unless it missed the target
             if mixed is not None:
                 outcomes.append(self.variants.run_variant(mixed, experiment_id, parent_run_id))
         self.variants.plots.log()  # all drawn before the timing starts, so nothing else runs then

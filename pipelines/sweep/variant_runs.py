@@ -147,8 +147,15 @@ class VariantRuns:
 
     # ---- one variant ---------------------------------------------------------------------------------------
     def input_key(self, spec: VariantSpec) -> str:
-        """SHA-256 of everything that determines a variant's result: same key, same numbers."""
+        """SHA-256 of everything that determines a variant's result: same key, same numbers. That includes the
+        code (ptqflow's source digest, uncommitted edits and all), the CPU and its int8 instruction sets (int8
+        kernels round differently without VNNI; timings differ anyway) and the thread counts (torch's sums run in
+        their order; the timings were taken on that many)."""
+        from ptqflow.models.runtime.machine import cpu_description
+        from ptqflow.pipelines.sweep.recording import torch_threads
+
         inputs = self.inputs
+        cpu_model, cpu_isa = cpu_description()
         payload = {"model_sha256": inputs.model.sha256, "dataset_sha256": inputs.data.digest,
                    "calibration_sha256": inputs.calibration_digest, "variant": spec.name,
                    "config": config_payload(spec.config), "test_images": len(inputs.test),
@@ -156,8 +163,11 @@ class VariantRuns:
                    "inputs": inputs.input_params(),  # data format, classes, size, resizing, mean/std
                    "bench": self.options.bench, "adaround_iterations": self.options.adaround_iterations,
                    "versions": {k: self.recorder.versions[k] for k in ("torch", "onnxruntime", "onnx2torch", "onnx")},
-                   # ptqflow's own code: after a fix, an old run is not "the same"
-                   "ptqflow": {"version": self.recorder.versions["ptqflow"], "git_commit": self.recorder.commit}}
+                   # ptqflow's own code: after a fix, committed or not, an old run is not "the same"
+                   "ptqflow": {"version": self.recorder.versions["ptqflow"],
+                               "source_sha256": self.recorder.source_sha256},
+                   "machine": {"cpu_model": cpu_model, "cpu_int8_isa": cpu_isa, "torch_threads": torch_threads(),
+                               "bench_threads": self.runner.options.bench_config.resolved_threads}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     def previous_run(self, experiment_id: str, spec: VariantSpec):
