@@ -162,7 +162,13 @@ def test_a_second_worker_takes_up_the_study_under_the_same_parent(tracking_store
     assert second.parent_run_id == first.parent_run_id
     numbers = sorted(int(r.data.tags[Tag.TUNE_TRIAL]) for r in _trial_runs("t3"))
     assert numbers == [0, 1]
-    assert MlflowClient().get_run(first.parent_run_id).info.status == "FINISHED"
+    parent = MlflowClient().get_run(first.parent_run_id)
+    assert parent.info.status == "FINISHED" and first.finished_parent and second.finished_parent
+    # the FINISHED parent was reopened for the second worker's trials, and the run says when and by whom
+    worker = f"{__import__('socket').gethostname()}:{__import__('os').getpid()}"
+    assert parent.data.tags[Tag.TUNE_REOPENED_PREFIX + "1"].endswith(f"Z by {worker}")
+    assert not [k for k in parent.data.tags if k.startswith(Tag.TUNE_REOPENED_PREFIX) and not k.endswith(".1")]
+    assert parent.data.tags[Tag.TUNE_ENDED_BY].startswith(f"{worker} at ")
     # the joining worker timed its own FP32 reference
     fp32 = [r for r in all_runs() if r.data.tags.get(Tag.MLFLOW_PARENT) == first.parent_run_id
             and r.info.run_name == "fp32"]
@@ -187,6 +193,10 @@ def test_another_model_or_other_inputs_cannot_join_a_study(tracking_store, cifar
         run_tune(_options(tiny_model, cifar_dir, study="t4", n_trials=2, calibration_sizes=(50,),
                           sweep=SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_seed=1,
                                              adaround_iterations=ADAROUND_ITERATIONS)))
+    # another target: its workers would judge feasibility (stop, register) by other numbers
+    with pytest.raises(ConfigError, match=r"other inputs \(min_speedup, target_agreement: 0.0 there, 1.5 here, "
+                                          r"1.0 there, 0.9 here\)"):
+        run_tune(_options(tiny_model, cifar_dir, study="t4", n_trials=2, target_agreement=0.9, min_speedup=1.5))
     assert all(r.info.status != "RUNNING" for r in all_runs())
 
 

@@ -214,3 +214,157 @@ def test_two_tune_workers_survive_a_killed_one(postgres, tiny_model, cifar_dir, 
         for w in workers:
             for local_store in ("mlruns", "mlflow.db", "optuna.db"):
                 assert not (w.cwd / local_store).exists(), f"worker {w.name} wrote {local_store} into its cwd"
+
+
+# ---- workers ending and stopping at the same moment ------------------------------------------------------------------
+# Each worker runs the real `ptqflow tune` in its own process, with a few methods wrapped to hold it at a given point
+# until the other worker is there too (files in a shared directory): the interleavings a race needs, made certain.
+SYNCED_WORKER = r'''
+import os, sys, time
+from pathlib import Path
+
+role, sync, args = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+from ptqflow.pipelines.tune import tuner
+from ptqflow.tracking import runs
+
+
+def mark(name):
+    (sync / f"{name}-{os.getpid()}").touch()
+
+
+def wait_for(name, count, timeout):
+    deadline = time.monotonic() + timeout
+    while len(list(sync.glob(f"{name}-*"))) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def barrier(name, timeout):
+    mark(name)
+    wait_for(name, 2, timeout)
+
+
+if role == "together":  # both reach finish() at once, then both would end the parent at once
+    real_finish, real_terminate, real_register = tuner.Tuner.finish, runs.terminate, tuner.Tuner._register
+
+    def finish(self, study):
+        barrier("finish", 300)
+        return real_finish(self, study)
+
+    def terminate(run_id, status):
+        if status == "FINISHED":
+            barrier("end", 10)
+        return real_terminate(run_id, status)
+
+    def register(self, best):
+        mark("register")
+        return real_register(self, best)
+
+    tuner.Tuner.finish, runs.terminate, tuner.Tuner._register = finish, terminate, register
+elif role == "stops":  # Ctrl-C in its first trial, once the other worker is between trials
+    real_abandon = tuner.Tuner._abandon
+
+    def objective(self, trial):
+        wait_for("between", 1, 300)
+        raise KeyboardInterrupt
+
+    def abandon(self, study):
+        real_abandon(self, study)
+        mark("abandoned")
+
+    tuner.Tuner.objective, tuner.Tuner._abandon = objective, abandon
+elif role == "between":  # has joined and made its FP32 reference; starts its trials once the other has stopped
+    real_loop = tuner.Tuner._loop
+
+    def loop(self, study):
+        mark("between")
+        wait_for("abandoned", 1, 300)
+        return real_loop(self, study)
+
+    tuner.Tuner._loop = loop
+from ptqflow.pipelines.cli.app import app
+
+app(args, prog_name="ptqflow")
+'''
+
+
+def start_synced_workers(roles: tuple[str, ...], study: str, experiment: str, model: Path, data_dir: Path,
+                         storage: str, server, tmp_path: Path, *extra: str) -> list[Worker]:
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    workers = []
+    for number, role in enumerate(roles):
+        name = f"{role}-{number}"
+        cwd = tmp_path / f"worker-{name}"
+        cwd.mkdir()
+        env = server.client_env()
+        env["PYTHONPATH"] = os.pathsep.join([str(PROJECT), *filter(None, [env.get("PYTHONPATH")])])
+        env["XDG_CACHE_HOME"] = str(tmp_path / f"cache-{name}")
+        command = [sys.executable, "-c", SYNCED_WORKER, role, str(sync), "tune", "--model", str(model), "--data-dir",
+                   str(data_dir), "--experiment", experiment, "--study", study, "--storage", storage,
+                   "--calibration-sizes", "50,100", "--adaround-iterations", str(ADAROUND_ITERATIONS),
+                   "--heartbeat", str(HEARTBEAT_S), "--timeout", "900", "--target-agreement", "0.9",
+                   "--min-speedup", "0", *extra]
+        log = tmp_path / f"worker-{name}.log"
+        workers.append(Worker(name, cwd, log, start_in_own_group(command, cwd, env, log)))
+    return workers
+
+
+def wait_all(workers: list[Worker]) -> None:
+    try:
+        for w in workers:
+            try:
+                w.process.wait(timeout=WORKER_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"worker {w.name} did not end within {WORKER_TIMEOUT} s\n{explain(workers)}")
+    finally:
+        stop_process_groups([w.process for w in workers])
+
+
+def parent_and_runs(server, experiment_name: str):
+    with server.client() as client:
+        experiment = client.get_experiment_by_name(experiment_name)
+        runs = search(client, experiment.experiment_id)
+    [parent] = [r for r in runs if r.data.tags.get(Tag.ROLE) == Tag.ROLE_TUNE]
+    return parent, runs
+
+
+def test_two_workers_finishing_together_end_the_study_once_and_register_once(postgres, tiny_model, cifar_dir,
+                                                                            tmp_path):  # noqa: F811
+    """Both workers look at the study at the same moment, see no other at work and would end the parent run and
+    register the best trial: the claim in the study's database lets exactly one do it."""
+    storage = postgres.create_database("optuna")
+    with start_tracking_server(postgres, tmp_path / "server") as server:
+        workers = start_synced_workers(("together", "together"), "together", "tune-together", tiny_model,
+                                       cifar_dir, storage, server, tmp_path, "--n-trials", "2")
+        wait_all(workers)
+        context = explain(workers)
+        assert [w.process.returncode for w in workers] == [0, 0], context
+        assert len(list((tmp_path / "sync").glob("finish-*"))) == 2, context  # both were in finish() together
+        registered = list((tmp_path / "sync").glob("register-*"))
+        assert len(registered) == 1, f"{len(registered)} workers registered the best trial\n{context}"
+        parent, runs = parent_and_runs(server, "tune-together")
+    assert parent.info.status == "FINISHED"
+    ender_pid = registered[0].name.removeprefix("register-")
+    assert parent.data.tags[Tag.TUNE_ENDED_BY].split(" at ")[0].endswith(f":{ender_pid}"), parent.data.tags
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_a_worker_stopped_while_another_is_between_trials_leaves_the_study_running(postgres, tiny_model, cifar_dir,
+                                                                                  tmp_path):  # noqa: F811
+    """Ctrl-C on one worker while the other has joined (its FP32 reference made) but runs no trial: the parent run
+    stays RUNNING for the other, which runs its trials under it and ends it FINISHED."""
+    storage = postgres.create_database("optuna")
+    with start_tracking_server(postgres, tmp_path / "server") as server:
+        workers = start_synced_workers(("stops", "between"), "stopped", "tune-stopped", tiny_model, cifar_dir,
+                                       storage, server, tmp_path, "--n-trials", "2", "--no-register")
+        wait_all(workers)
+        context = explain(workers)
+        stopped, other = workers
+        assert stopped.process.returncode != 0 and other.process.returncode == 0, context
+        assert list((tmp_path / "sync").glob("abandoned-*")), context
+        parent, runs = parent_and_runs(server, "tune-stopped")
+    assert parent.info.status == "FINISHED", f"{parent.info.status}: {parent.data.tags}\n{context}"
+    assert parent.data.tags[Tag.TUNE_ENDED_BY].split(" at ")[0].endswith(f":{other.process.pid}")
+    trials = [r for r in runs if Tag.TUNE_TRIAL in r.data.tags]
+    assert [r.info.status for r in trials if r.data.tags[Tag.PID] == str(other.process.pid)] == ["FINISHED"], context
+    assert not [r for r in runs if r.info.status == "RUNNING"]

@@ -13,6 +13,7 @@ from ptqflow.pipelines.sweep.inputs import SweepInputs
 from ptqflow.pipelines.tune.options import TuneOptions
 from ptqflow.pipelines.tune.space import SPACE, sweep_defaults
 from ptqflow.pipelines.tune.storage import default_storage, open_storage, storage_url
+from ptqflow.pipelines.tune.workers import REOPENED_ATTR_PREFIX, WorkerBeat, claim, generation
 from ptqflow.tracking import connection
 from ptqflow.tracking import experiments
 from ptqflow.tracking import records
@@ -39,6 +40,7 @@ class TuneStudy:
         self.experiment_id = ""
         self.public_storage = ""
         self.seed = options.seed
+        self.beat: WorkerBeat | None = None  # this worker's beat in the study, from when it has joined
 
     def open(self):
         """Create the study (and the MLflow parent run), or join it. Raises ConfigError on a bad storage URL."""
@@ -75,13 +77,19 @@ class TuneStudy:
             self.seed = self.options.seed + os.getpid()
             study.sampler = self._sampler(self.seed)
         self.study = study
-        if created:
-            self._start_parent(study)
-            if self.options.enqueue_defaults:
-                for params in sweep_defaults(self.options.default_calibration_size):
-                    study.enqueue_trial(params, skip_if_exists=True)
-        else:
-            self._join_parent(study)
+        self.beat = WorkerBeat(study, self.worker, self.options.heartbeat_s)
+        try:
+            if created:
+                self._start_parent(study)
+                self.beat.start()
+                if self.options.enqueue_defaults:
+                    for params in sweep_defaults(self.options.default_calibration_size):
+                        study.enqueue_trial(params, skip_if_exists=True)
+            else:
+                self._join_parent(study)
+        except BaseException:
+            self.beat.stop()
+            raise
         return study
 
     def _sampler(self, seed: int):
@@ -140,9 +148,22 @@ class TuneStudy:
             raise ConfigError(f"study {self.options.study_name!r} was measured on other inputs ({', '.join(differ)}: "
                               f"{', '.join(f'{theirs.get(k)!r} there, {ours[k]!r} here' for k in differ)}); pass "
                               "the same data and options, or another --study")
+        # Beating before looking at the parent: a worker finishing now sees this one at work and leaves the run open.
+        self.beat.start()
         if parent.info.status != "RUNNING":  # a finished study taken up again (more --n-trials): open it again
-            runs.reopen(self.parent_run_id)
+            self._reopen_parent(study)
         say(f"joined tune study [bold]{self.options.study_name}[/] (parent run {self.parent_run_id})")
+
+    def _reopen_parent(self, study) -> None:
+        """Set the ended parent run RUNNING again, once for all workers joining now (the one whose claim goes in),
+        with the time and the worker on the run (Tag.TUNE_REOPENED_PREFIX + n)."""
+        number = generation(study.user_attrs) + 1
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if not claim(study, f"{REOPENED_ATTR_PREFIX}{number}", {"worker": self.worker, "time": when}):
+            return  # another worker reopened it a moment ago
+        runs.reopen(self.parent_run_id)
+        records.set_run_tags(self.parent_run_id, {Tag.TUNE_REOPENED_PREFIX + str(number): f"{when} by {self.worker}"})
+        say(f"reopened the ended parent run {self.parent_run_id} (study taken up again, time {number})")
 
     def study_inputs(self) -> dict:
         """What every trial of the study is measured on: workers joining it must have the same."""
@@ -151,6 +172,8 @@ class TuneStudy:
                 "test_images": len(inputs.test), "calibration_seed": self.options.sweep.calibration_seed,
                 "calibration_sizes": list(self.options.calibration_sizes),
                 "adaround_iterations": self.options.sweep.adaround_iterations,
+                # what makes a trial feasible: workers on other targets would stop at or register different trials
+                "target_agreement": self.options.target_agreement, "min_speedup": self.options.min_speedup,
                 "layout": inputs.transform.layout, "preprocessing": inputs.transform.preprocessing.value,
                 "inputs": json.loads(json.dumps(inputs.input_params(), default=str))}
 

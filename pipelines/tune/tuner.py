@@ -37,6 +37,7 @@ from ptqflow.pipelines.tune.results import (CONSTRAINTS_ATTR, FAILURE_ATTR, TRIA
                                             feasible, log_front, pareto, summary_line, trial_result)
 from ptqflow.pipelines.tune.space import TrialChoice, choice_of, suggest
 from ptqflow.pipelines.tune.study import TuneStudy
+from ptqflow.pipelines.tune.workers import ENDED_ATTR_PREFIX, claim, generation, grace_s, others_active
 from ptqflow.pipelines.variants.phases import PhaseTimer
 from ptqflow.pipelines.variants.specs import VARIANTS, VariantSpec, apply_upgrades
 from ptqflow.tracking import records
@@ -170,16 +171,18 @@ class Tuner:
             raise
 
     def _abandon(self, study) -> None:
-        """Stopped early (Ctrl-C, an error): when no other worker has a trial running, the parent run ends KILLED
-        rather than staying RUNNING."""
+        """Stopped early (Ctrl-C, an error): when no other worker is at work (a trial running, or a fresh beat:
+        preparing or between trials), the parent run ends KILLED rather than staying RUNNING."""
         from optuna.trial import TrialState
 
         with contextlib.suppress(Exception):
+            self.study.beat.stop()
             mine = self.worker
             others = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                       if t.user_attrs.get("worker") != mine]
-            if not others and runs.get_run(self.parent_run_id).info.status == "RUNNING":
-                runs.terminate(self.parent_run_id, "KILLED")
+            if others or others_active(study.user_attrs, mine, self.options.heartbeat_s):
+                return
+            self._end_parent(study, "KILLED")
 
     def _loop(self, study) -> TuneResult:
         from optuna.storages import fail_stale_trials
@@ -215,28 +218,43 @@ class Tuner:
         log_front(self.parent_run_id, trials, front, best, self.options, self.started,
                   len(self.base.inputs.test))
         result = TuneResult(self.options.study_name, self.parent_run_id, trials, front, best)
-        parent = runs.get_run(self.parent_run_id)
-        if not self._others_running(study) and parent.info.status == "RUNNING":
-            runs.terminate(self.parent_run_id, "FINISHED")
+        # Done before looking at the others: of two workers finishing together, at least one sees the other done.
+        self.study.beat.stop()
+        if not self._others_working(study) and self._end_parent(study, "FINISHED"):
             result.finished_parent = True
             if best is not None and self.options.sweep.register:
                 result.registered = self._register(best)
         say(summary_line(result, self.options))
         return result
 
-    def _others_running(self, study) -> bool:
-        """Whether another worker still runs a trial, after waiting up to one grace period (two heartbeats) for
-        the trials of dead workers to go stale: those end FAILED (and their MLflow runs with them), never RUNNING.
-        Enqueued trials nobody started (WAITING) do not keep a finished study open."""
+    def _end_parent(self, study, status: str) -> bool:
+        """End the parent run `status` if it runs and this worker's claim on ending it goes in (workers.claim): of
+        workers ending it at once, one ends it (and registers). Returns whether this worker ended it."""
+        if runs.get_run(self.parent_run_id).info.status != "RUNNING":
+            return False
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        key = f"{ENDED_ATTR_PREFIX}{generation(study.user_attrs)}"
+        if not claim(study, key, {"worker": self.worker, "status": status, "time": when}):
+            return False
+        records.set_run_tags(self.parent_run_id, {Tag.TUNE_ENDED_BY: f"{self.worker} at {when} ({status})"})
+        runs.terminate(self.parent_run_id, status)
+        return True
+
+    def _others_working(self, study) -> bool:
+        """Whether another worker is still at work: a trial running, or its beat fresh (preparing, or between two
+        trials), after waiting up to one grace period for dead workers to go stale (their trials end FAILED, and
+        their MLflow runs with them, never RUNNING). Enqueued trials nobody started (WAITING) do not keep a
+        finished study open."""
         from optuna.storages import fail_stale_trials
         from optuna.trial import TrialState
 
-        deadline = time.monotonic() + 2 * self.options.heartbeat_s + 2
+        deadline = time.monotonic() + grace_s(self.options.heartbeat_s)
         while True:
             fail_stale_trials(study)
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if not running or time.monotonic() > deadline:
-                return bool(running)
+            active = others_active(study.user_attrs, self.worker, self.options.heartbeat_s)
+            if not (running or active) or time.monotonic() > deadline:
+                return bool(running or active)
             time.sleep(min(2, self.options.heartbeat_s))
 
     def _register(self, best: TrialResult) -> list:
