@@ -238,8 +238,10 @@ def test_target_agreement_repairs_every_variant_that_misses_it(tracking_store, o
     # ONNX Runtime QDQ tries 16-bit activations before FP32
     first = min(runs.child_runs(by_name["ort-int8"].run_id), key=lambda r: int(r.data.params[Param.FALLBACK_STEP]))
     assert first.data.params[Param.FALLBACK_CHANGE] == "conv2:int16(r1)"
-    # the registrar chooses among the -mixed variants like any other (uint8 weights are not registered)
-    assert {v.tags["variant"] for v in result.registered} == {"pytorch-fx-int8-mixed", "ort-int8-mixed"}
+    # -mixed variants are registered under names of their own, never the int8 ones (uint8 weights are not registered)
+    assert {(v.name, v.tags["variant"]) for v in result.registered} == {
+        ("outlier-int8", "pytorch-fx-int8"), ("outlier-int8-onnx", "ort-int8"),
+        ("outlier-mixed", "pytorch-fx-int8-mixed"), ("outlier-mixed-onnx", "ort-int8-mixed")}
     parent = client.get_run(result.parent_run_id)
     assert parent.data.params[Param.TARGET_AGREEMENT] == str(TARGET)
     assert Param.TARGET_MAX_DROP_PP not in parent.data.params
@@ -259,7 +261,9 @@ def test_a_target_out_of_reach_is_one_line_and_leaves_no_run_running(tracking_st
 
     def refuse_full_set(self, spec, limit=None):
         if limit is None:
-            raise RuntimeError("refused by the test")
+            from ptqflow.models.backends.base import UnsupportedVariant
+
+            raise UnsupportedVariant("refused by the test")  # as a backend says it (an error of ours would stop it)
         return measure(self, spec, limit)
 
     monkeypatch.setattr(VariantRunner, "measure", refuse_full_set)
@@ -272,7 +276,7 @@ def test_a_target_out_of_reach_is_one_line_and_leaves_no_run_running(tracking_st
     assert "top-1 agreement >= 99% not reached" in line and "no ort-int8-mixed variant" in line
     steps = runs.child_runs(by_name["ort-int8"].run_id)
     assert steps and {s.data.tags[Tag.STEP_DECISION] for s in steps} == {Tag.STEP_REFUSED}
-    assert {s.data.tags[Tag.REASON] for s in steps} == {"RuntimeError: refused by the test"}
+    assert {s.data.tags[Tag.REASON] for s in steps} == {"UnsupportedVariant: refused by the test"}
     assert "not reached" in MlflowClient().get_run(by_name["ort-int8"].run_id).data.tags[Tag.FALLBACK]
     assert {r.info.status for r in all_runs()} == {"FINISHED"}  # nothing left RUNNING
 
@@ -366,3 +370,34 @@ def test_resume_reuses_the_search_and_the_mixed_variant(tracking_store, outlier_
     assert search_run.data.tags[Tag.FALLBACK_VARIANT_RUN] == reused
     assert json.loads(record_of(search_run.info.run_id, tmp_path / "new")[1])["options"]["ranking_images"] == 40
     assert len(children(search_run.info.run_id)) == steps() - searched
+
+
+def test_only_the_backends_own_errors_are_recorded_as_refusals():
+    """A config the backend library refuses (UnsupportedVariant, or an error raised in onnxruntime's own code) is a
+    refused candidate or step; an error of ptqflow's own (a KeyError in its code) stops the search instead of being
+    recorded as the backend's refusal."""
+    import onnxruntime
+
+    from ptqflow.models.backends.base import UnsupportedVariant, backend_error
+
+    spec = VariantSpec("ort-int8", "onnxruntime", OrtStaticConfig(weight_rounding="nearest"))
+    start = Measurement(0.8, 0.90, 18.0, 1000)
+
+    def library_refuses(variant: VariantSpec, limit):
+        if variant.config.fp32_nodes:
+            raise UnsupportedVariant("no FP32 nodes today")
+        onnxruntime.InferenceSession(b"not a model", providers=["CPUExecutionProvider"])
+
+    result = FallbackSearch(library_refuses, FallbackTarget(agreement=0.99), 0.8).run(spec, start, _diagnosis(),
+                                                                                      inputs={})
+    assert result.ranked and all(not r.measured and r.refused for r in result.ranked)
+    reasons = {reason for r in result.ranked for reason in r.refused.values()}
+    assert "UnsupportedVariant: no FP32 nodes today" in reasons
+    assert any(reason.startswith(("InvalidProtobuf", "Fail", "InvalidArgument")) for reason in reasons), reasons
+
+    def ptqflow_bug(variant: VariantSpec, limit):
+        return {}["agreement"]  # what a bug in ptqflow's measuring code raises, not the library
+
+    with pytest.raises(KeyError, match="agreement"):
+        FallbackSearch(ptqflow_bug, FallbackTarget(agreement=0.99), 0.8).run(spec, start, _diagnosis(), inputs={})
+    assert not backend_error(KeyError("agreement")) and backend_error(UnsupportedVariant("no"))

@@ -56,6 +56,32 @@ class UnsupportedVariant(Exception):
         self.reason = reason
 
 
+BACKEND_LIBRARIES = ("torch", "onnxruntime", "onnx", "onnx2torch")  # the code that makes and runs the models
+
+
+def backend_error(exc: BaseException) -> bool:
+    """Whether `exc` is a backend's own refusal or failure of a configuration: UnsupportedVariant, or an exception
+    raised inside the code of BACKEND_LIBRARIES (its type is theirs, or the innermost frame of its traceback that is
+    either theirs or ptqflow's is theirs). A bug in ptqflow's own code (a KeyError there), a tracking failure or a
+    bad option is not one, and must not be recorded as a configuration the backend could not make."""
+    def library(module: str) -> bool:
+        return module.split(".")[0] in BACKEND_LIBRARIES
+
+    if isinstance(exc, UnsupportedVariant) or library(type(exc).__module__):
+        return True
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_globals.get("__name__", ""))
+        tb = tb.tb_next
+    for module in reversed(frames):  # innermost first; frames of other modules (numpy, the stdlib) do not decide
+        if library(module):
+            return True
+        if module.split(".")[0] == "ptqflow":
+            return False
+    return False
+
+
 @dataclass
 class FloatModel:
     """The FP32 model in each form a backend needs, each made once per sweep and shared by all variants."""

@@ -39,6 +39,7 @@ from typing import Callable, ContextManager
 
 from ptqflow.common.errors import ConfigError, TrackingError, failure_reason
 from ptqflow.common.interrupts import checkpoint
+from ptqflow.models.backends.base import backend_error
 from ptqflow.pipelines.shared.progress import progress_task, say
 from ptqflow.pipelines.variants.specs import Mixed, Upgrade, VariantSpec, apply_upgrades, upgrade_kinds
 
@@ -305,9 +306,9 @@ class FallbackSearch:
                     try:
                         config = apply_upgrades(spec.config, (entry.candidate.upgrade(kind),))
                         entry.measured[kind] = self.measure(replace(spec, config=config), self.ranking_images)
-                    except (ConfigError, TrackingError):
-                        raise
                     except Exception as exc:  # noqa: BLE001 - a config the backend refuses is not a candidate
+                        if not backend_error(exc):
+                            raise  # a ptqflow bug, a bad option, the tracking store: no refusal of the backend's
                         entry.refused[kind] = failure_reason(exc)[:500]
                     advance(1)
         return sorted(ranked, key=Ranked.sort_key)
@@ -384,9 +385,9 @@ class FallbackSearch:
             checkpoint()
             try:
                 measured = self.measure(replace(spec, config=apply_upgrades(spec.config, upgrades)), None)
-            except (ConfigError, TrackingError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - the step is recorded as refused; the search goes on
+            except Exception as exc:  # noqa: BLE001 - the backend's refusal is recorded as such; the search goes on
+                if not backend_error(exc):
+                    raise  # a ptqflow bug, a bad option, the tracking store: no refusal of the backend's
                 step = Step(number, change, upgrades, None, failure_reason(exc)[:500])
             else:
                 step = Step(number, change, upgrades, measured)
