@@ -30,6 +30,49 @@ def test_benchmark_times_single_images_and_full_batches():
     assert result.threads == 1
 
 
+def test_benchmark_runs_torch_on_the_threads_it_records():
+    """A sweep records bench_threads: torch (TorchScript variants) must run on that many while timed, and only then."""
+    import torch
+
+    seen = set()
+
+    def predict(batch):
+        seen.add(torch.get_num_threads())
+        return batch
+
+    before = torch.get_num_threads()
+    threads = 1 if before > 1 else 2
+    result = benchmark(lambda: predict, np.zeros((3, 32, 32, 3), dtype=np.float32),
+                       BenchConfig(warmup_runs=2, latency_runs=5, throughput_runs=2, threads=threads))
+    assert seen == {threads} and result.threads == threads
+    assert torch.get_num_threads() == before
+
+
+def test_the_runner_opens_every_timed_session_on_the_recorded_threads(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from conftest import tiny_runner
+
+    from ptqflow.models.runtime import runners
+
+    opened = []
+    real_init = runners.OrtRunner.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened.append(self.session.get_session_options().intra_op_num_threads)
+
+    monkeypatch.setattr(runners.OrtRunner, "__init__", recording_init)
+    runner = tiny_runner(tmp_path, "threads", images=8)
+    threads = 1 if runners.cpu_threads() > 1 else 2
+    runner.options = replace(runner.options, bench=True, bench_config=BenchConfig(
+        warmup_runs=2, latency_runs=4, throughput_runs=2, rounds=1, threads=threads))
+    model_file = tmp_path / "tiny.onnx"
+    timed = runner.bench_together([("copy", model_file, "")])
+    assert opened and set(opened) == {threads}
+    assert {r.threads for r in timed.results.values()} == {threads}
+
+
 def test_benchmark_times_each_batch_size_on_a_freshly_loaded_model():
     """oneDNN int8 convs keep a primitive for the first input shape only, so a model loaded once and run at both
     batch sizes would be timed at batch 1 on the slow path."""
@@ -143,3 +186,68 @@ def test_bench_command_logs_to_a_run(tracking_store, tiny_model, cifar_dir):
     logged = MlflowClient().get_run(run.info.run_id).data
     assert logged.metrics["latency_ms_b1_p50"] > 0 and logged.metrics["throughput_ips_b256"] > 0
     assert logged.params["bench_threads"] == "1"
+
+
+def test_bench_run_id_replaces_the_whole_timing_record_rounded_with_fresh_speedups(tracking_store, tiny_model,
+                                                                                  cifar_dir, tmp_path):
+    """A sweep's variant timed again: every timing metric is the new one, at its recorded precision, the speedups
+    are measured beside the sweep's FP32 model again, and the contended flag and tag agree with the new timing."""
+    from mlflow.tracking import MlflowClient
+
+    from ptqflow.pipelines.shared.precision import round_metric
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
+    from ptqflow.tracking.keys import Metric, Tag
+
+    result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=100,
+                                    variants=("ort-uint8",), weight_rounding="nearest", register=False,
+                                    diagnose=False), work_dir=tmp_path / "work")
+    variant = result.outcomes[1]
+    client = MlflowClient()
+    client.set_tag(variant.run_id, Tag.BENCH_CONTENDED, "from the sweep's timing")  # as a busy sweep leaves it
+    cli = CliRunner().invoke(app, ["bench", str(variant.model_file), "--data-dir", str(cifar_dir),
+                                   "--run-id", variant.run_id, "--output", str(tmp_path / "pulled")])
+    assert cli.exit_code == 0, cli.output
+    run = client.get_run(variant.run_id)
+    for key in (Metric.LATENCY_MS_B1_P50, Metric.LATENCY_MS_B1_P90, Metric.THROUGHPUT_IPS_B256,
+                Metric.SPEEDUP_VS_FP32_B1, Metric.SPEEDUP_VS_FP32_B256, Metric.FP32_LATENCY_MS_B1_P50,
+                Metric.SPREAD_B1, Metric.BENCH_CONTENDED):
+        history = client.get_metric_history(variant.run_id, key)
+        assert len(history) == 2, key  # the sweep's, then bench's: none left from the old timing
+        assert run.data.metrics[key] == round_metric(key, run.data.metrics[key]), key
+    contended = run.data.metrics[Metric.BENCH_CONTENDED] == 1
+    assert (Tag.BENCH_CONTENDED in run.data.tags) == contended
+    assert "beside FP32" in run.data.tags[Tag.BENCH_RETIMED]
+
+
+def test_bench_run_id_on_a_fixed_batch_model_logs_no_throughput(tracking_store, tmp_path, cifar_dir):
+    import mlflow
+    import onnx
+    from mlflow.tracking import MlflowClient
+    from onnx_fixture import tiny_cnn
+
+    from ptqflow.tracking.keys import Metric
+
+    model = tiny_cnn()
+    for value_info in (*model.graph.input, *model.graph.output):
+        value_info.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(tmp_path / "fixed.onnx"))
+    with mlflow.start_run() as run:
+        pass
+    cli = CliRunner().invoke(app, ["bench", str(tmp_path / "fixed.onnx"), "--data-dir", str(cifar_dir), "--threads",
+                                   "1", "--run-id", run.info.run_id])
+    assert cli.exit_code == 0, cli.output
+    metrics = MlflowClient().get_run(run.info.run_id).data.metrics
+    assert metrics[Metric.LATENCY_MS_B1_P50] > 0 and Metric.THROUGHPUT_IPS_B256 not in metrics
+
+
+def test_bench_run_id_refuses_other_threads_than_the_run_was_timed_on(tracking_store, tiny_model, cifar_dir):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    with mlflow.start_run() as run:
+        mlflow.log_param("bench_threads", 3)
+    cli = CliRunner().invoke(app, ["bench", str(tiny_model), "--data-dir", str(cifar_dir), "--threads", "1",
+                                   "--run-id", run.info.run_id])
+    assert cli.exit_code != 0 and "pass --threads 3" in cli.stderr and "Traceback" not in cli.output
+    assert "latency_ms_b1_p50" not in MlflowClient().get_run(run.info.run_id).data.metrics

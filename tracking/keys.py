@@ -157,6 +157,7 @@ class Tag:
     STEP_DECISION = "ptqflow.step"  # on a search step's run: added, or refused (the backend could not make it)
     REUSED_FROM = "ptqflow.reused."  # + variant, on a resumed sweep's parent: the run reused for it
     BENCH_CONTENDED = "ptqflow.bench_contended"  # why the timings are not facts, only on contended runs
+    BENCH_RETIMED = "ptqflow.bench_retimed"  # when `ptqflow bench --run-id` replaced the run's timings, and how
     # Classes that had fewer training images than their share of the calibration set (ptqflow.pipelines.data.calibration)
     CALIBRATION_SHORTFALL = "ptqflow.calibration_shortfall"
     MLFLOW_PARENT = "mlflow.parentRunId"

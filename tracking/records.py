@@ -14,7 +14,6 @@ import mlflow
 
 from ptqflow.common.errors import TrackingError, first_line
 from ptqflow.tracking.connection import client, public_tracking_uri, refused_credentials
-from ptqflow.tracking.keys import Metric, Param
 
 # Run id -> id of the MLflow logged model logged on that run (while the run is open): params and metrics logged on
 # the run afterwards are attached to that model too, so the experiment's Models tab compares the variants.
@@ -190,17 +189,14 @@ def log_metrics_to_run(run_id: str, metrics: dict[str, float]) -> None:
     DetachedRun(run_id).log_metrics(metrics)
 
 
-def log_bench_to_run(run_id: str, bench) -> None:
-    """Latency/throughput numbers from `ptqflow bench` on an existing run, under the sweep's metric names."""
-    c = client()
-    for key, value in ((Metric.LATENCY_MS_B1_P50, bench.latency_ms_b1_p50),
-                       (Metric.LATENCY_MS_B1_P90, bench.latency_ms_b1_p90),
-                       (Metric.THROUGHPUT_IPS_B256, bench.throughput_ips_b256)):
-        c.log_metric(run_id, key, value)
-    try:
-        c.log_param(run_id, Param.BENCH_THREADS, bench.threads)
-    except mlflow.exceptions.MlflowException:
-        pass  # already logged by the sweep with the same or another thread count; params cannot change
+def delete_run_tags(run_id: str, keys: list[str]) -> None:
+    """Remove tags a later record contradicts (a contended flag after a quiet re-timing)."""
+    for key in keys:
+        try:
+            client().delete_tag(run_id, key)
+        except mlflow.exceptions.MlflowException as exc:
+            raise refused_credentials(exc) or TrackingError(
+                f"cannot delete tag {key} of run {run_id}: {first_line(exc)}") from exc
 
 
 def log_bytes_to_run(run_id: str, data: bytes, artifact_file: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -71,6 +72,20 @@ def set_torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+@contextmanager
+def torch_threads_for(config: BenchConfig):
+    """Torch's intra-op threads set to the count a timing records (`config.resolved_threads`) for the block, then
+    restored: a TorchScript model runs on torch's threads, whatever its result says, unless they are set."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.resolved_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def benchmark(load: Load, images: np.ndarray,
               config: BenchConfig = BenchConfig(), throughput: bool = True) -> BenchResult:
     """Time real, model-ready images: batch-1 latency percentiles and batch-256 throughput.
@@ -82,9 +97,15 @@ def benchmark(load: Load, images: np.ndarray,
     single image about 2x slower than one that started at batch 1.
 
     `images` needs at least one image; batches of 256 are tiled from it when fewer are given. `throughput=False`
-    times batch 1 only (a model whose batch dimension is fixed at 1)."""
+    times batch 1 only (a model whose batch dimension is fixed at 1). Torch runs on the `config.resolved_threads`
+    the result records (torch_threads_for); an onnxruntime `load` opens its session with them."""
     if len(images) == 0:
         raise ValueError("benchmarking needs at least one input image")
+    with torch_threads_for(config):
+        return _benchmark(load, images, config, throughput)
+
+
+def _benchmark(load: Load, images: np.ndarray, config: BenchConfig, throughput: bool) -> BenchResult:
     predict = load()
     for i in range(config.warmup_runs):
         checkpoint()

@@ -133,10 +133,12 @@ def bench(
     layout = None if input_layout is LayoutChoice.auto else input_layout.value
     resolved = resolve_targets(targets, output, layout, preprocessing.value, engine)
     images = load_dataset(data_dir, data_format).test.images[:256]
-    results = bench_files(resolved, images, BenchConfig(threads=threads))
+    if run_id:  # timed beside its sweep's FP32 model, the run's whole timing record replaced
+        from ptqflow.pipelines.sweep.bench import bench_run
+
+        results = [(resolved[0], bench_run(run_id, resolved[0], images, BenchConfig(threads=threads), output))]
+    else:
+        results = bench_files(resolved, images, BenchConfig(threads=threads))
     print_bench(results)
     if run_id:
-        from ptqflow.tracking.records import log_bench_to_run
-
-        log_bench_to_run(run_id, results[0][1])
         typer.echo(f"logged to run {run_id}")

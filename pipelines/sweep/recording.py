@@ -140,9 +140,7 @@ class RunRecorder:
         """Timings, speedups over FP32 (`reference`) named by batch size, and their spread; a spread above
         CONTENDED_SPREAD sets the contended metric to 1 and tags the run with why its timings are not facts. On the
         active run, or on `ended_run`'s run and logged model (timed after its run ended)."""
-        metrics = precision.rounded(_bench_metrics(bench, reference), len(self.inputs.test))  # None values dropped
-        params = {Param.BENCH_THREADS: bench.threads, Param.BENCH_ROUNDS: bench.rounds}
-        tags = _contended_tags(bench)
+        metrics, params, tags, _ = timing_record(bench, reference)
         if ended_run is not None:
             records.log_to_ended_run(ended_run.run_id, ended_run.model_uri, metrics, params, tags)
             return
@@ -167,6 +165,18 @@ class RunRecorder:
                 [f"torch=={self.versions['torch']}", f"numpy=={self.versions['numpy']}"], params)
         return logged_models.log_onnx_model(model.quantized.path, spec.name, model_dir, model.example_input,
                                             model.example_output, self.onnx_requirements(), params)
+
+
+def timing_record(bench: BenchResult, reference: BenchResult | None,
+                  recorded_tags: dict[str, str] | None = None) -> tuple[dict, dict, dict, list[str]]:
+    """What a timing writes on its run: (metrics rounded to their precision, None values left out; params; tags;
+    tags of `recorded_tags` an earlier timing left that this one contradicts, to delete). `reference` is FP32's
+    timing when `bench` does not carry its own speedups."""
+    metrics = precision.rounded(_bench_metrics(bench, reference))
+    params = {Param.BENCH_THREADS: bench.threads, Param.BENCH_ROUNDS: bench.rounds}
+    tags = _contended_tags(bench)
+    stale = [Tag.BENCH_CONTENDED] if not tags and Tag.BENCH_CONTENDED in (recorded_tags or {}) else []
+    return metrics, params, tags, stale
 
 
 def _bench_metrics(bench: BenchResult, reference: BenchResult | None) -> dict:

@@ -251,8 +251,8 @@ class VariantRunner:
                 diagnosis_error = failure_reason(exc)
         bench = None
         if self.options.bench:
-            bench = self._bench(lambda: load_runner(model_file, engine=engine or None).predict, spec.name,
-                                against_reference=True)
+            bench = self._bench(lambda: load_runner(model_file, self._bench_threads, engine or None).predict,
+                                spec.name, against_reference=True)
         return VariantResult(spec.name, spec.framework, spec, evaluation=evaluation,
                              fidelity=fidelity(self.reference, evaluation), bench=bench, model_file=public,
                              model_sha256=file_sha256(public), size_bytes=public.stat().st_size,
@@ -363,11 +363,16 @@ class VariantRunner:
             example_out = module(torch.from_numpy(self.example_input)).numpy()
         return ModelToStore(spec, quantized, engine, module, self.example_input, example_out)
 
+    @property
+    def _bench_threads(self) -> int:
+        """The threads every timed session runs on, the count its result records (BenchResult.threads)."""
+        return self.options.bench_config.resolved_threads
+
     def _load_reference(self):
         """A freshly loaded FP32 reference's predict, as benchmarks time it."""
         from ptqflow.models.runtime.runners import OrtRunner
 
-        return OrtRunner(self.float_model.onnx.path).predict
+        return OrtRunner(self.float_model.onnx.path, self._bench_threads).predict
 
     def bench_together(self, models: list[tuple[str, Path, str]]) -> RoundsResult:
         """Time the FP32 reference (named FP32) and every (name, model file, torch engine or "") in shared rounds
@@ -377,7 +382,8 @@ class VariantRunner:
 
         loads = {FP32: self._load_reference}
         for name, model_file, engine in models:
-            loads[name] = lambda path=model_file, engine=engine: load_runner(path, engine=engine or None).predict
+            loads[name] = lambda path=model_file, engine=engine: load_runner(path, self._bench_threads,
+                                                                             engine or None).predict
         config = self.options.bench_config
         with self.timer.phase("bench"), progress_task(f"benchmarking {len(loads)} models in {config.rounds} rounds",
                                                       total=max(1, config.rounds) * len(loads)) as advance:
