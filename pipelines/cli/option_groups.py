@@ -10,7 +10,7 @@ import inspect
 import typing
 from dataclasses import Field, field, fields
 from functools import wraps
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 # Commands that run a single framework leave out the options of the other one (a field's metadata names its framework).
 PYTORCH = "pytorch"
@@ -26,9 +26,12 @@ def only_for(framework: str, default: Any) -> Any:
 class OptionGroup:
     """Base of the option groups (frozen dataclasses whose fields carry `Annotated[..., typer.Option(...)]`)."""
 
+    # option field -> SweepOptions field, where the names differ
+    SWEEP_NAMES: ClassVar[dict[str, str]] = {}
+
     def sweep_fields(self) -> dict[str, Any]:
-        """The SweepOptions fields this group sets; a group whose names differ from SweepOptions' renames them."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The SweepOptions fields this group sets (renamed by SWEEP_NAMES)."""
+        return {self.SWEEP_NAMES.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
 
 
 class OptionGroups:

@@ -19,7 +19,6 @@ from ptqflow.pipelines.shared.choices import (
     Preprocessing,
     WeightRounding,
 )
-from ptqflow.tracking.keys import DEFAULT_EXPERIMENT
 
 # ---- single options that commands outside the groups take too ---------------------------------------------------
 DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="The dataset: CIFAR-10 or CIFAR-100 pickles, an image "
@@ -37,8 +36,9 @@ PreprocessingOpt = Annotated[Preprocessing, typer.Option("--preprocessing",
                                                               "divided by 255; standardize: (x - mean) / std on "
                                                               "0..255, CIFAR-10's unless given.",
                                                          rich_help_panel="Inputs")]
-ExperimentOpt = Annotated[str, typer.Option("--experiment", help="MLflow experiment for the runs.",
-                                            rich_help_panel="Tracking")]
+ExperimentOpt = Annotated[Optional[str], typer.Option(
+    "--experiment", show_default=False, rich_help_panel="Tracking",
+    help="MLflow experiment for the runs (default: <model file stem>-quantization, e.g. resnet8-quantization).")]
 
 
 def _value(choice) -> Any:
@@ -75,10 +75,7 @@ class InputOptions(OptionGroup):
         "--test-limit", min=0, help="Evaluate on the first N test images only (default or 0: all).",
         rich_help_panel="Evaluation")] = None
 
-    def sweep_fields(self) -> dict[str, Any]:
-        fields = super().sweep_fields()
-        fields["model_path"] = fields.pop("model")
-        return fields
+    SWEEP_NAMES = {"model": "model_path"}
 
 
 @dataclass(frozen=True)
@@ -98,17 +95,14 @@ class FetchOptions(OptionGroup):
                                                        help="Mirror of the MLPerf Tiny pretrainedResnet.h5 "
                                                             "(same SHA-256).", rich_help_panel="Fetch")] = None
 
-    def sweep_fields(self) -> dict[str, Any]:
-        fields = super().sweep_fields()
-        fields["fetch_missing"] = fields.pop("fetch")
-        return fields
+    SWEEP_NAMES = {"fetch": "fetch_missing"}
 
 
 @dataclass(frozen=True)
 class TrackingOptions(OptionGroup):
     """Where the runs are recorded."""
 
-    experiment: ExperimentOpt = DEFAULT_EXPERIMENT
+    experiment: ExperimentOpt = None  # SweepOptions names it after the model file
 
 
 @dataclass(frozen=True)
@@ -237,10 +231,7 @@ class FallbackOptions(OptionGroup):
         "--fallback-candidates", min=1, rich_help_panel="Fallback",
         help="Layers the fallback ranks: the worst by local SQNR, plus any the diagnosis gives a hint.")] = 8
 
-    def sweep_fields(self) -> dict[str, Any]:
-        fields = super().sweep_fields()
-        fields["max_drop_pp"] = fields.pop("max_drop")
-        return fields
+    SWEEP_NAMES = {"max_drop": "max_drop_pp"}
 
 
 # What each sweep-like command runs, so what it offers. The order is the order of `--help`'s panels and rows.
