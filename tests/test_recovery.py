@@ -52,6 +52,31 @@ def test_resume_reuses_finished_variants_and_recomputes_failed_ones(tracking_sto
     assert parent.data.tags[Tag.REUSED_FROM + "pytorch-fx-int8"] == first_fx_run
     assert by_name["pytorch-fx-int8"].evaluation.accuracy == pytest.approx(
         _runs_named("pytorch-fx-int8")[0].data.metrics["accuracy"])
+    # the tables say which row is an earlier sweep's run
+    from ptqflow.pipelines.reports.comparison import REUSED_MARK, REUSED_NOTE
+    from ptqflow.tracking.keys import Artifact
+    from ptqflow.tracking.records import download_text
+
+    table = download_text(resumed.parent_run_id, Artifact.COMPARISON_MD).splitlines()
+    row = {line.split("|")[1].strip(): line for line in table if line.startswith("| ") and "|---" not in line}
+    assert f"pytorch-fx-int8 {REUSED_MARK}" in row and "ort-uint8" in row  # the recomputed one unmarked
+    assert f"- {REUSED_NOTE}" in table
+    assert f"{REUSED_MARK} reused</span>" in download_text(resumed.parent_run_id, Artifact.COMPARISON_HTML)
+
+
+def test_plots_label_a_reused_row():
+    from ptqflow.pipelines.reports.comparison import REUSED_MARK, VariantRow
+    from ptqflow.pipelines.reports.plots import accuracy_vs_size_figure, agreement_figure
+
+    def row(name: str, reason: str = "") -> VariantRow:
+        return VariantRow(name, "onnxruntime", "onnxruntime-cpu", "int8", "uint8", "QDQ", True, "MinMax", "ok",
+                          accuracy=0.9, top1_agreement=0.98, model_size_bytes=1024, reason=reason)
+
+    rows = [row("ort-int8", "reused run 0123abcd"), row("ort-uint8")]
+    bars = [t.get_text() for t in agreement_figure(rows, 0.97).axes[0].get_yticklabels()]
+    assert bars == [f"ort-int8 {REUSED_MARK} reused", "ort-uint8"]
+    labels = {t.get_text() for t in accuracy_vs_size_figure(rows).axes[0].texts}
+    assert f"ort-int8 {REUSED_MARK} reused" in labels and "ort-uint8" in labels
 
 
 def test_resume_recomputes_when_any_input_changes(tracking_store, tiny_model, cifar_dir):

@@ -62,6 +62,11 @@ COLUMNS = (
 TIMING_FIELDS = ("latency_ms_b1_p50", "speedup_b1_vs_fp32", "speedup_b256_vs_fp32")
 SPEEDUP_FIELDS = ("speedup_b1_vs_fp32", "speedup_b256_vs_fp32")
 CONTENDED_MARK = "†"
+# A row --resume reused: its run (an earlier sweep's, same inputs) is the record; outcome_of_run writes this reason.
+REUSED_REASON = "reused run"
+REUSED_MARK = "↺"
+REUSED_NOTE = (f"{REUSED_MARK} reused by --resume: a finished run of an earlier sweep with the same inputs (code, CPU "
+               "and threads included); its numbers, timings too, are that run's")
 CONTENDED_NOTE = (f"{CONTENDED_MARK} timed while the machine was busy (p90/p50 of the timings above "
                   f"{CONTENDED_SPREAD:g}; for a speedup, its own or FP32's): not a measurement of the model")
 SPEEDUP_NOTE = ("speedups are over FP32 onnxruntime in the same sweep, > 1 = faster: b1 from batch-1 p50 latency, "
@@ -91,7 +96,14 @@ def cell(row: VariantRow, field: str, fp32_contended: bool = False) -> str:
     if value is None:
         return "—"
     text = _CELL_FORMATS.get(field, str)(value)
+    if field == "variant" and is_reused(row):
+        return f"{text} {REUSED_MARK}"
     return text + CONTENDED_MARK if is_contended(row, field, fp32_contended) else text
+
+
+def is_reused(row: VariantRow) -> bool:
+    """Whether the row is a run an earlier sweep made, reused by --resume."""
+    return row.reason.startswith(REUSED_REASON)
 
 
 def is_contended(row: VariantRow, field: str, fp32_contended: bool = False) -> bool:
@@ -118,6 +130,8 @@ def notes(rows: list[VariantRow]) -> list[str]:
     fp32_busy = fp32_contended(rows)
     if any(is_contended(r, f, fp32_busy) for r in rows for f in TIMING_FIELDS):
         out.append(CONTENDED_NOTE)
+    if any(is_reused(r) for r in rows):
+        out.append(REUSED_NOTE)
     return out
 
 
@@ -179,6 +193,7 @@ td.variant a, td.variant span { white-space: nowrap; }
 span.mark { display: inline-block; margin-left: 4px; padding: 0 5px; border-radius: 8px; font-size: 12px; }
 span.mark.best { background: #dbe9fb; color: #0b3d91; }
 span.mark.champion { background: #ffe08a; color: #5c3d00; font-weight: bold; }
+span.mark.reused { background: #ececec; color: #444; }
 tr.best td.variant, tr.champion td.variant { font-weight: bold; }
 td.contended { background: #fff4cc; }
 tr.ok td.status { background: #e3f4e3; color: #1b5e20; }
@@ -255,6 +270,8 @@ def _variant_cell(row: VariantRow, run_url, is_best: bool, champion_of: dict[str
              else f"<span>{name}</span>"]
     if is_best:
         parts.append('<span class="mark best">best</span>')
+    if is_reused(row):
+        parts.append(f'<span class="mark reused" title="{esc(row.reason)}">{REUSED_MARK} reused</span>')
     for champion in champion_of.get(row.run_id, []) if row.run_id else []:
         parts.append(f'<span class="mark champion" title="{esc(champion.model)} v{esc(champion.version)}">'
                      "@champion</span>")

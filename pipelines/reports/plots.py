@@ -15,7 +15,7 @@ import io
 
 import numpy as np
 
-from ptqflow.pipelines.reports.comparison import VariantRow
+from ptqflow.pipelines.reports.comparison import REUSED_MARK, VariantRow, is_reused
 from ptqflow.pipelines.variants.specs import FP32
 
 # 8 in x 100 dpi = 800 px: the width of the MLflow artifact preview, so nothing is scaled down.
@@ -73,7 +73,7 @@ def accuracy_vs_size_figure(rows: list[VariantRow]):
     if not shown:
         _note(ax, "no evaluated variant")
         return fig
-    _scatter_with_front(ax, [(r.model_size_bytes / 1024, 100 * r.accuracy) for r in shown], [r.variant for r in shown])
+    _scatter_with_front(ax, [(r.model_size_bytes / 1024, 100 * r.accuracy) for r in shown], [_name(r) for r in shown])
     return fig
 
 
@@ -92,7 +92,7 @@ def accuracy_vs_latency_figure(rows: list[VariantRow], latency_ms: dict[str, flo
     if not shown:
         _note(ax, "no latency measured (run without --no-bench)")
         return fig
-    names = [r.variant + (f" {CONTENDED_LABEL}" if r.variant in contended else "") for r in shown]
+    names = [_name(r) + (f" {CONTENDED_LABEL}" if r.variant in contended else "") for r in shown]
     _scatter_with_front(ax, [(latency_ms[r.variant], 100 * r.accuracy) for r in shown], names,
                         is_fp32=[r.variant == FP32 for r in shown], log_x_above=LOG_LATENCY_ABOVE)
     return fig
@@ -180,7 +180,7 @@ def agreement_figure(rows: list[VariantRow], min_agreement: float):
     limit = 100 * min_agreement
     values = [100 * r.top1_agreement for r in shown]
     colors = [MEETS_TARGET_COLOR if v >= limit else BELOW_TARGET_COLOR for v in values]
-    bars = ax.barh([r.variant for r in shown], values, color=colors, height=0.6)
+    bars = ax.barh([_name(r) for r in shown], values, color=colors, height=0.6)
     ax.invert_yaxis()  # first row on top, as in the comparison table
     ax.tick_params(axis="y", labelsize=FONT_SIZE)
     limit_line = ax.axvline(limit, color="black", linestyle="--", linewidth=1.2, gid="gate-limit",
@@ -266,6 +266,11 @@ def _note(ax, text: str) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=FONT_SIZE + 1, color="dimgray")
+
+
+def _name(row: VariantRow) -> str:
+    """A variant's label: its name, marked when the row is an earlier sweep's run reused by --resume."""
+    return f"{row.variant} {REUSED_MARK} reused" if is_reused(row) else row.variant
 
 
 def _scatter_with_front(ax, points: list[tuple[float, float]], names: list[str],

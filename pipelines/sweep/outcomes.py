@@ -95,7 +95,7 @@ def outcome_of_run(spec: VariantSpec, run) -> VariantOutcome:
         evaluation=Evaluation(m[M.ACCURACY], per_class, None, None),
         fidelity=Fidelity(m[M.TOP1_AGREEMENT], m.get(M.KL_DIVERGENCE, float("nan")), m.get(M.SQNR_DB, float("nan"))),
         model_file_in_artifacts=tags.get(T.MODEL_FILE_IN_MODEL, ""), model_sha256=tags.get(T.MODEL_FILE_SHA256, ""),
-        quantized_engine=tags.get(T.QUANTIZED_ENGINE, ""), reason=f"reused run {run.info.run_id[:8]}",
+        quantized_engine=tags.get(T.QUANTIZED_ENGINE, ""), reason=f"{report.REUSED_REASON} {run.info.run_id[:8]}",
         model_uri=logged_models.logged_model_uri(run) or "",
         bench=bench, size_bytes=int(m[M.MODEL_SIZE_BYTES]))
 
