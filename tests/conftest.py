@@ -88,12 +88,16 @@ def completed_sweep(tmp_path_factory, cifar_dir, tiny_model):
         mlflow.set_tracking_uri(None)
 
 
-def runs_by_name(experiment: str = "resnet8-quantization") -> dict:
+def runs_by_name(experiment: str | None = None) -> dict:
+    """The runs of `experiment` by name; by default of every experiment (a sweep's default experiment is named after
+    its model file: `<stem>-quantization`)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    exp = mlflow.get_experiment_by_name(experiment)
-    runs = MlflowClient().search_runs([exp.experiment_id], max_results=1000)
+    client = MlflowClient()
+    ids = ([mlflow.get_experiment_by_name(experiment).experiment_id] if experiment is not None
+           else [e.experiment_id for e in client.search_experiments()])
+    runs = client.search_runs(ids, max_results=1000)
     return {r.info.run_name: r for r in runs}
 
 

@@ -16,9 +16,16 @@ SAME_JOB = ((VersionTag.FP32_MODEL_SHA256, "a" * 64), (VersionTag.DATASET_DIGEST
             (VersionTag.TEST_IMAGES, "10000"), (VersionTag.INPUT_LAYOUT, "NHWC"), (VersionTag.PREPROCESSING, "raw"))
 
 
-def C(version, delta, agreement, latency=None, sha256=None, input_key=None) -> Candidate:
-    """A version measured on the same job as the others in the table."""
-    return Candidate(version, delta, agreement, latency, sha256, input_key, SAME_JOB)
+TIMED_ALIKE = ((VersionTag.LATENCY_CONTENDED, "no"), (VersionTag.CPU_MODEL, "Intel Xeon"),
+               (VersionTag.CPU_INT8_ISA, "avx2,avx512_vnni"), (VersionTag.BENCH_THREADS, "2"))
+
+
+def C(version, delta, agreement, latency=None, sha256=None, input_key=None, **timing) -> Candidate:
+    """A version measured on the same job as the others in the table, timed alike unless `timing` (version tag
+    name → value, None to leave it out) says otherwise."""
+    timed_on = {**dict(TIMED_ALIKE), **{getattr(VersionTag, k.upper()): v for k, v in timing.items()}}
+    return Candidate(version, delta, agreement, latency, sha256, input_key, SAME_JOB,
+                     tuple((k, v) for k, v in timed_on.items() if v is not None))
 
 
 @pytest.mark.parametrize("candidate,champion,promote,reason", [
@@ -41,6 +48,41 @@ def C(version, delta, agreement, latency=None, sha256=None, input_key=None) -> C
 def test_gate_decisions(candidate, champion, promote, reason):
     decision = decide(candidate, champion, POLICY)
     assert decision.promote is promote and reason in decision.reason
+
+
+@pytest.mark.parametrize("candidate_timing,champion_timing,reason", [
+    ({"latency_contended": "yes"}, {}, "v2 was timed on a busy machine"),
+    ({}, {"latency_contended": "yes"}, "v1 was timed on a busy machine"),
+    ({"cpu_model": "AMD EPYC"}, {}, "CPU AMD EPYC vs Intel Xeon"),
+    ({"cpu_int8_isa": "avx2"}, {}, "int8 instructions avx2 vs avx2,avx512_vnni"),
+    ({"bench_threads": "1"}, {}, "threads 1 vs 2"),
+    ({}, {"cpu_model": None, "latency_contended": None}, "CPU not recorded"),  # a champion from before the tags
+])
+def test_a_latency_breaks_a_tie_only_against_a_timing_that_compares(candidate_timing, champion_timing, reason):
+    """Twice as fast on a tie, but timed on a busy machine, another CPU, other int8 instructions or threads, or
+    against a champion that does not say how it was timed: the alias stays."""
+    candidate, champion = C("2", 0.0, 0.98, 0.10, **candidate_timing), C("1", 0.0, 0.98, 0.20, **champion_timing)
+    decision = decide(candidate, champion, POLICY)
+    assert not decision.promote and "latencies not comparable" in decision.reason and reason in decision.reason
+    assert decide(C("2", 0.0, 0.98, 0.10), C("1", 0.0, 0.98, 0.20), POLICY).promote  # timed alike: it is faster
+
+
+def test_versions_record_how_their_latency_was_timed(tracking_store, tiny_model, cifar_dir):
+    """A timed version's tags say whether the machine was busy and on which CPU, int8 instructions and threads: what
+    the gate's latency tie-break compares."""
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
+    from ptqflow.tracking.keys import Metric, Param, Tag
+
+    result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
+                                    variants=("ort-int8",), diagnose=False, weight_rounding="nearest"))
+    version, = result.registered
+    tags = MlflowClient().get_model_version(version.name, version.version).tags
+    run = MlflowClient().get_run(next(o.run_id for o in result.outcomes if o.name == "ort-int8"))
+    assert tags[VersionTag.CPU_MODEL] == run.data.tags[Tag.CPU_MODEL]
+    assert tags[VersionTag.CPU_INT8_ISA] == run.data.tags[Tag.CPU_INT8_ISA]
+    assert tags[VersionTag.BENCH_THREADS] == run.data.params[Param.BENCH_THREADS]
+    assert tags[VersionTag.LATENCY_CONTENDED] == ("yes" if run.data.metrics[Metric.BENCH_CONTENDED] else "no")
 
 
 def _sweep(tiny_model, cifar_dir, gate: GatePolicy):
@@ -166,3 +208,45 @@ def test_a_description_written_by_hand_survives_the_next_sweep(tracking_store, t
     sweep()
     assert client.get_model_version("resnet8-int8-onnx", "2") is not None
     assert client.get_registered_model("resnet8-int8-onnx").description == "Owned by the vision team; ask before use."
+
+
+def test_mixed_variants_register_under_their_own_names_with_their_int8_mac_share(tracking_store, cifar_dir, tmp_path):
+    """A `-mixed` variant (layers upgraded to FP32 or 16 bits) never becomes a version of `<stem>-int8-onnx`, even when
+    it agrees more often with FP32 than the fully quantized one: it goes to `<stem>-mixed-onnx`. Every variant run
+    and version records the share of MACs that runs in int8, the comparison table shows it, and the sweep's
+    experiment is named after the model."""
+    import csv
+    import io
+
+    import onnx
+    from onnx_fixture import outlier_cnn
+
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
+    from ptqflow.tracking import records
+    from ptqflow.tracking.keys import Artifact, Param
+
+    model = tmp_path / "outlier.onnx"
+    onnx.save(outlier_cnn(outlier=True), str(model))
+    result = run_sweep(SweepOptions(model_path=model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
+                                    variants=("ort-int8",), bench=False, diagnose=False, weight_rounding="nearest",
+                                    target_agreement=0.999, ranking_images=50))
+    by_name = {o.name: o for o in result.outcomes}
+    assert by_name["ort-int8-mixed"].fidelity.top1_agreement > by_name["ort-int8"].fidelity.top1_agreement
+    client = MlflowClient()
+    int8, mixed = (client.get_model_version(name, "1") for name in ("outlier-int8-onnx", "outlier-mixed-onnx"))
+    assert int8.tags[VersionTag.VARIANT] == "ort-int8" and mixed.tags[VersionTag.VARIANT] == "ort-int8-mixed"
+    assert [str(v.version) for v in client.search_model_versions("name = 'outlier-int8-onnx'")] == ["1"]
+    assert "mixed-precision" in client.get_registered_model("outlier-mixed-onnx").description
+    shares = {name: client.get_run(o.run_id).data.params[Param.INT8_MAC_SHARE] for name, o in by_name.items()}
+    assert float(shares["fp32"]) == 0.0
+    assert 0 <= float(shares["ort-int8-mixed"]) < float(shares["ort-int8"]) <= 1  # upgraded layers left int8
+    assert int8.tags[VersionTag.INT8_MAC_SHARE] == shares["ort-int8"]
+    assert mixed.tags[VersionTag.INT8_MAC_SHARE] == shares["ort-int8-mixed"]
+    assert "of its MACs in int8" in mixed.description
+    rows = {r["variant"]: r for r in csv.DictReader(io.StringIO(
+        records.download_text(result.parent_run_id, Artifact.COMPARISON_CSV)))}
+    assert {name: float(rows[name]["int8_mac_share"]) for name in shares} == {k: float(v) for k, v in shares.items()}
+    assert "int8 MACs %" in records.download_text(result.parent_run_id, Artifact.COMPARISON_MD)
+    parent = client.get_run(result.parent_run_id)
+    assert client.get_experiment(parent.info.experiment_id).name == "outlier-quantization"

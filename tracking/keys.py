@@ -39,6 +39,9 @@ class Param:
     BENCH_THREADS = "bench_threads"
     BENCH_ROUNDS = "bench_rounds"  # rounds a variant was timed in, alternating with FP32
     BATCHNORMS_FOLDED = "batchnorms_folded"  # BatchNormalization nodes folded into their Conv before quantization
+    # On every variant run: the share of the model's MACs its recipe runs in 8-bit integers (0 for FP32; a `-mixed`
+    # variant's upgraded layers and the float head are not), truncated to 4 decimals (ptqflow.models.backends.mac_share)
+    INT8_MAC_SHARE = "int8_mac_share"
     MAX_ACCURACY_DROP_PP = "gate_max_accuracy_drop_pp"
     # AdaRound steps per layer; `ptqflow diagnose` reads it from a sweep run to redo the same AdaRound (cache hit)
     ADAROUND_ITERATIONS = "adaround_iterations"
@@ -229,6 +232,12 @@ class VersionTag:
     INPUT_MEAN = "input_mean"  # only when values are standardized
     INPUT_STD = "input_std"
     LATENCY_MS_B1 = "latency_ms_b1_p50"
+    # What the latency was measured on: the gate breaks a tie on latency only between versions timed alike
+    LATENCY_CONTENDED = "latency_contended"  # "yes" when the machine was busy while timing (bench_contended), else "no"
+    CPU_MODEL = "cpu_model"
+    CPU_INT8_ISA = "cpu_int8_isa"
+    BENCH_THREADS = "bench_threads"
+    INT8_MAC_SHARE = "int8_mac_share"  # the source run's param: 1 minus what runs in FP32 or 16 bits
     PROMOTION_DECISION = "promotion_decision"  # promoted, rejected or manual
     PROMOTION_REASON = "promotion_reason"  # no longer written: the reason is the description's first sentence
     PROMOTION_POLICY = "promotion_policy"  # no longer written: the policy is in the version's description

@@ -163,12 +163,18 @@ def runs_tagged(experiment_id: str, key: str, value: str) -> list:
     return client().search_runs([experiment_id], f"tags.`{key}` = '{value}'", max_results=1000)
 
 
-def latest_sweep_run_id(experiment: str) -> str:
-    experiment_obj = mlflow.get_experiment_by_name(experiment)
-    if experiment_obj is None:
-        raise TrackingError(f"no experiment '{experiment}' at {tracking_uri()}; run `ptqflow sweep` first")
-    runs = client().search_runs([experiment_obj.experiment_id], f"tags.`{Tag.ROLE}` = '{Tag.ROLE_SWEEP}'",
-                                order_by=["attributes.start_time DESC"], max_results=1)
+def latest_sweep_run_id(experiment: str | None) -> str:
+    """The latest sweep run of `experiment`, or with None of any experiment (each model has its own)."""
+    if experiment is None:
+        ids = [e.experiment_id for e in client().search_experiments()]
+    else:
+        experiment_obj = mlflow.get_experiment_by_name(experiment)
+        if experiment_obj is None:
+            raise TrackingError(f"no experiment '{experiment}' at {tracking_uri()}; run `ptqflow sweep` first")
+        ids = [experiment_obj.experiment_id]
+    runs = client().search_runs(ids, f"tags.`{Tag.ROLE}` = '{Tag.ROLE_SWEEP}'",
+                                order_by=["attributes.start_time DESC"], max_results=1) if ids else []
     if not runs:
-        raise TrackingError(f"experiment '{experiment}' has no sweep run yet; run `ptqflow sweep` first")
+        where = f"experiment '{experiment}'" if experiment is not None else f"the store at {tracking_uri()}"
+        raise TrackingError(f"{where} has no sweep run yet; run `ptqflow sweep` first")
     return runs[0].info.run_id

@@ -9,10 +9,9 @@ from typing import Annotated, Optional
 import typer
 
 from ptqflow.pipelines.cli.errors import cli_errors
-from ptqflow.pipelines.cli.options import DataDirOpt, DataFormatOpt, ExperimentOpt, LayoutOpt, PreprocessingOpt
+from ptqflow.pipelines.cli.options import DataDirOpt, DataFormatOpt, LayoutOpt, PreprocessingOpt
 from ptqflow.pipelines.data.inputs import DEFAULT_DATA_DIR
 from ptqflow.pipelines.shared.choices import DataFormat, LayoutChoice, Preprocessing
-from ptqflow.tracking.keys import DEFAULT_EXPERIMENT
 
 
 @cli_errors
@@ -64,7 +63,9 @@ def compare(
     refs: Annotated[Optional[list[str]], typer.Argument(
         help="Sweep run ids, variant run ids, or registered NAME/VERSION or NAME@ALIAS. None: the latest sweep's "
              "table; one sweep: its table; two sweeps: variant by variant with deltas.")] = None,
-    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
+    experiment: Annotated[Optional[str], typer.Option(
+        "--experiment", show_default=False, rich_help_panel="Tracking",
+        help="The experiment whose latest sweep is shown (default: the latest sweep of any experiment).")] = None,
 ):
     """Compare sweeps, registered versions or runs side by side."""
     from ptqflow.pipelines.reports.tables import print_comparison, print_sweep_table

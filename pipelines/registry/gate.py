@@ -4,7 +4,8 @@ Pure logic, no MLflow: a version must stay within the accuracy-drop and agreemen
 champion on agreement with FP32. On an agreement tie it must be clearly faster at batch 1, and a version made from
 the same inputs as the champion (a re-run) or with a byte-identical model file never replaces it: on a shared
 machine the same file's batch-1 latency moves by up to 1.6x between runs, so a bare "faster" would hand the alias
-back and forth on noise.
+back and forth on noise. Nor does a latency decide between timings that do not compare: only when neither was
+timed on a busy machine and both were timed on the same CPU model, with the same int8 instructions and threads.
 
 Two versions are compared only when they were measured on the same job: the same FP32 model, test set (dataset
 digest and number of images), input layout and preprocessing, and, where versions record them, input size, resizing
@@ -44,6 +45,10 @@ OPTIONAL_COMPARABILITY = ((V.INPUT_SIZE, "input size", None), (V.RESIZE, "resizi
                           (V.INPUT_MEAN, "mean", ""), (V.INPUT_STD, "std", ""))
 
 
+# What must be recorded and equal for two versions' batch-1 latencies to be compared (a latency tie-break).
+TIMING_COMPARABILITY = ((V.CPU_MODEL, "CPU"), (V.CPU_INT8_ISA, "int8 instructions"), (V.BENCH_THREADS, "threads"))
+
+
 @dataclass(frozen=True)
 class Candidate:
     version: str
@@ -53,6 +58,8 @@ class Candidate:
     sha256: str | None = None  # of the registered model file
     input_key: str | None = None  # of the run that made it: model, data, calibration, config, library versions
     measured_on: tuple[tuple[str, str], ...] = ()  # COMPARABILITY keys and values: what the numbers were measured on
+    # LATENCY_CONTENDED and TIMING_COMPARABILITY keys and values: how the latency was timed
+    timed_on: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_tags(cls, version: str, tags: dict[str, str]) -> "Candidate":
@@ -60,7 +67,9 @@ class Candidate:
         latency = tags.get(V.LATENCY_MS_B1)
         return cls(str(version), float(tags.get(V.ACCURACY_DELTA_PP, "nan")), float(tags.get(V.TOP1_AGREEMENT, "nan")),
                    float(latency) if latency else None, tags.get(V.SHA256), tags.get(V.INPUT_KEY),
-                   tuple((key, tags[key]) for key, *_ in (*COMPARABILITY, *OPTIONAL_COMPARABILITY) if key in tags))
+                   tuple((key, tags[key]) for key, *_ in (*COMPARABILITY, *OPTIONAL_COMPARABILITY) if key in tags),
+                   tuple((key, tags[key]) for key in (V.LATENCY_CONTENDED, *(k for k, _ in TIMING_COMPARABILITY))
+                         if key in tags))
 
 
 def incomparable(candidate: Candidate, champion: Candidate) -> str | None:
@@ -78,6 +87,23 @@ def incomparable(candidate: Candidate, champion: Candidate) -> str | None:
         if a is not None and b is not None and a != b:
             differ.append(f"{words} {a or 'none'} vs {b or 'none'}")
     return "; ".join(differ) or None
+
+
+def timings_incomparable(candidate: Candidate, champion: Candidate) -> str | None:
+    """Why the two versions' latencies cannot decide a tie, or None when both were timed alike: neither on a busy
+    machine, both on the same CPU model with the same int8 instructions and threads. Anything not recorded (older
+    versions) cannot be shown to compare."""
+    if candidate.latency_ms is None or champion.latency_ms is None:
+        return "no latency recorded"
+    ours, theirs = dict(candidate.timed_on), dict(champion.timed_on)
+    why = [f"v{version} was timed on a busy machine" for version, timed in
+           ((candidate.version, ours), (champion.version, theirs)) if timed.get(V.LATENCY_CONTENDED, "yes") != "no"]
+    for key, words in TIMING_COMPARABILITY:
+        if key not in ours or key not in theirs:
+            why.append(f"{words} not recorded")
+        elif ours[key] != theirs[key]:
+            why.append(f"{words} {ours[key]} vs {theirs[key]}")
+    return "; ".join(why) or None
 
 
 @dataclass(frozen=True)
@@ -109,9 +135,13 @@ def decide(candidate: Candidate, champion: Candidate | None, policy: GatePolicy)
     if candidate.agreement > champion.agreement:
         return Decision(True, f"agreement {candidate.agreement:.4f} beats champion v{champion.version} "
                               f"({champion.agreement:.4f})")
-    if candidate.agreement == champion.agreement and None not in (candidate.latency_ms, champion.latency_ms) \
-            and candidate.latency_ms <= (1 - policy.min_latency_gain) * champion.latency_ms:
-        return Decision(True, f"ties champion v{champion.version} on agreement ({candidate.agreement:.4f}) "
-                              f"and is faster ({candidate.latency_ms:.3f} ms vs {champion.latency_ms:.3f} ms)")
+    if candidate.agreement == champion.agreement and None not in (candidate.latency_ms, champion.latency_ms):
+        why = timings_incomparable(candidate, champion)
+        if why:
+            return Decision(False, f"ties champion v{champion.version} on agreement ({candidate.agreement:.4f}); "
+                                   f"latencies not comparable ({why})")
+        if candidate.latency_ms <= (1 - policy.min_latency_gain) * champion.latency_ms:
+            return Decision(True, f"ties champion v{champion.version} on agreement ({candidate.agreement:.4f}) "
+                                  f"and is faster ({candidate.latency_ms:.3f} ms vs {champion.latency_ms:.3f} ms)")
     return Decision(False, f"agreement {candidate.agreement:.4f} does not beat champion v{champion.version} "
                            f"({champion.agreement:.4f})")

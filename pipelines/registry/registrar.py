@@ -1,5 +1,6 @@
-"""The registry side of a sweep: register each framework's best int8 variant as a new version (tags, description),
-let the promotion gate decide whether it takes @champion, and read the champions back for the report.
+"""The registry side of a sweep: register each framework's best fully quantized int8 variant, and apart from it its
+best `-mixed` one, as new versions (tags, description), let the promotion gate decide whether each takes @champion,
+and read the champions back for the report.
 
 The versions are made from the variant runs the sweep logged (ptqflow.pipelines.sweep.sweep); the gate's rules are
 ptqflow.pipelines.registry.gate, the registry calls ptqflow.tracking.registry and ptqflow.tracking.aliases.
@@ -18,10 +19,12 @@ from ptqflow.pipelines.registry.gate import CHAMPION_ALIAS, Candidate, GatePolic
 from ptqflow.pipelines.variants.specs import FP32, PYTORCH, VariantSpec
 from ptqflow.tracking import records
 from ptqflow.tracking import runs
-from ptqflow.tracking.keys import Artifact, Metric, Tag, VersionTag
+from ptqflow.tracking.keys import Artifact, Metric, Param, Tag, VersionTag
 
-# Framework → (registered model name, whether the user named it explicitly); see SweepOptions.registered_names.
-RegisteredNames = dict[str, tuple[str, bool]]
+# (framework, mixed) → (registered model name, whether the user chose it); see SweepOptions.registered_names.
+# `mixed` False: the fully quantized variants (`<stem>-int8`, `<stem>-int8-onnx`); True: the `-mixed` variants the
+# fallback made, some layers in FP32 or 16 bits (`<stem>-mixed`, `<stem>-mixed-onnx`).
+RegisteredNames = dict[tuple[str, bool], tuple[str, bool]]
 
 
 @dataclass(frozen=True)
@@ -59,14 +62,16 @@ class MeasuredOn:
                 V.PREPROCESSING: self.preprocessing, **dict(self.input_tags)}
 
 
-def check_registry_targets(names: RegisteredNames, specs: list[VariantSpec], model_sha256: str) -> None:
+def check_registry_targets(names: RegisteredNames, specs: list[VariantSpec], model_sha256: str,
+                           fallback: bool = False) -> None:
     """Refuse, before any run starts, to add versions to a default-named registered model whose versions were
-    quantized from another FP32 model: a name the user did not choose must not mix models."""
+    quantized from another FP32 model: a name the user did not choose must not mix models. The `-mixed` names are
+    checked only with `fallback` (a target that makes `-mixed` variants)."""
     from ptqflow.tracking.registry import source_model_digests
 
     frameworks = {spec.framework for spec in specs}
-    for framework, (name, explicit) in names.items():
-        if explicit or framework not in frameworks:
+    for (framework, mixed), (name, explicit) in names.items():
+        if explicit or framework not in frameworks or (mixed and not fallback):
             continue
         others = source_model_digests(name) - {model_sha256}
         if others:
@@ -74,6 +79,20 @@ def check_registry_targets(names: RegisteredNames, specs: list[VariantSpec], mod
             raise ConfigError(f"registered model '{name}' holds versions of another FP32 model (SHA-256 "
                               f"{sorted(others)[0][:12]}…, this one is {model_sha256[:12]}…); pass {flag} NAME to "
                               "choose where this model's versions go")
+
+
+def timing_tags(run_id: str) -> dict[str, str]:
+    """What the source run's latency was measured on, as version tags: whether the machine was busy, the CPU, its
+    int8 instructions and the threads. Read from the run that was timed (a reused run was timed by another sweep,
+    maybe on another machine), so the gate can tell timings that compare from those that do not."""
+    V = VersionTag
+    run = runs.get_run(run_id)
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    found = {V.CPU_MODEL: tags.get(Tag.CPU_MODEL), V.CPU_INT8_ISA: tags.get(Tag.CPU_INT8_ISA),
+             V.BENCH_THREADS: params.get(Param.BENCH_THREADS)}
+    if Metric.BENCH_CONTENDED in metrics:
+        found[V.LATENCY_CONTENDED] = "yes" if metrics[Metric.BENCH_CONTENDED] else "no"
+    return {key: value for key, value in found.items() if value}
 
 
 def current_champion(name: str) -> Candidate | None:
@@ -87,26 +106,32 @@ def current_champion(name: str) -> Candidate | None:
 class Registrar:
     """Registers a sweep's best int8 variants under `names` and gates them with `gate`."""
 
-    def __init__(self, names: RegisteredNames, gate: GatePolicy, measured_on: MeasuredOn):
+    def __init__(self, names: RegisteredNames, gate: GatePolicy, measured_on: MeasuredOn,
+                 mac_share: Callable[[VariantSpec], float | None] = lambda spec: None):
         self.names = names
         self.gate = gate
         self.measured_on = measured_on
+        self.mac_share = mac_share  # the share of MACs a spec runs in int8 (RunRecorder.int8_mac_share)
 
     def register_best(self, outcomes: list, reference_accuracy: float) -> list:
         """Per framework, the ok int8 variant that agrees most often with FP32 (accuracy breaks ties) becomes a new
-        version; returns the registered ModelVersions. `outcomes` are ptqflow.pipelines.sweep.outcomes.VariantOutcome."""
+        version: a fully quantized one under the int8 name, a `-mixed` one under the mixed name, never the one
+        under the other's. Returns the registered ModelVersions. `outcomes` are
+        ptqflow.pipelines.sweep.outcomes.VariantOutcome."""
         from ptqflow.tracking import registry
 
         registered = []
-        for framework, (name, _) in self.names.items():
+        for (framework, mixed), (name, _) in sorted(self.names.items(), key=lambda item: item[0][1]):
             candidates = [o for o in outcomes if o.framework == framework and o.status == "ok" and o.name != FP32
-                          and o.spec is not None and o.spec.weight_dtype == "int8"]
+                          and o.spec is not None and o.spec.weight_dtype == "int8"
+                          and (o.spec.mixed is not None) == mixed]
             if not candidates:
                 continue
             # Agreement with FP32 is the sharper measure on 10,000 images; accuracy breaks ties.
             best = max(candidates, key=lambda o: (o.fidelity.top1_agreement, o.evaluation.accuracy))
             tags = self._version_tags(best, reference_accuracy)
-            description, model_description = self._descriptions(best, framework, reference_accuracy)
+            description, model_description = self._descriptions(best, framework, reference_accuracy,
+                                                                tags.get(VersionTag.INT8_MAC_SHARE))
             champion = current_champion(name)  # read before registering: a failed read leaves no undecided version
             # From the variant's MLflow logged model (a run reused from before logged models: its model/ dir).
             source = best.model_uri or f"runs:/{best.run_id}/{Artifact.LOGGED_MODEL_NAME}"
@@ -136,20 +161,29 @@ class Registrar:
             tags[V.INPUT_BATCH] = str(self.measured_on.input_batch)
         if best.bench:
             tags[V.LATENCY_MS_B1] = f"{round_metric(Metric.LATENCY_MS_B1_P50, best.bench.latency_ms_b1_p50):.3f}"
+            tags.update(timing_tags(best.run_id))
+        share = self.mac_share(best.spec)
+        if share is not None:
+            tags[V.INT8_MAC_SHARE] = str(share)  # as the run param reads
         return tags
 
-    def _descriptions(self, best, framework: str, reference_accuracy: float) -> tuple[str, str]:
+    def _descriptions(self, best, framework: str, reference_accuracy: float,
+                      mac_share: str | None = None) -> tuple[str, str]:
         """The version's description (the gate's decision is put in front of it once it is made, by
-        ptqflow.tracking.aliases.record_decision) and the registered model's."""
+        ptqflow.tracking.aliases.record_decision) and the registered model's (written only when the registered
+        model is created: a description someone edits later stays)."""
         m = self.measured_on
         latency = f", batch-1 latency {best.bench.latency_ms_b1_p50:.3f} ms" if best.bench else ""
+        macs = f", {100 * float(mac_share):.2f}% of its MACs in int8" if mac_share is not None else ""
         description = (f"{best.name}: {m.model_file_name} quantized by ptqflow. Top-1 accuracy "
                        f"{100 * best.evaluation.accuracy:.2f}% on {m.test_images} {m.data_title} test images "
                        f"({100 * (best.evaluation.accuracy - reference_accuracy):+.2f} pp vs FP32), "
-                       f"agreement with FP32 {100 * best.fidelity.top1_agreement:.2f}%{latency}. "
+                       f"agreement with FP32 {100 * best.fidelity.top1_agreement:.2f}%{latency}{macs}. "
                        f"Source run {best.run_id}, logged model {best.model_uri}.")
+        kind = ("mixed-precision quantizations (int8, with the layers the sensitivity-ranked fallback chose in "
+                "FP32 or 16 bits)" if best.spec.mixed is not None else "int8 quantizations")
         model_description = (
-            f"{'TorchScript' if framework == PYTORCH else 'ONNX'} int8 quantizations of "
+            f"{'TorchScript' if framework == PYTORCH else 'ONNX'} {kind} of "
             f"{m.model_file_name} ({m.data_title} classifier, {m.input_layout} {m.input_size_text}, "
             f"{m.preprocessing} pixels), one version per ptqflow sweep: the variant "
             "that agrees most often with the FP32 model's top-1. Alias @champion marks the version that passed "

@@ -39,6 +39,7 @@ class VariantRow:
     speedup_b1_vs_fp32: float | None = None  # FP32 onnxruntime's batch-1 p50 latency / this one's: > 1 is faster
     speedup_b256_vs_fp32: float | None = None  # this batch-256 throughput / FP32 onnxruntime's: > 1 is faster
     contended: bool | None = None  # its timings' spread says the machine was busy (ptqflow.models.runtime.latency)
+    int8_mac_share: float | None = None  # share of the MACs its recipe runs in 8-bit integers (0 for FP32)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ class Champion:
 
 COLUMNS = (
     ("variant", "variant"), ("framework", "framework"), ("backend", "backend"), ("weights", "weight_dtype"),
-    ("activations", "activation_dtype"), ("format", "quant_format"), ("per-channel", "per_channel"),
+    ("activations", "activation_dtype"), ("int8 MACs %", "int8_mac_share"), ("format", "quant_format"),
+    ("per-channel", "per_channel"),
     ("calibration", "calibration_method"), ("accuracy %", "accuracy"), ("Δ pp", "accuracy_delta_pp"),
     ("agreement %", "top1_agreement"), ("size KiB", "model_size_bytes"), ("compression", "compression_ratio"),
     ("b1 p50 latency ms", "latency_ms_b1_p50"), ("b1 speedup vs FP32", "speedup_b1_vs_fp32"),
@@ -71,11 +73,15 @@ CONTENDED_NOTE = (f"{CONTENDED_MARK} timed while the machine was busy (p90/p50 o
                   f"{CONTENDED_SPREAD:g}; for a speedup, its own or FP32's): not a measurement of the model")
 SPEEDUP_NOTE = ("speedups are over FP32 onnxruntime in the same sweep, > 1 = faster: b1 from batch-1 p50 latency, "
                 "b256 from batch-256 throughput")
+MAC_SHARE_NOTE = ("int8 MACs %: the share of the model's multiply-accumulates the recipe runs in 8-bit integers "
+                  "(weights and activations name the 8-bit layers' types; the float head and a -mixed variant's "
+                  "upgraded layers run in FP32 or 16 bits)")
 
 
 _CELL_FORMATS = {
     "accuracy": lambda v: f"{100 * v:.2f}",
     "top1_agreement": lambda v: f"{100 * v:.2f}",
+    "int8_mac_share": lambda v: f"{100 * v:.2f}",
     "accuracy_delta_pp": lambda v: f"{v:+.2f}",
     "model_size_bytes": lambda v: f"{v / 1024:.1f}",
     "compression_ratio": lambda v: f"{v:.2f}x",
@@ -126,7 +132,7 @@ def best_variant(rows: list[VariantRow]) -> VariantRow | None:
 
 def notes(rows: list[VariantRow]) -> list[str]:
     """What the table's marks and speedup columns mean, as plain sentences."""
-    out = [SPEEDUP_NOTE]
+    out = [SPEEDUP_NOTE] + ([MAC_SHARE_NOTE] if any(r.int8_mac_share is not None for r in rows) else [])
     fp32_busy = fp32_contended(rows)
     if any(is_contended(r, f, fp32_busy) for r in rows for f in TIMING_FIELDS):
         out.append(CONTENDED_NOTE)
@@ -161,7 +167,7 @@ def to_csv(rows: list[VariantRow]) -> str:
 
 
 NUMERIC_FIELDS = frozenset({"accuracy", "accuracy_delta_pp", "top1_agreement", "model_size_bytes",
-                            "compression_ratio", *TIMING_FIELDS})
+                            "compression_ratio", "int8_mac_share", *TIMING_FIELDS})
 
 # The page fits a 1,400 px laptop window: related columns share a cell, headers and text cells wrap (numbers never
 # do), and should a table ever be wider, it scrolls inside its own box instead of widening the page.
@@ -171,6 +177,7 @@ HTML_COLUMNS = (
     # "onnxruntime (onnxruntime-cpu)" says it twice: a backend named after its framework stands alone
     ("framework (backend)", ("framework", "backend"), lambda f, b: b if b.startswith(f) else f"{f} ({b})"),
     ("weights / activations", ("weight_dtype", "activation_dtype"), "{} / {}"),
+    ("int8 MACs %", ("int8_mac_share",), "{}"),
     ("format", ("quant_format",), "{}"), ("per-channel", ("per_channel",), "{}"),
     ("calibration", ("calibration_method",), "{}"), ("accuracy %", ("accuracy",), "{}"),
     ("Δ pp", ("accuracy_delta_pp",), "{}"), ("agreement %", ("top1_agreement",), "{}"),

@@ -68,11 +68,12 @@ def rows_from_csv(text: str) -> list[report.VariantRow]:
             latency_ms_b1_p50=num(rec.get("latency_ms_b1_p50", rec.get("latency_ms_b1", ""))),
             speedup_b1_vs_fp32=num(rec.get("speedup_b1_vs_fp32", "")),
             speedup_b256_vs_fp32=num(rec.get("speedup_b256_vs_fp32", rec.get("speedup_vs_fp32", ""))),
-            contended=flag(rec.get("contended", ""))))
+            contended=flag(rec.get("contended", "")),
+            int8_mac_share=num(rec.get("int8_mac_share", ""))))  # absent from sweeps before it was recorded
     return rows
 
 
-def print_sweep_table(run_id: str | None, experiment: str) -> None:
+def print_sweep_table(run_id: str | None, experiment: str | None = None) -> None:
     from ptqflow.tracking import records
     from ptqflow.tracking import runs
     from ptqflow.tracking.keys import Artifact

@@ -110,8 +110,15 @@ def version_ref(text: str, version: str | None = None, alias: str | None = None)
     return VersionRef(parsed.name, version or parsed.version, alias)
 
 
+# Default registered names: `<model file stem><suffix>`. Fully quantized variants go to the int8 names; `-mixed`
+# variants (layers upgraded to FP32 or 16 bits by the fallback) to names of their own, never to the int8 ones.
 PYTORCH_SUFFIX = "-int8"
 ONNX_SUFFIX = "-int8-onnx"
+MIXED_PYTORCH_SUFFIX = "-mixed"
+MIXED_ONNX_SUFFIX = "-mixed-onnx"
+MIXED_EXPLICIT_SUFFIX = "-mixed"  # after a name the user chose: --registered-model NAME puts -mixed ones in NAME-mixed
+# The default experiment: `<model file stem>-quantization` (resnet8-quantization for resnet8.onnx, its old name)
+EXPERIMENT_SUFFIX = "-quantization"
 
 
 def registered_name_for(model_path: Path, suffix: str) -> str:
@@ -120,3 +127,14 @@ def registered_name_for(model_path: Path, suffix: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model_path).stem)
     stem = re.sub(r"\.{2,}", ".", stem).strip("-._") or "model"
     return stem[:MAX_NAME_LENGTH - len(suffix)].rstrip("-._") + suffix
+
+
+def mixed_name_for(name: str) -> str:
+    """Where the `-mixed` variants go when the user named the int8 ones `name`: `name-mixed`, within the length."""
+    return name[:MAX_NAME_LENGTH - len(MIXED_EXPLICIT_SUFFIX)].rstrip("-._") + MIXED_EXPLICIT_SUFFIX
+
+
+def experiment_name_for(model_path: Path) -> str:
+    """The default experiment of a model file: `<stem>-quantization` (`resnet8.onnx` → `resnet8-quantization`), so
+    sweeps of different models land apart, as their registered names do."""
+    return registered_name_for(model_path, EXPERIMENT_SUFFIX)

@@ -13,10 +13,18 @@ from ptqflow.pipelines.data.preprocessing import InputTransform, parse_values
 from ptqflow.pipelines.registry.gate import GatePolicy
 from ptqflow.pipelines.repair.fallback import DEFAULT_CANDIDATES, DEFAULT_RANKING_IMAGES, FallbackTarget, check_options
 from ptqflow.pipelines.shared.choices import DataFormat, LayoutChoice, Preprocessing
-from ptqflow.pipelines.shared.names import ONNX_SUFFIX, PYTORCH_SUFFIX, registered_name_for, validate_name
+from ptqflow.pipelines.shared.names import (
+    MIXED_ONNX_SUFFIX,
+    MIXED_PYTORCH_SUFFIX,
+    ONNX_SUFFIX,
+    PYTORCH_SUFFIX,
+    experiment_name_for,
+    mixed_name_for,
+    registered_name_for,
+    validate_name,
+)
 from ptqflow.pipelines.variants.runner import RunnerOptions
 from ptqflow.pipelines.variants.specs import DEFAULT_VARIANTS, ONNXRUNTIME, PYTORCH, VariantSpec, select
-from ptqflow.tracking.keys import DEFAULT_EXPERIMENT
 
 
 @dataclass(frozen=True)
@@ -24,7 +32,7 @@ class SweepOptions:
     model_path: Path = DEFAULT_MODEL
     data_dir: Path = DEFAULT_DATA_DIR
     variants: tuple[str, ...] = DEFAULT_VARIANTS
-    experiment: str = DEFAULT_EXPERIMENT
+    experiment: str | None = None  # None: `<model file stem>-quantization` (resnet8-quantization for resnet8.onnx)
     # None: `<model file stem>-int8` / `<stem>-int8-onnx`, and only for versions of this FP32 model
     registered_model: str | None = None
     registered_onnx_model: str | None = None
@@ -61,6 +69,8 @@ class SweepOptions:
     fallback_candidates: int = DEFAULT_CANDIDATES  # layers ranked (worst local SQNR, plus any with a hint)
 
     def __post_init__(self):
+        if self.experiment is None:
+            object.__setattr__(self, "experiment", experiment_name_for(self.model_path))
         validate_name("--experiment", self.experiment)
         for kind, value in (("--registered-model", self.registered_model),
                             ("--registered-onnx-model", self.registered_onnx_model)):
@@ -86,11 +96,21 @@ class SweepOptions:
     def fallback_target(self) -> FallbackTarget:
         return FallbackTarget(self.target_agreement, self.max_drop_pp)
 
-    def registered_names(self) -> dict[str, tuple[str, bool]]:
-        """Framework → (registered model name, whether the user named it explicitly)."""
-        return {framework: (explicit, True) if explicit else (registered_name_for(self.model_path, suffix), False)
-                for framework, explicit, suffix in ((PYTORCH, self.registered_model, PYTORCH_SUFFIX),
-                                                    (ONNXRUNTIME, self.registered_onnx_model, ONNX_SUFFIX))}
+    def registered_names(self) -> dict[tuple[str, bool], tuple[str, bool]]:
+        """(framework, mixed) → (registered model name, whether the user chose it): the fully quantized variants'
+        names (`<stem>-int8`, `<stem>-int8-onnx`, or the user's) and the `-mixed` variants' (`<stem>-mixed`,
+        `<stem>-mixed-onnx`, or the user's name + `-mixed`)."""
+        names = {}
+        for framework, explicit, suffix, mixed_suffix in (
+                (PYTORCH, self.registered_model, PYTORCH_SUFFIX, MIXED_PYTORCH_SUFFIX),
+                (ONNXRUNTIME, self.registered_onnx_model, ONNX_SUFFIX, MIXED_ONNX_SUFFIX)):
+            if explicit:
+                names[(framework, False)] = (explicit, True)
+                names[(framework, True)] = (mixed_name_for(explicit), True)
+            else:
+                names[(framework, False)] = (registered_name_for(self.model_path, suffix), False)
+                names[(framework, True)] = (registered_name_for(self.model_path, mixed_suffix), False)
+        return names
 
     def specs(self) -> list[VariantSpec]:
         """The variants to run, with the ONNX Runtime and weight-rounding overrides applied."""

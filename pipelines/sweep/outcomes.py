@@ -127,4 +127,5 @@ def comparison_row(o: VariantOutcome, params: dict, reference: VariantResult, fp
         latency_ms_b1_p50=rounded(M.LATENCY_MS_B1_P50, o.bench.latency_ms_b1_p50) if o.bench else None,
         speedup_b1_vs_fp32=rounded(M.SPEEDUP_VS_FP32_B1, speedup_b1(o.bench, reference.bench)),
         speedup_b256_vs_fp32=rounded(M.SPEEDUP_VS_FP32_B256, speedup_b256(o.bench, reference.bench)),
-        contended=o.bench.contended if o.bench else None)
+        contended=o.bench.contended if o.bench else None,
+        int8_mac_share=float(params[P.INT8_MAC_SHARE]) if P.INT8_MAC_SHARE in params else None)

@@ -9,9 +9,11 @@ import importlib
 import subprocess
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from ptqflow.common.versions import package_versions
 
+from ptqflow.models.backends.mac_share import MacTable
 from ptqflow.models.runtime.latency import BenchResult
 from ptqflow.models.runtime.machine import cpu_description
 from ptqflow.pipelines.repair.fallback import mixed_params
@@ -80,8 +82,11 @@ def run_url(experiment_id: str, run_id: str) -> str:
 class RunRecorder:
     """Writes a sweep's shared run metadata on the active run (or on an ended one, for late timings)."""
 
-    def __init__(self, options: SweepOptions, inputs: SweepInputs, work_dir: Path):
+    def __init__(self, options: SweepOptions, inputs: SweepInputs, work_dir: Path,
+                 quantized_from: Callable[[], object] | None = None):
         self.options = options
+        self.quantized_from = quantized_from  # the ONNX ModelProto every variant quantizes (for the MAC share)
+        self._mac_table = None
         self.inputs = inputs
         self.work_dir = work_dir
         self.versions = package_versions(TRACKED_PACKAGES)  # of the code that makes the numbers, as tags
@@ -113,12 +118,24 @@ class RunRecorder:
             return {P.VARIANT: FP32, P.FRAMEWORK: ONNXRUNTIME, P.BACKEND: "onnxruntime-cpu",
                     P.WEIGHT_DTYPE: "float32", P.ACTIVATION_DTYPE: "float32", P.QUANT_FORMAT: "none",
                     P.PER_CHANNEL: False, P.CALIBRATION_METHOD: "none", P.WEIGHT_ROUNDING: "none",
-                    P.QCONFIG: "none (FP32 reference)", **common}
+                    P.QCONFIG: "none (FP32 reference)", P.INT8_MAC_SHARE: 0.0, **common}
+        share = self.int8_mac_share(spec)
         return {P.VARIANT: spec.name, P.FRAMEWORK: spec.framework, P.BACKEND: spec.config.backend,
                 P.WEIGHT_DTYPE: spec.weight_dtype, P.ACTIVATION_DTYPE: spec.activation_dtype,
                 P.QUANT_FORMAT: spec.quant_format, P.PER_CHANNEL: spec.config.per_channel,
                 P.CALIBRATION_METHOD: spec.calibration_method, P.WEIGHT_ROUNDING: spec.config.weight_rounding,
-                P.QCONFIG: spec.config.qconfig_summary(), **mixed_params(spec), **common}
+                P.QCONFIG: spec.config.qconfig_summary(), **mixed_params(spec), **common,
+                **({P.INT8_MAC_SHARE: share} if share is not None else {})}
+
+    def int8_mac_share(self, spec: VariantSpec) -> float | None:
+        """The share of the model's MACs `spec`'s recipe runs in 8-bit integers (ptqflow.models.backends.mac_share),
+        on the model the variants quantize; None without it."""
+        if self.quantized_from is None:
+            return None
+        model = self.quantized_from()
+        if self._mac_table is None or self._mac_table[0] is not model:
+            self._mac_table = (model, MacTable(model))
+        return self._mac_table[1].share(spec.config)
 
     def log_datasets(self, train: bool = False) -> None:
         """The test set as an MLflow dataset input of the active run (and, with `train`, the training set the

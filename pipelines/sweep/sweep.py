@@ -199,7 +199,8 @@ def run_sweep(options: SweepOptions, work_dir: Path | None = None) -> SweepResul
     with timer.phase("load"):
         inputs = prepare_inputs(options)
     if options.register:
-        check_registry_targets(options.registered_names(), options.specs(), inputs.model.sha256)
+        check_registry_targets(options.registered_names(), options.specs(), inputs.model.sha256,
+                               fallback=options.fallback_target().active)
     with contextlib.ExitStack() as stack:
         if work_dir is None:
             work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ptqflow-sweep-")))
