@@ -218,3 +218,30 @@ def test_bad_options_are_one_line_before_anything_runs(tracking_store, cifar_dir
     assert len(lines) == 1 and "tune storage" in lines[0] and "--storage" in lines[0]
     assert "secret" not in out.stderr and "Traceback" not in out.stderr
     assert all(r.info.status != "RUNNING" for r in all_runs())
+
+
+def test_only_a_config_the_backend_cannot_make_is_pruned(tracking_store, cifar_dir, tiny_model, monkeypatch):
+    """The backend's refusal prunes the trial and the search goes on; an error of ptqflow's own (a KeyError) is no
+    result of the config: the trial ends FAIL, the worker stops with the error, the tune run KILLED, nothing
+    RUNNING."""
+    from ptqflow.models.backends.base import UnsupportedVariant
+    from ptqflow.pipelines.variants.runner import VariantRunner
+
+    calls = []
+
+    def run(self, spec, store=None):
+        calls.append(spec.name)
+        if len(calls) == 1:
+            raise UnsupportedVariant("refused by the test")
+        raise KeyError("bench_rounds")  # what a bug in ptqflow's own code raises
+
+    monkeypatch.setattr(VariantRunner, "run", run)
+    with pytest.raises(KeyError, match="bench_rounds"):
+        run_tune(_options(tiny_model, cifar_dir, study="t6", n_trials=3))
+    study = optuna.load_study(study_name="t6", storage=f"sqlite:///{tracking_store / 'optuna.db'}")
+    # the third of the default recipes enqueued stays WAITING: the worker stopped before it
+    assert [t.state.name for t in study.trials] == ["PRUNED", "FAIL", "WAITING"]
+    assert study.trials[0].user_attrs["failure"] == "unsupported: refused by the test"
+    parent = MlflowClient().get_run(study.user_attrs[PARENT_RUN_ATTR])
+    assert parent.info.status == "KILLED"
+    assert all(r.info.status != "RUNNING" for r in all_runs())

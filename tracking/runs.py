@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import mlflow
 from mlflow.entities import RunStatus
@@ -90,11 +90,19 @@ def _ending(end):
     except KeyboardInterrupt:
         status = RunStatus.KILLED
         raise
-    except BaseException:
+    except BaseException as exc:
         status = RunStatus.FAILED
+        if tracking_failure(exc) is None:
+            end(RunStatus.to_string(status))
+        else:
+            # The store failed: ending the run would fail the same way and hide this error behind its own. The run
+            # stays RUNNING until the next sweep on this machine finds its process gone (recovery.mark_orphans_failed).
+            with suppress(Exception):
+                end(RunStatus.to_string(status))
         raise
     finally:
-        end(RunStatus.to_string(status))
+        if status != RunStatus.FAILED:
+            end(RunStatus.to_string(status))
 
 
 def _create_run(experiment_id: str, run_name: str, tags: dict[str, str]):
@@ -142,6 +150,21 @@ def terminate(run_id: str, status: str) -> None:
 def reopen(run_id: str) -> None:
     """Set an ended run RUNNING again (a tune study taken up again logs more trials under its parent)."""
     client().update_run(run_id, status="RUNNING")
+
+
+def tracking_failure(exc: BaseException) -> BaseException | None:
+    """The failure of the tracking store in `exc` or the exceptions it was raised from or while handling: a
+    TrackingError, an MlflowException or a failed HTTP request; None when there is none. A run that could not be
+    recorded is no result of its variant: whoever catches a variant's failure lets this one stop the work."""
+    import requests
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (TrackingError, mlflow.exceptions.MlflowException, requests.exceptions.RequestException)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 # ---- finding runs ----------------------------------------------------------------------------------------------------

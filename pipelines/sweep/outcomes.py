@@ -24,6 +24,8 @@ class VariantOutcome(VariantResult):
     input_key: str | None = None  # Sweep.input_key of its spec, set once the variant runs or is reused
     model_file_in_artifacts: str = ""  # the model file's path inside the logged MLflow model
     model_uri: str = ""  # registers the variant's model: models:/<logged model id> (runs:/<run>/model before)
+    # why a failed variant failed: callers that must tell a backend's failure from ptqflow's (tune) read it
+    error: BaseException | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, result: VariantResult, **recorded) -> "VariantOutcome":

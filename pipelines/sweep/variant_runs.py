@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from ptqflow.common.errors import failure_reason
+from ptqflow.common.errors import TrackingError, failure_reason, first_line
 from ptqflow.common.files import file_sha256
 from ptqflow.models.backends.base import UnsupportedVariant
 from ptqflow.models.runtime.latency import BenchConfig
@@ -199,7 +199,9 @@ class VariantRuns:
             return outcome
         except (KeyboardInterrupt, SystemExit):
             raise
-        except Exception:
+        except Exception as exc:
+            self._stop_on_tracking_failure(spec, exc)
+            outcome.error = exc
             say(f"[red]✗[/] {spec.name}: failed ({outcome.reason})")
             return outcome
         say(f"[green]✓[/] {spec.name}: accuracy {100 * outcome.evaluation.accuracy:.2f}% "
@@ -208,6 +210,18 @@ class VariantRuns:
             + (f" (onnxruntime runs it as the same graph as {outcome.scores_from}: its scores)"
                if outcome.scores_from else ""))
         return outcome
+
+    @staticmethod
+    def _stop_on_tracking_failure(spec: VariantSpec, exc: Exception) -> None:
+        """A variant that failed because the tracking store did is no failed variant: the store is gone or refuses
+        records for every variant after it too. Raises TrackingError (one line; --resume picks up the variants
+        that finished) when `exc` is or comes from a tracking failure."""
+        failure = runs.tracking_failure(exc)
+        if isinstance(exc, TrackingError):
+            raise exc
+        if failure is not None:
+            raise TrackingError(f"tracking failed while recording {spec.name}: {first_line(failure, 300)}; the "
+                                "sweep stopped: run it again with --resume once the tracking store answers") from exc
 
     def _run_recorded(self, spec: VariantSpec, outcome: VariantOutcome, parent_run_id: str) -> VariantOutcome:
         """_quantize_and_log inside the variant's run, with a refusal or failure tagged on that run (and re-raised)."""

@@ -27,7 +27,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ptqflow.common.errors import ConfigError, PtqflowError
+from ptqflow.common.errors import ConfigError
+from ptqflow.models.backends.base import backend_error
 from ptqflow.pipelines.repair.fallback import candidate_rounds
 from ptqflow.pipelines.shared.progress import say
 from ptqflow.pipelines.sweep.inputs import prepare_inputs, with_calibration
@@ -111,7 +112,9 @@ class Tuner:
         try:
             if choice.upgrade_layers:
                 spec, upgraded = self._with_upgrades(sweep, spec, choice)
-        except Exception as exc:  # noqa: BLE001 - a config whose diagnosis fails is no trial
+        except Exception as exc:  # noqa: BLE001 - a config whose diagnosis the backend cannot make is no trial
+            if not backend_error(exc):
+                raise  # ptqflow's own error or the tracking store's: no result of the trial; the worker stops
             trial.set_user_attr(FAILURE_ATTR, f"diagnosis for the upgrades failed: {exc}"[:500])
             raise optuna.TrialPruned(str(exc)) from exc
         tags = {Tag.TUNE_STUDY: self.options.study_name, Tag.TUNE_TRIAL: str(trial.number),
@@ -129,6 +132,8 @@ class Tuner:
                 params[Param.TUNE_PARAM_PREFIX + "upgraded"] = upgraded
             records.log_params_to_run(outcome.run_id, params)
         if outcome.status != "ok":
+            if outcome.error is not None and not backend_error(outcome.error):
+                raise outcome.error  # ptqflow's own error: no result of the trial; the worker stops with its line
             trial.set_user_attr(FAILURE_ATTR, f"{outcome.status}: {outcome.reason}"[:500])
             raise optuna.TrialPruned(outcome.reason)
         agreement = outcome.fidelity.top1_agreement
@@ -202,7 +207,9 @@ class Tuner:
             if finished + running >= self.options.n_trials and not waiting:
                 time.sleep(min(5, self.options.heartbeat_s))  # the last trials are others': wait, they may die
                 continue
-            study.optimize(self.objective, n_trials=1, catch=(PtqflowError,), gc_after_trial=True)
+            # Nothing caught: a trial the backend cannot make is pruned in objective; any other error (ptqflow's,
+            # the tracking store's) ends the trial FAIL and stops this worker with its one line.
+            study.optimize(self.objective, n_trials=1, catch=(), gc_after_trial=True)
         return self.finish(study)
 
     # ---- the end ----------------------------------------------------------------------------------------------
