@@ -250,3 +250,36 @@ def test_mixed_variants_register_under_their_own_names_with_their_int8_mac_share
     assert "int8 MACs %" in records.download_text(result.parent_run_id, Artifact.COMPARISON_MD)
     parent = client.get_run(result.parent_run_id)
     assert client.get_experiment(parent.info.experiment_id).name == "outlier-quantization"
+
+
+def test_default_experiment_and_registered_names_follow_the_model_file(tracking_store, tiny_model, cifar_dir, tmp_path):
+    """`<stem>-quantization` (the old `resnet8-quantization` for resnet8.onnx) from the CLI, the API and tune alike;
+    `--experiment` still overrides. -mixed variants have names of their own, also after a name the user chose."""
+    import shutil
+    from pathlib import Path
+
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.tune.options import TuneOptions
+    from ptqflow.pipelines.variants.specs import ONNXRUNTIME, PYTORCH
+
+    other = SweepOptions(model_path=Path("models/mnv3_cifar.onnx"))
+    assert other.experiment == "mnv3_cifar-quantization"
+    assert SweepOptions(model_path=Path("data/models/resnet8.onnx")).experiment == "resnet8-quantization"
+    assert SweepOptions(model_path=Path("m.onnx"), experiment="team").experiment == "team"
+    assert TuneOptions(sweep=other).sweep.experiment == "mnv3_cifar-quantization"
+    assert other.registered_names() == {
+        (PYTORCH, False): ("mnv3_cifar-int8", False), (PYTORCH, True): ("mnv3_cifar-mixed", False),
+        (ONNXRUNTIME, False): ("mnv3_cifar-int8-onnx", False), (ONNXRUNTIME, True): ("mnv3_cifar-mixed-onnx", False)}
+    chosen = SweepOptions(model_path=Path("m.onnx"), registered_model="team-fx", registered_onnx_model="team-ort")
+    assert chosen.registered_names() == {
+        (PYTORCH, False): ("team-fx", True), (PYTORCH, True): ("team-fx-mixed", True),
+        (ONNXRUNTIME, False): ("team-ort", True), (ONNXRUNTIME, True): ("team-ort-mixed", True)}
+
+    model = tmp_path / "mnv3_cifar.onnx"
+    shutil.copy(tiny_model, model)
+    swept = CliRunner().invoke(app, ["sweep", "--model", str(model), "--data-dir", str(cifar_dir), "--variant",
+                                     "ort-int8", "--calibration-size", str(CALIBRATION_SIZE), "--no-bench",
+                                     "--no-diagnose", "--weight-rounding", "nearest", "--no-register"])
+    assert swept.exit_code == 0, swept.output
+    names = {e.name for e in MlflowClient().search_experiments()}
+    assert "mnv3_cifar-quantization" in names and "resnet8-quantization" not in names
