@@ -245,3 +245,21 @@ def test_only_a_config_the_backend_cannot_make_is_pruned(tracking_store, cifar_d
     parent = MlflowClient().get_run(study.user_attrs[PARENT_RUN_ATTR])
     assert parent.info.status == "KILLED"
     assert all(r.info.status != "RUNNING" for r in all_runs())
+
+
+def test_tune_never_registers_into_a_default_name_holding_another_model(tracking_store, cifar_dir, tiny_model):
+    """As a sweep refuses to: the default registered names (`resnet8-int8`, `resnet8-int8-onnx`) hold versions of one
+    FP32 model; tune checks before any run starts."""
+    from ptqflow.tracking.keys import VersionTag
+
+    client = MlflowClient()
+    client.create_registered_model("resnet8-int8-onnx")
+    client.create_model_version("resnet8-int8-onnx", str(tiny_model), tags={VersionTag.FP32_MODEL_SHA256: "0" * 64})
+    with pytest.raises(ConfigError, match="'resnet8-int8-onnx' holds versions of another FP32 model"):
+        run_tune(_options(tiny_model, cifar_dir, study="t7", n_trials=1))
+    assert all_runs() == []
+    # named explicitly, the versions go where the user says
+    options = _options(tiny_model, cifar_dir, study="t7", n_trials=1)
+    options.sweep = SweepOptions(model_path=tiny_model, data_dir=cifar_dir, adaround_iterations=ADAROUND_ITERATIONS,
+                                 registered_onnx_model="resnet8-int8-onnx")
+    assert run_tune(options).finished_parent

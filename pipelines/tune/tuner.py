@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ptqflow.common.errors import ConfigError
 from ptqflow.models.backends.base import backend_error
+from ptqflow.pipelines.registry.registrar import check_registry_targets
 from ptqflow.pipelines.repair.fallback import candidate_rounds
 from ptqflow.pipelines.shared.progress import say
 from ptqflow.pipelines.sweep.inputs import prepare_inputs, with_calibration
@@ -82,6 +83,8 @@ class Tuner:
                               "pass smaller sizes")
         options = replace(self.options.sweep, diagnose=False, register=False, variants=tuple(VARIANTS),
                           calibration_size=size)
+        if self.options.sweep.register:  # as a sweep does: a default-named registered model holds one FP32 model
+            check_registry_targets(self.options.sweep.registered_names(), options.specs(), inputs.model.sha256)
         inputs = with_calibration(inputs, size, options.calibration_seed)
         self.base = VariantRuns(options, inputs, self._work_dir(size), self.timer, self.options.bench_config)
         self.sweeps[size] = self.base
