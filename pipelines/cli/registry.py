@@ -35,7 +35,10 @@ def pull(
     typer.echo(f"{result.name} version {result.version}: {result.model_file} (sha256 {result.sha256[:12]}…, "
                "verified)")
     if result.accuracy is not None:
-        typer.echo(f"accuracy {result.accuracy:.4f} matches the registered {result.logged_accuracy:.4f}")
+        measured = (f"accuracy {result.accuracy:.4f} ({round(result.accuracy * result.test_images)} of "
+                    f"{result.test_images} test images)")
+        typer.echo(f"{measured} matches the registered {result.recorded_accuracy}" if result.recorded_accuracy
+                   else f"{measured}; the version records no accuracy to compare with")
 
 
 @cli_errors

@@ -56,7 +56,8 @@ class Candidate:
     agreement: float
     latency_ms: float | None = None
     sha256: str | None = None  # of the registered model file
-    input_key: str | None = None  # of the run that made it: model, data, calibration, config, library versions
+    # of the run that made it: model, data, calibration, config, library versions, ptqflow's source, CPU, threads
+    input_key: str | None = None
     measured_on: tuple[tuple[str, str], ...] = ()  # COMPARABILITY keys and values: what the numbers were measured on
     # LATENCY_CONTENDED and TIMING_COMPARABILITY keys and values: how the latency was timed
     timed_on: tuple[tuple[str, str], ...] = ()

@@ -20,6 +20,8 @@ class PullResult:
     accuracy: float | None = None  # re-computed with --evaluate
     model_dir: Path | None = None  # the downloaded MLflow model directory the verified file sits in
     engine: str | None = None  # torch quantized engine the file was loaded under (its version's tag)
+    recorded_accuracy: str | None = None  # the version's accuracy tag as written, with --evaluate
+    test_images: int | None = None  # re-evaluated on, with --evaluate
 
 
 def pull(name: str, version: str | None, alias: str | None, output_dir: Path,
@@ -105,8 +107,8 @@ def _reevaluate(result: PullResult, runner, tags: dict[str, str], data_dir: Path
     batch = int(tags.get(V.INPUT_BATCH, 0)) or EVAL_BATCH_SIZE  # a model exported with a fixed batch of 1
     scores = predict_scores(runner, images, transform, f"evaluating {result.name} v{result.version}", batch)
     accuracy = evaluate(scores, test.labels, data.class_names).accuracy
-    result = replace(result, accuracy=accuracy)
     recorded = tags.get(V.ACCURACY)
+    result = replace(result, accuracy=accuracy, recorded_accuracy=recorded, test_images=len(test))
     if recorded is not None and not accuracy_matches(accuracy, recorded, len(test)):
         correct = round(accuracy * len(test))
         raise IntegrityError(f"{result.name} v{result.version}: accuracy {accuracy:.6f} ({correct} of {len(test)} "

@@ -16,7 +16,7 @@ from ptqflow.pipelines.shared.names import names_a_version, parse_version_ref
 
 def _console() -> Console:
     # Piped or captured output has no width of its own; wide enough that no column is cut.
-    return Console() if sys.stdout.isatty() else Console(width=200)
+    return Console() if sys.stdout.isatty() else Console(width=240)
 
 
 # The terminal shows the columns a person compares; comparison.md/.csv on the run hold all of them.
