@@ -263,3 +263,26 @@ def test_tune_never_registers_into_a_default_name_holding_another_model(tracking
     options.sweep = SweepOptions(model_path=tiny_model, data_dir=cifar_dir, adaround_iterations=ADAROUND_ITERATIONS,
                                  registered_onnx_model="resnet8-int8-onnx")
     assert run_tune(options).finished_parent
+
+
+def test_diagnose_quantizes_a_tune_trial_again_from_its_own_calibration_set(tracking_store, cifar_dir, tiny_model):
+    """Trials of one study calibrate on sets of different sizes: each trial's run holds its own calibration indices
+    (and AdaRound's), so `ptqflow diagnose` takes a trial's run id or the version tune registered from it."""
+    from ptqflow.pipelines.repair.diagnose import DiagnoseOptions, diagnose
+    from ptqflow.tracking.keys import Artifact
+
+    first = run_tune(_options(tiny_model, cifar_dir, study="t8", n_trials=1, target_agreement=0.9))
+    [version] = first.registered
+    study = optuna.load_study(study_name="t8", storage=f"sqlite:///{tracking_store / 'optuna.db'}")
+    small = next(p for p in sweep_defaults(50) if p["format"] == "ort-qdq-u8s8")  # AdaRound on the default size
+    study.enqueue_trial(small)
+    run_tune(_options(tiny_model, cifar_dir, study="t8", n_trials=4, target_agreement=0.9))  # 2 defaults, then it
+    trial = next(r for r in _trial_runs("t8") if r.data.params["tune.calibration_size"] == "50")
+    client = MlflowClient()
+    recorded = json.loads(Path(client.download_artifacts(trial.info.run_id, Artifact.CALIBRATION_INDICES,
+                                                         str(tracking_store))).read_text())
+    assert len(recorded["indices"]) == 50 and len(recorded["adaround_indices"]) == 100
+    for ref in (trial.info.run_id, f"{version.name}/{version.version}"):
+        result = diagnose(DiagnoseOptions(ref=ref, output_dir=tracking_store / "diagnosis", images=20))
+        [diagnosed] = result.variants
+        assert diagnosed.diagnosis.layers and "logged model" in " ".join(diagnosed.diagnosis.notes)

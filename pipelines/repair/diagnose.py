@@ -110,6 +110,8 @@ class _SweepInputs:
     calibration_digest: str
     images: np.ndarray
     adaround_iterations: int
+    adaround_calibration: np.ndarray  # AdaRound's set: the calibration set, except in tune (the default size's)
+    adaround_digest: str
 
 
 def _sweep_inputs(run, parent, options: DiagnoseOptions, work_dir: Path) -> _SweepInputs:
@@ -144,17 +146,27 @@ def _sweep_inputs(run, parent, options: DiagnoseOptions, work_dir: Path) -> _Swe
     if tags.get(Tag.DATASET_DIGEST) and data.digest != tags[Tag.DATASET_DIGEST]:
         raise IntegrityError(f"{data_dir} is not the dataset run {run.info.run_id} was calibrated on (dataset "
                              "SHA-256 differs); pass the sweep's --data-dir")
-    indices = np.array(json.loads(records.download_text(parent.info.run_id, Artifact.CALIBRATION_INDICES))["indices"],
-                       dtype=np.int64)
+    # A sweep's variants share the sweep's calibration set (on the parent); a tune trial's is its own (on its run).
+    holder = run if Tag.TUNE_TRIAL in tags else parent
+    try:
+        path = records.download_artifact(holder.info.run_id, Artifact.CALIBRATION_INDICES, work_dir / "calibration")
+    except TrackingError as exc:
+        raise TrackingError(f"{exc} (a tune trial made before trials recorded their calibration set: run the "
+                            "trial again)") from exc
+    recorded = json.loads(path.read_text())
+    indices = np.array(recorded["indices"], dtype=np.int64)
     digest = indices_digest(indices)
     if tags.get(Tag.CALIBRATION_DIGEST) and digest != tags[Tag.CALIBRATION_DIGEST]:
-        raise IntegrityError(f"the calibration indices of sweep {parent.info.run_id} do not match run "
+        raise IntegrityError(f"the calibration indices of run {holder.info.run_id} do not match run "
                              f"{run.info.run_id}'s calibration digest")
+    adaround_indices = np.array(recorded.get("adaround_indices", indices), dtype=np.int64)
     transform = feed.transform(shape.layout)
     iterations = options.adaround_iterations or int(parent.data.params.get(Param.ADAROUND_ITERATIONS, 1000))
     float_model = FloatModel.for_runtimes(model, work_dir).for_quantization()
     return _SweepInputs(float_model, transform, transform(shape.fit_images(data.train.images[indices])), digest,
-                        transform(shape.fit_images(data.test.images[:options.images])), iterations)
+                        transform(shape.fit_images(data.test.images[:options.images])), iterations,
+                        transform(shape.fit_images(data.train.images[adaround_indices])),
+                        indices_digest(adaround_indices))
 
 
 def config_of(run):
@@ -215,7 +227,8 @@ def diagnose_run(run, inputs: _SweepInputs, work_dir: Path) -> Diagnosis:
     if config.adaround_scheme is not None:
         with progress_task(f"AdaRound weights ({config.adaround_scheme}, cached by the sweep)", total=1) as advance:
             source = inputs.float_model.for_config(
-                config, inputs.calibration, inputs.calibration_digest, advance, iterations=inputs.adaround_iterations,
+                config, inputs.adaround_calibration, inputs.adaround_digest, advance,
+                iterations=inputs.adaround_iterations,
                 context={"layout": inputs.transform.layout, "preprocessing": inputs.transform.preprocessing.value})
     else:
         source = inputs.float_model
@@ -334,11 +347,12 @@ def diagnose(options: DiagnoseOptions) -> DiagnoseResult:
             parent_id = run.data.tags.get(Tag.SWEEP_RUN_ID) or run.data.tags.get(Tag.MLFLOW_PARENT)
             if not parent_id:
                 raise TrackingError(f"run {run.info.run_id} names no sweep run; it was not logged by a ptqflow sweep")
-            if parent_id not in inputs_by_parent:
-                inputs_by_parent[parent_id] = _sweep_inputs(run, runs.get_run(parent_id), options,
-                                                            work_dir / parent_id)
+            # a sweep's variants share its inputs; each tune trial has a calibration set of its own
+            key = run.info.run_id if Tag.TUNE_TRIAL in run.data.tags else parent_id
+            if key not in inputs_by_parent:
+                inputs_by_parent[key] = _sweep_inputs(run, runs.get_run(parent_id), options, work_dir / key)
             variant = run.data.params.get(Param.VARIANT, run.info.run_name)
-            diagnosis = diagnose_run(run, inputs_by_parent[parent_id], work_dir)
+            diagnosis = diagnose_run(run, inputs_by_parent[key], work_dir)
             directory = output_dir / f"{variant}-{run.info.run_id[:8]}"
             for name, data in render(diagnosis, variant, run.info.run_id).items():
                 write_atomic(directory / name, data)

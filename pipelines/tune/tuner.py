@@ -44,7 +44,7 @@ from ptqflow.pipelines.variants.phases import PhaseTimer
 from ptqflow.pipelines.variants.specs import VARIANTS, VariantSpec, apply_upgrades
 from ptqflow.tracking import records
 from ptqflow.tracking import runs
-from ptqflow.tracking.keys import Param, Tag
+from ptqflow.tracking.keys import Artifact, Param, Tag
 
 
 class Tuner:
@@ -128,6 +128,7 @@ class Tuner:
         outcome = sweep.run_variant(spec, self.experiment_id, self.parent_run_id, tags)
         trial.set_user_attr(TRIAL_RUN_ATTR, outcome.run_id)
         if outcome.run_id:
+            self._log_calibration_indices(outcome.run_id, sweep)
             params = {Param.TUNE_PARAM_PREFIX + k: v for k, v in trial.params.items()}
             if choice.config.adaround_scheme is not None:
                 params[Param.ADAROUND_CALIBRATION_SIZE] = self.options.default_calibration_size
@@ -151,6 +152,16 @@ class Tuner:
         say(f"  trial {trial.number}: {choice.format}, agreement {100 * agreement:.2f}%, "
             f"{speedup:.2f}x ORT FP32 (b256){' [green]feasible[/]' if feasible else ''}")
         return agreement, speedup
+
+    def _log_calibration_indices(self, run_id: str, sweep: VariantRuns) -> None:
+        """The trial's calibration set (its own size) and AdaRound's (the default size's), as indices into the
+        training set, on the trial's run: trials of one study calibrate on sets of different sizes, so the run, not
+        the tune run, says which (`ptqflow diagnose` quantizes the trial again from them)."""
+        base = self.base.inputs
+        records.log_json_to_run(run_id, {
+            "indices": sweep.inputs.calibration_indices.tolist(), "sha256": sweep.inputs.calibration_digest,
+            "adaround_indices": base.calibration_indices.tolist(), "adaround_sha256": base.calibration_digest},
+            Artifact.CALIBRATION_INDICES)
 
     def _with_upgrades(self, sweep: VariantRuns, spec: VariantSpec, choice: TrialChoice) -> tuple[VariantSpec, str]:
         """`spec` with its `upgrade_layers` worst layers (its own diagnosis, local SQNR) out of 8 bits."""
