@@ -12,7 +12,8 @@ onnx2torch = pytest.importorskip("onnx2torch")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ptqflow.models.graph.fx_prep import TOPK_ROWS, classifier_head, kth_largest, prepare_graph, qconfig_mapping  # noqa: E402
+from ptqflow.models.backends.fx_qconfig import TOPK_ROWS, kth_largest, qconfig_mapping  # noqa: E402
+from ptqflow.models.graph.fx_prep import classifier_head, prepare_graph  # noqa: E402
 
 warnings.filterwarnings("ignore")
 RNG = np.random.default_rng(0)

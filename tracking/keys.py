@@ -39,6 +39,8 @@ class Param:
     BENCH_THREADS = "bench_threads"
     BENCH_ROUNDS = "bench_rounds"  # rounds a variant was timed in, alternating with FP32
     BATCHNORMS_FOLDED = "batchnorms_folded"  # BatchNormalization nodes folded into their Conv before quantization
+    MODEL_OPSET = "model_opset"  # the FP32 model's own ONNX opset
+    QUANTIZATION_OPSET = "quantization_opset"  # the opset the variants quantize at (13 for a model below it)
     # On every variant run: the share of the model's MACs its recipe runs in 8-bit integers (0 for FP32; a `-mixed`
     # variant's upgraded layers and the float head are not), truncated to 4 decimals (ptqflow.models.backends.mac_share)
     INT8_MAC_SHARE = "int8_mac_share"

@@ -94,6 +94,8 @@ class FloatModel:
     _equalized: "FloatModel | None" = field(default=None, repr=False)
     _float_weights: dict = field(default_factory=dict, repr=False)
     folded_batch_norms: int = 0  # BatchNormalizations for_quantization folded into the Conv before them
+    # the model's own opset when for_quantization brought it up to rewrites.MIN_QUANTIZATION_OPSET; None: unchanged
+    upgraded_from_opset: int | None = None
     equalization: "object | None" = None  # ptqflow.models.backends.equalization.EqualizationSummary once equalized
     adaround_scheme: str | None = None  # the grid AdaRound put the weights on, once it has
 
@@ -169,7 +171,8 @@ class FloatModel:
                                      size_bytes=cached.stat().st_size, input=read_input_spec(proto, cached),
                                      external_files=()),  # the cached file embeds its weights
                              self.work_dir / f"adaround-{scheme}{'' if round_head else '-float-head'}",
-                             folded_batch_norms=self.folded_batch_norms, equalization=self.equalization,
+                             folded_batch_norms=self.folded_batch_norms,
+                             upgraded_from_opset=self.upgraded_from_opset, equalization=self.equalization,
                              adaround_scheme=scheme)
         variant.work_dir.mkdir(parents=True, exist_ok=True)
         self._rounded[memo] = variant
@@ -179,12 +182,22 @@ class FloatModel:
         """The FP32 model quantization starts from: BatchNormalization folded into the Conv before it and every node
         named, written to work_dir/fp32-quantization/<model file>. Folding first keeps weights that AdaRound put on
         the int8 grid there (onnxruntime's pre-processing and FX would fold BatchNorm after rounding); names let
-        `nodes_to_exclude` select nodes. `self` when there is nothing to change. The result records the number of
-        folded BatchNormalizations as `folded_batch_norms`."""
-        from ptqflow.models.graph.rewrites import fold_batch_norms, has_unnamed_nodes, name_unnamed_nodes
+        `nodes_to_exclude` select nodes. Weights fed by Constant or Identity nodes become initializers, and a model
+        below opset 13 is brought up to it (per-channel QDQ needs it). `self` when there is nothing to change. The
+        result records the number of folded BatchNormalizations (`folded_batch_norms`) and the original opset when
+        upgraded (`upgraded_from_opset`)."""
+        from ptqflow.models.graph.rewrites import (fold_batch_norms, has_unnamed_nodes, materialize_constants,
+                                                   model_opset, name_unnamed_nodes, upgrade_opset)
 
-        proto, folded = fold_batch_norms(self.onnx.proto)
-        if not folded and not has_unnamed_nodes(proto):
+        proto, materialized = materialize_constants(self.onnx.proto)
+        proto, folded = fold_batch_norms(proto)
+        opset = model_opset(proto)
+        try:
+            proto = upgrade_opset(proto)
+        except Exception:  # noqa: BLE001 - no adapter for an op: the backends that need opset 13 refuse (ort.py)
+            pass
+        upgraded = opset if model_opset(proto) != opset else None
+        if not (materialized or folded or upgraded) and not has_unnamed_nodes(proto):
             return self
         from ptqflow.models.graph.onnx_model import read_input_spec
 
@@ -195,7 +208,8 @@ class FloatModel:
         variant = FloatModel(replace(self.onnx, path=path, proto=proto, sha256=file_sha256(path),
                                      size_bytes=path.stat().st_size, input=read_input_spec(proto, path),
                                      external_files=()),  # the written file embeds its weights
-                             work_dir, folded_batch_norms=self.folded_batch_norms + folded)
+                             work_dir, folded_batch_norms=self.folded_batch_norms + folded,
+                             upgraded_from_opset=upgraded)
         return variant
 
     def equalized(self) -> "FloatModel":
@@ -219,7 +233,8 @@ class FloatModel:
         variant = FloatModel(replace(self.onnx, path=path, proto=proto, sha256=file_sha256(path),
                                      size_bytes=path.stat().st_size, input=read_input_spec(proto, path),
                                      external_files=()),
-                             work_dir, folded_batch_norms=self.folded_batch_norms, equalization=summary)
+                             work_dir, folded_batch_norms=self.folded_batch_norms,
+                             upgraded_from_opset=self.upgraded_from_opset, equalization=summary)
         self._equalized = variant
         return variant
 
@@ -273,7 +288,8 @@ class FloatModel:
         variant = FloatModel(replace(self.onnx, path=path, proto=proto, sha256=file_sha256(path),
                                      size_bytes=path.stat().st_size, input=read_input_spec(proto, path),
                                      external_files=()),
-                             work_dir, folded_batch_norms=self.folded_batch_norms, equalization=self.equalization,
+                             work_dir, folded_batch_norms=self.folded_batch_norms,
+                             upgraded_from_opset=self.upgraded_from_opset, equalization=self.equalization,
                              adaround_scheme=self.adaround_scheme)
         self._float_weights[tuple(resolved)] = variant
         return variant

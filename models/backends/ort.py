@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from ptqflow.common.files import file_sha256, write_atomic
-from ptqflow.models.backends.base import FloatModel, QuantizedModel, batches, cache_root
+from ptqflow.models.backends.base import FloatModel, QuantizedModel, UnsupportedVariant, batches, cache_root
 
 MODEL_FILE_NAME = "model.onnx"
 QUANT_FORMATS = ("QDQ", "QOperator")
@@ -142,6 +142,18 @@ class _ArrayReader:
         self._next = 0
 
 
+def check_opset(model, config: OrtStaticConfig) -> None:
+    """Per-channel weights need opset 13 (DequantizeLinear's `axis`): a model the version converter could not bring
+    up to it is refused for per-channel configs in one line, rather than by onnxruntime's graph check naming every
+    node."""
+    from ptqflow.models.graph.rewrites import MIN_QUANTIZATION_OPSET, model_opset
+
+    opset = model_opset(model)
+    if opset < MIN_QUANTIZATION_OPSET and config.per_channel:
+        raise UnsupportedVariant(f"per-channel weights need opset {MIN_QUANTIZATION_OPSET}, and onnx.version_converter "
+                                 f"could not bring this opset-{opset} model there; re-export it at opset 13 or later")
+
+
 def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.ndarray, out_dir: Path,
              advance: Callable[[int], None] = lambda n: None) -> QuantizedModel:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -157,6 +169,7 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
     import onnx
 
     ready = onnx.load(str(float_model.ort_ready_path))
+    check_opset(ready, config)
     excluded = excluded_nodes(float_model, config, ready)
     extra_options = dict(config.extra_options)
     if config.activation_16bit_tensors:

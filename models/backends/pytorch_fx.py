@@ -153,7 +153,8 @@ def _qconfig_mapping(config: PytorchFxConfig, module, onnx_proto=None):
         for name in fp32:
             mapping.set_module_name(name, None)
         return mapping
-    from ptqflow.models.graph.fx_prep import classifier_head, qconfig_mapping
+    from ptqflow.models.backends.fx_qconfig import qconfig_mapping
+    from ptqflow.models.graph.fx_prep import classifier_head
 
     head = classifier_head(module) if config.float_head else []
     return qconfig_mapping(config.backend, activation_observer=config.activation_observer,
@@ -167,13 +168,10 @@ def _check_kernels_accept(source, mapping, backend_config, example, config: Pyto
     time, and finding that out should not cost a full calibration."""
     if config.weight_dtype == "qint8":
         return
-    import copy
-
     import torch
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    from torch.ao.quantization.quantize_fx import convert_fx
 
-    probe = prepare_fx(copy.deepcopy(source), mapping, example_inputs=(example,),
-                       backend_config=backend_config)
+    probe = prepare_traced(source, mapping, example, backend_config)
     with torch.no_grad():
         probe(example)
     try:
@@ -224,18 +222,30 @@ def fx_quantization(backend: str):
         torch.backends.quantized.engine, torch.fx.config.do_not_emit_stack_traces = previous
 
 
+def prepare_traced(source, mapping, example, backend_config):
+    """prepare_fx of a copy of `source`, with the modules FX cannot trace through (fx_prep.untraceable_modules: an
+    onnx2torch forward that branches on its tensors) kept as leaves that run in float, rather than failing the
+    whole variant on one op."""
+    import copy
+
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    from ptqflow.models.graph.fx_prep import untraceable_modules
+
+    leaves = list(untraceable_modules(source)) if hasattr(source, "graph") else []
+    custom = PrepareCustomConfig().set_non_traceable_module_names(leaves)
+    return prepare_fx(copy.deepcopy(source), mapping, example_inputs=(example,), prepare_custom_config=custom,
+                      backend_config=backend_config)
+
+
 def prepare_reference(float_model: FloatModel, config: PytorchFxConfig, example):
     """`float_model` prepared (not calibrated) exactly as `quantize_graphs` prepares the model it quantizes: the FP32
     side of a numeric-suite comparison, with the same modules, fusions and float parts."""
-    import copy
-
-    from torch.ao.quantization.quantize_fx import prepare_fx
-
     source, mapping = _source_and_mapping(float_model.ready_for(config), config, example)
     with fx_quantization(config.backend), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return prepare_fx(copy.deepcopy(source), mapping, example_inputs=(example,),
-                          backend_config=_backend_config(config))
+        return prepare_traced(source, mapping, example, _backend_config(config))
 
 
 # The observer state of the last calibration, by _calibration_key: the sweep's two FX variants (fbgemm, x86) prepare
@@ -295,7 +305,7 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
     import copy
 
     import torch
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    from torch.ao.quantization.quantize_fx import convert_fx
 
     float_model = float_model.ready_for(config)
     fixed = float_model.onnx.input.batch_size  # a fixed batch dimension (1) runs everything at that size
@@ -305,8 +315,7 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
     with fx_quantization(config.backend), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices on every call
         _check_kernels_accept(source, mapping, backend_config, example, config)
-        prepared = prepare_fx(copy.deepcopy(source), mapping, example_inputs=(example,),
-                              backend_config=backend_config)
+        prepared = prepare_traced(source, mapping, example, backend_config)
         seen = _calibrate(prepared, calibration, fixed or config.calibration_batch_size, advance)
         converted = convert_fx(copy.deepcopy(prepared), backend_config=backend_config)
     return FxGraphs(source, prepared, converted, mapping, backend_config, example, seen)

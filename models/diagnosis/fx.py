@@ -62,7 +62,7 @@ def _fed_by_model_input(model, layers: list[Layer]) -> set[str]:
 
 def _unobserved(prepared):
     """A copy of a prepared FP32 model whose observers only pass values through: its qparams are never used here
-    (it is the FP32 side of the comparisons), and observers such as graph_prep.PercentileObserver sort every
+    (it is the FP32 side of the comparisons), and observers such as fx_qconfig.PercentileObserver sort every
     activation they see."""
     from torch.ao.quantization import ObserverBase
 

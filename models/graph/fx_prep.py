@@ -13,8 +13,9 @@ modules/ops that the fbgemm/x86 FX backends know how to quantize:
 * ``MatMul(x, W-initializer) [+ Add(b-initializer)]`` and ``OnnxGemm`` on
   initializers -> ``nn.Linear`` (so the weight is quantized as a weight, per
   channel, instead of as a per-tensor quint8 activation);
-* ``OnnxBinaryMathOperation`` Add/Sub/Mul/Div on two tensors -> ``operator.*``
-  (so FX fuses add+relu into quantized ``add_relu``);
+* ``OnnxBinaryMathOperation`` Add/Sub/Mul on two tensors -> ``operator.*``
+  (so FX fuses add+relu into quantized ``add_relu``); Div -> ``operator.truediv`` where an
+  operand is floating point (onnx2torch's Div asks the tensors' dtype, which FX cannot trace);
 * ``OnnxTranspose`` -> ``permute``; ``OnnxReshape`` with a constant shape ->
   ``reshape``; ``OnnxFlatten``/``OnnxGlobalAveragePoolWithKnownInputShape`` ->
   ``torch.flatten`` / ``nn.AdaptiveAvgPool{1,2,3}d``;
@@ -23,7 +24,8 @@ modules/ops that the fbgemm/x86 FX backends know how to quantize:
   are constant-folded, so ``OnnxPadDynamic`` becomes foldable as well.
 
 Softmax is left in the graph (the model still returns probabilities) and kept
-in float by ``qconfig_mapping`` (qconfig ``None`` for all softmax flavours).
+in float by ``ptqflow.models.backends.fx_qconfig.qconfig_mapping`` (qconfig ``None`` for all softmax
+flavours).
 
 Default FX recipe (pytorch-fx-int8 with backend "fbgemm", pytorch-fx-int8-x86 with "x86")::
 
@@ -39,9 +41,8 @@ Default FX recipe (pytorch-fx-int8 with backend "fbgemm", pytorch-fx-int8-x86 wi
 from __future__ import annotations
 
 import copy
-import math
 import operator
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -52,6 +53,7 @@ try:  # onnx2torch is optional at import time (prepare_graph also works on plain
     from ptqflow.models.graph.onnx2torch_import import import_onnx2torch
 
     import_onnx2torch()
+    from onnx2torch.node_converters.binary_math_operations import _onnx_div  # ONNX Div: true or integer division
     from onnx2torch.node_converters import (
         OnnxBinaryMathOperation,
         OnnxFlatten,
@@ -68,12 +70,13 @@ except ImportError:  # pragma: no cover
     OnnxBinaryMathOperation = OnnxFlatten = OnnxGemm = OnnxMatMul = OnnxPadDynamic = ()  # type: ignore
     OnnxPadStatic = OnnxReshape = OnnxSoftmaxV1V11 = OnnxTranspose = ()  # type: ignore
     OnnxGlobalAveragePoolWithKnownInputShape = ()  # type: ignore
+    _onnx_div = None
 
-__all__ = ["prepare_graph", "qconfig_mapping", "classifier_head", "PercentileObserver", "FnModule", "SOFTMAX_TYPES"]
+__all__ = ["prepare_graph", "classifier_head", "FnModule", "SOFTMAX_TYPES", "SOFTMAX_FUNCS", "untraceable_modules"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SOFTMAX_TYPES: tuple = tuple(t for t in (nn.Softmax, nn.LogSoftmax, OnnxSoftmaxV1V11) if isinstance(t, type))
-_SOFTMAX_FUNCS = (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)
+SOFTMAX_FUNCS = (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)
 _BINOPS = {torch.add: operator.add, torch.sub: operator.sub, torch.mul: operator.mul}
 
 
@@ -149,6 +152,12 @@ def _simple_ops(gm: fx.GraphModule) -> None:
                 m.broadcast == 1 and m.axis is not None
             ) and m.math_op_function in _BINOPS and len(node.args) == 2:
                 new = g.call_function(_BINOPS[m.math_op_function], tuple(node.args))
+            elif OnnxBinaryMathOperation and isinstance(m, OnnxBinaryMathOperation) and not (
+                m.broadcast == 1 and m.axis is not None
+            ) and m.math_op_function is _onnx_div and len(node.args) == 2 and any(
+                _is_floating(gm, arg) for arg in node.args
+            ):
+                new = g.call_function(operator.truediv, tuple(node.args))
             elif OnnxReshape and isinstance(m, OnnxReshape) and len(node.args) == 2:
                 shape = _const(gm, node.args[1])
                 if shape is not None and shape.dim() == 1:
@@ -170,6 +179,33 @@ def _simple_ops(gm: fx.GraphModule) -> None:
         if new is not None:
             node.replace_all_uses_with(new)
             g.erase_node(node)
+
+
+def _is_floating(gm: fx.GraphModule, arg: Any) -> bool:
+    """Whether a node's value is floating point, as far as the graph says: a Python float, a float initializer, or a
+    dtype recorded when the graph ran on the example input (_fold_shape_constants)."""
+    if isinstance(arg, float):
+        return True
+    value = _const(gm, arg)
+    if value is not None:
+        return value.is_floating_point()
+    dtype = arg.meta.get("dtype") if isinstance(arg, fx.Node) else None
+    return dtype is not None and dtype.is_floating_point
+
+
+def untraceable_modules(gm: fx.GraphModule) -> dict[str, str]:
+    """The call_module targets FX cannot trace through (an onnx2torch forward with Python control flow on tensors),
+    each with the tracer's reason. prepare_fx keeps them as leaves: they run in float, between a dequantize and a
+    quantize, and the rest of the graph is quantized as usual."""
+    untraceable = {}
+    for node, m in _module_calls(gm):
+        if not type(m).__module__.startswith("onnx2torch."):
+            continue
+        try:
+            fx.Tracer().trace(m)
+        except Exception as exc:  # noqa: BLE001 - TraceError, or any error the forward raises on a Proxy
+            untraceable[str(node.target)] = f"{type(m).__name__}: {type(exc).__name__}: {str(exc).strip()[:200]}"
+    return untraceable
 
 
 def _linear_from(gm, node, weight_in_out: torch.Tensor, bias: Optional[torch.Tensor], name: str, x):
@@ -312,6 +348,9 @@ def _fold_shape_constants(gm: fx.GraphModule, example_input: torch.Tensor) -> No
     xa = torch.cat([x1, x1], 0)
     xb = torch.cat([x1 * 0.5 + 1.0, x1 * 2.0 - 3.0, x1], 0)  # different values and batch size
     ea, eb = run(xa), run(xb)
+    for n, value in ea.items():  # what _simple_ops needs to know of a value it cannot trace: its dtype
+        if isinstance(value, torch.Tensor):
+            n.meta["dtype"] = value.dtype
 
     def same(a, b):
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
@@ -365,118 +404,6 @@ def prepare_graph(
         _fold_pad_into_conv(gm)
         _finish(gm)
     return gm.eval()
-
-
-# --------------------------------------------------------------------------- qconfig
-from torch.ao.quantization.observer import MinMaxObserver as _MinMaxObserver  # noqa: E402
-
-
-TOPK_ROWS = 8  # kth_largest's split: measured fastest for 0.1-2 M values on 2 cores
-
-
-def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of the flat tensor `x`, exactly ``torch.topk(x, k).values.min()``, about 2.5x
-    faster on calibration-sized tensors (a 1.6 M-value topk took 6-12 ms; FX calibration is mostly these). The
-    values are split in rows and each row's top k taken (rows in parallel, each in cache): fewer than k values
-    exceed the answer, so every row's values above it are among that row's top k, and with ties at most k per
-    row reach it, so the k-th largest of the rows' top k is the answer itself."""
-    width = x.numel() // TOPK_ROWS
-    if width < 4 * k:
-        return torch.topk(x, k).values.min()
-    rows = x[:TOPK_ROWS * width].view(TOPK_ROWS, width)
-    candidates = torch.cat([torch.topk(rows, k, dim=1).values.flatten(), x[TOPK_ROWS * width:]])
-    return torch.topk(candidates, k).values.min()
-
-
-class PercentileObserver(_MinMaxObserver):
-    """Activation observer: range = average over calibration batches of the per-batch
-    ``percentile`` (upper) / ``100 - percentile`` (lower) of the values (exact: ``kth_largest``);
-    a range that includes 0 is kept (post-ReLU tensors get min 0).  Similar to
-    onnxruntime's CalibrationMethod.Percentile; use equal-size calibration batches."""
-
-    def __init__(self, percentile: float = 99.995, **kwargs):
-        super().__init__(**kwargs)
-        self.percentile = float(percentile)
-        self.register_buffer("_n", torch.tensor(0.0))
-        self.register_buffer("_lo", torch.tensor(0.0))
-        self.register_buffer("_hi", torch.tensor(0.0))
-
-    def forward(self, x_orig):
-        if x_orig.numel() == 0:
-            return x_orig
-        x = x_orig.detach().float().flatten()
-        k = max(1, int(math.ceil((1.0 - self.percentile / 100.0) * x.numel())))
-        hi = kth_largest(x, k)
-        lo = -kth_largest(-x, k)
-        n = self._n + 1
-        self._hi.copy_(self._hi + (hi - self._hi) / n)
-        self._lo.copy_(self._lo + (lo - self._lo) / n)
-        self._n.copy_(n)
-        self.min_val.copy_(torch.minimum(self._lo, torch.zeros_like(self._lo)))
-        self.max_val.copy_(torch.maximum(self._hi, torch.zeros_like(self._hi)))
-        return x_orig
-
-
-def qconfig_mapping(
-    backend: str = "x86",
-    *,
-    activation_observer: str = "percentile",
-    weight_observer: str = "perchannel_minmax",
-    reduce_range: bool = False,
-    percentile: float = 99.995,
-    keep_float: Sequence[Any] = (),
-    float_modules: Sequence[str] = (),
-):
-    """QConfigMapping of the ptqflow recipe for ``backend`` in {"fbgemm", "x86", "qnnpack", "onednn"}.
-
-    Starts from ``get_default_qconfig_mapping(backend)`` (keeps fixed-qparams ops
-    etc.), replaces the global/conv/linear/add qconfig by quint8 activations
-    (``activation_observer``: "percentile" (recipe default, see ``PercentileObserver``,
-    ``percentile``), "histogram", "minmax", "moving_minmax") without ``reduce_range``
-    (VNNI CPUs do not saturate) and qint8 symmetric per-channel weights with range
-    [-127, 127] (scale = max|w|/127, same grid as onnxruntime and
-    ``ptqflow.models.adaround.onnx.adaround_onnx``), and keeps all softmax flavours in float
-    (qconfig None).  ``keep_float`` adds further module types / functions kept in
-    float; ``float_modules`` module names kept in float (e.g. ``classifier_head(gm)``).
-    """
-    from torch.ao.quantization import QConfig, get_default_qconfig_mapping
-    from torch.ao.quantization.observer import (
-        HistogramObserver,
-        MinMaxObserver,
-        MovingAverageMinMaxObserver,
-        PerChannelMinMaxObserver,
-    )
-
-    act = {
-        "minmax": MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=reduce_range),
-        "histogram": HistogramObserver.with_args(dtype=torch.quint8, reduce_range=reduce_range),
-        "moving_minmax": MovingAverageMinMaxObserver.with_args(dtype=torch.quint8, reduce_range=reduce_range),
-        "percentile": PercentileObserver.with_args(percentile=percentile, dtype=torch.quint8,
-                                                   reduce_range=reduce_range),
-    }[activation_observer]
-    wt = {
-        # [-127, 127]: scale = max|w| / 127, same grid as onnxruntime's symmetric int8 weights
-        # (and ptqflow.models.adaround's "per_channel_sym_int8"), so pre-rounded weights stay exact
-        "perchannel_minmax": PerChannelMinMaxObserver.with_args(
-            dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-127, quant_max=127),
-        "minmax": MinMaxObserver.with_args(
-            dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-127, quant_max=127),
-    }[weight_observer]
-    if backend == "qnnpack" and weight_observer == "perchannel_minmax":
-        pass  # qnnpack supports per-channel for conv/linear in recent torch
-    qc = QConfig(activation=act, weight=wt)
-    m = get_default_qconfig_mapping(backend)
-    m.set_global(qc)
-    # object-type entries of the default mapping would override global for these ops
-    for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ReLU, F.relu, operator.add, torch.add,
-              operator.mul, torch.mul, nn.AdaptiveAvgPool2d, nn.AvgPool2d, F.adaptive_avg_pool2d,
-              nn.BatchNorm2d, torch.flatten, torch.cat):
-        m.set_object_type(t, qc)
-    for t in (*SOFTMAX_TYPES, *_SOFTMAX_FUNCS, *keep_float):
-        m.set_object_type(t, None)
-    for name in float_modules:
-        m.set_module_name(name, None)
-    return m
 
 
 def classifier_head(gm: fx.GraphModule, include_pool: bool = True) -> list:

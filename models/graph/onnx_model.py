@@ -335,8 +335,10 @@ def to_torch(model: OnnxClassifier):
 
     onnx2torch = import_onnx2torch()
 
-    try:
-        module = onnx2torch.convert(model.proto)
+    from ptqflow.models.graph.rewrites import materialize_constants
+
+    try:  # onnx2torch reads weights from initializers only: Constant/Identity-fed ones become initializers first
+        module = onnx2torch.convert(materialize_constants(model.proto)[0])
     except Exception as exc:
         raise ModelError(f"onnx2torch cannot convert {model.path}: {exc}") from exc
     return module.eval()

@@ -7,6 +7,9 @@ Every function takes an `onnx.ModelProto` and returns a new one; the input is ne
   which would move weights that AdaRound already put on the int8 grid off it again.
 - :func:`name_unnamed_nodes`: a unique name for every node, since onnxruntime's `nodes_to_exclude` and other
   node-level options select nodes by name.
+- :func:`materialize_constants`: weights fed by `Constant` nodes or by an `Identity` of a shared initializer become
+  initializers of their own (onnx2torch reads weights from initializers only).
+- :func:`upgrade_opset`: a model below opset 13 brought up to it, where per-channel quantization is defined.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["fold_batch_norms", "name_unnamed_nodes", "has_unnamed_nodes"]
+__all__ = ["fold_batch_norms", "name_unnamed_nodes", "has_unnamed_nodes", "materialize_constants", "upgrade_opset",
+           "model_opset"]
 
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
 
@@ -194,3 +198,59 @@ def name_unnamed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
                 node.name = _unique_name(f"{node.op_type}_{index}", taken)
             index += 1
     return result
+
+
+# --------------------------------------------------------------------------- constants and opsets
+def materialize_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Weights that reach a node through a `Constant` node or an `Identity` of an initializer (exporters share
+    equal tensors this way, e.g. the zero biases of folded convolutions) become initializers of their own, so
+    converters that read weights from initializers (onnx2torch) accept the model and AdaRound can round each
+    layer's weight without touching another's. Returns (model, number of tensors materialized)."""
+    model = _copy(model)
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    outputs = {output.name for output in graph.output}
+    kept, count = [], 0
+    for node in graph.node:
+        value = None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            value = _attribute(node, "value")
+        elif node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in initializers \
+                and node.output[0] not in outputs:
+            value = initializers[node.input[0]]
+        if value is None:
+            kept.append(node)
+            continue
+        copy = onnx.TensorProto()
+        copy.CopyFrom(value)
+        copy.name = node.output[0]
+        graph.initializer.append(copy)
+        initializers[copy.name] = copy
+        count += 1
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model, count
+
+
+MIN_QUANTIZATION_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (their `axis`) need opset 13
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    """The default-domain opset the model is written for."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int = MIN_QUANTIZATION_OPSET) -> onnx.ModelProto:
+    """The model at opset `target` when it is below it (onnx.version_converter), else unchanged. Raises the
+    converter's error when an op has no adapter."""
+    if model_opset(model) >= target:
+        return model
+    from onnx import version_converter
+
+    return version_converter.convert_version(model, target)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy

@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ptqflow.models.graph.rewrites import model_opset
 from ptqflow.pipelines.registry.registrar import check_registry_targets
 from ptqflow.pipelines.repair.fallback import SweepFallback
 from ptqflow.pipelines.reports import comparison as report
@@ -112,7 +113,10 @@ class Sweep:
         while the next variant runs."""
         P = Param
         if self.variants.specs:
-            records.log_params({P.BATCHNORMS_FOLDED: self.variants.runner.quantization_source.folded_batch_norms})
+            source = self.variants.runner.quantization_source
+            opset = source.upgraded_from_opset or model_opset(source.onnx.proto)
+            records.log_params({P.BATCHNORMS_FOLDED: source.folded_batch_norms, P.MODEL_OPSET: opset,
+                                P.QUANTIZATION_OPSET: model_opset(source.onnx.proto)})
         if self.fallback.target.active:
             records.log_params({key: value for key, value in ((P.TARGET_AGREEMENT, self.options.target_agreement),
                                                               (P.TARGET_MAX_DROP_PP, self.options.max_drop_pp))

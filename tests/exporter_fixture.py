@@ -1,0 +1,100 @@
+"""Small CNNs written by the exporters users bring, trained briefly on fixture images so their weights mean something:
+a plain `torch.onnx.export` (TorchScript exporter, opset 17) of a greyscale CNN that scales its own input, and a
+MobileNetV1-style depthwise-separable CNN (BatchNorm, ReLU6) exported at opset 11 with a fixed batch of 1, NHWC."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+def _train(model, images: np.ndarray, labels: np.ndarray, steps: int = 150, seed: int = 0):
+    """A few Adam steps on the whole fixture set: enough for the model to tell the classes apart. BatchNorm layers
+    keep their statistics (eval mode), as when a model trained elsewhere is fine-tuned."""
+    import torch
+
+    torch.manual_seed(seed)
+    x, y = torch.from_numpy(images.astype(np.float32)), torch.from_numpy(labels.astype(np.int64))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def _export(model, example, path: Path, opset: int, dynamic_batch: bool) -> Path:
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(model, example, str(path), opset_version=opset, dynamo=False, input_names=["images"],
+                          output_names=["scores"],
+                          dynamic_axes={"images": {0: "n"}, "scores": {0: "n"}} if dynamic_batch else None)
+    return path
+
+
+def plain_export_cnn(path: Path, images: np.ndarray, labels: np.ndarray, classes: int) -> Path:
+    """Greyscale NCHW CNN, raw 0..255 input divided by 255 inside the model, a residual Add, global average pooling,
+    Flatten and Gemm; exported as `torch.onnx.export(..., opset_version=17, dynamo=False)` does by default."""
+    import torch
+    from torch import nn
+
+    class PlainCnn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 12, 3, stride=2, padding=1)
+            self.body = nn.Conv2d(12, 12, 3, padding=1)
+            self.head = nn.Linear(12, classes)
+
+        def forward(self, x):
+            y = torch.relu(self.stem(x / 255.0))
+            y = y + torch.relu(self.body(y))
+            return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+    model = _train(PlainCnn(), images, labels)
+    return _export(model, torch.zeros(1, *images.shape[1:]), path, opset=17, dynamic_batch=True)
+
+
+def mobilenet_v1_opset11(path: Path, images_nhwc: np.ndarray, labels: np.ndarray, classes: int) -> Path:
+    """NHWC input (0..1), a stem conv and three depthwise-separable blocks with BatchNorm and ReLU6, global mean,
+    a dense layer and softmax; exported at opset 11 with the batch fixed at 1, as TFLite-converted models come."""
+    import torch
+    from torch import nn
+
+    # BatchNorm without affine parameters and with fixed statistics: every folded bias is zero, and the exporter
+    # shares equal ones between layers through Identity nodes (as exporters do), which onnx2torch cannot read.
+    def norm(channels: int) -> nn.BatchNorm2d:
+        return nn.BatchNorm2d(channels, affine=False)
+
+    def separable(cin: int, cout: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), norm(cin),
+                             nn.ReLU6(), nn.Conv2d(cin, cout, 1, bias=False), norm(cout), nn.ReLU6())
+
+    class MobileNetV1(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), norm(8), nn.ReLU6(),
+                                          separable(8, 16, 1), separable(16, 32, 2), separable(32, 32, 1))
+            self.classifier = nn.Linear(32, classes)
+
+        def forward(self, x):
+            return self.classifier(self.features(x.permute(0, 3, 1, 2)).mean((2, 3)))
+
+    class WithSoftmax(nn.Module):
+        def __init__(self, trained):
+            super().__init__()
+            self.trained = trained
+
+        def forward(self, x):
+            return torch.softmax(self.trained(x), 1)
+
+    model = _train(MobileNetV1(), images_nhwc / 255.0, labels)
+    return _export(WithSoftmax(model).eval(), torch.zeros(1, *images_nhwc.shape[1:]), path, opset=11,
+                   dynamic_batch=False)

@@ -1,0 +1,119 @@
+"""Models as other exporters write them sweep like ResNet8 (issue 24, "any opset, any exporter"): a plain
+`torch.onnx.export` at opset 17 traces in FX (onnx2torch's Div asks its tensors' dtype, which FX cannot trace), a
+module FX still cannot trace stays a float leaf instead of failing the variant, and an opset-11 MobileNetV1 with
+a fixed batch of 1 and exporter-shared biases converts, is brought up to opset 13 for per-channel ONNX Runtime
+variants, and records both opsets."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from cifar_fixture import gray_dataset, write_npz
+from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE
+from exporter_fixture import mobilenet_v1_opset11, plain_export_cnn
+
+from ptqflow import quantize
+
+FX_VARIANTS = ("pytorch-fx-int8", "pytorch-fx-int8-x86")
+# Floors measured on these fixtures (see each test): they train for seconds, so a quantized variant can differ
+# from FP32 on an image or two near a decision boundary, never on many.
+AGREEMENT_FLOOR = 0.9
+
+
+@pytest.fixture(scope="module")
+def grey_data(tmp_path_factory):
+    train, test, names = gray_dataset(classes=7, size=(48, 48), train_per_class=20, test_per_class=10)
+    root = tmp_path_factory.mktemp("grey")
+    return write_npz(root / "grey.npz", train, test, names), train
+
+
+@pytest.fixture(scope="module")
+def plain_model(tmp_path_factory, grey_data):
+    _, (images, labels) = grey_data
+    return plain_export_cnn(tmp_path_factory.mktemp("plain") / "plain_cnn.onnx", images, labels, classes=7)
+
+
+def test_the_plain_export_has_the_ops_that_failed_to_trace(plain_model):
+    ops = {node.op_type for node in onnx.load(str(plain_model)).graph.node}
+    assert ops == {"Constant", "Div", "Conv", "Relu", "Add", "GlobalAveragePool", "Flatten", "Gemm"}
+    assert onnx.load(str(plain_model)).opset_import[0].version == 17
+
+
+def test_a_plain_torch_export_sweeps_in_every_fx_variant(plain_model, grey_data, tmp_path):
+    data, _ = grey_data
+    results = quantize(plain_model, data, variants=[*FX_VARIANTS, "ort-int8"], track=False, output_dir=tmp_path,
+                       calibration_size=CALIBRATION_SIZE, adaround_iterations=ADAROUND_ITERATIONS, bench=False)
+    assert results["fp32"].accuracy > 0.5  # the fixture model really classifies
+    for name in (*FX_VARIANTS, "ort-int8"):
+        assert results[name].status == "ok", results[name].reason
+        assert results[name].agreement >= AGREEMENT_FLOOR, (name, results[name].agreement)
+
+
+def test_a_module_fx_cannot_trace_stays_a_float_leaf(plain_model):
+    """Without the example input that tells Div's operands are float, the Div module stays onnx2torch's: FX
+    cannot trace it, and prepare_traced keeps it as a leaf instead of failing the variant."""
+    import torch
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    from ptqflow.models.backends.fx_qconfig import qconfig_mapping
+    from ptqflow.models.backends.pytorch_fx import prepare_traced
+    from ptqflow.models.graph.fx_prep import prepare_graph, untraceable_modules
+    from ptqflow.models.graph.onnx2torch_import import import_onnx2torch
+
+    module = import_onnx2torch().convert(onnx.load(str(plain_model))).eval()
+    graph = prepare_graph(module)  # no example input
+    untraceable = untraceable_modules(graph)
+    assert list(untraceable) == ["Div"] and "TraceError" in untraceable["Div"]
+    example = torch.rand(4, 1, 48, 48) * 255
+    prepared = prepare_traced(graph, qconfig_mapping("fbgemm"), example, None)
+    with torch.no_grad():
+        prepared(example)
+        converted = convert_fx(prepared)
+        assert "Div" in dict(converted.named_children())  # the leaf, still onnx2torch's module
+        reference, quantized = graph(example), converted(example)
+    assert torch.allclose(reference, quantized, atol=0.1 * reference.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def mobilenet_opset11(tmp_path_factory, cifar_dir):
+    from ptqflow.pipelines.data.cifar import load_cifar10
+
+    train = load_cifar10(cifar_dir).train
+    return mobilenet_v1_opset11(tmp_path_factory.mktemp("mnv1") / "mobilenet_v1.onnx",
+                                train.images.transpose(0, 2, 3, 1).astype(np.float32), train.labels, classes=10)
+
+
+def test_an_opset_11_mobilenet_with_shared_biases_sweeps_in_every_default_variant(mobilenet_opset11, cifar_dir,
+                                                                                   tracking_store):
+    from mlflow.tracking import MlflowClient
+
+    model = onnx.load(str(mobilenet_opset11))
+    assert model.opset_import[0].version == 11
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # fixed batch
+    identities = [n for n in model.graph.node if n.op_type == "Identity"]
+    assert identities  # the exporter shares equal biases through Identity nodes, which onnx2torch cannot read
+    results = quantize(mobilenet_opset11, cifar_dir, calibration_size=CALIBRATION_SIZE, preprocessing="unit",
+                       adaround_iterations=ADAROUND_ITERATIONS, bench=False, diagnose=False, register=False)
+    assert results["fp32"].accuracy > 0.3  # ten classes, a briefly trained model
+    for report in results:
+        if report.name == "pytorch-fx-uint8":
+            assert report.status == "unsupported"
+            continue
+        assert report.status == "ok", (report.name, report.reason)
+        assert report.agreement >= AGREEMENT_FLOOR, (report.name, report.agreement)
+    params = MlflowClient().get_run(results.parent_run_id).data.params
+    assert (params["model_opset"], params["quantization_opset"]) == ("11", "13")
+    per_channel_file = onnx.load(str(results["ort-int8"].model_file))
+    assert next(o.version for o in per_channel_file.opset_import if o.domain in ("", "ai.onnx")) >= 13
+
+
+def test_per_channel_onnx_runtime_refuses_a_model_left_below_opset_13_in_one_line(mobilenet_opset11, tmp_path):
+    """When the version converter cannot bring a model to opset 13, the per-channel variants say so."""
+    from ptqflow.models.backends.base import UnsupportedVariant
+    from ptqflow.models.backends.ort import check_opset
+    from ptqflow.pipelines.variants.specs import VARIANTS
+
+    with pytest.raises(UnsupportedVariant, match="per-channel weights need opset 13.*opset-11"):
+        check_opset(onnx.load(str(mobilenet_opset11)), VARIANTS["ort-int8"].config)
+    check_opset(onnx.load(str(mobilenet_opset11)), VARIANTS["ort-uint8"].config)  # per-tensor: fine at 11
