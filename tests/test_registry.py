@@ -283,3 +283,33 @@ def test_default_experiment_and_registered_names_follow_the_model_file(tracking_
     assert swept.exit_code == 0, swept.output
     names = {e.name for e in MlflowClient().search_experiments()}
     assert "mnv3_cifar-quantization" in names and "resnet8-quantization" not in names
+
+
+def test_int8_mac_share_counts_what_the_recipe_leaves_out_of_8_bits():
+    """The float head, layers kept in FP32 and layers reading a 16-bit activation are not int8 MACs; the share is
+    truncated, so a model with any of them never reads 1."""
+    from dataclasses import replace
+
+    from onnx_fixture import tiny_cnn
+
+    from ptqflow.models.backends.mac_share import MacTable
+    from ptqflow.models.graph.layer_map import layer_table
+    from ptqflow.models.graph.rewrites import name_unnamed_nodes
+    from ptqflow.pipelines.variants.specs import VARIANTS
+
+    model = name_unnamed_nodes(tiny_cnn())  # as the sweep names the model it quantizes
+    table = MacTable(model)
+    layers = [layer for layer in layer_table(model) if layer.macs]
+    total = sum(layer.macs for layer in layers)
+    ort, fx = VARIANTS["ort-int8"].config, VARIANTS["pytorch-fx-int8"].config
+    head = sum(layer.macs for layer in layers if layer.name in table.head)
+    assert 0 < head and table.share(ort) == table.share(fx) < 1
+    assert table.share(replace(ort, float_head=False)) == 1.0
+    first = layers[0]
+    assert table.share(replace(ort, float_head=False, fp32_nodes=(first.name,))) == \
+        int(10_000 * (total - first.macs) / total) / 10_000
+    reader = next(layer for layer in layers if layer.input == first.output)
+    assert table.share(replace(ort, float_head=False, activation_16bit_tensors=(first.output,))) == \
+        int(10_000 * (total - reader.macs) / total) / 10_000
+    everything = tuple(layer.name for layer in layers)
+    assert table.share(replace(fx, fp32_modules=everything)) == 0.0

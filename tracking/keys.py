@@ -3,6 +3,7 @@
 Defined once here so the sweep, the reports, the pull command and the tests cannot drift apart.
 """
 
+# The default model's experiment: each model file's is `<stem>-quantization` (pipelines.shared.names.experiment_name_for)
 DEFAULT_EXPERIMENT = "resnet8-quantization"
 # Registered names follow the model file (ptqflow.pipelines.shared.names.registered_name_for); these are the default model's.
 DEFAULT_REGISTERED_MODEL = "resnet8-int8"
