@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import tempfile
 from pathlib import Path
 
@@ -13,6 +12,9 @@ import numpy as np
 
 from ptqflow.models.diagnosis.records import BATCH_SIZE
 from ptqflow.models.graph.layer_map import Layer, tensor_shapes
+
+
+DEAD_FRACTION = 1e-6  # a channel whose max |x| is below this share of the largest channel's never carries signal
 
 
 class ChannelRange:
@@ -26,13 +28,15 @@ class ChannelRange:
         self.values = x if self.values is None else np.maximum(self.values, x)
 
     def outlier(self) -> tuple[float | None, int | None]:
-        if self.values is None or self.values.size < 2:
+        """(largest channel's range over the median live channel's, largest channel). Dead channels (all zero:
+        ReLU units that never fire, common in MobileNets) are left out of the median: they cost the others no bits,
+        and with them the median is 0 and the ratio infinite. None when fewer than two channels are live."""
+        if self.values is None:
             return None, None
-        median = float(np.median(self.values))
-        channel = int(np.argmax(self.values))
-        if median <= 0.0:
-            return (math.inf if self.values[channel] > 0 else None), channel
-        return float(self.values[channel] / median), channel
+        live = self.values[self.values > DEAD_FRACTION * self.values.max()]
+        if live.size < 2:
+            return None, None
+        return float(self.values.max() / np.median(live)), int(np.argmax(self.values))
 
 
 def session_options():

@@ -7,7 +7,9 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 from ptqflow.models.graph.layer_map import Layer
 
@@ -18,6 +20,7 @@ BAD_LOCAL_DB = 25.0  # one 8-bit layer alone normally loses less than this
 BAD_ACCUMULATED_DB = 15.0  # below this the layer's output has lost most of its precision, wherever it was lost
 OUTLIER_RATIO = 8.0  # a channel 8x the median channel's range costs the others 3 of their 8 bits
 BATCH_SIZE = 64  # images per run of a model: memory stays bounded
+MAX_SHORT_NAME = 40  # characters of a layer or tensor name in tables and hints (the CSV and JSON keep full names)
 
 
 @dataclass(frozen=True)
@@ -115,21 +118,40 @@ def _csv_cell(key: str, value) -> str:
     return str(value)
 
 
-def hint_for(row: LayerDiagnosis) -> str:
-    """One line on what to try for a bad layer; empty for a layer that is fine or runs in FP32."""
+def short_names(names) -> dict[str, str]:
+    """Each name as people read it in a table: the shortest run of its last path components ('/' or ';'
+    separated, as exporters nest scopes) that no other name ends with, its end kept when still longer than
+    MAX_SHORT_NAME. Exporters' names run to 200 characters of scope for a 10-character layer."""
+    names = list(dict.fromkeys(names))
+    parts = {name: [p for p in re.split(r"[/;]", name) if p] or [name] for name in names}
+    short = {}
+    for name in names:
+        for count in range(1, len(parts[name]) + 1):
+            suffix = parts[name][-count:]
+            if not any(other != name and parts[other][-count:] == suffix for other in names):
+                break
+        text = "/".join(suffix) if count < len(parts[name]) else name
+        short[name] = text if len(text) <= MAX_SHORT_NAME else "…" + text[-(MAX_SHORT_NAME - 1):]
+    clashes = {text for text in short.values() if list(short.values()).count(text) > 1}  # cut to the same end
+    return {name: name if text in clashes else text for name, text in short.items()}
+
+
+def hint_for(row: LayerDiagnosis, shown: Callable[[str], str] = str) -> str:
+    """One line on what to try for a bad layer; empty for a layer that is fine or runs in FP32. `shown` gives a
+    tensor's name as the hint prints it (short_names)."""
     if not row.quantized:
         return ""
     local, weight, accumulated = row.local_sqnr_db, row.weight_sqnr_db, row.accumulated_sqnr_db
     local_bad = local is not None and local < BAD_LOCAL_DB
     if local_bad and row.input_range_ratio is not None and row.input_range_ratio >= OUTLIER_RATIO:
-        return (f"activation range set by one channel ({row.input_tensor} channel {row.outlier_channel} spans "
-                f"{row.input_range_ratio:.0f}x the median channel): try equalization or 16-bit activations on "
-                f"{row.input_tensor}")
+        return (f"activation range set by one channel ({shown(row.input_tensor)} channel {row.outlier_channel} "
+                f"spans {row.input_range_ratio:.0f}x the median live channel): try equalization or 16-bit "
+                f"activations on {shown(row.input_tensor)}")
     if weight is not None and weight < BAD_WEIGHT_DB:
         return f"weights lose precision ({weight:.1f} dB): try per-channel weights or FP32 fallback of this layer"
     if local_bad:
         return (f"activation quantization noise ({local:.1f} dB on its own): try 16-bit activations on "
-                f"{row.input_tensor} or {row.output_tensor}, or another calibration method")
+                f"{shown(row.input_tensor)} or {shown(row.output_tensor)}, or another calibration method")
     if accumulated is not None and accumulated < BAD_ACCUMULATED_DB:
         return (f"error accumulated upstream ({accumulated:.1f} dB here, {local:.1f} dB on its own): fix the worst "
                 "layers before it" if local is not None else
@@ -141,6 +163,7 @@ def layer_rows(layers: list[Layer], weight: dict, local: dict, accumulated: dict
                quantized: dict) -> tuple[LayerDiagnosis, ...]:
     """One row per layer, in `layers`' order, from the measurements by layer name, each with its hint."""
     total = sum(layer.macs for layer in layers) or 1
+    tensors = short_names([name for layer in layers for name in (layer.input, layer.output) if name])
     rows = []
     for layer in layers:
         ratio, channel = ranges[layer.name].outlier() if layer.name in ranges else (None, None)
@@ -152,5 +175,5 @@ def layer_rows(layers: list[Layer], weight: dict, local: dict, accumulated: dict
             accumulated_sqnr_db=accumulated[layer.name].db() if layer.name in accumulated else None,
             quantized=is_quantized, input_tensor=layer.input, output_tensor=layer.output,
             input_range_ratio=ratio, outlier_channel=channel)
-        rows.append(replace(row, hint=hint_for(row)))
+        rows.append(replace(row, hint=hint_for(row, lambda name: tensors.get(name, name))))
     return tuple(rows)

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from ptqflow.models.diagnosis.records import BAD_LOCAL_DB, Diagnosis, LayerDiagnosis
+from ptqflow.models.diagnosis.records import BAD_LOCAL_DB, Diagnosis, LayerDiagnosis, short_names
 from ptqflow.pipelines.reports.plots import FONT_SIZE, _figure, _note, _png
 
 LOCAL_COLOR = "#c0540c"
@@ -39,16 +39,17 @@ def print_diagnosis(diagnosis: Diagnosis, title: str, console=None) -> None:
                             ("input range ×", "right")):
         table.add_column(header, justify=justify, no_wrap=header != "layer")
     rows = diagnosis.worst_first()
+    shown = short_names(row.layer for row in rows)  # the CSV and JSON artifacts keep the full names
     for rank, row in enumerate(rows, 1):
         ratio = "—" if row.input_range_ratio is None else f"{row.input_range_ratio:.1f}"
         style = "red" if row.bad else ("dim" if not row.quantized else None)
-        table.add_row(str(rank), row.layer + ("" if row.quantized else " (FP32)"), row.op_type,
+        table.add_row(str(rank), shown[row.layer] + ("" if row.quantized else " (FP32)"), row.op_type,
                       _macs(row.mac_share, table=True), _db(row.weight_sqnr_db), _db(row.local_sqnr_db),
                       _db(row.accumulated_sqnr_db), ratio, style=style)
     console.print(table)
     bad = [row for row in rows if row.bad]
     for row in bad:
-        console.print(f"[red]![/] {row.layer}: {row.hint}", highlight=False)
+        console.print(f"[red]![/] {shown[row.layer]}: {row.hint}", highlight=False)
     if not bad:
         console.print("no layer below the limits (local SQNR ≥ "
                       f"{BAD_LOCAL_DB:g} dB, weights and accumulated fine)", highlight=False)
