@@ -203,6 +203,19 @@ def test_resume_does_not_reuse_runs_made_on_another_cpu_or_thread_count(tracking
     assert tags[Tag.TORCH_THREADS] == str(threads + 1 if change == "torch_threads" else threads)
 
 
+def test_the_gate_does_not_call_a_run_on_another_cpu_the_same_inputs(tracking_store, tiny_model, cifar_dir,
+                                                                     monkeypatch):
+    """TorchScript files differ byte for byte between runs: only the input key tells a re-run."""
+    _sweep(tiny_model, cifar_dir, variants=("pytorch-fx-int8",), gate=PASS_ALL)
+    assert version_reason("resnet8-int8", "1").startswith("passes the gate")
+    other = ("Another CPU", "avx2")
+    for module in ("ptqflow.models.runtime.machine", "ptqflow.pipelines.sweep.recording"):
+        monkeypatch.setattr(f"{module}.cpu_description", lambda: other)
+    _sweep(tiny_model, cifar_dir, variants=("pytorch-fx-int8",), gate=PASS_ALL)
+    reason = version_reason("resnet8-int8", "2")
+    assert reason and not reason.startswith("same inputs"), reason
+
+
 def test_adaround_cache_misses_when_the_calibration_images_change(tmp_path, tiny_model, monkeypatch):
     from ptqflow.models.backends.base import FloatModel
     from ptqflow.models.graph.onnx_model import load_classifier
