@@ -66,12 +66,6 @@ class BenchResult:
 Load = Callable[[], Callable[[np.ndarray], np.ndarray]]  # a fresh load of a model file, giving its predict
 
 
-def set_torch_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 @contextmanager
 def torch_threads_for(config: BenchConfig):
     """Torch's intra-op threads set to the count a timing records (`config.resolved_threads`) for the block, then
