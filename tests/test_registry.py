@@ -313,3 +313,27 @@ def test_int8_mac_share_counts_what_the_recipe_leaves_out_of_8_bits():
         int(10_000 * (total - reader.macs) / total) / 10_000
     everything = tuple(layer.name for layer in layers)
     assert table.share(replace(fx, fp32_modules=everything)) == 0.0
+
+
+def test_a_default_mixed_name_holding_another_model_is_refused_only_when_the_fallback_runs(tracking_store, tmp_path):
+    """`<stem>-mixed-onnx` is a default name like `<stem>-int8-onnx`: it never mixes FP32 models. It is checked when
+    the sweep has a fallback target (only then does it make -mixed variants)."""
+    from pathlib import Path
+
+    import mlflow
+
+    from ptqflow.common.errors import ConfigError
+    from ptqflow.pipelines.registry.registrar import check_registry_targets
+    from ptqflow.pipelines.sweep.options import SweepOptions
+
+    (tmp_path / "model.txt").write_text("another model's version")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(tmp_path / "model.txt"), "x")
+    client = MlflowClient()
+    client.create_registered_model("outlier-mixed-onnx")
+    client.create_model_version("outlier-mixed-onnx", f"{run.info.artifact_uri}/x", run.info.run_id,
+                                tags={VersionTag.FP32_MODEL_SHA256: "f" * 64})
+    options = SweepOptions(model_path=Path("outlier.onnx"), variants=("ort-int8",))
+    check_registry_targets(options.registered_names(), options.specs(), "a" * 64)  # no target: no -mixed variant
+    with pytest.raises(ConfigError, match="registered model 'outlier-mixed-onnx' holds versions of another FP32"):
+        check_registry_targets(options.registered_names(), options.specs(), "a" * 64, fallback=True)
