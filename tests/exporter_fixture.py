@@ -98,3 +98,51 @@ def mobilenet_v1_opset11(path: Path, images_nhwc: np.ndarray, labels: np.ndarray
     model = _train(MobileNetV1(), images_nhwc / 255.0, labels)
     return _export(WithSoftmax(model).eval(), torch.zeros(1, *images_nhwc.shape[1:]), path, opset=11,
                    dynamic_batch=False)
+
+
+def mobilenet_v3_style(path: Path, images: np.ndarray, labels: np.ndarray, classes: int) -> Path:
+    """NCHW input (0..1): inverted residual blocks (1x1 expansion, depthwise 3x3, 1x1 projection, residual Add) with
+    ReLU6 or HardSwish, squeeze-excitation (pool, 1x1, ReLU, 1x1, HardSigmoid, Mul), a HardSwish head; exported at
+    opset 13, where the exporter writes HardSwish as x * HardSigmoid(x)."""
+    import torch
+    from torch import nn
+
+    class SqueezeExcitation(nn.Module):
+        def __init__(self, channels: int):
+            super().__init__()
+            self.reduce, self.expand = nn.Conv2d(channels, channels // 4, 1), nn.Conv2d(channels // 4, channels, 1)
+
+        def forward(self, x):
+            gate = torch.relu(self.reduce(nn.functional.adaptive_avg_pool2d(x, 1)))
+            return x * nn.functional.hardsigmoid(self.expand(gate))
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, cin: int, expanded: int, cout: int, stride: int, activation, excite: bool):
+            super().__init__()
+            self.expand = nn.Sequential(nn.Conv2d(cin, expanded, 1), activation())
+            self.depthwise = nn.Sequential(nn.Conv2d(expanded, expanded, 3, stride, 1, groups=expanded),
+                                           activation())
+            self.excite = SqueezeExcitation(expanded) if excite else nn.Identity()
+            self.project = nn.Conv2d(expanded, cout, 1)
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x):
+            y = self.project(self.excite(self.depthwise(self.expand(x))))
+            return x + y if self.residual else y
+
+    class MobileNetV3(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.Hardswish())
+            self.blocks = nn.Sequential(InvertedResidual(16, 32, 16, 1, nn.ReLU6, False),
+                                        InvertedResidual(16, 48, 24, 2, nn.Hardswish, True),
+                                        InvertedResidual(24, 72, 24, 1, nn.Hardswish, True))
+            self.head = nn.Sequential(nn.Conv2d(24, 64, 1), nn.Hardswish())
+            self.classifier = nn.Linear(64, classes)
+
+        def forward(self, x):
+            y = nn.functional.adaptive_avg_pool2d(self.head(self.blocks(self.stem(x))), 1)
+            return self.classifier(torch.flatten(y, 1))
+
+    model = _train(MobileNetV3(), images / 255.0, labels)
+    return _export(model, torch.zeros(1, *images.shape[1:]), path, opset=13, dynamic_batch=True)

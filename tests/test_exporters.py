@@ -117,3 +117,50 @@ def test_per_channel_onnx_runtime_refuses_a_model_left_below_opset_13_in_one_lin
     with pytest.raises(UnsupportedVariant, match="per-channel weights need opset 13.*opset-11"):
         check_opset(onnx.load(str(mobilenet_opset11)), VARIANTS["ort-int8"].config)
     check_opset(onnx.load(str(mobilenet_opset11)), VARIANTS["ort-uint8"].config)  # per-tensor: fine at 11
+
+
+@pytest.fixture(scope="module")
+def mobilenet_v3(tmp_path_factory, cifar_dir):
+    from exporter_fixture import mobilenet_v3_style
+
+    from ptqflow.pipelines.data.cifar import load_cifar10
+
+    train = load_cifar10(cifar_dir).train
+    return mobilenet_v3_style(tmp_path_factory.mktemp("mnv3") / "mobilenet_v3.onnx", train.images.astype(np.float32),
+                              train.labels, classes=10)
+
+
+def test_hardswish_written_as_mul_of_hardsigmoid_becomes_one_quantized_op(mobilenet_v3, tmp_path):
+    """Below opset 14 exporters write HardSwish as x * HardSigmoid(x); onnx2torch computes HardSigmoid as a multiply,
+    an add and a clip. FX quantized each of them with its own scale (28 quantized::mul in the issue's MobileNetV3);
+    graph preparation now gives one Hardswish (and one Hardsigmoid per squeeze-excitation gate)."""
+    import torch
+
+    from ptqflow.models.graph.fx_prep import prepare_graph
+    from ptqflow.models.graph.onnx2torch_import import import_onnx2torch
+    from ptqflow.models.graph.rewrites import materialize_constants
+
+    model = onnx.load(str(mobilenet_v3))
+    hard_sigmoids = sum(node.op_type == "HardSigmoid" for node in model.graph.node)
+    assert hard_sigmoids == 8  # 6 HardSwish (stem, 2 blocks x 2, head) and 2 squeeze-excitation gates
+    module = import_onnx2torch().convert(materialize_constants(model)[0]).eval()
+    example = torch.rand(4, 3, 32, 32)
+    prepared = prepare_graph(module, example_input=example)
+    kinds = [type(m).__name__ for m in prepared.modules()]
+    assert kinds.count("Hardswish") == 6 and kinds.count("Hardsigmoid") == 2
+    assert not any(kind.startswith("Onnx") for kind in kinds)
+    muls = [n for n in prepared.graph.nodes if n.op == "call_function" and n.target.__name__ == "mul"]
+    assert len(muls) == 2  # the squeeze-excitation products only
+    with torch.no_grad():
+        assert torch.allclose(module(example), prepared(example), atol=1e-5)
+
+
+def test_a_mobilenet_v3_style_model_sweeps_in_every_default_variant(mobilenet_v3, cifar_dir, tmp_path):
+    results = quantize(mobilenet_v3, cifar_dir, track=False, output_dir=tmp_path, calibration_size=CALIBRATION_SIZE,
+                       preprocessing="unit", adaround_iterations=ADAROUND_ITERATIONS, bench=False)
+    assert results["fp32"].accuracy > 0.3
+    for report in results:
+        if report.name != "pytorch-fx-uint8":
+            assert report.status == "ok" and report.agreement >= AGREEMENT_FLOOR, (report.name, report.reason)
+    graph = str(__import__("torch").jit.load(str(results["pytorch-fx-int8-x86"].model_file)).inlined_graph)
+    assert graph.count("quantized::hardswish") == 6 and graph.count("quantized::mul") <= 2

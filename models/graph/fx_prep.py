@@ -19,6 +19,9 @@ modules/ops that the fbgemm/x86 FX backends know how to quantize:
 * ``OnnxTranspose`` -> ``permute``; ``OnnxReshape`` with a constant shape ->
   ``reshape``; ``OnnxFlatten``/``OnnxGlobalAveragePoolWithKnownInputShape`` ->
   ``torch.flatten`` / ``nn.AdaptiveAvgPool{1,2,3}d``;
+* ``OnnxHardSigmoid`` with ONNX's HardSwish constants -> ``nn.Hardsigmoid``, and
+  ``Mul(x, Hardsigmoid(x))`` (how exporters below opset 14 write HardSwish) -> ``nn.Hardswish``: one quantized
+  op each, instead of the multiply, add and clip onnx2torch computes them with, each with its own scale;
 * with ``example_input`` given, integer sub-graphs that only depend on input
   shapes (Shape->Gather->Concat->Pad ...) and do not depend on the batch size
   are constant-folded, so ``OnnxPadDynamic`` becomes foldable as well.
@@ -41,6 +44,7 @@ Default FX recipe (pytorch-fx-int8 with backend "fbgemm", pytorch-fx-int8-x86 wi
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from typing import Any, Optional
 
@@ -59,6 +63,7 @@ try:  # onnx2torch is optional at import time (prepare_graph also works on plain
         OnnxFlatten,
         OnnxGemm,
         OnnxGlobalAveragePoolWithKnownInputShape,
+        OnnxHardSigmoid,
         OnnxMatMul,
         OnnxPadDynamic,
         OnnxPadStatic,
@@ -69,7 +74,7 @@ try:  # onnx2torch is optional at import time (prepare_graph also works on plain
 except ImportError:  # pragma: no cover
     OnnxBinaryMathOperation = OnnxFlatten = OnnxGemm = OnnxMatMul = OnnxPadDynamic = ()  # type: ignore
     OnnxPadStatic = OnnxReshape = OnnxSoftmaxV1V11 = OnnxTranspose = ()  # type: ignore
-    OnnxGlobalAveragePoolWithKnownInputShape = ()  # type: ignore
+    OnnxGlobalAveragePoolWithKnownInputShape = OnnxHardSigmoid = ()  # type: ignore
     _onnx_div = None
 
 __all__ = ["prepare_graph", "classifier_head", "FnModule", "SOFTMAX_TYPES", "SOFTMAX_FUNCS", "untraceable_modules"]
@@ -179,6 +184,32 @@ def _simple_ops(gm: fx.GraphModule) -> None:
         if new is not None:
             node.replace_all_uses_with(new)
             g.erase_node(node)
+
+
+def _is_hard_sigmoid(m: nn.Module) -> bool:
+    """ONNX HardSigmoid with the constants of HardSwish's gate: clip(x / 6 + 0.5, 0, 1), exactly relu6(x + 3) / 6."""
+    return bool(OnnxHardSigmoid) and isinstance(m, OnnxHardSigmoid) and math.isclose(m.alpha, 1 / 6, rel_tol=1e-6) \
+        and math.isclose(m.beta, 0.5, rel_tol=1e-6)
+
+
+def _hard_activations(gm: fx.GraphModule) -> None:
+    g = gm.graph
+    for node, m in _module_calls(gm):
+        if _is_hard_sigmoid(m):
+            with g.inserting_before(node):
+                new = g.call_module(_add_module(gm, f"{node.target}_hardsigmoid", nn.Hardsigmoid()), node.args)
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+    for node in list(g.nodes):
+        if not (node.op == "call_function" and node.target is operator.mul and len(node.args) == 2):
+            continue
+        for x, gate in (node.args, node.args[::-1]):
+            if isinstance(gate, fx.Node) and isinstance(_mod(gm, gate), nn.Hardsigmoid) and gate.args == (x,):
+                with g.inserting_before(node):
+                    new = g.call_module(_add_module(gm, f"{gate.target}_hardswish", nn.Hardswish()), (x,))
+                node.replace_all_uses_with(new)
+                g.erase_node(node)
+                break
 
 
 def _is_floating(gm: fx.GraphModule, arg: Any) -> bool:
@@ -399,6 +430,8 @@ def prepare_graph(
     _matmul_to_linear(gm)
     _finish(gm)
     _simple_ops(gm)
+    _finish(gm)
+    _hard_activations(gm)
     _finish(gm)
     if fold_pad:
         _fold_pad_into_conv(gm)
