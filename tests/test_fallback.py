@@ -370,6 +370,13 @@ def test_resume_reuses_the_search_and_the_mixed_variant(tracking_store, outlier_
     assert search_run.data.tags[Tag.FALLBACK_VARIANT_RUN] == reused
     assert json.loads(record_of(search_run.info.run_id, tmp_path / "new")[1])["options"]["ranking_images"] == 40
     assert len(children(search_run.info.run_id)) == steps() - searched
+    # those options again: the search run of the third sweep is found and reused, nothing is searched again
+    searched = steps()
+    capsys.readouterr()
+    fourth = run_sweep(replace(options, resume=True, ranking_images=40))
+    assert f"reused the fallback search of run {search_run.info.run_id}" in capsys.readouterr().err
+    assert steps() == searched and not [r for r in children(fourth.parent_run_id)
+                                        if r.data.tags[Tag.ROLE] == Tag.ROLE_FALLBACK_SEARCH]
 
 
 def test_only_the_backends_own_errors_are_recorded_as_refusals():

@@ -541,25 +541,31 @@ class SweepFallback:
                 "ranking_images": min(self.ranking_images, len(self.runner.inputs.test))}
 
     def _reused_search(self, outcome) -> tuple[bool, VariantSpec | None]:
-        """For a variant run a resumed sweep reused: (True, its -mixed spec or None) when the run holds a search made
-        with the same options (same inputs, same search: the same result); (False, None) when it must search."""
-        from ptqflow.tracking import records
-        from ptqflow.tracking.keys import Artifact
+        """For a variant run a resumed sweep reused: (True, its -mixed spec or None) when the run, or a search run an
+        earlier resumed sweep made for it (newest first), holds a search made with the same options (same inputs,
+        same search: the same result); (False, None) when it must search."""
+        from ptqflow.tracking import records, runs
+        from ptqflow.tracking.keys import Artifact, Tag
 
-        try:
-            payload = json.loads(records.download_text(outcome.run_id, Artifact.FALLBACK_SEARCH))
-        except Exception:  # noqa: BLE001 - no search on that run (or not readable): search again
-            return False, None
-        if payload.get("options") != self._options():
-            return False, None
-        upgrades = tuple(Upgrade(**layer) for layer in payload["layers"])
-        say(f"[green]↺[/] {outcome.name}: reused the fallback search of run {outcome.run_id} (same inputs and "
-            f"options): {payload.get('summary', '')}")
-        if not upgrades:
-            return True, None
-        return True, VariantSpec(outcome.name + MIXED_SUFFIX, outcome.spec.framework,
-                                 apply_upgrades(outcome.spec.config, upgrades),
-                                 Mixed(outcome.name, upgrades, payload["target"], bool(payload["reached"])))
+        experiment_id = runs.get_run(outcome.run_id).info.experiment_id
+        searched_later = sorted((r for r in runs.runs_tagged(experiment_id, Tag.FALLBACK_VARIANT_RUN, outcome.run_id)
+                                 if r.info.status == "FINISHED"), key=lambda r: r.info.start_time, reverse=True)
+        for run_id in [outcome.run_id, *(r.info.run_id for r in searched_later)]:
+            try:
+                payload = json.loads(records.download_text(run_id, Artifact.FALLBACK_SEARCH))
+            except Exception:  # noqa: BLE001 - no search on that run (or not readable): the next, or search again
+                continue
+            if payload.get("options") != self._options():
+                continue
+            upgrades = tuple(Upgrade(**layer) for layer in payload["layers"])
+            say(f"[green]↺[/] {outcome.name}: reused the fallback search of run {run_id} (same inputs and "
+                f"options): {payload.get('summary', '')}")
+            if not upgrades:
+                return True, None
+            return True, VariantSpec(outcome.name + MIXED_SUFFIX, outcome.spec.framework,
+                                     apply_upgrades(outcome.spec.config, upgrades),
+                                     Mixed(outcome.name, upgrades, payload["target"], bool(payload["reached"])))
+        return False, None
 
     @contextmanager
     def _step_run(self, outcome, parent_run_id: str, number: int, change: Upgrade, upgrades: tuple[Upgrade, ...]):
