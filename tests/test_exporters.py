@@ -164,3 +164,21 @@ def test_a_mobilenet_v3_style_model_sweeps_in_every_default_variant(mobilenet_v3
             assert report.status == "ok" and report.agreement >= AGREEMENT_FLOOR, (report.name, report.reason)
     graph = str(__import__("torch").jit.load(str(results["pytorch-fx-int8-x86"].model_file)).inlined_graph)
     assert graph.count("quantized::hardswish") == 6 and graph.count("quantized::mul") <= 2
+
+
+def test_a_layer_fx_cannot_trace_is_recorded_on_the_variant_run(plain_model, grey_data, tracking_store, monkeypatch):
+    """Made untraceable here (no dtype known for Div), the layer runs in float and the run's tag says which and
+    why."""
+    from mlflow.tracking import MlflowClient
+
+    from ptqflow.models.graph import fx_prep
+    from ptqflow.tracking.keys import Tag
+
+    monkeypatch.setattr(fx_prep, "_is_floating", lambda gm, arg: False)
+    data, _ = grey_data
+    results = quantize(plain_model, data, variants=["pytorch-fx-int8-x86"], calibration_size=CALIBRATION_SIZE,
+                       weight_rounding="nearest", bench=False, diagnose=False, register=False)
+    report = results["pytorch-fx-int8-x86"]
+    assert report.status == "ok" and report.agreement >= AGREEMENT_FLOOR
+    kept = MlflowClient().get_run(report.run_id).data.tags[Tag.KEPT_FLOAT]
+    assert kept.startswith("Div: OnnxBinaryMathOperation: TraceError")

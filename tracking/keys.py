@@ -134,6 +134,7 @@ class Tag:
     QUANTIZED_ENGINE = "ptqflow.quantized_engine"  # torch engine the accuracy was measured under
     ORT_GRAPH_SHA256 = "ptqflow.ort_graph_sha256"  # the graph onnxruntime runs after its optimizations, names aside
     SCORES_FROM = "ptqflow.scores_from"  # the variant whose evaluation gave this run's scores: the same ORT graph
+    KEPT_FLOAT = "ptqflow.kept_float"  # layers the backend could not quantize and left in float, each with why
     WARNING = "ptqflow.warning"
     MODEL_SHA256 = "ptqflow.model_sha256"  # of the FP32 input model
     DATASET_DIGEST = "ptqflow.dataset_sha256"

@@ -332,6 +332,7 @@ class QuantizedModel:
     # PyTorch FX: the quantize_pytorch.FxGraphs the file was traced from, for numeric-suite tools (a diagnosis right
     # after quantization needs no second calibration); None for ONNX
     graphs: object = field(default=None, repr=False, compare=False)
+    kept_float: dict = field(default_factory=dict)  # layers the backend could not quantize, left in float: name -> why
 
 
 def batches(array: np.ndarray, batch_size: int):

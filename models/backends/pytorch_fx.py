@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -194,6 +194,8 @@ class FxGraphs:
     backend_config: object
     example: object  # torch.Tensor the graphs were traced with
     calibration_images: int
+    # modules FX could not trace, kept in float (fx_prep.untraceable_modules): name -> why
+    float_leaves: dict = field(default_factory=dict)
 
 
 def _source_and_mapping(float_model: FloatModel, config: PytorchFxConfig, example):
@@ -222,7 +224,7 @@ def fx_quantization(backend: str):
         torch.backends.quantized.engine, torch.fx.config.do_not_emit_stack_traces = previous
 
 
-def prepare_traced(source, mapping, example, backend_config):
+def prepare_traced(source, mapping, example, backend_config, leaves: list[str] | None = None):
     """prepare_fx of a copy of `source`, with the modules FX cannot trace through (fx_prep.untraceable_modules: an
     onnx2torch forward that branches on its tensors) kept as leaves that run in float, rather than failing the
     whole variant on one op."""
@@ -233,7 +235,8 @@ def prepare_traced(source, mapping, example, backend_config):
 
     from ptqflow.models.graph.fx_prep import untraceable_modules
 
-    leaves = list(untraceable_modules(source)) if hasattr(source, "graph") else []
+    if leaves is None:
+        leaves = list(untraceable_modules(source)) if hasattr(source, "graph") else []
     custom = PrepareCustomConfig().set_non_traceable_module_names(leaves)
     return prepare_fx(copy.deepcopy(source), mapping, example_inputs=(example,), prepare_custom_config=custom,
                       backend_config=backend_config)
@@ -307,6 +310,8 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
     import torch
     from torch.ao.quantization.quantize_fx import convert_fx
 
+    from ptqflow.models.graph.fx_prep import untraceable_modules
+
     float_model = float_model.ready_for(config)
     fixed = float_model.onnx.input.batch_size  # a fixed batch dimension (1) runs everything at that size
     example = torch.from_numpy(calibration[:fixed or 2])
@@ -315,10 +320,11 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
     with fx_quantization(config.backend), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices on every call
         _check_kernels_accept(source, mapping, backend_config, example, config)
-        prepared = prepare_traced(source, mapping, example, backend_config)
+        float_leaves = untraceable_modules(source) if hasattr(source, "graph") else {}
+        prepared = prepare_traced(source, mapping, example, backend_config, list(float_leaves))
         seen = _calibrate(prepared, calibration, fixed or config.calibration_batch_size, advance)
         converted = convert_fx(copy.deepcopy(prepared), backend_config=backend_config)
-    return FxGraphs(source, prepared, converted, mapping, backend_config, example, seen)
+    return FxGraphs(source, prepared, converted, mapping, backend_config, example, seen, float_leaves)
 
 
 def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.ndarray, out_dir: Path,
@@ -339,4 +345,4 @@ def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.n
     path = out_dir / MODEL_FILE_NAME
     write_atomic(path, buffer.getvalue())
     return QuantizedModel(path=path, format="torchscript", calibration_images=graphs.calibration_images,
-                          graphs=graphs)
+                          graphs=graphs, kept_float=dict(graphs.float_leaves))

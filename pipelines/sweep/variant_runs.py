@@ -257,7 +257,8 @@ class VariantRuns:
                                     model_uri=logged["model"].model_uri,
                                     model_file_in_artifacts=logged["model"].model_file_in_model)
         optional = ((T.QUANTIZED_ENGINE, result.quantized_engine), (T.ORT_GRAPH_SHA256, result.ort_graph_sha256),
-                    (T.SCORES_FROM, result.scores_from))
+                    (T.SCORES_FROM, result.scores_from),
+                    (T.KEPT_FLOAT, "; ".join(f"{name}: {why}" for name, why in result.kept_float.items())[:5000]))
         records.set_tags({**{key: value for key, value in optional if value}, T.MODEL_FILE_SHA256: result.model_sha256,
                           T.MODEL_FILE_IN_MODEL: outcome.model_file_in_artifacts})
         records.log_file(result.model_file, A.MODEL_FILE_DIR)

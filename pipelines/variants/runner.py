@@ -16,7 +16,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -107,6 +107,7 @@ class VariantResult:
     diagnosis_error: str = ""  # why the diagnosis failed (the variant itself is fine)
     ort_graph_sha256: str = ""  # onnxruntime: the graph its session runs, names aside (ptqflow.models.graph.onnx_model.graph_digest)
     scores_from: str = ""  # the variant evaluated before it with the same ort_graph_sha256, whose test scores these are
+    kept_float: dict = field(default_factory=dict)  # layers the backend could not quantize, left in float: name -> why
 
 
 class VariantRunner:
@@ -258,7 +259,7 @@ class VariantRunner:
                              model_sha256=file_sha256(public), size_bytes=public.stat().st_size,
                              quantized_engine=engine, calibration_images=quantized.calibration_images,
                              diagnosis=diagnosis, diagnosis_error=diagnosis_error, ort_graph_sha256=graph,
-                             scores_from=scores_from)
+                             scores_from=scores_from, kept_float=quantized.kept_float)
 
     def _ort_session(self, model_file: Path, name: str):
         """An onnxruntime session of `model_file` (ptqflow.models.runtime.runners.OrtRunner) and the digest of the graph it runs
