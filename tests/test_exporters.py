@@ -182,3 +182,17 @@ def test_a_layer_fx_cannot_trace_is_recorded_on_the_variant_run(plain_model, gre
     assert report.status == "ok" and report.agreement >= AGREEMENT_FLOOR
     kept = MlflowClient().get_run(report.run_id).data.tags[Tag.KEPT_FLOAT]
     assert kept.startswith("Div: OnnxBinaryMathOperation: TraceError")
+
+
+def test_a_recipe_that_keeps_layers_out_of_8_bits_is_not_a_fully_quantized_variant():
+    """The int8 registry names take fully quantized variants only: a tune trial's upgraded layers (FP32 or 16 bits)
+    count like a `-mixed` variant's (issue 25, '-mixed variants crowned as int8', as tune makes them)."""
+    from dataclasses import replace
+
+    from ptqflow.pipelines.variants.specs import DEFAULT_VARIANTS, VARIANTS
+
+    assert not any(VARIANTS[name].keeps_layers_out_of_8_bits for name in DEFAULT_VARIANTS)
+    ort, fx = VARIANTS["ort-int8"], VARIANTS["pytorch-fx-int8"]
+    assert replace(ort, config=replace(ort.config, fp32_nodes=("conv_1",))).keeps_layers_out_of_8_bits
+    assert replace(ort, config=replace(ort.config, activation_16bit_tensors=("x",))).keeps_layers_out_of_8_bits
+    assert replace(fx, config=replace(fx.config, fp32_modules=("conv_1",))).keeps_layers_out_of_8_bits

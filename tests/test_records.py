@@ -57,9 +57,12 @@ def test_a_champion_without_records_is_not_comparable():
 
 
 def test_ties_are_decided_on_the_recorded_values():
-    # 0.98000004 and 0.98 are both recorded as 0.980000: a tie, so only a clear latency gain promotes.
-    candidate = Candidate.from_tags("2", _tags(f"{0.98000004:.6f}", **{VersionTag.LATENCY_MS_B1: "0.1900"}))
-    champion = Candidate.from_tags("1", _tags(f"{0.98:.6f}", **{VersionTag.LATENCY_MS_B1: "0.2000"}))
+    # 0.98000004 and 0.98 are both recorded as 0.980000: a tie, so only a clear latency gain promotes (both timed
+    # alike, so their latencies compare).
+    timed = {VersionTag.LATENCY_CONTENDED: "no", VersionTag.CPU_MODEL: "Intel Xeon",
+             VersionTag.CPU_INT8_ISA: "avx2,avx512_vnni", VersionTag.BENCH_THREADS: "2"}
+    candidate = Candidate.from_tags("2", _tags(f"{0.98000004:.6f}", **{VersionTag.LATENCY_MS_B1: "0.1900"}, **timed))
+    champion = Candidate.from_tags("1", _tags(f"{0.98:.6f}", **{VersionTag.LATENCY_MS_B1: "0.2000"}, **timed))
     decision = decide(candidate, champion, GatePolicy())
     assert not decision.promote and "does not beat" in decision.reason
 

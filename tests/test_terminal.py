@@ -154,6 +154,10 @@ RAISED_BY = {
     "tracking/registry.py": ("pull", "serve"),  # bench and promote always pass exactly one of version and alias
     "tracking/experiments.py": SWEEPS,
     "pipelines/tune/tuner.py": ("tune",),
+    "pipelines/reports/comparison.py:REUSED_NOTE": QUANTIZERS,  # the table of a --resume'd sweep
+    "pipelines/sweep/bench.py:bench_run": ("bench",),
+    "pipelines/sweep/bench.py:_check_comparable": ("bench",),
+    "pipelines/sweep/variant_runs.py:VariantRuns": QUANTIZERS,  # a tracking failure mid-sweep
     "pipelines/tune/options.py": ("tune",),
     "pipelines/tune/study.py": ("tune",),
     "pipelines/tune/space.py": ("tune",),

@@ -124,7 +124,7 @@ class Registrar:
         for (framework, mixed), (name, _) in sorted(self.names.items(), key=lambda item: item[0][1]):
             candidates = [o for o in outcomes if o.framework == framework and o.status == "ok" and o.name != FP32
                           and o.spec is not None and o.spec.weight_dtype == "int8"
-                          and (o.spec.mixed is not None) == mixed]
+                          and o.spec.keeps_layers_out_of_8_bits == mixed]
             if not candidates:
                 continue
             # Agreement with FP32 is the sharper measure on 10,000 images; accuracy breaks ties.

@@ -111,6 +111,13 @@ class VariantSpec:
     mixed: Mixed | None = None  # set on a `<variant>-mixed` spec made by the fallback search
 
     @property
+    def keeps_layers_out_of_8_bits(self) -> bool:
+        """A `-mixed` spec, or any config that keeps chosen layers in FP32 or 16 bits (a tune trial's upgrades):
+        not a fully quantized variant, so never registered under the int8 names."""
+        return self.mixed is not None or any(getattr(self.config, field, ()) for field in
+                                             ("fp32_modules", "fp32_nodes", "activation_16bit_tensors"))
+
+    @property
     def weight_dtype(self) -> str:
         return _DTYPE_NAMES[self.config.weight_dtype]
 
