@@ -176,8 +176,8 @@ HTML_COLUMNS = (
     ("variant", ("variant",), "{}"),
     # "onnxruntime (onnxruntime-cpu)" says it twice: a backend named after its framework stands alone
     ("framework (backend)", ("framework", "backend"), lambda f, b: b if b.startswith(f) else f"{f} ({b})"),
-    ("weights / activations", ("weight_dtype", "activation_dtype"), "{} / {}"),
-    ("int8 MACs %", ("int8_mac_share",), "{}"),
+    ("weights / activations (int8 MACs %)", ("weight_dtype", "activation_dtype", "int8_mac_share"),
+     lambda w, a, m: f"{w} / {a}" + ("" if m == "—" else f" ({m})")),
     ("format", ("quant_format",), "{}"), ("per-channel", ("per_channel",), "{}"),
     ("calibration", ("calibration_method",), "{}"), ("accuracy %", ("accuracy",), "{}"),
     ("Δ pp", ("accuracy_delta_pp",), "{}"), ("agreement %", ("top1_agreement",), "{}"),
