@@ -161,22 +161,32 @@ class FloatModel:
             return self._rounded[memo]
         import onnx
 
-        from ptqflow.models.graph.onnx_model import read_input_spec
-
         cached = self._adaround_cache_file(scheme, calibration, calibration_digest, iterations, context, round_head)
         if not cached.is_file():
             self.adaround_ahead([scheme], calibration, calibration_digest, advance, iterations, context, round_head)
-        proto = onnx.load(str(cached))
-        variant = FloatModel(replace(self.onnx, path=cached, proto=proto, sha256=file_sha256(cached),
-                                     size_bytes=cached.stat().st_size, input=read_input_spec(proto, cached),
-                                     external_files=()),  # the cached file embeds its weights
-                             self.work_dir / f"adaround-{scheme}{'' if round_head else '-float-head'}",
-                             folded_batch_norms=self.folded_batch_norms,
-                             upgraded_from_opset=self.upgraded_from_opset, equalization=self.equalization,
-                             adaround_scheme=scheme)
+        variant = self._derived(onnx.load(str(cached)), cached,
+                                self.work_dir / f"adaround-{scheme}{'' if round_head else '-float-head'}",
+                                adaround_scheme=scheme)
         variant.work_dir.mkdir(parents=True, exist_ok=True)
         self._rounded[memo] = variant
         return variant
+
+    def _written(self, proto, work_dir: Path, **record) -> "FloatModel":
+        """`proto` written to work_dir/<model file> as a model derived from this one (_derived)."""
+        path = work_dir / self.onnx.path.name
+        write_atomic(path, proto.SerializeToString())
+        return self._derived(proto, path, work_dir, **record)
+
+    def _derived(self, proto, path: Path, work_dir: Path, **record) -> "FloatModel":
+        """The model `proto`, stored at `path` (embedding its weights), working in `work_dir`, that keeps this
+        model's record (folded BatchNorms, upgraded opset, equalization, AdaRound grid) except what `record` sets."""
+        from ptqflow.models.graph.onnx_model import read_input_spec
+
+        kept = {"folded_batch_norms": self.folded_batch_norms, "upgraded_from_opset": self.upgraded_from_opset,
+                "equalization": self.equalization, "adaround_scheme": self.adaround_scheme}
+        return FloatModel(replace(self.onnx, path=path, proto=proto, sha256=file_sha256(path),
+                                  size_bytes=path.stat().st_size, input=read_input_spec(proto, path),
+                                  external_files=()), work_dir, **{**kept, **record})
 
     def for_quantization(self) -> "FloatModel":
         """The FP32 model quantization starts from: BatchNormalization folded into the Conv before it and every node
@@ -199,18 +209,8 @@ class FloatModel:
         upgraded = opset if model_opset(proto) != opset else None
         if not (materialized or folded or upgraded) and not has_unnamed_nodes(proto):
             return self
-        from ptqflow.models.graph.onnx_model import read_input_spec
-
-        proto = name_unnamed_nodes(proto)
-        work_dir = self.work_dir / "fp32-quantization"
-        path = work_dir / self.onnx.path.name
-        write_atomic(path, proto.SerializeToString())
-        variant = FloatModel(replace(self.onnx, path=path, proto=proto, sha256=file_sha256(path),
-                                     size_bytes=path.stat().st_size, input=read_input_spec(proto, path),
-                                     external_files=()),  # the written file embeds its weights
-                             work_dir, folded_batch_norms=self.folded_batch_norms + folded,
-                             upgraded_from_opset=upgraded)
-        return variant
+        return self._written(name_unnamed_nodes(proto), self.work_dir / "fp32-quantization",
+                             folded_batch_norms=self.folded_batch_norms + folded, upgraded_from_opset=upgraded)
 
     def equalized(self) -> "FloatModel":
         """The same function with cross-layer equalization of its Conv -> Relu -> Conv pairs (ptqflow.models.backends.equalization),
@@ -224,17 +224,9 @@ class FloatModel:
             raise ValueError("equalize the FP32 model before AdaRound: equalization moves the weights off the "
                              f"{self.adaround_scheme} grid AdaRound put them on")
         from ptqflow.models.backends.equalization import equalize
-        from ptqflow.models.graph.onnx_model import read_input_spec
 
         proto, summary = equalize(self.onnx.proto)
-        work_dir = self.work_dir / "equalized"
-        path = work_dir / self.onnx.path.name
-        write_atomic(path, proto.SerializeToString())
-        variant = FloatModel(replace(self.onnx, path=path, proto=proto, sha256=file_sha256(path),
-                                     size_bytes=path.stat().st_size, input=read_input_spec(proto, path),
-                                     external_files=()),
-                             work_dir, folded_batch_norms=self.folded_batch_norms,
-                             upgraded_from_opset=self.upgraded_from_opset, equalization=summary)
+        variant = self._written(proto, self.work_dir / "equalized", equalization=summary)
         self._equalized = variant
         return variant
 
@@ -271,8 +263,6 @@ class FloatModel:
             return self._float_weights[tuple(resolved)]
         import onnx
 
-        from ptqflow.models.graph.onnx_model import read_input_spec
-
         chosen = layer_nodes(self.onnx.proto, resolved, "fp32 layers")
         originals = {init.name: init for init in original.onnx.proto.graph.initializer}
         wanted = {name for node in self.onnx.proto.graph.node if node.name in chosen for name in node.input}
@@ -282,15 +272,7 @@ class FloatModel:
             if init.name in wanted and init.name in originals:
                 init.CopyFrom(originals[init.name])
         digest = hashlib.sha256(json.dumps(resolved).encode()).hexdigest()[:12]
-        work_dir = self.work_dir / f"float-weights-{digest}"
-        path = work_dir / self.onnx.path.name
-        write_atomic(path, proto.SerializeToString())
-        variant = FloatModel(replace(self.onnx, path=path, proto=proto, sha256=file_sha256(path),
-                                     size_bytes=path.stat().st_size, input=read_input_spec(proto, path),
-                                     external_files=()),
-                             work_dir, folded_batch_norms=self.folded_batch_norms,
-                             upgraded_from_opset=self.upgraded_from_opset, equalization=self.equalization,
-                             adaround_scheme=self.adaround_scheme)
+        variant = self._written(proto, self.work_dir / f"float-weights-{digest}")
         self._float_weights[tuple(resolved)] = variant
         return variant
 
