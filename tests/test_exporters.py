@@ -196,3 +196,20 @@ def test_a_recipe_that_keeps_layers_out_of_8_bits_is_not_a_fully_quantized_varia
     assert replace(ort, config=replace(ort.config, fp32_nodes=("conv_1",))).keeps_layers_out_of_8_bits
     assert replace(ort, config=replace(ort.config, activation_16bit_tensors=("x",))).keeps_layers_out_of_8_bits
     assert replace(fx, config=replace(fx.config, fp32_modules=("conv_1",))).keeps_layers_out_of_8_bits
+
+
+def test_the_fx_diagnosis_maps_a_torch_export_s_layers(mobilenet_v3, cifar_dir, tracking_store):
+    """torch's exporter names nodes '/stem/stem.0/Conv', onnx2torch names the module 'stem/stem/0/Conv': the layer map
+    found none of them, and every layer read 'not quantized' with no SQNR. HardSwish's quantized kernel also stopped
+    the shadow comparison."""
+    import json
+
+    from ptqflow.tracking import records
+
+    results = quantize(mobilenet_v3, cifar_dir, variants=["pytorch-fx-int8-x86"], calibration_size=CALIBRATION_SIZE,
+                       preprocessing="unit", adaround_iterations=ADAROUND_ITERATIONS, bench=False, register=False,
+                       diagnose_images=32)
+    layers = json.loads(records.download_text(results["pytorch-fx-int8-x86"].run_id, "diagnosis/layers.json"))["layers"]
+    quantized = [row for row in layers if row["quantized"]]
+    assert len(quantized) >= 12 and all(row["local_sqnr_db"] is not None for row in quantized)
+    assert any(row["layer"].startswith("/stem/") for row in quantized)

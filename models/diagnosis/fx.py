@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ptqflow.models.diagnosis.activations import input_channel_ranges
-from ptqflow.models.diagnosis.records import BATCH_SIZE, Diagnosis, layer_rows
+from ptqflow.models.diagnosis.records import BATCH_SIZE, Diagnosis, layer_rows, short_names
 from ptqflow.models.diagnosis.sqnr import Power
 from ptqflow.models.graph.layer_map import Layer, layer_table, node_for_name
 
@@ -75,6 +75,19 @@ def _unobserved(prepared):
 
 def _identity(x):
     return x
+
+
+def _unshadowable() -> dict:
+    """torch.ao.ns's unmatchable types plus HardSwish: its quantized kernel takes only a quantized input, and the
+    shadow copy is handed the FP32 one (no input qparams to quantize it with), which stops the whole diagnosis. Such
+    a layer gets its accumulated SQNR, not a local one, and the diagnosis says so."""
+    import torch
+    from torch.ao.ns.fx.mappings import get_unmatchable_types_map
+
+    types = get_unmatchable_types_map()
+    types["mods_unmatchable"] = types["mods_unmatchable"] | {torch.nn.Hardswish, torch.ao.nn.quantized.Hardswish}
+    types["funs_unmatchable"] = types["funs_unmatchable"] | {torch.nn.functional.hardswish}
+    return types
 
 
 @functools.cache
@@ -141,7 +154,8 @@ def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_m
             # int8 shadows fp32 (not the other way round): each quantized layer gets the FP32 model's input to it,
             # quantized with the layer's own input qparams, and is compared with the FP32 layer's output.
             shadowed = ns.add_shadow_loggers("int8", copy.deepcopy(quantized), "fp32",
-                                             copy.deepcopy(reference_prepared), ns.OutputLogger)
+                                             copy.deepcopy(reference_prepared), ns.OutputLogger,
+                                             unmatchable_types_map=_unshadowable())
             nodes = {node.name: node for node in shadowed.graph.nodes}
 
             def record(target: dict, layer: Layer, position: int, reference, value) -> None:
@@ -187,10 +201,13 @@ def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_m
               "model's input to it)")
     rows = layer_rows(layers, weight, local, accumulated, ranges, is_quantized)
     notes = ()
+    if layers and not any(is_quantized.values()):
+        notes += ("no quantized FX module was mapped to a layer of the ONNX model: this table is a failure of the "
+                  "layer map (ptqflow.models.graph.layer_map.node_for_name), not a model without int8 layers",)
     unshadowed = [r.layer for r in rows if r.quantized and r.local_sqnr_db is None]
     if unshadowed:
-        notes = (f"no local SQNR for {', '.join(unshadowed)}: add_shadow_loggers cannot shadow that pattern "
-                 "(e.g. quantized add_relu)",)
+        notes += (f"no local SQNR for {', '.join(short_names(unshadowed).values())}: add_shadow_loggers cannot "
+                  "shadow that pattern (e.g. quantized add_relu, hardswish)",)
     return Diagnosis("pytorch-fx", method, len(images), rows, notes)
 
 

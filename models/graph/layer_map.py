@@ -40,7 +40,8 @@ class Layer:
 
 
 def _sanitized(name: str) -> str:
-    return re.sub(r"[./]", "_", name)
+    # torch's exporter starts node names with '/' ("/stem/stem.0/Conv"); onnx2torch drops it from module names
+    return re.sub(r"[./]", "_", name).lstrip("_")
 
 
 def node_for_name(name: str, node_names) -> str | None:
