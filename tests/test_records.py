@@ -311,6 +311,31 @@ def test_a_conflicting_param_is_refused_loudly_and_an_equal_one_passes(tracking_
     assert Param.CALIBRATION_SEED not in params  # nothing of a refused batch is written
 
 
+def test_a_store_that_stops_answering_stops_the_sweep_with_the_resume_line(monkeypatch):
+    """Whatever was being logged when the server went away (a variant's params, a plot drawn in the background), the
+    sweep ends with the one line naming --resume; refusals that already say what to do stand as they are."""
+    from processes import HOST, free_port
+
+    from ptqflow.pipelines.sweep.variant_runs import sweep_stopped_by_tracking
+    from ptqflow.tracking import records
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://{HOST}:{free_port()}")  # nobody listens there
+    with pytest.raises(TrackingError) as lost_plot:
+        records.log_bytes_to_run("0" * 32, b"png", "confusion_matrix.png")
+    with pytest.raises(MlflowException) as lost_param:
+        MlflowClient().log_param("0" * 32, "a", 1)
+    for exc, words in ((lost_plot.value, "cannot log confusion_matrix.png"),
+                       (lost_param.value, "tracking failed while recording ort-int8")):
+        stopped = sweep_stopped_by_tracking(exc, "recording ort-int8")
+        assert words in str(stopped) and "run it again with --resume" in str(stopped), stopped
+        assert "\n" not in str(stopped)
+        assert sweep_stopped_by_tracking(RuntimeError("x"), "y") is None
+    conflict = TrackingError("run r already has calibration_size='1000', not '500'")
+    assert sweep_stopped_by_tracking(conflict, "recording ort-int8") is conflict
+
+
 def test_minmax_calibration_records_no_percentile(tracking_store, tiny_model, cifar_dir):
     _sweep(tiny_model, cifar_dir, variants=("ort-int8",), register=False, ort_calibration_method="MinMax")
     run = runs_by_name()["ort-int8"]

@@ -517,14 +517,15 @@ class SweepFallback:
 
         from ptqflow.tracking import records
         from ptqflow.tracking.keys import Artifact, Tag
+        from ptqflow.tracking.runs import tracking_failure
 
         try:
             with self.timer.phase("fallback") if self.timer else nullcontext():
                 result = search(self.runner, outcome, self.target, self.candidates, self.ranking_images,
                                 step_scope=lambda *step: self._step_run(outcome, record_on, *step), announce=say)
-        except (ConfigError, TrackingError):
-            raise
         except Exception as exc:  # noqa: BLE001 - the variant stands; the search's failure is recorded on it
+            if isinstance(exc, ConfigError) or tracking_failure(exc) is not None:
+                raise  # the user's to fix, or the tracking store's: the sweep stops and says so
             reason = failure_reason(exc)[:500]
             records.set_run_tags(record_on, {Tag.FALLBACK: f"search failed: {reason}"[:5000]})
             say(f"[red]✗[/] {outcome.name}: the fallback search failed ({reason})")

@@ -25,7 +25,7 @@ from ptqflow.pipelines.sweep.inputs import SweepInputs, prepare_inputs
 from ptqflow.pipelines.sweep.options import SweepOptions
 from ptqflow.pipelines.sweep.outcomes import SweepResult, VariantOutcome, VariantsFailed, comparison_row
 from ptqflow.pipelines.sweep.recording import run_url
-from ptqflow.pipelines.sweep.variant_runs import VariantRuns
+from ptqflow.pipelines.sweep.variant_runs import VariantRuns, sweep_stopped_by_tracking
 from ptqflow.pipelines.variants.phases import PhaseTimer
 from ptqflow.pipelines.variants.specs import FP32
 from ptqflow.tracking import experiments, records, runs
@@ -75,9 +75,12 @@ class Sweep:
                     if bench:
                         self._bench_together(outcomes)
                     rows, registered = self._conclude(experiment_id, parent_run_id, outcomes)
-                except BaseException:  # Ctrl-C too: the runs that ended keep their plots (a second or two)
+                except BaseException as exc:  # Ctrl-C too: the runs that ended keep their plots (a second or two)
                     self.variants.runner.stop_reference()  # failed before the FP32 run took them: not left computing scores
                     self.variants.plots.log_if_possible()
+                    stopped = sweep_stopped_by_tracking(exc, "logging the sweep's records")
+                    if stopped is not None and stopped is not exc:
+                        raise stopped from exc
                     raise
             seconds = time.perf_counter() - started
             self._log_summary(outcomes, seconds)

@@ -27,9 +27,12 @@ from ptqflow.pipelines.variants.phases import PhaseTimer
 from ptqflow.pipelines.variants.runner import VariantResult, VariantRunner
 from ptqflow.pipelines.variants.specs import FP32, VariantSpec, config_payload, qconfig_document
 from ptqflow.tracking import logged_models, records, runs
+from ptqflow.tracking.connection import refused_credentials
 from ptqflow.tracking.keys import Artifact, Metric, Tag
 
 FP32_AGREEMENT_WARNING = 0.999  # torch vs ORT FP32 top-1 agreement below this is tagged as a warning
+
+RESUME_HINT = "the sweep stopped: run it again with --resume once the tracking store answers"
 
 
 class VariantRuns:
@@ -52,6 +55,7 @@ class VariantRuns:
                                    mac_share=self.recorder.int8_mac_share)
         self.reference: VariantResult | None = None
         self.plots = PlotQueue()
+        self.stop_hint = RESUME_HINT  # what to do when the tracking store stops answering (tune says its own)
 
     # ---- what ptqflow tune asks of a sweep -------------------------------------------------------------------
     def with_calibration_size(self, size: int, work_dir: Path) -> VariantRuns:
@@ -66,6 +70,7 @@ class VariantRuns:
         other.runner.share_reference(self.runner)
         other.runner.round_on(self.inputs.calibration, self.inputs.calibration_digest)
         other.reference = self.reference
+        other.stop_hint = self.stop_hint
         return other
 
     def convert(self, reference_meanwhile: bool = False) -> None:
@@ -211,17 +216,13 @@ class VariantRuns:
                if outcome.scores_from else ""))
         return outcome
 
-    @staticmethod
-    def _stop_on_tracking_failure(spec: VariantSpec, exc: Exception) -> None:
+    def _stop_on_tracking_failure(self, spec: VariantSpec, exc: Exception) -> None:
         """A variant that failed because the tracking store did is no failed variant: the store is gone or refuses
         records for every variant after it too. Raises TrackingError (one line; --resume picks up the variants
         that finished) when `exc` is or comes from a tracking failure."""
-        failure = runs.tracking_failure(exc)
-        if isinstance(exc, TrackingError):
-            raise exc
-        if failure is not None:
-            raise TrackingError(f"tracking failed while recording {spec.name}: {first_line(failure, 300)}; the "
-                                "sweep stopped: run it again with --resume once the tracking store answers") from exc
+        stopped = sweep_stopped_by_tracking(exc, f"recording {spec.name}", self.stop_hint)
+        if stopped is not None:
+            raise stopped from exc
 
     def _run_recorded(self, spec: VariantSpec, outcome: VariantOutcome, parent_run_id: str) -> VariantOutcome:
         """_quantize_and_log inside the variant's run, with a refusal or failure tagged on that run (and re-raised)."""
@@ -281,3 +282,19 @@ class VariantRuns:
             outcome.run_id, A.DIAGNOSIS_PLOT, T.DIAGNOSIS_ERROR, function, *args))
         records.set_tags({T.STATUS: T.STATUS_OK})
         return outcome
+
+
+def sweep_stopped_by_tracking(exc: BaseException, doing: str, hint: str = RESUME_HINT) -> TrackingError | None:
+    """The one line a sweep stops with when `exc` is or comes from a failure of the tracking store (while `doing`):
+    a store that did not answer gets `hint` (a sweep's: --resume picks up the variants that finished); a refusal that
+    already says what to do (a param conflict, refused credentials) stands as it is. None for any other error."""
+    failure = runs.tracking_failure(exc)
+    if failure is None:
+        return None
+    if isinstance(failure, TrackingError):
+        cause = failure.__cause__
+        if hint in str(failure) or cause is None or (
+                isinstance(cause, Exception) and refused_credentials(cause) is not None):
+            return failure
+        return TrackingError(f"{first_line(failure, 300)}; {hint}")
+    return TrackingError(f"tracking failed while {doing}: {first_line(failure, 300)}; {hint}")

@@ -87,6 +87,8 @@ class Tuner:
             check_registry_targets(self.options.sweep.registered_names(), options.specs(), inputs.model.sha256)
         inputs = with_calibration(inputs, size, options.calibration_seed)
         self.base = VariantRuns(options, inputs, self._work_dir(size), self.timer, self.options.bench_config)
+        self.base.stop_hint = (f"this worker stopped: run the same ptqflow tune again (study {self.options.study_name}"
+                               ") once the tracking store answers; it joins the study where it stood")
         self.sweeps[size] = self.base
 
     def _work_dir(self, calibration_size: int) -> Path:
