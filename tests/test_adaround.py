@@ -413,6 +413,30 @@ def test_a_layer_is_never_worse_than_nearest_on_its_objective(scheme, relu_after
             reconstruction_error(fn, x_q, target, nearest, relu_after) * (1 + 1e-6), (iters, lam)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_depthwise_layer_is_never_worse_than_nearest_in_any_channel(scheme):
+    """A depthwise layer's channels (nine weights each) are separate problems: every channel's rounding
+    reconstructs its FP32 output at least as well as round-to-nearest, and the layer as a whole does too, with the
+    hopeless and the normal optimisation alike."""
+    from ptqflow.models.adaround.grids import quantize_weights_like
+    from ptqflow.models.adaround.optimize import adaround_layer, channel_reconstruction_error
+    from ptqflow.models.adaround.quadratic import layer_fn
+
+    torch.manual_seed(2)
+    module = nn.Conv2d(8, 8, 3, padding=1, groups=8).eval()
+    x_q, y = _layer_problem(module, (40, 8, 6, 6))
+    fn = layer_fn(module)
+    for iters, lam in ((4, 1000.0), (200, 1.0)):
+        with _one_torch_thread():
+            rounded = adaround_layer(module, x_q, y, scheme, iters, 8, lam, 1e-2, 0)
+        nearest = quantize_weights_like(module.weight.detach(), scheme)
+        ours = channel_reconstruction_error(fn, x_q, y, rounded, False)
+        theirs = channel_reconstruction_error(fn, x_q, y, nearest, False)
+        assert ours.shape == (8,) and bool((ours <= theirs * (1 + 1e-9)).all()), (iters, lam, ours, theirs)
+        assert float(ours.sum()) <= float(theirs.sum())
+    assert not torch.equal(rounded, nearest)  # the normal optimisation does move some channel off nearest
+
+
 @pytest.mark.parametrize("relu_after", [False, True])
 def test_a_layer_stops_once_its_rounding_is_settled(relu_after):
     """An easy layer (FP32 inputs, weights a hundredth of a grid step from grid points) has every h(v) at exactly 0

@@ -56,27 +56,32 @@ class Rounding:
                 H, g, c = form
                 self.form = (H, g.T.contiguous().view_as(self.w), c)
 
-    def objective(self, weight: torch.Tensor) -> float:
-        """The reconstruction error of `weight` over all of x_in (the quadratic form in float64 when there is one)."""
+    def channel_errors(self, weight: torch.Tensor) -> torch.Tensor:
+        """The reconstruction error of `weight` over all of x_in, per output channel (float64, without the
+        constant every weight shares): an output channel's error depends on its own weight row only, so channels
+        can take their rounding from different solutions."""
         if self.form is not None:
-            H, gt, c = self.form
+            H, gt, _ = self.form
             D = (weight - self.w).reshape(self.w.shape[0], -1).double()
-            return float(((D @ H.double() + 2 * gt.reshape_as(D).double()) * D).sum()) + c
+            return ((D @ H.double() + 2 * gt.reshape_as(D).double()) * D).sum(1)
         target = F.relu(self.y_target) if self.relu_after else self.y_target
-        return reconstruction_error(self.fn, self.x_in, target, weight, self.relu_after)
+        return channel_reconstruction_error(self.fn, self.x_in, target, weight, self.relu_after,
+                                            channel_dim=-1 if isinstance(self.mod, nn.Linear) else 1)
 
     @torch.no_grad()
     def rounded(self, v: torch.Tensor) -> torch.Tensor:
-        """Round up where v >= 0, range-defining elements snapped to their extreme; round-to-nearest instead when
-        that reconstructs better: never worse than nearest on AdaRound's own objective over the whole calibration
-        set (with a fixed lambda the rounding penalty can dominate a layer whose reconstruction error is small, or be
-        too weak on a large one, and an ill-conditioned layer, e.g. a fitted dense head, then ends worse)."""
+        """Round up where v >= 0, range-defining elements snapped to their extreme; each output channel takes
+        round-to-nearest instead where that reconstructs it better: never worse than nearest on AdaRound's own
+        objective over the whole calibration set, channel by channel (with a fixed lambda the rounding penalty can
+        dominate a channel whose reconstruction error is small, or be too weak on a large one; a depthwise layer's
+        channels, nine weights each, differ most)."""
         w, s = self.w.double(), self.s.double()
         k = torch.clamp(self.wf + (v >= 0).float(), self.kmin, self.kmax).double()
         k = snap_anchors(w, k, s, self.kmin.double(), self.kmax.double(), anchor_mask(w, self.scheme), self.scheme)
         rounded = (k * s).float()
         nearest = quantize_weights_like(self.w, self.scheme)
-        return nearest if self.objective(nearest) < self.objective(rounded) else rounded
+        better = self.channel_errors(rounded) <= self.channel_errors(nearest)
+        return torch.where(better.view(-1, *[1] * (self.w.dim() - 1)), rounded, nearest)
 
 
 @contextlib.contextmanager
@@ -291,13 +296,21 @@ def adaround_layers(problems: List[Rounding], iters, batch, lam, lr, seed, advan
 
 
 @torch.no_grad()
-def reconstruction_error(fn, x_in, target, weight, relu_after, chunk: int = 256) -> float:
-    """Sum over x_in of |f(fn(x, weight)) - target|^2, f = ReLU when relu_after (target already after it)."""
-    total = 0.0
+def channel_reconstruction_error(fn, x_in, target, weight, relu_after, channel_dim: int = 1,
+                                 chunk: int = 256) -> torch.Tensor:
+    """Per output channel (`channel_dim` of the layer's output), the sum over x_in of |f(fn(x, weight)) - target|^2,
+    f = ReLU when relu_after (target already after it); float64."""
+    total = None
     for start in range(0, x_in.shape[0], chunk):
         out = fn(x_in[start:start + chunk], weight)
         if relu_after:
             out = F.relu(out)
-        diff = (out - target[start:start + chunk]).reshape(-1)
-        total += float(torch.vdot(diff, diff))
+        diff = (out - target[start:start + chunk]).double()
+        part = diff.movedim(channel_dim, 0).reshape(diff.shape[channel_dim], -1).pow(2).sum(1)
+        total = part if total is None else total + part
     return total
+
+
+def reconstruction_error(fn, x_in, target, weight, relu_after, chunk: int = 256) -> float:
+    """Sum over x_in of |f(fn(x, weight)) - target|^2, f = ReLU when relu_after (target already after it)."""
+    return float(channel_reconstruction_error(fn, x_in, target, weight, relu_after, chunk=chunk).sum())

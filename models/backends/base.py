@@ -17,7 +17,7 @@ from ptqflow.models.graph.onnx_model import OnnxClassifier, to_torch
 
 
 # Bump when the algorithm or its defaults change: a cached result from older code is not the same result.
-ADAROUND_VERSION = ("adaround-v8:lambda=1,lr=0.01,seed=0,nearest-fallback,own-output-exact-quadratic,all-images,"
+ADAROUND_VERSION = ("adaround-v9:lambda=1,lr=0.01,seed=0,nearest-fallback-per-channel,own-output-exact-quadratic,all-images,"
                     "stop-when-saturated,large-layers-on-torch-threads")
 # Libraries whose numerics shape AdaRound's result (the torch conversion and its optimizer).
 ADAROUND_LIBRARIES = ("torch", "onnx", "onnx2torch", "numpy")
@@ -315,6 +315,8 @@ class QuantizedModel:
     # after quantization needs no second calibration); None for ONNX
     graphs: object = field(default=None, repr=False, compare=False)
     kept_float: dict = field(default_factory=dict)  # layers the backend could not quantize, left in float: name -> why
+    # PyTorch FX: layers the int8 engine computed away from their quantization (engine_check): name -> share off
+    engine_departures: dict = field(default_factory=dict)
 
 
 def batches(array: np.ndarray, batch_size: int):
