@@ -74,6 +74,24 @@ def test_stratified_indices_are_balanced_sorted_and_seeded():
     assert indices_digest(first) == indices_digest(first.copy()) != indices_digest(stratified_indices(labels, 100, 1))
 
 
+def test_held_out_images_are_other_training_images_balanced_and_seeded():
+    """The images that choose between AdaRound and nearest rounding are never calibration images (nor test ones:
+    they come from the training labels), an equal share per class, the same for the same seed."""
+    from ptqflow.pipelines.data.calibration import held_out_indices
+
+    labels = np.repeat(np.arange(10), 50)[np.random.default_rng(3).permutation(500)]
+    calibration = stratified_indices(labels, 100, seed=0)
+    held_out = held_out_indices(labels, calibration, 200, seed=0)
+    assert len(held_out) == 200 and not set(held_out) & set(calibration)
+    assert np.bincount(labels[held_out], minlength=10).tolist() == [20] * 10
+    np.testing.assert_array_equal(held_out, held_out_indices(labels, calibration, 200, seed=0))
+    assert not np.array_equal(held_out, held_out_indices(labels, calibration, 200, seed=1))
+    assert len(held_out_indices(labels, calibration, 10_000, seed=0)) == 400  # all that is left, no more
+    assert len(held_out_indices(labels, calibration, 0, seed=0)) == 0
+    assert len(held_out_indices(labels, calibration, 3, seed=0)) == 3  # fewer than the classes: by rank
+    assert len(held_out_indices(labels, np.arange(500), 50, seed=0)) == 0  # nothing left
+
+
 def test_stratified_selection_is_a_keyed_hash_ranking_not_a_numpy_random_stream():
     # An independent re-implementation: rank each class's indices by BLAKE2b(index, key=seed), take the first k.
     def rank(i: int) -> bytes:

@@ -21,7 +21,7 @@ from ptqflow.pipelines.sweep.options import SweepOptions
 from ptqflow.pipelines.sweep.sweep import run_sweep
 from ptqflow.tracking.keys import Metric, Param, Tag, VersionTag
 
-PASS_ALL = GatePolicy(max_accuracy_drop_pp=100, min_agreement=0.0)
+PASS_ALL = GatePolicy(max_accuracy_drop_pp=100, min_agreement=0.0, allow_slower=True)  # a tiny model runs int8 no faster
 MEASURED = {VersionTag.FP32_MODEL_SHA256: "a" * 64, VersionTag.DATASET_DIGEST: "d" * 64,
             VersionTag.TEST_IMAGES: "10000", VersionTag.INPUT_LAYOUT: "NHWC", VersionTag.PREPROCESSING: "raw"}
 
@@ -236,7 +236,7 @@ def test_adaround_cache_misses_when_the_calibration_images_change(tmp_path, tiny
     warm_a = rounded("warm", images_a)
     warm_b = rounded("warm", images_b)  # same indices digest, warm cache
     empty_b = rounded("empty", images_b)
-    assert warm_b == empty_b and warm_b != warm_a
+    assert warm_b == empty_b  # computed for images_b, not images_a's cached result (which may round the same)
     assert len(list((tmp_path / "warm" / "ptqflow" / "adaround").glob("*.onnx"))) == 2
     rounded("warm", images_a, context={"preprocessing": "unit"})
     assert len(list((tmp_path / "warm" / "ptqflow" / "adaround").glob("*.onnx"))) == 3

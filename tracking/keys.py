@@ -19,7 +19,12 @@ class Param:
     QUANT_FORMAT = "quant_format"
     PER_CHANNEL = "per_channel"
     CALIBRATION_METHOD = "calibration_method"
-    WEIGHT_ROUNDING = "weight_rounding"  # what ran: adaround only where a grid matched the backend's weights
+    # What was asked: adaround only where a grid matched the backend's weights. AdaRound is then checked against
+    # nearest rounding on held-out training images (VALIDATION_SIZE of them) and WEIGHT_ROUNDING_KEPT says which
+    # rounding the model file holds.
+    WEIGHT_ROUNDING = "weight_rounding"
+    WEIGHT_ROUNDING_KEPT = "weight_rounding_kept"  # adaround or nearest, after the held-out comparison
+    VALIDATION_SIZE = "validation_size"  # held-out training images outside the calibration set (0: no comparison)
     CALIBRATION_SIZE = "calibration_size"
     CALIBRATION_SEED = "calibration_seed"
     INPUT_LAYOUT = "input_layout"
@@ -90,6 +95,9 @@ class Metric:
     TORCH_ORT_IMAGES = "fp32_torch_vs_ort_images"  # the first N test images that agreement is measured on
     TEST_IMAGES = "test_images"
     CALIBRATION_IMAGES_USED = "calibration_images_used"  # counted by the backend as its observers ran
+    # Top-1 agreement with FP32 on the held-out training images of each rounding compared (Param.VALIDATION_SIZE)
+    VALIDATION_AGREEMENT_ADAROUND = "validation_agreement_adaround"
+    VALIDATION_AGREEMENT_NEAREST = "validation_agreement_nearest"
     LATENCY_MS_B1_P50 = "latency_ms_b1_p50"
     LATENCY_MS_B1_P90 = "latency_ms_b1_p90"
     THROUGHPUT_IPS_B256 = "throughput_ips_b256"
@@ -134,6 +142,9 @@ class Tag:
     QUANTIZED_ENGINE = "ptqflow.quantized_engine"  # torch engine the accuracy was measured under
     ORT_GRAPH_SHA256 = "ptqflow.ort_graph_sha256"  # the graph onnxruntime runs after its optimizations, names aside
     SCORES_FROM = "ptqflow.scores_from"  # the variant whose evaluation gave this run's scores: the same ORT graph
+    # PyTorch FX: layers whose int8 kernel departs from the reference computation of their quantization
+    ENGINE_DEPARTURES = "ptqflow.engine_departures"
+    ROUNDING_CHOICE = "ptqflow.rounding_choice"  # the held-out comparison of AdaRound and nearest, one sentence
     KEPT_FLOAT = "ptqflow.kept_float"  # layers the backend could not quantize and left in float, each with why
     WARNING = "ptqflow.warning"
     MODEL_SHA256 = "ptqflow.model_sha256"  # of the FP32 input model
@@ -236,6 +247,7 @@ class VersionTag:
     INPUT_MEAN = "input_mean"  # only when values are standardized
     INPUT_STD = "input_std"
     LATENCY_MS_B1 = "latency_ms_b1_p50"
+    SPEEDUP_B1 = "speedup_vs_fp32_b1"  # FP32's batch-1 latency over the version's, timed in alternating rounds
     # What the latency was measured on: the gate breaks a tie on latency only between versions timed alike
     LATENCY_CONTENDED = "latency_contended"  # "yes" when the machine was busy while timing (bench_contended), else "no"
     CPU_MODEL = "cpu_model"

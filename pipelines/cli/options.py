@@ -130,6 +130,10 @@ class CalibrationOptions(OptionGroup):
                                                   rich_help_panel="Calibration")] = 0
     adaround_iterations: Annotated[int, typer.Option("--adaround-iterations", min=1, rich_help_panel="Calibration",
                                                      help="AdaRound optimization steps per layer.")] = 1000
+    validation_size: Annotated[int, typer.Option(
+        "--validation-size", min=0, rich_help_panel="Calibration",
+        help="Training images outside the calibration set on which each AdaRound variant is compared with nearest "
+             "rounding, the better kept (0: keep AdaRound unchecked).")] = 500
 
 
 @dataclass(frozen=True)
@@ -174,12 +178,15 @@ class GateOptions(OptionGroup):
                                                     help="Promotion gate: on an agreement tie with @champion, how "
                                                          "much lower (as a fraction) a new version's batch-1 "
                                                          "latency must be.", rich_help_panel="Registry")] = 0.25
+    allow_slower: Annotated[bool, typer.Option("--allow-slower", rich_help_panel="Registry",
+                                               help="Promotion gate: let a version slower than FP32 at batch 1 "
+                                                    "become @champion.")] = False
 
     def sweep_fields(self) -> dict[str, Any]:
         from ptqflow.pipelines.registry.gate import GatePolicy
 
         return {"gate": GatePolicy(max_accuracy_drop_pp=self.max_accuracy_drop, min_agreement=self.min_agreement,
-                                   min_latency_gain=self.min_latency_gain)}
+                                   min_latency_gain=self.min_latency_gain, allow_slower=self.allow_slower)}
 
 
 @dataclass(frozen=True)

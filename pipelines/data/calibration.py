@@ -18,7 +18,7 @@ import numpy as np
 from ptqflow.common.errors import ConfigError
 
 
-def _rank_key(seed: int, index: int) -> bytes:
+def _rank_key(seed: int | str, index: int) -> bytes:
     return hashlib.blake2b(index.to_bytes(8, "little"), digest_size=8, key=str(seed).encode()).digest()
 
 
@@ -83,6 +83,26 @@ def stratified_selection(labels: np.ndarray, size: int, seed: int,
 def stratified_indices(labels: np.ndarray, size: int, seed: int, num_classes: int | None = None) -> np.ndarray:
     """stratified_selection's indices, sorted ascending."""
     return stratified_selection(labels, size, seed, num_classes).indices
+
+
+def held_out_indices(labels: np.ndarray, exclude: np.ndarray, size: int, seed: int,
+                     num_classes: int | None = None) -> np.ndarray:
+    """Up to `size` training indices outside `exclude` (the calibration set), stratified by class with their own
+    ranking key (so they are not simply the next images the calibration ranking would take); sorted ascending. Fewer
+    when fewer are left; none for size 0."""
+    labels = np.asarray(labels)
+    mask = np.ones(len(labels), dtype=bool)
+    mask[np.asarray(exclude, dtype=np.int64)] = False
+    rest = np.flatnonzero(mask)
+    size = min(size, len(rest))
+    if size <= 0:
+        return np.array([], dtype=np.int64)
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1 if len(labels) else 1
+    key = f"held-out:{seed}"  # _rank_key reads the seed as text
+    if size < num_classes:  # too few for a share of every class: the first `size` by rank
+        return np.sort(np.array(sorted(rest.tolist(), key=lambda i: _rank_key(key, i))[:size], dtype=np.int64))
+    return rest[stratified_selection(labels[rest], size, key, num_classes).indices]
 
 
 def indices_digest(indices: np.ndarray) -> str:

@@ -3,14 +3,14 @@ reaches it, the calibration set and the test split."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ptqflow.common.errors import ConfigError, ModelError
 from ptqflow.models.graph.onnx_model import OnnxClassifier, load_classifier
 from ptqflow.pipelines.data import shapes
-from ptqflow.pipelines.data.calibration import indices_digest, stratified_selection
+from ptqflow.pipelines.data.calibration import held_out_indices, indices_digest, stratified_selection
 from ptqflow.pipelines.data.dataset import Dataset, Split
 from ptqflow.pipelines.data.datasets import load_dataset
 from ptqflow.pipelines.data.inputs import ensure_data, ensure_model
@@ -32,10 +32,17 @@ class SweepInputs:
     test: Split  # at the model's input size (resized with --resize)
     shape: shapes.ModelInput | None = None  # how the data reaches the model (layout, channels, size, resizing)
     calibration_note: str | None = None  # classes that gave fewer calibration images than their share
+    # Training images outside the calibration set (model-ready float32) that choose between AdaRound and nearest
+    validation_indices: np.ndarray = field(default_factory=lambda: np.array([], np.int64))
+    validation: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
 
     @property
     def calibration_digest(self) -> str:
         return indices_digest(self.calibration_indices)
+
+    @property
+    def validation_digest(self) -> str:
+        return indices_digest(self.validation_indices)
 
     def input_params(self) -> dict:
         """Data format, class count, input size, resizing and mean/std: params of the parent and every variant."""
@@ -63,12 +70,13 @@ def prepare_inputs(options: SweepOptions) -> SweepInputs:
                          calibration=np.zeros((0,), np.float32), test=test, shape=shape)
     if not options.variants:  # an FP32 baseline needs no calibration set
         return inputs
-    return with_calibration(inputs, options.calibration_size, options.calibration_seed)
+    return with_calibration(inputs, options.calibration_size, options.calibration_seed, options.validation_size)
 
 
-def with_calibration(inputs: SweepInputs, size: int, seed: int) -> SweepInputs:
+def with_calibration(inputs: SweepInputs, size: int, seed: int, validation_size: int = 0) -> SweepInputs:
     """`inputs` with the calibration set `size` images drawn stratified by class from the training split with
-    `seed` (the rest is shared: nothing is loaded again)."""
+    `seed`, and up to `validation_size` other training images held out beside it (the rest is shared: nothing is
+    loaded again)."""
     data = inputs.data
     if size > len(data.train):
         raise ConfigError(f"--calibration-size {size} exceeds the {len(data.train)} training images; pass a "
@@ -78,5 +86,8 @@ def with_calibration(inputs: SweepInputs, size: int, seed: int) -> SweepInputs:
     if note:
         say(f"[yellow]![/] {note}")
     images = inputs.shape.fit_images(data.train.images[selection.indices])
+    held_out = held_out_indices(data.train.labels, selection.indices, validation_size, seed, data.num_classes)
+    validation = (inputs.transform(inputs.shape.fit_images(data.train.images[held_out])) if len(held_out)
+                  else np.zeros((0,), np.float32))
     return replace(inputs, calibration_indices=selection.indices, calibration=inputs.transform(images),
-                   calibration_note=note)
+                   calibration_note=note, validation_indices=held_out, validation=validation)

@@ -39,6 +39,9 @@ class SweepOptions:
     register: bool = True
     calibration_size: int = 1000
     calibration_seed: int = 0
+    # Training images outside the calibration set on which each AdaRound variant is compared with its nearest-rounded
+    # twin, the better one kept (0: AdaRound kept without the check)
+    validation_size: int = 500
     test_limit: int | None = None
     input_layout: LayoutChoice = LayoutChoice.auto
     preprocessing: Preprocessing = Preprocessing.raw

@@ -112,6 +112,7 @@ class RunRecorder:
         """A variant run's params (the FP32 reference's with `spec` None)."""
         P, inputs = Param, self.inputs
         common = {P.CALIBRATION_SIZE: len(inputs.calibration_indices), P.CALIBRATION_SEED: self.options.calibration_seed,
+                  P.VALIDATION_SIZE: len(inputs.validation_indices),
                   P.INPUT_LAYOUT: inputs.transform.layout, P.PREPROCESSING: inputs.transform.preprocessing.value,
                   **inputs.input_params()}
         if spec is None:

@@ -100,6 +100,7 @@ class Sweep:
                             P.VARIANTS: ",".join(s.name for s in self.variants.specs),
                             P.CALIBRATION_SIZE: len(inputs.calibration_indices),
                             P.CALIBRATION_SEED: options.calibration_seed,
+                            P.VALIDATION_SIZE: len(inputs.validation_indices),
                             P.INPUT_LAYOUT: inputs.transform.layout,
                             P.PREPROCESSING: inputs.transform.preprocessing.value,
                             P.TEST_LIMIT: options.test_limit or 0,  # 0 = all, as in MLproject

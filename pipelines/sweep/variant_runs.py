@@ -13,9 +13,11 @@ from pathlib import Path
 from ptqflow.common.errors import TrackingError, failure_reason, first_line
 from ptqflow.common.files import file_sha256
 from ptqflow.models.backends.base import UnsupportedVariant
+from ptqflow.models.backends.engine_check import describe_departures
 from ptqflow.models.runtime.latency import BenchConfig
 from ptqflow.pipelines.registry.registrar import MeasuredOn, Registrar
 from ptqflow.pipelines.reports import plots
+from ptqflow.pipelines.shared.precision import rounded
 from ptqflow.pipelines.shared.progress import say
 from ptqflow.pipelines.sweep.inputs import SweepInputs, with_calibration
 from ptqflow.pipelines.sweep.options import SweepOptions
@@ -28,7 +30,7 @@ from ptqflow.pipelines.variants.runner import VariantResult, VariantRunner
 from ptqflow.pipelines.variants.specs import FP32, VariantSpec, config_payload, qconfig_document
 from ptqflow.tracking import logged_models, records, runs
 from ptqflow.tracking.connection import refused_credentials
-from ptqflow.tracking.keys import Artifact, Metric, Tag
+from ptqflow.tracking.keys import Artifact, Metric, Param, Tag
 
 FP32_AGREEMENT_WARNING = 0.999  # torch vs ORT FP32 top-1 agreement below this is tagged as a warning
 
@@ -63,7 +65,7 @@ class VariantRuns:
         FP32 reference (it does not depend on the calibration set), and AdaRound-ing on this sweep's calibration
         set whatever its own size: the size searched is the activation ranges', and AdaRound's result stays cached
         across sizes."""
-        inputs = with_calibration(self.inputs, size, self.options.calibration_seed)
+        inputs = with_calibration(self.inputs, size, self.options.calibration_seed, self.options.validation_size)
         other = VariantRuns(replace(self.options, calibration_size=size), inputs, work_dir, self.timer,
                       self.runner.options.bench_config)
         other.runner.convert(self.specs)
@@ -164,6 +166,7 @@ class VariantRuns:
         cpu_model, cpu_isa = cpu_description()
         payload = {"model_sha256": inputs.model.sha256, "dataset_sha256": inputs.data.digest,
                    "calibration_sha256": inputs.calibration_digest, "variant": spec.name,
+                   "validation_sha256": inputs.validation_digest,  # the held-out images that choose the rounding
                    "config": config_payload(spec.config), "test_images": len(inputs.test),
                    "layout": inputs.transform.layout, "preprocessing": inputs.transform.preprocessing.value,
                    "inputs": inputs.input_params(),  # data format, classes, size, resizing, mean/std
@@ -216,6 +219,19 @@ class VariantRuns:
                if outcome.scores_from else ""))
         return outcome
 
+    @staticmethod
+    def _log_rounding_choice(result: VariantResult, asked: VariantSpec) -> None:
+        """Which rounding the model file holds and the held-out numbers that chose it; the kept recipe's qconfig."""
+        choice = result.rounding_choice
+        if choice is None:
+            return
+        records.log_params({Param.WEIGHT_ROUNDING_KEPT: choice.chosen})
+        records.log_metrics(rounded({Metric.VALIDATION_AGREEMENT_ADAROUND: choice.agreement["adaround"],
+                                     Metric.VALIDATION_AGREEMENT_NEAREST: choice.agreement["nearest"]}))
+        records.set_tags({Tag.ROUNDING_CHOICE: choice.summary()})
+        if result.spec != asked:
+            records.log_json(qconfig_document(result.spec), Artifact.QCONFIG)  # what the model file holds
+
     def _stop_on_tracking_failure(self, spec: VariantSpec, exc: Exception) -> None:
         """A variant that failed because the tracking store did is no failed variant: the store is gone or refuses
         records for every variant after it too. Raises TrackingError (one line; --resume picks up the variants
@@ -259,9 +275,11 @@ class VariantRuns:
                                     model_file_in_artifacts=logged["model"].model_file_in_model)
         optional = ((T.QUANTIZED_ENGINE, result.quantized_engine), (T.ORT_GRAPH_SHA256, result.ort_graph_sha256),
                     (T.SCORES_FROM, result.scores_from),
-                    (T.KEPT_FLOAT, "; ".join(f"{name}: {why}" for name, why in result.kept_float.items())[:5000]))
+                    (T.KEPT_FLOAT, "; ".join(f"{name}: {why}" for name, why in result.kept_float.items())[:5000]),
+                    (T.ENGINE_DEPARTURES, describe_departures(result.engine_departures)[:5000]))
         records.set_tags({**{key: value for key, value in optional if value}, T.MODEL_FILE_SHA256: result.model_sha256,
                           T.MODEL_FILE_IN_MODEL: outcome.model_file_in_artifacts})
+        self._log_rounding_choice(result, asked=spec)
         records.log_file(result.model_file, A.MODEL_FILE_DIR)
         records.log_json(result.evaluation.per_class_accuracy, A.PER_CLASS_ACCURACY)
         self._log_confusion_matrix(outcome.run_id, spec.name, result.evaluation)

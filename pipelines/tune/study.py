@@ -172,6 +172,7 @@ class TuneStudy:
                 "test_images": len(inputs.test), "calibration_seed": self.options.sweep.calibration_seed,
                 "calibration_sizes": list(self.options.calibration_sizes),
                 "adaround_iterations": self.options.sweep.adaround_iterations,
+                "validation_size": self.options.sweep.validation_size,  # held-out images choosing the rounding
                 # what makes a trial feasible: workers on other targets would stop at or register different trials
                 "target_agreement": self.options.target_agreement, "min_speedup": self.options.min_speedup,
                 "layout": inputs.transform.layout, "preprocessing": inputs.transform.preprocessing.value,

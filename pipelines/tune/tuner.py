@@ -85,7 +85,7 @@ class Tuner:
                           calibration_size=size)
         if self.options.sweep.register:  # as a sweep does: a default-named registered model holds one FP32 model
             check_registry_targets(self.options.sweep.registered_names(), options.specs(), inputs.model.sha256)
-        inputs = with_calibration(inputs, size, options.calibration_seed)
+        inputs = with_calibration(inputs, size, options.calibration_seed, options.validation_size)
         self.base = VariantRuns(options, inputs, self._work_dir(size), self.timer, self.options.bench_config)
         self.base.stop_hint = (f"this worker stopped: run the same ptqflow tune again (study {self.options.study_name}"
                                ") once the tracking store answers; it joins the study where it stood")

@@ -34,6 +34,8 @@ from ptqflow.pipelines.shared.progress import progress_task
 from ptqflow.pipelines.variants.phases import PhaseTimer
 from ptqflow.pipelines.variants.ready_test import ReadyTestImages
 from ptqflow.pipelines.variants.reference_pass import ReferencePass
+from ptqflow.pipelines.variants.rounding_check import TWIN_DIR, RoundingCheck
+from ptqflow.pipelines.variants.rounding_choice import RoundingChoice
 from ptqflow.pipelines.variants.specs import FP32, ONNXRUNTIME, PYTORCH, VariantSpec, config_payload
 from ptqflow.pipelines.variants.weights import WeightSource
 
@@ -53,6 +55,7 @@ class PreparedInputs(Protocol):
     model: OnnxClassifier
     transform: InputTransform
     calibration: np.ndarray  # model-ready float32
+    validation: np.ndarray  # model-ready float32 training images outside the calibration set (may be empty)
     test: Split
 
     @property
@@ -108,6 +111,8 @@ class VariantResult:
     ort_graph_sha256: str = ""  # onnxruntime: the graph its session runs, names aside (ptqflow.models.graph.onnx_model.graph_digest)
     scores_from: str = ""  # the variant evaluated before it with the same ort_graph_sha256, whose test scores these are
     kept_float: dict = field(default_factory=dict)  # layers the backend could not quantize, left in float: name -> why
+    rounding_choice: RoundingChoice | None = None  # AdaRound against nearest on held-out images; spec is the kept one
+    engine_departures: dict = field(default_factory=dict)  # FX: layers the int8 engine computed wrongly: name -> share
 
 
 class VariantRunner:
@@ -137,6 +142,7 @@ class VariantRunner:
         self._evaluated_graphs: dict[str, tuple[str, np.ndarray]] = {}
         self.test_images = ReadyTestImages(inputs.test.images, inputs.transform)
         self.reference_pass = ReferencePass()  # the FP32 reference's onnxruntime scores while convert() runs
+        self.rounding_check = RoundingCheck(inputs, self.weights, self.float_model, self.eval_batch, self.timer)
 
     @property
     def quantization_source(self) -> FloatModel:
@@ -222,6 +228,7 @@ class VariantRunner:
         with self.timer.phase("quantize"), \
                 progress_task(f"calibrating {spec.name}", total=len(self.inputs.calibration)) as advance:
             quantized = spec.quantize(source, self.inputs.calibration, variant_dir, advance)
+        spec, source, quantized, rounding_choice = self.rounding_check.check(spec, source, quantized, variant_dir)
         write_json_atomic(variant_dir / QCONFIG_FILE, config_payload(spec.config))
         # TorchScript int8 modules repack their weights for the engine that is current when they load, so fbgemm
         # and x86 variants are loaded, evaluated and timed under the engine they were built for.
@@ -254,12 +261,14 @@ class VariantRunner:
         if self.options.bench:
             bench = self._bench(lambda: load_runner(model_file, self._bench_threads, engine or None).predict,
                                 spec.name, against_reference=True)
+        shutil.rmtree(variant_dir / TWIN_DIR, ignore_errors=True)  # the twin, kept or not, is copied by now
         return VariantResult(spec.name, spec.framework, spec, evaluation=evaluation,
                              fidelity=fidelity(self.reference, evaluation), bench=bench, model_file=public,
                              model_sha256=file_sha256(public), size_bytes=public.stat().st_size,
                              quantized_engine=engine, calibration_images=quantized.calibration_images,
                              diagnosis=diagnosis, diagnosis_error=diagnosis_error, ort_graph_sha256=graph,
-                             scores_from=scores_from, kept_float=quantized.kept_float)
+                             scores_from=scores_from, kept_float=quantized.kept_float,
+                             rounding_choice=rounding_choice, engine_departures=quantized.engine_departures)
 
     def _ort_session(self, model_file: Path, name: str):
         """An onnxruntime session of `model_file` (ptqflow.models.runtime.runners.OrtRunner) and the digest of the graph it runs

@@ -1,0 +1,70 @@
+"""The held-out comparison of an AdaRound variant with its nearest-rounded twin (rounding_choice says why and how
+the better one is chosen): the twin quantized beside the variant, both and the FP32 model scored on the training
+images the calibration set does not hold."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ptqflow.models.backends.base import FloatModel, QuantizedModel
+from ptqflow.pipelines.shared.progress import progress_task
+from ptqflow.pipelines.variants.phases import PhaseTimer
+from ptqflow.pipelines.variants.rounding_choice import NEAREST, RoundingChoice, choose_rounding
+from ptqflow.pipelines.variants.specs import VariantSpec
+from ptqflow.pipelines.variants.weights import WeightSource
+
+TWIN_DIR = "nearest-rounding"  # the twin's files, beside the variant's, removed once the variant is kept
+
+
+class RoundingCheck:
+    """AdaRound or nearest, per variant, on `inputs.validation` (model-ready held-out training images)."""
+
+    def __init__(self, inputs, weights: WeightSource, float_model: FloatModel, batch_size: int, timer: PhaseTimer):
+        self.inputs, self.weights, self.float_model = inputs, weights, float_model
+        self.batch_size, self.timer = batch_size, timer
+        self._reference: np.ndarray | None = None  # FP32 scores of the held-out images, computed once
+
+    def check(self, spec: VariantSpec, source: FloatModel, quantized: QuantizedModel, variant_dir: Path
+              ) -> tuple[VariantSpec, FloatModel, QuantizedModel, RoundingChoice | None]:
+        """(spec, source, quantized, choice) of the rounding kept; the AdaRound ones with choice None when there is
+        nothing to compare (nearest asked, no AdaRound grid, no held-out images)."""
+        validation = getattr(self.inputs, "validation", None)
+        if spec.config.adaround_scheme is None or validation is None or not len(validation):
+            return spec, source, quantized, None
+        nearest = replace(spec, config=replace(spec.config, weight_rounding=NEAREST))
+        nearest_source = self.weights.for_spec(nearest, progress=False)
+        twin_dir = variant_dir / TWIN_DIR
+        shutil.rmtree(twin_dir, ignore_errors=True)
+        with self.timer.phase("quantize"), progress_task(f"calibrating {spec.name} (nearest rounding)",
+                                                         total=len(self.inputs.calibration)) as advance:
+            twin = nearest.quantize(nearest_source, self.inputs.calibration, twin_dir, advance)
+        with self.timer.phase("evaluate"):
+            choice = choose_rounding(self._fp32_scores(validation), self._scores_of(spec, quantized, validation),
+                                     self._scores_of(nearest, twin, validation))
+        if choice.chosen == NEAREST:
+            return nearest, nearest_source, twin, choice
+        return spec, source, quantized, choice
+
+    def _fp32_scores(self, validation: np.ndarray) -> np.ndarray:
+        from ptqflow.models.runtime.runners import OrtRunner
+
+        if self._reference is None:
+            self._reference = self._scores(OrtRunner(self.float_model.onnx.path), validation)
+        return self._reference
+
+    def _scores_of(self, spec: VariantSpec, quantized: QuantizedModel, validation: np.ndarray) -> np.ndarray:
+        from ptqflow.models.runtime.runners import OrtRunner, TorchRunner
+
+        engine = spec.config.backend if quantized.format == "torchscript" else ""
+        return self._scores(TorchRunner.from_torchscript(quantized.path, engine) if engine
+                            else OrtRunner(quantized.path), validation)
+
+    def _scores(self, runner, images: np.ndarray) -> np.ndarray:
+        """Scores of model-ready `images`, in batches the model takes."""
+        return np.concatenate([np.asarray(runner.predict(batch), dtype=np.float32).reshape(len(batch), -1)
+                               for batch in (images[start:start + self.batch_size]
+                                             for start in range(0, len(images), self.batch_size))])
