@@ -38,9 +38,10 @@ class PercentileObserver(_MinMaxObserver):
     a range that includes 0 is kept (post-ReLU tensors get min 0).  Similar to
     onnxruntime's CalibrationMethod.Percentile; use equal-size calibration batches."""
 
-    def __init__(self, percentile: float = 99.995, **kwargs):
+    def __init__(self, percentile: float = 99.995, bounds: tuple[float, float] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.percentile = float(percentile)
+        self.bounds = bounds  # the range of the clip that alone reads this tensor (activation_bounds)
         self.register_buffer("_n", torch.tensor(0.0))
         self.register_buffer("_lo", torch.tensor(0.0))
         self.register_buffer("_hi", torch.tensor(0.0))
@@ -56,8 +57,12 @@ class PercentileObserver(_MinMaxObserver):
         self._hi.copy_(self._hi + (hi - self._hi) / n)
         self._lo.copy_(self._lo + (lo - self._lo) / n)
         self._n.copy_(n)
-        self.min_val.copy_(torch.minimum(self._lo, torch.zeros_like(self._lo)))
-        self.max_val.copy_(torch.maximum(self._hi, torch.zeros_like(self._hi)))
+        low = torch.minimum(self._lo, torch.zeros_like(self._lo))
+        high = torch.maximum(self._hi, torch.zeros_like(self._hi))
+        if self.bounds is not None:  # quantizing to the clip's range is the clip: saturation does it
+            low, high = low.clamp(min=self.bounds[0]), high.clamp(max=self.bounds[1])
+        self.min_val.copy_(low)
+        self.max_val.copy_(high)
         return x_orig
 
 
@@ -70,6 +75,8 @@ def qconfig_mapping(
     percentile: float = 99.995,
     keep_float: Sequence[Any] = (),
     float_modules: Sequence[str] = (),
+    bounded_outputs: dict[str, tuple[float, float]] | None = None,
+    seven_bit_outputs: Sequence[str] = (),
 ):
     """QConfigMapping of the ptqflow recipe for ``backend`` in {"fbgemm", "x86", "qnnpack", "onednn"}.
 
@@ -82,6 +89,10 @@ def qconfig_mapping(
     ``ptqflow.models.adaround.onnx.adaround_onnx``), and keeps all softmax flavours in float
     (qconfig None).  ``keep_float`` adds further module types / functions kept in
     float; ``float_modules`` module names kept in float (e.g. ``classifier_head(gm)``).
+    ``bounded_outputs`` (module name -> (low, high), see ``activation_bounds``): percentile
+    observers of those modules' outputs keep to the range of the clip that follows them.
+    ``seven_bit_outputs``: modules whose outputs are quantized with ``reduce_range`` (see
+    ``fbgemm_depthwise_inputs``).
     """
     from torch.ao.quantization import QConfig, get_default_qconfig_mapping
     from torch.ao.quantization.observer import (
@@ -118,6 +129,76 @@ def qconfig_mapping(
         m.set_object_type(t, qc)
     for t in (*SOFTMAX_TYPES, *SOFTMAX_FUNCS, *keep_float):
         m.set_object_type(t, None)
+    bounded_outputs = bounded_outputs if activation_observer == "percentile" else {}
+    for name in dict.fromkeys([*(bounded_outputs or {}), *seven_bit_outputs]):
+        reduced = reduce_range or name in seven_bit_outputs
+        if activation_observer == "percentile":
+            observer = PercentileObserver.with_args(percentile=percentile, dtype=torch.quint8, reduce_range=reduced,
+                                                    bounds=(bounded_outputs or {}).get(name))
+        else:
+            observer = act.with_args(reduce_range=reduced)
+        m.set_module_name(name, QConfig(activation=observer, weight=wt))
     for name in float_modules:
         m.set_module_name(name, None)
     return m
+
+
+CLIPS = (nn.ReLU6, nn.Hardtanh)  # onnx2torch's Clip(0, 6) is nn.ReLU6; other constant ranges are OnnxClip
+
+
+def _clip_range(module) -> tuple[float, float] | None:
+    """The constant (low, high) a clip module keeps its input to, or None."""
+    if isinstance(module, CLIPS):
+        return float(module.min_val), float(module.max_val)
+    low, high = getattr(module, "min_val", None), getattr(module, "max_val", None)
+    if type(module).__name__ == "OnnxClip" and isinstance(low, (int, float)) and isinstance(high, (int, float)):
+        return float(low), float(high)
+    return None
+
+
+def activation_bounds(gm) -> dict[str, tuple[float, float]]:
+    """Conv and Linear modules of FX graph `gm` whose output only a clip (ReLU6, Clip with constant bounds that
+    include 0) reads: module name -> the clip's (low, high). FX fuses Conv with ReLU but not with ReLU6 or Clip, so
+    the layer's output is observed before the clip and quantized with the negative values the clip then drops: a
+    range wider than what flows on, and a zero point that is not 0, which fbgemm's depthwise kernel computes wrongly
+    (up to 149 steps off in a MobileNetV2, where onednn is exact). Quantizing the output to the clip's range is the
+    clip itself (values outside it saturate), as TFLite's fused activations do."""
+    if not hasattr(gm, "graph"):
+        return {}
+    bounds = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if user.op != "call_module" or not isinstance(gm.get_submodule(node.target), (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            continue
+        clip = _clip_range(gm.get_submodule(user.target))
+        if clip is not None and clip[0] <= 0.0 < clip[1]:
+            bounds[node.target] = clip
+    return bounds
+
+
+def _is_depthwise(module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def fbgemm_depthwise_inputs(gm) -> list[str]:
+    """The modules whose output (through clips, which keep its quantization) feeds a depthwise convolution: fbgemm's
+    depthwise kernels multiply uint8 activations by int8 weights in pairs summed to 16 bits, which saturate once
+    255 * |w1| + 255 * |w2| exceeds 32767 (0.1-0.9% of a MobileNetV2's depthwise outputs off by up to 242 steps,
+    VNNI or not; onednn, the x86 engine's, is exact). Seven-bit activations (reduce_range, torch's own fbgemm
+    default) keep every pair below it."""
+    if not hasattr(gm, "graph"):
+        return []
+    producers = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not _is_depthwise(gm.get_submodule(node.target)) or not node.args:
+            continue
+        source = node.args[0]
+        while getattr(source, "op", None) == "call_module" and (
+                _clip_range(gm.get_submodule(source.target)) is not None
+                or isinstance(gm.get_submodule(source.target), nn.ReLU)) and source.args:
+            source = source.args[0]  # a clip or ReLU after a conv is fused with it or shares its quantization
+        if getattr(source, "op", None) == "call_module" and source.target not in producers:
+            producers.append(source.target)
+    return producers

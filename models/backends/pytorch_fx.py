@@ -153,14 +153,16 @@ def _qconfig_mapping(config: PytorchFxConfig, module, onnx_proto=None):
         for name in fp32:
             mapping.set_module_name(name, None)
         return mapping
-    from ptqflow.models.backends.fx_qconfig import qconfig_mapping
+    from ptqflow.models.backends.fx_qconfig import activation_bounds, fbgemm_depthwise_inputs, qconfig_mapping
     from ptqflow.models.graph.fx_prep import classifier_head
 
     head = classifier_head(module) if config.float_head else []
     return qconfig_mapping(config.backend, activation_observer=config.activation_observer,
                            percentile=config.percentile, reduce_range=config.reduce_range,
                            weight_observer="perchannel_minmax" if config.per_channel else "minmax",
-                           float_modules=[*head, *(name for name in fp32 if name not in head)])
+                           float_modules=[*head, *(name for name in fp32 if name not in head)],
+                           bounded_outputs=activation_bounds(module),
+                           seven_bit_outputs=fbgemm_depthwise_inputs(module) if config.backend == "fbgemm" else ())
 
 
 def _check_kernels_accept(source, mapping, backend_config, example, config: PytorchFxConfig) -> None:
@@ -268,7 +270,9 @@ def _calibration_key(prepared, calibration: np.ndarray, batch_size: int) -> str:
     for name, module in prepared.named_modules():
         digest.update(f"\0{name}\0{type(module).__module__}.{type(module).__qualname__}".encode())
         for attribute, value in sorted(vars(module).items()):
-            if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.qscheme)):
+            plain = (bool, int, float, str, torch.dtype, torch.qscheme)
+            if value is None or isinstance(value, plain) or (
+                    isinstance(value, tuple) and all(isinstance(v, plain) for v in value)):  # a clip's bounds
                 digest.update(f"\0{attribute}={value!r}".encode())
     for name, tensor in prepared.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
@@ -333,9 +337,12 @@ def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.n
     traced TorchScript as out_dir/model.pt. Raises UnsupportedVariant when the kernels refuse the dtypes."""
     import torch
 
+    from ptqflow.models.backends.engine_check import engine_departures
+
     graphs = quantize_graphs(float_model, config, calibration, advance)
     with fx_quantization(config.backend), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        departures = engine_departures(graphs, calibration, float_model.onnx.input.batch_size or 64)
         with torch.no_grad():
             # check_trace traces a second time to catch Python control flow that depends on the input: the code of
             # an FX GraphModule has none (and the sweep evaluates the saved file against FP32). 0.5 s per variant.
@@ -345,4 +352,4 @@ def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.n
     path = out_dir / MODEL_FILE_NAME
     write_atomic(path, buffer.getvalue())
     return QuantizedModel(path=path, format="torchscript", calibration_images=graphs.calibration_images,
-                          graphs=graphs, kept_float=dict(graphs.float_leaves))
+                          graphs=graphs, kept_float=dict(graphs.float_leaves), engine_departures=departures)

@@ -1,0 +1,77 @@
+"""The int8 engines compute what was quantized (issue 24, 'engines that compute what was quantized'): fbgemm's
+depthwise kernels sum uint8 x int8 products in pairs into 16 bits, which saturate at full-range activations (the
+6-point gap between the fbgemm and x86 variants of a MobileNet). The recipe quantizes what feeds a depthwise layer
+to 7 bits on fbgemm, quantizes a layer's output to the range of the clip after it, and every FX variant checks each
+int8 layer against torch's reference lowering of its quantization."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ptqflow.models.backends.engine_check import describe_departures, engine_departures
+from ptqflow.models.backends.fx_qconfig import activation_bounds, fbgemm_depthwise_inputs, qconfig_mapping
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
+                                        "ignore::FutureWarning")
+
+
+class Block(nn.Module):
+    """A pointwise conv with ReLU6 feeding a depthwise conv whose nine weights per channel are all the largest:
+    with activations near 6 every pair of products is 255 * 127 * 2, twice what 16 bits hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand, self.clip = nn.Conv2d(3, 8, 1), nn.ReLU6()
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        with torch.no_grad():
+            self.expand.weight.fill_(0.5)
+            self.expand.bias.fill_(1.0)
+            self.depthwise.weight.fill_(0.1)
+            self.depthwise.weight[:, :, 0, 0] = -0.1
+
+    def forward(self, x):
+        return self.depthwise(self.clip(self.expand(x)))
+
+
+def _quantized(engine: str, seven_bit: bool):
+    import copy
+
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    graph = torch.fx.symbolic_trace(Block().eval())
+    images = np.random.default_rng(0).uniform(0.0, 6.0, (32, 3, 8, 8)).astype(np.float32)
+    mapping = qconfig_mapping(engine, bounded_outputs=activation_bounds(graph),
+                              seven_bit_outputs=fbgemm_depthwise_inputs(graph) if seven_bit else ())
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        prepared = prepare_fx(copy.deepcopy(graph), mapping, (torch.from_numpy(images[:2]),))
+        with torch.no_grad():
+            prepared(torch.from_numpy(images))
+        graphs = types.SimpleNamespace(prepared=prepared, converted=convert_fx(copy.deepcopy(prepared)),
+                                       backend_config=None)
+        return engine_departures(graphs, images)
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def test_the_recipe_finds_the_clip_ranges_and_what_feeds_depthwise_layers():
+    graph = torch.fx.symbolic_trace(Block().eval())
+    assert activation_bounds(graph) == {"expand": (0.0, 6.0)}
+    assert fbgemm_depthwise_inputs(graph) == ["expand"]  # through the clip, to the layer whose output it keeps
+
+
+def test_fbgemm_saturates_on_full_range_depthwise_inputs_and_the_check_names_the_layer():
+    departed = _quantized("fbgemm", seven_bit=False)
+    assert list(departed) == ["depthwise"] and departed["depthwise"] > 0.01, departed
+    assert describe_departures(departed).startswith("depthwise: ")
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "x86"])
+def test_with_the_recipe_every_int8_layer_computes_its_quantization(engine):
+    assert _quantized(engine, seven_bit=engine == "fbgemm") == {}
