@@ -50,6 +50,23 @@ def test_gate_decisions(candidate, champion, promote, reason):
     assert decision.promote is promote and reason in decision.reason
 
 
+def test_a_version_slower_than_fp32_at_batch_1_is_promoted_only_when_asked():
+    """int8 is made to be faster: a version FP32 outruns at batch 1 does not take @champion by default, and the
+    decision says so and how to promote it anyway; its speedup read back from the version's tag."""
+    from dataclasses import replace
+
+    slower = replace(C("2", 0.0, 0.99), speedup_b1=0.83)
+    decision = decide(slower, None, POLICY)
+    assert not decision.promote and "slower than FP32 at batch 1" in decision.reason
+    assert "0.83x" in decision.reason and "--allow-slower" in decision.reason
+    assert decide(slower, None, replace(POLICY, allow_slower=True)).promote
+    assert decide(replace(slower, speedup_b1=1.4), None, POLICY).promote
+    assert decide(C("2", 0.0, 0.99), None, POLICY).promote  # not timed: nothing to hold against it
+    tags = {VersionTag.ACCURACY_DELTA_PP: "+0.00", VersionTag.TOP1_AGREEMENT: "0.99",
+            VersionTag.SPEEDUP_B1: "0.830"}
+    assert Candidate.from_tags("2", tags).speedup_b1 == 0.83
+
+
 @pytest.mark.parametrize("candidate_timing,champion_timing,reason", [
     ({"latency_contended": "yes"}, {}, "v2 was timed on a busy machine"),
     ({}, {"latency_contended": "yes"}, "v1 was timed on a busy machine"),
@@ -96,7 +113,7 @@ def _sweep(tiny_model, cifar_dir, gate: GatePolicy):
 
 def test_champion_moves_only_through_the_gate_and_by_hand(tracking_store, tiny_model, cifar_dir):
     client = MlflowClient()
-    _sweep(tiny_model, cifar_dir, GatePolicy(max_accuracy_drop_pp=100, min_agreement=0.0))
+    _sweep(tiny_model, cifar_dir, GatePolicy(max_accuracy_drop_pp=100, min_agreement=0.0, allow_slower=True))
     assert str(client.get_model_version_by_alias("resnet8-int8", "champion").version) == "1"
     v1 = client.get_model_version("resnet8-int8", "1").tags
     assert v1[VersionTag.PROMOTION_DECISION] == "promoted" and "no champion yet" in version_reason("resnet8-int8", "1")

@@ -158,6 +158,8 @@ RAISED_BY = {
     "pipelines/sweep/bench.py:bench_run": ("bench",),
     "pipelines/sweep/bench.py:_check_comparable": ("bench",),
     "pipelines/sweep/variant_runs.py:VariantRuns": QUANTIZERS,  # a tracking failure mid-sweep
+    "pipelines/sweep/variant_runs.py:RESUME_HINT": QUANTIZERS,
+    "pipelines/registry/gate.py:decide": (*QUANTIZERS, "tune"),  # --allow-slower; baseline registers nothing
     "pipelines/tune/options.py": ("tune",),
     "pipelines/tune/study.py": ("tune",),
     "pipelines/tune/space.py": ("tune",),

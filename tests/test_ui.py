@@ -104,12 +104,15 @@ def ui_store(tmp_path_factory, request) -> UiStore:
     from ptqflow.pipelines.sweep.sweep import run_sweep
 
     if REAL:
-        options = SweepOptions(model_path=SHARED_MODEL, data_dir=SHARED_DATA, test_limit=REAL_TEST_LIMIT)
+        # --allow-slower: on a small VM the PyTorch int8 ResNet8 runs slower than onnxruntime FP32 at batch 1, and
+        # the pages shown are those of resnet8-int8's champion
+        options = SweepOptions(model_path=SHARED_MODEL, data_dir=SHARED_DATA, test_limit=REAL_TEST_LIMIT,
+                               gate=GatePolicy(allow_slower=True))
     else:  # the tiny model agrees with its FP32 self on few images: a gate anything passes
         options = SweepOptions(model_path=request.getfixturevalue("tiny_model"),
                                data_dir=request.getfixturevalue("cifar_dir"), calibration_size=CALIBRATION_SIZE,
                                adaround_iterations=ADAROUND_ITERATIONS, variants=TINY_VARIANTS,
-                               gate=GatePolicy(max_accuracy_drop_pp=100, min_agreement=0.0))
+                               gate=GatePolicy(max_accuracy_drop_pp=100, min_agreement=0.0, allow_slower=True))
     root = tmp_path_factory.mktemp("ui_store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:

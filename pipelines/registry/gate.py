@@ -1,7 +1,7 @@
 """The promotion gate: when a newly registered version may take the `champion` alias.
 
-Pure logic, no MLflow: a version must stay within the accuracy-drop and agreement limits and beat the current
-champion on agreement with FP32. On an agreement tie it must be clearly faster at batch 1, and a version made from
+Pure logic, no MLflow: a version must stay within the accuracy-drop and agreement limits, not be slower than FP32
+at batch 1 (unless the policy allows it), and beat the current champion on agreement with FP32. On an agreement tie it must be clearly faster at batch 1, and a version made from
 the same inputs as the champion (a re-run) or with a byte-identical model file never replaces it: on a shared
 machine the same file's batch-1 latency moves by up to 1.6x between runs, so a bare "faster" would hand the alias
 back and forth on noise. Nor does a latency decide between timings that do not compare: only when neither was
@@ -29,10 +29,12 @@ class GatePolicy:
     max_accuracy_drop_pp: float = 0.5  # accuracy may fall at most this many points below FP32
     min_agreement: float = 0.97  # share of test images whose top-1 equals FP32's
     min_latency_gain: float = 0.25  # on an agreement tie, batch-1 latency must be at least this fraction lower
+    allow_slower: bool = False  # promote a version slower than FP32 at batch 1 (an int8 model is made to be faster)
 
     def describe(self) -> str:
         return (f"accuracy drop <= {self.max_accuracy_drop_pp:g} pp, agreement >= {self.min_agreement:g}, "
-                f"ties need >= {100 * self.min_latency_gain:g}% lower batch-1 latency")
+                + ("" if self.allow_slower else "not slower than FP32 at batch 1, ")
+                + f"ties need >= {100 * self.min_latency_gain:g}% lower batch-1 latency")
 
 
 # What must be equal for two versions' numbers to be comparable, with the words a decision uses for each.
@@ -61,6 +63,7 @@ class Candidate:
     measured_on: tuple[tuple[str, str], ...] = ()  # COMPARABILITY keys and values: what the numbers were measured on
     # LATENCY_CONTENDED and TIMING_COMPARABILITY keys and values: how the latency was timed
     timed_on: tuple[tuple[str, str], ...] = ()
+    speedup_b1: float | None = None  # FP32's batch-1 latency over this version's, timed in the same rounds
 
     @classmethod
     def from_tags(cls, version: str, tags: dict[str, str]) -> "Candidate":
@@ -70,7 +73,8 @@ class Candidate:
                    float(latency) if latency else None, tags.get(V.SHA256), tags.get(V.INPUT_KEY),
                    tuple((key, tags[key]) for key, *_ in (*COMPARABILITY, *OPTIONAL_COMPARABILITY) if key in tags),
                    tuple((key, tags[key]) for key in (V.LATENCY_CONTENDED, *(k for k, _ in TIMING_COMPARABILITY))
-                         if key in tags))
+                         if key in tags),
+                   float(tags[V.SPEEDUP_B1]) if tags.get(V.SPEEDUP_B1) else None)
 
 
 def incomparable(candidate: Candidate, champion: Candidate) -> str | None:
@@ -119,6 +123,9 @@ def decide(candidate: Candidate, champion: Candidate | None, policy: GatePolicy)
                                f"{policy.max_accuracy_drop_pp:g} pp")
     if candidate.agreement < policy.min_agreement:
         return Decision(False, f"agreement {candidate.agreement:.4f} is below {policy.min_agreement:g}")
+    if candidate.speedup_b1 is not None and candidate.speedup_b1 < 1 and not policy.allow_slower:
+        return Decision(False, f"slower than FP32 at batch 1 ({candidate.speedup_b1:.2f}x FP32's speed, timed in "
+                               "the same rounds): not promoted; --allow-slower promotes a slower version")
     if champion is None:
         return Decision(True, f"passes the gate ({policy.describe()}); no champion yet")
     if math.isnan(champion.agreement):
