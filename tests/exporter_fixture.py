@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 
-def _train(model, images: np.ndarray, labels: np.ndarray, steps: int = 150, seed: int = 0):
-    """A few Adam steps on the whole fixture set: enough for the model to tell the classes apart. BatchNorm layers
-    keep their statistics (eval mode), as when a model trained elsewhere is fine-tuned."""
+def _train(model, images: np.ndarray, labels: np.ndarray, steps: int = 150, seed: int = 0, batch: int = 256):
+    """A few Adam steps on the fixture set (the whole set per step, or a random `batch` of a larger one): enough
+    for the model to tell the classes apart. BatchNorm layers keep their statistics (eval mode), as when a model
+    trained elsewhere is fine-tuned."""
     import torch
 
     torch.manual_seed(seed)
@@ -23,8 +24,9 @@ def _train(model, images: np.ndarray, labels: np.ndarray, steps: int = 150, seed
         if isinstance(module, torch.nn.BatchNorm2d):
             module.eval()
     for _ in range(steps):
+        chosen = torch.randperm(len(x))[:batch] if len(x) > batch else slice(None)
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        torch.nn.functional.cross_entropy(model(x[chosen]), y[chosen]).backward()
         optimizer.step()
     return model.eval()
 
@@ -146,3 +148,60 @@ def mobilenet_v3_style(path: Path, images: np.ndarray, labels: np.ndarray, class
 
     model = _train(MobileNetV3(), images / 255.0, labels)
     return _export(model, torch.zeros(1, *images.shape[1:]), path, opset=13, dynamic_batch=True)
+
+
+def mobilenet_v2_style(path: Path, images: np.ndarray, labels: np.ndarray, classes: int) -> Path:
+    """NCHW input (0..1): a stem conv, inverted residual blocks (1x1 expansion with BatchNorm and ReLU6, depthwise
+    3x3 with BatchNorm and ReLU6, linear 1x1 projection, residual Add where shapes allow), a 1x1 head with ReLU6,
+    global average pooling, Flatten and a dense layer; a plain `torch.onnx.export` at opset 12, where ReLU6 is a
+    Clip with min and max inputs."""
+    import torch
+    from torch import nn
+
+    def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, relu6: bool = True):
+        layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        return nn.Sequential(*layers, nn.ReLU6()) if relu6 else nn.Sequential(*layers)
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int, expansion: int = 4):
+            super().__init__()
+            hidden = cin * expansion
+            self.block = nn.Sequential(conv_bn(cin, hidden, 1), conv_bn(hidden, hidden, 3, stride, groups=hidden),
+                                       conv_bn(hidden, cout, 1, relu6=False))
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x):
+            return x + self.block(x) if self.residual else self.block(x)
+
+    class MobileNetV2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(conv_bn(3, 16, 3, 2), InvertedResidual(16, 16, 1),
+                                          InvertedResidual(16, 24, 2), InvertedResidual(24, 24, 1),
+                                          conv_bn(24, 64, 1))
+            self.classifier = nn.Linear(64, classes)
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+    model = MobileNetV2()
+    _calibrate_batchnorm(model, images / 255.0)
+    model = _train(model, images / 255.0, labels)
+    return _export(model, torch.zeros(1, *images.shape[1:]), path, opset=12, dynamic_batch=True)
+
+
+def _calibrate_batchnorm(model, images: np.ndarray) -> None:
+    """BatchNorm statistics of the untrained model on the fixture images, as a trained model's would be: folded into
+    the convolutions they give each layer a scale of its own, as real exports have."""
+    import torch
+
+    model.train()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None  # a cumulative average over the batches
+        x = torch.from_numpy(images.astype(np.float32))
+        for start in range(0, len(x), 256):
+            model(x[start:start + 256])
+    model.eval()

@@ -213,3 +213,47 @@ def test_the_fx_diagnosis_maps_a_torch_export_s_layers(mobilenet_v3, cifar_dir, 
     quantized = [row for row in layers if row["quantized"]]
     assert len(quantized) >= 12 and all(row["local_sqnr_db"] is not None for row in quantized)
     assert any(row["layer"].startswith("/stem/") for row in quantized)
+
+
+@pytest.fixture(scope="module")
+def mobilenet_v2(tmp_path_factory, cifar_dir):
+    from exporter_fixture import mobilenet_v2_style
+
+    from ptqflow.pipelines.data.cifar import load_cifar10
+
+    train = load_cifar10(cifar_dir).train
+    return mobilenet_v2_style(tmp_path_factory.mktemp("mnv2") / "mobilenet_v2.onnx", train.images.astype(np.float32),
+                              train.labels, classes=10)
+
+
+def test_a_mobilenet_v2_style_model_sweeps_and_keeps_adaround_only_where_held_out_images_say_so(
+        mobilenet_v2, cifar_dir, tracking_store):
+    """Inverted residuals with ReLU6 written as Clip: every default variant sweeps and reaches the floor; each
+    AdaRound variant was compared with its nearest-rounded twin on training images outside the calibration set and
+    kept the better (AdaRound never worse than nearest there, end to end); the int8 engines computed every layer as
+    quantized (fbgemm's depthwise kernels no longer saturate)."""
+    from mlflow.tracking import MlflowClient
+
+    from ptqflow.tracking.keys import Metric, Param, Tag
+
+    assert onnx.load(str(mobilenet_v2)).opset_import[0].version == 12
+    results = quantize(mobilenet_v2, cifar_dir, calibration_size=CALIBRATION_SIZE, preprocessing="unit",
+                       adaround_iterations=ADAROUND_ITERATIONS, bench=False, diagnose=False, register=False)
+    assert results["fp32"].accuracy > 0.3
+    client = MlflowClient()
+    compared = 0
+    for report in results:
+        if report.name in ("fp32", "pytorch-fx-uint8"):
+            continue
+        assert report.status == "ok" and report.agreement >= AGREEMENT_FLOOR, (report.name, report.agreement)
+        run = client.get_run(report.run_id)
+        params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+        assert params[Param.VALIDATION_SIZE] == "100"  # the 100 training images the calibration set left
+        assert Tag.ENGINE_DEPARTURES not in tags, tags[Tag.ENGINE_DEPARTURES]
+        if params[Param.WEIGHT_ROUNDING] == "adaround":
+            kept = params[Param.WEIGHT_ROUNDING_KEPT]
+            other = "nearest" if kept == "adaround" else "adaround"
+            assert metrics[f"validation_agreement_{kept}"] >= metrics[f"validation_agreement_{other}"]
+            assert Metric.VALIDATION_AGREEMENT_NEAREST in metrics and Tag.ROUNDING_CHOICE in tags
+            compared += 1
+    assert compared >= 3  # FX per-channel and the ONNX Runtime variants round with AdaRound by default

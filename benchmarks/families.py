@@ -1,0 +1,159 @@
+"""The default sweep on one model of each small-classifier family (issue 24), trained here on real CIFAR-10 training
+images: a MobileNetV1-style opset-11 export with a fixed batch of 1 (NHWC), a MobileNetV2-style opset-12 export
+(ReLU6 as Clip), a MobileNetV3-style opset-13 export (HardSwish, squeeze-excitation) and a plain opset-17
+`torch.onnx.export` of a greyscale CNN. For each int8 variant: agreement with FP32 on the test images with the
+default recipe (AdaRound checked against nearest on held-out training images), with `--weight-rounding nearest`,
+what the held-out images chose and their numbers; then onnxruntime's `quantize_static` with its own defaults (QDQ,
+int8 weights per tensor, uint8 activations, MinMax) on the same calibration images, as a peer.
+
+    python benchmarks/families.py --data-dir ../shared/data/cifar-10-batches-py [--train-images 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the fixture builders the tests use
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine_line  # noqa: E402
+
+
+def _families(cifar, train_images: int, work: Path):
+    """(name, model file, dataset path, preprocessing) of each family, trained on the first training images."""
+    from cifar_fixture import write_npz
+    from exporter_fixture import mobilenet_v1_opset11, mobilenet_v2_style, mobilenet_v3_style, plain_export_cnn
+
+    images, labels = cifar.train.images[:train_images].astype(np.float32), cifar.train.labels[:train_images]
+    grey = lambda x: x.mean(axis=1, keepdims=True).round().astype(np.uint8)  # noqa: E731
+    grey_data = write_npz(work / "grey.npz", (grey(cifar.train.images), cifar.train.labels),
+                          (grey(cifar.test.images), cifar.test.labels), list(cifar.class_names))
+    return [
+        ("mobilenet-v1 (opset 11, batch 1, NHWC)",
+         mobilenet_v1_opset11(work / "v1.onnx", images.transpose(0, 2, 3, 1), labels, 10), None, "unit"),
+        ("mobilenet-v2 (opset 12, ReLU6 as Clip)", mobilenet_v2_style(work / "v2.onnx", images, labels, 10), None,
+         "unit"),
+        ("mobilenet-v3 (opset 13, HardSwish, SE)", mobilenet_v3_style(work / "v3.onnx", images, labels, 10), None,
+         "unit"),
+        ("plain export (opset 17, greyscale)",
+         plain_export_cnn(work / "plain.onnx", grey(cifar.train.images[:train_images]).astype(np.float32), labels, 10),
+         grey_data, "raw"),
+    ]
+
+
+def _sweep(model: Path, data: Path, preprocessing: str, work: Path, test_limit: int, **options):
+    from mlflow.tracking import MlflowClient
+
+    from ptqflow import quantize
+
+    results = quantize(model, data, preprocessing=preprocessing, test_limit=test_limit, register=False,
+                       diagnose=False, bench=options.pop("bench", False), **options)
+    client = MlflowClient()
+    rows = {}
+    for report in results:
+        run = client.get_run(report.run_id) if report.run_id else None
+        rows[report.name] = (report, run)
+    return rows
+
+
+def _ort_defaults_peer(model: Path, calibration: np.ndarray, test: np.ndarray, reference: np.ndarray,
+                       work: Path) -> float:
+    """Agreement with FP32 of onnxruntime's quantize_static with its defaults, on ptqflow's calibration images."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, quant_pre_process, quantize_static
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name, batch = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
+    step = batch if isinstance(batch, int) else 64
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{name: calibration[i:i + step]} for i in range(0, len(calibration), step)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared, quantized = work / "peer-pre.onnx", work / "peer-int8.onnx"
+    quant_pre_process(str(model), str(prepared))
+    quantize_static(str(prepared), str(quantized), Reader())
+    peer = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+    scores = np.concatenate([peer.run(None, {name: test[i:i + step]})[0] for i in range(0, len(test), step)])
+    return float((scores.argmax(1) == reference.argmax(1)).mean())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--train-images", type=int, default=3000, help="training images each fixture learns from")
+    parser.add_argument("--test-limit", type=int, default=2000)
+    parser.add_argument("--bench", action="store_true", help="also time batch 1 (slower)")
+    args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from ptqflow.pipelines.data.cifar import load_cifar10
+
+    cifar = load_cifar10(args.data_dir)
+    with tempfile.TemporaryDirectory(prefix="ptqflow-families-") as scratch:
+        work = Path(scratch)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+        lines = []
+        for family, model, data, preprocessing in _families(cifar, args.train_images, work):
+            started = time.perf_counter()
+            default = _sweep(model, data or args.data_dir, preprocessing, work, args.test_limit, bench=args.bench)
+            nearest = _sweep(model, data or args.data_dir, preprocessing, work, args.test_limit,
+                             weight_rounding="nearest")
+            fp32 = default["fp32"][0]
+            lines.append(f"\n**{family}**: FP32 accuracy {100 * fp32.accuracy:.2f}% "
+                         f"({time.perf_counter() - started:.0f} s for both sweeps)\n")
+            lines.append("| variant | default % | nearest % | held-out choice (AdaRound / nearest %) | "
+                         "batch-1 latency vs FP32 |")
+            lines.append("|---|---|---|---|---|")
+            for name, (report, run) in default.items():
+                if name == "fp32":
+                    continue
+                if report.status != "ok":
+                    lines.append(f"| {name} | {report.status}: {report.reason[:80]} | | | |")
+                    continue
+                metrics, params = run.data.metrics, run.data.params
+                kept = params.get("weight_rounding_kept", params.get("weight_rounding", ""))
+                choice = (f"{kept} ({100 * metrics['validation_agreement_adaround']:.2f} / "
+                          f"{100 * metrics['validation_agreement_nearest']:.2f})"
+                          if "validation_agreement_adaround" in metrics else kept)
+                latency = (f"{report.latency_ms / fp32.latency_ms:.2f}x" if report.latency_ms and fp32.latency_ms
+                           else "")
+                near = nearest[name][0]
+                lines.append(f"| {name} | {100 * report.agreement:.2f} | "
+                             f"{100 * near.agreement:.2f} | {choice} | {latency} |" if near.agreement is not None
+                             else f"| {name} | {100 * report.agreement:.2f} | {near.status} | {choice} | {latency} |")
+            peer = _peer_line(model, data or args.data_dir, preprocessing, args.test_limit, work)
+            lines.append(f"| onnxruntime quantize_static defaults (peer) | {100 * peer:.2f} | | | |")
+        print(f"\n{machine_line()}; agreement with FP32 on the first {args.test_limit} CIFAR-10 test images")
+        print("\n".join(lines))
+    return 0
+
+
+def _peer_line(model: Path, data: Path, preprocessing: str, test_limit: int, work: Path) -> float:
+    """The peer on the same calibration images (ptqflow's selection) and test images as the sweeps."""
+    from ptqflow.pipelines.sweep.inputs import prepare_inputs
+    from ptqflow.pipelines.sweep.options import SweepOptions
+
+    inputs = prepare_inputs(SweepOptions(model_path=model, data_dir=data, preprocessing=preprocessing,
+                                         test_limit=test_limit, fetch_missing=False))
+    test = inputs.transform(inputs.test.images)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name, batch = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
+    step = batch if isinstance(batch, int) else 64
+    reference = np.concatenate([session.run(None, {name: test[i:i + step]})[0] for i in range(0, len(test), step)])
+    return _ort_defaults_peer(model, inputs.calibration, test, reference, work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
