@@ -88,3 +88,27 @@ def test_what_shapes_the_observers_calibrates_again(float_model, monkeypatch, ch
     second = quantize_graphs(model, config, images)
     assert calls, "calibrated again"
     assert not _same(_observer_state(first), _observer_state(second))
+
+
+def test_one_image_batches_are_pooled_before_a_percentile_is_taken():
+    """A model with its batch fixed at 1 calibrates image by image: the 99.995th percentile of one image's few
+    thousand values is its maximum, and the average of those clipped far more of the data than the percentile of all
+    of it (a batch-1 MobileNetV1's FX variants agreed 90 %, its onnxruntime ones 99 %). Pooled, one image at a time
+    gives the range one batch of them gives."""
+    from ptqflow.models.backends.fx_qconfig import PercentileObserver
+
+    images = torch.from_numpy(np.random.default_rng(0).exponential(1.0, (256, 8, 16, 16)).astype(np.float32))
+
+    def range_of(observer, batch: int) -> float:
+        for start in range(0, len(images), batch):
+            observer(images[start:start + batch])
+        return float(observer.max_val)
+
+    whole = range_of(PercentileObserver(), 256)
+    one_by_one = range_of(PercentileObserver(), 1)
+    unpooled = range_of(PercentileObserver(pool_values=1), 1)  # as before: a percentile per image
+    assert abs(one_by_one - whole) / whole < 0.05, (one_by_one, whole)
+    assert unpooled < 0.85 * whole, (unpooled, whole)
+    few = PercentileObserver()
+    few(images[:1])  # fewer values than a pool: a provisional range, not none
+    assert float(few.max_val) > 0

@@ -32,16 +32,28 @@ def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(candidates, k).values.min()
 
 
+# A percentile is taken over at least this many values: a batch of one image (a model with its batch fixed at 1)
+# holds a few thousand, whose 99.995th percentile is their maximum, and the average of per-image maxima clips far
+# more than the percentile of the data (FX agreed 90 % on a batch-1 MobileNetV1 whose onnxruntime variant, with a
+# histogram over all images, agreed 99 %).
+POOL_VALUES = 1 << 16
+
+
 class PercentileObserver(_MinMaxObserver):
     """Activation observer: range = average over calibration batches of the per-batch
     ``percentile`` (upper) / ``100 - percentile`` (lower) of the values (exact: ``kth_largest``);
     a range that includes 0 is kept (post-ReLU tensors get min 0).  Similar to
-    onnxruntime's CalibrationMethod.Percentile; use equal-size calibration batches."""
+    onnxruntime's CalibrationMethod.Percentile; use equal-size calibration batches. Batches of
+    fewer than ``pool_values`` values are pooled until they hold that many (what is left at the
+    end counts only when nothing else did)."""
 
-    def __init__(self, percentile: float = 99.995, bounds: tuple[float, float] | None = None, **kwargs):
+    def __init__(self, percentile: float = 99.995, bounds: tuple[float, float] | None = None,
+                 pool_values: int = POOL_VALUES, **kwargs):
         super().__init__(**kwargs)
         self.percentile = float(percentile)
         self.bounds = bounds  # the range of the clip that alone reads this tensor (activation_bounds)
+        self.pool_values = int(pool_values)
+        self._pending: list = []  # small batches waiting for a full pool
         self.register_buffer("_n", torch.tensor(0.0))
         self.register_buffer("_lo", torch.tensor(0.0))
         self.register_buffer("_hi", torch.tensor(0.0))
@@ -50,20 +62,33 @@ class PercentileObserver(_MinMaxObserver):
         if x_orig.numel() == 0:
             return x_orig
         x = x_orig.detach().float().flatten()
-        k = max(1, int(math.ceil((1.0 - self.percentile / 100.0) * x.numel())))
-        hi = kth_largest(x, k)
-        lo = -kth_largest(-x, k)
+        if x.numel() < self.pool_values or self._pending:
+            self._pending.append(x)
+            x = torch.cat(self._pending)
+            if x.numel() < self.pool_values:
+                if self._n == 0:  # a provisional range until the first pool is full
+                    self._set_range(*self._percentiles(x))
+                return x_orig
+            self._pending = []
+        hi, lo = self._percentiles(x)
         n = self._n + 1
         self._hi.copy_(self._hi + (hi - self._hi) / n)
         self._lo.copy_(self._lo + (lo - self._lo) / n)
         self._n.copy_(n)
-        low = torch.minimum(self._lo, torch.zeros_like(self._lo))
-        high = torch.maximum(self._hi, torch.zeros_like(self._hi))
+        self._set_range(self._hi, self._lo)
+        return x_orig
+
+    def _percentiles(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = max(1, int(math.ceil((1.0 - self.percentile / 100.0) * x.numel())))
+        return kth_largest(x, k), -kth_largest(-x, k)
+
+    def _set_range(self, hi: torch.Tensor, lo: torch.Tensor) -> None:
+        low = torch.minimum(lo, torch.zeros_like(lo))
+        high = torch.maximum(hi, torch.zeros_like(hi))
         if self.bounds is not None:  # quantizing to the clip's range is the clip: saturation does it
             low, high = low.clamp(min=self.bounds[0]), high.clamp(max=self.bounds[1])
         self.min_val.copy_(low)
         self.max_val.copy_(high)
-        return x_orig
 
 
 def qconfig_mapping(
