@@ -151,6 +151,7 @@ def test_diagnosis_ranks_the_outlier_activation_worst(diagnoses, backend):
     assert worst.weight_sqnr_db > 35
     dense = diagnosis.row("dense")  # the float head stays FP32: compared, but no weight or local SQNR
     assert not dense.quantized and dense.local_sqnr_db is None and dense.accumulated_sqnr_db is not None
+    assert "classifier head" in dense.float_reason  # the table says why it is in float
     assert sum(r.mac_share for r in diagnosis.layers) == pytest.approx(1.0)
 
 
@@ -199,6 +200,7 @@ def test_a_layer_kept_in_fp32_is_shown_as_such(models, images, tmp_path, config)
         diagnosis = diagnose_ort_config(models["outlier"], models["outlier"], config, calibration, test[:64], tmp_path)
     conv2 = diagnosis.row("conv2")
     assert not conv2.quantized and conv2.local_sqnr_db is None and conv2.weight_sqnr_db is None and not conv2.hint
+    assert conv2.float_reason == "kept in FP32 by the recipe (its FP32 layers)"
     assert diagnosis.row("conv1").quantized and diagnosis.worst_first()[0].layer == "conv1"
 
 

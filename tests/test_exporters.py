@@ -213,6 +213,11 @@ def test_the_fx_diagnosis_maps_a_torch_export_s_layers(mobilenet_v3, cifar_dir, 
     quantized = [row for row in layers if row["quantized"]]
     assert len(quantized) >= 12 and all(row["local_sqnr_db"] is not None for row in quantized)
     assert any(row["layer"].startswith("/stem/") for row in quantized)
+    # the table says why each layer is in float: the recipe's float head here; every float row has a reason
+    head = [row for row in layers if row["op_type"] == "Gemm"]
+    assert head and not head[0]["quantized"] and "classifier head" in head[0]["float_reason"]
+    assert all(row["float_reason"] for row in layers if not row["quantized"])
+    assert not any(row["float_reason"] for row in quantized)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ptqflow.models.diagnosis.activations import input_channel_ranges
-from ptqflow.models.diagnosis.records import BATCH_SIZE, Diagnosis, layer_rows, short_names
+from ptqflow.models.diagnosis.records import BATCH_SIZE, Diagnosis, float_reasons, layer_rows, short_names
 from ptqflow.models.diagnosis.sqnr import Power
 from ptqflow.models.graph.layer_map import Layer, layer_table, node_for_name
 
@@ -112,8 +112,17 @@ def _fusion_patterns_built_once():
         matcher.get_reversed_fusions = original
 
 
+def _float_reasons(layers, is_quantized: dict, module_reasons: dict[str, str], names: list[str]) -> dict[str, str]:
+    """Why each layer FX did not quantize is in float (records.float_reasons), from the reasons by FX module."""
+    by_node = {node_for_name(module, names): why for module, why in module_reasons.items()}
+    return float_reasons(layers, is_quantized, {node: why for node, why in by_node.items() if node},
+                         unmapped="no FX module maps to it (FX runs it as a function): not measured",
+                         otherwise="FX ran it in float (no int8 pattern for it in the backend config)")
+
+
 def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_model, backend: str,
-                       float_onnx_path: Path | None = None, batch_size: int = BATCH_SIZE) -> Diagnosis:
+                       float_onnx_path: Path | None = None, batch_size: int = BATCH_SIZE,
+                       module_reasons: dict[str, str] | None = None) -> Diagnosis:
     """Diagnose an FX-converted `quantized` GraphModule against `reference_prepared`, the FP32 model prepared the same
     way (quantize_pytorch.prepare_reference). Rows are the layers of `onnx_model` (the ONNX model both were converted
     from), FX modules mapped back to its nodes. `float_onnx_path` (that model's file) adds each layer's input channel
@@ -199,7 +208,8 @@ def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_m
     method = ("torch.ao.ns._numeric_suite_fx: extract_weights (weight SQNR), add_loggers (accumulated SQNR), "
               "add_shadow_loggers with int8 shadowing fp32 (local SQNR: each quantized layer run on the FP32 "
               "model's input to it)")
-    rows = layer_rows(layers, weight, local, accumulated, ranges, is_quantized)
+    rows = layer_rows(layers, weight, local, accumulated, ranges, is_quantized,
+                      _float_reasons(layers, is_quantized, module_reasons or {}, names))
     notes = ()
     if layers and not any(is_quantized.values()):
         notes += ("no quantized FX module was mapped to a layer of the ONNX model: this table is a failure of the "
@@ -222,4 +232,21 @@ def diagnose_fx(reference, source, config, calibration: np.ndarray, images: np.n
     reference = reference.ready_for(config)
     prepared = prepare_reference(reference, config, graphs.example)
     return diagnose_fx_graphs(prepared, graphs.converted, images, reference.onnx.proto, config.backend,
-                              float_onnx_path=reference.onnx.path, batch_size=batch_size)
+                              float_onnx_path=reference.onnx.path, batch_size=batch_size,
+                              module_reasons=recipe_float_modules(graphs, config, reference.onnx.proto))
+
+
+def recipe_float_modules(graphs, config, onnx_proto) -> dict[str, str]:
+    """The FX modules a PyTorch FX variant ran in FP32, each with why: what the tracer could not trace, the recipe's
+    FP32 layers and its float classifier head."""
+    from ptqflow.models.backends.pytorch_fx import fp32_module_names
+    from ptqflow.models.graph.fx_prep import classifier_head
+
+    reasons = {name: f"FX could not trace it ({why})" for name, why in graphs.float_leaves.items()}
+    if hasattr(graphs.source, "graph"):
+        for name in fp32_module_names(graphs.source, config, onnx_proto):
+            reasons.setdefault(name, "kept in FP32 by the recipe (its FP32 layers)")
+        if getattr(config, "float_head", False):
+            for name in classifier_head(graphs.source):
+                reasons.setdefault(name, "the recipe keeps the classifier head in float (8-bit logits tie)")
+    return reasons

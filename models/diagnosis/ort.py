@@ -22,7 +22,7 @@ from ptqflow.models.diagnosis.activations import (
     session_options,
     unflatten,
 )
-from ptqflow.models.diagnosis.records import BATCH_SIZE, Diagnosis, layer_rows
+from ptqflow.models.diagnosis.records import BATCH_SIZE, Diagnosis, float_reasons, layer_rows
 from ptqflow.models.diagnosis.sqnr import Power, energy, flat64
 from ptqflow.models.graph.layer_map import Layer, layer_table, node_for_name, tensor_shapes
 
@@ -246,11 +246,13 @@ def _measure(float_onnx_path: Path, qdq_onnx_path: Path, reference, images: np.n
 
 
 def diagnose_ort(float_onnx_path: Path, qdq_onnx_path: Path, images: np.ndarray, *, layers_model=None,
-                 batch_size: int = BATCH_SIZE, method: str | None = None) -> Diagnosis:
+                 batch_size: int = BATCH_SIZE, method: str | None = None,
+                 node_reasons: dict[str, str] | None = None) -> Diagnosis:
     """Diagnose a QDQ model against the FP32 model it was quantized from (`float_onnx_path`: the model quantize_static
     read, i.e. after onnxruntime's pre-processing, whose tensor and weight names the QDQ model keeps). Layers are
     named after `layers_model` (an onnx.ModelProto; default: the float model), e.g. the FP32 model before
-    pre-processing, so FX and onnxruntime rows share names. `images` are model-ready inputs."""
+    pre-processing, so FX and onnxruntime rows share names. `images` are model-ready inputs. `node_reasons`: why
+    the recipe kept nodes in FP32, by node name (recipe_float_nodes), for the rows of layers left in float."""
     import onnx
 
     float_onnx_path, qdq_onnx_path = Path(float_onnx_path), Path(qdq_onnx_path)
@@ -266,8 +268,25 @@ def diagnose_ort(float_onnx_path: Path, qdq_onnx_path: Path, images: np.ndarray,
     sessions = _local_sessions(qdq, plans, float_tensors)
     local, accumulated, ranges = _measure(float_onnx_path, qdq_onnx_path, reference, images, batch_size, layers,
                                           plans, sessions)
+    reasons = float_reasons(layers, quantized, node_reasons or {}, unmapped="no node of it in the quantized model",
+                            otherwise="onnxruntime left it in float (no int8 kernel for it in this format)")
     return Diagnosis("onnxruntime", method or _ORT_METHOD, len(images),
-                     layer_rows(layers, weight, local, accumulated, ranges, quantized))
+                     layer_rows(layers, weight, local, accumulated, ranges, quantized, reasons))
+
+
+def recipe_float_nodes(reference, config) -> dict[str, str]:
+    """The ONNX nodes of `reference` (ModelProto) an onnxruntime `config` keeps in FP32, each with why."""
+    from ptqflow.models.adaround.onnx import onnx_classifier_head_nodes
+    from ptqflow.models.graph.layer_map import layer_nodes
+
+    reasons = {}
+    if config.fp32_nodes:
+        reasons.update(dict.fromkeys(layer_nodes(reference, config.fp32_nodes, "fp32_nodes"),
+                                     "kept in FP32 by the recipe (its FP32 layers)"))
+    if config.float_head:
+        for node in onnx_classifier_head_nodes(reference):
+            reasons.setdefault(node, "the recipe keeps the classifier head in float (8-bit logits tie)")
+    return reasons
 
 
 _ORT_METHOD = ("onnxruntime.quantization.qdq_loss_debug (create_weight_matching; collect_activations + "
@@ -307,7 +326,8 @@ def diagnose_ort_config(reference, source, config, calibration: np.ndarray, imag
         if key in memo:
             return replace(memo[key], method=method)
     diagnosis = diagnose_ort(reference.ort_ready_path, qdq_path, images, layers_model=reference.onnx.proto,
-                             method=method, batch_size=batch_size)
+                             method=method, batch_size=batch_size,
+                             node_reasons=recipe_float_nodes(reference.onnx.proto, config))
     if key is not None:
         memo[key] = diagnosis
     return diagnosis

@@ -37,6 +37,7 @@ class LayerDiagnosis:
     input_range_ratio: float | None = None  # largest channel's max |x| over the median channel's
     outlier_channel: int | None = None  # that largest channel
     hint: str = ""
+    float_reason: str = ""  # a layer the backend left in FP32: why (the recipe, the tracer, the backend)
 
     @property
     def bad(self) -> bool:
@@ -44,7 +45,7 @@ class LayerDiagnosis:
 
 
 COLUMNS = ("layer", "op_type", "mac_share", "weight_sqnr_db", "local_sqnr_db", "accumulated_sqnr_db", "quantized",
-           "input_tensor", "output_tensor", "input_range_ratio", "outlier_channel", "hint")
+           "input_tensor", "output_tensor", "input_range_ratio", "outlier_channel", "hint", "float_reason")
 
 
 def _rank_key(row: LayerDiagnosis):
@@ -159,9 +160,24 @@ def hint_for(row: LayerDiagnosis, shown: Callable[[str], str] = str) -> str:
     return ""
 
 
+def float_reasons(layers: list[Layer], quantized: dict, node_reasons: dict[str, str], unmapped: str,
+                  otherwise: str) -> dict[str, str]:
+    """Why each layer the backend did not quantize is in FP32, by layer name: the reason given for one of its nodes
+    (`node_reasons`, by ONNX node name), `unmapped` for a layer nothing of the quantized model was mapped to, else
+    `otherwise`."""
+    reasons = {}
+    for layer in layers:
+        if quantized.get(layer.name):
+            continue
+        given = next((node_reasons[node] for node in layer.nodes if node in node_reasons), None)
+        reasons[layer.name] = given or (unmapped if layer.name not in quantized else otherwise)
+    return reasons
+
+
 def layer_rows(layers: list[Layer], weight: dict, local: dict, accumulated: dict, ranges: dict,
-               quantized: dict) -> tuple[LayerDiagnosis, ...]:
-    """One row per layer, in `layers`' order, from the measurements by layer name, each with its hint."""
+               quantized: dict, reasons: dict[str, str] | None = None) -> tuple[LayerDiagnosis, ...]:
+    """One row per layer, in `layers`' order, from the measurements by layer name, each with its hint and, for a
+    layer left in FP32, the reason from `reasons` (float_reasons)."""
     total = sum(layer.macs for layer in layers) or 1
     tensors = short_names([name for layer in layers for name in (layer.input, layer.output) if name])
     rows = []
@@ -174,6 +190,7 @@ def layer_rows(layers: list[Layer], weight: dict, local: dict, accumulated: dict
             local_sqnr_db=local[layer.name].db() if is_quantized and layer.name in local else None,
             accumulated_sqnr_db=accumulated[layer.name].db() if layer.name in accumulated else None,
             quantized=is_quantized, input_tensor=layer.input, output_tensor=layer.output,
-            input_range_ratio=ratio, outlier_channel=channel)
+            input_range_ratio=ratio, outlier_channel=channel,
+            float_reason="" if is_quantized else (reasons or {}).get(layer.name, ""))
         rows.append(replace(row, hint=hint_for(row, lambda name: tensors.get(name, name))))
     return tuple(rows)

@@ -50,6 +50,9 @@ def print_diagnosis(diagnosis: Diagnosis, title: str, console=None) -> None:
     bad = [row for row in rows if row.bad]
     for row in bad:
         console.print(f"[red]![/] {shown[row.layer]}: {row.hint}", highlight=False)
+    for row in rows:
+        if not row.quantized and row.float_reason:
+            console.print(f"[dim]FP32 {shown[row.layer]}: {row.float_reason}[/]", highlight=False)
     if not bad:
         console.print("no layer below the limits (local SQNR ≥ "
                       f"{BAD_LOCAL_DB:g} dB, weights and accumulated fine)", highlight=False)
