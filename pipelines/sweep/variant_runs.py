@@ -279,7 +279,6 @@ class VariantRuns:
                     (T.ENGINE_DEPARTURES, describe_departures(result.engine_departures)[:5000]))
         records.set_tags({**{key: value for key, value in optional if value}, T.MODEL_FILE_SHA256: result.model_sha256,
                           T.MODEL_FILE_IN_MODEL: outcome.model_file_in_artifacts})
-        self._log_rounding_choice(result, asked=spec)
         records.log_file(result.model_file, A.MODEL_FILE_DIR)
         records.log_json(result.evaluation.per_class_accuracy, A.PER_CLASS_ACCURACY)
         self._log_confusion_matrix(outcome.run_id, spec.name, result.evaluation)
@@ -294,6 +293,7 @@ class VariantRuns:
             M.TEST_IMAGES: len(self.inputs.test), M.CALIBRATION_IMAGES_USED: result.calibration_images})
         if result.bench:
             recorder.log_bench(result.bench, self.reference.bench)
+        self._log_rounding_choice(result, asked=spec)  # after the columns the Models tab shows first
         from ptqflow.pipelines.repair.diagnose import log_variant_diagnosis
 
         log_variant_diagnosis(result, outcome.run_id, plot=lambda function, *args: self.plots.submit(
