@@ -75,3 +75,13 @@ def test_fbgemm_saturates_on_full_range_depthwise_inputs_and_the_check_names_the
 @pytest.mark.parametrize("engine", ["fbgemm", "x86"])
 def test_with_the_recipe_every_int8_layer_computes_its_quantization(engine):
     assert _quantized(engine, seven_bit=engine == "fbgemm") == {}
+
+
+def test_a_layer_the_engine_computes_wrongly_gets_its_own_hint_in_the_diagnosis():
+    from ptqflow.models.diagnosis.records import LayerDiagnosis, hint_for
+
+    row = LayerDiagnosis("dw", "Conv", 0.1, 45.0, 12.0, 10.0, True, "x", "y", engine_departure=0.0123)
+    hint = hint_for(row)
+    assert hint.startswith("the int8 engine computes this layer away from its quantization (1.23% of outputs")
+    assert "x86 engine" in hint
+    assert hint_for(LayerDiagnosis("dw", "Conv", 0.1, 45.0, 12.0, 10.0, True, "x", "y")).startswith("activation")

@@ -120,17 +120,29 @@ def _float_reasons(layers, is_quantized: dict, module_reasons: dict[str, str], n
                          otherwise="FX ran it in float (no int8 pattern for it in the backend config)")
 
 
+def _worst_by_layer(by_module: dict[str, float], layer_of) -> dict[str, float]:
+    """The largest value of each layer's modules, by layer name (`layer_of` maps an FX module to its layer)."""
+    worst: dict[str, float] = {}
+    for module, value in by_module.items():
+        layer, _ = layer_of(module)
+        if layer is not None:
+            worst[layer.name] = max(value, worst.get(layer.name, 0.0))
+    return worst
+
+
 def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_model, backend: str,
                        float_onnx_path: Path | None = None, batch_size: int = BATCH_SIZE,
-                       module_reasons: dict[str, str] | None = None) -> Diagnosis:
+                       module_reasons: dict | None = None, module_departures: dict | None = None) -> Diagnosis:
     """Diagnose an FX-converted `quantized` GraphModule against `reference_prepared`, the FP32 model prepared the same
     way (quantize_pytorch.prepare_reference). Rows are the layers of `onnx_model` (the ONNX model both were converted
     from), FX modules mapped back to its nodes. `float_onnx_path` (that model's file) adds each layer's input channel
-    ranges. Runs under torch's quantized engine `backend`."""
+    ranges. Runs under torch's quantized engine `backend`. By FX module: why it runs in float (`module_reasons`), the
+    share of its outputs the engine computes wrongly (`module_departures`, engine_check)."""
     import torch
     import torch.ao.ns._numeric_suite_fx as ns
     from torch.ao.ns.fx.utils import compute_sqnr
 
+    from ptqflow.models.backends.pytorch_fx import fx_quantization
     layers = layer_table(onnx_model)
     names = [node.name for node in onnx_model.graph.node]
     by_node = {node: layer for layer in layers for node in layer.nodes}
@@ -141,8 +153,6 @@ def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_m
         node = node_for_name(fqn, names)
         layer = by_node.get(node)
         return layer, (layer.nodes.index(node) if layer else -1)
-
-    from ptqflow.models.backends.pytorch_fx import fx_quantization
 
     weight, is_quantized = {}, {}
     local, accumulated, depth = {}, {}, {}
@@ -209,7 +219,8 @@ def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_m
               "add_shadow_loggers with int8 shadowing fp32 (local SQNR: each quantized layer run on the FP32 "
               "model's input to it)")
     rows = layer_rows(layers, weight, local, accumulated, ranges, is_quantized,
-                      _float_reasons(layers, is_quantized, module_reasons or {}, names))
+                      _float_reasons(layers, is_quantized, module_reasons or {}, names),
+                      _worst_by_layer(module_departures or {}, layer_of))
     notes = ()
     if layers and not any(is_quantized.values()):
         notes += ("no quantized FX module was mapped to a layer of the ONNX model: this table is a failure of the "
@@ -226,14 +237,18 @@ def diagnose_fx(reference, source, config, calibration: np.ndarray, images: np.n
     """Diagnose a PyTorch FX variant: `reference` is the FP32 FloatModel before AdaRound, `source` the one the
     quantizer reads (AdaRound-ed when the config asks for it; see FloatModel.for_config). Quantizes `source` with
     `config` and `calibration` the way quantize_pytorch.quantize does, unless `graphs` (its FxGraphs) are given."""
-    from ptqflow.models.backends.pytorch_fx import prepare_reference, quantize_graphs
+    from ptqflow.models.backends.engine_check import engine_departures
+    from ptqflow.models.backends.pytorch_fx import fx_quantization, prepare_reference, quantize_graphs
 
     graphs = graphs or quantize_graphs(source, config, calibration)
     reference = reference.ready_for(config)
     prepared = prepare_reference(reference, config, graphs.example)
+    with fx_quantization(config.backend):
+        departed = engine_departures(graphs, calibration, reference.onnx.input.batch_size or 64)
     return diagnose_fx_graphs(prepared, graphs.converted, images, reference.onnx.proto, config.backend,
                               float_onnx_path=reference.onnx.path, batch_size=batch_size,
-                              module_reasons=recipe_float_modules(graphs, config, reference.onnx.proto))
+                              module_reasons=recipe_float_modules(graphs, config, reference.onnx.proto),
+                              module_departures=departed)
 
 
 def recipe_float_modules(graphs, config, onnx_proto) -> dict[str, str]:

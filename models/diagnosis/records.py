@@ -38,6 +38,8 @@ class LayerDiagnosis:
     outlier_channel: int | None = None  # that largest channel
     hint: str = ""
     float_reason: str = ""  # a layer the backend left in FP32: why (the recipe, the tracer, the backend)
+    # share of its outputs the int8 engine computed more than a step away from its quantization (engine_check)
+    engine_departure: float | None = None
 
     @property
     def bad(self) -> bool:
@@ -45,7 +47,8 @@ class LayerDiagnosis:
 
 
 COLUMNS = ("layer", "op_type", "mac_share", "weight_sqnr_db", "local_sqnr_db", "accumulated_sqnr_db", "quantized",
-           "input_tensor", "output_tensor", "input_range_ratio", "outlier_channel", "hint", "float_reason")
+           "input_tensor", "output_tensor", "input_range_ratio", "outlier_channel", "hint", "float_reason",
+           "engine_departure")
 
 
 def _rank_key(row: LayerDiagnosis):
@@ -142,6 +145,9 @@ def hint_for(row: LayerDiagnosis, shown: Callable[[str], str] = str) -> str:
     tensor's name as the hint prints it (short_names)."""
     if not row.quantized:
         return ""
+    if row.engine_departure:
+        return (f"the int8 engine computes this layer away from its quantization ({100 * row.engine_departure:.2f}% "
+                "of outputs off by more than a step): try the x86 engine (onednn) or keep the layer in FP32")
     local, weight, accumulated = row.local_sqnr_db, row.weight_sqnr_db, row.accumulated_sqnr_db
     local_bad = local is not None and local < BAD_LOCAL_DB
     if local_bad and row.input_range_ratio is not None and row.input_range_ratio >= OUTLIER_RATIO:
@@ -175,9 +181,10 @@ def float_reasons(layers: list[Layer], quantized: dict, node_reasons: dict[str, 
 
 
 def layer_rows(layers: list[Layer], weight: dict, local: dict, accumulated: dict, ranges: dict,
-               quantized: dict, reasons: dict[str, str] | None = None) -> tuple[LayerDiagnosis, ...]:
+               quantized: dict, reasons: dict[str, str] | None = None,
+               departures: dict[str, float] | None = None) -> tuple[LayerDiagnosis, ...]:
     """One row per layer, in `layers`' order, from the measurements by layer name, each with its hint and, for a
-    layer left in FP32, the reason from `reasons` (float_reasons)."""
+    layer left in FP32, the reason from `reasons` (float_reasons), and the engine's departures by layer name."""
     total = sum(layer.macs for layer in layers) or 1
     tensors = short_names([name for layer in layers for name in (layer.input, layer.output) if name])
     rows = []
@@ -191,6 +198,7 @@ def layer_rows(layers: list[Layer], weight: dict, local: dict, accumulated: dict
             accumulated_sqnr_db=accumulated[layer.name].db() if layer.name in accumulated else None,
             quantized=is_quantized, input_tensor=layer.input, output_tensor=layer.output,
             input_range_ratio=ratio, outlier_channel=channel,
-            float_reason="" if is_quantized else (reasons or {}).get(layer.name, ""))
+            float_reason="" if is_quantized else (reasons or {}).get(layer.name, ""),
+            engine_departure=(departures or {}).get(layer.name))
         rows.append(replace(row, hint=hint_for(row, lambda name: tensors.get(name, name))))
     return tuple(rows)
