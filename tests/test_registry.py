@@ -55,16 +55,19 @@ def test_a_version_slower_than_fp32_at_batch_1_is_promoted_only_when_asked():
     decision says so and how to promote it anyway; its speedup read back from the version's tag."""
     from dataclasses import replace
 
-    slower = replace(C("2", 0.0, 0.99), speedup_b1=0.83)
+    slower = replace(C("2", 0.0, 0.99), speedup_b1=0.83, speedup_b1_max=0.91)
     decision = decide(slower, None, POLICY)
-    assert not decision.promote and "slower than FP32 at batch 1" in decision.reason
+    assert not decision.promote and "slower than FP32 at batch 1 in every timing round" in decision.reason
     assert "0.83x" in decision.reason and "--allow-slower" in decision.reason
     assert decide(slower, None, replace(POLICY, allow_slower=True)).promote
-    assert decide(replace(slower, speedup_b1=1.4), None, POLICY).promote
+    assert decide(replace(slower, speedup_b1=1.4, speedup_b1_max=1.5), None, POLICY).promote
+    # a median below 1 that some round finds faster is noise, not a slower model
+    assert decide(replace(slower, speedup_b1=0.98, speedup_b1_max=1.06), None, POLICY).promote
+    assert not decide(replace(slower, speedup_b1_max=None), None, POLICY).promote  # only the median recorded
     assert decide(C("2", 0.0, 0.99), None, POLICY).promote  # not timed: nothing to hold against it
     tags = {VersionTag.ACCURACY_DELTA_PP: "+0.00", VersionTag.TOP1_AGREEMENT: "0.99",
-            VersionTag.SPEEDUP_B1: "0.830"}
-    assert Candidate.from_tags("2", tags).speedup_b1 == 0.83
+            VersionTag.SPEEDUP_B1: "0.830", VersionTag.SPEEDUP_B1_MAX: "0.910"}
+    assert (Candidate.from_tags("2", tags).speedup_b1, Candidate.from_tags("2", tags).speedup_b1_max) == (0.83, 0.91)
 
 
 @pytest.mark.parametrize("candidate_timing,champion_timing,reason", [

@@ -248,6 +248,7 @@ class VersionTag:
     INPUT_STD = "input_std"
     LATENCY_MS_B1 = "latency_ms_b1_p50"
     SPEEDUP_B1 = "speedup_vs_fp32_b1"  # FP32's batch-1 latency over the version's, timed in alternating rounds
+    SPEEDUP_B1_MAX = "speedup_vs_fp32_b1_max"  # its largest over the rounds: below 1, every round found it slower
     # What the latency was measured on: the gate breaks a tie on latency only between versions timed alike
     LATENCY_CONTENDED = "latency_contended"  # "yes" when the machine was busy while timing (bench_contended), else "no"
     CPU_MODEL = "cpu_model"

@@ -163,6 +163,9 @@ class Registrar:
             tags[V.LATENCY_MS_B1] = f"{round_metric(Metric.LATENCY_MS_B1_P50, best.bench.latency_ms_b1_p50):.3f}"
             if best.bench.speedup_b1 is not None:
                 tags[V.SPEEDUP_B1] = f"{round_metric(Metric.SPEEDUP_VS_FP32_B1, best.bench.speedup_b1):.3f}"
+            if best.bench.speedup_b1_range is not None:
+                largest = best.bench.speedup_b1_range[1]
+                tags[V.SPEEDUP_B1_MAX] = f"{round_metric(Metric.SPEEDUP_VS_FP32_B1_MAX, largest):.3f}"
             tags.update(timing_tags(best.run_id))
         share = self.mac_share(best.spec)
         if share is not None:
