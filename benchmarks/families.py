@@ -48,7 +48,8 @@ def _families(cifar, train_images: int, work: Path):
     ]
 
 
-def _sweep(model: Path, data: Path, preprocessing: str, work: Path, test_limit: int, **options):
+def _sweep(model: Path, data: Path, preprocessing: str, test_limit: int, **options):
+    """Each variant's report with its MLflow run (for the held-out choice it records)."""
     from mlflow.tracking import MlflowClient
 
     from ptqflow import quantize
@@ -56,26 +57,36 @@ def _sweep(model: Path, data: Path, preprocessing: str, work: Path, test_limit: 
     results = quantize(model, data, preprocessing=preprocessing, test_limit=test_limit, register=False,
                        diagnose=False, bench=options.pop("bench", False), **options)
     client = MlflowClient()
-    rows = {}
-    for report in results:
-        run = client.get_run(report.run_id) if report.run_id else None
-        rows[report.name] = (report, run)
-    return rows
+    return {report.name: (report, client.get_run(report.run_id) if report.run_id else None) for report in results}
 
 
-def _ort_defaults_peer(model: Path, calibration: np.ndarray, test: np.ndarray, reference: np.ndarray,
-                       work: Path) -> float:
-    """Agreement with FP32 of onnxruntime's quantize_static with its defaults, on ptqflow's calibration images."""
+def _scores(model: Path, images: np.ndarray) -> np.ndarray:
+    """onnxruntime's scores of model-ready `images`, in batches the model's input takes (a fixed batch of 1 too)."""
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, quant_pre_process, quantize_static
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     name, batch = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
     step = batch if isinstance(batch, int) else 64
+    return np.concatenate([session.run(None, {name: images[i:i + step]})[0] for i in range(0, len(images), step)])
+
+
+def _peer_agreement(model: Path, data: Path, preprocessing: str, test_limit: int, work: Path) -> float:
+    """Agreement with FP32 of onnxruntime's quantize_static with its own defaults, calibrated on ptqflow's
+    calibration images and measured on the sweeps' test images."""
+    from onnxruntime.quantization import CalibrationDataReader, quant_pre_process, quantize_static
+
+    from ptqflow.pipelines.sweep.inputs import prepare_inputs
+    from ptqflow.pipelines.sweep.options import SweepOptions
+
+    inputs = prepare_inputs(SweepOptions(model_path=model, data_dir=data, preprocessing=preprocessing,
+                                         test_limit=test_limit, fetch_missing=False))
+    test = inputs.transform(inputs.test.images)
+    batch = inputs.model.input.batch_size or 64
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{name: calibration[i:i + step]} for i in range(0, len(calibration), step)])
+            self.batches = iter([{inputs.model.input.name: inputs.calibration[i:i + batch]}
+                                 for i in range(0, len(inputs.calibration), batch)])
 
         def get_next(self):
             return next(self.batches, None)
@@ -83,9 +94,7 @@ def _ort_defaults_peer(model: Path, calibration: np.ndarray, test: np.ndarray, r
     prepared, quantized = work / "peer-pre.onnx", work / "peer-int8.onnx"
     quant_pre_process(str(model), str(prepared))
     quantize_static(str(prepared), str(quantized), Reader())
-    peer = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
-    scores = np.concatenate([peer.run(None, {name: test[i:i + step]})[0] for i in range(0, len(test), step)])
-    return float((scores.argmax(1) == reference.argmax(1)).mean())
+    return float((_scores(quantized, test).argmax(1) == _scores(model, test).argmax(1)).mean())
 
 
 def main() -> int:
@@ -105,9 +114,8 @@ def main() -> int:
         lines = []
         for family, model, data, preprocessing in _families(cifar, args.train_images, work):
             started = time.perf_counter()
-            default = _sweep(model, data or args.data_dir, preprocessing, work, args.test_limit, bench=args.bench)
-            nearest = _sweep(model, data or args.data_dir, preprocessing, work, args.test_limit,
-                             weight_rounding="nearest")
+            default = _sweep(model, data or args.data_dir, preprocessing, args.test_limit, bench=args.bench)
+            nearest = _sweep(model, data or args.data_dir, preprocessing, args.test_limit, weight_rounding="nearest")
             fp32 = default["fp32"][0]
             lines.append(f"\n**{family}**: FP32 accuracy {100 * fp32.accuracy:.2f}% "
                          f"({time.perf_counter() - started:.0f} s for both sweeps)\n")
@@ -131,28 +139,11 @@ def main() -> int:
                 lines.append(f"| {name} | {100 * report.agreement:.2f} | "
                              f"{100 * near.agreement:.2f} | {choice} | {latency} |" if near.agreement is not None
                              else f"| {name} | {100 * report.agreement:.2f} | {near.status} | {choice} | {latency} |")
-            peer = _peer_line(model, data or args.data_dir, preprocessing, args.test_limit, work)
+            peer = _peer_agreement(model, data or args.data_dir, preprocessing, args.test_limit, work)
             lines.append(f"| onnxruntime quantize_static defaults (peer) | {100 * peer:.2f} | | | |")
         print(f"\n{machine_line()}; agreement with FP32 on the first {args.test_limit} CIFAR-10 test images")
         print("\n".join(lines))
     return 0
-
-
-def _peer_line(model: Path, data: Path, preprocessing: str, test_limit: int, work: Path) -> float:
-    """The peer on the same calibration images (ptqflow's selection) and test images as the sweeps."""
-    from ptqflow.pipelines.sweep.inputs import prepare_inputs
-    from ptqflow.pipelines.sweep.options import SweepOptions
-
-    inputs = prepare_inputs(SweepOptions(model_path=model, data_dir=data, preprocessing=preprocessing,
-                                         test_limit=test_limit, fetch_missing=False))
-    test = inputs.transform(inputs.test.images)
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    name, batch = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
-    step = batch if isinstance(batch, int) else 64
-    reference = np.concatenate([session.run(None, {name: test[i:i + step]})[0] for i in range(0, len(test), step)])
-    return _ort_defaults_peer(model, inputs.calibration, test, reference, work)
 
 
 if __name__ == "__main__":

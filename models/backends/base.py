@@ -17,6 +17,9 @@ from ptqflow.models.graph.onnx_model import OnnxClassifier, to_torch
 
 
 # Bump when the algorithm or its defaults change: a cached result from older code is not the same result.
+# How a config puts its weights on the integer grid: AdaRound first (onto the grid the backend then reproduces), or
+# the quantizer's own round-to-nearest
+WEIGHT_ROUNDINGS = ("adaround", "nearest")
 ADAROUND_VERSION = ("adaround-v9:lambda=1,lr=0.01,seed=0,nearest-fallback-per-channel,own-output-exact-quadratic,all-images,"
                     "stop-when-saturated,large-layers-on-torch-threads")
 # Libraries whose numerics shape AdaRound's result (the torch conversion and its optimizer).

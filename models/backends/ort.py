@@ -13,7 +13,8 @@ from typing import Callable
 import numpy as np
 
 from ptqflow.common.files import file_sha256, write_atomic
-from ptqflow.models.backends.base import FloatModel, QuantizedModel, UnsupportedVariant, batches, cache_root
+from ptqflow.models.backends.base import (WEIGHT_ROUNDINGS, FloatModel, QuantizedModel, UnsupportedVariant, batches,
+                                         cache_root)
 
 MODEL_FILE_NAME = "model.onnx"
 QUANT_FORMATS = ("QDQ", "QOperator")
@@ -62,8 +63,8 @@ class OrtStaticConfig:
             raise ValueError(f"dtypes must be one of {DTYPES}")
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ValueError(f"calibration_method must be one of {CALIBRATION_METHODS}")
-        if self.weight_rounding not in ("adaround", "nearest"):
-            raise ValueError("weight_rounding must be adaround or nearest")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"weight_rounding must be one of {WEIGHT_ROUNDINGS}")
         if self.calibration_method != "Percentile" and any(k == "CalibPercentile" for k, _ in self.extra_options):
             raise ValueError("CalibPercentile applies only to calibration_method Percentile")
 

@@ -17,7 +17,7 @@ import numpy as np
 from ptqflow.common.errors import first_line
 from ptqflow.common.files import write_atomic
 from ptqflow.common.files import array_sha256
-from ptqflow.models.backends.base import FloatModel, QuantizedModel, UnsupportedVariant, batches
+from ptqflow.models.backends.base import WEIGHT_ROUNDINGS, FloatModel, QuantizedModel, UnsupportedVariant, batches
 
 BACKENDS = ("fbgemm", "x86")
 MODEL_FILE_NAME = "model.pt"
@@ -55,8 +55,8 @@ class PytorchFxConfig:
             raise ValueError("dtypes must be qint8 or quint8")
         if self.activation_observer not in ("percentile", "histogram", "minmax", "moving_minmax"):
             raise ValueError("activation_observer must be percentile, histogram, minmax or moving_minmax")
-        if self.weight_rounding not in ("adaround", "nearest"):
-            raise ValueError("weight_rounding must be adaround or nearest")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"weight_rounding must be one of {WEIGHT_ROUNDINGS}")
 
     @property
     def quant_format(self) -> str:
@@ -198,6 +198,8 @@ class FxGraphs:
     calibration_images: int
     # modules FX could not trace, kept in float (fx_prep.untraceable_modules): name -> why
     float_leaves: dict = field(default_factory=dict)
+    # layers the int8 engine computed away from their quantization (engine_check): module name -> share off
+    engine_departures: dict = field(default_factory=dict)
 
 
 def _source_and_mapping(float_model: FloatModel, config: PytorchFxConfig, example):
@@ -307,13 +309,15 @@ def _calibrate(prepared, calibration: np.ndarray, batch_size: int, advance: Call
 def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibration: np.ndarray,
                     advance: Callable[[int], None] = lambda n: None) -> FxGraphs:
     """prepare_fx, calibration on model-ready `calibration` inputs and convert_fx of the onnx2torch module (equalized
-    first when `config.equalization` asks for it and `float_model` is not yet). Raises UnsupportedVariant when the
+    first when `config.equalization` asks for it and `float_model` is not yet), with the int8 layers the engine
+    computes wrongly (engine_check, once, for the file and its diagnosis). Raises UnsupportedVariant when the
     kernels refuse the dtypes."""
     import copy
 
     import torch
     from torch.ao.quantization.quantize_fx import convert_fx
 
+    from ptqflow.models.backends.engine_check import engine_departures
     from ptqflow.models.graph.fx_prep import untraceable_modules
 
     float_model = float_model.ready_for(config)
@@ -328,7 +332,9 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
         prepared = prepare_traced(source, mapping, example, backend_config, list(float_leaves))
         seen = _calibrate(prepared, calibration, fixed or config.calibration_batch_size, advance)
         converted = convert_fx(copy.deepcopy(prepared), backend_config=backend_config)
-    return FxGraphs(source, prepared, converted, mapping, backend_config, example, seen, float_leaves)
+        graphs = FxGraphs(source, prepared, converted, mapping, backend_config, example, seen, float_leaves)
+        graphs.engine_departures = engine_departures(graphs, calibration, fixed or 64)
+    return graphs
 
 
 def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.ndarray, out_dir: Path,
@@ -337,12 +343,9 @@ def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.n
     traced TorchScript as out_dir/model.pt. Raises UnsupportedVariant when the kernels refuse the dtypes."""
     import torch
 
-    from ptqflow.models.backends.engine_check import engine_departures
-
     graphs = quantize_graphs(float_model, config, calibration, advance)
     with fx_quantization(config.backend), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        departures = engine_departures(graphs, calibration, float_model.onnx.input.batch_size or 64)
         with torch.no_grad():
             # check_trace traces a second time to catch Python control flow that depends on the input: the code of
             # an FX GraphModule has none (and the sweep evaluates the saved file against FP32). 0.5 s per variant.
@@ -352,4 +355,5 @@ def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.n
     path = out_dir / MODEL_FILE_NAME
     write_atomic(path, buffer.getvalue())
     return QuantizedModel(path=path, format="torchscript", calibration_images=graphs.calibration_images,
-                          graphs=graphs, kept_float=dict(graphs.float_leaves), engine_departures=departures)
+                          graphs=graphs, kept_float=dict(graphs.float_leaves),
+                          engine_departures=dict(graphs.engine_departures))

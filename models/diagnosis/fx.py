@@ -237,18 +237,15 @@ def diagnose_fx(reference, source, config, calibration: np.ndarray, images: np.n
     """Diagnose a PyTorch FX variant: `reference` is the FP32 FloatModel before AdaRound, `source` the one the
     quantizer reads (AdaRound-ed when the config asks for it; see FloatModel.for_config). Quantizes `source` with
     `config` and `calibration` the way quantize_pytorch.quantize does, unless `graphs` (its FxGraphs) are given."""
-    from ptqflow.models.backends.engine_check import engine_departures
-    from ptqflow.models.backends.pytorch_fx import fx_quantization, prepare_reference, quantize_graphs
+    from ptqflow.models.backends.pytorch_fx import prepare_reference, quantize_graphs
 
     graphs = graphs or quantize_graphs(source, config, calibration)
     reference = reference.ready_for(config)
     prepared = prepare_reference(reference, config, graphs.example)
-    with fx_quantization(config.backend):
-        departed = engine_departures(graphs, calibration, reference.onnx.input.batch_size or 64)
     return diagnose_fx_graphs(prepared, graphs.converted, images, reference.onnx.proto, config.backend,
                               float_onnx_path=reference.onnx.path, batch_size=batch_size,
                               module_reasons=recipe_float_modules(graphs, config, reference.onnx.proto),
-                              module_departures=departed)
+                              module_departures=graphs.engine_departures)
 
 
 def recipe_float_modules(graphs, config, onnx_proto) -> dict[str, str]:

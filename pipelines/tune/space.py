@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ptqflow.models.backends.base import WEIGHT_ROUNDINGS
 from ptqflow.models.backends.ort import OrtStaticConfig
 from ptqflow.models.backends.pytorch_fx import PytorchFxConfig
 from ptqflow.pipelines.variants.specs import ONNXRUNTIME, PYTORCH
@@ -29,7 +30,6 @@ FX_OBSERVERS = ("percentile", "histogram", "minmax")
 ORT_CALIBRATIONS = ("Percentile", "Entropy", "MinMax")
 PERCENTILES = (99.9, 99.99, 99.995, 99.999)
 CALIBRATION_SIZES = (500, 1000, 2000)
-WEIGHT_ROUNDINGS = ("adaround", "nearest")
 MAX_UPGRADED_LAYERS = 3
 
 SPACE = {

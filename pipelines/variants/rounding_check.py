@@ -12,6 +12,7 @@ import numpy as np
 
 from ptqflow.models.backends.base import FloatModel, QuantizedModel
 from ptqflow.pipelines.shared.progress import progress_task
+from ptqflow.pipelines.variants.evaluation import predict_scores
 from ptqflow.pipelines.variants.phases import PhaseTimer
 from ptqflow.pipelines.variants.rounding_choice import NEAREST, RoundingChoice, choose_rounding
 from ptqflow.pipelines.variants.specs import VariantSpec
@@ -43,8 +44,9 @@ class RoundingCheck:
                                                          total=len(self.inputs.calibration)) as advance:
             twin = nearest.quantize(nearest_source, self.inputs.calibration, twin_dir, advance)
         with self.timer.phase("evaluate"):
-            choice = choose_rounding(self._fp32_scores(validation), self._scores_of(spec, quantized, validation),
-                                     self._scores_of(nearest, twin, validation))
+            choice = choose_rounding(self._fp32_scores(validation),
+                                     self._scores_of(spec, quantized, validation, f"{spec.name} (AdaRound)"),
+                                     self._scores_of(nearest, twin, validation, f"{spec.name} (nearest)"))
         if choice.chosen == NEAREST:
             return nearest, nearest_source, twin, choice
         return spec, source, quantized, choice
@@ -53,18 +55,21 @@ class RoundingCheck:
         from ptqflow.models.runtime.runners import OrtRunner
 
         if self._reference is None:
-            self._reference = self._scores(OrtRunner(self.float_model.onnx.path), validation)
+            self._reference = self._scores(OrtRunner(self.float_model.onnx.path), validation, "FP32")
         return self._reference
 
-    def _scores_of(self, spec: VariantSpec, quantized: QuantizedModel, validation: np.ndarray) -> np.ndarray:
+    def _scores_of(self, spec: VariantSpec, quantized: QuantizedModel, validation: np.ndarray,
+                   label: str) -> np.ndarray:
         from ptqflow.models.runtime.runners import OrtRunner, TorchRunner
 
         engine = spec.config.backend if quantized.format == "torchscript" else ""
         return self._scores(TorchRunner.from_torchscript(quantized.path, engine) if engine
-                            else OrtRunner(quantized.path), validation)
+                            else OrtRunner(quantized.path), validation, label)
 
-    def _scores(self, runner, images: np.ndarray) -> np.ndarray:
+    def _scores(self, runner, images: np.ndarray, label: str) -> np.ndarray:
         """Scores of model-ready `images`, in batches the model takes."""
-        return np.concatenate([np.asarray(runner.predict(batch), dtype=np.float32).reshape(len(batch), -1)
-                               for batch in (images[start:start + self.batch_size]
-                                             for start in range(0, len(images), self.batch_size))])
+        return predict_scores(runner, images, _as_they_are, f"held-out images: {label}", self.batch_size)
+
+
+def _as_they_are(batch: np.ndarray) -> np.ndarray:
+    return batch  # the held-out images are model-ready already

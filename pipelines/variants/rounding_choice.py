@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ptqflow.models.backends.base import WEIGHT_ROUNDINGS
 from ptqflow.pipelines.variants.evaluation import as_probabilities
 
-ADAROUND, NEAREST = "adaround", "nearest"
+ADAROUND, NEAREST = WEIGHT_ROUNDINGS
 
 
 @dataclass(frozen=True)
