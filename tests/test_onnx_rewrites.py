@@ -212,7 +212,7 @@ def test_adarounded_grid_survives_ort_quantization_of_a_batchnorm_model(tmp_path
     assert ready.folded_batch_norms == 1
     rounded = ready.with_adarounded_weights("per_tensor_asym_uint8", calibration, "test-calibration", iterations=20)
     config = OrtStaticConfig(quant_format="QOperator", activation_dtype="uint8", weight_dtype="uint8",
-                             per_channel=False)
+                             per_channel=False, speed_check=False)  # every convolution's integers are checked
     quantized = onnx.load(str(quantize(rounded, config, calibration, tmp_path / "out").path))
     floats = {init.name: numpy_helper.to_array(init) for init in rounded.onnx.proto.graph.initializer}
     inits = {init.name: numpy_helper.to_array(init) for init in quantized.graph.initializer}

@@ -2,7 +2,8 @@
 
 Read from the config and the FP32 model it quantizes (its layer table, ptqflow.models.graph.layer_map): a layer runs
 in 8 bits unless the config keeps it in FP32 (the float classifier head, `fp32_nodes` / `fp32_modules`, which is how
-a `-mixed` variant's upgraded layers are made) or feeds it a 16-bit activation (`activation_16bit_tensors`). Both
+a `-mixed` variant's upgraded layers are made, and the convolutions an onnxruntime config's speed check keeps in
+FP32) or feeds it a 16-bit activation (`activation_16bit_tensors`). Both
 backends quantize every other Conv, Gemm and MatMul, so the share is what the recipe runs, without running it.
 """
 
@@ -23,6 +24,7 @@ class MacTable:
     def __init__(self, model: onnx.ModelProto):
         from ptqflow.models.adaround.onnx import onnx_classifier_head_nodes
 
+        self.model = model
         self.layers = layer_table(model)
         self.total = sum(layer.macs for layer in self.layers)
         self.node_names = [node.name for node in model.graph.node]
@@ -37,7 +39,10 @@ class MacTable:
         SHARE_DECIMALS; None when the model's MACs or its head are unknown."""
         if not self.total or (getattr(config, "float_head", False) and self.head is None):
             return None
-        named = tuple(getattr(config, "fp32_nodes", ())) + tuple(getattr(config, "fp32_modules", ()))
+        from ptqflow.models.backends.speed_check import slow_int8_layers
+
+        named = (tuple(getattr(config, "fp32_nodes", ())) + tuple(getattr(config, "fp32_modules", ()))
+                 + tuple(layer.node for layer in slow_int8_layers(self.model, config)))
         fp32 = {name if name in self.node_names else node_for_name(name, self.node_names) for name in named}
         if getattr(config, "float_head", False):
             fp32 |= self.head

@@ -47,6 +47,8 @@ class OrtStaticConfig:
     # Layers (ONNX node names, as the diagnosis table names them) left in FP32 through nodes_to_exclude, each with
     # the Relu fused into it.
     fp32_nodes: tuple[str, ...] = ()
+    # Convolutions whose int8 kernel is slower here than their FP32 one stay in FP32 (ptqflow.models.backends.speed_check)
+    speed_check: bool = True
 
     def __post_init__(self):
         # JSON (qconfig.json) gives lists back: the config stays hashable and compares equal to the original.
@@ -99,7 +101,8 @@ class OrtStaticConfig:
                   + (["equalization"] if self.equalization else [])
                   + ([f"16-bit activations: {', '.join(self.activation_16bit_tensors)}"]
                      if self.activation_16bit_tensors else [])
-                  + ([f"FP32 layers: {', '.join(self.fp32_nodes)}"] if self.fp32_nodes else []))
+                  + ([f"FP32 layers: {', '.join(self.fp32_nodes)}"] if self.fp32_nodes else [])
+                  + (["FP32 where int8 is slower"] if self.speed_check else []))
         return (f"{self.quant_format} weights: {weights}; activations: {self.calibration_method} "
                 f"{self.activation_dtype}{' reduce_range' if self.reduce_range else ''}{extra}; {', '.join(extras)}")
 
@@ -172,6 +175,8 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
     ready = onnx.load(str(float_model.ort_ready_path))
     check_opset(ready, config)
     excluded = excluded_nodes(float_model, config, ready)
+    slow = slower_in_int8(float_model, config, excluded)
+    excluded += [name for name in ready_node_names(float_model, ready, set(slow)) if name not in excluded]
     extra_options = dict(config.extra_options)
     if config.activation_16bit_tensors:
         extra_options["TensorQuantOverrides"] = tensor_overrides_16bit(ready, config)
@@ -199,7 +204,8 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
         write_atomic(path, tmp_model.read_bytes())
     if cached:  # the ranges came from these very images (the cache key holds them); the reader was never read
         advance(len(calibration))
-    return QuantizedModel(path=path, format="onnx", calibration_images=len(calibration) if cached else reader.images)
+    return QuantizedModel(path=path, format="onnx", calibration_images=len(calibration) if cached else reader.images,
+                          kept_float=slow)
 
 
 _HISTOGRAM_PATCH = threading.Lock()
@@ -307,6 +313,18 @@ def excluded_nodes(float_model: FloatModel, config: OrtStaticConfig, ready) -> l
         chosen = layer_nodes(float_model.onnx.proto, config.fp32_nodes, "fp32_nodes")
         excluded += [name for name in ready_node_names(float_model, ready, chosen) if name not in excluded]
     return excluded
+
+
+def slower_in_int8(float_model: FloatModel, config: OrtStaticConfig, excluded) -> dict[str, str]:
+    """The FP32 model's Conv nodes the speed check keeps in FP32 (ptqflow.models.backends.speed_check), each with
+    its timings. Nodes already `excluded` (the float head, as the pre-processed model names it) and the config's
+    FP32 layers are not timed."""
+    from ptqflow.models.backends.speed_check import slow_int8_layers
+    from ptqflow.models.graph.layer_map import layer_nodes
+
+    skip = set(excluded) | (layer_nodes(float_model.onnx.proto, config.fp32_nodes, "fp32_nodes")
+                            if config.fp32_nodes else set())
+    return {layer.node: layer.reason for layer in slow_int8_layers(float_model.onnx.proto, config, skip)}
 
 
 def tensor_overrides_16bit(ready, config: OrtStaticConfig) -> dict:

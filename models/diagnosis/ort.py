@@ -279,6 +279,8 @@ def recipe_float_nodes(reference, config) -> dict[str, str]:
     from ptqflow.models.adaround.onnx import onnx_classifier_head_nodes
     from ptqflow.models.graph.layer_map import layer_nodes
 
+    from ptqflow.models.backends.speed_check import slow_int8_layers
+
     reasons = {}
     if config.fp32_nodes:
         reasons.update(dict.fromkeys(layer_nodes(reference, config.fp32_nodes, "fp32_nodes"),
@@ -286,6 +288,8 @@ def recipe_float_nodes(reference, config) -> dict[str, str]:
     if config.float_head:
         for node in onnx_classifier_head_nodes(reference):
             reasons.setdefault(node, "the recipe keeps the classifier head in float (8-bit logits tie)")
+    for layer in slow_int8_layers(reference, config, skip=set(reasons)):
+        reasons[layer.node] = layer.reason
     return reasons
 
 
