@@ -42,7 +42,7 @@ def main() -> int:
     for _ in range(args.rounds):
         for path in args.models:
             engine = args.engine if path.suffix == ".pt" else None
-            result = benchmark(lambda: load_runner(path, engine=engine).predict, images, BenchConfig())
+            result = benchmark(lambda threads: load_runner(path, threads, engine=engine).predict, images, BenchConfig())
             throughput[path].append(result.throughput_ips_b256)
             latency[path].append(result.latency_ms_b1_p50)
 

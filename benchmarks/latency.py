@@ -66,7 +66,7 @@ def main() -> int:
     model = load_classifier(args.model)
     images = InputTransform(model.input.layout)(load_cifar10(args.data_dir).test.images[:256])
     eager = TorchRunner(to_torch(model))  # eager float kernels keep no per-shape state: one module serves both
-    torch_fp32 = benchmark(lambda: eager.predict, images, BenchConfig())
+    torch_fp32 = benchmark(lambda threads: eager.predict, images, BenchConfig())
 
     fp32 = next(o for o in result.outcomes if o.name == "fp32").bench
     print(f"\n{args.model.name}; {machine_line()}; threads = {fp32.threads}; µs per image; each variant in "

@@ -22,7 +22,7 @@ def test_benchmark_times_single_images_and_full_batches():
 
     images = np.zeros((10, 32, 32, 3), dtype=np.float32)
     config = BenchConfig(warmup_runs=3, latency_runs=20, throughput_runs=4, threads=1)
-    result = benchmark(lambda: predict, images, config)
+    result = benchmark(lambda threads: predict, images, config)
     assert seen.count(1) == 3 + 20 and seen.count(BATCH_THROUGHPUT) == 1 + 4  # warm-up + timed
     assert 0.4 < result.latency_ms_b1_p50 <= result.latency_ms_b1_p90
     # 256 images take ~8 ms here, so throughput is far below 256 / 0.5 ms.
@@ -42,8 +42,9 @@ def test_benchmark_runs_torch_on_the_threads_it_records():
 
     before = torch.get_num_threads()
     threads = 1 if before > 1 else 2
-    result = benchmark(lambda: predict, np.zeros((3, 32, 32, 3), dtype=np.float32),
-                       BenchConfig(warmup_runs=2, latency_runs=5, throughput_runs=2, threads=threads))
+    result = benchmark(lambda threads: predict, np.zeros((3, 32, 32, 3), dtype=np.float32),
+                       BenchConfig(warmup_runs=2, latency_runs=5, throughput_runs=2, threads=threads,
+                                   latency_threads=threads))
     assert seen == {threads} and result.threads == threads
     assert torch.get_num_threads() == before
 
@@ -68,9 +69,11 @@ def test_the_runner_opens_every_timed_session_on_the_recorded_threads(tmp_path, 
     runner.options = replace(runner.options, bench=True, bench_config=BenchConfig(
         warmup_runs=2, latency_runs=4, throughput_runs=2, rounds=1, threads=threads))
     model_file = tmp_path / "tiny.onnx"
-    timed = runner.bench_together([("copy", model_file, "")])
-    assert opened and set(opened) == {threads}
+    timed = runner.bench_together([("copy", model_file, "", 0)])
+    # batches on the recorded threads; single images on one thread or those, whichever each model answered faster
+    assert opened and set(opened) <= {1, threads} and threads in opened
     assert {r.threads for r in timed.results.values()} == {threads}
+    assert {r.latency_threads for r in timed.results.values()} <= {1, threads}
 
 
 def test_benchmark_times_each_batch_size_on_a_freshly_loaded_model():
@@ -78,22 +81,49 @@ def test_benchmark_times_each_batch_size_on_a_freshly_loaded_model():
     batch sizes would be timed at batch 1 on the slow path."""
     loaded = []
 
-    def load():
+    def load(threads):
         shapes = []
         loaded.append(shapes)
         return lambda batch: shapes.append(batch.shape[0]) or batch
 
     benchmark(load, np.zeros((3, 32, 32, 3), dtype=np.float32),
-              BenchConfig(warmup_runs=2, latency_runs=5, throughput_runs=2, threads=1))
+              BenchConfig(warmup_runs=2, latency_runs=5, throughput_runs=2, threads=1))  # one thread: no choice
     assert len(loaded) == 2
     assert set(loaded[0]) == {1} and set(loaded[1]) == {BATCH_THROUGHPUT}
+
+
+def test_single_images_run_on_the_thread_count_the_model_answers_fastest_on():
+    """Two candidates (one thread and all cores), each freshly loaded and timed in interleaved rounds; more threads
+    win only when clearly faster, and the timing then runs single images on the chosen count, batches on all."""
+    from ptqflow.models.runtime.latency import choose_latency_threads
+
+    loaded = []
+
+    def loader(seconds_by_threads):
+        def load(threads):
+            loaded.append(threads)
+            return lambda batch: time.sleep(seconds_by_threads[threads]) or batch
+        return load
+
+    images = np.zeros((2, 8, 8, 3), dtype=np.float32)
+    config = BenchConfig(warmup_runs=2, latency_runs=6, throughput_runs=2, threads=4)
+    assert config.latency_candidates() == (1, 4)
+    assert choose_latency_threads(loader({1: 0.0006, 4: 0.0001}), images, config) == 4
+    assert loaded == [1, 4, 1, 4]  # interleaved rounds, a fresh load each
+    assert choose_latency_threads(loader({1: 0.0001, 4: 0.0006}), images, config) == 1
+    assert choose_latency_threads(loader({1: 0.0003, 4: 0.0003}), images, config) == 1  # a tie: fewer threads
+    loaded.clear()
+    result = benchmark(loader({1: 0.0001, 4: 0.0006}), images, config)
+    assert result.latency_threads == 1 and result.threads == 4
+    assert loaded[-2:] == [1, 4]  # single images on the chosen count, then the batches on all of them
+    assert BenchConfig(threads=4, latency_threads=2).latency_candidates() == (2,)
 
 
 def test_benchmark_against_alternates_fresh_loads_and_takes_each_ratio_within_its_round():
     loads, calls = [], {"model": [], "reference": []}
 
     def loader(name, seconds):
-        def load():
+        def load(threads):
             loads.append(name)
 
             def predict(batch):
@@ -122,7 +152,7 @@ def test_benchmark_rounds_times_the_reference_once_per_round_for_every_model():
     loads, turns = [], []
 
     def loader(name, seconds, fails=False):
-        def load():
+        def load(threads):
             loads.append(name)
             if fails:
                 raise RuntimeError("cannot run here\nsecond line")

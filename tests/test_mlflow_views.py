@@ -98,9 +98,10 @@ def test_sweeps_as_the_mlflow_ui_shows_them(two_sweeps, tmp_path):
         assert file_sha256(f"{local}/{mv.tags[VersionTag.MODEL_FILE]}") == mv.tags[VersionTag.SHA256]
         # Few, short tags: policy, reason and source run are in the description or the version itself.
         assert not {VersionTag.PROMOTION_POLICY, VersionTag.PROMOTION_REASON, VersionTag.SOURCE_RUN_ID} & set(mv.tags)
-        # 22: the gate also needs how the latency was timed (contended, CPU model, int8 ISA, threads), the speedup
-        # over FP32 at batch 1 (median and largest over the rounds) and the int8 MAC share on each version
-        assert len(mv.tags) <= 22 and all(len(value) <= 64 for value in mv.tags.values())
+        # 23: the gate also needs how the latency was timed (contended, CPU model, int8 ISA, threads), the speedup
+        # over FP32 at batch 1 (median and largest over the rounds) and the int8 MAC share on each version; pull,
+        # serve and bench its batch-1 threads (latency_threads)
+        assert len(mv.tags) <= 23 and all(len(value) <= 64 for value in mv.tags.values())
         test_images = int(mv.tags[VersionTag.TEST_IMAGES])
         assert len(mv.tags[VersionTag.ACCURACY].split(".")[1]) == share_decimals(test_images)
 

@@ -99,10 +99,10 @@ def test_benchmark_records_both_spreads():
 
     from ptqflow.models.runtime.latency import BenchConfig, benchmark
 
-    result = benchmark(lambda: (lambda x: x * 2), np.zeros((4, 3), np.float32),
+    result = benchmark(lambda threads: (lambda x: x * 2), np.zeros((4, 3), np.float32),
                        BenchConfig(warmup_runs=2, latency_runs=20, throughput_runs=5, threads=1))
     assert result.spread_b1 >= 1 and result.spread_b256 is not None and result.spread_b256 >= 1
-    fixed = benchmark(lambda: (lambda x: x), np.zeros((1, 3), np.float32),
+    fixed = benchmark(lambda threads: (lambda x: x), np.zeros((1, 3), np.float32),
                       BenchConfig(warmup_runs=1, latency_runs=5, throughput_runs=2, threads=1), throughput=False)
     assert fixed.throughput_ips_b256 is None and fixed.spread_b256 is None
 
@@ -148,7 +148,7 @@ def sweep_store(tmp_path_factory, cifar_dir, tiny_model):
     with pytest.MonkeyPatch.context() as mp:
         _point_mlflow_at(mp, root)
         mp.setattr(VariantRunner, "bench_together", lambda self, models: RoundsResult(
-            {name: BENCH[name] for name in ("fp32", *(name for name, _, _ in models))}, {}))
+            {name: BENCH[name] for name in ("fp32", *(name for name, _, _, _ in models))}, {}))
         mp.setattr(plots, "agreement", spy_agreement)
         result = run_sweep(SweepOptions(model_path=tiny_model, data_dir=cifar_dir, variants=VARIANTS,
                                         calibration_size=CALIBRATION_SIZE, adaround_iterations=ADAROUND_ITERATIONS,

@@ -94,6 +94,18 @@ def test_variant_run_has_every_param_metric_artifact_and_tag(completed_sweep, ci
     assert logged.name == variant and Artifact.LOGGED_MODEL_NAME not in top
     mlmodel = mlflow.artifacts.load_text(f"{logged.artifact_location}/MLmodel")
     assert ("pytorch:" if variant.startswith("pytorch") else "onnx:") in mlmodel
+    # The batch-1 threads chosen for the file (one or all cores) are its runtime setting: on the run, and for an
+    # ONNX file in its MLmodel's onnxruntime session options, which MLflow applies when it loads the model.
+    from ptqflow.models.runtime.runners import cpu_threads
+
+    threads = int(run.data.params[Param.LATENCY_THREADS])
+    assert threads in {1, cpu_threads()} and outcome.latency_threads in (0, threads)
+    if variant != "fp32" and not variant.startswith("pytorch"):
+        import yaml
+
+        options = yaml.safe_load(mlmodel)["flavors"]["onnx"]["onnx_session_options"]
+        assert options == {"intra_op_num_threads": threads, "inter_op_num_threads": 1,
+                           "graph_optimization_level": 99}
     assert "signature:" in mlmodel and "saved_input_example_info" in mlmodel
     [dataset_input] = run.inputs.dataset_inputs
     assert {t.key: t.value for t in dataset_input.tags}["sha256"] == tags[Tag.DATASET_DIGEST]
@@ -201,7 +213,11 @@ def test_every_int8_variant_run_has_its_diagnosis_and_the_sweep_compares_them(co
         payload = json.loads(mlflow.artifacts.load_text(f"runs:/{outcome.run_id}/{Artifact.DIAGNOSIS_JSON}"))
         assert payload["variant"] == outcome.name and payload["run_id"] == outcome.run_id
         assert payload["images"] == min(256, result.test_images)
-        assert {"Conv_1", "Conv_3"} <= {row["layer"] for row in payload["layers"] if row["quantized"]}
+        # every convolution quantized, or kept in FP32 by the speed check (onnxruntime) with its timings
+        rows = {row["layer"]: row for row in payload["layers"]}
+        assert all(rows[name]["quantized"] or rows[name]["float_reason"].startswith("int8 kernel slower here")
+                   for name in ("Conv_1", "Conv_3"))
+        assert rows["Conv_3"]["quantized"] or outcome.name.startswith("pytorch")
         assert Tag.DIAGNOSIS_ERROR not in client.get_run(outcome.run_id).data.tags
     assert [a.path for a in client.list_artifacts(result.parent_run_id, "diagnosis")] == [
         Artifact.DIAGNOSIS_BACKENDS_PLOT]
@@ -243,6 +259,13 @@ def test_pull_by_version_verifies_and_reevaluates(completed_sweep, cifar_dir, tm
     assert result.accuracy == pytest.approx(result.logged_accuracy, abs=1e-4)
     onnx_result = pull("resnet8-int8-onnx", "1", None, tmp_path / "onnx", cifar_dir)
     assert onnx_result.model_file.suffix == ".onnx"
+    # each loaded on the batch-1 threads its version records, copied from its run
+    from mlflow.tracking import MlflowClient
+
+    for pulled, name in ((result, "resnet8-int8"), (onnx_result, "resnet8-int8-onnx")):
+        version = MlflowClient().get_model_version(name, "1")
+        recorded = MlflowClient().get_run(version.run_id).data.params[Param.LATENCY_THREADS]
+        assert pulled.latency_threads == int(version.tags[VersionTag.LATENCY_THREADS]) == int(recorded)
 
 
 def test_pull_refuses_a_file_changed_after_registration(completed_sweep, tmp_path, monkeypatch):

@@ -42,7 +42,10 @@ class Param:
     DATA_DIR = "data_dir"
     TEST_LIMIT = "test_limit"
     VARIANTS = "variants"
-    BENCH_THREADS = "bench_threads"
+    BENCH_THREADS = "bench_threads"  # the batch-256 timings' threads
+    # the batch-1 threads chosen for the model file (the faster of one thread and all cores) and stored with it: the
+    # MLmodel's onnxruntime session options, the version tag below; pull, serve and bench load it with them
+    LATENCY_THREADS = "latency_threads"
     BENCH_ROUNDS = "bench_rounds"  # rounds a variant was timed in, alternating with FP32
     BATCHNORMS_FOLDED = "batchnorms_folded"  # BatchNormalization nodes folded into their Conv before quantization
     MODEL_OPSET = "model_opset"  # the FP32 model's own ONNX opset
@@ -254,6 +257,7 @@ class VersionTag:
     CPU_MODEL = "cpu_model"
     CPU_INT8_ISA = "cpu_int8_isa"
     BENCH_THREADS = "bench_threads"
+    LATENCY_THREADS = "latency_threads"  # the source run's param: the batch-1 threads pull, serve and bench use
     INT8_MAC_SHARE = "int8_mac_share"  # the source run's param: 1 minus what runs in FP32 or 16 bits
     PROMOTION_DECISION = "promotion_decision"  # promoted, rejected or manual
     PROMOTION_REASON = "promotion_reason"  # no longer written: the reason is the description's first sentence

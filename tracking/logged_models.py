@@ -33,6 +33,7 @@ class LoggedModel:
 
 TORCHSCRIPT_FILE_IN_MODEL = "data/model.pth"  # where mlflow.pytorch writes a pickled (TorchScript) module
 ONNX_FILE_IN_MODEL = "model.onnx"
+ORT_ENABLE_ALL = 99  # onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL, as the onnx flavor takes it
 
 
 def _signature(input_example, output_example):
@@ -63,16 +64,21 @@ def log_torchscript_model(script_module, name: str, download_dir: Path, input_ex
 
 
 def log_onnx_model(onnx_path: Path, name: str, download_dir: Path, input_example, output_example,
-                   pip_requirements: list[str], params: dict) -> LoggedModel:
+                   pip_requirements: list[str], params: dict, session_threads: int = 0) -> LoggedModel:
     """Log an ONNX file (external data inlined) as an MLflow logged model (onnx flavor, CPU execution provider),
-    like log_torchscript_model."""
+    like log_torchscript_model. `session_threads` (0: none) become the MLmodel's onnxruntime session options, which
+    MLflow's onnx flavor applies when it loads the model: intra-op threads, one inter-op thread, every graph
+    optimization."""
     import mlflow.onnx
     import onnx
 
+    options = ({"intra_op_num_threads": session_threads, "inter_op_num_threads": 1,
+                "graph_optimization_level": ORT_ENABLE_ALL} if session_threads else None)
     info = _log_model(lambda: mlflow.onnx.log_model(
         onnx.load(str(onnx_path)), name=name, signature=_signature(input_example, output_example),
         input_example=input_example, pip_requirements=pip_requirements, save_as_external_data=False,
-        onnx_execution_providers=["CPUExecutionProvider"], params=str_params(params)))
+        onnx_execution_providers=["CPUExecutionProvider"], onnx_session_options=options,
+        params=str_params(params)))
     return _downloaded(info, download_dir, ONNX_FILE_IN_MODEL)
 
 

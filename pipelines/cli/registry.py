@@ -114,7 +114,10 @@ def bench(
         help="ONNX or TorchScript files, or registered models NAME@ALIAS / NAME/VERSION.")],
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     data_format: DataFormatOpt = DataFormat.auto,
-    threads: Annotated[int, typer.Option("--threads", min=0, help="Threads per runtime (0: all cores).")] = 0,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="Threads per runtime (0: all cores for batches; "
+                                                                   "single images on a registered version's "
+                                                                   "recorded threads, else the faster of 1 and "
+                                                                   "all cores).")] = 0,
     input_layout: LayoutOpt = LayoutChoice.auto,
     preprocessing: PreprocessingOpt = Preprocessing.raw,
     run_id: Annotated[Optional[str], typer.Option("--run-id", help="Log the numbers to this MLflow run "
@@ -137,12 +140,13 @@ def bench(
     layout = None if input_layout is LayoutChoice.auto else input_layout.value
     resolved = resolve_targets(targets, output, layout, preprocessing.value, engine)
     images = load_dataset(data_dir, data_format).test.images[:256]
+    config = BenchConfig(threads=threads, latency_threads=threads)  # 0: see --threads
     if run_id:  # timed beside its sweep's FP32 model, the run's whole timing record replaced
         from ptqflow.pipelines.sweep.bench import bench_run
 
-        results = [(resolved[0], bench_run(run_id, resolved[0], images, BenchConfig(threads=threads), output))]
+        results = [(resolved[0], bench_run(run_id, resolved[0], images, config, output))]
     else:
-        results = bench_files(resolved, images, BenchConfig(threads=threads))
+        results = bench_files(resolved, images, config)
     print_bench(results)
     if run_id:
         typer.echo(f"logged to run {run_id}")

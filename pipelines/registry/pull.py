@@ -22,6 +22,7 @@ class PullResult:
     engine: str | None = None  # torch quantized engine the file was loaded under (its version's tag)
     recorded_accuracy: str | None = None  # the version's accuracy tag as written, with --evaluate
     test_images: int | None = None  # re-evaluated on, with --evaluate
+    latency_threads: int | None = None  # the batch-1 threads its version records, which it was loaded with
 
 
 def pull(name: str, version: str | None, alias: str | None, output_dir: Path,
@@ -49,18 +50,32 @@ def pull(name: str, version: str | None, alias: str | None, output_dir: Path,
                              f"{actual_sha[:12]}…, registered {expected_sha[:12]}…; refusing to load it")
     logged = float(registered.tags[V.ACCURACY]) if V.ACCURACY in registered.tags else None
     engine = registered.tags.get(V.QUANTIZED_ENGINE) or None
+    threads = recorded_threads(registered.tags)
     result = PullResult(name, registered.version, model_file, actual_sha, logged, model_dir=model_dir.resolve(),
-                        engine=engine)
+                        engine=engine, latency_threads=threads)
     from ptqflow.models.runtime.runners import load_runner
 
     # Loading proves the file is usable. TorchScript int8 modules pack their weights for the quantized engine that
-    # is current at load time, so the version's engine is set first (and stays set for whoever uses the result).
+    # is current at load time, so the version's engine is set first (and stays set for whoever uses the result),
+    # and torch's threads too: the version's batch-1 threads, its runtime setting.
     if model_file.suffix != ".onnx":
         checked_engine(engine, f"{name} version {registered.version}")
-    runner = load_runner(model_file, engine=engine)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+    runner = load_runner(model_file, threads, engine=engine)
     if data_dir is None:
         return result
     return _reevaluate(result, runner, registered.tags, data_dir, data_format)
+
+
+def recorded_threads(tags: dict[str, str]) -> int | None:
+    """The batch-1 threads a version's tags record (VersionTag.LATENCY_THREADS), None when it has none."""
+    from ptqflow.tracking.keys import VersionTag as V
+
+    value = tags.get(V.LATENCY_THREADS, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def checked_engine(engine: str | None, what: str) -> str | None:

@@ -89,7 +89,7 @@ def timing_tags(run_id: str) -> dict[str, str]:
     run = runs.get_run(run_id)
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     found = {V.CPU_MODEL: tags.get(Tag.CPU_MODEL), V.CPU_INT8_ISA: tags.get(Tag.CPU_INT8_ISA),
-             V.BENCH_THREADS: params.get(Param.BENCH_THREADS)}
+             V.BENCH_THREADS: params.get(Param.BENCH_THREADS), V.LATENCY_THREADS: params.get(Param.LATENCY_THREADS)}
     if Metric.BENCH_CONTENDED in metrics:
         found[V.LATENCY_CONTENDED] = "yes" if metrics[Metric.BENCH_CONTENDED] else "no"
     return {key: value for key, value in found.items() if value}

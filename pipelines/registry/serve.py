@@ -37,6 +37,8 @@ class ServedModel:
     sha256: str
     engine: str | None  # torch quantized engine set before loading (None: TorchScript-free or untagged)
     pyfunc: object  # mlflow.pyfunc.PyFuncModel
+    # the version's batch-1 threads: onnxruntime's come from the MLmodel's session options, torch's are set by pull
+    threads: int | None = None
 
 
 def model_ref(ref: str, version: str | None, alias: str | None) -> tuple[str, str | None, str | None]:
@@ -120,7 +122,7 @@ def load_verified(name: str, version: str | None, alias: str | None, download_di
         raise ModelError(f"{name} version {pulled.version}: MLflow cannot load the verified model: "
                          f"{first_line(exc.message)}") from exc
     return ServedModel(name, pulled.version, pulled.model_dir, pulled.model_file, pulled.sha256, pulled.engine,
-                       pyfunc)
+                       pyfunc, pulled.latency_threads)
 
 
 def scoring_app(model: ServedModel):
@@ -169,10 +171,11 @@ def run_server(app, sock: socket.socket, log_level: str = "info") -> str | None:
 
 
 def _runtime_of(model: ServedModel) -> str:
+    threads = f", {model.threads} thread{'s' if model.threads > 1 else ''}" if model.threads else ""
     if model.model_file.suffix == ".onnx":
-        return "onnxruntime"
+        return f"onnxruntime{threads}"
     if model.engine:
-        return f"torch quantized engine {model.engine}"
+        return f"torch quantized engine {model.engine}{threads}"
     import torch
 
     return f"torch quantized engine {torch.backends.quantized.engine} (the version has no quantized_engine tag)"

@@ -201,7 +201,7 @@ def print_bench(results) -> None:
     from ptqflow.models.runtime.latency import CONTENDED_SPREAD
 
     table = Table(title="latency and throughput (real test images)")
-    for header in ("model", "threads", "b1 p50 ms", "b1 p90 ms", "b1 p90/p50", "b256 img/s", "µs/img b1",
+    for header in ("model", "threads b1/b256", "b1 p50 ms", "b1 p90 ms", "b1 p90/p50", "b256 img/s", "µs/img b1",
                    "µs/img b256", "b256 speedup vs first"):
         table.add_column(header, justify="left" if header == "model" else "right", no_wrap=True)
     first = results[0][1].throughput_ips_b256 if results else None
@@ -212,7 +212,7 @@ def print_bench(results) -> None:
 
     for target, r in results:
         busy = mark if r.contended else ""
-        table.add_row(target.label, str(r.threads), f"{r.latency_ms_b1_p50:.3f}{busy}",
+        table.add_row(target.label, f"{r.latency_threads or r.threads}/{r.threads}", f"{r.latency_ms_b1_p50:.3f}{busy}",
                       f"{r.latency_ms_b1_p90:.3f}{busy}",
                       f"{r.spread_b1:.2f}{busy}", b256(r, lambda: f"{r.throughput_ips_b256:.0f}"),
                       f"{1000 * r.latency_ms_b1_p50:.0f}{busy}", b256(r, lambda: f"{1e6 / r.throughput_ips_b256:.0f}"),

@@ -23,6 +23,7 @@ class BenchTarget:
     mean: tuple[float, ...] | None = None  # as the registered version records them
     std: tuple[float, ...] | None = None
     fixed_batch: int | None = None  # a batch dimension fixed in the model (then batch 1 only is timed)
+    latency_threads: int = 0  # the batch-1 threads the registered version records (0: chosen when timed)
 
 
 def resolve_target(ref: str, download_dir: Path, layout: str | None, preprocessing: str,
@@ -53,7 +54,8 @@ def resolve_target(ref: str, download_dir: Path, layout: str | None, preprocessi
         batch = tags.get(V.INPUT_BATCH)
         return BenchTarget(f"{named.name} v{pulled.version}", pulled.model_file, layout or feed.layout or "NHWC",
                            tags.get(V.PREPROCESSING, preprocessing), pulled.engine or engine,  # untagged: as a file
-                           feed.size, feed.mean, feed.std, int(batch) if batch and batch.isdigit() else None)
+                           feed.size, feed.mean, feed.std, int(batch) if batch and batch.isdigit() else None,
+                           pulled.latency_threads or 0)
     raise ModelError(f"{ref} is neither a model file nor a registered NAME@ALIAS or NAME/VERSION")
 
 
@@ -81,10 +83,19 @@ def _input_of(path: Path) -> tuple[str, tuple[int, int] | None, int | None]:
 
 
 def bench_files(targets: list[BenchTarget], images_nchw, config: BenchConfig) -> list[tuple[BenchTarget, BenchResult]]:
-    """Each target timed alone (benchmark: on config's threads, torch's and onnxruntime's); batch 1 only for a
-    model whose batch dimension is fixed."""
-    return [(target, benchmark(_load(target, config), _images_for(target, images_nchw), config,
+    """Each target timed alone (benchmark: on config's threads, torch's and onnxruntime's; single images on the
+    batch-1 threads a registered version records, unless config fixes them); batch 1 only for a model whose batch
+    dimension is fixed."""
+    return [(target, benchmark(_load(target), _images_for(target, images_nchw), _config_for(target, config),
                                throughput=not target.fixed_batch)) for target in targets]
+
+
+def _config_for(target: BenchTarget, config: BenchConfig) -> BenchConfig:
+    from dataclasses import replace
+
+    if config.latency_threads or not target.latency_threads:
+        return config
+    return replace(config, latency_threads=target.latency_threads)
 
 
 def _images_for(target: BenchTarget, images_nchw):
@@ -96,10 +107,10 @@ def _images_for(target: BenchTarget, images_nchw):
     return InputTransform(target.layout, Preprocessing(target.preprocessing), target.mean, target.std)(sized)
 
 
-def _load(target: BenchTarget, config: BenchConfig):
+def _load(target: BenchTarget):
     from ptqflow.models.runtime.runners import load_runner
 
-    return lambda: load_runner(target.path, config.resolved_threads, target.engine).predict
+    return lambda threads: load_runner(target.path, threads, target.engine).predict
 
 
 def bench_run(run_id: str, target: BenchTarget, images_nchw, config: BenchConfig,
@@ -115,17 +126,22 @@ def bench_run(run_id: str, target: BenchTarget, images_nchw, config: BenchConfig
 
     run = runs.get_run(run_id)
     _check_comparable(run, config)
+    recorded = run.data.params.get(Param.LATENCY_THREADS)
+    if recorded and recorded.isdigit() and not config.latency_threads:  # the run's runtime setting
+        from dataclasses import replace
+
+        config = replace(config, latency_threads=int(recorded))
     images = _images_for(target, images_nchw)
     throughput = not target.fixed_batch
     reference = None if run.data.tags.get(Tag.VARIANT) == FP32 else _sweep_fp32_model(run, download_dir)
     if reference is not None:
         fp32 = BenchTarget(FP32, reference, target.layout, target.preprocessing)
-        bench = benchmark_against(_load(target, config), _load(fp32, config), images, config, throughput)
+        bench = benchmark_against(_load(target), _load(fp32), images, config, throughput)
     elif run.data.tags.get(Tag.VARIANT) != FP32 and Metric.SPEEDUP_VS_FP32_B1 in run.data.metrics:
         raise ConfigError(f"run {run_id} records speedups over its sweep's FP32 model, which cannot be found to "
                           "time beside it; time the model without --run-id")
     else:
-        bench = benchmark(_load(target, config), images, config, throughput=throughput)
+        bench = benchmark(_load(target), images, config, throughput=throughput)
     metrics, params, tags, stale = timing_record(bench, bench if run.data.tags.get(Tag.VARIANT) == FP32 else None,
                                                  run.data.tags)
     tags[Tag.BENCH_RETIMED] = (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC by ptqflow bench "

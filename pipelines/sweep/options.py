@@ -120,7 +120,7 @@ class SweepOptions:
         return select(self.variants, self.ort_per_channel, self.ort_calibration_method, self.weight_rounding)
 
     def runner_options(self) -> RunnerOptions:
-        return RunnerOptions(bench=self.bench, adaround_iterations=self.adaround_iterations,
+        return RunnerOptions(bench=self.bench, choose_threads=self.bench, adaround_iterations=self.adaround_iterations,
                              diagnose_images=self.diagnose_images if self.diagnose else 0)
 
 

@@ -182,7 +182,8 @@ class RunRecorder:
                 model.module, spec.name, model_dir, model.example_input, model.example_output,
                 [f"torch=={self.versions['torch']}", f"numpy=={self.versions['numpy']}"], params)
         return logged_models.log_onnx_model(model.quantized.path, spec.name, model_dir, model.example_input,
-                                            model.example_output, self.onnx_requirements(), params)
+                                            model.example_output, self.onnx_requirements(), params,
+                                            session_threads=model.latency_threads)
 
 
 def timing_record(bench: BenchResult, reference: BenchResult | None,
@@ -191,7 +192,8 @@ def timing_record(bench: BenchResult, reference: BenchResult | None,
     tags of `recorded_tags` an earlier timing left that this one contradicts, to delete). `reference` is FP32's
     timing when `bench` does not carry its own speedups."""
     metrics = precision.rounded(_bench_metrics(bench, reference))
-    params = {Param.BENCH_THREADS: bench.threads, Param.BENCH_ROUNDS: bench.rounds}
+    params = {Param.BENCH_THREADS: bench.threads, Param.BENCH_ROUNDS: bench.rounds,
+              **({Param.LATENCY_THREADS: bench.latency_threads} if bench.latency_threads else {})}
     tags = _contended_tags(bench)
     stale = [Tag.BENCH_CONTENDED] if not tags and Tag.BENCH_CONTENDED in (recorded_tags or {}) else []
     return metrics, params, tags, stale

@@ -190,7 +190,8 @@ class Sweep:
         model. Reused runs keep the timings they were logged with."""
         reference, made = outcomes[0], [o for o in outcomes[1:]
                                         if o.status == "ok" and o.bench is None and o.model_file is not None]
-        timed = self.variants.runner.bench_together([(o.name, o.model_file, o.quantized_engine) for o in made])
+        timed = self.variants.runner.bench_together([(o.name, o.model_file, o.quantized_engine, o.latency_threads)
+                                                     for o in made])
         self.variants.reference.bench = timed.results[FP32]
         for outcome in [reference, *made]:
             if outcome.name in timed.failed:

@@ -25,7 +25,7 @@ import numpy as np
 from ptqflow.common.errors import failure_reason
 from ptqflow.common.files import file_sha256, write_json_atomic
 from ptqflow.models.backends.base import FloatModel, QuantizedModel, UnsupportedVariant
-from ptqflow.models.runtime.latency import BenchConfig, BenchResult, RoundsResult, benchmark, benchmark_against, benchmark_rounds
+from ptqflow.models.runtime.latency import BenchConfig, BenchResult, RoundsResult
 from ptqflow.models.graph.onnx_model import OnnxClassifier
 from ptqflow.pipelines.data.dataset import Dataset, Split
 from ptqflow.pipelines.variants.evaluation import EVAL_BATCH_SIZE, Evaluation, Fidelity, evaluate, fidelity, predict_scores
@@ -37,6 +37,7 @@ from ptqflow.pipelines.variants.reference_pass import ReferencePass
 from ptqflow.pipelines.variants.rounding_check import TWIN_DIR, RoundingCheck
 from ptqflow.pipelines.variants.rounding_choice import RoundingChoice
 from ptqflow.pipelines.variants.specs import FP32, ONNXRUNTIME, PYTORCH, VariantSpec, config_payload
+from ptqflow.pipelines.variants.timing import ModelTimer
 from ptqflow.pipelines.variants.weights import WeightSource
 
 QCONFIG_FILE = "qconfig.json"  # the variant's full backend config, written beside its model file
@@ -65,6 +66,9 @@ class PreparedInputs(Protocol):
 @dataclass(frozen=True)
 class RunnerOptions:
     bench: bool = True  # measure batch-1 latency and batch-256 throughput of every model file
+    # choose each variant's batch-1 threads right after quantization and store them with its model (ModelTimer);
+    # a sweep that times its models at the end keeps this on while `bench` is off
+    choose_threads: bool = True
     adaround_iterations: int = 1000  # AdaRound optimization steps per layer
     bench_config: BenchConfig = BenchConfig()
     # Per-layer diagnosis (ptqflow.models.diagnosis) of every variant on the first N test images right after it is made;
@@ -82,6 +86,7 @@ class ModelToStore:
     module: object | None  # the loaded TorchScript module (None for ONNX)
     example_input: np.ndarray  # one model-ready test image
     example_output: np.ndarray  # the model's scores for it
+    latency_threads: int = 0  # the batch-1 threads chosen for it (0: none chosen), stored as a runtime setting
 
 
 Store = Callable[[ModelToStore], Path]  # keeps the file; returns the kept copy, which is evaluated
@@ -113,6 +118,7 @@ class VariantResult:
     kept_float: dict = field(default_factory=dict)  # layers the backend could not quantize, left in float: name -> why
     rounding_choice: RoundingChoice | None = None  # AdaRound against nearest on held-out images; spec is the kept one
     engine_departures: dict = field(default_factory=dict)  # FX: layers the int8 engine computed wrongly: name -> share
+    latency_threads: int = 0  # the batch-1 threads chosen for its model file and stored with it (0: none chosen)
 
 
 class VariantRunner:
@@ -135,6 +141,7 @@ class VariantRunner:
         self.example_input = inputs.transform(inputs.test.images[:1])
         self.eval_batch = inputs.model.input.batch_size or EVAL_BATCH_SIZE  # a fixed batch dimension (1) is used everywhere
         self.bench_images = inputs.transform(inputs.test.images[:BENCH_IMAGES])
+        self._timing: ModelTimer | None = None
         self.reference: Evaluation | None = None
         self.ort_diagnoses: dict = {}  # diagnose_ort_config's memo: a QDQ file diagnosed once per runner
         # onnxruntime graph digest -> (variant, its test scores): a file that onnxruntime optimizes into a graph
@@ -143,6 +150,14 @@ class VariantRunner:
         self.test_images = ReadyTestImages(inputs.test.images, inputs.transform)
         self.reference_pass = ReferencePass()  # the FP32 reference's onnxruntime scores while convert() runs
         self.rounding_check = RoundingCheck(inputs, self.weights, self.float_model, self.eval_batch, self.timer)
+
+    @property
+    def timing(self) -> ModelTimer:
+        """The model timer for the current options' bench config (a caller may replace the options)."""
+        if self._timing is None or self._timing.config != self.options.bench_config:
+            self._timing = ModelTimer(self.float_model.onnx.path, self.bench_images, self.options.bench_config,
+                                      self.timer, throughput=not self.inputs.model.input.batch_size)
+        return self._timing
 
     @property
     def quantization_source(self) -> FloatModel:
@@ -207,9 +222,7 @@ class VariantRunner:
         self.reference = evaluate(ort_scores, test.labels, names)
         torch_agreement = fidelity(evaluate(ort_scores[:checked], test.labels[:checked], names),
                                    evaluate(torch_scores, test.labels[:checked], names)).top1_agreement
-        bench = None
-        if self.options.bench:
-            bench = self._bench(self._load_reference, FP32)
+        bench = self.timing.bench_reference() if self.options.bench else None
         return VariantResult(FP32, ONNXRUNTIME, evaluation=self.reference,
                              fidelity=Fidelity(1.0, 0.0, float("inf")), bench=bench, model_file=self.inputs.model.path,
                              model_sha256=self.inputs.model.sha256, size_bytes=self.inputs.model.size_bytes,
@@ -219,7 +232,7 @@ class VariantRunner:
     def run(self, spec: VariantSpec, store: Store | None = None) -> VariantResult:
         """Quantize, keep (`store`), evaluate and time one variant; run_reference() first. Raises
         UnsupportedVariant when the backend refuses the configuration, and whatever else goes wrong."""
-        from ptqflow.models.runtime.runners import TorchRunner, load_runner
+        from ptqflow.models.runtime.runners import TorchRunner
 
         if self.reference is None:
             raise RuntimeError("run_reference() must run before any variant: variants are compared with it")
@@ -233,7 +246,8 @@ class VariantRunner:
         # TorchScript int8 modules repack their weights for the engine that is current when they load, so fbgemm
         # and x86 variants are loaded, evaluated and timed under the engine they were built for.
         engine = spec.config.backend if quantized.format == "torchscript" else ""
-        model_file = store(self._to_store(spec, quantized, engine)) if store else quantized.path
+        threads = self.timing.choose_threads(quantized.path, engine) if self.options.choose_threads else 0
+        model_file = store(self._to_store(spec, quantized, engine, threads)) if store else quantized.path
         graph, scores_from = "", ""
         with self.timer.phase("evaluate"):
             if engine:
@@ -257,10 +271,7 @@ class VariantRunner:
                 diagnosis = self.diagnose(spec, quantized, model_file, source)
             except Exception as exc:  # noqa: BLE001 - a diagnosis that fails says why; the variant stands
                 diagnosis_error = failure_reason(exc)
-        bench = None
-        if self.options.bench:
-            bench = self._bench(lambda: load_runner(model_file, self._bench_threads, engine or None).predict,
-                                spec.name, against_reference=True)
+        bench = self.timing.bench(model_file, engine, spec.name, threads) if self.options.bench else None
         shutil.rmtree(variant_dir / TWIN_DIR, ignore_errors=True)  # the twin, kept or not, is copied by now
         return VariantResult(spec.name, spec.framework, spec, evaluation=evaluation,
                              fidelity=fidelity(self.reference, evaluation), bench=bench, model_file=public,
@@ -268,7 +279,8 @@ class VariantRunner:
                              quantized_engine=engine, calibration_images=quantized.calibration_images,
                              diagnosis=diagnosis, diagnosis_error=diagnosis_error, ort_graph_sha256=graph,
                              scores_from=scores_from, kept_float=quantized.kept_float,
-                             rounding_choice=rounding_choice, engine_departures=quantized.engine_departures)
+                             rounding_choice=rounding_choice, engine_departures=quantized.engine_departures,
+                             latency_threads=threads)
 
     def _ort_session(self, model_file: Path, name: str):
         """An onnxruntime session of `model_file` (ptqflow.models.runtime.runners.OrtRunner) and the digest of the graph it runs
@@ -359,58 +371,21 @@ class VariantRunner:
         """The AdaRound grids `specs` will ask for, computed ahead and together (WeightSource.adaround_ahead)."""
         self.weights.adaround_ahead(specs)
 
-    def _to_store(self, spec: VariantSpec, quantized: QuantizedModel, engine: str) -> ModelToStore:
+    def _to_store(self, spec: VariantSpec, quantized: QuantizedModel, engine: str, threads: int) -> ModelToStore:
         from ptqflow.models.runtime.runners import OrtRunner, set_quantized_engine
 
         if not engine:
             example_out = OrtRunner(quantized.path).predict(self.example_input)
-            return ModelToStore(spec, quantized, engine, None, self.example_input, example_out)
+            return ModelToStore(spec, quantized, engine, None, self.example_input, example_out, threads)
         import torch
 
         set_quantized_engine(engine)
         module = torch.jit.load(str(quantized.path))
         with torch.no_grad():  # a float head keeps parameters that require grad
             example_out = module(torch.from_numpy(self.example_input)).numpy()
-        return ModelToStore(spec, quantized, engine, module, self.example_input, example_out)
+        return ModelToStore(spec, quantized, engine, module, self.example_input, example_out, threads)
 
-    @property
-    def _bench_threads(self) -> int:
-        """The threads every timed session runs on, the count its result records (BenchResult.threads)."""
-        return self.options.bench_config.resolved_threads
-
-    def _load_reference(self):
-        """A freshly loaded FP32 reference's predict, as benchmarks time it."""
-        from ptqflow.models.runtime.runners import OrtRunner
-
-        return OrtRunner(self.float_model.onnx.path, self._bench_threads).predict
-
-    def bench_together(self, models: list[tuple[str, Path, str]]) -> RoundsResult:
-        """Time the FP32 reference (named FP32) and every (name, model file, torch engine or "") in shared rounds
-        (ptqflow.models.runtime.latency.benchmark_rounds): FP32 is timed once per round for all of them, and each ratio is taken
-        against it within the round."""
-        from ptqflow.models.runtime.runners import load_runner
-
-        loads = {FP32: self._load_reference}
-        for name, model_file, engine in models:
-            loads[name] = lambda path=model_file, engine=engine: load_runner(path, self._bench_threads,
-                                                                             engine or None).predict
-        config = self.options.bench_config
-        with self.timer.phase("bench"), progress_task(f"benchmarking {len(loads)} models in {config.rounds} rounds",
-                                                      total=max(1, config.rounds) * len(loads)) as advance:
-            return benchmark_rounds(loads, FP32, self.bench_images, config, not self.inputs.model.input.batch_size,
-                                    advance)
-
-    def _bench(self, load, name: str, against_reference: bool = False) -> BenchResult:
-        """Time the model file as a user loads it: `load()` gives a fresh predict (see ptqflow.models.runtime.latency). A variant
-        is timed `against_reference`: in rounds alternating with the FP32 reference, its speedups taken round by
-        round (ptqflow.models.runtime.latency.benchmark_against)."""
-        throughput = not self.inputs.model.input.batch_size
-        with self.timer.phase("bench"), progress_task(f"benchmarking {name}", total=1) as advance:
-            if against_reference:
-                result = benchmark_against(load, self._load_reference, self.bench_images, self.options.bench_config,
-                                           throughput)
-            else:
-                result = benchmark(load, self.bench_images, self.options.bench_config, throughput=throughput)
-            advance()
-        return result
-
+    def bench_together(self, models: list[tuple[str, Path, str, int]]) -> RoundsResult:
+        """Time the FP32 reference and every (name, model file, torch engine or "", batch-1 threads or 0) in shared
+        rounds (ModelTimer.bench_together)."""
+        return self.timing.bench_together(models)
