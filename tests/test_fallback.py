@@ -228,6 +228,11 @@ def test_target_agreement_repairs_every_variant_that_misses_it(tracking_store, o
         assert {step.data.tags[Tag.STEP_DECISION] for step in steps} == {Tag.STEP_ADDED}
         search = json.loads(records.download_text(base.run_id, Artifact.FALLBACK_SEARCH))
         assert search["reached"] and search["best_step"] == len(steps)
+        # chosen on held-out training images, never on the test set the -mixed variant is then measured on
+        assert search["selected_on"] == "validation" and "held-out training images" in search["summary"]
+        assert all(Metric.HELD_OUT_IMAGES in step.data.metrics and Metric.TEST_IMAGES not in step.data.metrics
+                   for step in steps)
+        assert search["final"]["images"] == int(steps[-1].data.metrics[Metric.HELD_OUT_IMAGES]) > 0
         assert search["ranking"][0]["layer"] == "conv2" and search["ranking_images"] == 50
         assert steps[-1].data.params[Param.FALLBACK_LAYERS] == run.data.params[Param.FALLBACK_LAYERS]
         assert steps[-1].data.metrics[Metric.TOP1_AGREEMENT] == run.data.metrics[Metric.TOP1_AGREEMENT]
@@ -250,8 +255,8 @@ def test_target_agreement_repairs_every_variant_that_misses_it(tracking_store, o
 
 def test_a_target_out_of_reach_is_one_line_and_leaves_no_run_running(tracking_store, outlier_model, cifar_dir,
                                                                       monkeypatch, capsys):
-    """When the backend refuses every config the search makes (here: this test, on the full test set), every step
-    is recorded as refused, the variant keeps no -mixed variant, one line says so and every run ends FINISHED."""
+    """When the backend refuses every config the search makes (here: this test, on all the selection images), every
+    step is recorded as refused, the variant keeps no -mixed variant, one line says so and every run ends FINISHED."""
     from ptqflow.pipelines.sweep.options import SweepOptions
     from ptqflow.pipelines.sweep.sweep import run_sweep
     from ptqflow.pipelines.variants.runner import VariantRunner
@@ -259,12 +264,13 @@ def test_a_target_out_of_reach_is_one_line_and_leaves_no_run_running(tracking_st
 
     measure = VariantRunner.measure
 
-    def refuse_full_set(self, spec, limit=None):
-        if limit is None:
+    def refuse_full_set(self, spec, limit=None, on="test"):
+        upgraded = spec.config.fp32_nodes or spec.config.activation_16bit_tensors  # not the variant's own start
+        if limit is None and upgraded:
             from ptqflow.models.backends.base import UnsupportedVariant
 
             raise UnsupportedVariant("refused by the test")  # as a backend says it (an error of ours would stop it)
-        return measure(self, spec, limit)
+        return measure(self, spec, limit, on)
 
     monkeypatch.setattr(VariantRunner, "measure", refuse_full_set)
     result = run_sweep(SweepOptions(model_path=outlier_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,

@@ -97,6 +97,8 @@ class Metric:
     TORCH_ORT_AGREEMENT = "fp32_torch_vs_ort_agreement"
     TORCH_ORT_IMAGES = "fp32_torch_vs_ort_images"  # the first N test images that agreement is measured on
     TEST_IMAGES = "test_images"
+    # a fallback step's numbers are on this many held-out training images (the search's selection images)
+    HELD_OUT_IMAGES = "held_out_images"
     CALIBRATION_IMAGES_USED = "calibration_images_used"  # counted by the backend as its observers ran
     # Top-1 agreement with FP32 on the held-out training images of each rounding compared (Param.VALIDATION_SIZE)
     VALIDATION_AGREEMENT_ADAROUND = "validation_agreement_adaround"

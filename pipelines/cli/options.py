@@ -233,7 +233,7 @@ class FallbackOptions(OptionGroup):
              "<variant>-mixed variant, as with --target-agreement (both: both must hold).")] = None
     ranking_images: Annotated[int, typer.Option(
         "--ranking-images", min=1, rich_help_panel="Fallback",
-        help="The fallback ranks layers on the first N test images.")] = 1000
+        help="The fallback ranks layers on the first N held-out training images.")] = 1000
     fallback_candidates: Annotated[int, typer.Option(
         "--fallback-candidates", min=1, rich_help_panel="Fallback",
         help="Layers the fallback ranks: the worst by local SQNR, plus any the diagnosis gives a hint.")] = 8

@@ -14,8 +14,8 @@ registered like any other.
    backends; NNCF's ranker likewise reverts the quantizers that must change together as one group). Layers are
    ordered by the best logit SQNR any of their upgrades reached (steadier than agreement on a few hundred images),
    then agreement, then local SQNR.
-3. Greedy restore (`FallbackSearch.run`): the upgrades join the config one at a time, each measured on the full
-   test set, until the target holds or the candidates run out: first, where the backend has them, every layer's
+3. Greedy restore (`FallbackSearch.run`): the upgrades join the config one at a time, each measured on all the
+   selection images, until the target holds or the candidates run out: first, where the backend has them, every layer's
    16-bit input in the order its 16-bit upgrade ranked; then FP32 in the order the FP32 upgrades ranked (for each
    layer the better of `fp32` and `fp32+inputs`, replacing its 16-bit upgrade). Every step stays in the config, as
    in NNCF's restore loop: one layer's effect on a few hundred borderline images is as large as the noise of the
@@ -24,8 +24,14 @@ registered like any other.
    whether it reached the target or not (none when no step came closer than the variant itself); one line says
    which. A layer kept in FP32 computes with its FP32 weights, not AdaRound's (ptqflow.models.backends.base.FloatModel.for_config).
 
-Ranking and restoring know nothing of MLflow (NNCF's accuracy control separates them the same way). `SweepFallback`
-is the sweep's side: each step a child run of the variant's run, the search as `fallback/search.json` and a one-line
+The selection images are the held-out training images (`--validation-size`, outside the calibration set), never
+the test set: a search that chose its layers on the test images would report a test agreement it was fitted to.
+The `-mixed` variant is then made and measured on the test set like any variant, so whether the target holds there
+is measured, not assumed. Only with no held-out images (`--validation-size 0`) does it select on the test images,
+and it says so (`selected_on`).
+
+Ranking and restoring know nothing of MLflow (NNCF's accuracy control separates them the same way).
+`ptqflow.pipelines.repair.sweep_fallback.SweepFallback` is the sweep's side: each step a child run of the variant's run, the search as `fallback/search.json` and a one-line
 tag on it. The untracked Python API uses `repair_untracked`.
 """
 
@@ -44,7 +50,7 @@ from ptqflow.pipelines.shared.progress import progress_task, say
 from ptqflow.pipelines.variants.specs import Mixed, Upgrade, VariantSpec, apply_upgrades, upgrade_kinds
 
 DEFAULT_CANDIDATES = 8  # layers ranked, by worst local SQNR (plus any with a hint)
-DEFAULT_RANKING_IMAGES = 1000  # the first N test images rank the candidates
+DEFAULT_RANKING_IMAGES = 1000  # the first N selection images rank the candidates
 MIXED_SUFFIX = "-mixed"
 _EPSILON = 1e-9  # agreement and accuracy are shares of whole images; this is far below one image
 
@@ -100,7 +106,8 @@ def check_options(target: FallbackTarget, diagnose_images: int, ranking_images: 
 
 @dataclass(frozen=True)
 class Measurement:
-    """A config's numbers on some of the test images, against the labels and the FP32 model on the same images."""
+    """A config's numbers on some of the selection images, against the labels and the FP32 model on the same
+    images."""
 
     accuracy: float
     agreement: float
@@ -221,14 +228,15 @@ class Step:
 class SearchResult:
     variant: str
     target: FallbackTarget
-    start: Measurement  # the variant as it is, on the full test set
+    start: Measurement  # the variant as it is, on all the selection images
     ranking_images: int
     ranked: list[Ranked]  # every candidate ranked, round after round, each round best first
     steps: list[Step]
     upgrades: tuple[Upgrade, ...]  # the best config's, in the order added; empty when no step got closer
-    final: Measurement  # the best config's numbers on the full test set (`start` when no step got closer)
+    final: Measurement  # the best config's numbers on all the selection images (`start` when no step got closer)
     reached: bool
     best_step: int | None = None  # the step that measured `final`
+    selected_on: str = "test"  # "validation" (held-out training images) or "test": what the numbers above are on
 
     @property
     def mixed_name(self) -> str:
@@ -243,8 +251,9 @@ class SearchResult:
 
     def summary(self) -> str:
         """One line: reached or not, with what, and the numbers."""
+        where = "held-out training images" if self.selected_on == "validation" else "test images"
         numbers = (f"agreement {100 * self.final.agreement:.2f}% (was {100 * self.start.agreement:.2f}%), accuracy "
-                   f"{100 * self.final.accuracy:.2f}% on {self.final.images} images")
+                   f"{100 * self.final.accuracy:.2f}% on {self.final.images} {where}")
         layers = ", ".join(u.label for u in self.upgrades)
         if self.reached:
             return (f"{self.variant}: {self.target.describe()} reached by upgrading {len(self.upgrades)} of "
@@ -260,6 +269,7 @@ class SearchResult:
                 "summary": self.summary(),
                 "start": self.start.to_dict(), "final": self.final.to_dict(), "best_step": self.best_step,
                 "layers": [u.to_dict() for u in self.upgrades], "ranking_images": self.ranking_images,
+                "selected_on": self.selected_on,
                 "ranking": [r.to_dict() for r in self.ranked], "steps": [s.to_dict() for s in self.steps]}
 
     def to_json(self) -> str:
@@ -421,21 +431,33 @@ def search(runner, result, target: FallbackTarget, candidates: int = DEFAULT_CAN
            announce: Callable[[str], None] = lambda line: None) -> SearchResult:
     """The search for one variant made by `runner` (ptqflow.pipelines.variants.runner.VariantRunner, reference run):
     `result` is its VariantResult. Uses the result's diagnosis, or diagnoses the variant again (quantizing it) when
-    it has none."""
+    it has none. Every measurement is on the selection images (selection_images)."""
     from ptqflow.models.graph.layer_map import activation_inputs, input_layers
 
     spec = result.spec
     diagnosis = result.diagnosis or runner.diagnose(spec)
     model = runner.quantization_source.onnx.proto
     inputs, tensors = input_layers(model), activation_inputs(model)
-    images = len(runner.inputs.test)
-    start = Measurement(result.evaluation.accuracy, result.fidelity.top1_agreement, result.fidelity.sqnr_db, images)
+    on, images = selection_images(runner)
+    if on == "test":
+        start = Measurement(result.evaluation.accuracy, result.fidelity.top1_agreement, result.fidelity.sqnr_db,
+                            images)
+    else:
+        start = Measurement.of(*runner.measure(spec, None, on))
 
     def measure(config_spec: VariantSpec, limit: int | None) -> Measurement:
-        return Measurement.of(*runner.measure(config_spec, limit))
+        return Measurement.of(*runner.measure(config_spec, limit, on))
 
-    return FallbackSearch(measure, target, runner.reference.accuracy, candidates, ranking_images, step_scope,
-                          announce).run(spec, start, diagnosis, inputs, tensors)
+    found = FallbackSearch(measure, target, runner.selection_reference(on).accuracy, candidates, ranking_images,
+                           step_scope, announce).run(spec, start, diagnosis, inputs, tensors)
+    return replace(found, selected_on=on)
+
+
+def selection_images(runner) -> tuple[str, int]:
+    """("validation", count) when the runner holds held-out training images, else ("test", count): the images the
+    search ranks and restores on."""
+    held_out = len(runner.inputs.validation)
+    return ("validation", held_out) if held_out else ("test", len(runner.inputs.test))
 
 
 def misses(target: FallbackTarget, result, reference_accuracy: float) -> bool:
@@ -474,122 +496,3 @@ def mixed_params(spec: VariantSpec | None) -> dict:
         return {}
     return {Param.FALLBACK_OF: spec.mixed.of, Param.FALLBACK_LAYERS: ",".join(u.label for u in spec.mixed.upgrades),
             Param.FALLBACK_TARGET: spec.mixed.target}
-
-
-class SweepFallback:
-    """The sweep's side of the search: for each variant that misses the target, the search with every step a child
-    run of the variant's run (FINISHED, with its params and metrics, tagged added or refused), the whole
-    search as `fallback/search.json` and a one-line `ptqflow.fallback` tag on the variant's run, and the `-mixed`
-    spec the sweep then runs like any variant. A search that fails says so on the variant's run and in one line;
-    it fails neither the variant nor the sweep."""
-
-    def __init__(self, target: FallbackTarget, runner, candidates: int = DEFAULT_CANDIDATES,
-                 ranking_images: int = DEFAULT_RANKING_IMAGES, timer=None):
-        self.target = target
-        self.runner = runner
-        self.candidates = candidates
-        self.ranking_images = ranking_images
-        self.timer = timer
-
-    def repair(self, outcome, sweep_run_id: str) -> VariantSpec | None:
-        """The `-mixed` spec for `outcome` (ptqflow.pipelines.sweep.outcomes.VariantOutcome, with its run id) when it misses the
-        target and some upgrade brought it closer; None otherwise. The search is recorded on the variant's run, or,
-        for a run an earlier sweep made (reused by --resume), on a new run under this sweep's run `sweep_run_id`:
-        an earlier sweep's records are never written over, nor given runs it did not make."""
-        from ptqflow.tracking import runs
-        from ptqflow.tracking.keys import Tag
-
-        if self.runner.reference is None or not misses(self.target, outcome, self.runner.reference.accuracy):
-            return None
-        if not outcome.reason.startswith("reused run"):  # ptqflow.pipelines.sweep.outcomes.outcome_of_run: an earlier sweep's
-            return self._search(outcome, outcome.run_id)
-        found, mixed = self._reused_search(outcome)
-        if found:
-            return mixed
-        tags = {Tag.ROLE: Tag.ROLE_FALLBACK_SEARCH, Tag.FALLBACK_OF: outcome.name,
-                Tag.FALLBACK_VARIANT_RUN: outcome.run_id}
-        with runs.child_run(sweep_run_id, f"{outcome.name} · fallback search", tags) as search_run:
-            return self._search(outcome, search_run.run_id)
-
-    def _search(self, outcome, record_on: str) -> VariantSpec | None:
-        """Search for `outcome`, its steps as child runs of run `record_on`, its result on that run."""
-        from contextlib import nullcontext
-
-        from ptqflow.tracking import records
-        from ptqflow.tracking.keys import Artifact, Tag
-        from ptqflow.tracking.runs import tracking_failure
-
-        try:
-            with self.timer.phase("fallback") if self.timer else nullcontext():
-                result = search(self.runner, outcome, self.target, self.candidates, self.ranking_images,
-                                step_scope=lambda *step: self._step_run(outcome, record_on, *step), announce=say)
-        except Exception as exc:  # noqa: BLE001 - the variant stands; the search's failure is recorded on it
-            if isinstance(exc, ConfigError) or tracking_failure(exc) is not None:
-                raise  # the user's to fix, or the tracking store's: the sweep stops and says so
-            reason = failure_reason(exc)[:500]
-            records.set_run_tags(record_on, {Tag.FALLBACK: f"search failed: {reason}"[:5000]})
-            say(f"[red]✗[/] {outcome.name}: the fallback search failed ({reason})")
-            return None
-        payload = {**result.to_dict(), "options": self._options()}
-        records.log_bytes_to_run(record_on, (json.dumps(payload, indent=2) + "\n").encode(), Artifact.FALLBACK_SEARCH)
-        records.set_run_tags(record_on, {Tag.FALLBACK: result.summary()[:5000]})
-        say(("[green]✓[/] " if result.reached else "[yellow]![/] ") + result.summary())
-        return result.mixed_spec(outcome.spec)
-
-    def _options(self) -> dict:
-        """What shapes a search besides the variant's inputs (its run's input key)."""
-        return {"target": self.target.describe(), "fallback_candidates": self.candidates,
-                "ranking_images": min(self.ranking_images, len(self.runner.inputs.test))}
-
-    def _reused_search(self, outcome) -> tuple[bool, VariantSpec | None]:
-        """For a variant run a resumed sweep reused: (True, its -mixed spec or None) when the run, or a search run an
-        earlier resumed sweep made for it (newest first), holds a search made with the same options (same inputs,
-        same search: the same result); (False, None) when it must search."""
-        from ptqflow.tracking import records, runs
-        from ptqflow.tracking.keys import Artifact, Tag
-
-        experiment_id = runs.get_run(outcome.run_id).info.experiment_id
-        searched_later = sorted((r for r in runs.runs_tagged(experiment_id, Tag.FALLBACK_VARIANT_RUN, outcome.run_id)
-                                 if r.info.status == "FINISHED"), key=lambda r: r.info.start_time, reverse=True)
-        for run_id in [outcome.run_id, *(r.info.run_id for r in searched_later)]:
-            try:
-                payload = json.loads(records.download_text(run_id, Artifact.FALLBACK_SEARCH))
-            except Exception:  # noqa: BLE001 - no search on that run (or not readable): the next, or search again
-                continue
-            if payload.get("options") != self._options():
-                continue
-            upgrades = tuple(Upgrade(**layer) for layer in payload["layers"])
-            say(f"[green]↺[/] {outcome.name}: reused the fallback search of run {run_id} (same inputs and "
-                f"options): {payload.get('summary', '')}")
-            if not upgrades:
-                return True, None
-            return True, VariantSpec(outcome.name + MIXED_SUFFIX, outcome.spec.framework,
-                                     apply_upgrades(outcome.spec.config, upgrades),
-                                     Mixed(outcome.name, upgrades, payload["target"], bool(payload["reached"])))
-        return False, None
-
-    @contextmanager
-    def _step_run(self, outcome, parent_run_id: str, number: int, change: Upgrade, upgrades: tuple[Upgrade, ...]):
-        from ptqflow.pipelines.shared import precision
-        from ptqflow.tracking import runs
-        from ptqflow.tracking.keys import Metric, Param, Tag
-
-        tags = {Tag.ROLE: Tag.ROLE_FALLBACK_STEP, Tag.FALLBACK_OF: outcome.name}
-        with runs.child_run(parent_run_id, f"{outcome.name} · step {number}: {change.label}", tags) as run:
-            run.log_params({Param.FALLBACK_OF: outcome.name, Param.FALLBACK_STEP: number,
-                            Param.FALLBACK_CHANGE: change.label,
-                            Param.FALLBACK_LAYERS: ",".join(u.label for u in upgrades),
-                            Param.FALLBACK_TARGET: self.target.describe()})
-
-            def record(step: Step) -> None:
-                decision = {Tag.STEP_DECISION: step.decision, **({Tag.REASON: step.reason} if step.reason else {})}
-                if step.measurement is not None:
-                    m, reference = step.measurement, self.runner.reference.accuracy
-                    run.log_metrics(precision.rounded({
-                        Metric.ACCURACY: m.accuracy, Metric.ACCURACY_DELTA_PP: 100 * (m.accuracy - reference),
-                        Metric.TOP1_AGREEMENT: m.agreement,
-                        Metric.SQNR_DB: m.logit_sqnr_db if math.isfinite(m.logit_sqnr_db) else None,
-                        Metric.TEST_IMAGES: m.images}, m.images))
-                run.set_tags(decision)
-
-            yield record

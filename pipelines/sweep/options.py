@@ -68,7 +68,7 @@ class SweepOptions:
     # Sensitivity-ranked fallback (ptqflow.pipelines.repair.fallback): a variant that misses the target gets a `<variant>-mixed`
     target_agreement: float | None = None  # least top-1 agreement with FP32, e.g. 0.995
     max_drop_pp: float | None = None  # most accuracy points below FP32
-    ranking_images: int = DEFAULT_RANKING_IMAGES  # the first N test images rank the candidate layers
+    ranking_images: int = DEFAULT_RANKING_IMAGES  # the first N held-out images rank the candidate layers
     fallback_candidates: int = DEFAULT_CANDIDATES  # layers ranked (worst local SQNR, plus any with a hint)
 
     def __post_init__(self):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ptqflow.models.graph.rewrites import model_opset
 from ptqflow.pipelines.registry.registrar import check_registry_targets
-from ptqflow.pipelines.repair.fallback import SweepFallback
+from ptqflow.pipelines.repair.sweep_fallback import SweepFallback
 from ptqflow.pipelines.reports import comparison as report
 from ptqflow.pipelines.reports import plots
 from ptqflow.pipelines.shared.progress import say

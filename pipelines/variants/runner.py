@@ -57,6 +57,7 @@ class PreparedInputs(Protocol):
     transform: InputTransform
     calibration: np.ndarray  # model-ready float32
     validation: np.ndarray  # model-ready float32 training images outside the calibration set (may be empty)
+    validation_indices: np.ndarray  # their indices in the training split
     test: Split
 
     @property
@@ -142,6 +143,7 @@ class VariantRunner:
         self.eval_batch = inputs.model.input.batch_size or EVAL_BATCH_SIZE  # a fixed batch dimension (1) is used everywhere
         self.bench_images = inputs.transform(inputs.test.images[:BENCH_IMAGES])
         self._timing: ModelTimer | None = None
+        self._validation_reference: Evaluation | None = None  # FP32 on the held-out images (selection_reference)
         self.reference: Evaluation | None = None
         self.ort_diagnoses: dict = {}  # diagnose_ort_config's memo: a QDQ file diagnosed once per runner
         # onnxruntime graph digest -> (variant, its test scores): a file that onnxruntime optimizes into a graph
@@ -328,16 +330,19 @@ class VariantRunner:
             advance()
         return diagnosis
 
-    def measure(self, spec: VariantSpec, limit: int | None = None) -> tuple[Evaluation, Fidelity]:
-        """Quantize `spec` and evaluate it on the first `limit` test images (all with None), against the labels and
-        the FP32 reference on the same images: how the fallback search (ptqflow.pipelines.repair.fallback) compares configs. The
-        model file is thrown away; nothing is stored, timed or shown as progress."""
+    def measure(self, spec: VariantSpec, limit: int | None = None,
+                on: str = "test") -> tuple[Evaluation, Fidelity]:
+        """Quantize `spec` and evaluate it on the first `limit` images (all with None) of the test set, or with
+        `on="validation"` of the held-out training images, against their labels and the FP32 reference on the same
+        images: how the fallback search (ptqflow.pipelines.repair.fallback) compares configs. The model file is thrown
+        away; nothing is stored, timed or shown as progress."""
         from ptqflow.models.runtime.runners import OrtRunner, TorchRunner
 
-        if self.reference is None:
-            raise RuntimeError("run_reference() must run before any variant: variants are compared with it")
-        test = self.inputs.test
-        count = len(test) if limit is None else min(limit, len(test))
+        reference = self.selection_reference(on)
+        labels = self.inputs.test.labels if on == "test" else self._validation_labels()
+        count = len(labels) if limit is None else min(limit, len(labels))
+        images, transform = (self.test_images.batches_source() if on == "test"
+                             else (self.inputs.validation, lambda batch: batch))
         source = self.weights.for_spec(spec, progress=False)  # computed (and cached) for the variant itself
         with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=f".{spec.name}-measure-") as scratch:
             with self.timer.phase("quantize"):
@@ -346,16 +351,32 @@ class VariantRunner:
             runner = TorchRunner.from_torchscript(quantized.path, engine) if engine else OrtRunner(quantized.path)
             outputs = []
             with self.timer.phase("evaluate"):
-                images, transform = self.test_images.batches_source()
                 for start in range(0, count, self.eval_batch):
                     batch = transform(images[start:min(start + self.eval_batch, count)])
                     outputs.append(np.asarray(runner.predict(batch), dtype=np.float32).reshape(len(batch), -1))
             scores = np.concatenate(outputs)
         names = self.inputs.data.class_names
-        evaluation = evaluate(scores, test.labels[:count], names)
-        reference = self.reference if count == len(test) else evaluate(self.reference.scores[:count],
-                                                                         test.labels[:count], names)
+        evaluation = evaluate(scores, labels[:count], names)
+        if count < len(labels):
+            reference = evaluate(reference.scores[:count], labels[:count], names)
         return evaluation, fidelity(reference, evaluation)
+
+    def selection_reference(self, on: str = "test") -> Evaluation:
+        """The FP32 reference on the test set, or (`on="validation"`) on the held-out training images, scored once."""
+        if self.reference is None:
+            raise RuntimeError("run_reference() must run before any variant: variants are compared with it")
+        if on == "test":
+            return self.reference
+        if self._validation_reference is None:
+            from ptqflow.models.runtime.runners import OrtRunner
+
+            scores = predict_scores(OrtRunner(self.float_model.onnx.path), self.inputs.validation, lambda b: b,
+                                    "FP32 on held-out images", self.eval_batch)
+            self._validation_reference = evaluate(scores, self._validation_labels(), self.inputs.data.class_names)
+        return self._validation_reference
+
+    def _validation_labels(self) -> np.ndarray:
+        return self.inputs.data.train.labels[self.inputs.validation_indices]
 
     def run_safely(self, spec: VariantSpec, store: Store | None = None) -> VariantResult:
         """run(), with a refused configuration as status `unsupported` and any other error as `failed` (the reason
