@@ -3,8 +3,9 @@ images: a MobileNetV1-style opset-11 export with a fixed batch of 1 (NHWC), a Mo
 (ReLU6 as Clip), a MobileNetV3-style opset-13 export (HardSwish, squeeze-excitation) and a plain opset-17
 `torch.onnx.export` of a greyscale CNN. For each int8 variant: agreement with FP32 on the test images with the
 default recipe (AdaRound checked against nearest on held-out training images), with `--weight-rounding nearest`,
-what the held-out images chose and their numbers; then onnxruntime's `quantize_static` with its own defaults (QDQ,
-int8 weights per tensor, uint8 activations, MinMax) on the same calibration images, as a peer.
+what the held-out images chose and their numbers; then, as peers on the same calibration images, onnxruntime's
+`quantize_static` with its own defaults (QDQ, int8 weights per tensor, uint8 activations, MinMax) and NNCF's
+`quantize` with its defaults when NNCF is installed (`pip install nncf`; not a dependency of ptqflow).
 
     python benchmarks/families.py --data-dir ../shared/data/cifar-10-batches-py [--train-images 3000]
 """
@@ -70,23 +71,37 @@ def _scores(model: Path, images: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(None, {name: images[i:i + step]})[0] for i in range(0, len(images), step)])
 
 
-def _peer_agreement(model: Path, data: Path, preprocessing: str, test_limit: int, work: Path) -> float:
-    """Agreement with FP32 of onnxruntime's quantize_static with its own defaults, calibrated on ptqflow's
-    calibration images and measured on the sweeps' test images."""
-    from onnxruntime.quantization import CalibrationDataReader, quant_pre_process, quantize_static
-
+def _peer_agreements(model: Path, data: Path, preprocessing: str, test_limit: int, work: Path) -> dict[str, str]:
+    """Agreement with FP32 of each peer with its own defaults, calibrated on ptqflow's calibration images and
+    measured on the sweeps' test images: onnxruntime's quantize_static, and NNCF's quantize when it is installed
+    (`pip install nncf`: a peer, not a dependency)."""
     from ptqflow.pipelines.sweep.inputs import prepare_inputs
     from ptqflow.pipelines.sweep.options import SweepOptions
 
     inputs = prepare_inputs(SweepOptions(model_path=model, data_dir=data, preprocessing=preprocessing,
                                          test_limit=test_limit, fetch_missing=False))
     test = inputs.transform(inputs.test.images)
-    batch = inputs.model.input.batch_size or 64
+    step = inputs.model.input.batch_size or 64
+    batches = [inputs.calibration[i:i + step] for i in range(0, len(inputs.calibration), step)]
+    reference = _scores(model, test).argmax(1)
+
+    def agreement(quantized: Path) -> str:
+        return f"{100 * float((_scores(quantized, test).argmax(1) == reference).mean()):.2f}"
+
+    found = {"onnxruntime quantize_static defaults": agreement(_ort_defaults(model, batches, inputs, work))}
+    from importlib.util import find_spec
+
+    found["NNCF quantize defaults"] = (agreement(_nncf_defaults(model, batches, inputs, work)) if find_spec("nncf")
+                                       else "not installed")
+    return found
+
+
+def _ort_defaults(model: Path, batches: list, inputs, work: Path) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, quant_pre_process, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{inputs.model.input.name: inputs.calibration[i:i + batch]}
-                                 for i in range(0, len(inputs.calibration), batch)])
+            self.batches = iter([{inputs.model.input.name: batch} for batch in batches])
 
         def get_next(self):
             return next(self.batches, None)
@@ -94,7 +109,18 @@ def _peer_agreement(model: Path, data: Path, preprocessing: str, test_limit: int
     prepared, quantized = work / "peer-pre.onnx", work / "peer-int8.onnx"
     quant_pre_process(str(model), str(prepared))
     quantize_static(str(prepared), str(quantized), Reader())
-    return float((_scores(quantized, test).argmax(1) == _scores(model, test).argmax(1)).mean())
+    return quantized
+
+
+def _nncf_defaults(model: Path, batches: list, inputs, work: Path) -> Path:
+    import nncf
+    import onnx
+
+    dataset = nncf.Dataset(batches, lambda batch: {inputs.model.input.name: batch})
+    quantized = nncf.quantize(onnx.load(str(model)), dataset, subset_size=len(inputs.calibration))
+    path = work / "peer-nncf.onnx"
+    onnx.save(quantized, str(path))
+    return path
 
 
 def main() -> int:
@@ -139,8 +165,9 @@ def main() -> int:
                 lines.append(f"| {name} | {100 * report.agreement:.2f} | "
                              f"{100 * near.agreement:.2f} | {choice} | {latency} |" if near.agreement is not None
                              else f"| {name} | {100 * report.agreement:.2f} | {near.status} | {choice} | {latency} |")
-            peer = _peer_agreement(model, data or args.data_dir, preprocessing, args.test_limit, work)
-            lines.append(f"| onnxruntime quantize_static defaults (peer) | {100 * peer:.2f} | | | |")
+            for peer, agreement in _peer_agreements(model, data or args.data_dir, preprocessing, args.test_limit,
+                                                    work).items():
+                lines.append(f"| {peer} (peer) | {agreement} | | | |")
         print(f"\n{machine_line()}; agreement with FP32 on the first {args.test_limit} CIFAR-10 test images")
         print("\n".join(lines))
     return 0
