@@ -281,3 +281,29 @@ def test_bench_run_id_refuses_other_threads_than_the_run_was_timed_on(tracking_s
                                    "--run-id", run.info.run_id])
     assert cli.exit_code != 0 and "pass --threads 3" in cli.stderr and "Traceback" not in cli.output
     assert "latency_ms_b1_p50" not in MlflowClient().get_run(run.info.run_id).data.metrics
+
+
+def test_latency_threads_fixes_every_models_batch_1_threads_and_records_them(tracking_store, tiny_model, cifar_dir):
+    """`--latency-threads 1` (one request per core): every model answers single images on one thread, its run says
+    so, and an ONNX model's MLmodel carries it as its onnxruntime session options; the resume key changes with it."""
+    import mlflow
+    import yaml
+
+    from ptqflow import quantize
+    from ptqflow.tracking.keys import Param, Tag
+    from conftest import CALIBRATION_SIZE, all_runs, runs_by_name
+
+    quantize(tiny_model, cifar_dir, ["ort-int8"], calibration_size=CALIBRATION_SIZE, register=False,
+             diagnose=False, latency_threads=1, weight_rounding="nearest")
+    runs = runs_by_name()
+    for name in ("fp32", "ort-int8"):
+        assert runs[name].data.params[Param.LATENCY_THREADS] == "1"
+    [output] = runs["ort-int8"].outputs.model_outputs
+    logged = mlflow.MlflowClient().get_logged_model(output.model_id)
+    options = yaml.safe_load(mlflow.artifacts.load_text(f"{logged.artifact_location}/MLmodel"))["flavors"]["onnx"]
+    assert options["onnx_session_options"]["intra_op_num_threads"] == 1
+    first_key = runs["ort-int8"].data.tags[Tag.INPUT_KEY]
+    quantize(tiny_model, cifar_dir, ["ort-int8"], calibration_size=CALIBRATION_SIZE, register=False,
+             diagnose=False, latency_threads=2, weight_rounding="nearest", run_name="two threads")
+    keys = {r.data.tags[Tag.INPUT_KEY] for r in all_runs() if r.data.tags.get(Tag.VARIANT) == "ort-int8"}
+    assert len(keys) == 2 and first_key in keys

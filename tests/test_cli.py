@@ -314,10 +314,11 @@ def test_quantize_commands_offer_the_sweeps_options_for_their_framework():
 
 def test_tune_and_baseline_offer_the_sweeps_input_fetch_and_tracking_options():
     sweep, tune, baseline = _offered("sweep"), _offered("tune"), _offered("baseline")
-    # tune searches the recipe (size, rounding, ONNX Runtime grid and method), always times its trials, and has a
-    # --target-agreement of its own (what a feasible trial reaches)
+    # tune searches the recipe (size, rounding, ONNX Runtime grid and method), always times its trials (single
+    # images on the thread count each model answers fastest on), and has a --target-agreement of its own (what a
+    # feasible trial reaches)
     assert sweep - tune == {"--variant", "--calibration-size", "--weight-rounding", "--per-channel", "--per-tensor",
-                            "--calibration-method", "--bench", "--no-bench", "--resume",
+                            "--calibration-method", "--bench", "--no-bench", "--latency-threads", "--resume",
                             *DIAGNOSIS, *FALLBACK - {"--target-agreement"}}
     assert MIRRORS | GATE | {"--fetch", "--no-fetch", "--adaround-iterations", "--calibration-seed"} <= tune
     # baseline runs FP32 only: no calibration, registry, gate, diagnosis or fallback; it always times FP32

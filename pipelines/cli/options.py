@@ -196,6 +196,10 @@ class BenchOptions(OptionGroup):
     bench: Annotated[bool, typer.Option("--bench/--no-bench",
                                         help="Measure batch-1 latency and batch-256 throughput of every variant.",
                                         rich_help_panel="Evaluation")] = True
+    latency_threads: Annotated[int, typer.Option(
+        "--latency-threads", min=0, rich_help_panel="Evaluation",
+        help="Threads each model answers single images on, recorded with it for pull, serve and bench (0: the "
+             "faster of 1 and all cores, measured per model; 1: one request per core).")] = 0
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ class SweepOptions:
     adaround_iterations: int = 1000  # optimization steps per layer
     resume: bool = False  # reuse finished variant runs with identical inputs instead of recomputing them
     bench: bool = True  # measure latency and throughput of every variant
+    # single images' threads, each model's runtime setting (0: chosen per model, ptqflow.models.runtime.latency)
+    latency_threads: int = 0
     fetch_missing: bool = True  # fetch the default model/data paths when they are missing
     cifar10_url: str | None = None  # mirrors for that fetch; None = the pinned official URLs
     resnet8_url: str | None = None
@@ -120,7 +122,10 @@ class SweepOptions:
         return select(self.variants, self.ort_per_channel, self.ort_calibration_method, self.weight_rounding)
 
     def runner_options(self) -> RunnerOptions:
+        from ptqflow.models.runtime.latency import BenchConfig
+
         return RunnerOptions(bench=self.bench, choose_threads=self.bench, adaround_iterations=self.adaround_iterations,
+                             bench_config=BenchConfig(latency_threads=self.latency_threads),
                              diagnose_images=self.diagnose_images if self.diagnose else 0)
 
 

@@ -176,7 +176,8 @@ class VariantRuns:
                    "ptqflow": {"version": self.recorder.versions["ptqflow"],
                                "source_sha256": self.recorder.source_sha256},
                    "machine": {"cpu_model": cpu_model, "cpu_int8_isa": cpu_isa, "torch_threads": torch_threads(),
-                               "bench_threads": self.runner.options.bench_config.resolved_threads}}
+                               "bench_threads": self.runner.options.bench_config.resolved_threads,
+                               "latency_threads": self.runner.options.bench_config.latency_threads}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     def previous_run(self, experiment_id: str, spec: VariantSpec):
