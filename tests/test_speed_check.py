@@ -35,6 +35,18 @@ def test_each_convolution_is_timed_in_its_own_kernel(weights, per_channel):
         assert timing.fp32_us > 0 and timing.int8_us > 0
 
 
+def test_a_convolution_that_cannot_be_timed_stays_as_the_quantizer_makes_it(tmp_path, monkeypatch):
+    """A layer onnxruntime cannot run on its own (here: 3 channels in 2 groups) is not timed and not kept in FP32;
+    nothing is cached for it, and the variant is not failed for it."""
+    from ptqflow.models.backends.speed_check import cache_file, timing_key, timing_or_none
+    from ptqflow.models.runtime.layer_speed import ConvShape
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    broken = ConvShape((1, 3, 8, 8), (8, 3, 3, 3), False, (("group", 2), ("kernel_shape", (3, 3))))
+    assert timing_or_none(broken, "int8", True, "uint8") is None
+    assert not cache_file(timing_key(broken, "int8", True, "uint8")[0]).exists()
+
+
 def _seed(shape, weights: str, per_channel: bool, fp32_us: float, int8_us: float) -> None:
     """Write one layer's timings where the speed check keeps them, as a measurement on this machine would."""
     from ptqflow.common.files import write_json_atomic

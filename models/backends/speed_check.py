@@ -74,10 +74,23 @@ def slow_int8_layers(model: onnx.ModelProto, config, skip=()) -> list[SlowLayer]
     for node, shape in conv_shapes(model).items():
         if node in skip:
             continue
-        timing = cached_timing(shape, config.weight_dtype, config.per_channel, config.activation_dtype)
+        timing = timing_or_none(shape, config.weight_dtype, config.per_channel, config.activation_dtype)
+        if timing is None:
+            continue
         if timing.int8_us >= SLOWER_FACTOR * timing.fp32_us and timing.int8_us - timing.fp32_us >= MIN_SAVING_US:
             slow.append(SlowLayer(node, timing))
     return slow
+
+
+def timing_or_none(shape: ConvShape, weight_dtype: str, per_channel: bool, activation_dtype: str) -> ConvTiming | None:
+    """cached_timing, or None for a convolution onnxruntime cannot run on its own here: the layer then stays in
+    int8, as it would without the check (the quantizer, not the check, says whether it can be quantized)."""
+    try:
+        return cached_timing(shape, weight_dtype, per_channel, activation_dtype)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:  # noqa: BLE001 - a layer that cannot be timed is not a reason to fail the variant
+        return None
 
 
 def timing_key(shape: ConvShape, weight_dtype: str, per_channel: bool, activation_dtype: str) -> tuple[str, dict]:
