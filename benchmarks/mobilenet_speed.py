@@ -103,7 +103,8 @@ def main() -> int:
     for layer, why in kept.items():
         print(f"  {layer}: {why}")
     best = min(statistics.median(timed["fp32", t]) for t in threads)
-    print("\n| model | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads) + " | best vs FP32's best |")
+    columns = " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads)
+    print(f"\n| model | {columns} | best vs FP32's best |")
     print("|---|" + "---|" * (len(threads) + 1))
     for name in files:
         medians = [statistics.median(timed[name, t]) for t in threads]

@@ -212,8 +212,8 @@ def benchmark_rounds(loads: dict[str, Load], reference: str, images: np.ndarray,
     reference's medians beside them and the per-round speedups' median and range: a ratio is taken within a round,
     against the reference timed seconds before, so a change of load on a shared machine falls on both sides of it.
     The reference is timed once per round for all the models, and each model's batch-1 threads are chosen once,
-    before the rounds (choose_latency_threads), unless `chosen` gives them (by name). A model whose timing raises leaves the rounds (`failed` says why);
-    the reference's failure is raised. `advance(1)` after each model's turn."""
+    before the rounds (choose_latency_threads), unless `chosen` gives them (by name). A model whose timing raises
+    leaves the rounds (`failed` says why); the reference's failure is raised. `advance(1)` after each model's turn."""
     rounds = max(1, config.rounds)
     per_round = replace(config, warmup_runs=max(2, config.warmup_runs // rounds),
                         latency_runs=max(10, -(-config.latency_runs // rounds)),

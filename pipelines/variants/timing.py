@@ -71,8 +71,8 @@ class ModelTimer:
             loads[name] = file_load(model_file, engine)
             if threads:
                 chosen[name] = threads
-        with self.timer.phase("bench"), progress_task(f"benchmarking {len(loads)} models in {self.config.rounds} "
-                                                      "rounds", total=max(1, self.config.rounds) * len(loads)) as advance:
+        title = f"benchmarking {len(loads)} models in {self.config.rounds} rounds"
+        with self.timer.phase("bench"), progress_task(title, total=max(1, self.config.rounds) * len(loads)) as advance:
             return benchmark_rounds(loads, FP32, self.images, self.config, self.throughput, advance, chosen)
 
     def _config(self, latency_threads: int) -> BenchConfig:
