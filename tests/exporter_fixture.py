@@ -10,6 +10,15 @@ from pathlib import Path
 import numpy as np
 
 
+def _seeded(build, seed: int = 0):
+    """`build()` with torch's generator seeded first: the initial weights are the same in every process and
+    whatever ran before, so each fixture trains to the same model every time."""
+    import torch
+
+    torch.manual_seed(seed)
+    return build()
+
+
 def _train(model, images: np.ndarray, labels: np.ndarray, steps: int = 150, seed: int = 0, batch: int = 256):
     """A few Adam steps on the fixture set (the whole set per step, or a random `batch` of a larger one): enough
     for the model to tell the classes apart. BatchNorm layers keep their statistics (eval mode), as when a model
@@ -60,7 +69,7 @@ def plain_export_cnn(path: Path, images: np.ndarray, labels: np.ndarray, classes
             y = y + torch.relu(self.body(y))
             return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
 
-    model = _train(PlainCnn(), images, labels)
+    model = _train(_seeded(PlainCnn), images, labels)
     return _export(model, torch.zeros(1, *images.shape[1:]), path, opset=17, dynamic_batch=True)
 
 
@@ -97,7 +106,7 @@ def mobilenet_v1_opset11(path: Path, images_nhwc: np.ndarray, labels: np.ndarray
         def forward(self, x):
             return torch.softmax(self.trained(x), 1)
 
-    model = _train(MobileNetV1(), images_nhwc / 255.0, labels)
+    model = _train(_seeded(MobileNetV1), images_nhwc / 255.0, labels)
     return _export(WithSoftmax(model).eval(), torch.zeros(1, *images_nhwc.shape[1:]), path, opset=11,
                    dynamic_batch=False)
 
@@ -146,7 +155,7 @@ def mobilenet_v3_style(path: Path, images: np.ndarray, labels: np.ndarray, class
             y = nn.functional.adaptive_avg_pool2d(self.head(self.blocks(self.stem(x))), 1)
             return self.classifier(torch.flatten(y, 1))
 
-    model = _train(MobileNetV3(), images / 255.0, labels)
+    model = _train(_seeded(MobileNetV3), images / 255.0, labels)
     return _export(model, torch.zeros(1, *images.shape[1:]), path, opset=13, dynamic_batch=True)
 
 
@@ -184,7 +193,7 @@ def mobilenet_v2_style(path: Path, images: np.ndarray, labels: np.ndarray, class
         def forward(self, x):
             return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
 
-    model = MobileNetV2()
+    model = _seeded(MobileNetV2)
     _calibrate_batchnorm(model, images / 255.0)
     model = _train(model, images / 255.0, labels)
     return _export(model, torch.zeros(1, *images.shape[1:]), path, opset=12, dynamic_batch=True)
