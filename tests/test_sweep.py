@@ -217,7 +217,6 @@ def test_every_int8_variant_run_has_its_diagnosis_and_the_sweep_compares_them(co
         rows = {row["layer"]: row for row in payload["layers"]}
         assert all(rows[name]["quantized"] or rows[name]["float_reason"].startswith("int8 kernel slower here")
                    for name in ("Conv_1", "Conv_3"))
-        assert rows["Conv_3"]["quantized"] or outcome.name.startswith("pytorch")
         assert Tag.DIAGNOSIS_ERROR not in client.get_run(outcome.run_id).data.tags
     assert [a.path for a in client.list_artifacts(result.parent_run_id, "diagnosis")] == [
         Artifact.DIAGNOSIS_BACKENDS_PLOT]

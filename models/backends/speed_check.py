@@ -29,7 +29,7 @@ from ptqflow.models.runtime.layer_speed import ConvShape, ConvTiming, plain_attr
 SLOWER_FACTOR = 1.5
 MIN_SAVING_US = 6.0
 SPEED_THREADS = 1  # a single image on one thread: the kernels alone, without the threads' hand-offs
-SPEED_CACHE_VERSION = "layer-speed-v1"
+SPEED_CACHE_VERSION = "layer-speed-v2"  # v2: FP32 and int8 timed in turn
 _memory: dict[str, ConvTiming] = {}
 _lock = threading.Lock()
 

@@ -61,12 +61,17 @@ def plain_attribute(value):
 def time_conv(shape: ConvShape, weight_dtype: str, per_channel: bool, activation_dtype: str,
               threads: int = 1) -> ConvTiming:
     """The median kernel time of `shape` in FP32 and in int8 (weights `weight_dtype`, per channel or per tensor,
-    activations `activation_dtype`), in microseconds, on `threads` intra-op threads."""
+    activations `activation_dtype`), in microseconds, on `threads` intra-op threads. The two models run in turn,
+    run after run, so a change of load on a shared machine falls on both."""
     with tempfile.TemporaryDirectory(prefix="ptqflow-layer-speed-") as scratch:
-        fp32 = _kernel_us(_fp32_model(shape), shape, threads, Path(scratch) / "fp32", FP32_KERNELS)
-        int8 = _kernel_us(_int8_model(shape, weight_dtype, per_channel, activation_dtype), shape, threads,
-                          Path(scratch) / "int8", INT8_KERNELS)
-    return ConvTiming(fp32, int8)
+        fp32 = _profiled(_fp32_model(shape), threads, Path(scratch) / "fp32")
+        int8 = _profiled(_int8_model(shape, weight_dtype, per_channel, activation_dtype), threads,
+                         Path(scratch) / "int8")
+        x = np.random.default_rng(0).uniform(0, 4, shape.input_shape).astype(np.float32)
+        for _ in range(WARMUP_RUNS + TIMED_RUNS):
+            fp32.run(None, {"x": x})
+            int8.run(None, {"x": x})
+        return ConvTiming(_kernel_us(fp32, FP32_KERNELS), _kernel_us(int8, INT8_KERNELS))
 
 
 def _conv_node(shape: ConvShape, inputs: list[str], output: str) -> onnx.NodeProto:
@@ -120,7 +125,7 @@ def _int8_model(shape: ConvShape, weight_dtype: str, per_channel: bool, activati
     return _graph(nodes, shape, inits, "y")
 
 
-def _kernel_us(model: onnx.ModelProto, shape: ConvShape, threads: int, prefix: Path, kernels: tuple[str, ...]) -> float:
+def _profiled(model: onnx.ModelProto, threads: int, prefix: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -129,10 +134,11 @@ def _kernel_us(model: onnx.ModelProto, shape: ConvShape, threads: int, prefix: P
     options.log_severity_level = 3
     options.enable_profiling = True
     options.profile_file_prefix = str(prefix)
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).uniform(0, 4, shape.input_shape).astype(np.float32)
-    for _ in range(WARMUP_RUNS + TIMED_RUNS):
-        session.run(None, {"x": x})
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _kernel_us(session, kernels: tuple[str, ...]) -> float:
+    """The median of the last TIMED_RUNS kernel times of `kernels` in `session`'s profile (ended here)."""
     events = json.loads(Path(session.end_profiling()).read_text())
     durations = [event["dur"] for event in events
                  if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")
