@@ -63,6 +63,6 @@ def test_benchmark_stops_at_the_next_iteration():
         return x
 
     with deferred_interrupts(), pytest.raises(KeyboardInterrupt):
-        benchmark(lambda threads: predict, np.zeros((4, 3, 2, 2), np.float32), BenchConfig(warmup_runs=5, latency_runs=50,
-                                                                           throughput_runs=5))
+        benchmark(lambda threads: predict, np.zeros((4, 3, 2, 2), np.float32),
+                  BenchConfig(warmup_runs=5, latency_runs=50, throughput_runs=5))
     assert len(calls) == 3

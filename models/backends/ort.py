@@ -47,7 +47,8 @@ class OrtStaticConfig:
     # Layers (ONNX node names, as the diagnosis table names them) left in FP32 through nodes_to_exclude, each with
     # the Relu fused into it.
     fp32_nodes: tuple[str, ...] = ()
-    # Convolutions whose int8 kernel is slower here than their FP32 one stay in FP32 (ptqflow.models.backends.speed_check)
+    # Convolutions whose int8 kernel is slower here than their FP32 one stay in FP32
+    # (ptqflow.models.backends.speed_check)
     speed_check: bool = True
 
     def __post_init__(self):

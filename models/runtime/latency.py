@@ -77,6 +77,7 @@ class BenchResult:
 # A fresh load of a model file on the given number of intra-op threads, giving its predict.
 Load = Callable[[int], Callable[[np.ndarray], np.ndarray]]
 LATENCY_CHOICE_RUNS = 60  # single-image runs per candidate thread count and round when choosing
+CHOICE_WARMUP_RUNS = 5
 LATENCY_CHOICE_ROUNDS = 2
 MORE_THREADS_MARGIN = 0.95  # more threads are chosen only when at least 5% faster: they take cores from others
 
@@ -106,27 +107,14 @@ def choose_latency_threads(load: Load, images: np.ndarray, config: BenchConfig =
     for _ in range(LATENCY_CHOICE_ROUNDS):
         for threads in candidates:
             with torch_threads(threads):
-                p50s[threads].append(_single_image_p50(load(threads), images, LATENCY_CHOICE_RUNS))
+                timings = _latency_timings(load(threads), images, CHOICE_WARMUP_RUNS, LATENCY_CHOICE_RUNS)
+                p50s[threads].append(float(np.median(timings)))
     medians = {threads: float(np.median(times)) for threads, times in p50s.items()}
     chosen = candidates[0]
     for threads in candidates[1:]:
         if medians[threads] < MORE_THREADS_MARGIN * medians[chosen]:
             chosen = threads
     return chosen
-
-
-def _single_image_p50(predict, images: np.ndarray, runs: int) -> float:
-    for i in range(5):
-        checkpoint()
-        predict(images[i % len(images): i % len(images) + 1])
-    timings = np.empty(runs)
-    for i in range(runs):
-        checkpoint()
-        x = images[i % len(images): i % len(images) + 1]
-        start = time.perf_counter()
-        predict(x)
-        timings[i] = time.perf_counter() - start
-    return float(np.median(timings))
 
 
 def benchmark(load: Load, images: np.ndarray,
@@ -147,7 +135,7 @@ def benchmark(load: Load, images: np.ndarray,
         raise ValueError("benchmarking needs at least one input image")
     latency_threads = choose_latency_threads(load, images, config)
     with torch_threads(latency_threads):
-        timings = _latency_timings(load(latency_threads), images, config)
+        timings = _latency_timings(load(latency_threads), images, config.warmup_runs, config.latency_runs)
     if not throughput:
         return BenchResult(float(np.percentile(timings, 50) * 1e3), float(np.percentile(timings, 90) * 1e3), None,
                            config.resolved_threads, latency_threads=latency_threads)
@@ -162,12 +150,13 @@ def benchmark(load: Load, images: np.ndarray,
     )
 
 
-def _latency_timings(predict, images: np.ndarray, config: BenchConfig) -> np.ndarray:
-    for i in range(config.warmup_runs):
+def _latency_timings(predict, images: np.ndarray, warmup_runs: int, runs: int) -> np.ndarray:
+    """Seconds per single image over `runs` timed runs after `warmup_runs`, cycling through `images`."""
+    for i in range(warmup_runs):
         checkpoint()
         predict(images[i % len(images): i % len(images) + 1])
-    timings = np.empty(config.latency_runs)
-    for i in range(config.latency_runs):
+    timings = np.empty(runs)
+    for i in range(runs):
         checkpoint()
         x = images[i % len(images): i % len(images) + 1]
         start = time.perf_counter()

@@ -15,8 +15,8 @@ registered like any other.
    ordered by the best logit SQNR any of their upgrades reached (steadier than agreement on a few hundred images),
    then agreement, then local SQNR.
 3. Greedy restore (`FallbackSearch.run`): the upgrades join the config one at a time, each measured on all the
-   selection images, until the target holds or the candidates run out: first, where the backend has them, every layer's
-   16-bit input in the order its 16-bit upgrade ranked; then FP32 in the order the FP32 upgrades ranked (for each
+   selection images, until the target holds or the candidates run out: first, where the backend has them, every
+   layer's 16-bit input in the order its 16-bit upgrade ranked; then FP32 in the order the FP32 upgrades ranked (for each
    layer the better of `fp32` and `fp32+inputs`, replacing its 16-bit upgrade). Every step stays in the config, as
    in NNCF's restore loop: one layer's effect on a few hundred borderline images is as large as the noise of the
    others, and a search that dropped the steps which did not help at once stalled short of the target on ResNet8.
@@ -31,8 +31,8 @@ is measured, not assumed. Only with no held-out images (`--validation-size 0`) d
 and it says so (`selected_on`).
 
 Ranking and restoring know nothing of MLflow (NNCF's accuracy control separates them the same way).
-`ptqflow.pipelines.repair.sweep_fallback.SweepFallback` is the sweep's side: each step a child run of the variant's run, the search as `fallback/search.json` and a one-line
-tag on it. The untracked Python API uses `repair_untracked`.
+`ptqflow.pipelines.repair.sweep_fallback.SweepFallback` is the sweep's side: each step a child run of the variant's
+run, the search as `fallback/search.json` and a one-line tag on it. The untracked Python API uses `repair_untracked`.
 """
 
 from __future__ import annotations

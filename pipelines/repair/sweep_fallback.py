@@ -30,8 +30,8 @@ class SweepFallback:
         self.timer = timer
 
     def repair(self, outcome, sweep_run_id: str) -> VariantSpec | None:
-        """The `-mixed` spec for `outcome` (ptqflow.pipelines.sweep.outcomes.VariantOutcome, with its run id) when it misses the
-        target and some upgrade brought it closer; None otherwise. The search is recorded on the variant's run, or,
+        """The `-mixed` spec for `outcome` (ptqflow.pipelines.sweep.outcomes.VariantOutcome, with its run id) when it
+        misses the target and some upgrade brought it closer; None otherwise. The search is recorded on the variant's run, or,
         for a run an earlier sweep made (reused by --resume), on a new run under this sweep's run `sweep_run_id`:
         an earlier sweep's records are never written over, nor given runs it did not make."""
         from ptqflow.tracking import runs
@@ -39,7 +39,8 @@ class SweepFallback:
 
         if self.runner.reference is None or not misses(self.target, outcome, self.runner.reference.accuracy):
             return None
-        if not outcome.reason.startswith("reused run"):  # ptqflow.pipelines.sweep.outcomes.outcome_of_run: an earlier sweep's
+        # an earlier sweep's run, reused (ptqflow.pipelines.sweep.outcomes.outcome_of_run)
+        if not outcome.reason.startswith("reused run"):
             return self._search(outcome, outcome.run_id)
         found, mixed = self._reused_search(outcome)
         if found:

@@ -44,18 +44,20 @@ class RoundingCheck:
                                                          total=len(self.inputs.calibration)) as advance:
             twin = nearest.quantize(nearest_source, self.inputs.calibration, twin_dir, advance)
         with self.timer.phase("evaluate"):
-            choice = choose_rounding(self._fp32_scores(validation),
+            choice = choose_rounding(self.fp32_scores(),
                                      self._scores_of(spec, quantized, validation, f"{spec.name} (AdaRound)"),
                                      self._scores_of(nearest, twin, validation, f"{spec.name} (nearest)"))
         if choice.chosen == NEAREST:
             return nearest, nearest_source, twin, choice
         return spec, source, quantized, choice
 
-    def _fp32_scores(self, validation: np.ndarray) -> np.ndarray:
+    def fp32_scores(self) -> np.ndarray:
+        """The FP32 model's scores of the held-out images, computed once (the rounding choice and the fallback
+        search's selection both compare with them)."""
         from ptqflow.models.runtime.runners import OrtRunner
 
         if self._reference is None:
-            self._reference = self._scores(OrtRunner(self.float_model.onnx.path), validation, "FP32")
+            self._reference = self._scores(OrtRunner(self.float_model.onnx.path), self.inputs.validation, "FP32")
         return self._reference
 
     def _scores_of(self, spec: VariantSpec, quantized: QuantizedModel, validation: np.ndarray,

@@ -368,11 +368,8 @@ class VariantRunner:
         if on == "test":
             return self.reference
         if self._validation_reference is None:
-            from ptqflow.models.runtime.runners import OrtRunner
-
-            scores = predict_scores(OrtRunner(self.float_model.onnx.path), self.inputs.validation, lambda b: b,
-                                    "FP32 on held-out images", self.eval_batch)
-            self._validation_reference = evaluate(scores, self._validation_labels(), self.inputs.data.class_names)
+            self._validation_reference = evaluate(self.rounding_check.fp32_scores(), self._validation_labels(),
+                                                  self.inputs.data.class_names)
         return self._validation_reference
 
     def _validation_labels(self) -> np.ndarray:
