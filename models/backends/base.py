@@ -95,6 +95,7 @@ class FloatModel:
     _ort_ready: Path | None = field(default=None, repr=False)
     _rounded: dict = field(default_factory=dict, repr=False)
     _equalized: "FloatModel | None" = field(default=None, repr=False)
+    _equalized_on_data: bool = field(default=False, repr=False)  # made with calibration maxima (Clip pairs included)
     _float_weights: dict = field(default_factory=dict, repr=False)
     folded_batch_norms: int = 0  # BatchNormalizations for_quantization folded into the Conv before them
     # the model's own opset when for_quantization brought it up to rewrites.MIN_QUANTIZATION_OPSET; None: unchanged
@@ -215,22 +216,25 @@ class FloatModel:
         return self._written(name_unnamed_nodes(proto), self.work_dir / "fp32-quantization",
                              folded_batch_norms=self.folded_batch_norms + folded, upgraded_from_opset=upgraded)
 
-    def equalized(self) -> "FloatModel":
-        """The same function with cross-layer equalization of its Conv -> Relu -> Conv pairs (ptqflow.models.backends.equalization),
-        written to work_dir/equalized/<model file>; made once. Equalize before AdaRound: it moves weights, so
-        weights already on an int8 grid would leave it."""
+    def equalized(self, calibration: np.ndarray | None = None) -> "FloatModel":
+        """The same function with cross-layer equalization of its Conv -> activation -> Conv pairs
+        (ptqflow.models.backends.equalization), written to work_dir/equalized/<model file>; made once. Pairs joined by
+        Clip(0, b) (ReLU6) are equalized only with model-ready `calibration` images (their per-channel maxima keep
+        the scales below the bound): a model made without them is made again when they come. Equalize before
+        AdaRound: it moves weights, so weights already on an int8 grid would leave it."""
         if self.equalization is not None:
             return self
-        if self._equalized is not None:
+        if self._equalized is not None and (calibration is None or self._equalized_on_data):
             return self._equalized
         if self.adaround_scheme is not None:
             raise ValueError("equalize the FP32 model before AdaRound: equalization moves the weights off the "
                              f"{self.adaround_scheme} grid AdaRound put them on")
-        from ptqflow.models.backends.equalization import equalize
+        from ptqflow.models.backends.equalization import clip_maxima, equalize
 
-        proto, summary = equalize(self.onnx.proto)
+        maxima = clip_maxima(self.onnx.proto, calibration) if calibration is not None else None
+        proto, summary = equalize(self.onnx.proto, maxima=maxima)
         variant = self._written(proto, self.work_dir / "equalized", equalization=summary)
-        self._equalized = variant
+        self._equalized, self._equalized_on_data = variant, calibration is not None
         return variant
 
     def for_config(self, config, calibration: np.ndarray, calibration_digest: str,
@@ -240,7 +244,7 @@ class FloatModel:
         `config.equalization`, then AdaRound-ed onto `config.adaround_scheme`'s grid when it has one (keeping a float
         head's FP32 weights when `config.float_head`, and the FP32 weights of the layers the config keeps in FP32:
         a grid only adds error to a layer that runs in float)."""
-        model = self.equalized() if getattr(config, "equalization", False) else self
+        model = self.equalized(calibration) if getattr(config, "equalization", False) else self
         if config.adaround_scheme is None:
             return model
         rounded = model.with_adarounded_weights(config.adaround_scheme, calibration, calibration_digest, advance,
@@ -279,11 +283,12 @@ class FloatModel:
         self._float_weights[tuple(resolved)] = variant
         return variant
 
-    def ready_for(self, config) -> "FloatModel":
-        """What a quantizer starts from: this model, equalized first when `config.equalization` asks for it and it
-        is not yet (a ValueError when AdaRound already ran on unequalized weights: use `for_config`)."""
+    def ready_for(self, config, calibration: np.ndarray | None = None) -> "FloatModel":
+        """What a quantizer starts from: this model, equalized first (on `calibration`'s maxima, see `equalized`)
+        when `config.equalization` asks for it and it is not yet (a ValueError when AdaRound already ran on
+        unequalized weights: use `for_config`)."""
         if getattr(config, "equalization", False) and self.equalization is None:
-            return self.equalized()
+            return self.equalized(calibration)
         return self
 
     @property

@@ -170,7 +170,7 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
     batch_size = fixed or equal_batch_size(len(calibration), config.calibration_batch_size)
     reader = _ArrayReader(float_model.onnx.input.name, calibration, batch_size, advance)
     out_dir.mkdir(parents=True, exist_ok=True)
-    float_model = float_model.ready_for(config)
+    float_model = float_model.ready_for(config, calibration)
     import onnx
 
     ready = onnx.load(str(float_model.ort_ready_path))

@@ -320,7 +320,7 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
     from ptqflow.models.backends.engine_check import engine_departures
     from ptqflow.models.graph.fx_prep import untraceable_modules
 
-    float_model = float_model.ready_for(config)
+    float_model = float_model.ready_for(config, calibration)
     fixed = float_model.onnx.input.batch_size  # a fixed batch dimension (1) runs everything at that size
     example = torch.from_numpy(calibration[:fixed or 2])
     backend_config = _backend_config(config)

@@ -49,7 +49,7 @@ class WeightSource:
         (or not) on its own."""
         for (equalized, round_head), schemes in _shared_grids(specs).items():
             try:
-                source = self.source.equalized() if equalized else self.source
+                source = self.source.equalized(self._rounding_set[0]) if equalized else self.source
                 with self.timer.phase("adaround"), \
                         progress_task(f"AdaRound weights ({', '.join(schemes)})", total=1) as advance:
                     source.adaround_ahead(schemes, *self._rounding_set, advance, iterations=self.iterations,
