@@ -237,8 +237,11 @@ def test_a_mobilenet_v2_style_model_sweeps_and_keeps_adaround_only_where_held_ou
     AdaRound variant was compared with its nearest-rounded twin on training images outside the calibration set and
     kept the better (AdaRound never worse than nearest there, end to end); the int8 engines computed every layer as
     quantized (fbgemm's depthwise kernels no longer saturate)."""
+    import json
+
     from mlflow.tracking import MlflowClient
 
+    from ptqflow.tracking import records
     from ptqflow.tracking.keys import Metric, Param, Tag
 
     assert onnx.load(str(mobilenet_v2)).opset_import[0].version == 12
@@ -261,4 +264,13 @@ def test_a_mobilenet_v2_style_model_sweeps_and_keeps_adaround_only_where_held_ou
             assert metrics[f"validation_agreement_{kept}"] >= metrics[f"validation_agreement_{other}"]
             assert Metric.VALIDATION_AGREEMENT_NEAREST in metrics and Tag.ROUNDING_CHOICE in tags
             compared += 1
+        # its pointwise -> depthwise -> pointwise chains (ReLU6 as Clip) were equalized, and each variant kept
+        # equalization or not by the held-out rule, recorded with its numbers
+        kept = params[Param.EQUALIZATION_KEPT]
+        assert kept in ("on", "off") and Tag.EQUALIZATION_CHOICE in tags
+        on, off = metrics[Metric.VALIDATION_AGREEMENT_EQUALIZED], metrics[Metric.VALIDATION_AGREEMENT_UNEQUALIZED]
+        assert kept == "off" or on >= off
+        assert f"equalization {kept}" in tags[Tag.EQUALIZATION_CHOICE]
+        qconfig = json.loads(records.download_text(report.run_id, "qconfig.json"))
+        assert qconfig["config"]["equalization"] is (kept == "on")  # the model file's recipe
     assert compared >= 3  # FX per-channel and the ONNX Runtime variants round with AdaRound by default

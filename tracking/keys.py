@@ -24,6 +24,8 @@ class Param:
     # rounding the model file holds.
     WEIGHT_ROUNDING = "weight_rounding"
     WEIGHT_ROUNDING_KEPT = "weight_rounding_kept"  # adaround or nearest, after the held-out comparison
+    # on or off, after equalization on and off were compared on the held-out images (sweep --equalization auto)
+    EQUALIZATION_KEPT = "equalization_kept"
     VALIDATION_SIZE = "validation_size"  # held-out training images outside the calibration set (0: no comparison)
     CALIBRATION_SIZE = "calibration_size"
     CALIBRATION_SEED = "calibration_seed"
@@ -103,6 +105,9 @@ class Metric:
     # Top-1 agreement with FP32 on the held-out training images of each rounding compared (Param.VALIDATION_SIZE)
     VALIDATION_AGREEMENT_ADAROUND = "validation_agreement_adaround"
     VALIDATION_AGREEMENT_NEAREST = "validation_agreement_nearest"
+    # the same for cross-layer equalization on and off, both with nearest rounding (Param.EQUALIZATION_KEPT)
+    VALIDATION_AGREEMENT_EQUALIZED = "validation_agreement_equalized"
+    VALIDATION_AGREEMENT_UNEQUALIZED = "validation_agreement_unequalized"
     LATENCY_MS_B1_P50 = "latency_ms_b1_p50"
     LATENCY_MS_B1_P90 = "latency_ms_b1_p90"
     THROUGHPUT_IPS_B256 = "throughput_ips_b256"
@@ -150,6 +155,7 @@ class Tag:
     # PyTorch FX: layers whose int8 kernel departs from the reference computation of their quantization
     ENGINE_DEPARTURES = "ptqflow.engine_departures"
     ROUNDING_CHOICE = "ptqflow.rounding_choice"  # the held-out comparison of AdaRound and nearest, one sentence
+    EQUALIZATION_CHOICE = "ptqflow.equalization_choice"  # the held-out comparison of equalization on and off
     KEPT_FLOAT = "ptqflow.kept_float"  # layers the backend could not quantize and left in float, each with why
     WARNING = "ptqflow.warning"
     MODEL_SHA256 = "ptqflow.model_sha256"  # of the FP32 input model

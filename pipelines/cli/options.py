@@ -15,6 +15,7 @@ from ptqflow.pipelines.data.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL
 from ptqflow.pipelines.shared.choices import (
     CalibrationMethod,
     DataFormat,
+    Equalization,
     LayoutChoice,
     Preprocessing,
     WeightRounding,
@@ -148,6 +149,11 @@ class RecipeOptions(OptionGroup):
         "--weight-rounding", help="adaround: move FP32 weights onto the int8 grid with AdaRound first (default of "
                                   "every int8 variant, cached per model and calibration set); nearest: the "
                                   "quantizer's own rounding (fast).", rich_help_panel="Calibration")] = None
+    equalization: Annotated[Equalization, typer.Option(
+        "--equalization", rich_help_panel="Calibration",
+        help="Cross-layer equalization of Conv -> activation -> Conv pairs (depthwise ones too; through ReLU6 only "
+             "where calibration images stay below its bound): auto keeps it per variant where it agrees with FP32 "
+             "on more held-out training images (see --validation-size); on; off.")] = Equalization.auto
     per_channel: Annotated[Optional[bool], typer.Option(
         "--per-channel/--per-tensor", rich_help_panel="ONNX Runtime",
         help="ONNX Runtime weights per channel or per tensor (default: each variant's own).",
@@ -160,7 +166,7 @@ class RecipeOptions(OptionGroup):
 
     def sweep_fields(self) -> dict[str, Any]:
         return {"calibration_size": self.calibration_size, "weight_rounding": _value(self.weight_rounding),
-                "ort_per_channel": self.per_channel, "ort_calibration_method": _value(self.calibration_method)}
+                "equalization": _value(self.equalization), "ort_per_channel": self.per_channel, "ort_calibration_method": _value(self.calibration_method)}
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,12 @@ PYTORCH_VARIANTS = tuple(n for n in VARIANT_NAMES if n.startswith("pytorch"))
 ORT_VARIANTS = tuple(n for n in VARIANT_NAMES if n.startswith("ort"))
 
 
+class Equalization(str, Enum):
+    auto = "auto"  # on or off per variant, whichever agrees with FP32 on more held-out training images
+    on = "on"  # cross-layer equalization on every variant
+    off = "off"
+
+
 class WeightRounding(str, Enum):
     adaround = "adaround"  # AdaRound the FP32 weights onto the int8 grid first (slower, more faithful)
     nearest = "nearest"  # the quantizer's own round-to-nearest

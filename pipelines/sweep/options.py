@@ -12,7 +12,7 @@ from ptqflow.pipelines.data.inputs import DEFAULT_DATA_DIR, DEFAULT_MODEL
 from ptqflow.pipelines.data.preprocessing import InputTransform, parse_values
 from ptqflow.pipelines.registry.gate import GatePolicy
 from ptqflow.pipelines.repair.fallback import DEFAULT_CANDIDATES, DEFAULT_RANKING_IMAGES, FallbackTarget, check_options
-from ptqflow.pipelines.shared.choices import DataFormat, LayoutChoice, Preprocessing
+from ptqflow.pipelines.shared.choices import DataFormat, Equalization, LayoutChoice, Preprocessing
 from ptqflow.pipelines.shared.names import (
     MIXED_ONNX_SUFFIX,
     MIXED_PYTORCH_SUFFIX,
@@ -55,6 +55,8 @@ class SweepOptions:
     run_name: str | None = None
     gate: GatePolicy = GatePolicy()  # when a new registry version takes the champion alias
     weight_rounding: str | None = None  # override every variant's weight rounding (adaround or nearest)
+    # cross-layer equalization: auto (each variant's on/off chosen on the held-out images), on or off
+    equalization: Equalization = Equalization.auto
     adaround_iterations: int = 1000  # optimization steps per layer
     resume: bool = False  # reuse finished variant runs with identical inputs instead of recomputing them
     bench: bool = True  # measure latency and throughput of every variant
@@ -85,7 +87,7 @@ class SweepOptions:
             raise ConfigError(f"--test-limit must be positive (0 = all), got {self.test_limit}")
         # The CLI's text forms are accepted too: "48x48", "0.5,0.5,0.5", "npz", "nchw".
         for option, choice in (("data_format", DataFormat), ("input_layout", LayoutChoice),
-                               ("preprocessing", Preprocessing)):
+                               ("preprocessing", Preprocessing), ("equalization", Equalization)):
             object.__setattr__(self, option, _choice(choice, getattr(self, option), option))
         if isinstance(self.input_size, str):
             object.__setattr__(self, "input_size", shapes.parse_size(self.input_size))
@@ -118,13 +120,16 @@ class SweepOptions:
         return names
 
     def specs(self) -> list[VariantSpec]:
-        """The variants to run, with the ONNX Runtime and weight-rounding overrides applied."""
-        return select(self.variants, self.ort_per_channel, self.ort_calibration_method, self.weight_rounding)
+        """The variants to run, with the ONNX Runtime, weight-rounding and equalization overrides applied."""
+        fixed = None if self.equalization == Equalization.auto else self.equalization == Equalization.on
+        return select(self.variants, self.ort_per_channel, self.ort_calibration_method, self.weight_rounding,
+                      equalization=fixed)
 
     def runner_options(self) -> RunnerOptions:
         from ptqflow.models.runtime.latency import BenchConfig
 
         return RunnerOptions(bench=self.bench, choose_threads=self.bench, adaround_iterations=self.adaround_iterations,
+                             choose_equalization=self.equalization == Equalization.auto and self.validation_size > 0,
                              bench_config=BenchConfig(latency_threads=self.latency_threads),
                              diagnose_images=self.diagnose_images if self.diagnose else 0)
 

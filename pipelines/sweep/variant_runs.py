@@ -177,7 +177,8 @@ class VariantRuns:
                                "source_sha256": self.recorder.source_sha256},
                    "machine": {"cpu_model": cpu_model, "cpu_int8_isa": cpu_isa, "torch_threads": torch_threads(),
                                "bench_threads": self.runner.options.bench_config.resolved_threads,
-                               "latency_threads": self.runner.options.bench_config.latency_threads}}
+                               "latency_threads": self.runner.options.bench_config.latency_threads},
+                   "choose_equalization": self.runner.options.choose_equalization}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     def previous_run(self, experiment_id: str, spec: VariantSpec):
@@ -221,15 +222,20 @@ class VariantRuns:
         return outcome
 
     @staticmethod
-    def _log_rounding_choice(result: VariantResult, asked: VariantSpec) -> None:
-        """Which rounding the model file holds and the held-out numbers that chose it; the kept recipe's qconfig."""
-        choice = result.rounding_choice
-        if choice is None:
-            return
-        records.log_params({Param.WEIGHT_ROUNDING_KEPT: choice.chosen})
-        records.log_metrics(rounded({Metric.VALIDATION_AGREEMENT_ADAROUND: choice.agreement["adaround"],
-                                     Metric.VALIDATION_AGREEMENT_NEAREST: choice.agreement["nearest"]}))
-        records.set_tags({Tag.ROUNDING_CHOICE: choice.summary()})
+    def _log_held_out_choices(result: VariantResult, asked: VariantSpec) -> None:
+        """Which equalization and rounding the model file holds and the held-out numbers that chose them; the kept
+        recipe's qconfig."""
+        rounding, equalization = result.rounding_choice, result.equalization_choice
+        if equalization is not None:
+            records.log_params({Param.EQUALIZATION_KEPT: "on" if equalization.chosen else "off"})
+            records.log_metrics(rounded({Metric.VALIDATION_AGREEMENT_EQUALIZED: equalization.agreement["on"],
+                                         Metric.VALIDATION_AGREEMENT_UNEQUALIZED: equalization.agreement["off"]}))
+            records.set_tags({Tag.EQUALIZATION_CHOICE: equalization.summary()})
+        if rounding is not None:
+            records.log_params({Param.WEIGHT_ROUNDING_KEPT: rounding.chosen})
+            records.log_metrics(rounded({Metric.VALIDATION_AGREEMENT_ADAROUND: rounding.agreement["adaround"],
+                                         Metric.VALIDATION_AGREEMENT_NEAREST: rounding.agreement["nearest"]}))
+            records.set_tags({Tag.ROUNDING_CHOICE: rounding.summary()})
         if result.spec != asked:
             records.log_json(qconfig_document(result.spec), Artifact.QCONFIG)  # what the model file holds
 
@@ -294,7 +300,7 @@ class VariantRuns:
             M.TEST_IMAGES: len(self.inputs.test), M.CALIBRATION_IMAGES_USED: result.calibration_images})
         if result.bench:
             recorder.log_bench(result.bench, self.reference.bench)
-        self._log_rounding_choice(result, asked=spec)  # after the columns the Models tab shows first
+        self._log_held_out_choices(result, asked=spec)  # after the columns the Models tab shows first
         from ptqflow.pipelines.repair.diagnose import log_variant_diagnosis
 
         log_variant_diagnosis(result, outcome.run_id, plot=lambda function, *args: self.plots.submit(

@@ -5,7 +5,7 @@ images the calibration set does not hold."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,17 @@ from ptqflow.pipelines.variants.weights import WeightSource
 TWIN_DIR = "nearest-rounding"  # the twin's files, beside the variant's, removed once the variant is kept
 
 
+@dataclass(frozen=True)
+class NearestCandidate:
+    """A nearest-rounded quantization made and scored on the held-out images already (by the equalization check),
+    which the AdaRound check takes as its twin instead of quantizing it again."""
+
+    spec: VariantSpec
+    source: FloatModel
+    quantized: QuantizedModel
+    scores: np.ndarray
+
+
 class RoundingCheck:
     """AdaRound or nearest, per variant, on `inputs.validation` (model-ready held-out training images)."""
 
@@ -29,13 +40,26 @@ class RoundingCheck:
         self.batch_size, self.timer = batch_size, timer
         self._reference: np.ndarray | None = None  # FP32 scores of the held-out images, computed once
 
-    def check(self, spec: VariantSpec, source: FloatModel, quantized: QuantizedModel, variant_dir: Path
+    def check(self, spec: VariantSpec, source: FloatModel, quantized: QuantizedModel, variant_dir: Path,
+              twin: NearestCandidate | None = None
               ) -> tuple[VariantSpec, FloatModel, QuantizedModel, RoundingChoice | None]:
         """(spec, source, quantized, choice) of the rounding kept; the AdaRound ones with choice None when there is
-        nothing to compare (nearest asked, no AdaRound grid, no held-out images)."""
+        nothing to compare (nearest asked, no AdaRound grid, no held-out images). `twin`: the nearest-rounded
+        quantization of the same recipe, made and scored already."""
         validation = getattr(self.inputs, "validation", None)
         if spec.config.adaround_scheme is None or validation is None or not len(validation):
             return spec, source, quantized, None
+        if twin is None:
+            twin = self._twin(spec, variant_dir)
+        with self.timer.phase("evaluate"):
+            choice = choose_rounding(self.fp32_scores(),
+                                     self.scores_of(spec, quantized, validation, f"{spec.name} (AdaRound)"),
+                                     twin.scores)
+        if choice.chosen == NEAREST:
+            return twin.spec, twin.source, twin.quantized, choice
+        return spec, source, quantized, choice
+
+    def _twin(self, spec: VariantSpec, variant_dir: Path) -> NearestCandidate:
         nearest = replace(spec, config=replace(spec.config, weight_rounding=NEAREST))
         nearest_source = self.weights.for_spec(nearest, progress=False)
         twin_dir = variant_dir / TWIN_DIR
@@ -44,12 +68,8 @@ class RoundingCheck:
                                                          total=len(self.inputs.calibration)) as advance:
             twin = nearest.quantize(nearest_source, self.inputs.calibration, twin_dir, advance)
         with self.timer.phase("evaluate"):
-            choice = choose_rounding(self.fp32_scores(),
-                                     self._scores_of(spec, quantized, validation, f"{spec.name} (AdaRound)"),
-                                     self._scores_of(nearest, twin, validation, f"{spec.name} (nearest)"))
-        if choice.chosen == NEAREST:
-            return nearest, nearest_source, twin, choice
-        return spec, source, quantized, choice
+            scores = self.scores_of(nearest, twin, self.inputs.validation, f"{spec.name} (nearest)")
+        return NearestCandidate(nearest, nearest_source, twin, scores)
 
     def fp32_scores(self) -> np.ndarray:
         """The FP32 model's scores of the held-out images, computed once (the rounding choice and the fallback
@@ -60,7 +80,7 @@ class RoundingCheck:
             self._reference = self._scores(OrtRunner(self.float_model.onnx.path), self.inputs.validation, "FP32")
         return self._reference
 
-    def _scores_of(self, spec: VariantSpec, quantized: QuantizedModel, validation: np.ndarray,
+    def scores_of(self, spec: VariantSpec, quantized: QuantizedModel, validation: np.ndarray,
                    label: str) -> np.ndarray:
         from ptqflow.models.runtime.runners import OrtRunner, TorchRunner
 

@@ -30,7 +30,7 @@ class RoundingChoice:
                 f"held-out training images: kept {'AdaRound' if self.chosen == ADAROUND else 'nearest rounding'}")
 
 
-def _agreement_and_kl(reference: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+def agreement_and_kl(reference: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     agreement = float((reference.argmax(axis=1) == scores.argmax(axis=1)).mean())
     p, q = as_probabilities(reference).astype(np.float64), as_probabilities(scores).astype(np.float64)
     eps = 1e-12
@@ -43,7 +43,7 @@ def choose_rounding(reference: np.ndarray, adaround: np.ndarray, nearest: np.nda
     quantizer's own, which AdaRound exists to improve on."""
     if not (len(reference) == len(adaround) == len(nearest)) or not len(reference):
         raise ValueError("the roundings are compared on the same, non-empty set of held-out images")
-    measured = {ADAROUND: _agreement_and_kl(reference, adaround), NEAREST: _agreement_and_kl(reference, nearest)}
+    measured = {ADAROUND: agreement_and_kl(reference, adaround), NEAREST: agreement_and_kl(reference, nearest)}
     (a_agree, a_kl), (n_agree, n_kl) = measured[ADAROUND], measured[NEAREST]
     chosen = ADAROUND if (a_agree, -a_kl) > (n_agree, -n_kl) else NEAREST
     return RoundingChoice(chosen, len(reference), {k: v[0] for k, v in measured.items()},

@@ -33,6 +33,7 @@ from ptqflow.pipelines.data.preprocessing import InputTransform
 from ptqflow.pipelines.shared.progress import progress_task
 from ptqflow.pipelines.variants.phases import PhaseTimer
 from ptqflow.pipelines.variants.ready_test import ReadyTestImages
+from ptqflow.pipelines.variants.equalization_check import EQUALIZATION_DIR, EqualizationCheck, EqualizationChoice
 from ptqflow.pipelines.variants.reference_pass import ReferencePass
 from ptqflow.pipelines.variants.rounding_check import TWIN_DIR, RoundingCheck
 from ptqflow.pipelines.variants.rounding_choice import RoundingChoice
@@ -71,6 +72,9 @@ class RunnerOptions:
     # a sweep that times its models at the end keeps this on while `bench` is off
     choose_threads: bool = True
     adaround_iterations: int = 1000  # AdaRound optimization steps per layer
+    # equalization on or off per variant on the held-out images (EqualizationCheck) when its config does not ask
+    # for it; off: each config's own setting
+    choose_equalization: bool = False
     bench_config: BenchConfig = BenchConfig()
     # Per-layer diagnosis (ptqflow.models.diagnosis) of every variant on the first N test images right after it is made;
     # 0: none
@@ -118,6 +122,7 @@ class VariantResult:
     scores_from: str = ""  # the variant evaluated before it with the same ort_graph_sha256, whose test scores these are
     kept_float: dict = field(default_factory=dict)  # layers the backend could not quantize, left in float: name -> why
     rounding_choice: RoundingChoice | None = None  # AdaRound against nearest on held-out images; spec is the kept one
+    equalization_choice: EqualizationChoice | None = None  # equalization on against off on held-out images
     engine_departures: dict = field(default_factory=dict)  # FX: layers the int8 engine computed wrongly: name -> share
     latency_threads: int = 0  # the batch-1 threads chosen for its model file and stored with it (0: none chosen)
 
@@ -152,6 +157,7 @@ class VariantRunner:
         self.test_images = ReadyTestImages(inputs.test.images, inputs.transform)
         self.reference_pass = ReferencePass()  # the FP32 reference's onnxruntime scores while convert() runs
         self.rounding_check = RoundingCheck(inputs, self.weights, self.float_model, self.eval_batch, self.timer)
+        self.equalization_check = EqualizationCheck(inputs, self.weights, self.rounding_check, self.timer)
 
     @property
     def timing(self) -> ModelTimer:
@@ -239,11 +245,7 @@ class VariantRunner:
         if self.reference is None:
             raise RuntimeError("run_reference() must run before any variant: variants are compared with it")
         variant_dir = self.work_dir / spec.name
-        source = self.weights.for_spec(spec)
-        with self.timer.phase("quantize"), \
-                progress_task(f"calibrating {spec.name}", total=len(self.inputs.calibration)) as advance:
-            quantized = spec.quantize(source, self.inputs.calibration, variant_dir, advance)
-        spec, source, quantized, rounding_choice = self.rounding_check.check(spec, source, quantized, variant_dir)
+        spec, source, quantized, choices = self._quantize_checked(spec, variant_dir)
         write_json_atomic(variant_dir / QCONFIG_FILE, config_payload(spec.config))
         # TorchScript int8 modules repack their weights for the engine that is current when they load, so fbgemm
         # and x86 variants are loaded, evaluated and timed under the engine they were built for.
@@ -274,15 +276,33 @@ class VariantRunner:
             except Exception as exc:  # noqa: BLE001 - a diagnosis that fails says why; the variant stands
                 diagnosis_error = failure_reason(exc)
         bench = self.timing.bench(model_file, engine, spec.name, threads) if self.options.bench else None
-        shutil.rmtree(variant_dir / TWIN_DIR, ignore_errors=True)  # the twin, kept or not, is copied by now
+        for checked in (TWIN_DIR, EQUALIZATION_DIR):  # the candidates, kept or not, are copied by now
+            shutil.rmtree(variant_dir / checked, ignore_errors=True)
         return VariantResult(spec.name, spec.framework, spec, evaluation=evaluation,
                              fidelity=fidelity(self.reference, evaluation), bench=bench, model_file=public,
                              model_sha256=file_sha256(public), size_bytes=public.stat().st_size,
                              quantized_engine=engine, calibration_images=quantized.calibration_images,
                              diagnosis=diagnosis, diagnosis_error=diagnosis_error, ort_graph_sha256=graph,
                              scores_from=scores_from, kept_float=quantized.kept_float,
-                             rounding_choice=rounding_choice, engine_departures=quantized.engine_departures,
+                             rounding_choice=choices[0], equalization_choice=choices[1],
+                             engine_departures=quantized.engine_departures,
                              latency_threads=threads)
+
+    def _quantize_checked(self, spec: VariantSpec, variant_dir: Path):
+        """(spec, source, quantized, (rounding choice, equalization choice)) of the recipe kept: equalization on or
+        off chosen first (RunnerOptions.choose_equalization), then AdaRound or nearest, both on held-out images."""
+        candidate, equalization_choice = None, None
+        if self.options.choose_equalization:
+            spec, equalization_choice, candidate = self.equalization_check.check(spec, variant_dir)
+        if candidate is not None and candidate.spec == spec:  # nearest rounding asked: the kept candidate is it
+            return spec, candidate.source, candidate.quantized, (None, equalization_choice)
+        source = self.weights.for_spec(spec)
+        with self.timer.phase("quantize"), \
+                progress_task(f"calibrating {spec.name}", total=len(self.inputs.calibration)) as advance:
+            quantized = spec.quantize(source, self.inputs.calibration, variant_dir, advance)
+        spec, source, quantized, rounding_choice = self.rounding_check.check(spec, source, quantized, variant_dir,
+                                                                             twin=candidate)
+        return spec, source, quantized, (rounding_choice, equalization_choice)
 
     def _ort_session(self, model_file: Path, name: str):
         """An onnxruntime session of `model_file` (ptqflow.models.runtime.runners.OrtRunner) and the digest of the graph it runs
