@@ -317,9 +317,9 @@ def test_tune_and_baseline_offer_the_sweeps_input_fetch_and_tracking_options():
     # tune searches the recipe (size, rounding, ONNX Runtime grid and method), always times its trials (single
     # images on the thread count each model answers fastest on), and has a --target-agreement of its own (what a
     # feasible trial reaches)
-    assert sweep - tune == {"--variant", "--calibration-size", "--weight-rounding", "--per-channel", "--per-tensor",
-                            "--calibration-method", "--bench", "--no-bench", "--latency-threads", "--resume",
-                            *DIAGNOSIS, *FALLBACK - {"--target-agreement"}}
+    assert sweep - tune == {"--variant", "--calibration-size", "--weight-rounding", "--equalization", "--per-channel",
+                            "--per-tensor", "--calibration-method", "--bench", "--no-bench", "--latency-threads",
+                            "--resume", *DIAGNOSIS, *FALLBACK - {"--target-agreement"}}
     assert MIRRORS | GATE | {"--fetch", "--no-fetch", "--adaround-iterations", "--calibration-seed"} <= tune
     # baseline runs FP32 only: no calibration, registry, gate, diagnosis or fallback; it always times FP32
     assert baseline <= sweep and MIRRORS | {"--model", "--data-dir", "--test-limit", "--experiment"} <= baseline

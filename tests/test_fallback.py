@@ -30,6 +30,9 @@ from ptqflow.tracking.keys import Artifact, Metric, Param, Tag
 
 VARIANTS = ("pytorch-fx-int8", "ort-int8", "ort-uint8")
 TARGET = 0.99  # the outlier model reaches 89-95% agreement on the fixture's 100 test images
+# The sweeps that test the fallback turn equalization off: by default it is chosen per variant on held-out images,
+# and it takes the outlier channel apart without any layer out of int8 (test_equalization_is_chosen_...).
+OFF = "off"
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +206,7 @@ def test_target_agreement_repairs_every_variant_that_misses_it(tracking_store, o
 
     result = run_sweep(SweepOptions(model_path=outlier_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                                     adaround_iterations=ADAROUND_ITERATIONS, variants=VARIANTS, bench=False,
-                                    target_agreement=TARGET, ranking_images=50))
+                                    target_agreement=TARGET, ranking_images=50, equalization=OFF))
     by_name = {o.name: o for o in result.outcomes}
     assert list(by_name) == ["fp32", *(name for v in VARIANTS for name in (v, f"{v}-mixed"))]
     client = MlflowClient()
@@ -275,7 +278,7 @@ def test_a_target_out_of_reach_is_one_line_and_leaves_no_run_running(tracking_st
     monkeypatch.setattr(VariantRunner, "measure", refuse_full_set)
     result = run_sweep(SweepOptions(model_path=outlier_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                                     weight_rounding="nearest", variants=("ort-int8",), bench=False,
-                                    target_agreement=TARGET, ranking_images=50, register=False))
+                                    target_agreement=TARGET, ranking_images=50, register=False, equalization=OFF))
     by_name = {o.name: o for o in result.outcomes}
     assert list(by_name) == ["fp32", "ort-int8"]
     line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("! ort-int8: "))
@@ -306,7 +309,7 @@ def test_the_python_api_repairs_without_tracking(outlier_model, cifar_dir, tmp_p
     monkeypatch.chdir(tmp_path)
     results = quantize(outlier_model, cifar_dir, variants=["ort-uint8"], track=False, output_dir=tmp_path / "out",
                        calibration_size=CALIBRATION_SIZE, weight_rounding="nearest", bench=False,
-                       target_agreement=TARGET, ranking_images=50)
+                       target_agreement=TARGET, ranking_images=50, equalization=OFF)
     assert list(results.variants) == ["fp32", "ort-uint8", "ort-uint8-mixed"]
     assert results["ort-uint8"].agreement < TARGET <= results["ort-uint8-mixed"].agreement
     config = json.loads((tmp_path / "out" / "ort-uint8-mixed" / "qconfig.json").read_text())
@@ -342,7 +345,7 @@ def test_resume_reuses_the_search_and_the_mixed_variant(tracking_store, outlier_
 
     options = SweepOptions(model_path=outlier_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
                            weight_rounding="nearest", variants=("ort-uint8",), bench=False, target_agreement=TARGET,
-                           ranking_images=50, register=False)
+                           ranking_images=50, register=False, equalization=OFF)
     first = {o.name: o for o in run_sweep(options).outcomes}
 
     def steps() -> int:
@@ -414,3 +417,26 @@ def test_only_the_backends_own_errors_are_recorded_as_refusals():
     with pytest.raises(KeyError, match="agreement"):
         FallbackSearch(ptqflow_bug, FallbackTarget(agreement=0.99), 0.8).run(spec, start, _diagnosis(), inputs={})
     assert not backend_error(KeyError("agreement")) and backend_error(UnsupportedVariant("no"))
+
+
+def test_equalization_is_chosen_where_it_repairs_the_outlier_channel_with_every_layer_in_int8(tracking_store,
+                                                                                              outlier_model, cifar_dir):
+    """What the fallback needs layers out of int8 for, the default sweep does by equalizing conv1 and conv2 (the
+    outlier channel x64 / x1/64 is undone), chosen on held-out images and recorded on each run."""
+    from ptqflow.pipelines.sweep.options import SweepOptions
+    from ptqflow.pipelines.sweep.sweep import run_sweep
+    from ptqflow.tracking import records
+
+    result = run_sweep(SweepOptions(model_path=outlier_model, data_dir=cifar_dir, calibration_size=CALIBRATION_SIZE,
+                                    adaround_iterations=ADAROUND_ITERATIONS, variants=VARIANTS, bench=False,
+                                    diagnose=False, register=False, target_agreement=TARGET, ranking_images=50))
+    by_name = {o.name: o for o in result.outcomes}
+    assert list(by_name) == ["fp32", *VARIANTS]  # no variant needed a -mixed repair
+    for name in VARIANTS:
+        run = MlflowClient().get_run(by_name[name].run_id)
+        params, metrics = run.data.params, run.data.metrics
+        assert params[Param.EQUALIZATION_KEPT] == "on" and by_name[name].fidelity.top1_agreement >= TARGET, name
+        assert metrics[Metric.VALIDATION_AGREEMENT_EQUALIZED] >= metrics[Metric.VALIDATION_AGREEMENT_UNEQUALIZED]
+        assert "equalization on" in run.data.tags[Tag.EQUALIZATION_CHOICE]
+        qconfig = json.loads(records.download_text(run.info.run_id, Artifact.QCONFIG))
+        assert qconfig["config"]["equalization"] is True  # the model file's recipe
