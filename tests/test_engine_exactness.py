@@ -85,3 +85,79 @@ def test_a_layer_the_engine_computes_wrongly_gets_its_own_hint_in_the_diagnosis(
     assert hint.startswith("the int8 engine computes this layer away from its quantization (1.23% of outputs")
     assert "x86 engine" in hint
     assert hint_for(LayerDiagnosis("dw", "Conv", 0.1, 45.0, 12.0, 10.0, True, "x", "y")).startswith("activation")
+
+
+class Residual(nn.Module):
+    """stem, then conv -> ReLU -> conv + the stem's output -> ReLU: onednn's pattern config fuses the second conv
+    with the Add and the ReLU. `reuse`: the stem's output is read again after the sum (a concatenation)."""
+
+    def __init__(self, reuse: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), \
+            nn.Conv2d(8, 8, 3, padding=1)
+        self.relu, self.out_relu, self.reuse = nn.ReLU(), nn.ReLU(), reuse
+
+    def forward(self, x):
+        x = self.relu(self.stem(x))
+        y = self.out_relu(self.conv2(self.relu(self.conv1(x))) + x)
+        return torch.cat([y, x], 1) if self.reuse else y
+
+
+def _onednn(model: nn.Module):
+    import copy
+
+    from torch.ao.quantization.backend_config.onednn import get_onednn_backend_config
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    images = np.random.default_rng(0).uniform(0.0, 1.0, (32, 3, 8, 8)).astype(np.float32)
+    config = get_onednn_backend_config()
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "onednn"
+    try:
+        prepared = prepare_fx(torch.fx.symbolic_trace(model.eval()), qconfig_mapping("onednn"),
+                              (torch.from_numpy(images[:2]),), backend_config=config)
+        with torch.no_grad():
+            prepared(torch.from_numpy(images))
+        converted = convert_fx(copy.deepcopy(prepared), backend_config=config)
+        return types.SimpleNamespace(prepared=prepared, converted=converted, backend_config=config), images
+    except BaseException:
+        torch.backends.quantized.engine = previous
+        raise
+
+
+@pytest.fixture
+def onednn_engine():
+    previous = torch.backends.quantized.engine
+    yield
+    torch.backends.quantized.engine = previous
+
+
+def test_onednn_fuses_the_residual_add_and_computes_it_as_quantized(onednn_engine):
+    """The fused kernel writes its sum into the residual's buffer: the check copies every input before a module
+    runs, so the layer that made the residual is compared with what it computed, not with the sum."""
+    from torch.ao.nn.intrinsic.quantized import ConvAddReLU2d
+
+    from ptqflow.models.backends.engine_check import overwritten_residuals
+
+    graphs, images = _onednn(Residual())
+    fused = [name for name, module in graphs.converted.named_modules() if isinstance(module, ConvAddReLU2d)]
+    assert fused == ["conv2"]
+    assert engine_departures(graphs, images) == {}
+    assert overwritten_residuals(graphs.converted) == []
+    # the premise: the fused kernel's residual input (channels-last, as a conv's output is) holds the sum afterwards
+    module, last = graphs.converted.conv2, torch.channels_last
+    a = torch.quantize_per_tensor(torch.rand(2, 8, 8, 8).contiguous(memory_format=last), 0.05, 0, torch.quint8)
+    residual = torch.quantize_per_tensor(torch.rand(2, 8, 8, 8).contiguous(memory_format=last), module.scale,
+                                         module.zero_point, torch.quint8)
+    before = residual.int_repr().clone()
+    with torch.no_grad():
+        out = module(a, residual)
+    assert not torch.equal(residual.int_repr(), before) and torch.equal(residual.int_repr(), out.int_repr())
+
+
+def test_a_residual_read_after_the_fused_add_is_named_so_the_variant_is_refused(onednn_engine):
+    from ptqflow.models.backends.engine_check import overwritten_residuals
+
+    graphs, _ = _onednn(Residual(reuse=True))
+    assert overwritten_residuals(graphs.converted) == ["conv2"]

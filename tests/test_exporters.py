@@ -15,7 +15,7 @@ from exporter_fixture import mobilenet_v1_opset11, plain_export_cnn
 
 from ptqflow import quantize
 
-FX_VARIANTS = ("pytorch-fx-int8", "pytorch-fx-int8-x86")
+FX_VARIANTS = ("pytorch-fx-int8", "pytorch-fx-int8-x86", "pytorch-fx-int8-onednn")
 # Floors measured on these fixtures (see each test): they train for seconds, so a quantized variant can differ
 # from FP32 on an image or two near a decision boundary, never on many.
 AGREEMENT_FLOOR = 0.9

@@ -16,13 +16,14 @@ from ptqflow.pipelines.shared.precision import round_metric
 from ptqflow.pipelines.variants.specs import DEFAULT_VARIANTS
 from ptqflow.tracking.keys import Artifact, Metric, Param, Tag, VersionTag
 
-QUANTIZED_OK = ("pytorch-fx-int8", "pytorch-fx-int8-x86", "ort-int8", "ort-uint8", "ort-int8-u8s8")
+QUANTIZED_OK = ("pytorch-fx-int8", "pytorch-fx-int8-x86", "pytorch-fx-int8-onednn", "ort-int8", "ort-uint8",
+                "ort-int8-u8s8")
 # Top-1 agreement with FP32 that completed_sweep (tiny fitted CNN, 100 test images, AdaRound 20 steps) must reach.
 # Measured: 0.71 for every int8-weight variant, 0.30 for ort-uint8. The tiny model's least-squares dense head has
 # large, cancelling weights, so putting them on the int8 grid costs that much (nearest rounding: 0.72 and 0.30);
 # per-tensor uint8 gives the head a coarse grid. Floors leave 10 of the 100 test images of margin.
-AGREEMENT_FLOORS = {"fp32": 1.0, "pytorch-fx-int8": 0.6, "pytorch-fx-int8-x86": 0.6, "ort-int8": 0.6,
-                    "ort-int8-u8s8": 0.6, "ort-uint8": 0.2}
+AGREEMENT_FLOORS = {"fp32": 1.0, "pytorch-fx-int8": 0.6, "pytorch-fx-int8-x86": 0.6, "pytorch-fx-int8-onednn": 0.6,
+                    "ort-int8": 0.6, "ort-int8-u8s8": 0.6, "ort-uint8": 0.2}
 
 
 def _fp32_accuracy_with_onnxruntime(model_path, cifar_dir) -> float:

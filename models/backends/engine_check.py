@@ -29,9 +29,14 @@ def engine_departures(graphs, images: np.ndarray, batch_size: int = 64) -> dict[
         reference = dict(convert_to_reference_fx(copy.deepcopy(graphs.prepared),
                                                  backend_config=graphs.backend_config).named_modules())
     seen: dict[str, tuple] = {}
-    hooks = [module.register_forward_hook(lambda _, args, out, name=name: seen.__setitem__(name, (args[0], out)))
-             for name, module in graphs.converted.named_modules()
-             if hasattr(module, "weight") and callable(module.weight) and name in reference]
+    # every input (onednn's fused conv + residual Add takes the residual as a second one) copied before the module
+    # runs, and its output after: that fused op writes its sum into the residual's buffer
+    watched = [(name, module) for name, module in graphs.converted.named_modules()
+               if hasattr(module, "weight") and callable(module.weight) and name in reference]
+    hooks = [module.register_forward_pre_hook(lambda _, args, name=name: seen.__setitem__(name, _copied(args)))
+             for name, module in watched]
+    hooks += [module.register_forward_hook(lambda _, args, out, name=name: seen.__setitem__(
+        name, (seen[name], *_copied((out,))))) for name, module in watched]
     try:
         with torch.no_grad():
             graphs.converted(torch.from_numpy(np.ascontiguousarray(images[:batch_size])))
@@ -40,10 +45,10 @@ def engine_departures(graphs, images: np.ndarray, batch_size: int = 64) -> dict[
             hook.remove()
     departed = {}
     for name, (quantized_in, quantized_out) in seen.items():
-        if not (getattr(quantized_in, "is_quantized", False) and getattr(quantized_out, "is_quantized", False)):
+        if not all(getattr(t, "is_quantized", False) for t in (*quantized_in, quantized_out)):
             continue
         with torch.no_grad():
-            expected = reference[name](quantized_in.dequantize())
+            expected = reference[name](*(t.dequantize() for t in quantized_in))
         expected = torch.quantize_per_tensor(expected, quantized_out.q_scale(), quantized_out.q_zero_point(),
                                              quantized_out.dtype)
         steps = (expected.int_repr().int() - quantized_out.int_repr().int()).abs()
@@ -51,6 +56,28 @@ def engine_departures(graphs, images: np.ndarray, batch_size: int = 64) -> dict[
         if share > DEPARTED_SHARE:
             departed[name] = share
     return departed
+
+
+def _copied(args: tuple) -> tuple:
+    return tuple(a.clone() if hasattr(a, "clone") else a for a in args)
+
+
+def overwritten_residuals(converted) -> list[str]:
+    """The fused conv + Add modules of a converted FX graph (onednn's ConvAdd2d, ConvAddReLU2d) whose residual input
+    another node reads after them: the oneDNN kernel writes its sum into the residual's buffer, so that reader would
+    get the sum instead. Empty when every residual's other readers run before the fused op (or there are none)."""
+    from torch.ao.nn.intrinsic.quantized import ConvAdd2d, ConvAddReLU2d
+
+    order = {node: index for index, node in enumerate(converted.graph.nodes)}
+    modules = dict(converted.named_modules())
+    overwritten = []
+    for node in converted.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), (ConvAdd2d, ConvAddReLU2d)):
+            continue
+        residual = node.args[1] if len(node.args) > 1 else None
+        if residual is not None and any(order[user] > order[node] for user in residual.users if user is not node):
+            overwritten.append(str(node.target))
+    return overwritten
 
 
 def describe_departures(departed: dict[str, float]) -> str:

@@ -6,6 +6,7 @@ FX GraphModules do not pickle reliably, so the quantized model is traced and sav
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from ptqflow.common.files import write_atomic
 from ptqflow.common.files import array_sha256
 from ptqflow.models.backends.base import WEIGHT_ROUNDINGS, FloatModel, QuantizedModel, UnsupportedVariant, batches
 
-BACKENDS = ("fbgemm", "x86")
+BACKENDS = ("fbgemm", "x86", "onednn")
 MODEL_FILE_NAME = "model.pt"
 
 
@@ -27,7 +28,7 @@ MODEL_FILE_NAME = "model.pt"
 class PytorchFxConfig:
     """One FX static quantization recipe. Every field is logged as an MLflow param or in qconfig.json."""
 
-    backend: str = "fbgemm"  # quantized engine and backend config: fbgemm or x86
+    backend: str = "fbgemm"  # quantized engine and backend config: fbgemm, x86 or onednn
     weight_dtype: str = "qint8"  # qint8; quint8 is attempted to record that fbgemm/x86 refuse it
     activation_dtype: str = "quint8"
     per_channel: bool = True  # per-output-channel symmetric weight scales, range [-127, 127]
@@ -108,14 +109,17 @@ def _qconfig(config: PytorchFxConfig):
     return QConfig(activation=activation, weight=weight)
 
 
-def _backend_config(config: PytorchFxConfig):
+def _backend_config(config: PytorchFxConfig, conv_second: bool = True):
     """The backend's own pattern config; for non-default dtypes, widened so FX attempts them instead of silently
     leaving conv/linear in float, and the kernel library gives its verdict."""
     import torch
     from torch.ao.quantization.backend_config import BackendConfig, DTypeConfig, get_fbgemm_backend_config
     from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
 
-    base = get_fbgemm_backend_config() if config.backend == "fbgemm" else get_x86_backend_config()
+    # onednn's config fuses a convolution with the residual Add (and ReLU) after it (quantized::conv2d_add_relu,
+    # a oneDNN post-op that only the onednn engine runs): one requantization fewer per residual block
+    base = {"fbgemm": get_fbgemm_backend_config, "x86": get_x86_backend_config,
+            "onednn": lambda: _onednn_backend_config(conv_second)}[config.backend]()
     if config.weight_dtype == "qint8" and config.activation_dtype == "quint8":
         return base
     act, weight = getattr(torch, config.activation_dtype), getattr(torch, config.weight_dtype)
@@ -126,6 +130,59 @@ def _backend_config(config: PytorchFxConfig):
             pattern_config.add_dtype_config(extra)
         widened.set_backend_pattern_config(pattern_config)
     return widened
+
+
+def _onednn_backend_config(conv_second: bool = True):
+    """torch's onednn pattern config; without `conv_second`, without its conv + Add patterns whose convolution is the
+    Add's second operand (`x + conv(y)`; `conv(y) + x` still fuses). On a MobileNetV2-style fixture, where `x` is
+    another block's convolution, those patterns made a fused module that took the wrong tensor as the convolution's
+    input; on ResNet8 they are the ones that fuse its blocks (`prepare_checked` chooses)."""
+    import operator
+
+    import torch
+    import torch.ao.quantization.backend_config.utils  # noqa: F401 - get_onednn_backend_config reads it, unimported
+    from torch.ao.quantization.backend_config import BackendConfig
+    from torch.ao.quantization.backend_config.onednn import get_onednn_backend_config
+    from torch.ao.quantization.utils import MatchAllNode
+
+    def second(pattern) -> bool:
+        if isinstance(pattern, tuple) and len(pattern) == 2 and pattern[0] is torch.nn.ReLU:
+            pattern = pattern[1]
+        return (isinstance(pattern, tuple) and len(pattern) == 3 and pattern[0] in (torch.add, operator.add)
+                and pattern[1] is MatchAllNode)
+
+    base = get_onednn_backend_config()
+    if conv_second:
+        return base
+    kept = BackendConfig(base.name)
+    for pattern_config in base.configs:
+        if not second(pattern_config._pattern_complex_format):
+            kept.set_backend_pattern_config(pattern_config)
+    return kept
+
+
+def _computes_like(source, prepared, example) -> bool:
+    """Whether the prepared (fused, observed) model computes what `source` does on `example`, in float: fusion
+    must not change the function. Runs a copy, so the observers see nothing."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            expected, got = source(example), copy.deepcopy(prepared)(example)
+        return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()) + 1e-6))
+    except Exception:  # noqa: BLE001 - a fused module fed the wrong tensor fails on its shape
+        return False
+
+
+def prepare_checked(source, mapping, example, config: PytorchFxConfig, leaves: list[str] | None = None):
+    """(prepared, backend config): `prepare_traced` with the backend's pattern config, and for onednn, when that
+    fusion does not compute what `source` does, again without the conv-second Add patterns."""
+    backend_config = _backend_config(config)
+    prepared = prepare_traced(source, mapping, example, backend_config, leaves)
+    if config.backend == "onednn" and not _computes_like(source, prepared, example):
+        backend_config = _backend_config(config, conv_second=False)
+        prepared = prepare_traced(source, mapping, example, backend_config, leaves)
+    return prepared, backend_config
 
 
 def fp32_module_names(module, config: PytorchFxConfig, onnx_proto) -> list[str]:
@@ -232,7 +289,6 @@ def prepare_traced(source, mapping, example, backend_config, leaves: list[str] |
     """prepare_fx of a copy of `source`, with the modules FX cannot trace through (fx_prep.untraceable_modules: an
     onnx2torch forward that branches on its tensors) kept as leaves that run in float, rather than failing the
     whole variant on one op."""
-    import copy
 
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.quantize_fx import prepare_fx
@@ -252,7 +308,7 @@ def prepare_reference(float_model: FloatModel, config: PytorchFxConfig, example)
     source, mapping = _source_and_mapping(float_model.ready_for(config), config, example)
     with fx_quantization(config.backend), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return prepare_traced(source, mapping, example, _backend_config(config))
+        return prepare_checked(source, mapping, example, config)[0]
 
 
 # The observer state of the last calibration, by _calibration_key: the sweep's two FX variants (fbgemm, x86) prepare
@@ -312,26 +368,28 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
     first when `config.equalization` asks for it and `float_model` is not yet), with the int8 layers the engine
     computes wrongly (engine_check, once, for the file and its diagnosis). Raises UnsupportedVariant when the
     kernels refuse the dtypes."""
-    import copy
 
     import torch
     from torch.ao.quantization.quantize_fx import convert_fx
 
-    from ptqflow.models.backends.engine_check import engine_departures
+    from ptqflow.models.backends.engine_check import engine_departures, overwritten_residuals
     from ptqflow.models.graph.fx_prep import untraceable_modules
 
     float_model = float_model.ready_for(config, calibration)
     fixed = float_model.onnx.input.batch_size  # a fixed batch dimension (1) runs everything at that size
     example = torch.from_numpy(calibration[:fixed or 2])
-    backend_config = _backend_config(config)
     source, mapping = _source_and_mapping(float_model, config, example)
     with fx_quantization(config.backend), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices on every call
-        _check_kernels_accept(source, mapping, backend_config, example, config)
+        _check_kernels_accept(source, mapping, _backend_config(config), example, config)
         float_leaves = untraceable_modules(source) if hasattr(source, "graph") else {}
-        prepared = prepare_traced(source, mapping, example, backend_config, list(float_leaves))
+        prepared, backend_config = prepare_checked(source, mapping, example, config, list(float_leaves))
         seen = _calibrate(prepared, calibration, fixed or config.calibration_batch_size, advance)
         converted = convert_fx(copy.deepcopy(prepared), backend_config=backend_config)
+        overwritten = overwritten_residuals(converted)
+        if overwritten:
+            raise UnsupportedVariant(f"{config.backend} fuses {', '.join(overwritten)} with a residual Add whose input "
+                                     "another layer reads afterwards, and its kernel writes the sum into that input")
         graphs = FxGraphs(source, prepared, converted, mapping, backend_config, example, seen, float_leaves)
         graphs.engine_departures = engine_departures(graphs, calibration, fixed or 64)
     return graphs

@@ -31,6 +31,20 @@ def _clear(*modules) -> None:
                 logger.stats = []
 
 
+@functools.cache
+def _copying_logger():
+    """torch.ao.ns's OutputLogger, logging a copy of what it sees: onednn's fused conv + residual Add writes its sum
+    into the residual's buffer, so a layer whose output is that residual would otherwise show the sum."""
+    import torch.ao.ns._numeric_suite_fx as ns
+
+    class CopyingOutputLogger(ns.OutputLogger):
+        def forward(self, x):
+            super().forward(x.clone() if hasattr(x, "clone") else x)
+            return x
+
+    return CopyingOutputLogger
+
+
 def _module_behind(graph_module, node) -> str | None:
     """The module a logged node stands for: the node's own module, or behind observers the module they observe."""
     from torch.ao.quantization import ObserverBase
@@ -112,9 +126,33 @@ def _fusion_patterns_built_once():
         matcher.get_reversed_fusions = original
 
 
-def _float_reasons(layers, is_quantized: dict, module_reasons: dict[str, str], names: list[str]) -> dict[str, str]:
-    """Why each layer FX did not quantize is in float (records.float_reasons), from the reasons by FX module."""
+def _fused_adds(quantized, onnx_model) -> dict[str, str]:
+    """ONNX Add node -> why it has no row of its own: onednn's conv + residual Add modules (ConvAdd2d,
+    ConvAddReLU2d) compute it inside the convolution's int8 kernel, so it is measured with that layer."""
+    from torch.ao.nn.intrinsic.quantized import ConvAdd2d, ConvAddReLU2d
+
+    names = [node.name for node in onnx_model.graph.node]
+    readers: dict[str, list] = {}
+    for node in onnx_model.graph.node:
+        for tensor in node.input:
+            readers.setdefault(tensor, []).append(node)
+    by_name = {node.name: node for node in onnx_model.graph.node}
+    fused = {}
+    for module_name, module in quantized.named_modules():
+        conv = by_name.get(node_for_name(module_name, names) or "")
+        if not isinstance(module, (ConvAdd2d, ConvAddReLU2d)) or conv is None:
+            continue
+        for add in (r for r in readers.get(conv.output[0], []) if r.op_type == "Add"):
+            fused[add.name] = f"int8 inside {conv.name}'s kernel (onednn conv + Add): measured with that layer"
+    return fused
+
+
+def _float_reasons(layers, is_quantized: dict, module_reasons: dict[str, str], names: list[str],
+                   node_reasons: dict[str, str]) -> dict[str, str]:
+    """Why each layer FX did not quantize is in float (records.float_reasons), from the reasons by FX module and
+    by ONNX node."""
     by_node = {node_for_name(module, names): why for module, why in module_reasons.items()}
+    by_node.update(node_reasons)
     return float_reasons(layers, is_quantized, {node: why for node, why in by_node.items() if node},
                          unmapped="no FX module maps to it (FX runs it as a function): not measured",
                          otherwise="FX ran it in float (no int8 pattern for it in the backend config)")
@@ -128,6 +166,21 @@ def _worst_by_layer(by_module: dict[str, float], layer_of) -> dict[str, float]:
         if layer is not None:
             worst[layer.name] = max(value, worst.get(layer.name, 0.0))
     return worst
+
+
+def _notes(layers, rows, is_quantized: dict) -> tuple[str, ...]:
+    """What the table cannot show: no quantized module mapped at all (a failure of the layer map), or layers the
+    numeric suite could not shadow."""
+    notes = ()
+    if layers and not any(is_quantized.values()):
+        notes += ("no quantized FX module was mapped to a layer of the ONNX model: this table is a failure of the "
+                  "layer map (ptqflow.models.graph.layer_map.node_for_name), not a model without int8 layers",)
+    unshadowed = [r.layer for r in rows if r.quantized and r.local_sqnr_db is None]
+    if unshadowed:
+        notes += (f"no local SQNR for {', '.join(short_names(unshadowed).values())}: add_shadow_loggers cannot "
+                  "shadow that pattern (e.g. quantized add_relu, hardswish, onednn's conv fused with a residual "
+                  "Add)",)
+    return notes
 
 
 def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_model, backend: str,
@@ -169,11 +222,11 @@ def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_m
                         weight[layer.name] = float(entry["sqnr"][0])
             reference_prepared = _unobserved(reference_prepared)
             float_logged, int8_logged = ns.add_loggers("fp32", copy.deepcopy(reference_prepared), "int8",
-                                                       copy.deepcopy(quantized), ns.OutputLogger)
+                                                       copy.deepcopy(quantized), _copying_logger())
             # int8 shadows fp32 (not the other way round): each quantized layer gets the FP32 model's input to it,
             # quantized with the layer's own input qparams, and is compared with the FP32 layer's output.
             shadowed = ns.add_shadow_loggers("int8", copy.deepcopy(quantized), "fp32",
-                                             copy.deepcopy(reference_prepared), ns.OutputLogger,
+                                             copy.deepcopy(reference_prepared), _copying_logger(),
                                              unmatchable_types_map=_unshadowable())
             nodes = {node.name: node for node in shadowed.graph.nodes}
 
@@ -219,17 +272,10 @@ def diagnose_fx_graphs(reference_prepared, quantized, images: np.ndarray, onnx_m
               "add_shadow_loggers with int8 shadowing fp32 (local SQNR: each quantized layer run on the FP32 "
               "model's input to it)")
     rows = layer_rows(layers, weight, local, accumulated, ranges, is_quantized,
-                      _float_reasons(layers, is_quantized, module_reasons or {}, names),
+                      _float_reasons(layers, is_quantized, module_reasons or {}, names,
+                                     _fused_adds(quantized, onnx_model)),
                       _worst_by_layer(module_departures or {}, layer_of))
-    notes = ()
-    if layers and not any(is_quantized.values()):
-        notes += ("no quantized FX module was mapped to a layer of the ONNX model: this table is a failure of the "
-                  "layer map (ptqflow.models.graph.layer_map.node_for_name), not a model without int8 layers",)
-    unshadowed = [r.layer for r in rows if r.quantized and r.local_sqnr_db is None]
-    if unshadowed:
-        notes += (f"no local SQNR for {', '.join(short_names(unshadowed).values())}: add_shadow_loggers cannot "
-                  "shadow that pattern (e.g. quantized add_relu, hardswish)",)
-    return Diagnosis("pytorch-fx", method, len(images), rows, notes)
+    return Diagnosis("pytorch-fx", method, len(images), rows, _notes(layers, rows, is_quantized))
 
 
 def diagnose_fx(reference, source, config, calibration: np.ndarray, images: np.ndarray, graphs=None,

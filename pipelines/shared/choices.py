@@ -30,8 +30,8 @@ class CalibrationMethod(str, Enum):
     distribution = "Distribution"
 
 
-VARIANT_NAMES = ("pytorch-fx-int8", "pytorch-fx-int8-x86", "ort-int8", "ort-uint8", "ort-int8-u8s8",
-                 "pytorch-fx-uint8")
+VARIANT_NAMES = ("pytorch-fx-int8", "pytorch-fx-int8-x86", "pytorch-fx-int8-onednn", "ort-int8", "ort-uint8",
+                 "ort-int8-u8s8", "pytorch-fx-uint8")
 PYTORCH_VARIANTS = tuple(n for n in VARIANT_NAMES if n.startswith("pytorch"))
 ORT_VARIANTS = tuple(n for n in VARIANT_NAMES if n.startswith("ort"))
 
