@@ -145,8 +145,8 @@ def main() -> int:
             fp32 = default["fp32"][0]
             lines.append(f"\n**{family}**: FP32 accuracy {100 * fp32.accuracy:.2f}% "
                          f"({time.perf_counter() - started:.0f} s for both sweeps)\n")
-            lines.append("| variant | default % | nearest % | held-out choice (AdaRound / nearest %) | "
-                         "batch-1 latency vs FP32 |")
+            lines.append("| variant | default % | nearest % | held-out choice: equalization, rounding (AdaRound / "
+                         "nearest %) | batch-1 latency vs FP32 |")
             lines.append("|---|---|---|---|---|")
             for name, (report, run) in default.items():
                 if name == "fp32":
@@ -156,6 +156,8 @@ def main() -> int:
                     continue
                 metrics, params = run.data.metrics, run.data.params
                 kept = params.get("weight_rounding_kept", params.get("weight_rounding", ""))
+                if "equalization_kept" in params:
+                    kept = f"CLE {params['equalization_kept']}, {kept}"
                 choice = (f"{kept} ({100 * metrics['validation_agreement_adaround']:.2f} / "
                           f"{100 * metrics['validation_agreement_nearest']:.2f})"
                           if "validation_agreement_adaround" in metrics else kept)

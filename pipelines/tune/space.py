@@ -21,6 +21,7 @@ from ptqflow.pipelines.variants.specs import ONNXRUNTIME, PYTORCH
 FORMATS = {
     "fx-x86": (PYTORCH, PytorchFxConfig(backend="x86")),
     "fx-fbgemm": (PYTORCH, PytorchFxConfig(backend="fbgemm")),
+    "fx-onednn": (PYTORCH, PytorchFxConfig(backend="onednn")),
     "ort-qdq-s8s8": (ONNXRUNTIME, OrtStaticConfig(quant_format="QDQ", activation_dtype="int8", weight_dtype="int8")),
     "ort-qdq-u8s8": (ONNXRUNTIME, OrtStaticConfig(quant_format="QDQ", activation_dtype="uint8", weight_dtype="int8")),
     "ort-qop-u8s8": (ONNXRUNTIME, OrtStaticConfig(quant_format="QOperator", activation_dtype="uint8",
