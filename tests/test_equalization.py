@@ -1,6 +1,6 @@
 """Cross-layer equalization of MobileNet chains (issue 24 item 4): depthwise convolutions on either side of a pair,
-ReLU6 written as Clip(0, 6) equalized only where calibration images stay below the bound, and the per-variant
-choice on held-out images."""
+ReLU6 written as Clip(0, 6) equalized only where calibration images stay below the bound, and the sweep option
+(the per-variant choice on held-out images is tested with the rounding choice, tests/test_rounding_choice.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ptqflow.models.backends.equalization import HEADROOM, clip_maxima, equalize
 from ptqflow.models.runtime.runners import OrtRunner
-from ptqflow.pipelines.variants.equalization_check import KL_MARGIN, OFF, ON, choose_equalization
 
 CHANNELS = 16
 
@@ -109,28 +108,6 @@ def test_relu6_pairs_are_equalized_only_with_calibration_maxima_and_stay_below_t
         rescaled = ~held[tensor]
         assert after[tensor].max(axis=(0, 2, 3))[rescaled].max() <= 6.0 / HEADROOM + 1e-4
     np.testing.assert_allclose(_outputs(equalized, images)[0], _outputs(model, images)[0], rtol=1e-4, atol=1e-5)
-
-
-def _scores(classes: np.ndarray, confidence: float = 4.0) -> np.ndarray:
-    scores = np.zeros((len(classes), 3), np.float32)
-    scores[np.arange(len(classes)), classes] = confidence
-    return scores
-
-
-def test_equalization_is_kept_only_with_a_clearly_smaller_divergence_and_no_lower_agreement():
-    reference = _scores(np.array([0, 1, 2, 0, 1, 2]))
-    close, far = _scores(np.array([0, 1, 2, 0, 1, 2]), 3.9), _scores(np.array([0, 1, 2, 0, 1, 2]), 2.0)
-    kept = choose_equalization(reference, on=close, off=far, pairs=2)
-    assert kept.chosen and kept.kl_divergence[ON] <= (1 - KL_MARGIN) * kept.kl_divergence[OFF]
-    assert "equalization on" in kept.summary() and "2 pairs" in kept.summary() and "6 held-out" in kept.summary()
-    assert not choose_equalization(reference, on=far, off=close, pairs=2).chosen
-    assert not choose_equalization(reference, on=close, off=close, pairs=2).chosen  # no gain: the model as it is
-    # a smaller divergence that costs an image of agreement is not kept
-    wrong_once = _scores(np.array([0, 1, 2, 0, 1, 1]), 3.9)
-    assert not choose_equalization(reference, on=wrong_once, off=_scores(np.array([0, 1, 2, 0, 1, 2]), 0.5),
-                                   pairs=2).chosen
-    with pytest.raises(ValueError, match="same, non-empty"):
-        choose_equalization(reference, reference, reference[:1], pairs=2)
 
 
 def test_the_sweep_option_fixes_equalization_or_leaves_it_to_the_held_out_images(tmp_path):
