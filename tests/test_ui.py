@@ -39,7 +39,7 @@ CHROMIUM = Path(os.environ.get("PTQFLOW_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1850, "height": 1000}  # the sidebar and the runs table with ptqflow's columns (1,600 px)
-CHARTS_VIEWPORT = {"width": 1850, "height": 1760}  # the Models tab's charts: accuracy down to latency
+CHARTS_VIEWPORT = {"width": 1850, "height": 2150}  # the Models tab's charts: accuracy down to latency
 REGISTRY_VIEWPORT = {"width": 1850, "height": 1450}  # both versions with their tags (the newest is listed first)
 EXPERIMENT = "resnet8-quantization"
 MODEL = "resnet8-int8"
