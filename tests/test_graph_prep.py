@@ -304,3 +304,35 @@ def test_kth_largest_is_exactly_topk(values, k):
          "one_outlier_row": torch.cat([torch.zeros(n - 3 * k), torch.full((3 * k,), 5.0)])}[values]
     for tensor in (x, -x):
         assert torch.equal(kth_largest(tensor, k), torch.topk(tensor, k).values.min())
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_reduce_mean_pooling_is_part_of_the_float_head(keepdims):
+    """Keras and TFLite exports pool with ReduceMean over H and W: it belongs to the float head like
+    GlobalAveragePool (a quantized mean re-rounds the pooled features onto the grid of its input; on a
+    MobileNetV1-style export that cost the FX variants 0.5-1.4 points of agreement)."""
+    from ptqflow.models.adaround.onnx import onnx_classifier_head_nodes
+
+    m = _model(
+        [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="conv"),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("ReduceMean", ["r"], ["p"], axes=[2, 3], keepdims=keepdims, name="mean"),
+         *([helper.make_node("Flatten", ["p"], ["f"], axis=1, name="flat")] if keepdims else []),
+         helper.make_node("Gemm", ["f" if keepdims else "p", "Wd", "bd"], ["l"], transB=1, name="dense")],
+        [_vi("x", [2, 3, 6, 6])], [_vi("l", [2, 5])],
+        [_init("W", _w(4, 3, 3, 3)), _init("Wd", _w(5, 4)), _init("bd", _w(5))])
+    assert {"mean", "dense"} <= set(onnx_classifier_head_nodes(m))
+    mod = _convert(m)
+    gm = prepare_graph(mod)
+    x = torch.rand(2, 3, 6, 6) * 4
+    head = classifier_head(gm)
+    _check_equal(mod, gm, x)
+    assert any(getattr(gm.get_submodule(h), "fn", None) is torch.mean for h in head), head
+    q, tq = _quantize(gm, x, float_head=True)
+    means = [n for n in q.graph.nodes if n.target is torch.mean]
+    assert len(means) == 1
+    # the mean reads the dequantized convolution output: it runs in float
+    source = means[0].args[0]
+    assert source.op == "call_method" and source.target == "dequantize", source
+    with torch.no_grad():
+        assert tq(x).shape == mod(x).shape == (2, 5)

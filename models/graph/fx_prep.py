@@ -18,7 +18,7 @@ modules/ops that the fbgemm/x86 FX backends know how to quantize:
   operand is floating point (onnx2torch's Div asks the tensors' dtype, which FX cannot trace);
 * ``OnnxTranspose`` -> ``permute``; ``OnnxReshape`` with a constant shape ->
   ``reshape``; ``OnnxFlatten``/``OnnxGlobalAveragePoolWithKnownInputShape`` ->
-  ``torch.flatten`` / ``nn.AdaptiveAvgPool{1,2,3}d``;
+  ``torch.flatten`` / ``nn.AdaptiveAvgPool{1,2,3}d``; ``ReduceMean`` with constant axes -> ``torch.mean``;
 * ``OnnxHardSigmoid`` with ONNX's HardSwish constants -> ``nn.Hardsigmoid``, and
   ``Mul(x, Hardsigmoid(x))`` (how exporters below opset 14 write HardSwish) -> ``nn.Hardswish``: one quantized
   op each, instead of the multiply, add and clip onnx2torch computes them with, each with its own scale;
@@ -67,13 +67,14 @@ try:  # onnx2torch is optional at import time (prepare_graph also works on plain
         OnnxMatMul,
         OnnxPadDynamic,
         OnnxPadStatic,
+        OnnxReduceStaticAxes,
         OnnxReshape,
         OnnxSoftmaxV1V11,
         OnnxTranspose,
     )
 except ImportError:  # pragma: no cover
     OnnxBinaryMathOperation = OnnxFlatten = OnnxGemm = OnnxMatMul = OnnxPadDynamic = ()  # type: ignore
-    OnnxPadStatic = OnnxReshape = OnnxSoftmaxV1V11 = OnnxTranspose = ()  # type: ignore
+    OnnxPadStatic = OnnxReduceStaticAxes = OnnxReshape = OnnxSoftmaxV1V11 = OnnxTranspose = ()  # type: ignore
     OnnxGlobalAveragePoolWithKnownInputShape = OnnxHardSigmoid = ()  # type: ignore
     _onnx_div = None
 
@@ -181,6 +182,10 @@ def _simple_ops(gm: fx.GraphModule) -> None:
                 pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[len(m._x_dims)]
                 name = _add_module(gm, f"{node.target}_gap", pool(1))
                 new = g.call_module(name, (node.args[0],))
+            elif OnnxReduceStaticAxes and isinstance(m, OnnxReduceStaticAxes) and m.operation_type == "ReduceMean" \
+                    and m.axes and len(node.args) == 1:
+                # torch.mean, which classifier_head knows as pooling (a Keras/TFLite head pools with ReduceMean)
+                new = g.call_function(torch.mean, (node.args[0],), {"dim": list(m.axes), "keepdim": m.keepdims})
         if new is not None:
             node.replace_all_uses_with(new)
             g.erase_node(node)
