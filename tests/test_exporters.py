@@ -249,7 +249,7 @@ def test_a_mobilenet_v2_style_model_sweeps_and_keeps_adaround_only_where_held_ou
                        adaround_iterations=ADAROUND_ITERATIONS, bench=False, diagnose=False, register=False)
     assert results["fp32"].accuracy > 0.3
     client = MlflowClient()
-    compared = 0
+    compared = corrected = 0
     for report in results:
         if report.name in ("fp32", "pytorch-fx-uint8"):
             continue
@@ -264,6 +264,9 @@ def test_a_mobilenet_v2_style_model_sweeps_and_keeps_adaround_only_where_held_ou
             assert metrics[f"validation_agreement_{kept}"] >= metrics[f"validation_agreement_{other}"]
             assert Metric.VALIDATION_AGREEMENT_NEAREST in metrics and Tag.ROUNDING_CHOICE in tags
             compared += 1
+            # AdaRound's weights come with their depthwise biases corrected; nearest-rounded ones have none
+            assert (Param.BIAS_CORRECTED_CHANNELS in params) is (kept == "adaround")
+            corrected += int(params.get(Param.BIAS_CORRECTED_CHANNELS, 0))
         # its pointwise -> depthwise -> pointwise chains (ReLU6 as Clip) were equalized, and each variant kept
         # equalization or not by the held-out rule, recorded with its numbers
         kept = params[Param.EQUALIZATION_KEPT]
@@ -274,3 +277,4 @@ def test_a_mobilenet_v2_style_model_sweeps_and_keeps_adaround_only_where_held_ou
         qconfig = json.loads(records.download_text(report.run_id, "qconfig.json"))
         assert qconfig["config"]["equalization"] is (kept == "on")  # the model file's recipe
     assert compared >= 3  # FX per-channel and the ONNX Runtime variants round with AdaRound by default
+    assert corrected > 0

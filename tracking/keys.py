@@ -26,6 +26,9 @@ class Param:
     WEIGHT_ROUNDING_KEPT = "weight_rounding_kept"  # adaround or nearest, after the held-out comparison
     # on or off, after equalization on and off were compared on the held-out images (sweep --equalization auto)
     EQUALIZATION_KEPT = "equalization_kept"
+    # depthwise channels whose bias AdaRound's bias correction moved; logged when the model file holds AdaRound's
+    # weights
+    BIAS_CORRECTED_CHANNELS = "bias_corrected_channels"
     VALIDATION_SIZE = "validation_size"  # held-out training images outside the calibration set (0: no comparison)
     CALIBRATION_SIZE = "calibration_size"
     CALIBRATION_SEED = "calibration_seed"

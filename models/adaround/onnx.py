@@ -6,12 +6,14 @@ import copy
 from typing import List, Sequence
 
 import numpy as np
+import torch
 
 from ptqflow.models.adaround.walk import ROUNDED_LAYERS, adaround_schemes
 
 
-def replace_initializers(onnx_model, changes) -> "onnx.ModelProto":
-    """Write torch weights back into the ONNX initializers, matched by value (W or W^T)."""
+def replace_initializers(onnx_model, changes, biases=None) -> "onnx.ModelProto":
+    """Write torch weights back into the ONNX initializers, matched by value (W or W^T). `biases` ({module name: new
+    bias}, for modules of `changes`): written into the bias input of the node that reads the matched weight."""
     import onnx
     from onnx import numpy_helper
 
@@ -20,7 +22,7 @@ def replace_initializers(onnx_model, changes) -> "onnx.ModelProto":
     arrays = {n: numpy_helper.to_array(i) for n, i in inits.items()}
     for name, (old, new) in changes.items():
         old_np, new_np = old.numpy(), new.numpy()
-        done = False
+        matched = []
         for iname, arr in arrays.items():
             if arr.dtype != np.float32:
                 continue
@@ -31,10 +33,25 @@ def replace_initializers(onnx_model, changes) -> "onnx.ModelProto":
             else:
                 continue
             inits[iname].CopyFrom(numpy_helper.from_array(rep.astype(np.float32), iname))
-            done = True
-        if not done:
+            matched.append(iname)
+        if not matched:
             raise RuntimeError(f"could not find the ONNX initializer of {name}")
+        if biases and name in biases:
+            _replace_bias(model, inits, matched, name, biases[name].numpy())
     return model
+
+
+def _replace_bias(model, inits, weights: List[str], name: str, bias: np.ndarray) -> None:
+    """The bias initializer of the one Conv/Gemm reading one of `weights`, set to `bias`."""
+    from onnx import numpy_helper
+
+    readers = [node for node in model.graph.node if node.op_type in ("Conv", "Gemm") and len(node.input) > 2
+               and node.input[1] in weights and node.input[2] in inits]
+    shared = readers and sum(readers[0].input[2] in node.input for node in model.graph.node) > 1
+    if len(readers) != 1 or shared or inits[readers[0].input[2]].dims != list(bias.shape):
+        raise RuntimeError(f"could not find the one ONNX bias initializer of {name}")
+    bias_name = readers[0].input[2]
+    inits[bias_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), bias_name))
 
 
 def adaround_onnx(onnx_model, calib: np.ndarray, scheme: str = "per_channel_sym_int8", *,
@@ -60,8 +77,18 @@ def adaround_onnx_schemes(onnx_model, calib: np.ndarray, schemes: Sequence[str],
         head = set(classifier_head(gm, include_pool=False))
         kw["layers"] = [name for name, m in gm.named_modules()
                         if isinstance(m, ROUNDED_LAYERS) and name not in head]
-    return {scheme: replace_initializers(onnx_model, changes)
-            for scheme, (_, changes) in adaround_schemes(gm, calib, schemes, **kw).items()}
+    return {scheme: replace_initializers(onnx_model, changes, _changed_biases(gm, rounded, changes))
+            for scheme, (rounded, changes) in adaround_schemes(gm, calib, schemes, **kw).items()}
+
+
+def _changed_biases(source, rounded, changes) -> dict:
+    """{module name: bias} of the rounded modules whose bias bias correction changed."""
+    out = {}
+    for name in changes:
+        before, after = source.get_submodule(name).bias, rounded.get_submodule(name).bias
+        if before is not None and not torch.equal(before, after):
+            out[name] = after.detach()
+    return out
 
 
 # --------------------------------------------------------------------------- onnxruntime recipe helpers

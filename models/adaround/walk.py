@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ptqflow.models.adaround.bias_correction import UNBOUNDED, activation_ranges, correct_bias, is_depthwise
 from ptqflow.models.adaround.grids import quantize_weights_like
 from ptqflow.models.adaround.optimize import Rounding, adaround_layers
 
@@ -175,6 +176,7 @@ def adaround_schemes(gm: nn.Module, calib: np.ndarray, schemes: Sequence[str], *
                      verbose: bool = False, advance: Callable[..., None] = lambda n, total=None: None,
                      model_batch: int = 250, stop_early: bool = True, quadratic: bool = True,
                      workers: Optional[int] = None, trace: Optional[Callable[..., None]] = None,
+                     bias_correction: bool = True,
                      ) -> Dict[str, Tuple[nn.Module, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]]:
     """AdaRound all Conv/Linear modules of ``gm`` (an FX graph, e.g. from ``prepare_graph``) for each of
     ``schemes``, sharing one FP32 pass. ``gm`` itself is not changed. Returns {scheme: (rounded copy of gm,
@@ -191,6 +193,9 @@ def adaround_schemes(gm: nn.Module, calib: np.ndarray, schemes: Sequence[str], *
     ``workers`` threads (default: one per scheme, at most one per core), then optimised in one loop whose every op
     works on the stack of them (:func:`adaround_layers`, which says when torch runs one thread and when all of
     torch's threads). Each scheme's result is the one it gets alone, whatever the number of workers.
+
+    ``bias_correction``: a depthwise convolution's bias then takes off each channel's mean error over the images
+    (:func:`ptqflow.models.adaround.bias_correction.correct_bias`), before later layers see its output.
     """
     import torch.fx as fx
     from concurrent.futures import ThreadPoolExecutor
@@ -202,6 +207,7 @@ def adaround_schemes(gm: nn.Module, calib: np.ndarray, schemes: Sequence[str], *
     fp = copy.deepcopy(gm).eval()
     models = {scheme: copy.deepcopy(gm).eval() for scheme in schemes}
     order = _rounding_order(gm, layers)
+    passed = activation_ranges(gm)
     index = {name: i for i, (name, _) in enumerate(order)}
     changes: Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = {scheme: {} for scheme in schemes}
     advance(0, total=len(order) * iters * len(schemes))  # progress in optimisation steps over all layers
@@ -220,10 +226,12 @@ def adaround_schemes(gm: nn.Module, calib: np.ndarray, schemes: Sequence[str], *
             with torch.enable_grad():
                 new_ws = adaround_layers(problems, iters, batch, lam, lr, seed + index[name], advance, stop_early,
                                          traces, pool, threads)
-            for scheme, mod, new_w in zip(schemes, mods, new_ws):
+            for scheme, mod, new_w, problem in zip(schemes, mods, new_ws, problems):
                 old = mod.weight.detach().clone()
                 mod.weight.data.copy_(new_w)
                 changes[scheme][name] = (old, new_w)
+                if bias_correction and is_depthwise(mod):
+                    correct_bias(mod, problem.fn(problem.x_in, new_w), y_t, passed.get(name, UNBOUNDED))
                 if verbose:
                     changed = float((quantize_weights_like(old, scheme) != new_w).float().mean())
                     print(f"adaround {scheme} {name}: changed {changed:.3f}")

@@ -20,8 +20,9 @@ from ptqflow.models.graph.onnx_model import OnnxClassifier, to_torch
 # How a config puts its weights on the integer grid: AdaRound first (onto the grid the backend then reproduces), or
 # the quantizer's own round-to-nearest
 WEIGHT_ROUNDINGS = ("adaround", "nearest")
-ADAROUND_VERSION = ("adaround-v9:lambda=1,lr=0.01,seed=0,nearest-fallback-per-channel,own-output-exact-quadratic,all-images,"
-                    "stop-when-saturated,large-layers-on-torch-threads")
+ADAROUND_VERSION = ("adaround-v10:lambda=1,lr=0.01,seed=0,nearest-fallback-per-channel,own-output-exact-quadratic,"
+                    "all-images,stop-when-saturated,large-layers-on-torch-threads,"
+                    "depthwise-bias-correction-in-activation-range")
 # Libraries whose numerics shape AdaRound's result (the torch conversion and its optimizer).
 ADAROUND_LIBRARIES = ("torch", "onnx", "onnx2torch", "numpy")
 
@@ -102,6 +103,7 @@ class FloatModel:
     upgraded_from_opset: int | None = None
     equalization: "object | None" = None  # ptqflow.models.backends.equalization.EqualizationSummary once equalized
     adaround_scheme: str | None = None  # the grid AdaRound put the weights on, once it has
+    bias_corrected_channels: int = 0  # depthwise channels whose bias AdaRound's bias correction changed
 
     @classmethod
     def for_runtimes(cls, model: OnnxClassifier, work_dir: Path) -> "FloatModel":
@@ -168,9 +170,13 @@ class FloatModel:
         cached = self._adaround_cache_file(scheme, calibration, calibration_digest, iterations, context, round_head)
         if not cached.is_file():
             self.adaround_ahead([scheme], calibration, calibration_digest, advance, iterations, context, round_head)
-        variant = self._derived(onnx.load(str(cached)), cached,
+        from ptqflow.models.adaround.bias_correction import changed_biases
+
+        rounded = onnx.load(str(cached))
+        variant = self._derived(rounded, cached,
                                 self.work_dir / f"adaround-{scheme}{'' if round_head else '-float-head'}",
-                                adaround_scheme=scheme)
+                                adaround_scheme=scheme,
+                                bias_corrected_channels=changed_biases(self.onnx.proto, rounded))
         variant.work_dir.mkdir(parents=True, exist_ok=True)
         self._rounded[memo] = variant
         return variant
@@ -187,7 +193,8 @@ class FloatModel:
         from ptqflow.models.graph.onnx_model import read_input_spec
 
         kept = {"folded_batch_norms": self.folded_batch_norms, "upgraded_from_opset": self.upgraded_from_opset,
-                "equalization": self.equalization, "adaround_scheme": self.adaround_scheme}
+                "equalization": self.equalization, "adaround_scheme": self.adaround_scheme,
+                "bias_corrected_channels": self.bias_corrected_channels}
         return FloatModel(replace(self.onnx, path=path, proto=proto, sha256=file_sha256(path),
                                   size_bytes=path.stat().st_size, input=read_input_spec(proto, path),
                                   external_files=()), work_dir, **{**kept, **record})

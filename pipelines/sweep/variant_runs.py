@@ -223,9 +223,11 @@ class VariantRuns:
 
     @staticmethod
     def _log_held_out_choices(result: VariantResult, asked: VariantSpec) -> None:
-        """Which equalization and rounding the model file holds and the held-out numbers that chose them; the kept
-        recipe's qconfig."""
+        """Which equalization and rounding the model file holds and the held-out numbers that chose them (with the
+        channels bias correction moved, when its weights are AdaRound's); the kept recipe's qconfig."""
         rounding, equalization = result.rounding_choice, result.equalization_choice
+        if result.spec.config.adaround_scheme is not None:
+            records.log_params({Param.BIAS_CORRECTED_CHANNELS: result.bias_corrected_channels})
         if equalization is not None:
             records.log_params({Param.EQUALIZATION_KEPT: "on" if equalization.chosen else "off"})
             records.log_metrics(rounded({Metric.VALIDATION_AGREEMENT_EQUALIZED: equalization.agreement["on"],
