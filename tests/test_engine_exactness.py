@@ -161,3 +161,34 @@ def test_a_residual_read_after_the_fused_add_is_named_so_the_variant_is_refused(
 
     graphs, _ = _onednn(Residual(reuse=True))
     assert overwritten_residuals(graphs.converted) == ["conv2"]
+
+
+class InvertedResidual(nn.Module):
+    """A MobileNetV2 block: the residual Add's first input is the stem's output (a convolution's, no activation),
+    its second the projection's; torch's onednn patterns for "x + conv(y)" fuse it wrongly."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.expand, self.project = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 8, 1)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.relu6_a, self.relu6_b = nn.ReLU6(), nn.ReLU6()
+
+    def forward(self, x):
+        x = self.stem(x)
+        return x + self.project(self.relu6_b(self.depthwise(self.relu6_a(self.expand(x)))))
+
+
+@pytest.mark.parametrize("model,falls_back", [(Residual(), False), (InvertedResidual(), True)])
+def test_onednn_leaves_out_the_add_patterns_that_change_the_function_and_says_so(onednn_engine, model, falls_back):
+    from ptqflow.models.backends.pytorch_fx import CONV_SECOND_FALLBACK, PytorchFxConfig, _computes_like, \
+        fx_quantization, prepare_checked
+
+    source = torch.fx.symbolic_trace(model.eval())
+    example = torch.rand(2, 3, 8, 8)
+    with fx_quantization("onednn"):
+        prepared, _, fallback = prepare_checked(source, qconfig_mapping("onednn"), example,
+                                                PytorchFxConfig(backend="onednn"))
+        assert _computes_like(source, prepared, example)
+    assert fallback == (CONV_SECOND_FALLBACK if falls_back else "")

@@ -160,6 +160,7 @@ class Tag:
     ROUNDING_CHOICE = "ptqflow.rounding_choice"  # the held-out comparison of AdaRound and nearest, one sentence
     EQUALIZATION_CHOICE = "ptqflow.equalization_choice"  # the held-out comparison of equalization on and off
     KEPT_FLOAT = "ptqflow.kept_float"  # layers the backend could not quantize and left in float, each with why
+    FUSION_FALLBACK = "ptqflow.fusion_fallback"  # FX: fusion patterns of the backend left out, and why
     WARNING = "ptqflow.warning"
     MODEL_SHA256 = "ptqflow.model_sha256"  # of the FP32 input model
     DATASET_DIGEST = "ptqflow.dataset_sha256"

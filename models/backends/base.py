@@ -332,6 +332,7 @@ class QuantizedModel:
     kept_float: dict = field(default_factory=dict)  # layers the backend could not quantize, left in float: name -> why
     # PyTorch FX: layers the int8 engine computed away from their quantization (engine_check): name -> share off
     engine_departures: dict = field(default_factory=dict)
+    fusion_fallback: str = ""  # PyTorch FX: the backend's fusion patterns left out, and why ("" when none)
 
 
 def batches(array: np.ndarray, batch_size: int):

@@ -174,15 +174,23 @@ def _computes_like(source, prepared, example) -> bool:
         return False
 
 
+# what a run records when prepare_checked left out onednn's conv-second Add patterns
+CONV_SECOND_FALLBACK = ("onednn's patterns that fuse an Add whose second input is a convolution's output changed what "
+                        "the model computes (a torch fusion fault), so it was prepared without them: those Adds run "
+                        "as separate quantized adds")
+
+
 def prepare_checked(source, mapping, example, config: PytorchFxConfig, leaves: list[str] | None = None):
-    """(prepared, backend config): `prepare_traced` with the backend's pattern config, and for onednn, when that
-    fusion does not compute what `source` does, again without the conv-second Add patterns."""
+    """(prepared, backend config, fallback): `prepare_traced` with the backend's pattern config, and for onednn,
+    when that fusion does not compute what `source` does, again without the conv-second Add patterns (fallback:
+    CONV_SECOND_FALLBACK then, else "")."""
     backend_config = _backend_config(config)
     prepared = prepare_traced(source, mapping, example, backend_config, leaves)
     if config.backend == "onednn" and not _computes_like(source, prepared, example):
         backend_config = _backend_config(config, conv_second=False)
         prepared = prepare_traced(source, mapping, example, backend_config, leaves)
-    return prepared, backend_config
+        return prepared, backend_config, CONV_SECOND_FALLBACK
+    return prepared, backend_config, ""
 
 
 def fp32_module_names(module, config: PytorchFxConfig, onnx_proto) -> list[str]:
@@ -257,6 +265,7 @@ class FxGraphs:
     float_leaves: dict = field(default_factory=dict)
     # layers the int8 engine computed away from their quantization (engine_check): module name -> share off
     engine_departures: dict = field(default_factory=dict)
+    fusion_fallback: str = ""  # prepare_checked's fallback, when it took one
 
 
 def _source_and_mapping(float_model: FloatModel, config: PytorchFxConfig, example):
@@ -383,14 +392,15 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
         warnings.simplefilter("ignore")  # torch.ao deprecation notices on every call
         _check_kernels_accept(source, mapping, _backend_config(config), example, config)
         float_leaves = untraceable_modules(source) if hasattr(source, "graph") else {}
-        prepared, backend_config = prepare_checked(source, mapping, example, config, list(float_leaves))
+        prepared, backend_config, fallback = prepare_checked(source, mapping, example, config, list(float_leaves))
         seen = _calibrate(prepared, calibration, fixed or config.calibration_batch_size, advance)
         converted = convert_fx(copy.deepcopy(prepared), backend_config=backend_config)
         overwritten = overwritten_residuals(converted)
         if overwritten:
             raise UnsupportedVariant(f"{config.backend} fuses {', '.join(overwritten)} with a residual Add whose input "
                                      "another layer reads afterwards, and its kernel writes the sum into that input")
-        graphs = FxGraphs(source, prepared, converted, mapping, backend_config, example, seen, float_leaves)
+        graphs = FxGraphs(source, prepared, converted, mapping, backend_config, example, seen, float_leaves,
+                          fusion_fallback=fallback)
         graphs.engine_departures = engine_departures(graphs, calibration, fixed or 64)
     return graphs
 
@@ -414,4 +424,4 @@ def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.n
     write_atomic(path, buffer.getvalue())
     return QuantizedModel(path=path, format="torchscript", calibration_images=graphs.calibration_images,
                           graphs=graphs, kept_float=dict(graphs.float_leaves),
-                          engine_departures=dict(graphs.engine_departures))
+                          engine_departures=dict(graphs.engine_departures), fusion_fallback=graphs.fusion_fallback)

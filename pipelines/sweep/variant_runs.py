@@ -285,7 +285,8 @@ class VariantRuns:
         optional = ((T.QUANTIZED_ENGINE, result.quantized_engine), (T.ORT_GRAPH_SHA256, result.ort_graph_sha256),
                     (T.SCORES_FROM, result.scores_from),
                     (T.KEPT_FLOAT, "; ".join(f"{name}: {why}" for name, why in result.kept_float.items())[:5000]),
-                    (T.ENGINE_DEPARTURES, describe_departures(result.engine_departures)[:5000]))
+                    (T.ENGINE_DEPARTURES, describe_departures(result.engine_departures)[:5000]),
+                    (T.FUSION_FALLBACK, result.fusion_fallback))
         records.set_tags({**{key: value for key, value in optional if value}, T.MODEL_FILE_SHA256: result.model_sha256,
                           T.MODEL_FILE_IN_MODEL: outcome.model_file_in_artifacts})
         records.log_file(result.model_file, A.MODEL_FILE_DIR)

@@ -126,6 +126,7 @@ class VariantResult:
     engine_departures: dict = field(default_factory=dict)  # FX: layers the int8 engine computed wrongly: name -> share
     latency_threads: int = 0  # the batch-1 threads chosen for its model file and stored with it (0: none chosen)
     bias_corrected_channels: int = 0  # depthwise channels whose bias AdaRound's bias correction moved
+    fusion_fallback: str = ""  # FX: the backend's fusion patterns left out, and why
 
 
 class VariantRunner:
@@ -287,7 +288,8 @@ class VariantRunner:
                              scores_from=scores_from, kept_float=quantized.kept_float,
                              rounding_choice=choices[0], equalization_choice=choices[1],
                              engine_departures=quantized.engine_departures,
-                             latency_threads=threads, bias_corrected_channels=source.bias_corrected_channels)
+                             latency_threads=threads, bias_corrected_channels=source.bias_corrected_channels,
+                             fusion_fallback=quantized.fusion_fallback)
 
     def _quantize_checked(self, spec: VariantSpec, variant_dir: Path):
         """(spec, source, quantized, (rounding choice, equalization choice)) of the recipe kept: equalization on or
