@@ -359,3 +359,56 @@ def test_a_default_mixed_name_holding_another_model_is_refused_only_when_the_fal
     check_registry_targets(options.registered_names(), options.specs(), "a" * 64)  # no target: no -mixed variant
     with pytest.raises(ConfigError, match="registered model 'outlier-mixed-onnx' holds versions of another FP32"):
         check_registry_targets(options.registered_names(), options.specs(), "a" * 64, fallback=True)
+
+
+@pytest.mark.parametrize("message,race", [
+    ('BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value violates unique constraint '
+     '"registered_model_alias_pk"', True),  # what a CI run's second sweep got from PostgreSQL
+    ("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.name", True),
+    ("PERMISSION_DENIED: Permission denied", False),
+    ("RESOURCE_DOES_NOT_EXIST: Registered Model with name=x not found", False),
+])
+def test_a_second_insert_of_the_same_alias_is_told_from_other_failures(message, race):
+    from mlflow.exceptions import MlflowException
+
+    from ptqflow.tracking.aliases import is_concurrent_write
+
+    assert is_concurrent_write(MlflowException(message)) is race
+
+
+@pytest.mark.parametrize("other_sweeps_version,promoted", [
+    (C("1", 0.0, 0.99), False),  # the sweep that won the race registered a better version: this one is rejected
+    (C("1", 0.0, 0.975), True),  # a worse one: this one takes the alias from it
+])
+def test_two_sweeps_promoting_at_once_end_as_if_one_came_after_the_other(other_sweeps_version, promoted):
+    """Both sweeps read "no champion" and promote; the store refuses the second insert of the alias (AliasRace).
+    The loser reads the champion again and is decided against it."""
+    from ptqflow.pipelines.registry.registrar import promote_through_races
+    from ptqflow.tracking.aliases import AliasRace
+
+    set_calls = []
+
+    def set_champion():
+        set_calls.append(len(set_calls))
+        if len(set_calls) == 1:
+            raise AliasRace("cannot point alias 'champion' of m at version 2: duplicate key value")
+
+    decision = promote_through_races(C("2", 0.0, 0.98), None, POLICY, set_champion, lambda: other_sweeps_version)
+    assert decision.promote is promoted
+    assert len(set_calls) == (2 if promoted else 1)
+    assert ("v1" in decision.reason) and ("no champion yet" not in decision.reason)
+
+
+def test_an_alias_that_keeps_racing_fails_with_one_line():
+    from ptqflow.pipelines.registry.registrar import ALIAS_RACE_ATTEMPTS, promote_through_races
+    from ptqflow.tracking.aliases import AliasRace
+
+    calls = []
+
+    def set_champion():
+        calls.append(1)
+        raise AliasRace("cannot point alias 'champion' of m at version 2: duplicate key value")
+
+    with pytest.raises(AliasRace, match="cannot point alias"):
+        promote_through_races(C("2", 0.0, 0.98), None, POLICY, set_champion, lambda: None)
+    assert len(calls) == ALIAS_RACE_ATTEMPTS

@@ -28,12 +28,28 @@ def alias_target(name: str, alias: str):
             "does not decide without it") from exc
 
 
+class AliasRace(TrackingError):
+    """Another process pointed the same alias at a version at the same moment (MLflow's store reads whether the
+    alias exists, then inserts it: of two such writers, one insert fails on the key)."""
+
+
+# How the store's database words a second insert of the same key (PostgreSQL, MySQL, SQLite, through SQLAlchemy)
+_DUPLICATE_KEY = ("UniqueViolation", "duplicate key value", "Duplicate entry", "UNIQUE constraint failed")
+
+
+def is_concurrent_write(exc: Exception) -> bool:
+    """Whether a registry request failed because another writer inserted the same key first."""
+    return any(words in str(exc) for words in _DUPLICATE_KEY)
+
+
 def set_alias(name: str, alias: str, version: str) -> None:
+    """Point `alias` at `version`. Raises AliasRace when another process set it at the same moment (read the alias
+    again and decide again), TrackingError on any other failure."""
     try:
         client().set_registered_model_alias(name, alias, version)
     except mlflow.exceptions.MlflowException as exc:
-        raise TrackingError(f"cannot point alias '{alias}' of {name} at version {version}: "
-                            f"{first_line(exc)}") from exc
+        error = AliasRace if is_concurrent_write(exc) else TrackingError
+        raise error(f"cannot point alias '{alias}' of {name} at version {version}: {first_line(exc)}") from exc
 
 
 # How a decision sentence starts, by decision; record_decision replaces an earlier one that starts like these. Short:

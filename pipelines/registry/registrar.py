@@ -103,6 +103,31 @@ def current_champion(name: str) -> Candidate | None:
     return Candidate.from_tags(str(current.version), current.tags) if current is not None else None
 
 
+ALIAS_RACE_ATTEMPTS = 3  # decisions against a champion another sweep moved meanwhile, before giving up
+
+
+def promote_through_races(candidate: Candidate, champion: Candidate | None, gate: GatePolicy,
+                          set_champion: Callable[[], None], read_champion: Callable[[], Candidate | None]):
+    """The gate's decision for `candidate` against `champion`, the alias moved when it promotes. When another
+    sweep moves the alias at the same moment (AliasRace), the champion is read again and the candidate decided
+    against that one: two sweeps that finish together end as if they had finished one after the other."""
+    from ptqflow.tracking.aliases import AliasRace
+
+    races = 0
+    while True:
+        decision = decide(candidate, champion, gate)
+        if not decision.promote:
+            return decision
+        try:
+            set_champion()
+            return decision
+        except AliasRace:
+            races += 1
+            if races == ALIAS_RACE_ATTEMPTS:
+                raise
+            champion = read_champion()
+
+
 class Registrar:
     """Registers a sweep's best int8 variants under `names` and gates them with `gate`."""
 
@@ -201,9 +226,9 @@ class Registrar:
         read as the registry records them."""
         from ptqflow.tracking import aliases
 
-        decision = decide(Candidate.from_tags(version, tags), champion, self.gate)
-        if decision.promote:
-            aliases.set_alias(name, CHAMPION_ALIAS, version)
+        decision = promote_through_races(Candidate.from_tags(version, tags), champion, self.gate,
+                                         lambda: aliases.set_alias(name, CHAMPION_ALIAS, version),
+                                         lambda: current_champion(name))
         aliases.record_decision(name, version, "promoted" if decision.promote else "rejected", decision.reason,
                                 self.gate.describe(), alias=CHAMPION_ALIAS)
         mark = "[green]✓[/]" if decision.promote else "[yellow]–[/]"
