@@ -181,3 +181,28 @@ def test_the_worker_ends_when_the_sweep_process_is_killed(tmp_path):
         time.sleep(0.1)
     os.kill(worker_pid, signal.SIGKILL)
     pytest.fail(f"plot worker {worker_pid} outlived its killed sweep by 10 s")
+
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path):
+    """A user's script that starts a sweep at its top level, without `if __name__ == "__main__":`: the spawned
+    plot worker must not run it again (it did, and swept a second time)."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "runs.txt"
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "import os\n"
+        f"with open({str(marker)!r}, 'a') as f:\n"
+        "    f.write(f'{os.getpid()}\\n')\n"
+        "from ptqflow.pipelines.reports.plot_worker import PlotWorker\n"
+        "from ptqflow.pipelines.reports import plots\n"
+        "import numpy as np\n"
+        "with PlotWorker() as worker:\n"
+        "    assert worker.background\n"
+        "    labels = np.array([0, 1, 2, 1])\n"
+        "    png = worker.submit(plots.confusion_matrix, labels, labels, ('a', 'b', 'c'), 't').result()\n"
+        "    assert png.startswith(b'\\x89PNG')\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(marker.read_text().splitlines()) == 1, marker.read_text()

@@ -12,6 +12,7 @@ drawn in this process instead, so a sweep never loses one to the worker.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing
 import os
@@ -51,10 +52,30 @@ def _draw(module: str, name: str, args: tuple, kwargs: dict) -> bytes:
 
 
 def _importable(function: Callable) -> bool:
-    """Whether the worker can find `function` by its module and name (a nested function or a lambda it cannot:
-    those are drawn here)."""
-    module = sys.modules.get(getattr(function, "__module__", None) or "")
-    return module is not None and getattr(module, getattr(function, "__name__", ""), None) is function
+    """Whether the worker can find `function` by its module and name (a nested function, a lambda or a function of
+    the script that runs the sweep it cannot: those are drawn here)."""
+    name = getattr(function, "__module__", None) or ""
+    module = sys.modules.get(name)
+    return name != "__main__" and module is not None and getattr(
+        module, getattr(function, "__name__", ""), None) is function
+
+
+@contextlib.contextmanager
+def _main_script_hidden():
+    """The main module's name and file hidden from multiprocessing while it starts the worker. A spawned process
+    runs the parent's main script again (as __mp_main__) before it takes work, so a user's script that calls
+    ptqflow.quantize() without an `if __name__ == "__main__":` guard swept a second time inside the plot worker.
+    The worker draws with ptqflow's own functions and needs nothing from that script."""
+    main = sys.modules.get("__main__")
+    saved = {key: main.__dict__[key] for key in ("__spec__", "__file__") if main is not None and key in main.__dict__}
+    try:
+        if main is not None:
+            main.__spec__ = None
+            main.__dict__.pop("__file__", None)
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
 
 
 class PendingPlot:
@@ -96,7 +117,8 @@ class PlotWorker:
         future = None
         if self._pool is not None and _importable(function):
             try:
-                future = self._pool.submit(_draw, function.__module__, function.__name__, args, kwargs)
+                with _main_script_hidden():  # the first submit starts the process
+                    future = self._pool.submit(_draw, function.__module__, function.__name__, args, kwargs)
             except (BrokenProcessPool, RuntimeError):  # died earlier, or shut down: draw here from now on
                 self._pool = None
         return PendingPlot(function, args, kwargs, future)
