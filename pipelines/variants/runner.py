@@ -259,7 +259,7 @@ class VariantRunner:
             if engine:
                 runner = TorchRunner.from_torchscript(model_file, engine)
             else:
-                runner, graph = self._ort_session(model_file, spec.name)
+                runner, graph = ort_session(model_file, self.work_dir, spec.name)
             if graph in self._evaluated_graphs:
                 scores_from, scores = self._evaluated_graphs[graph]
             else:
@@ -306,22 +306,6 @@ class VariantRunner:
         spec, source, quantized, rounding_choice = self.rounding_check.check(spec, source, quantized, variant_dir,
                                                                              twin=candidate)
         return spec, source, quantized, (rounding_choice, equalization_choice)
-
-    def _ort_session(self, model_file: Path, name: str):
-        """An onnxruntime session of `model_file` (ptqflow.models.runtime.runners.OrtRunner) and the digest of the graph it runs
-        after onnxruntime's optimizations (ptqflow.models.graph.onnx_model.graph_digest); "" when that graph cannot be read."""
-        import onnx
-
-        from ptqflow.models.graph.onnx_model import graph_digest
-        from ptqflow.models.runtime.runners import OrtRunner
-
-        with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=f".{name}-optimized-") as scratch:
-            optimized = Path(scratch) / "optimized.onnx"
-            runner = OrtRunner(model_file, optimized_copy=optimized)
-            try:
-                return runner, graph_digest(onnx.load(str(optimized)))
-            except Exception:  # noqa: BLE001 - without a digest the variant is simply evaluated itself
-                return runner, ""
 
     def diagnose(self, spec: VariantSpec, quantized: QuantizedModel | None = None, model_file: Path | None = None,
                  source: FloatModel | None = None, images: int | None = None):
@@ -430,3 +414,21 @@ class VariantRunner:
         """Time the FP32 reference and every (name, model file, torch engine or "", batch-1 threads or 0) in shared
         rounds (ModelTimer.bench_together)."""
         return self.timing.bench_together(models)
+
+
+def ort_session(model_file: Path, work_dir: Path, name: str):
+    """An onnxruntime session of `model_file` (ptqflow.models.runtime.runners.OrtRunner) and the digest of the graph
+    it runs after onnxruntime's optimizations (ptqflow.models.graph.onnx_model.graph_digest), written to a scratch
+    directory in `work_dir`; "" when that graph cannot be read."""
+    import onnx
+
+    from ptqflow.models.graph.onnx_model import graph_digest
+    from ptqflow.models.runtime.runners import OrtRunner
+
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix=f".{name}-optimized-") as scratch:
+        optimized = Path(scratch) / "optimized.onnx"
+        runner = OrtRunner(model_file, optimized_copy=optimized)
+        try:
+            return runner, graph_digest(onnx.load(str(optimized)))
+        except Exception:  # noqa: BLE001 - without a digest the variant is simply evaluated itself
+            return runner, ""
