@@ -37,21 +37,24 @@ def replace_initializers(onnx_model, changes, biases=None) -> "onnx.ModelProto":
         if not matched:
             raise RuntimeError(f"could not find the ONNX initializer of {name}")
         if biases and name in biases:
-            _replace_bias(model, inits, matched, name, biases[name].numpy())
+            _replace_bias(model, inits, matched, biases[name].numpy())
     return model
 
 
-def _replace_bias(model, inits, weights: List[str], name: str, bias: np.ndarray) -> None:
-    """The bias initializer of the one Conv/Gemm reading one of `weights`, set to `bias`."""
+def _replace_bias(model, inits, weights: List[str], bias: np.ndarray) -> bool:
+    """The bias initializer of the one Conv/Gemm reading one of `weights` set to `bias`; False (nothing written: the
+    layer keeps its bias uncorrected, and bias_correction.changed_biases counts what was written) when there is no
+    such initializer of its own."""
     from onnx import numpy_helper
 
     readers = [node for node in model.graph.node if node.op_type in ("Conv", "Gemm") and len(node.input) > 2
                and node.input[1] in weights and node.input[2] in inits]
     shared = readers and sum(readers[0].input[2] in node.input for node in model.graph.node) > 1
     if len(readers) != 1 or shared or inits[readers[0].input[2]].dims != list(bias.shape):
-        raise RuntimeError(f"could not find the one ONNX bias initializer of {name}")
+        return False
     bias_name = readers[0].input[2]
     inits[bias_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), bias_name))
+    return True
 
 
 def adaround_onnx(onnx_model, calib: np.ndarray, scheme: str = "per_channel_sym_int8", *,
