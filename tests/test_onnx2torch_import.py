@@ -87,3 +87,42 @@ def test_roialign_and_nms_converters_run_the_real_torchvision():
     """)
     # the real torchvision module after the calls, and NMS kept 3 of the 4 boxes (one overlaps the first)
     assert out.split() == ["module", "True", "3"]
+
+
+def test_an_opset_18_export_with_reductions_converts_and_its_mean_head_stays_float(tmp_path):
+    """torch.onnx.export at opset 18 writes ReduceMean/ReduceMax with their axes as an input, which onnx2torch
+    1.5.15 cannot convert (the whole sweep stopped on such a model); ptqflow registers converters for constant axes.
+    The converted module computes what onnxruntime does, and the mean that pools for the head is the head's."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from torch import nn
+
+    from ptqflow.models.graph.fx_prep import classifier_head, prepare_graph
+    from ptqflow.models.graph.onnx2torch_import import import_onnx2torch
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.dense = nn.Conv2d(3, 8, 3, stride=2), nn.Linear(8, 4)
+
+        def forward(self, x):
+            features = torch.relu(self.conv(x))
+            features = features * features.amax(dim=1, keepdim=True).sigmoid()  # a ReduceMax on the way
+            return self.dense(features.mean((2, 3)))
+
+    path = tmp_path / "opset18.onnx"
+    torch.onnx.export(Net().eval(), torch.zeros(1, 3, 16, 16), str(path), opset_version=18, dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    proto = onnx.load(str(path))
+    reductions = {node.op_type: len(node.input) for node in proto.graph.node if node.op_type.startswith("Reduce")}
+    assert reductions == {"ReduceMean": 2, "ReduceMax": 2}  # the opset-18 form: axes as an input
+    module = import_onnx2torch().convert(proto).eval()
+    images = np.random.default_rng(0).random((4, 3, 16, 16), dtype=np.float32)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": images})[0]
+    with torch.no_grad():
+        assert np.allclose(module(torch.from_numpy(images)).numpy(), expected, atol=1e-5)
+    gm = prepare_graph(module)
+    assert any(getattr(gm.get_submodule(name), "fn", None) is torch.mean for name in classifier_head(gm))

@@ -36,8 +36,17 @@ class _StandIn(types.ModuleType):
 
 
 def import_onnx2torch() -> types.ModuleType:
-    """The onnx2torch module, imported with torchvision deferred (see the module docstring). When torchvision is
-    already imported, or not installed (then onnx2torch's own import error says so), it is a plain import."""
+    """The onnx2torch module, imported with torchvision deferred (see the module docstring), with the opset-18
+    reduction converters it lacks (ptqflow.models.graph.onnx2torch_opset18). When torchvision is already imported,
+    or not installed (then onnx2torch's own import error says so), it is a plain import."""
+    from ptqflow.models.graph.onnx2torch_opset18 import register
+
+    module = _imported()
+    register()
+    return module
+
+
+def _imported() -> types.ModuleType:
     if "onnx2torch" in sys.modules:
         return sys.modules["onnx2torch"]
     if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is None:
