@@ -59,7 +59,7 @@ def test_values_the_activation_clips_do_not_set_the_correction():
 def test_activation_ranges_reads_relu_relu6_and_clip():
     import torch.fx as fx
 
-    from ptqflow.models.adaround.bias_correction import activation_ranges
+    from ptqflow.models.graph.fx_modules import sole_reader_ranges
 
     class Net(nn.Module):
         def __init__(self):
@@ -70,7 +70,7 @@ def test_activation_ranges_reads_relu_relu6_and_clip():
         def forward(self, x):
             return self.tanh(self.c(self.relu6(self.b(self.relu(self.a(x))))))
 
-    ranges = activation_ranges(fx.symbolic_trace(Net()))
+    ranges = sole_reader_ranges(fx.symbolic_trace(Net()), relu=True)
     assert ranges == {"a": (0.0, math.inf), "b": (0.0, 6.0), "c": (-1.0, 2.0)}
 
 

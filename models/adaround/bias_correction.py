@@ -6,37 +6,12 @@ layer; a pointwise or dense layer sums hundreds of products, whose rounding erro
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
 
 UNBOUNDED = (-math.inf, math.inf)
-
-
-def is_depthwise(module: nn.Module) -> bool:
-    """A convolution whose every filter reads one input channel of its own."""
-    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and module.groups == module.in_channels
-
-
-def activation_ranges(gm) -> Dict[str, Tuple[float, float]]:
-    """Module name -> the range a ReLU, ReLU6, Hardtanh or constant Clip that alone reads its output passes on
-    unchanged (values beyond it are clipped, so errors there do not reach later layers)."""
-    ranges = {}
-    for node in getattr(getattr(gm, "graph", None), "nodes", ()):
-        if node.op != "call_module" or len(node.users) != 1:
-            continue
-        user = next(iter(node.users))
-        if user.op != "call_module":
-            continue
-        act = gm.get_submodule(user.target)
-        low, high = getattr(act, "min_val", None), getattr(act, "max_val", None)
-        if isinstance(act, nn.ReLU):
-            ranges[node.target] = (0.0, math.inf)
-        elif isinstance(low, (int, float)) and isinstance(high, (int, float)) and (
-                isinstance(act, (nn.ReLU6, nn.Hardtanh)) or type(act).__name__ == "OnnxClip"):
-            ranges[node.target] = (float(low), float(high))
-    return ranges
 
 
 @torch.no_grad()
@@ -65,7 +40,7 @@ def correct_bias(module: nn.Module, output: torch.Tensor, target: torch.Tensor,
     return int(generalizes.sum())
 
 
-def changed_biases(source, rounded) -> int:
+def corrected_bias_count(source, rounded) -> int:
     """Bias elements of the Conv nodes of ONNX model `rounded` that differ from `source`'s (same graph): the
     channels bias correction moved."""
     from onnx import numpy_helper

@@ -41,20 +41,19 @@ def replace_initializers(onnx_model, changes, biases=None) -> "onnx.ModelProto":
     return model
 
 
-def _replace_bias(model, inits, weights: List[str], bias: np.ndarray) -> bool:
-    """The bias initializer of the one Conv/Gemm reading one of `weights` set to `bias`; False (nothing written: the
-    layer keeps its bias uncorrected, and bias_correction.changed_biases counts what was written) when there is no
-    such initializer of its own."""
+def _replace_bias(model, inits, weights: List[str], bias: np.ndarray) -> None:
+    """The bias initializer of the one Conv/Gemm reading one of `weights` set to `bias`; nothing written when there is
+    no such initializer of its own (the layer keeps its bias uncorrected; bias_correction.corrected_bias_count counts
+    what was written)."""
     from onnx import numpy_helper
 
     readers = [node for node in model.graph.node if node.op_type in ("Conv", "Gemm") and len(node.input) > 2
                and node.input[1] in weights and node.input[2] in inits]
     shared = readers and sum(readers[0].input[2] in node.input for node in model.graph.node) > 1
     if len(readers) != 1 or shared or inits[readers[0].input[2]].dims != list(bias.shape):
-        return False
+        return
     bias_name = readers[0].input[2]
     inits[bias_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), bias_name))
-    return True
 
 
 def adaround_onnx(onnx_model, calib: np.ndarray, scheme: str = "per_channel_sym_int8", *,
@@ -80,11 +79,11 @@ def adaround_onnx_schemes(onnx_model, calib: np.ndarray, schemes: Sequence[str],
         head = set(classifier_head(gm, include_pool=False))
         kw["layers"] = [name for name, m in gm.named_modules()
                         if isinstance(m, ROUNDED_LAYERS) and name not in head]
-    return {scheme: replace_initializers(onnx_model, changes, _changed_biases(gm, rounded, changes))
+    return {scheme: replace_initializers(onnx_model, changes, _corrected_biases(gm, rounded, changes))
             for scheme, (rounded, changes) in adaround_schemes(gm, calib, schemes, **kw).items()}
 
 
-def _changed_biases(source, rounded, changes) -> dict:
+def _corrected_biases(source, rounded, changes) -> dict:
     """{module name: bias} of the rounded modules whose bias bias correction changed."""
     out = {}
     for name in changes:

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ptqflow.models.adaround.bias_correction import UNBOUNDED, activation_ranges, correct_bias, is_depthwise
+from ptqflow.models.adaround.bias_correction import UNBOUNDED, correct_bias
 from ptqflow.models.adaround.grids import quantize_weights_like
 from ptqflow.models.adaround.optimize import Rounding, adaround_layers
+from ptqflow.models.graph.fx_modules import is_depthwise, sole_reader_ranges
 
 ROUNDED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)  # the modules whose weights AdaRound rounds
 
@@ -207,7 +208,7 @@ def adaround_schemes(gm: nn.Module, calib: np.ndarray, schemes: Sequence[str], *
     fp = copy.deepcopy(gm).eval()
     models = {scheme: copy.deepcopy(gm).eval() for scheme in schemes}
     order = _rounding_order(gm, layers)
-    passed = activation_ranges(gm)
+    passed = sole_reader_ranges(gm, relu=True)  # what the activation after each layer passes on
     index = {name: i for i, (name, _) in enumerate(order)}
     changes: Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = {scheme: {} for scheme in schemes}
     advance(0, total=len(order) * iters * len(schemes))  # progress in optimisation steps over all layers

@@ -170,13 +170,13 @@ class FloatModel:
         cached = self._adaround_cache_file(scheme, calibration, calibration_digest, iterations, context, round_head)
         if not cached.is_file():
             self.adaround_ahead([scheme], calibration, calibration_digest, advance, iterations, context, round_head)
-        from ptqflow.models.adaround.bias_correction import changed_biases
+        from ptqflow.models.adaround.bias_correction import corrected_bias_count
 
         rounded = onnx.load(str(cached))
         variant = self._derived(rounded, cached,
                                 self.work_dir / f"adaround-{scheme}{'' if round_head else '-float-head'}",
                                 adaround_scheme=scheme,
-                                bias_corrected_channels=changed_biases(self.onnx.proto, rounded))
+                                bias_corrected_channels=corrected_bias_count(self.onnx.proto, rounded))
         variant.work_dir.mkdir(parents=True, exist_ok=True)
         self._rounded[memo] = variant
         return variant

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization.observer import MinMaxObserver as _MinMaxObserver
 
+from ptqflow.models.graph.fx_modules import clip_range, is_depthwise, sole_reader_ranges
 from ptqflow.models.graph.fx_prep import SOFTMAX_FUNCS, SOFTMAX_TYPES
 
 
@@ -168,19 +169,6 @@ def qconfig_mapping(
     return m
 
 
-CLIPS = (nn.ReLU6, nn.Hardtanh)  # onnx2torch's Clip(0, 6) is nn.ReLU6; other constant ranges are OnnxClip
-
-
-def _clip_range(module) -> tuple[float, float] | None:
-    """The constant (low, high) a clip module keeps its input to, or None."""
-    if isinstance(module, CLIPS):
-        return float(module.min_val), float(module.max_val)
-    low, high = getattr(module, "min_val", None), getattr(module, "max_val", None)
-    if type(module).__name__ == "OnnxClip" and isinstance(low, (int, float)) and isinstance(high, (int, float)):
-        return float(low), float(high)
-    return None
-
-
 def activation_bounds(gm) -> dict[str, tuple[float, float]]:
     """Conv and Linear modules of FX graph `gm` whose output only a clip (ReLU6, Clip with constant bounds that
     include 0) reads: module name -> the clip's (low, high). FX fuses Conv with ReLU but not with ReLU6 or Clip, so
@@ -188,23 +176,8 @@ def activation_bounds(gm) -> dict[str, tuple[float, float]]:
     range wider than what flows on, and a zero point that is not 0, which fbgemm's depthwise kernel computes wrongly
     (up to 149 steps off in a MobileNetV2, where onednn is exact). Quantizing the output to the clip's range is the
     clip itself (values outside it saturate), as TFLite's fused activations do."""
-    if not hasattr(gm, "graph"):
-        return {}
-    bounds = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or len(node.users) != 1:
-            continue
-        user = next(iter(node.users))
-        if user.op != "call_module" or not isinstance(gm.get_submodule(node.target), (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            continue
-        clip = _clip_range(gm.get_submodule(user.target))
-        if clip is not None and clip[0] <= 0.0 < clip[1]:
-            bounds[node.target] = clip
-    return bounds
-
-
-def _is_depthwise(module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+    return {name: clip for name, clip in sole_reader_ranges(gm).items()
+            if isinstance(gm.get_submodule(name), (nn.Conv1d, nn.Conv2d, nn.Linear)) and clip[0] <= 0.0 < clip[1]}
 
 
 def fbgemm_depthwise_inputs(gm) -> list[str]:
@@ -217,11 +190,11 @@ def fbgemm_depthwise_inputs(gm) -> list[str]:
         return []
     producers = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not _is_depthwise(gm.get_submodule(node.target)) or not node.args:
+        if node.op != "call_module" or not is_depthwise(gm.get_submodule(node.target)) or not node.args:
             continue
         source = node.args[0]
         while getattr(source, "op", None) == "call_module" and (
-                _clip_range(gm.get_submodule(source.target)) is not None
+                clip_range(gm.get_submodule(source.target)) is not None
                 or isinstance(gm.get_submodule(source.target), nn.ReLU)) and source.args:
             source = source.args[0]  # a clip or ReLU after a conv is fused with it or shares its quantization
         if getattr(source, "op", None) == "call_module" and source.target not in producers:
