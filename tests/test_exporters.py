@@ -51,8 +51,9 @@ def test_a_plain_torch_export_sweeps_in_every_fx_variant(plain_model, grey_data,
 
 
 def test_a_module_fx_cannot_trace_stays_a_float_leaf(plain_model):
-    """Without the example input that tells Div's operands are float, the Div module stays onnx2torch's: FX
-    cannot trace it, and prepare_traced keeps it as a leaf instead of failing the variant."""
+    """Without the example input that tells Div's operands are float (here its divisor passes an Identity, so it
+    is not read as a constant either), the Div module stays onnx2torch's: FX cannot trace it, and prepare_traced
+    keeps it as a leaf instead of failing the variant."""
     import torch
     from torch.ao.quantization.quantize_fx import convert_fx
 
@@ -61,7 +62,12 @@ def test_a_module_fx_cannot_trace_stays_a_float_leaf(plain_model):
     from ptqflow.models.graph.fx_prep import prepare_graph, untraceable_modules
     from ptqflow.models.graph.onnx2torch_import import import_onnx2torch
 
-    module = import_onnx2torch().convert(onnx.load(str(plain_model))).eval()
+    proto = onnx.load(str(plain_model))
+    div = next(node for node in proto.graph.node if node.op_type == "Div")
+    proto.graph.node.insert(list(proto.graph.node).index(div),
+                            onnx.helper.make_node("Identity", [div.input[1]], ["divisor"], name="divisor"))
+    div.input[1] = "divisor"
+    module = import_onnx2torch().convert(proto).eval()
     graph = prepare_graph(module)  # no example input
     untraceable = untraceable_modules(graph)
     assert list(untraceable) == ["Div"] and "TraceError" in untraceable["Div"]

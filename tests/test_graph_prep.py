@@ -336,3 +336,45 @@ def test_reduce_mean_pooling_is_part_of_the_float_head(keepdims):
     assert source.op == "call_method" and source.target == "dequantize", source
     with torch.no_grad():
         assert tq(x).shape == mod(x).shape == (2, 5)
+
+
+def _keras_style_export(path: Path, opset: int) -> Path:
+    """A torch.onnx.export of a Keras-style small CNN: TF "same" padding at stride 2 written as ZeroPad2d (exported
+    at opset 11 as a Pad whose amounts are computed by ConstantOfShape/Concat/Slice/Cast nodes), a 1x1 convolution as
+    the classifier and `x.reshape(x.shape[0], classes)` (Shape -> Gather -> Unsqueeze -> Concat) before softmax."""
+    from torch import nn
+
+    class KerasStyle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 8, 3, 2), nn.ReLU6())
+            self.depthwise = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(8, 8, 3, 2, groups=8), nn.ReLU6())
+            self.pool = nn.AvgPool2d(4)
+            self.classifier = nn.Conv2d(8, 3, 1)
+
+        def forward(self, x):
+            x = self.classifier(self.pool(self.depthwise(self.stem(x))))
+            return torch.softmax(x.reshape(x.shape[0], 3), 1)
+
+    torch.manual_seed(0)
+    torch.onnx.export(KerasStyle().eval(), torch.rand(1, 3, 16, 16), str(path), opset_version=opset, dynamo=False)
+    return path
+
+
+def test_plain_export_pads_and_batch_reshape_become_static(tmp_path):
+    """The computed pad amounts fold into the convolutions, and the batch-carrying reshape becomes reshape(-1, 3):
+    FX quantized the integer shape arithmetic like activations before ("Quantize only works on Float Tensor, got
+    Long"), and a Pad it could not fold stayed an unquantized op between int8 layers."""
+    m = onnx.load(str(_keras_style_export(tmp_path / "keras_style.onnx", opset=11)))
+    assert {"Pad", "Shape", "Cast"} <= {n.op_type for n in m.graph.node}
+    mod = _convert(m)
+    x = torch.rand(1, 3, 16, 16)
+    gm = prepare_graph(mod, example_input=x)
+    assert not any(("Pad" in t or "Shape" in t or "Gather" in t or "Concat" in t) for t in _targets(gm)), _targets(gm)
+    assert [n.args[1:] for n in gm.graph.nodes if n.target == "reshape"] == [(-1, 3)]
+    _check_equal(mod, gm, x)
+    _check_equal(mod, gm, torch.rand(4, 3, 16, 16))  # the batch size is not baked in
+    _, tq = _quantize(gm, x, float_head=True)
+    with torch.no_grad():
+        assert tq(x).shape == (1, 3)
+

@@ -60,6 +60,7 @@ try:  # onnx2torch is optional at import time (prepare_graph also works on plain
     from onnx2torch.node_converters.binary_math_operations import _onnx_div  # ONNX Div: true or integer division
     from onnx2torch.node_converters import (
         OnnxBinaryMathOperation,
+        OnnxConstant,
         OnnxFlatten,
         OnnxGemm,
         OnnxGlobalAveragePoolWithKnownInputShape,
@@ -75,7 +76,7 @@ try:  # onnx2torch is optional at import time (prepare_graph also works on plain
 except ImportError:  # pragma: no cover
     OnnxBinaryMathOperation = OnnxFlatten = OnnxGemm = OnnxMatMul = OnnxPadDynamic = ()  # type: ignore
     OnnxPadStatic = OnnxReduceStaticAxes = OnnxReshape = OnnxSoftmaxV1V11 = OnnxTranspose = ()  # type: ignore
-    OnnxGlobalAveragePoolWithKnownInputShape = OnnxHardSigmoid = ()  # type: ignore
+    OnnxGlobalAveragePoolWithKnownInputShape = OnnxHardSigmoid = OnnxConstant = ()  # type: ignore
     _onnx_div = None
 
 __all__ = ["prepare_graph", "classifier_head", "FnModule", "SOFTMAX_TYPES", "SOFTMAX_FUNCS", "untraceable_modules"]
@@ -102,13 +103,16 @@ def _module_calls(gm: fx.GraphModule):
 
 
 def _const(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
-    """Value of a get_attr node (onnx2torch initializers), else None."""
+    """Value of a get_attr node (onnx2torch initializers) or of an ONNX Constant node's module, else None."""
     if isinstance(node, fx.Node) and node.op == "get_attr":
         obj: Any = gm
         for part in node.target.split("."):
             obj = getattr(obj, part)
         if isinstance(obj, torch.Tensor):
             return obj.detach()
+    if OnnxConstant and isinstance(node, fx.Node) and isinstance(_mod(gm, node), OnnxConstant) and not node.args:
+        value = _mod(gm, node).value
+        return value.detach() if isinstance(value, torch.Tensor) else None
     return None
 
 
@@ -401,14 +405,36 @@ def _fold_shape_constants(gm: fx.GraphModule, example_input: torch.Tensor) -> No
               and n in ea and n in eb and same(ea[n], eb[n])
               and isinstance(ea[n], torch.Tensor) and not ea[n].is_floating_point()}
     g = gm.graph
+
+    def constant(base: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+        name = _add_module(gm, f"folded_{base}", nn.Module())
+        gm.get_submodule(name).register_buffer("value", value)
+        with g.inserting_before(before):
+            return g.get_attr(f"{name}.value")
+
     for n in list(g.nodes):
         if n in static and any(u not in static for u in n.users):
-            name = _add_module(gm, f"folded_{n.name}", nn.Module())
-            gm.get_submodule(name).register_buffer("value", ea[n].clone())
-            with g.inserting_before(n):
-                c = g.get_attr(f"{name}.value")
-            n.replace_all_uses_with(c)
+            n.replace_all_uses_with(constant(n.name, ea[n].clone(), n))
+    for n, shape in _batch_carrying_reshapes(gm, static, ea, eb):
+        n.replace_input_with(n.args[1], constant(f"{n.name}_shape", shape, n))
     gm.graph.eliminate_dead_code()
+
+
+def _batch_carrying_reshapes(gm: fx.GraphModule, static: set, ea: dict, eb: dict):
+    """(Reshape node, constant shape) for each Reshape whose shape is computed from the batch size, as
+    `x.view(x.size(0), -1)` exports (Shape -> Gather -> Unsqueeze -> Concat): its output shape differs between the
+    two example batches in one dimension only, so that dimension becomes -1 and the others their values. FX would
+    otherwise quantize the integer shape arithmetic like activations."""
+    for n, m in _module_calls(gm):
+        if not (OnnxReshape and isinstance(m, OnnxReshape) and len(n.args) == 2 and isinstance(n.args[1], fx.Node)
+                and n.args[1] not in static and isinstance(ea.get(n), torch.Tensor)
+                and isinstance(eb.get(n), torch.Tensor)):
+            continue
+        a, b = list(ea[n].shape), list(eb[n].shape)
+        varying = [i for i, (u, v) in enumerate(zip(a, b)) if u != v]
+        if len(a) == len(b) and len(varying) == 1:
+            a[varying[0]] = -1
+            yield n, torch.tensor(a, dtype=torch.int64)
 
 
 def prepare_graph(
