@@ -378,3 +378,23 @@ def test_plain_export_pads_and_batch_reshape_become_static(tmp_path):
     with torch.no_grad():
         assert tq(x).shape == (1, 3)
 
+
+def test_what_follows_a_conv_classifier_stays_float(tmp_path):
+    """Conv 1x1 -> Reshape -> Softmax (the head of Keras and TFLite MobileNets): the reshape and softmax after the
+    classifier belong to the float head. Before, FX re-quantized the float logits at the reshape (percentile-clipped)
+    and the probabilities at the output: probabilities on an 8-bit grid, mean KL from FP32 0.26 nats on a 96x96
+    MobileNetV1 against 0.001 after."""
+    mod = _convert(onnx.load(str(_keras_style_export(tmp_path / "keras_style.onnx", opset=13))))
+    x = torch.rand(1, 3, 16, 16)
+    gm = prepare_graph(mod, example_input=x)
+    head = classifier_head(gm)
+    assert len(head) >= 4, head  # pool, classifier, reshape, softmax
+    q, tq = _quantize(gm, x, float_head=True)
+    assert not [n for n in q.graph.nodes if n.target is torch.quantize_per_tensor
+                and any(u.op == "output" for u in n.users)]
+    images = torch.rand(200, 3, 16, 16)
+    with torch.no_grad():
+        probabilities = torch.cat([tq(images[i:i + 1]) for i in range(len(images))])
+        reference = mod(images)
+    assert len(torch.unique(probabilities)) > 256  # not on an 8-bit grid
+    assert (probabilities.argmax(1) == reference.argmax(1)).float().mean() >= 0.9

@@ -470,20 +470,57 @@ def prepare_graph(
     return gm.eval()
 
 
+_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+          nn.Flatten)
+_PASSTHROUGH_FNS = (torch.flatten, torch.reshape, F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean)
+_PASSTHROUGH_METHODS = ("reshape", "view", "flatten", "squeeze", "mean")
+
+
+def _float_call(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
+    """A shape or pooling function/method call on one tensor, wrapped into a named module (FnModule) so that it can
+    be kept float by module name; None for any other node."""
+    passthrough = ((node.op == "call_method" and node.target in _PASSTHROUGH_METHODS)
+                   or (node.op == "call_function" and node.target in _PASSTHROUGH_FNS + SOFTMAX_FUNCS))
+    if not passthrough or len(node.all_input_nodes) != 1 or any(isinstance(a, fx.Node) for a in node.args[1:]):
+        return None
+    fn = node.target if node.op == "call_function" else _method_caller(node.target)
+    name = _add_module(gm, f"head_{node.name}", FnModule(fn, tuple(node.args[1:]), dict(node.kwargs)))
+    with gm.graph.inserting_before(node):
+        wrapped = gm.graph.call_module(name, (node.args[0],))
+    node.replace_all_uses_with(wrapped)
+    gm.graph.erase_node(node)
+    return wrapped
+
+
+def _pool_before(gm: fx.GraphModule, dense: fx.Node) -> list:
+    """Names of the pooling and reshaping modules (wrapped where needed) that feed the head's dense layer."""
+    names, up = [], list(dense.all_input_nodes)
+    while up:
+        u = up.pop()
+        um = _mod(gm, u)
+        if isinstance(um, (*_POOLS, FnModule)):
+            names.append(u.target)
+            up.extend(u.all_input_nodes)
+            continue
+        wrapped = _float_call(gm, u)
+        if wrapped is not None:
+            names.append(wrapped.target)
+            up.extend(wrapped.all_input_nodes)
+    return names
+
+
 def classifier_head(gm: fx.GraphModule, include_pool: bool = True) -> list:
     """Names of the modules of the classifier head: the Linear/Conv module(s) producing the
-    model output (through softmax, flatten, reshape, ...) and, with ``include_pool``, the
-    pooling modules feeding them (through flatten/reshape).  Pass to
+    model output, what follows them to the output (softmax, flatten, reshape, ...: a Keras or TFLite head ends
+    Conv 1x1 -> Reshape -> Softmax, and FX would otherwise quantize the logits and the probabilities) and, with
+    ``include_pool``, the pooling modules feeding them (through flatten/reshape).  Pass to
     ``qconfig_mapping(float_modules=...)`` to keep them in float: 8-bit logits tie under
     argmax, and a quantized global average pool re-rounds the pooled features onto the
     (coarse) grid of its input, costing ~1 point of top-1 agreement on ResNet8.
     Quantize the head's weights beforehand (``ptqflow.models.adaround``) to keep an
     int8-weight head computed with float accumulation (= onnxruntime QDQ numerics)."""
-    pools = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-             nn.AdaptiveAvgPool3d, nn.Flatten)
-    passthrough_fn = (torch.flatten, torch.reshape, F.adaptive_avg_pool2d, F.avg_pool2d)
     out = [n for n in gm.graph.nodes if n.op == "output"][0]
-    todo, seen, heads = list(out.all_input_nodes), set(), []
+    todo, seen, heads, tail = list(out.all_input_nodes), set(), [], []
     while todo:
         n = todo.pop()
         if n in seen:
@@ -493,32 +530,18 @@ def classifier_head(gm: fx.GraphModule, include_pool: bool = True) -> list:
         if isinstance(m, (nn.Linear, *_CONV)):
             heads.append(n.target)
             if include_pool:
-                up = list(n.all_input_nodes)
-                while up:
-                    u = up.pop()
-                    um = _mod(gm, u)
-                    if isinstance(um, pools):
-                        heads.append(u.target)
-                        up.extend(u.all_input_nodes)
-                    elif isinstance(um, FnModule):
-                        heads.append(u.target)
-                        up.extend(u.all_input_nodes)
-                    elif (u.op == "call_method" and u.target in ("reshape", "view", "flatten", "squeeze", "mean")) or (
-                            u.op == "call_function" and u.target in passthrough_fn + (torch.mean,)):
-                        # wrap into a named module so that it can be kept float by module name
-                        fn = u.target if u.op == "call_function" else _method_caller(u.target)
-                        rest = [a for a in u.args[1:]]
-                        if any(isinstance(a, fx.Node) for a in rest) or len(u.all_input_nodes) != 1:
-                            continue
-                        name = _add_module(gm, f"head_{u.name}", FnModule(fn, tuple(rest), dict(u.kwargs)))
-                        with gm.graph.inserting_before(u):
-                            nn_ = gm.graph.call_module(name, (u.args[0],))
-                        u.replace_all_uses_with(nn_)
-                        gm.graph.erase_node(u)
-                        heads.append(name)
-                        up.extend(nn_.all_input_nodes)
+                heads.extend(_pool_before(gm, n))
             continue
+        tail.append(n)
         todo.extend(n.all_input_nodes)
+    if heads:  # what follows the dense layer(s) to the output
+        for n in tail:
+            if n.op == "call_module":
+                heads.append(n.target)
+            elif n.op in ("call_method", "call_function"):
+                wrapped = _float_call(gm, n)
+                if wrapped is not None:
+                    heads.append(wrapped.target)
     _finish(gm)
     return heads
 
