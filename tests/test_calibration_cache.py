@@ -83,12 +83,15 @@ def test_an_unreadable_cache_file_is_recomputed(float_model, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["Percentile", "Entropy"])
-def test_histograms_made_on_several_threads_give_the_same_model_bytes(float_model, tmp_path, monkeypatch, method):
+def test_calibrator_speedups_give_the_same_model_bytes(float_model, tmp_path, monkeypatch, method):
+    """Histograms made on several threads, and the calibrator's outputs copied out of onnxruntime's buffers
+    (ptqflow.models.backends.ort_calibration), give the model that onnxruntime's calibrator alone gives."""
     import threading
 
     from onnxruntime.quantization.calibrate import HistogramCollector
 
     import ptqflow.models.backends.ort as quantize_ort
+    from ptqflow.models.backends import ort_calibration
     import ptqflow.models.runtime.runners
 
     config = OrtStaticConfig(quant_format="QDQ", activation_dtype="uint8", weight_dtype="int8", per_channel=True,
@@ -104,11 +107,16 @@ def test_histograms_made_on_several_threads_give_the_same_model_bytes(float_mode
         return original(self, name_to_arr)
 
     monkeypatch.setattr(HistogramCollector, "collect", recording)
+    copied = []
+    original_run = ort_calibration._CopyingSession.run
+    monkeypatch.setattr(ort_calibration._CopyingSession, "run",
+                        lambda self, *args, **kwargs: copied.append(1) or original_run(self, *args, **kwargs))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-parallel"))
     parallel = quantize(float_model, config, images, tmp_path / "parallel").path.read_bytes()
     assert threads and threading.get_ident() not in threads  # onnxruntime's collect ran on the pool's threads
     assert HistogramCollector.collect is recording  # put back afterwards
+    assert copied  # the calibrator ran through the copying session
 
-    monkeypatch.setattr(quantize_ort, "_histograms_in_parallel", __import__("contextlib").nullcontext)
+    monkeypatch.setattr(quantize_ort, "calibrator_speedups", __import__("contextlib").nullcontext)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-serial"))
     assert quantize(float_model, config, images, tmp_path / "serial").path.read_bytes() == parallel

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,6 +14,7 @@ import numpy as np
 from ptqflow.common.files import file_sha256, write_atomic
 from ptqflow.models.backends.base import (WEIGHT_ROUNDINGS, FloatModel, QuantizedModel, UnsupportedVariant, batches,
                                          cache_root)
+from ptqflow.models.backends.ort_calibration import calibrator_speedups
 
 MODEL_FILE_NAME = "model.onnx"
 QUANT_FORMATS = ("QDQ", "QOperator")
@@ -184,7 +184,7 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
     ranges = calibration_cache_path(float_model.ort_ready_path, calibration, batch_size, config)
     cached = _usable_ranges(ranges)
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch, contextlib.redirect_stdout(io.StringIO()), \
-            _histograms_in_parallel():
+            calibrator_speedups():
         # (stdout: the histogram calibrators print their progress there)
         tmp_model = Path(scratch) / MODEL_FILE_NAME
         quantize_static(
@@ -207,41 +207,6 @@ def quantize(float_model: FloatModel, config: OrtStaticConfig, calibration: np.n
         advance(len(calibration))
     return QuantizedModel(path=path, format="onnx", calibration_images=len(calibration) if cached else reader.images,
                           kept_float=slow)
-
-
-_HISTOGRAM_PATCH = threading.Lock()
-
-
-@contextlib.contextmanager
-def _histograms_in_parallel():
-    """onnxruntime's HistogramCollector (Percentile, Entropy, Distribution) makes one numpy histogram per tensor over
-    all calibration images, one tensor after another on one core: 2.4 s of each ResNet8 calibration on 1,000 images.
-    The tensors' histograms are independent and numpy releases the GIL while it counts, so here onnxruntime's own
-    collect() runs on one tensor per thread, on every core, and its histograms are kept in its own order."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from onnxruntime.quantization.calibrate import HistogramCollector
-
-    from ptqflow.models.runtime.runners import cpu_threads
-
-    threads = cpu_threads()
-    # one patch at a time: two threads quantizing at once would otherwise restore each other's
-    with _HISTOGRAM_PATCH:
-        original = HistogramCollector.collect
-
-        def collect(self, name_to_arr):
-            if threads < 2 or len(name_to_arr) < 2:
-                return original(self, name_to_arr)
-            order = list(self.histogram_dict) + [name for name in name_to_arr if name not in self.histogram_dict]
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(lambda item: original(self, {item[0]: item[1]}), name_to_arr.items()))
-            self.histogram_dict = {name: self.histogram_dict[name] for name in order if name in self.histogram_dict}
-
-        HistogramCollector.collect = collect
-        try:
-            yield
-        finally:
-            HistogramCollector.collect = original
 
 
 CALIBRATION_CACHE_VERSION = "ort-ranges-v1"
