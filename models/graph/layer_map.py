@@ -58,12 +58,29 @@ def node_for_name(name: str, node_names) -> str | None:
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """Every tensor's shape from ONNX shape inference (None for unknown or symbolic dimensions), initializers'
-    included."""
+    """Every tensor's shape (None for unknown or symbolic dimensions), initializers' included: from ONNX shape
+    inference, and where that leaves a node's output unknown, from onnxruntime's symbolic shape inference, which
+    also evaluates the shape arithmetic exporters write (a plain torch.onnx export at opset 11 computes each Pad's
+    amounts with ConstantOfShape/Concat/Slice/Cast nodes, and ONNX inference then knows no shape after the first)."""
+    shapes = _shapes_of(_inferred(onnx.shape_inference.infer_shapes, model))
+    outputs = [name for node in model.graph.node for name in node.output if name]
+    if any(not shapes.get(name) or None in shapes[name][1:] for name in outputs):
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        symbolic = _shapes_of(_inferred(lambda m: SymbolicShapeInference.infer_shapes(m, auto_merge=True), model))
+        shapes.update({name: dims for name, dims in symbolic.items()
+                       if dims and sum(d is not None for d in dims) > sum(d is not None for d in shapes.get(name) or [])})
+    return shapes
+
+
+def _inferred(infer, model: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - shapes only size the MAC column
-        inferred = model
+        return infer(model)
+    except Exception:  # noqa: BLE001 - shapes only size the MAC column and choose which layers to time
+        return model
+
+
+def _shapes_of(inferred: onnx.ModelProto) -> dict[str, list[int | None]]:
     shapes = {}
     for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
         dims = value.type.tensor_type.shape.dim
