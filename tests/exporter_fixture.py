@@ -75,7 +75,10 @@ def plain_export_cnn(path: Path, images: np.ndarray, labels: np.ndarray, classes
 
 def mobilenet_v1_opset11(path: Path, images_nhwc: np.ndarray, labels: np.ndarray, classes: int) -> Path:
     """NHWC input (0..1), a stem conv and three depthwise-separable blocks with BatchNorm and ReLU6, global mean,
-    a dense layer and softmax; exported at opset 11 with the batch fixed at 1, as TFLite-converted models come."""
+    a 1x1 convolution as the classifier, `reshape(x.shape[0], classes)` and softmax, exported at opset 11 with the
+    batch fixed at 1, as Keras and TFLite MobileNets come: TF "same" padding at stride 2 pads bottom and right only,
+    written as ZeroPad2d (torch.onnx computes those Pad amounts with ConstantOfShape/Concat/Slice/Cast nodes at
+    opset 11), and the reshape's shape is computed from the batch size (Shape -> Gather -> Concat)."""
     import torch
     from torch import nn
 
@@ -84,19 +87,25 @@ def mobilenet_v1_opset11(path: Path, images_nhwc: np.ndarray, labels: np.ndarray
     def norm(channels: int) -> nn.BatchNorm2d:
         return nn.BatchNorm2d(channels, affine=False)
 
+    def same(cin: int, cout: int, stride: int, groups: int = 1) -> list:
+        if stride == 1:
+            return [nn.Conv2d(cin, cout, 3, 1, 1, groups=groups, bias=False)]
+        return [nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(cin, cout, 3, stride, 0, groups=groups, bias=False)]
+
     def separable(cin: int, cout: int, stride: int) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), norm(cin),
-                             nn.ReLU6(), nn.Conv2d(cin, cout, 1, bias=False), norm(cout), nn.ReLU6())
+        return nn.Sequential(*same(cin, cin, stride, groups=cin), norm(cin), nn.ReLU6(),
+                             nn.Conv2d(cin, cout, 1, bias=False), norm(cout), nn.ReLU6())
 
     class MobileNetV1(nn.Module):
         def __init__(self):
             super().__init__()
-            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), norm(8), nn.ReLU6(),
+            self.features = nn.Sequential(*same(3, 8, 2), norm(8), nn.ReLU6(),
                                           separable(8, 16, 1), separable(16, 32, 2), separable(32, 32, 1))
-            self.classifier = nn.Linear(32, classes)
+            self.classifier = nn.Conv2d(32, classes, 1)
 
         def forward(self, x):
-            return self.classifier(self.features(x.permute(0, 3, 1, 2)).mean((2, 3)))
+            x = self.classifier(self.features(x.permute(0, 3, 1, 2)).mean((2, 3), keepdim=True))
+            return x.reshape(x.shape[0], classes)
 
     class WithSoftmax(nn.Module):
         def __init__(self, trained):
