@@ -1,7 +1,9 @@
 """The default sweep on one model of each small-classifier family (issue 24), trained here on real CIFAR-10 training
 images: a MobileNetV1-style opset-11 export with a fixed batch of 1 (NHWC), a MobileNetV2-style opset-12 export
 (ReLU6 as Clip), a MobileNetV3-style opset-13 export (HardSwish, squeeze-excitation) and a plain opset-17
-`torch.onnx.export` of a greyscale CNN. For each int8 variant: agreement with FP32 on the test images with the
+`torch.onnx.export` of a greyscale CNN, and a model shaped like the public MobileNetV1 0.25 of the issue
+(benchmarks/vww_shaped.py: 96x96, two classes, Keras-style padding and head, dead channels; swept with `--resize` on
+the 32x32 images). For each int8 variant: agreement with FP32 on the test images with the
 default recipe (AdaRound checked against nearest on held-out training images), with `--weight-rounding nearest`,
 what the held-out images chose and their numbers; then, as peers on the same calibration images, onnxruntime's
 `quantize_static` with its own defaults (QDQ, int8 weights per tensor, uint8 activations, MinMax) and NNCF's
@@ -28,24 +30,31 @@ from harness import machine_line  # noqa: E402
 
 
 def _families(cifar, train_images: int, work: Path):
-    """(name, model file, dataset path, preprocessing) of each family, trained on the first training images."""
+    """(name, model file, dataset path, preprocessing, sweep options) of each family, trained on the first training
+    images."""
     from cifar_fixture import write_npz
     from exporter_fixture import mobilenet_v1_opset11, mobilenet_v2_style, mobilenet_v3_style, plain_export_cnn
+    from vww_shaped import two_classes, vww_shaped
 
     images, labels = cifar.train.images[:train_images].astype(np.float32), cifar.train.labels[:train_images]
     grey = lambda x: x.mean(axis=1, keepdims=True).round().astype(np.uint8)  # noqa: E731
     grey_data = write_npz(work / "grey.npz", (grey(cifar.train.images), cifar.train.labels),
                           (grey(cifar.test.images), cifar.test.labels), list(cifar.class_names))
+    two_class_data = write_npz(work / "vehicle-animal.npz", (cifar.train.images, two_classes(cifar.train.labels)),
+                               (cifar.test.images, two_classes(cifar.test.labels)), ["vehicle", "animal"])
     return [
         ("mobilenet-v1 (opset 11, batch 1, NHWC)",
-         mobilenet_v1_opset11(work / "v1.onnx", images.transpose(0, 2, 3, 1), labels, 10), None, "unit"),
+         mobilenet_v1_opset11(work / "v1.onnx", images.transpose(0, 2, 3, 1), labels, 10), None, "unit", {}),
         ("mobilenet-v2 (opset 12, ReLU6 as Clip)", mobilenet_v2_style(work / "v2.onnx", images, labels, 10), None,
-         "unit"),
+         "unit", {}),
         ("mobilenet-v3 (opset 13, HardSwish, SE)", mobilenet_v3_style(work / "v3.onnx", images, labels, 10), None,
-         "unit"),
+         "unit", {}),
         ("plain export (opset 17, greyscale)",
          plain_export_cnn(work / "plain.onnx", grey(cifar.train.images[:train_images]).astype(np.float32), labels, 10),
-         grey_data, "raw"),
+         grey_data, "raw", {}),
+        ("mobilenet-v1 0.25 96x96, 2 classes (VWW-shaped, opset 11, batch 1, Keras-style pads and head)",
+         vww_shaped(work / "vww.onnx", cifar.train.images[:train_images], two_classes(labels)), two_class_data,
+         "unit", {"resize": True}),
     ]
 
 
@@ -71,7 +80,8 @@ def _scores(model: Path, images: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(None, {name: images[i:i + step]})[0] for i in range(0, len(images), step)])
 
 
-def _peer_agreements(model: Path, data: Path, preprocessing: str, test_limit: int, work: Path) -> dict[str, str]:
+def _peer_agreements(model: Path, data: Path, preprocessing: str, test_limit: int, work: Path,
+                     **options) -> dict[str, str]:
     """Agreement with FP32 of each peer with its own defaults, calibrated on ptqflow's calibration images and
     measured on the sweeps' test images: onnxruntime's quantize_static, and NNCF's quantize when it is installed
     (`pip install nncf`: a peer, not a dependency)."""
@@ -79,7 +89,7 @@ def _peer_agreements(model: Path, data: Path, preprocessing: str, test_limit: in
     from ptqflow.pipelines.sweep.options import SweepOptions
 
     inputs = prepare_inputs(SweepOptions(model_path=model, data_dir=data, preprocessing=preprocessing,
-                                         test_limit=test_limit, fetch_missing=False))
+                                         test_limit=test_limit, fetch_missing=False, **options))
     test = inputs.transform(inputs.test.images)
     step = inputs.model.input.batch_size or 64
     batches = [inputs.calibration[i:i + step] for i in range(0, len(inputs.calibration), step)]
@@ -138,10 +148,11 @@ def main() -> int:
         work = Path(scratch)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
         lines = []
-        for family, model, data, preprocessing in _families(cifar, args.train_images, work):
+        for family, model, data, preprocessing, options in _families(cifar, args.train_images, work):
             started = time.perf_counter()
-            default = _sweep(model, data or args.data_dir, preprocessing, args.test_limit, bench=args.bench)
-            nearest = _sweep(model, data or args.data_dir, preprocessing, args.test_limit, weight_rounding="nearest")
+            default = _sweep(model, data or args.data_dir, preprocessing, args.test_limit, bench=args.bench, **options)
+            nearest = _sweep(model, data or args.data_dir, preprocessing, args.test_limit, weight_rounding="nearest",
+                             **options)
             fp32 = default["fp32"][0]
             lines.append(f"\n**{family}**: FP32 accuracy {100 * fp32.accuracy:.2f}% "
                          f"({time.perf_counter() - started:.0f} s for both sweeps)\n")
@@ -168,7 +179,7 @@ def main() -> int:
                              f"{100 * near.agreement:.2f} | {choice} | {latency} |" if near.agreement is not None
                              else f"| {name} | {100 * report.agreement:.2f} | {near.status} | {choice} | {latency} |")
             for peer, agreement in _peer_agreements(model, data or args.data_dir, preprocessing, args.test_limit,
-                                                    work).items():
+                                                    work, **options).items():
                 lines.append(f"| {peer} (peer) | {agreement} | | | |")
         print(f"\n{machine_line()}; agreement with FP32 on the first {args.test_limit} CIFAR-10 test images")
         print("\n".join(lines))
