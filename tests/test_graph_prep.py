@@ -413,3 +413,26 @@ def test_every_conv_shape_is_known_in_a_plain_opset_11_export(tmp_path):
     shapes = tensor_shapes(m)
     assert [shapes[c.output[0]] for c in convs] == [[1, 8, 8, 8], [1, 8, 4, 4], [1, 3, 1, 1]]
     assert len(conv_shapes(m)) == 3
+
+
+def test_a_model_whose_batch_of_one_is_baked_in_prepares_at_that_batch():
+    """TFLite conversions with a fixed batch of 1 reshape to constant shapes such as [1, 4]: graph preparation ran
+    the model at batch 2 and 3 to find batch-independent shape values and failed ("shape '[1, 4]' is invalid for
+    input of size 8"), so every FX variant of such a model failed."""
+    m = _model(
+        [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[0, 0, 1, 1], strides=[2, 2]),
+         helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+         helper.make_node("Reshape", ["p", "shape"], ["f"]),
+         helper.make_node("Gemm", ["f", "Wd", "bd"], ["l"], transB=1),
+         helper.make_node("Softmax", ["l"], ["y"], axis=1)],
+        [_vi("x", [1, 3, 8, 8])], [_vi("y", [1, 5])],
+        [_init("W", _w(4, 3, 3, 3)), _init("shape", np.array([1, 4], np.int64)), _init("Wd", _w(5, 4)),
+         _init("bd", _w(5))])
+    mod = _convert(m)
+    x = torch.rand(1, 3, 8, 8)
+    gm = prepare_graph(mod, example_input=x)
+    _check_equal(mod, gm, x)
+    _, tq = _quantize(gm, x, float_head=True)
+    with torch.no_grad():
+        assert tq(x).shape == (1, 5)
