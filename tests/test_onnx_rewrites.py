@@ -225,3 +225,55 @@ def test_adarounded_grid_survives_ort_quantization_of_a_batchnorm_model(tmp_path
         assert scale.size == 1 and weight.dtype == np.uint8
         dequantized = (weight.astype(np.float64) - zero_point.astype(np.float64)) * scale.astype(np.float64)
         np.testing.assert_allclose(dequantized, floats[float_conv.input[1]], rtol=0, atol=1e-4 * float(scale))
+
+
+def _auto_pad_model(opset: int = 11) -> onnx.ModelProto:
+    """Conv SAME_UPPER at stride 2, MaxPool SAME_LOWER, AveragePool SAME_UPPER and a VALID Conv, as Keras
+    converters and older tf2onnx write them; on an 8x8 input the Conv's and the MaxPool's padding total an odd
+    number of pixels, so begin and end differ (onnx2torch takes asymmetric pads for those, not for AveragePool)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((4, 4, 2, 2)).astype(np.float32), "W2")]
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["c1"], kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER",
+                         name="conv_same"),
+        helper.make_node("MaxPool", ["c1"], ["m"], kernel_shape=[2, 2], strides=[1, 1], auto_pad="SAME_LOWER",
+                         name="max_same_lower"),
+        helper.make_node("AveragePool", ["m"], ["a"], kernel_shape=[3, 3], auto_pad="SAME_UPPER", name="avg_same"),
+        helper.make_node("Conv", ["a", "W2"], ["y"], kernel_shape=[2, 2], auto_pad="VALID", name="conv_valid"),
+    ]
+    graph = helper.make_graph(nodes, "auto_pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    return model
+
+
+def test_auto_pad_becomes_the_pads_it_means_and_onnx2torch_converts_it():
+    """onnx2torch implements no auto_pad ("SAME_UPPER auto_pad is not implemented"), so such a model stopped the
+    whole sweep at its FP32 conversion; the explicit pads compute what onnxruntime computes with auto_pad."""
+    import onnxruntime as ort
+    import torch
+
+    from ptqflow.models.graph.onnx2torch_import import import_onnx2torch
+    from ptqflow.models.graph.rewrites import explicit_pads
+
+    model = _auto_pad_model()
+    with pytest.raises(NotImplementedError):
+        import_onnx2torch().convert(model)
+    rewritten, count = explicit_pads(model)
+    assert count == 4
+    pads = {n.name: list(helper.get_attribute_value(a)) for n in rewritten.graph.node for a in n.attribute
+            if a.name == "pads"}
+    assert pads == {"conv_same": [0, 0, 1, 1], "max_same_lower": [1, 1, 0, 0], "avg_same": [1, 1, 1, 1],
+                    "conv_valid": [0, 0, 0, 0]}
+    assert not [a for n in rewritten.graph.node for a in n.attribute if a.name == "auto_pad"]
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {"x": x})[0]
+    expected = run(model)
+    np.testing.assert_allclose(run(rewritten), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        converted = import_onnx2torch().convert(rewritten).eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(converted, expected, rtol=1e-4, atol=1e-4)
+    assert explicit_pads(rewritten) == (rewritten, 0)  # nothing left to do: the same model back

@@ -207,10 +207,12 @@ class FloatModel:
         below opset 13 is brought up to it (per-channel QDQ needs it). `self` when there is nothing to change. The
         result records the number of folded BatchNormalizations (`folded_batch_norms`) and the original opset when
         upgraded (`upgraded_from_opset`)."""
-        from ptqflow.models.graph.rewrites import (fold_batch_norms, has_unnamed_nodes, materialize_constants,
-                                                   model_opset, name_unnamed_nodes, upgrade_opset)
+        from ptqflow.models.graph.rewrites import (explicit_pads, fold_batch_norms, has_unnamed_nodes,
+                                                   materialize_constants, model_opset, name_unnamed_nodes,
+                                                   upgrade_opset)
 
         proto, materialized = materialize_constants(self.onnx.proto)
+        proto, padded = explicit_pads(proto)
         proto, folded = fold_batch_norms(proto)
         opset = model_opset(proto)
         try:
@@ -218,7 +220,7 @@ class FloatModel:
         except Exception:  # noqa: BLE001 - no adapter for an op: the backends that need opset 13 refuse (ort.py)
             pass
         upgraded = opset if model_opset(proto) != opset else None
-        if not (materialized or folded or upgraded) and not has_unnamed_nodes(proto):
+        if not (materialized or padded or folded or upgraded) and not has_unnamed_nodes(proto):
             return self
         return self._written(name_unnamed_nodes(proto), self.work_dir / "fp32-quantization",
                              folded_batch_norms=self.folded_batch_norms + folded, upgraded_from_opset=upgraded)

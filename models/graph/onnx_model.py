@@ -335,10 +335,11 @@ def to_torch(model: OnnxClassifier):
 
     onnx2torch = import_onnx2torch()
 
-    from ptqflow.models.graph.rewrites import materialize_constants
+    from ptqflow.models.graph.rewrites import explicit_pads, materialize_constants
 
-    try:  # onnx2torch reads weights from initializers only: Constant/Identity-fed ones become initializers first
-        module = onnx2torch.convert(materialize_constants(model.proto)[0])
+    try:  # onnx2torch reads weights from initializers only (Constant/Identity-fed ones become initializers first)
+        # and implements no auto_pad (it becomes the pads it means)
+        module = onnx2torch.convert(explicit_pads(materialize_constants(model.proto)[0])[0])
     except Exception as exc:
         raise ModelError(f"onnx2torch cannot convert {model.path}: {exc}") from exc
     return module.eval()

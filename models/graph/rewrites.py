@@ -10,6 +10,8 @@ Every function takes an `onnx.ModelProto` and returns a new one; the input is ne
 - :func:`materialize_constants`: weights fed by `Constant` nodes or by an `Identity` of a shared initializer become
   initializers of their own (onnx2torch reads weights from initializers only).
 - :func:`upgrade_opset`: a model below opset 13 brought up to it, where per-channel quantization is defined.
+- :func:`explicit_pads`: `auto_pad` SAME_UPPER, SAME_LOWER or VALID of Conv and pooling nodes written as the pads
+  they mean (onnx2torch implements none of them; Keras and older TF converters write them).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["fold_batch_norms", "name_unnamed_nodes", "has_unnamed_nodes", "materialize_constants", "upgrade_opset",
-           "model_opset"]
+           "model_opset", "explicit_pads"]
 
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
 
@@ -248,6 +250,60 @@ def upgrade_opset(model: onnx.ModelProto, target: int = MIN_QUANTIZATION_OPSET) 
     from onnx import version_converter
 
     return version_converter.convert_version(model, target)
+
+
+# ops whose auto_pad pads the input alone (ConvTranspose's pads the output: left as written)
+_AUTO_PAD_OPS = ("Conv", "AveragePool", "MaxPool", "LpPool")
+
+
+def explicit_pads(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Each Conv/AveragePool/MaxPool/LpPool with `auto_pad` SAME_UPPER, SAME_LOWER or VALID gets the `pads` that
+    auto_pad means for its input's spatial size (ONNX's formula: the output is ceil(input / stride), the odd pixel
+    at the end for SAME_UPPER, at the beginning for SAME_LOWER), and `auto_pad` NOTSET. A node whose input size is
+    unknown keeps its auto_pad. Returns (model, number of nodes rewritten)."""
+    from ptqflow.models.graph.layer_map import tensor_shapes
+
+    targets = [node for node in model.graph.node if node.op_type in _AUTO_PAD_OPS and node.domain in ("", "ai.onnx")
+               and _attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")]
+    if not targets:
+        return model, 0
+    model = _copy(model)
+    shapes = tensor_shapes(model)
+    count = 0
+    for node in model.graph.node:
+        if node.op_type not in _AUTO_PAD_OPS or _attribute(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"):
+            continue
+        pads = _pads_for(node, shapes)
+        if pads is None:
+            continue
+        kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+        del node.attribute[:]
+        node.attribute.extend([*kept, helper.make_attribute("pads", pads)])
+        count += 1
+    return model, count
+
+
+def _pads_for(node: onnx.NodeProto, shapes: dict) -> list[int] | None:
+    """The explicit pads `node`'s auto_pad means, or None when its input's spatial size or kernel is unknown."""
+    mode = _attribute(node, "auto_pad")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    size = (shapes.get(node.input[0]) or [None, None])[2:]
+    kernel = _attribute(node, "kernel_shape")
+    if kernel is None and node.op_type == "Conv":
+        kernel = (shapes.get(node.input[1]) or [])[2:]
+    if not size or any(d is None for d in size) or not kernel or len(kernel) != len(size):
+        return None
+    if mode == "VALID":
+        return [0] * (2 * len(size))
+    strides = _attribute(node, "strides") or [1] * len(size)
+    dilations = _attribute(node, "dilations") or [1] * len(size)
+    begins, ends = [], []
+    for length, k, stride, dilation in zip(size, kernel, strides, dilations):
+        total = max((-(-length // stride) - 1) * stride + (k - 1) * dilation + 1 - length, 0)
+        small, large = total // 2, total - total // 2
+        begins.append(small if mode == "SAME_UPPER" else large)
+        ends.append(large if mode == "SAME_UPPER" else small)
+    return begins + ends
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
