@@ -369,6 +369,24 @@ def _fold_pad_into_conv(gm: fx.GraphModule) -> None:
         g.erase_node(node)
 
 
+def _max_pool_pads(gm: fx.GraphModule) -> None:
+    """An asymmetric MaxPool converts as a -inf constant pad before it, which FX observes and quantizes (an
+    infinite range: every value then is wrong). Replicating the edge instead gives the same maxima whenever each pad
+    is narrower than the window (every window that covers a padded pixel also covers the edge pixel it copies), and
+    keeps the observed range the input's."""
+    for node, m in _module_calls(gm):
+        users = list(node.users)
+        pool = _mod(gm, users[0]) if len(users) == 1 else None
+        if not (OnnxPadStatic and isinstance(m, OnnxPadStatic) and m.mode == "constant"
+                and float(m.constant_value) == -math.inf and isinstance(pool, nn.MaxPool2d) and len(m.pads) == 4
+                and not pool.ceil_mode and pool.dilation in (1, (1, 1), [1, 1])):
+            continue
+        kernel = pool.kernel_size if isinstance(pool.kernel_size, (tuple, list)) else (pool.kernel_size,) * 2
+        pads = [int(p) for p in m.pads]  # torch order: left, right, top, bottom
+        if max(pads[:2]) < kernel[1] and max(pads[2:]) < kernel[0]:
+            gm.add_submodule(node.target, nn.ReplicationPad2d(pads))
+
+
 def _fold_shape_constants(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
     """Replace nodes whose value does not depend on input *values* nor on the batch size by constants. A model
     whose batch size is baked in (it only runs at the example's) is compared across input values alone."""
@@ -470,6 +488,8 @@ def prepare_graph(
     if fold_pad:
         _fold_pad_into_conv(gm)
         _finish(gm)
+    _max_pool_pads(gm)
+    _finish(gm)
     return gm.eval()
 
 
