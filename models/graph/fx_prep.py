@@ -110,9 +110,9 @@ def _const(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
             obj = getattr(obj, part)
         if isinstance(obj, torch.Tensor):
             return obj.detach()
-    if OnnxConstant and isinstance(node, fx.Node) and isinstance(_mod(gm, node), OnnxConstant) and not node.args:
-        value = _mod(gm, node).value
-        return value.detach() if isinstance(value, torch.Tensor) else None
+    module = _mod(gm, node) if isinstance(node, fx.Node) else None
+    if OnnxConstant and isinstance(module, OnnxConstant) and not node.args:
+        return module.value.detach() if isinstance(module.value, torch.Tensor) else None
     return None
 
 

@@ -263,17 +263,14 @@ def explicit_pads(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     unknown keeps its auto_pad. Returns (model, number of nodes rewritten)."""
     from ptqflow.models.graph.layer_map import tensor_shapes
 
-    targets = [node for node in model.graph.node if node.op_type in _AUTO_PAD_OPS and node.domain in ("", "ai.onnx")
-               and _attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")]
-    if not targets:
+    if not any(_auto_pad(node) for node in model.graph.node):
         return model, 0
     model = _copy(model)
     shapes = tensor_shapes(model)
     count = 0
     for node in model.graph.node:
-        if node.op_type not in _AUTO_PAD_OPS or _attribute(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"):
-            continue
-        pads = _pads_for(node, shapes)
+        mode = _auto_pad(node)
+        pads = _pads_for(node, mode, shapes) if mode else None
         if pads is None:
             continue
         kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
@@ -283,10 +280,18 @@ def explicit_pads(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, count
 
 
-def _pads_for(node: onnx.NodeProto, shapes: dict) -> list[int] | None:
-    """The explicit pads `node`'s auto_pad means, or None when its input's spatial size or kernel is unknown."""
-    mode = _attribute(node, "auto_pad")
+def _auto_pad(node: onnx.NodeProto) -> str | None:
+    """The auto_pad mode of a node explicit_pads rewrites (SAME_UPPER, SAME_LOWER or VALID), else None."""
+    if node.op_type not in _AUTO_PAD_OPS or node.domain not in ("", "ai.onnx"):
+        return None
+    mode = _attribute(node, "auto_pad", "NOTSET")
     mode = mode.decode() if isinstance(mode, bytes) else mode
+    return None if mode == "NOTSET" else mode
+
+
+def _pads_for(node: onnx.NodeProto, mode: str, shapes: dict) -> list[int] | None:
+    """The explicit pads auto_pad `mode` means for `node`, or None when its input's spatial size or kernel is
+    unknown."""
     size = (shapes.get(node.input[0]) or [None, None])[2:]
     kernel = _attribute(node, "kernel_shape")
     if kernel is None and node.op_type == "Conv":
