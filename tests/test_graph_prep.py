@@ -458,3 +458,38 @@ def test_an_asymmetric_max_pool_quantizes_without_its_infinite_pad():
     with torch.no_grad():
         reference, quantized = mod(x), q(x)
     assert float((reference - quantized).abs().max() / reference.abs().max()) < 0.1
+
+
+@pytest.mark.parametrize("count_include_pad", [0, 1])
+def test_an_asymmetric_average_pool_converts_and_quantizes(count_include_pad):
+    """onnx2torch refuses an AveragePool padded more at one end ("AvgPool with non symmetrical padding is not
+    implemented"), which stopped the whole sweep at its FP32 conversion. ptqflow's conversion writes it as a zero
+    Pad, the pool unpadded and, when padding does not count, a constant Mul by each window's coverage: the same
+    function, which FX then quantizes."""
+    import onnxruntime as ort
+
+    from ptqflow.models.graph.onnx2torch_import import convert
+
+    m = _model(
+        [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("AveragePool", ["r"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 1, 1, 0],
+                          count_include_pad=count_include_pad),
+         helper.make_node("Conv", ["p", "W2"], ["y"], kernel_shape=[1, 1])],
+        [_vi("x", [2, 3, 9, 8])], [_vi("y", [2, 4, 4, 4])],
+        [_init("W", _w(4, 3, 3, 3)), _init("W2", _w(4, 4, 1, 1))], opset=11)
+    with pytest.raises(NotImplementedError, match="non symmetrical"):
+        onnx2torch.convert(m)
+    x = torch.rand(2, 3, 9, 8)
+    expected = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})[0]
+    mod = convert(m).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(mod(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    gm = prepare_graph(mod, example_input=x)
+    _check_equal(mod, gm, x)
+    q, _ = _quantize(gm, x)
+    with torch.no_grad():
+        reference, quantized = mod(x), q(x)
+    assert float((reference - quantized).abs().max() / reference.abs().max()) < 0.1
+

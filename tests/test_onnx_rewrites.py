@@ -277,3 +277,44 @@ def test_auto_pad_becomes_the_pads_it_means_and_onnx2torch_converts_it():
         converted = import_onnx2torch().convert(rewritten).eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(converted, expected, rtol=1e-4, atol=1e-4)
     assert explicit_pads(rewritten) == (rewritten, 0)  # nothing left to do: the same model back
+
+
+def test_reshape_allowzero_goes_where_no_zero_can_reach_it():
+    """The dynamo `torch.onnx.export` writes allowzero=1 on every Reshape, which onnx2torch refuses ('"allowzero=1"
+    is not implemented'): it only changes what a 0 in the shape means, so a constant shape without one, or a shape
+    computed from the input's sizes, loses it; a constant shape with a 0 keeps it."""
+    import onnxruntime as ort
+    import torch
+
+    from ptqflow.models.graph.onnx2torch_import import convert, import_onnx2torch
+    from ptqflow.models.graph.rewrites import reshapes_without_allowzero
+
+    inits = [numpy_helper.from_array(np.array([-1, 48], np.int64), "flat"),
+             numpy_helper.from_array(np.array([0, 48], np.int64), "zero"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    nodes = [
+        helper.make_node("Reshape", ["x", "flat"], ["a"], allowzero=1, name="constant_shape"),
+        helper.make_node("Shape", ["x"], ["s"], start=0, end=1),
+        helper.make_node("Concat", ["s", "minus_one"], ["computed"], axis=0),
+        helper.make_node("Reshape", ["a", "computed"], ["y"], allowzero=1, name="computed_shape"),
+        helper.make_node("Reshape", ["x", "zero"], ["z"], allowzero=1, name="zero_in_shape"),
+    ]
+    graph = helper.make_graph(nodes, "allowzero", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    rewritten, count = reshapes_without_allowzero(model)
+    assert count == 2
+    allowzero = {n.name: helper.get_attribute_value(a) for n in rewritten.graph.node for a in n.attribute
+                 if a.name == "allowzero"}
+    assert allowzero == {"zero_in_shape": 1}
+    with pytest.raises(NotImplementedError, match="allowzero"):
+        import_onnx2torch().convert(model)
+    for proto in (model, rewritten):
+        del proto.graph.node[-1]  # a tensor of size 0 (onnxruntime refuses {2, 3, 4, 4} as {0, 48}): not a classifier
+    x = np.random.default_rng(2).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    with torch.no_grad():
+        converted = convert(rewritten).eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(converted, expected)
+    assert reshapes_without_allowzero(rewritten) == (rewritten, 0)

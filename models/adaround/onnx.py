@@ -70,11 +70,9 @@ def adaround_onnx_schemes(onnx_model, calib: np.ndarray, schemes: Sequence[str],
     """:func:`adaround_onnx` for several schemes at once (one FP32 pass, the schemes' problems solved side by side):
     returns {scheme: ModelProto}, each the same as :func:`adaround_onnx` gives for that scheme alone."""
     from ptqflow.models.graph.fx_prep import classifier_head, prepare_graph
-    from ptqflow.models.graph.onnx2torch_import import import_onnx2torch
+    from ptqflow.models.graph.onnx2torch_import import convert
 
-    onnx2torch = import_onnx2torch()
-
-    gm = prepare_graph(onnx2torch.convert(onnx_model), fold_pad=False)
+    gm = prepare_graph(convert(onnx_model), fold_pad=False)
     if not round_head:
         head = set(classifier_head(gm, include_pool=False))
         kw["layers"] = [name for name, m in gm.named_modules()

@@ -62,3 +62,16 @@ def _imported() -> types.ModuleType:
         for name, module in stand_ins.items():
             if sys.modules.get(name) is module:
                 del sys.modules[name]
+
+
+def convert(proto):
+    """onnx2torch's torch.fx.GraphModule of the ONNX model `proto`, after the function-preserving rewrites its
+    converters need: weights fed by Constant/Identity nodes become initializers (it reads weights from initializers
+    only), auto_pad becomes the pads it means, asymmetric average pools a Pad before a symmetric pool, and Reshape's
+    allowzero=1 goes where no 0 can reach it (it implements none of these)."""
+    from ptqflow.models.graph.rewrites import (explicit_pads, materialize_constants, reshapes_without_allowzero,
+                                               symmetric_average_pools)
+
+    proto = explicit_pads(materialize_constants(proto)[0])[0]
+    proto = reshapes_without_allowzero(symmetric_average_pools(proto)[0])[0]
+    return import_onnx2torch().convert(proto)

@@ -331,15 +331,10 @@ def load_classifier(path: Path | str) -> OnnxClassifier:
 
 def to_torch(model: OnnxClassifier):
     """onnx2torch conversion; returns an eval-mode torch.fx.GraphModule."""
-    from ptqflow.models.graph.onnx2torch_import import import_onnx2torch
+    from ptqflow.models.graph.onnx2torch_import import convert
 
-    onnx2torch = import_onnx2torch()
-
-    from ptqflow.models.graph.rewrites import explicit_pads, materialize_constants
-
-    try:  # onnx2torch reads weights from initializers only (Constant/Identity-fed ones become initializers first)
-        # and implements no auto_pad (it becomes the pads it means)
-        module = onnx2torch.convert(explicit_pads(materialize_constants(model.proto)[0])[0])
+    try:
+        module = convert(model.proto)
     except Exception as exc:
         raise ModelError(f"onnx2torch cannot convert {model.path}: {exc}") from exc
     return module.eval()

@@ -12,6 +12,9 @@ Every function takes an `onnx.ModelProto` and returns a new one; the input is ne
 - :func:`upgrade_opset`: a model below opset 13 brought up to it, where per-channel quantization is defined.
 - :func:`explicit_pads`: `auto_pad` SAME_UPPER, SAME_LOWER or VALID of Conv and pooling nodes written as the pads
   they mean (onnx2torch implements none of them; Keras and older TF converters write them).
+- :func:`reshapes_without_allowzero`: Reshape's allowzero=1 dropped where no 0 in its shape can reach it.
+- :func:`symmetric_average_pools`: an AveragePool padded more at one end than the other written as Pad, an
+  unpadded AveragePool and a constant Mul (onnx2torch implements no asymmetric average pooling).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["fold_batch_norms", "name_unnamed_nodes", "has_unnamed_nodes", "materialize_constants", "upgrade_opset",
-           "model_opset", "explicit_pads"]
+           "model_opset", "explicit_pads", "symmetric_average_pools",
+           "reshapes_without_allowzero"]
 
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
 
@@ -309,6 +313,108 @@ def _pads_for(node: onnx.NodeProto, mode: str, shapes: dict) -> list[int] | None
         begins.append(small if mode == "SAME_UPPER" else large)
         ends.append(large if mode == "SAME_UPPER" else small)
     return begins + ends
+
+
+def reshapes_without_allowzero(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Reshape's `allowzero=1` (the dynamo `torch.onnx.export` writes it on every Reshape; onnx2torch refuses it)
+    dropped where it changes nothing: it only decides what a 0 in the target shape means (a dimension of size 0
+    rather than the input's own), so it goes where the shape is a constant without a 0, or computed while the model
+    runs (from the input's sizes, where a 0 means an empty input). Returns (model, number of nodes changed)."""
+    reshapes = [n for n in model.graph.node if n.op_type == "Reshape" and n.domain in ("", "ai.onnx")
+                and _attribute(n, "allowzero", 0)]
+    if not reshapes:
+        return model, 0
+    model = _copy(model)
+    constants = {t.name: t for t in model.graph.initializer}
+    constants.update({n.output[0]: _attribute(n, "value") for n in model.graph.node
+                      if n.op_type == "Constant" and _attribute(n, "value") is not None})
+    count = 0
+    for node in model.graph.node:
+        shape = constants.get(node.input[1]) if len(node.input) > 1 else None
+        if node.op_type != "Reshape" or not _attribute(node, "allowzero", 0) or (
+                shape is not None and 0 in numpy_helper.to_array(shape)):
+            continue
+        kept = [a for a in node.attribute if a.name != "allowzero"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        count += 1
+    return model, count
+
+
+def symmetric_average_pools(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Each 2-D AveragePool whose pads differ at the two ends of an axis (Keras "same" pooling of an odd size, once
+    explicit_pads has written it) becomes a zero Pad, the same pool unpadded, and a Mul by a constant that gives each
+    output the mean over the input pixels its window covers (count_include_pad 0, the default; with 1 the Pad alone
+    is exact). onnx2torch refuses such a pool ("AvgPool with non symmetrical padding is not implemented"), which
+    stopped the whole sweep at its FP32 conversion. A pool with ceil_mode, dilations or an input of unknown size
+    stays as it is. Returns (model, number of pools rewritten)."""
+    from ptqflow.models.graph.layer_map import tensor_shapes
+
+    if not any(_asymmetric_pool(node) for node in model.graph.node):
+        return model, 0
+    model = _copy(model)
+    shapes = tensor_shapes(model)
+    taken = {n.name for n in model.graph.node} | {i.name for i in model.graph.initializer} | {
+        o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    opset = model_opset(model)
+    nodes, count = [], 0
+    for node in model.graph.node:
+        size = (shapes.get(node.input[0]) or [None])[2:] if _asymmetric_pool(node) else []
+        if len(size) != 2 or any(not isinstance(d, int) for d in size):
+            nodes.append(node)
+            continue
+        nodes.extend(_padded_pool(model, node, size, opset, taken))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model, count
+
+
+def _asymmetric_pool(node: onnx.NodeProto) -> bool:
+    pads = _attribute(node, "pads") or []
+    return (node.op_type == "AveragePool" and node.domain in ("", "ai.onnx") and len(pads) == 4
+            and list(pads[:2]) != list(pads[2:]) and not _attribute(node, "ceil_mode", 0)
+            and all(d == 1 for d in (_attribute(node, "dilations") or [1, 1])))
+
+
+def _padded_pool(model: onnx.ModelProto, node: onnx.NodeProto, size: list[int], opset: int,
+                 taken: set[str]) -> list[onnx.NodeProto]:
+    """Pad -> unpadded `node` -> (Mul by the window-coverage correction, when count_include_pad is 0)."""
+    pads, kernel = list(_attribute(node, "pads")), list(_attribute(node, "kernel_shape"))
+    strides = list(_attribute(node, "strides") or [1, 1])
+    include_pad = _attribute(node, "count_include_pad", 0)
+    padded = _unique_name(f"{node.output[0]}_padded", taken)
+    pad_name = _unique_name(f"{node.name or node.output[0]}_pad", taken)
+    all_pads = [0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]]
+    if opset >= 11:
+        amounts = _unique_name(f"{pad_name}_amounts", taken)
+        model.graph.initializer.append(numpy_helper.from_array(np.array(all_pads, np.int64), amounts))
+        pad = helper.make_node("Pad", [node.input[0], amounts], [padded], name=pad_name, mode="constant")
+    else:
+        pad = helper.make_node("Pad", [node.input[0]], [padded], name=pad_name, mode="constant", pads=all_pads)
+    kept = [a for a in node.attribute if a.name not in ("pads", "count_include_pad")]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    node.input[0] = padded
+    if include_pad or _coverage(size, kernel, strides, pads).min() == 1.0:
+        return [pad, node]
+    output = node.output[0]
+    node.output[0] = _unique_name(f"{output}_unscaled", taken)
+    scale = _unique_name(f"{pad_name}_coverage", taken)
+    model.graph.initializer.append(numpy_helper.from_array(
+        (1.0 / _coverage(size, kernel, strides, pads)).astype(np.float32)[None, None], scale))
+    mul = helper.make_node("Mul", [node.output[0], scale], [output], name=_unique_name(f"{node.name}_coverage", taken))
+    return [pad, node, mul]
+
+
+def _coverage(size: list[int], kernel: list[int], strides: list[int], pads: list[int]) -> np.ndarray:
+    """[out_h, out_w]: the share of each output window that falls on the input rather than on padding."""
+    axes = []
+    for axis, (length, k, stride) in enumerate(zip(size, kernel, strides)):
+        begin, end = pads[axis], pads[axis + 2]
+        starts = np.arange((length + begin + end - k) // stride + 1) * stride - begin
+        axes.append((np.minimum(starts + k, length) - np.maximum(starts, 0)) / k)
+    return np.multiply.outer(*axes)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
