@@ -50,6 +50,61 @@ def test_a_plain_torch_export_sweeps_in_every_fx_variant(plain_model, grey_data,
         assert results[name].agreement >= AGREEMENT_FLOOR, (name, results[name].agreement)
 
 
+NEWER_OPSETS = (18, 19, 20, 21, 22)  # onnx2torch 1.5.15 knows Pad to 13, Reshape to 14, Conv to 11
+
+
+def _at_opset(model_path, opset: int, path):
+    from onnx import version_converter
+
+    onnx.save(version_converter.convert_version(onnx.load(str(model_path)), opset), str(path))
+    return path
+
+
+@pytest.mark.parametrize("opset", NEWER_OPSETS)
+def test_an_export_at_a_newer_opset_converts_to_the_same_function(plain_model, opset, tmp_path):
+    """onnx2torch has no converter past the op versions it was written for: at opset 18 the first Pad failed
+    ("Converter is not implemented ... 'Pad', version=18"), at 19 Reshape, at 22 Conv. Versions that add only types,
+    or inputs and attributes the node leaves out, convert as the newest version onnx2torch has."""
+    import onnxruntime as ort
+    import torch
+
+    from ptqflow.models.graph.onnx2torch_import import convert
+
+    path = _at_opset(plain_model, opset, tmp_path / f"plain_{opset}.onnx")
+    x = np.random.default_rng(opset).uniform(0, 255, (3, 1, 48, 48)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        converted = convert(onnx.load(str(path))).eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(converted, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_newer_op_version_using_what_onnx2torch_lacks_is_refused_by_name():
+    """Pad-18's `axes` input has no counterpart in onnx2torch's Pad-13: the conversion names it instead of
+    converting something else."""
+    from ptqflow.models.graph.onnx2torch_import import convert
+
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 4, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    pads = onnx.numpy_helper.from_array(np.array([1, 1], np.int64), "pads")
+    axes = onnx.numpy_helper.from_array(np.array([3], np.int64), "axes")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Pad", ["x", "pads", "", "axes"], ["y"])], "pad",
+                                   [x], [y], [pads, axes])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    with pytest.raises(NotImplementedError, match="Pad-18 with input axes"):
+        convert(model)
+
+
+def test_an_opset_22_export_sweeps_in_every_fx_variant(plain_model, grey_data, tmp_path):
+    data, _ = grey_data
+    model = _at_opset(plain_model, 22, tmp_path / "plain_22.onnx")
+    results = quantize(model, data, variants=[*FX_VARIANTS, "ort-int8"], track=False, output_dir=tmp_path / "out",
+                       calibration_size=CALIBRATION_SIZE, adaround_iterations=ADAROUND_ITERATIONS, bench=False)
+    for name in (*FX_VARIANTS, "ort-int8"):
+        assert results[name].status == "ok", results[name].reason
+        assert results[name].agreement >= AGREEMENT_FLOOR, (name, results[name].agreement)
+
+
 def test_a_module_fx_cannot_trace_stays_a_float_leaf(plain_model):
     """Without the example input that tells Div's operands are float (here its divisor passes an Identity, so it
     is not read as a constant either), the Div module stays onnx2torch's: FX cannot trace it, and prepare_traced

@@ -493,3 +493,30 @@ def test_an_asymmetric_average_pool_converts_and_quantizes(count_include_pad):
         reference, quantized = mod(x), q(x)
     assert float((reference - quantized).abs().max() / reference.abs().max()) < 0.1
 
+
+def test_global_max_pool_converts_and_quantizes():
+    """onnx2torch has no GlobalMaxPool (Keras GlobalMaxPooling2D): ptqflow's converter pools with
+    AdaptiveMaxPool2d, which FX quantizes like the other pools."""
+    import onnxruntime as ort
+
+    from ptqflow.models.graph.onnx2torch_import import convert
+
+    m = _model(
+        [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("GlobalMaxPool", ["r"], ["p"]),
+         helper.make_node("Conv", ["p", "W2"], ["y"], kernel_shape=[1, 1])],
+        [_vi("x", [2, 3, 8, 8])], [_vi("y", [2, 4, 1, 1])],
+        [_init("W", _w(4, 3, 3, 3)), _init("W2", _w(4, 4, 1, 1))])
+    x = torch.rand(2, 3, 8, 8)
+    expected = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})[0]
+    mod = convert(m).eval()
+    assert "AdaptiveMaxPool2d" in _targets(mod)
+    with torch.no_grad():
+        np.testing.assert_allclose(mod(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    gm = prepare_graph(mod, example_input=x)
+    q, _ = _quantize(gm, x)
+    with torch.no_grad():
+        reference, quantized = mod(x), q(x)
+    assert float((reference - quantized).abs().max() / reference.abs().max()) < 0.1

@@ -37,12 +37,14 @@ class _StandIn(types.ModuleType):
 
 def import_onnx2torch() -> types.ModuleType:
     """The onnx2torch module, imported with torchvision deferred (see the module docstring), with the opset-18
-    reduction converters it lacks (ptqflow.models.graph.onnx2torch_opset18). When torchvision is already imported,
+    reduction converters it lacks (ptqflow.models.graph.onnx2torch_opset18) and converters for newer op versions
+    and GlobalMaxPool (onnx2torch_newer_opsets). When torchvision is already imported,
     or not installed (then onnx2torch's own import error says so), it is a plain import."""
-    from ptqflow.models.graph.onnx2torch_opset18 import register
+    from ptqflow.models.graph import onnx2torch_newer_opsets, onnx2torch_opset18
 
     module = _imported()
-    register()
+    onnx2torch_opset18.register()
+    onnx2torch_newer_opsets.register()  # after the opset-18 reductions, which it then maps newer versions to
     return module
 
 
