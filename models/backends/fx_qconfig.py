@@ -180,17 +180,18 @@ def activation_bounds(gm) -> dict[str, tuple[float, float]]:
             if isinstance(gm.get_submodule(name), (nn.Conv1d, nn.Conv2d, nn.Linear)) and clip[0] <= 0.0 < clip[1]}
 
 
-def fbgemm_depthwise_inputs(gm) -> list[str]:
+def fbgemm_depthwise_inputs(gm, float_modules: Sequence[str] = ()) -> list[str]:
     """The modules whose output (through clips, which keep its quantization) feeds a depthwise convolution: fbgemm's
     depthwise kernels multiply uint8 activations by int8 weights in pairs summed to 16 bits, which saturate once
     255 * |w1| + 255 * |w2| exceeds 32767 (0.1-0.9% of a MobileNetV2's depthwise outputs off by up to 242 steps,
     VNNI or not; onednn, the x86 engine's, is exact). Seven-bit activations (reduce_range, torch's own fbgemm
-    default) keep every pair below it."""
+    default) keep every pair below it. Depthwise convolutions in `float_modules` stay float and need no such input."""
     if not hasattr(gm, "graph"):
         return []
     producers = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not is_depthwise(gm.get_submodule(node.target)) or not node.args:
+        if node.op != "call_module" or not is_depthwise(gm.get_submodule(node.target)) or not node.args \
+                or node.target in float_modules:
             continue
         source = node.args[0]
         while getattr(source, "op", None) == "call_module" and (

@@ -3,7 +3,7 @@
 Read from the config and the FP32 model it quantizes (its layer table, ptqflow.models.graph.layer_map): a layer runs
 in 8 bits unless the config keeps it in FP32 (the float classifier head, `fp32_nodes` / `fp32_modules`, which is how
 a `-mixed` variant's upgraded layers are made, and the convolutions an onnxruntime config's speed check keeps in
-FP32) or feeds it a 16-bit activation (`activation_16bit_tensors`). Both
+FP32, and those an FX config's speed check keeps, passed in) or feeds it a 16-bit activation (`activation_16bit_tensors`). Both
 backends quantize every other Conv, Gemm and MatMul, so the share is what the recipe runs, without running it.
 """
 
@@ -34,15 +34,18 @@ class MacTable:
         except ValueError:  # an unnamed head node: the backends refuse to quantize such a model anyway
             self.head = None
 
-    def share(self, config) -> float | None:
+    def share(self, config, float_layers=()) -> float | None:
         """The share of MACs `config` (PytorchFxConfig or OrtStaticConfig) runs in 8-bit integers, truncated to
-        SHARE_DECIMALS; None when the model's MACs or its head are unknown."""
+        SHARE_DECIMALS; None when the model's MACs or its head are unknown. `float_layers`: layers (ONNX node or FX
+        module names) the backend keeps in FP32 beyond what the config names (an FX speed check's)."""
         if not self.total or (getattr(config, "float_head", False) and self.head is None):
             return None
+        from ptqflow.models.backends.ort import OrtStaticConfig
         from ptqflow.models.backends.speed_check import slow_int8_layers
 
+        slow = slow_int8_layers(self.model, config) if isinstance(config, OrtStaticConfig) else []  # onnxruntime's
         named = (tuple(getattr(config, "fp32_nodes", ())) + tuple(getattr(config, "fp32_modules", ()))
-                 + tuple(layer.node for layer in slow_int8_layers(self.model, config)))
+                 + tuple(layer.node for layer in slow) + tuple(float_layers))
         fp32 = {name if name in self.node_names else node_for_name(name, self.node_names) for name in named}
         if getattr(config, "float_head", False):
             fp32 |= self.head

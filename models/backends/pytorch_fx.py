@@ -11,7 +11,7 @@ import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -45,6 +45,9 @@ class PytorchFxConfig:
     # Layers left in FP32 (qconfig None): ONNX node names as the diagnosis table names them (each with the Relu
     # fused into it), or FX module names of the graph-prepared module.
     fp32_modules: tuple[str, ...] = ()
+    # Convolutions whose int8 module is slower than float in this engine here stay float
+    # (ptqflow.models.backends.fx_speed_check; graph preparation only)
+    speed_check: bool = True
 
     def __post_init__(self):
         if isinstance(self.fp32_modules, str) or not all(isinstance(n, str) and n for n in self.fp32_modules):
@@ -84,7 +87,8 @@ class PytorchFxConfig:
         acts = f"{observer} {self.activation_dtype}{' reduce_range' if self.reduce_range else ''}"
         extras = ([self.weight_rounding + " rounding"] + (["float head"] if self.float_head else [])
                   + (["equalization"] if self.equalization else [])
-                  + ([f"FP32 layers: {', '.join(self.fp32_modules)}"] if self.fp32_modules else []))
+                  + ([f"FP32 layers: {', '.join(self.fp32_modules)}"] if self.fp32_modules else [])
+                  + (["FP32 where int8 is slower"] if self.speed_check and self.graph_preparation else []))
         return f"weights: {weights}; activations: {acts}; {', '.join(extras)}; backend: {self.backend}"
 
 
@@ -207,9 +211,9 @@ def fp32_module_names(module, config: PytorchFxConfig, onnx_proto) -> list[str]:
     return [t for t in targets if t in config.fp32_modules or node_for_name(t, node_names) in chosen]
 
 
-def _qconfig_mapping(config: PytorchFxConfig, module, onnx_proto=None):
+def _qconfig_mapping(config: PytorchFxConfig, module, onnx_proto=None, slower: Sequence[str] = ()):
     """The recipe's mapping for qint8 weights; for other weight dtypes the same observers with those dtypes. The
-    float head and `config.fp32_modules` get qconfig None."""
+    float head, `config.fp32_modules` and the modules `slower` in int8 (speed_kept) get qconfig None."""
     from torch.ao.quantization import get_default_qconfig_mapping
 
     fp32 = fp32_module_names(module, config, onnx_proto) if onnx_proto is not None else []
@@ -221,13 +225,30 @@ def _qconfig_mapping(config: PytorchFxConfig, module, onnx_proto=None):
     from ptqflow.models.backends.fx_qconfig import activation_bounds, fbgemm_depthwise_inputs, qconfig_mapping
     from ptqflow.models.graph.fx_prep import classifier_head
 
+    from ptqflow.models.graph.fx_modules import sole_readers
+
     head = classifier_head(module) if config.float_head else []
+    # a float layer's ReLU6 stays float with it: quantized alone, its input would be observed unbounded
+    floats = list(dict.fromkeys([*head, *fp32, *slower, *sole_readers(module, {*fp32, *slower})]))
     return qconfig_mapping(config.backend, activation_observer=config.activation_observer,
                            percentile=config.percentile, reduce_range=config.reduce_range,
                            weight_observer="perchannel_minmax" if config.per_channel else "minmax",
-                           float_modules=[*head, *(name for name in fp32 if name not in head)],
-                           bounded_outputs=activation_bounds(module),
-                           seven_bit_outputs=fbgemm_depthwise_inputs(module) if config.backend == "fbgemm" else ())
+                           float_modules=floats, bounded_outputs=activation_bounds(module),
+                           seven_bit_outputs=fbgemm_depthwise_inputs(module, floats)
+                           if config.backend == "fbgemm" else ())
+
+
+def speed_kept(source, config: PytorchFxConfig, example, onnx_proto=None) -> dict[str, str]:
+    """The convolutions of the graph-prepared `source` that `config`'s speed check keeps in float, each with why
+    (ptqflow.models.backends.fx_speed_check); the float head and the config's FP32 layers are not timed."""
+    if not (config.speed_check and config.graph_preparation and config.weight_dtype == "qint8"):
+        return {}
+    from ptqflow.models.backends.fx_speed_check import slow_fx_layers
+    from ptqflow.models.graph.fx_prep import classifier_head
+
+    skip = set(classifier_head(source) if config.float_head else [])
+    skip |= set(fp32_module_names(source, config, onnx_proto) if onnx_proto is not None else [])
+    return slow_fx_layers(source, example, config.backend, skip)
 
 
 def _check_kernels_accept(source, mapping, backend_config, example, config: PytorchFxConfig) -> None:
@@ -266,15 +287,33 @@ class FxGraphs:
     # layers the int8 engine computed away from their quantization (engine_check): module name -> share off
     engine_departures: dict = field(default_factory=dict)
     fusion_fallback: str = ""  # prepare_checked's fallback, when it took one
+    speed_kept: dict = field(default_factory=dict)  # convolutions kept float for speed (speed_kept): name -> why
+
+
+def speed_kept_layers(float_model: FloatModel, config: PytorchFxConfig, calibration: np.ndarray) -> dict[str, str]:
+    """What quantize_graphs' speed check keeps in float for `config`, found without quantizing (the MAC share is
+    recorded before): the graph-prepared `float_model` timed layer by layer. Timings depend on shapes only, which
+    its equalized and AdaRounded forms share."""
+    if not (config.speed_check and config.graph_preparation and config.weight_dtype == "qint8"):
+        return {}
+    import torch
+
+    from ptqflow.models.graph.fx_prep import prepare_graph
+
+    example = torch.from_numpy(calibration[:float_model.onnx.input.batch_size or 2])
+    source = prepare_graph(float_model.torch_module, example_input=example)
+    return speed_kept(source, config, example, float_model.onnx.proto)
 
 
 def _source_and_mapping(float_model: FloatModel, config: PytorchFxConfig, example):
+    """The graph-prepared module, its QConfigMapping and the convolutions the speed check keeps float (with why)."""
     source = float_model.torch_module
     if config.graph_preparation:
         from ptqflow.models.graph.fx_prep import prepare_graph
 
         source = prepare_graph(source, example_input=example)
-    return source, _qconfig_mapping(config, source, float_model.onnx.proto)
+    slower = speed_kept(source, config, example, float_model.onnx.proto)
+    return source, _qconfig_mapping(config, source, float_model.onnx.proto, list(slower)), slower
 
 
 @contextlib.contextmanager
@@ -314,7 +353,7 @@ def prepare_traced(source, mapping, example, backend_config, leaves: list[str] |
 def prepare_reference(float_model: FloatModel, config: PytorchFxConfig, example):
     """`float_model` prepared (not calibrated) exactly as `quantize_graphs` prepares the model it quantizes: the FP32
     side of a numeric-suite comparison, with the same modules, fusions and float parts."""
-    source, mapping = _source_and_mapping(float_model.ready_for(config), config, example)
+    source, mapping, _ = _source_and_mapping(float_model.ready_for(config), config, example)
     with fx_quantization(config.backend), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return prepare_checked(source, mapping, example, config)[0]
@@ -387,7 +426,7 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
     float_model = float_model.ready_for(config, calibration)
     fixed = float_model.onnx.input.batch_size  # a fixed batch dimension (1) runs everything at that size
     example = torch.from_numpy(calibration[:fixed or 2])
-    source, mapping = _source_and_mapping(float_model, config, example)
+    source, mapping, slower = _source_and_mapping(float_model, config, example)
     with fx_quantization(config.backend), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices on every call
         _check_kernels_accept(source, mapping, _backend_config(config), example, config)
@@ -400,7 +439,7 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
             raise UnsupportedVariant(f"{config.backend} fuses {', '.join(overwritten)} with a residual Add whose input "
                                      "another layer reads afterwards, and its kernel writes the sum into that input")
         graphs = FxGraphs(source, prepared, converted, mapping, backend_config, example, seen, float_leaves,
-                          fusion_fallback=fallback)
+                          fusion_fallback=fallback, speed_kept=slower)
         graphs.engine_departures = engine_departures(graphs, calibration, fixed or 64)
     return graphs
 
@@ -423,5 +462,5 @@ def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.n
     path = out_dir / MODEL_FILE_NAME
     write_atomic(path, buffer.getvalue())
     return QuantizedModel(path=path, format="torchscript", calibration_images=graphs.calibration_images,
-                          graphs=graphs, kept_float=dict(graphs.float_leaves),
+                          graphs=graphs, kept_float={**graphs.float_leaves, **graphs.speed_kept},
                           engine_departures=dict(graphs.engine_departures), fusion_fallback=graphs.fusion_fallback)

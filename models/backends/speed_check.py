@@ -111,10 +111,16 @@ def cache_file(key: str):
 
 def cached_timing(shape: ConvShape, weight_dtype: str, per_channel: bool, activation_dtype: str) -> ConvTiming:
     key, payload = timing_key(shape, weight_dtype, per_channel, activation_dtype)
+    return timed_once(key, payload, lambda: time_conv(shape, weight_dtype, per_channel, activation_dtype,
+                                                      SPEED_THREADS))
+
+
+def timed_once(key: str, payload: dict, measure) -> ConvTiming:
+    """The timing stored under `key` (on disk, else in this process), else `measure()`'s, stored with `payload`."""
     with _lock:  # one timing at a time: two at once would time each other
         found = _from_disk(key) or _memory.get(key)
         if found is None:
-            found = time_conv(shape, weight_dtype, per_channel, activation_dtype, SPEED_THREADS)
+            found = measure()
             try:
                 write_json_atomic(cache_file(key), {**payload, "fp32_us": found.fp32_us, "int8_us": found.int8_us})
             except OSError:  # a read-only cache: this process still decides once

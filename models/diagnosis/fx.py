@@ -296,11 +296,12 @@ def diagnose_fx(reference, source, config, calibration: np.ndarray, images: np.n
 
 def recipe_float_modules(graphs, config, onnx_proto) -> dict[str, str]:
     """The FX modules a PyTorch FX variant ran in FP32, each with why: what the tracer could not trace, the recipe's
-    FP32 layers and its float classifier head."""
+    FP32 layers, its float classifier head and what its speed check found slower in int8."""
     from ptqflow.models.backends.pytorch_fx import fp32_module_names
     from ptqflow.models.graph.fx_prep import classifier_head
 
     reasons = {name: f"FX could not trace it ({why})" for name, why in graphs.float_leaves.items()}
+    reasons.update({name: why for name, why in getattr(graphs, "speed_kept", {}).items() if name not in reasons})
     if hasattr(graphs.source, "graph"):
         for name in fp32_module_names(graphs.source, config, onnx_proto):
             reasons.setdefault(name, "kept in FP32 by the recipe (its FP32 layers)")

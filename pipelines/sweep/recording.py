@@ -83,9 +83,11 @@ class RunRecorder:
     """Writes a sweep's shared run metadata on the active run (or on an ended one, for late timings)."""
 
     def __init__(self, options: SweepOptions, inputs: SweepInputs, work_dir: Path,
-                 quantized_from: Callable[[], object] | None = None):
+                 quantized_from: Callable[[], object] | None = None,
+                 float_layers: Callable[[VariantSpec], tuple[str, ...]] = lambda spec: ()):
         self.options = options
         self.quantized_from = quantized_from  # the ONNX ModelProto every variant quantizes (for the MAC share)
+        self.float_layers = float_layers  # the layers a spec's backend keeps in FP32 by measurement (MAC share)
         self._mac_table = None
         self.inputs = inputs
         self.work_dir = work_dir
@@ -136,7 +138,7 @@ class RunRecorder:
         model = self.quantized_from()
         if self._mac_table is None or self._mac_table[0] is not model:
             self._mac_table = (model, MacTable(model))
-        return self._mac_table[1].share(spec.config)
+        return self._mac_table[1].share(spec.config, self.float_layers(spec))
 
     def log_datasets(self, train: bool = False) -> None:
         """The test set as an MLflow dataset input of the active run (and, with `train`, the training set the

@@ -52,7 +52,8 @@ class VariantRuns:
             runner_options = replace(runner_options, bench_config=bench_config)
         self.runner = VariantRunner(inputs, work_dir, runner_options, self.timer)
         self.specs = options.specs()
-        self.recorder = RunRecorder(options, inputs, work_dir, quantized_from=lambda: self.quantized_from)
+        self.recorder = RunRecorder(options, inputs, work_dir, quantized_from=lambda: self.quantized_from,
+                                    float_layers=self.runner.speed_kept)
         self.registrar = Registrar(options.registered_names(), options.gate, MeasuredOn.of(inputs),
                                    mac_share=self.recorder.int8_mac_share)
         self.reference: VariantResult | None = None

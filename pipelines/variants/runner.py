@@ -33,6 +33,7 @@ from ptqflow.pipelines.data.preprocessing import InputTransform
 from ptqflow.pipelines.shared.progress import progress_task
 from ptqflow.pipelines.variants.phases import PhaseTimer
 from ptqflow.pipelines.variants.ready_test import ReadyTestImages
+from ptqflow.pipelines.variants.speed_kept import SpeedKept
 from ptqflow.pipelines.variants.equalization_check import EQUALIZATION_DIR, EqualizationCheck, EqualizationChoice
 from ptqflow.pipelines.variants.reference_pass import ReferencePass
 from ptqflow.pipelines.variants.rounding_check import TWIN_DIR, RoundingCheck
@@ -160,6 +161,8 @@ class VariantRunner:
         self.reference_pass = ReferencePass()  # the FP32 reference's onnxruntime scores while convert() runs
         self.rounding_check = RoundingCheck(inputs, self.weights, self.float_model, self.eval_batch, self.timer)
         self.equalization_check = EqualizationCheck(inputs, self.weights, self.rounding_check, self.timer)
+        # the layers each FX spec's speed check keeps in float, as the MAC share counts them
+        self.speed_kept = SpeedKept(lambda: self.quantization_source, inputs.calibration)
 
     @property
     def timing(self) -> ModelTimer:
