@@ -10,6 +10,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from rich.markup import escape
+
 from ptqflow.common.errors import TrackingError, failure_reason, first_line
 from ptqflow.common.files import file_sha256
 from ptqflow.models.backends.base import UnsupportedVariant
@@ -112,7 +114,10 @@ class VariantRuns:
             recorder.log_datasets()
             reference = self.reference = self.runner.run_reference()
             evaluation, torch_agreement = reference.evaluation, reference.torch_agreement
-            if torch_agreement < FP32_AGREEMENT_WARNING:
+            if torch_agreement is None:
+                records.set_tags({Tag.WARNING: f"{self.runner.torch_error}: the PyTorch variants are unsupported "
+                                               "and the ONNX Runtime ones round to nearest"})
+            elif torch_agreement < FP32_AGREEMENT_WARNING:
                 records.set_tags({Tag.WARNING: f"{Tag.WARNING_FP32_MISMATCH}: onnx2torch and onnxruntime "
                                                f"agree on {100 * torch_agreement:.2f}% of top-1 on the first "
                                                f"{reference.torch_check_images} test images"})
@@ -122,13 +127,15 @@ class VariantRuns:
                 Metric.ACCURACY: evaluation.accuracy, Metric.ACCURACY_DELTA_PP: 0.0,
                 Metric.TOP1_AGREEMENT: 1.0, Metric.KL_DIVERGENCE: 0.0,
                 Metric.MODEL_SIZE_BYTES: self.inputs.model.size_bytes, Metric.COMPRESSION_RATIO: 1.0,
-                Metric.TORCH_ORT_AGREEMENT: torch_agreement, Metric.TORCH_ORT_IMAGES: reference.torch_check_images,
+                **({Metric.TORCH_ORT_AGREEMENT: torch_agreement, Metric.TORCH_ORT_IMAGES: reference.torch_check_images}
+                   if torch_agreement is not None else {}),
                 Metric.TEST_IMAGES: len(self.inputs.test)})
             if reference.bench:
                 recorder.log_bench(reference.bench, reference.bench)
             records.set_tags({Tag.STATUS: Tag.STATUS_OK})
-        say(f"[green]✓[/] fp32: accuracy {100 * evaluation.accuracy:.2f}% (onnx2torch agrees on "
-            f"{100 * torch_agreement:.2f}% of the first {reference.torch_check_images})")
+        torch_check = (f"onnx2torch agrees on {100 * torch_agreement:.2f}% of the first {reference.torch_check_images}"
+                       if torch_agreement is not None else self.runner.torch_error)
+        say(f"[green]✓[/] fp32: accuracy {100 * evaluation.accuracy:.2f}% ({escape(torch_check)})")
         return VariantOutcome.of(reference, run_id=run_id, model_uri=logged.model_uri)
 
     def _log_fp32_files(self, evaluation: Evaluation):
@@ -236,8 +243,9 @@ class VariantRuns:
             records.set_tags({Tag.EQUALIZATION_CHOICE: equalization.summary()})
         if rounding is not None:
             records.log_params({Param.WEIGHT_ROUNDING_KEPT: rounding.chosen})
-            records.log_metrics(rounded({Metric.VALIDATION_AGREEMENT_ADAROUND: rounding.agreement["adaround"],
-                                         Metric.VALIDATION_AGREEMENT_NEAREST: rounding.agreement["nearest"]}))
+            if rounding.agreement:  # held-out numbers, when the two were compared
+                records.log_metrics(rounded({Metric.VALIDATION_AGREEMENT_ADAROUND: rounding.agreement["adaround"],
+                                             Metric.VALIDATION_AGREEMENT_NEAREST: rounding.agreement["nearest"]}))
             records.set_tags({Tag.ROUNDING_CHOICE: rounding.summary()})
         if result.spec != asked:
             records.log_json(qconfig_document(result.spec), Artifact.QCONFIG)  # what the model file holds

@@ -23,8 +23,11 @@ class RoundingChoice:
     images: int  # held-out training images compared on
     agreement: dict[str, float]  # rounding -> top-1 agreement with FP32 on them
     kl_divergence: dict[str, float]  # rounding -> mean KL(FP32 || variant) on them, in nats
+    reason: str = ""  # why there was no comparison (then agreement and kl_divergence are empty)
 
     def summary(self) -> str:
+        if self.reason:
+            return self.reason
         a, n = self.agreement[ADAROUND], self.agreement[NEAREST]
         return (f"AdaRound agrees with FP32 on {100 * a:.2f}%, nearest rounding on {100 * n:.2f}% of {self.images} "
                 f"held-out training images: kept {'AdaRound' if self.chosen == ADAROUND else 'nearest rounding'}")

@@ -34,6 +34,7 @@ from ptqflow.pipelines.shared.progress import progress_task
 from ptqflow.pipelines.variants.phases import PhaseTimer
 from ptqflow.pipelines.variants.ready_test import ReadyTestImages
 from ptqflow.pipelines.variants.speed_kept import SpeedKept
+from ptqflow.pipelines.variants.without_torch import conversion_error, spec_without_torch
 from ptqflow.pipelines.variants.equalization_check import EQUALIZATION_DIR, EqualizationCheck, EqualizationChoice
 from ptqflow.pipelines.variants.reference_pass import ReferencePass
 from ptqflow.pipelines.variants.rounding_check import TWIN_DIR, RoundingCheck
@@ -153,6 +154,7 @@ class VariantRunner:
         self._timing: ModelTimer | None = None
         self._validation_reference: Evaluation | None = None  # FP32 on the held-out images (selection_reference)
         self.reference: Evaluation | None = None
+        self.torch_error: str | None = None  # why onnx2torch cannot convert the model (convert() finds out)
         self.ort_diagnoses: dict = {}  # diagnose_ort_config's memo: a QDQ file diagnosed once per runner
         # onnxruntime graph digest -> (variant, its test scores): a file that onnxruntime optimizes into a graph
         # already evaluated (ort-int8's QDQ and ort-int8-u8s8's QOperator) gives the same scores, so it is not run again
@@ -196,11 +198,11 @@ class VariantRunner:
                                                                                             cancelled))
         try:
             with self.timer.phase("convert"):
-                self.float_model.prepare(torch=True, onnxruntime=False)
+                self.torch_error = conversion_error(self.float_model)  # None: onnx2torch converts it
                 if specs:
                     self.weights.source = self.float_model.for_quantization()
                     self.quantization_source.prepare(
-                        torch=any(spec.framework == PYTORCH for spec in specs),
+                        torch=not self.torch_error and any(spec.framework == PYTORCH for spec in specs),
                         onnxruntime=any(spec.framework == ONNXRUNTIME for spec in specs))
         except BaseException:
             self.stop_reference()
@@ -229,12 +231,13 @@ class VariantRunner:
             ort_scores = self.reference_pass.take()
             if ort_scores is None:
                 ort_scores = self._reference_onnxruntime_scores(images, transform)
-            checked = min(len(test), TORCH_CHECK_IMAGES)
-            torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), images[:checked],
-                                          transform, "FP32 onnx2torch", self.eval_batch)
+            checked = 0 if self.torch_error else min(len(test), TORCH_CHECK_IMAGES)
+            torch_scores = predict_scores(TorchRunner(self.float_model.torch_module), images[:checked], transform,
+                                          "FP32 onnx2torch", self.eval_batch) if checked else None
         self.reference = evaluate(ort_scores, test.labels, names)
         torch_agreement = fidelity(evaluate(ort_scores[:checked], test.labels[:checked], names),
-                                   evaluate(torch_scores, test.labels[:checked], names)).top1_agreement
+                                   evaluate(torch_scores, test.labels[:checked], names)).top1_agreement \
+            if checked else None
         bench = self.timing.bench_reference() if self.options.bench else None
         return VariantResult(FP32, ONNXRUNTIME, evaluation=self.reference,
                              fidelity=Fidelity(1.0, 0.0, float("inf")), bench=bench, model_file=self.inputs.model.path,
@@ -297,7 +300,9 @@ class VariantRunner:
     def _quantize_checked(self, spec: VariantSpec, variant_dir: Path):
         """(spec, source, quantized, (rounding choice, equalization choice)) of the recipe kept: equalization on or
         off chosen first (RunnerOptions.choose_equalization), then AdaRound or nearest, both on held-out images."""
-        candidate, equalization_choice = None, None
+        candidate, equalization_choice, forced = None, None, None
+        if self.torch_error:
+            spec, forced = spec_without_torch(spec, self.torch_error)
         if self.options.choose_equalization:
             spec, equalization_choice, candidate = self.equalization_check.check(spec, variant_dir)
         if candidate is not None and candidate.spec == spec:  # nearest rounding asked: the kept candidate is it
@@ -308,7 +313,7 @@ class VariantRunner:
             quantized = spec.quantize(source, self.inputs.calibration, variant_dir, advance)
         spec, source, quantized, rounding_choice = self.rounding_check.check(spec, source, quantized, variant_dir,
                                                                              twin=candidate)
-        return spec, source, quantized, (rounding_choice, equalization_choice)
+        return spec, source, quantized, (rounding_choice or forced, equalization_choice)
 
     def diagnose(self, spec: VariantSpec, quantized: QuantizedModel | None = None, model_file: Path | None = None,
                  source: FloatModel | None = None, images: int | None = None):
@@ -396,8 +401,10 @@ class VariantRunner:
             return VariantResult(spec.name, spec.framework, spec, status="failed", reason=failure_reason(exc))
 
     def adaround_ahead(self, specs: list[VariantSpec]) -> None:
-        """The AdaRound grids `specs` will ask for, computed ahead and together (WeightSource.adaround_ahead)."""
-        self.weights.adaround_ahead(specs)
+        """The AdaRound grids `specs` will ask for, computed ahead and together (WeightSource.adaround_ahead); none
+        without onnx2torch's module."""
+        if not self.torch_error:
+            self.weights.adaround_ahead(specs)
 
     def _to_store(self, spec: VariantSpec, quantized: QuantizedModel, engine: str, threads: int) -> ModelToStore:
         from ptqflow.models.runtime.runners import OrtRunner, set_quantized_engine
