@@ -25,7 +25,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-from ptqflow.models.backends.speed_check import SPEED_THREADS, timed_once
+from ptqflow.models.backends.speed_check import SPEED_THREADS, is_slower, timed_or_none
 from ptqflow.models.runtime.layer_speed import ConvTiming
 
 FX_SPEED_CACHE_VERSION = "fx-layer-speed-v1"
@@ -81,9 +81,9 @@ def slow_fx_layers(gm, example, engine: str, skip=()) -> dict[str, str]:
     for name, conv in conv_calls(gm, example).items():
         if name in skip:
             continue
-        timing = _timing_or_none(conv, engine)
-        if timing is not None and timing.int8_us >= SLOWER_FACTOR * timing.fp32_us \
-                and timing.int8_us - timing.fp32_us >= MIN_SAVING_US:
+        key, payload = fx_timing_key(conv, engine)
+        timing = timed_or_none(key, payload, lambda: time_torch_conv(conv, engine))
+        if is_slower(timing, SLOWER_FACTOR, MIN_SAVING_US):
             slow[name] = (f"{engine} int8 kernel slower here: {timing.int8_us:.1f} µs against {timing.fp32_us:.1f} µs "
                           f"in FP32 (batch 1, {SPEED_THREADS} thread)")
     return slow
@@ -98,16 +98,6 @@ def fx_timing_key(conv: TorchConv, engine: str) -> tuple[str, dict]:
     payload = {"version": FX_SPEED_CACHE_VERSION, "conv": asdict(conv), "engine": engine, "threads": SPEED_THREADS,
                "torch": torch.__version__, "cpu": list(cpu_description())}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest(), payload
-
-
-def _timing_or_none(conv: TorchConv, engine: str) -> ConvTiming | None:
-    key, payload = fx_timing_key(conv, engine)
-    try:
-        return timed_once(key, payload, lambda: time_torch_conv(conv, engine))
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception:  # noqa: BLE001 - a layer the engine cannot run alone stays as the quantizer makes it
-        return None
 
 
 def time_torch_conv(conv: TorchConv, engine: str) -> ConvTiming:

@@ -223,9 +223,8 @@ def _qconfig_mapping(config: PytorchFxConfig, module, onnx_proto=None, slower: S
             mapping.set_module_name(name, None)
         return mapping
     from ptqflow.models.backends.fx_qconfig import activation_bounds, fbgemm_depthwise_inputs, qconfig_mapping
-    from ptqflow.models.graph.fx_prep import classifier_head
-
     from ptqflow.models.graph.fx_modules import sole_readers
+    from ptqflow.models.graph.fx_prep import classifier_head
 
     head = classifier_head(module) if config.float_head else []
     # a float layer's ReLU6 stays float with it: quantized alone, its input would be observed unbounded
@@ -241,7 +240,7 @@ def _qconfig_mapping(config: PytorchFxConfig, module, onnx_proto=None, slower: S
 def speed_kept(source, config: PytorchFxConfig, example, onnx_proto=None) -> dict[str, str]:
     """The convolutions of the graph-prepared `source` that `config`'s speed check keeps in float, each with why
     (ptqflow.models.backends.fx_speed_check); the float head and the config's FP32 layers are not timed."""
-    if not (config.speed_check and config.graph_preparation and config.weight_dtype == "qint8"):
+    if not _times_layers(config):
         return {}
     from ptqflow.models.backends.fx_speed_check import slow_fx_layers
     from ptqflow.models.graph.fx_prep import classifier_head
@@ -294,15 +293,25 @@ def speed_kept_layers(float_model: FloatModel, config: PytorchFxConfig, calibrat
     """What quantize_graphs' speed check keeps in float for `config`, found without quantizing (the MAC share is
     recorded before): the graph-prepared `float_model` timed layer by layer. Timings depend on shapes only, which
     its equalized and AdaRounded forms share."""
-    if not (config.speed_check and config.graph_preparation and config.weight_dtype == "qint8"):
+    if not _times_layers(config):
         return {}
-    import torch
-
     from ptqflow.models.graph.fx_prep import prepare_graph
 
-    example = torch.from_numpy(calibration[:float_model.onnx.input.batch_size or 2])
+    example = _example(float_model, calibration)
     source = prepare_graph(float_model.torch_module, example_input=example)
     return speed_kept(source, config, example, float_model.onnx.proto)
+
+
+def _times_layers(config: PytorchFxConfig) -> bool:
+    """Whether `config`'s speed check runs: it times the graph-prepared module's qint8 convolutions."""
+    return config.speed_check and config.graph_preparation and config.weight_dtype == "qint8"
+
+
+def _example(float_model: FloatModel, calibration: np.ndarray):
+    """The batch FX traces and prepares with: the model's fixed batch size (1), else two images."""
+    import torch
+
+    return torch.from_numpy(calibration[:float_model.onnx.input.batch_size or 2])
 
 
 def _source_and_mapping(float_model: FloatModel, config: PytorchFxConfig, example):
@@ -417,7 +426,6 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
     computes wrongly (engine_check, once, for the file and its diagnosis). Raises UnsupportedVariant when the
     kernels refuse the dtypes."""
 
-    import torch
     from torch.ao.quantization.quantize_fx import convert_fx
 
     from ptqflow.models.backends.engine_check import engine_departures, overwritten_residuals
@@ -425,7 +433,7 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
 
     float_model = float_model.ready_for(config, calibration)
     fixed = float_model.onnx.input.batch_size  # a fixed batch dimension (1) runs everything at that size
-    example = torch.from_numpy(calibration[:fixed or 2])
+    example = _example(float_model, calibration)
     source, mapping, slower = _source_and_mapping(float_model, config, example)
     with fx_quantization(config.backend), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices on every call

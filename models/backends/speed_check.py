@@ -75,21 +75,33 @@ def slow_int8_layers(model: onnx.ModelProto, config, skip=()) -> list[SlowLayer]
         if node in skip:
             continue
         timing = timing_or_none(shape, config.weight_dtype, config.per_channel, config.activation_dtype)
-        if timing is None:
-            continue
-        if timing.int8_us >= SLOWER_FACTOR * timing.fp32_us and timing.int8_us - timing.fp32_us >= MIN_SAVING_US:
+        if is_slower(timing, SLOWER_FACTOR, MIN_SAVING_US):
             slow.append(SlowLayer(node, timing))
     return slow
 
 
+def is_slower(timing: ConvTiming | None, factor: float, saving_us: float) -> bool:
+    """Whether int8 takes at least `factor` times as long as FP32 and `saving_us` longer (False untimed)."""
+    return timing is not None and timing.int8_us >= factor * timing.fp32_us \
+        and timing.int8_us - timing.fp32_us >= saving_us
+
+
 def timing_or_none(shape: ConvShape, weight_dtype: str, per_channel: bool, activation_dtype: str) -> ConvTiming | None:
-    """cached_timing, or None for a convolution onnxruntime cannot run on its own here: the layer then stays in
-    int8, as it would without the check (the quantizer, not the check, says whether it can be quantized)."""
+    """The layer's timings (cached, else measured), or None for a convolution onnxruntime cannot run on its own
+    here: the layer then stays in int8, as it would without the check (the quantizer, not the check, says whether it
+    can be quantized)."""
+    key, payload = timing_key(shape, weight_dtype, per_channel, activation_dtype)
+    return timed_or_none(key, payload, lambda: time_conv(shape, weight_dtype, per_channel, activation_dtype,
+                                                         SPEED_THREADS))
+
+
+def timed_or_none(key: str, payload: dict, measure) -> ConvTiming | None:
+    """timed_once, or None when `measure` fails (a layer that cannot be timed is no reason to fail the variant)."""
     try:
-        return cached_timing(shape, weight_dtype, per_channel, activation_dtype)
+        return timed_once(key, payload, measure)
     except (KeyboardInterrupt, SystemExit):
         raise
-    except Exception:  # noqa: BLE001 - a layer that cannot be timed is not a reason to fail the variant
+    except Exception:  # noqa: BLE001
         return None
 
 
@@ -107,12 +119,6 @@ def timing_key(shape: ConvShape, weight_dtype: str, per_channel: bool, activatio
 
 def cache_file(key: str):
     return cache_root() / "layer-speed" / f"{key}.json"
-
-
-def cached_timing(shape: ConvShape, weight_dtype: str, per_channel: bool, activation_dtype: str) -> ConvTiming:
-    key, payload = timing_key(shape, weight_dtype, per_channel, activation_dtype)
-    return timed_once(key, payload, lambda: time_conv(shape, weight_dtype, per_channel, activation_dtype,
-                                                      SPEED_THREADS))
 
 
 def timed_once(key: str, payload: dict, measure) -> ConvTiming:

@@ -301,7 +301,7 @@ def recipe_float_modules(graphs, config, onnx_proto) -> dict[str, str]:
     from ptqflow.models.graph.fx_prep import classifier_head
 
     reasons = {name: f"FX could not trace it ({why})" for name, why in graphs.float_leaves.items()}
-    reasons.update({name: why for name, why in getattr(graphs, "speed_kept", {}).items() if name not in reasons})
+    reasons.update({name: why for name, why in graphs.speed_kept.items() if name not in reasons})
     if hasattr(graphs.source, "graph"):
         for name in fp32_module_names(graphs.source, config, onnx_proto):
             reasons.setdefault(name, "kept in FP32 by the recipe (its FP32 layers)")

@@ -25,24 +25,9 @@ def clip_range(module) -> tuple[float, float] | None:
     return None
 
 
-def sole_readers(gm, names, relu: bool = True) -> list[str]:
-    """The clip modules (and, with `relu`, ReLU modules) of FX graph `gm` that alone read the output of a module in
-    `names`: a float convolution's activation, which stays float with it."""
-    found = []
-    for node in getattr(getattr(gm, "graph", None), "nodes", ()):
-        if node.op != "call_module" or node.target not in names or len(node.users) != 1:
-            continue
-        user = next(iter(node.users))
-        if user.op == "call_module" and (clip_range(gm.get_submodule(user.target)) is not None or (
-                relu and isinstance(gm.get_submodule(user.target), nn.ReLU))):
-            found.append(user.target)
-    return found
-
-
-def sole_reader_ranges(gm, relu: bool = False) -> dict[str, tuple[float, float]]:
-    """Module name -> the (low, high) that the clip (and, with `relu`, the ReLU: (0, inf)) which alone reads the
-    module's output passes on unchanged, for the modules of FX graph `gm` whose output only such a module reads."""
-    ranges: dict[str, tuple[float, float]] = {}
+def _sole_readers(gm, relu: bool):
+    """(module, reader, range passed on) for each call_module node of FX graph `gm` whose output only a clip (and,
+    with `relu`, a ReLU: (0, inf)) module reads."""
     for node in getattr(getattr(gm, "graph", None), "nodes", ()):
         if node.op != "call_module" or len(node.users) != 1:
             continue
@@ -52,5 +37,16 @@ def sole_reader_ranges(gm, relu: bool = False) -> dict[str, tuple[float, float]]
         reader = gm.get_submodule(user.target)
         passed = (0.0, math.inf) if relu and isinstance(reader, nn.ReLU) else clip_range(reader)
         if passed is not None:
-            ranges[node.target] = passed
-    return ranges
+            yield node.target, user.target, passed
+
+
+def sole_readers(gm, names, relu: bool = True) -> list[str]:
+    """The clip modules (and, with `relu`, ReLU modules) of FX graph `gm` that alone read the output of a module in
+    `names`: a float convolution's activation, which stays float with it."""
+    return [reader for module, reader, _ in _sole_readers(gm, relu) if module in names]
+
+
+def sole_reader_ranges(gm, relu: bool = False) -> dict[str, tuple[float, float]]:
+    """Module name -> the (low, high) that the clip (and, with `relu`, the ReLU: (0, inf)) which alone reads the
+    module's output passes on unchanged, for the modules of FX graph `gm` whose output only such a module reads."""
+    return {module: passed for module, _, passed in _sole_readers(gm, relu)}

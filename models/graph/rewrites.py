@@ -277,9 +277,7 @@ def explicit_pads(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         pads = _pads_for(node, mode, shapes) if mode else None
         if pads is None:
             continue
-        kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
-        del node.attribute[:]
-        node.attribute.extend([*kept, helper.make_attribute("pads", pads)])
+        _replace_attributes(node, ("auto_pad", "pads"), pads=pads)
         count += 1
     return model, count
 
@@ -320,25 +318,22 @@ def reshapes_without_allowzero(model: onnx.ModelProto) -> tuple[onnx.ModelProto,
     dropped where it changes nothing: it only decides what a 0 in the target shape means (a dimension of size 0
     rather than the input's own), so it goes where the shape is a constant without a 0, or computed while the model
     runs (from the input's sizes, where a 0 means an empty input). Returns (model, number of nodes changed)."""
-    reshapes = [n for n in model.graph.node if n.op_type == "Reshape" and n.domain in ("", "ai.onnx")
-                and _attribute(n, "allowzero", 0)]
-    if not reshapes:
+    if not any(_allowzero_reshape(node) for node in model.graph.node):
         return model, 0
     model = _copy(model)
     constants = {t.name: t for t in model.graph.initializer}
-    constants.update({n.output[0]: _attribute(n, "value") for n in model.graph.node
-                      if n.op_type == "Constant" and _attribute(n, "value") is not None})
+    constants.update({n.output[0]: _attribute(n, "value") for n in model.graph.node if n.op_type == "Constant"})
     count = 0
     for node in model.graph.node:
         shape = constants.get(node.input[1]) if len(node.input) > 1 else None
-        if node.op_type != "Reshape" or not _attribute(node, "allowzero", 0) or (
-                shape is not None and 0 in numpy_helper.to_array(shape)):
-            continue
-        kept = [a for a in node.attribute if a.name != "allowzero"]
-        del node.attribute[:]
-        node.attribute.extend(kept)
-        count += 1
+        if _allowzero_reshape(node) and (shape is None or 0 not in numpy_helper.to_array(shape)):
+            _replace_attributes(node, ("allowzero",))
+            count += 1
     return model, count
+
+
+def _allowzero_reshape(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and bool(_attribute(node, "allowzero", 0))
 
 
 def symmetric_average_pools(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -392,17 +387,15 @@ def _padded_pool(model: onnx.ModelProto, node: onnx.NodeProto, size: list[int], 
         pad = helper.make_node("Pad", [node.input[0], amounts], [padded], name=pad_name, mode="constant")
     else:
         pad = helper.make_node("Pad", [node.input[0]], [padded], name=pad_name, mode="constant", pads=all_pads)
-    kept = [a for a in node.attribute if a.name not in ("pads", "count_include_pad")]
-    del node.attribute[:]
-    node.attribute.extend(kept)
+    _replace_attributes(node, ("pads", "count_include_pad"))
     node.input[0] = padded
-    if include_pad or _coverage(size, kernel, strides, pads).min() == 1.0:
+    coverage = _coverage(size, kernel, strides, pads)
+    if include_pad or coverage.min() == 1.0:
         return [pad, node]
     output = node.output[0]
     node.output[0] = _unique_name(f"{output}_unscaled", taken)
     scale = _unique_name(f"{pad_name}_coverage", taken)
-    model.graph.initializer.append(numpy_helper.from_array(
-        (1.0 / _coverage(size, kernel, strides, pads)).astype(np.float32)[None, None], scale))
+    model.graph.initializer.append(numpy_helper.from_array((1.0 / coverage).astype(np.float32)[None, None], scale))
     mul = helper.make_node("Mul", [node.output[0], scale], [output], name=_unique_name(f"{node.name}_coverage", taken))
     return [pad, node, mul]
 
@@ -415,6 +408,13 @@ def _coverage(size: list[int], kernel: list[int], strides: list[int], pads: list
         starts = np.arange((length + begin + end - k) // stride + 1) * stride - begin
         axes.append((np.minimum(starts + k, length) - np.maximum(starts, 0)) / k)
     return np.multiply.outer(*axes)
+
+
+def _replace_attributes(node: onnx.NodeProto, dropped: tuple[str, ...], **added) -> None:
+    """`node` without its attributes named in `dropped`, and with `added` (name=value) set."""
+    kept = [a for a in node.attribute if a.name not in dropped]
+    del node.attribute[:]
+    node.attribute.extend([*kept, *(helper.make_attribute(name, value) for name, value in added.items())])
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
