@@ -1,8 +1,9 @@
 """The int8 engines compute what was quantized (issue 24, 'engines that compute what was quantized'): fbgemm's
 depthwise kernels sum uint8 x int8 products in pairs into 16 bits, which saturate at full-range activations (the
 6-point gap between the fbgemm and x86 variants of a MobileNet). The recipe quantizes what feeds a depthwise layer
-to 7 bits on fbgemm, quantizes a layer's output to the range of the clip after it, and every FX variant checks each
-int8 layer against torch's reference lowering of its quantization."""
+to 7 bits on fbgemm when asked (fbgemm_saturation "seven-bit"; the default keeps the layers that saturate in FP32,
+tests/test_fx_exactness.py), quantizes a layer's output to the range of the clip after it, and every FX variant
+checks each int8 layer against torch's reference lowering of its quantization."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class Block(nn.Module):
         return self.depthwise(self.clip(self.expand(x)))
 
 
-def _quantized(engine: str, seven_bit: bool):
+def _quantized(engine: str, seven_bit: bool, checked=None, batch_size: int = 64):
     import copy
 
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -55,7 +56,7 @@ def _quantized(engine: str, seven_bit: bool):
             prepared(torch.from_numpy(images))
         graphs = types.SimpleNamespace(prepared=prepared, converted=convert_fx(copy.deepcopy(prepared)),
                                        backend_config=None)
-        return engine_departures(graphs, images)
+        return engine_departures(graphs, images if checked is None else checked, batch_size)
     finally:
         torch.backends.quantized.engine = previous
 
@@ -70,6 +71,15 @@ def test_fbgemm_saturates_on_full_range_depthwise_inputs_and_the_check_names_the
     departed = _quantized("fbgemm", seven_bit=False)
     assert list(departed) == ["depthwise"] and departed["depthwise"] > 0.01, departed
     assert describe_departures(departed).startswith("depthwise: ")
+
+
+def test_a_model_with_its_batch_fixed_at_one_is_checked_on_many_images_one_by_one():
+    """The first image is dark (nothing saturates on it); the check of a batch-1 model used to stop there."""
+    images = np.random.default_rng(1).uniform(0.0, 6.0, (64, 3, 8, 8)).astype(np.float32)
+    images[0] = -10.0  # the expand layer's ReLU6 gives 0 everywhere
+    assert _quantized("fbgemm", seven_bit=False, checked=images[:1], batch_size=1) == {}
+    departed = _quantized("fbgemm", seven_bit=False, checked=images, batch_size=1)
+    assert list(departed) == ["depthwise"] and departed["depthwise"] > 0.01, departed
 
 
 @pytest.mark.parametrize("engine", ["fbgemm", "x86"])

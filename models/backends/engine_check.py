@@ -16,11 +16,16 @@ DEPARTURE_STEPS = 1  # kernels may round a value to the neighbouring step
 DEPARTED_SHARE = 1e-3  # a layer with more of its outputs further off than that departs
 
 
-def engine_departures(graphs, images: np.ndarray, batch_size: int = 64) -> dict[str, float]:
+CHECKED_IMAGES = 64  # calibration images the check runs: a model with its batch fixed at 1 runs them one by one
+
+
+def engine_departures(graphs, images: np.ndarray, batch_size: int = CHECKED_IMAGES,
+                      min_share: float = DEPARTED_SHARE) -> dict[str, float]:
     """Module name -> share of its outputs more than DEPARTURE_STEPS quantization steps away from the reference
     lowering, for the quantized Conv/Linear modules of `graphs.converted` (ptqflow.models.backends.pytorch_fx.FxGraphs)
-    where that share exceeds DEPARTED_SHARE, on the first `batch_size` model-ready `images`. Run under the engine
-    the graphs were made for."""
+    where that share exceeds `min_share`, on the first CHECKED_IMAGES model-ready `images` in batches of
+    `batch_size` (a fixed batch of one ran on a single image before, where a rare saturation goes unseen). Run under
+    the engine the graphs were made for."""
     import torch
     from torch.ao.quantization.quantize_fx import convert_to_reference_fx
 
@@ -28,34 +33,39 @@ def engine_departures(graphs, images: np.ndarray, batch_size: int = 64) -> dict[
         warnings.simplefilter("ignore")
         reference = dict(convert_to_reference_fx(copy.deepcopy(graphs.prepared),
                                                  backend_config=graphs.backend_config).named_modules())
-    seen: dict[str, tuple] = {}
-    # every input (onednn's fused conv + residual Add takes the residual as a second one) copied before the module
-    # runs, and its output after: that fused op writes its sum into the residual's buffer
-    watched = [(name, module) for name, module in graphs.converted.named_modules()
-               if hasattr(module, "weight") and callable(module.weight) and name in reference]
-    hooks = [module.register_forward_pre_hook(lambda _, args, name=name: seen.__setitem__(name, _copied(args)))
-             for name, module in watched]
-    hooks += [module.register_forward_hook(lambda _, args, out, name=name: seen.__setitem__(
-        name, (seen[name], *_copied((out,))))) for name, module in watched]
-    try:
-        with torch.no_grad():
-            graphs.converted(torch.from_numpy(np.ascontiguousarray(images[:batch_size])))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    departed = {}
-    for name, (quantized_in, quantized_out) in seen.items():
+    inputs: dict[str, tuple] = {}
+    counts: dict[str, list[int]] = {}  # name -> [outputs further off than DEPARTURE_STEPS, outputs]
+
+    def compare(name: str, quantized_in: tuple, quantized_out) -> None:
         if not all(getattr(t, "is_quantized", False) for t in (*quantized_in, quantized_out)):
-            continue
+            return
         with torch.no_grad():
             expected = reference[name](*(t.dequantize() for t in quantized_in))
         expected = torch.quantize_per_tensor(expected, quantized_out.q_scale(), quantized_out.q_zero_point(),
                                              quantized_out.dtype)
         steps = (expected.int_repr().int() - quantized_out.int_repr().int()).abs()
-        share = float((steps > DEPARTURE_STEPS).float().mean())
-        if share > DEPARTED_SHARE:
-            departed[name] = share
-    return departed
+        count = counts.setdefault(name, [0, 0])
+        count[0] += int((steps > DEPARTURE_STEPS).sum())
+        count[1] += steps.numel()
+
+    # every input (onednn's fused conv + residual Add takes the residual as a second one) copied before the module
+    # runs: that fused op writes its sum into the residual's buffer
+    watched = [(name, module) for name, module in graphs.converted.named_modules()
+               if hasattr(module, "weight") and callable(module.weight) and name in reference]
+    hooks = [module.register_forward_pre_hook(lambda _, args, name=name: inputs.__setitem__(name, _copied(args)))
+             for name, module in watched]
+    hooks += [module.register_forward_hook(lambda _, args, out, name=name: compare(name, inputs[name], out))
+              for name, module in watched]
+    try:
+        with torch.no_grad():
+            checked = np.ascontiguousarray(images[:max(CHECKED_IMAGES // batch_size, 1) * batch_size])
+            for start in range(0, len(checked), batch_size):
+                graphs.converted(torch.from_numpy(checked[start:start + batch_size]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    shares = {name: far / total for name, (far, total) in counts.items() if total}
+    return {name: share for name, share in shares.items() if share > min_share}
 
 
 def _copied(args: tuple) -> tuple:

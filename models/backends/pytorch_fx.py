@@ -19,6 +19,7 @@ from ptqflow.common.errors import first_line
 from ptqflow.common.files import write_atomic
 from ptqflow.common.files import array_sha256
 from ptqflow.models.backends.base import WEIGHT_ROUNDINGS, FloatModel, QuantizedModel, UnsupportedVariant, batches
+from ptqflow.models.backends.fx_exactness import SATURATION_POLICIES, SATURATION_SUMMARIES, inexact_layers
 
 BACKENDS = ("fbgemm", "x86", "onednn")
 MODEL_FILE_NAME = "model.pt"
@@ -45,9 +46,16 @@ class PytorchFxConfig:
     # Layers left in FP32 (qconfig None): ONNX node names as the diagnosis table names them (each with the Relu
     # fused into it), or FX module names of the graph-prepared module.
     fp32_modules: tuple[str, ...] = ()
+    # The model input quantized over the calibration inputs' whole range (fx_qconfig.observe_whole_input_range):
+    # pixels are not outliers, and raw or unit pixels are then quantized exactly
+    whole_input_range: bool = True
     # Convolutions whose int8 module is slower than float in this engine here stay float
     # (ptqflow.models.backends.fx_speed_check; graph preparation only)
     speed_check: bool = True
+    # fbgemm's depthwise kernels sum pairs of products in 16 bits, which saturate on 8-bit inputs
+    # (ptqflow.models.backends.fx_exactness): "float" keeps the depthwise layers where that happens on the
+    # calibration images in FP32, "seven-bit" gives every depthwise layer 7-bit inputs, "allowed" neither
+    fbgemm_saturation: str = "float"
 
     def __post_init__(self):
         if isinstance(self.fp32_modules, str) or not all(isinstance(n, str) and n for n in self.fp32_modules):
@@ -59,6 +67,8 @@ class PytorchFxConfig:
             raise ValueError("dtypes must be qint8 or quint8")
         if self.activation_observer not in ("percentile", "histogram", "minmax", "moving_minmax"):
             raise ValueError("activation_observer must be percentile, histogram, minmax or moving_minmax")
+        if self.fbgemm_saturation not in SATURATION_POLICIES:
+            raise ValueError(f"fbgemm_saturation must be one of {SATURATION_POLICIES}")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise ValueError(f"weight_rounding must be one of {WEIGHT_ROUNDINGS}")
 
@@ -88,7 +98,9 @@ class PytorchFxConfig:
         extras = ([self.weight_rounding + " rounding"] + (["float head"] if self.float_head else [])
                   + (["equalization"] if self.equalization else [])
                   + ([f"FP32 layers: {', '.join(self.fp32_modules)}"] if self.fp32_modules else [])
-                  + (["FP32 where int8 is slower"] if self.speed_check and self.graph_preparation else []))
+                  + (["FP32 where int8 is slower"] if self.speed_check and self.graph_preparation else [])
+                  + (["input over its calibration range"] if self.whole_input_range else [])
+                  + ([SATURATION_SUMMARIES[self.fbgemm_saturation]] if self.backend == "fbgemm" else []))
         return f"weights: {weights}; activations: {acts}; {', '.join(extras)}; backend: {self.backend}"
 
 
@@ -234,7 +246,7 @@ def _qconfig_mapping(config: PytorchFxConfig, module, onnx_proto=None, slower: S
                            weight_observer="perchannel_minmax" if config.per_channel else "minmax",
                            float_modules=floats, bounded_outputs=activation_bounds(module),
                            seven_bit_outputs=fbgemm_depthwise_inputs(module, floats)
-                           if config.backend == "fbgemm" else ())
+                           if config.backend == "fbgemm" and config.fbgemm_saturation == "seven-bit" else ())
 
 
 def speed_kept(source, config: PytorchFxConfig, example, onnx_proto=None) -> dict[str, str]:
@@ -287,6 +299,8 @@ class FxGraphs:
     engine_departures: dict = field(default_factory=dict)
     fusion_fallback: str = ""  # prepare_checked's fallback, when it took one
     speed_kept: dict = field(default_factory=dict)  # convolutions kept float for speed (speed_kept): name -> why
+    # layers kept float where the engine computes them inexactly (fx_exactness.inexact_layers): name -> why
+    inexact_kept: dict = field(default_factory=dict)
 
 
 def speed_kept_layers(float_model: FloatModel, config: PytorchFxConfig, calibration: np.ndarray) -> dict[str, str]:
@@ -314,15 +328,16 @@ def _example(float_model: FloatModel, calibration: np.ndarray):
     return torch.from_numpy(calibration[:float_model.onnx.input.batch_size or 2])
 
 
-def _source_and_mapping(float_model: FloatModel, config: PytorchFxConfig, example):
-    """The graph-prepared module, its QConfigMapping and the convolutions the speed check keeps float (with why)."""
+def _source_and_mapping(float_model: FloatModel, config: PytorchFxConfig, example, inexact: Sequence[str] = ()):
+    """The graph-prepared module, its QConfigMapping and the convolutions the speed check keeps float (with why);
+    the layers `inexact` (fx_exactness.inexact_layers) stay float too."""
     source = float_model.torch_module
     if config.graph_preparation:
         from ptqflow.models.graph.fx_prep import prepare_graph
 
         source = prepare_graph(source, example_input=example)
     slower = speed_kept(source, config, example, float_model.onnx.proto)
-    return source, _qconfig_mapping(config, source, float_model.onnx.proto, list(slower)), slower
+    return source, _qconfig_mapping(config, source, float_model.onnx.proto, [*slower, *inexact]), slower
 
 
 @contextlib.contextmanager
@@ -359,10 +374,11 @@ def prepare_traced(source, mapping, example, backend_config, leaves: list[str] |
                       backend_config=backend_config)
 
 
-def prepare_reference(float_model: FloatModel, config: PytorchFxConfig, example):
-    """`float_model` prepared (not calibrated) exactly as `quantize_graphs` prepares the model it quantizes: the FP32
-    side of a numeric-suite comparison, with the same modules, fusions and float parts."""
-    source, mapping, _ = _source_and_mapping(float_model.ready_for(config), config, example)
+def prepare_reference(float_model: FloatModel, config: PytorchFxConfig, example, inexact: Sequence[str] = ()):
+    """`float_model` prepared (not calibrated) exactly as `quantize_graphs` prepares the model it quantizes (with
+    its FxGraphs.inexact_kept as `inexact`): the FP32 side of a numeric-suite comparison, with the same modules,
+    fusions and float parts."""
+    source, mapping, _ = _source_and_mapping(float_model.ready_for(config), config, example, inexact)
     with fx_quantization(config.backend), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return prepare_checked(source, mapping, example, config)[0]
@@ -428,18 +444,22 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
 
     from torch.ao.quantization.quantize_fx import convert_fx
 
-    from ptqflow.models.backends.engine_check import engine_departures, overwritten_residuals
+    from ptqflow.models.backends.engine_check import CHECKED_IMAGES, engine_departures, overwritten_residuals
+    from ptqflow.models.backends.fx_qconfig import observe_whole_input_range
     from ptqflow.models.graph.fx_prep import untraceable_modules
 
     float_model = float_model.ready_for(config, calibration)
     fixed = float_model.onnx.input.batch_size  # a fixed batch dimension (1) runs everything at that size
     example = _example(float_model, calibration)
-    source, mapping, slower = _source_and_mapping(float_model, config, example)
+    inexact = inexact_layers(float_model, config, calibration, quantize_graphs)
+    source, mapping, slower = _source_and_mapping(float_model, config, example, list(inexact))
     with fx_quantization(config.backend), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices on every call
         _check_kernels_accept(source, mapping, _backend_config(config), example, config)
         float_leaves = untraceable_modules(source) if hasattr(source, "graph") else {}
         prepared, backend_config, fallback = prepare_checked(source, mapping, example, config, list(float_leaves))
+        if config.whole_input_range:
+            observe_whole_input_range(prepared)
         seen = _calibrate(prepared, calibration, fixed or config.calibration_batch_size, advance)
         converted = convert_fx(copy.deepcopy(prepared), backend_config=backend_config)
         overwritten = overwritten_residuals(converted)
@@ -447,8 +467,8 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
             raise UnsupportedVariant(f"{config.backend} fuses {', '.join(overwritten)} with a residual Add whose input "
                                      "another layer reads afterwards, and its kernel writes the sum into that input")
         graphs = FxGraphs(source, prepared, converted, mapping, backend_config, example, seen, float_leaves,
-                          fusion_fallback=fallback, speed_kept=slower)
-        graphs.engine_departures = engine_departures(graphs, calibration, fixed or 64)
+                          fusion_fallback=fallback, speed_kept=slower, inexact_kept=inexact)
+        graphs.engine_departures = engine_departures(graphs, calibration, fixed or CHECKED_IMAGES)
     return graphs
 
 
@@ -470,5 +490,5 @@ def quantize(float_model: FloatModel, config: PytorchFxConfig, calibration: np.n
     path = out_dir / MODEL_FILE_NAME
     write_atomic(path, buffer.getvalue())
     return QuantizedModel(path=path, format="torchscript", calibration_images=graphs.calibration_images,
-                          graphs=graphs, kept_float={**graphs.float_leaves, **graphs.speed_kept},
+                          graphs=graphs, kept_float={**graphs.float_leaves, **graphs.speed_kept, **graphs.inexact_kept},
                           engine_departures=dict(graphs.engine_departures), fusion_fallback=graphs.fusion_fallback)

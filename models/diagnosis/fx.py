@@ -287,7 +287,7 @@ def diagnose_fx(reference, source, config, calibration: np.ndarray, images: np.n
 
     graphs = graphs or quantize_graphs(source, config, calibration)
     reference = reference.ready_for(config)
-    prepared = prepare_reference(reference, config, graphs.example)
+    prepared = prepare_reference(reference, config, graphs.example, list(graphs.inexact_kept))
     return diagnose_fx_graphs(prepared, graphs.converted, images, reference.onnx.proto, config.backend,
                               float_onnx_path=reference.onnx.path, batch_size=batch_size,
                               module_reasons=recipe_float_modules(graphs, config, reference.onnx.proto),
@@ -296,12 +296,13 @@ def diagnose_fx(reference, source, config, calibration: np.ndarray, images: np.n
 
 def recipe_float_modules(graphs, config, onnx_proto) -> dict[str, str]:
     """The FX modules a PyTorch FX variant ran in FP32, each with why: what the tracer could not trace, the recipe's
-    FP32 layers, its float classifier head and what its speed check found slower in int8."""
+    FP32 layers, its float classifier head, what its speed check found slower in int8 and where fbgemm saturates."""
     from ptqflow.models.backends.pytorch_fx import fp32_module_names
     from ptqflow.models.graph.fx_prep import classifier_head
 
     reasons = {name: f"FX could not trace it ({why})" for name, why in graphs.float_leaves.items()}
-    reasons.update({name: why for name, why in graphs.speed_kept.items() if name not in reasons})
+    reasons.update({name: why for name, why in {**graphs.speed_kept, **graphs.inexact_kept}.items()
+                    if name not in reasons})
     if hasattr(graphs.source, "graph"):
         for name in fp32_module_names(graphs.source, config, onnx_proto):
             reasons.setdefault(name, "kept in FP32 by the recipe (its FP32 layers)")

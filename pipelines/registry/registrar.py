@@ -192,7 +192,7 @@ class Registrar:
                 largest = best.bench.speedup_b1_range[1]
                 tags[V.SPEEDUP_B1_MAX] = f"{round_metric(Metric.SPEEDUP_VS_FP32_B1_MAX, largest):.3f}"
             tags.update(timing_tags(best.run_id))
-        share = self.mac_share(best.spec)
+        share = best.int8_mac_share if getattr(best, "int8_mac_share", None) is not None else self.mac_share(best.spec)
         if share is not None:
             tags[V.INT8_MAC_SHARE] = str(share)  # as the run param reads
         return tags

@@ -26,6 +26,7 @@ class VariantOutcome(VariantResult):
     model_uri: str = ""  # registers the variant's model: models:/<logged model id> (runs:/<run>/model before)
     # why a failed variant failed: callers that must tell a backend's failure from ptqflow's (tune) read it
     error: BaseException | None = field(default=None, repr=False, compare=False)
+    int8_mac_share: float | None = None  # the run's int8_mac_share param, once logged
 
     @classmethod
     def of(cls, result: VariantResult, **recorded) -> "VariantOutcome":
@@ -99,7 +100,8 @@ def outcome_of_run(spec: VariantSpec, run) -> VariantOutcome:
         model_file_in_artifacts=tags.get(T.MODEL_FILE_IN_MODEL, ""), model_sha256=tags.get(T.MODEL_FILE_SHA256, ""),
         quantized_engine=tags.get(T.QUANTIZED_ENGINE, ""), reason=f"{report.REUSED_REASON} {run.info.run_id[:8]}",
         model_uri=logged_models.logged_model_uri(run) or "",
-        bench=bench, size_bytes=int(m[M.MODEL_SIZE_BYTES]))
+        bench=bench, size_bytes=int(m[M.MODEL_SIZE_BYTES]),
+        int8_mac_share=float(run.data.params[Param.INT8_MAC_SHARE]) if Param.INT8_MAC_SHARE in run.data.params else None)
 
 
 def comparison_row(o: VariantOutcome, params: dict, reference: VariantResult, fp32_size_bytes: int,
@@ -130,4 +132,5 @@ def comparison_row(o: VariantOutcome, params: dict, reference: VariantResult, fp
         speedup_b1_vs_fp32=rounded(M.SPEEDUP_VS_FP32_B1, speedup_b1(o.bench, reference.bench)),
         speedup_b256_vs_fp32=rounded(M.SPEEDUP_VS_FP32_B256, speedup_b256(o.bench, reference.bench)),
         contended=o.bench.contended if o.bench else None,
-        int8_mac_share=float(params[P.INT8_MAC_SHARE]) if P.INT8_MAC_SHARE in params else None)
+        int8_mac_share=(o.int8_mac_share if getattr(o, "int8_mac_share", None) is not None
+                        else float(params[P.INT8_MAC_SHARE]) if P.INT8_MAC_SHARE in params else None))

@@ -122,23 +122,30 @@ class RunRecorder:
                     P.WEIGHT_DTYPE: "float32", P.ACTIVATION_DTYPE: "float32", P.QUANT_FORMAT: "none",
                     P.PER_CHANNEL: False, P.CALIBRATION_METHOD: "none", P.WEIGHT_ROUNDING: "none",
                     P.QCONFIG: "none (FP32 reference)", P.INT8_MAC_SHARE: 0.0, **common}
-        share = self.int8_mac_share(spec)
         return {P.VARIANT: spec.name, P.FRAMEWORK: spec.framework, P.BACKEND: spec.config.backend,
                 P.WEIGHT_DTYPE: spec.weight_dtype, P.ACTIVATION_DTYPE: spec.activation_dtype,
                 P.QUANT_FORMAT: spec.quant_format, P.PER_CHANNEL: spec.config.per_channel,
                 P.CALIBRATION_METHOD: spec.calibration_method, P.WEIGHT_ROUNDING: spec.config.weight_rounding,
-                P.QCONFIG: spec.config.qconfig_summary(), **mixed_params(spec), **common,
-                **({P.INT8_MAC_SHARE: share} if share is not None else {})}
+                P.QCONFIG: spec.config.qconfig_summary(), **mixed_params(spec), **common}
 
-    def int8_mac_share(self, spec: VariantSpec) -> float | None:
+    def int8_mac_share(self, spec: VariantSpec, float_layers: tuple[str, ...] | None = None) -> float | None:
         """The share of the model's MACs `spec`'s recipe runs in 8-bit integers (ptqflow.models.backends.mac_share),
-        on the model the variants quantize; None without it."""
+        on the model the variants quantize, with `float_layers` (what the quantizer kept in float) or, without them,
+        what the layers' timings keep (`self.float_layers`); None without the model."""
         if self.quantized_from is None:
             return None
         model = self.quantized_from()
         if self._mac_table is None or self._mac_table[0] is not model:
             self._mac_table = (model, MacTable(model))
-        return self._mac_table[1].share(spec.config, self.float_layers(spec))
+        return self._mac_table[1].share(spec.config, self.float_layers(spec) if float_layers is None else float_layers)
+
+    def log_int8_mac_share(self, spec: VariantSpec, float_layers: tuple[str, ...]) -> float | None:
+        """Log the `int8_mac_share` param of a variant run once its model is made: the layers a backend keeps in
+        float are known then (fbgemm's saturating depthwise layers are found by quantizing)."""
+        share = self.int8_mac_share(spec, float_layers)
+        if share is not None:
+            records.log_params({Param.INT8_MAC_SHARE: share})
+        return share
 
     def log_datasets(self, train: bool = False) -> None:
         """The test set as an MLflow dataset input of the active run (and, with `train`, the training set the

@@ -291,6 +291,9 @@ class VariantRuns:
         outcome = VariantOutcome.of(result, run_id=outcome.run_id, input_key=input_key,
                                     model_uri=logged["model"].model_uri,
                                     model_file_in_artifacts=logged["model"].model_file_in_model)
+        # the model's own float layers (with the held-out choice's config): the speed check's and fbgemm's
+        # saturating depthwise layers, found by quantizing
+        outcome.int8_mac_share = recorder.log_int8_mac_share(result.spec, tuple(result.kept_float))
         optional = ((T.QUANTIZED_ENGINE, result.quantized_engine), (T.ORT_GRAPH_SHA256, result.ort_graph_sha256),
                     (T.SCORES_FROM, result.scores_from),
                     (T.KEPT_FLOAT, "; ".join(f"{name}: {why}" for name, why in result.kept_float.items())[:5000]),
