@@ -44,6 +44,17 @@ def file_sha256(path: Path | str) -> str:
     return hash_file(path, hashlib.sha256()).hexdigest()
 
 
+def update_with_tensors(digest, named_tensors) -> None:
+    """Feed (name, torch tensor) pairs to a hashlib `digest`: each name, dtype, shape and raw bytes, so the same
+    values under another name, type or shape differ."""
+    import torch  # here: importing ptqflow.common stays free of torch
+
+    for name, tensor in named_tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def array_sha256(array) -> str:
     """SHA-256 of a numpy array's dtype, shape and bytes (C order): the same values in another layout or type
     differ."""

@@ -48,6 +48,19 @@ def tiny_model(tmp_path_factory, cifar_dir) -> Path:
     return path
 
 
+@pytest.fixture
+def tiny_float_model(tmp_path):
+    """tiny_cnn as the backends quantize it (ptqflow.models.backends.base.FloatModel.for_quantization)."""
+    import onnx
+
+    from ptqflow.models.backends.base import FloatModel
+    from ptqflow.models.graph.onnx_model import load_classifier
+
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_cnn(), str(path))
+    return FloatModel.for_runtimes(load_classifier(path), tmp_path / "work").for_quantization()
+
+
 def _point_mlflow_at(mp: pytest.MonkeyPatch, root: Path) -> str:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mp.setenv("MLFLOW_TRACKING_URI", uri)

@@ -7,24 +7,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx_fixture import tiny_cnn
 
 import ptqflow.models.backends.pytorch_fx as quantize_pytorch
-from ptqflow.models.backends.base import FloatModel
-from ptqflow.models.graph.onnx_model import load_classifier
 from ptqflow.models.backends.pytorch_fx import PytorchFxConfig, quantize_graphs
 
 X86 = PytorchFxConfig(backend="x86", weight_rounding="nearest")
-
-
-@pytest.fixture
-def float_model(tmp_path) -> FloatModel:
-    path = tmp_path / "tiny.onnx"
-    onnx.save(tiny_cnn(), str(path))
-    return FloatModel.for_runtimes(load_classifier(path), tmp_path / "work").for_quantization()
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -55,16 +44,16 @@ def _forwards(monkeypatch) -> list:
     return calls
 
 
-def test_the_second_backend_takes_the_first_ones_calibration_and_it_is_the_same(float_model, monkeypatch):
+def test_the_second_backend_takes_the_first_ones_calibration_and_it_is_the_same(tiny_float_model, monkeypatch):
     images = _images(60)
     quantize_pytorch._LAST_CALIBRATION.clear()
-    fbgemm = quantize_graphs(float_model, replace(X86, backend="fbgemm"), images)
+    fbgemm = quantize_graphs(tiny_float_model, replace(X86, backend="fbgemm"), images)
     calls = _forwards(monkeypatch)
-    reused = quantize_graphs(float_model, X86, images)
+    reused = quantize_graphs(tiny_float_model, X86, images)
     assert reused.calibration_images == 60
     reused_calls = len(calls)
     quantize_pytorch._LAST_CALIBRATION.clear()
-    fresh = quantize_graphs(float_model, X86, images)
+    fresh = quantize_graphs(tiny_float_model, X86, images)
     assert reused_calls == 0 and len(calls) > 0  # a fresh calibration runs its batches; the reused one ran none
     assert _same(_observer_state(reused), _observer_state(fresh))
     assert _same(_observer_state(reused), _observer_state(fbgemm))
@@ -75,11 +64,11 @@ def test_the_second_backend_takes_the_first_ones_calibration_and_it_is_the_same(
 
 
 @pytest.mark.parametrize("change", ["images", "percentile", "weights"])
-def test_what_shapes_the_observers_calibrates_again(float_model, monkeypatch, change):
+def test_what_shapes_the_observers_calibrates_again(tiny_float_model, monkeypatch, change):
     images = _images(60)
     quantize_pytorch._LAST_CALIBRATION.clear()
-    first = quantize_graphs(float_model, X86, images)
-    config, model = X86, float_model
+    first = quantize_graphs(tiny_float_model, X86, images)
+    config, model = X86, tiny_float_model
     if change == "images":
         images = _images(60, seed=1)
     elif change == "percentile":

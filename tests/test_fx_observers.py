@@ -6,27 +6,16 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx_fixture import tiny_cnn
 
-from ptqflow.models.backends.base import FloatModel
 from ptqflow.models.backends.fx_qconfig import qconfig_mapping
 from ptqflow.models.backends.pytorch_fx import PytorchFxConfig, quantize_graphs
-from ptqflow.models.graph.onnx_model import load_classifier
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                         "ignore::FutureWarning")
 
 X86 = PytorchFxConfig(backend="x86", weight_rounding="nearest")
-
-
-@pytest.fixture
-def float_model(tmp_path) -> FloatModel:
-    path = tmp_path / "tiny.onnx"
-    onnx.save(tiny_cnn(), str(path))
-    return FloatModel.for_runtimes(load_classifier(path), tmp_path / "work").for_quantization()
 
 
 def _pixels() -> np.ndarray:
@@ -45,16 +34,16 @@ def _input_quantization(converted) -> tuple[float, int]:
     return float(scale), int(zero_point)
 
 
-def test_the_model_input_is_quantized_over_its_whole_range_so_pixels_stay_exact(float_model):
+def test_the_model_input_is_quantized_over_its_whole_range_so_pixels_stay_exact(tiny_float_model):
     images = _pixels()
-    whole = quantize_graphs(float_model, X86, images)
+    whole = quantize_graphs(tiny_float_model, X86, images)
     scale, zero_point = _input_quantization(whole.converted)
     assert scale == pytest.approx(1.0) and zero_point == 0  # one step per pixel value
     pixels = torch.arange(256, dtype=torch.float32)
     assert torch.equal(torch.quantize_per_tensor(pixels, scale, zero_point, torch.quint8).dequantize(), pixels)
     assert "input over its calibration range" in X86.qconfig_summary()
 
-    clipped = quantize_graphs(float_model, replace(X86, whole_input_range=False), images)
+    clipped = quantize_graphs(tiny_float_model, replace(X86, whole_input_range=False), images)
     clipped_scale, _ = _input_quantization(clipped.converted)
     assert clipped_scale < 0.9  # the percentile left out the brightest pixels
     assert "input over" not in replace(X86, whole_input_range=False).qconfig_summary()

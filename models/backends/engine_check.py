@@ -19,13 +19,16 @@ DEPARTED_SHARE = 1e-3  # a layer with more of its outputs further off than that 
 CHECKED_IMAGES = 64  # calibration images the check runs: a model with its batch fixed at 1 runs them one by one
 
 
-def engine_departures(graphs, images: np.ndarray, batch_size: int = CHECKED_IMAGES,
-                      min_share: float = DEPARTED_SHARE) -> dict[str, float]:
+def departures(shares: dict[str, float], min_share: float = DEPARTED_SHARE) -> dict[str, float]:
+    """The layers of `shares` (engine_shares) whose share exceeds `min_share`: those the engine computed wrongly."""
+    return {name: share for name, share in shares.items() if share > min_share}
+
+
+def engine_shares(graphs, images: np.ndarray, batch_size: int = CHECKED_IMAGES) -> dict[str, float]:
     """Module name -> share of its outputs more than DEPARTURE_STEPS quantization steps away from the reference
-    lowering, for the quantized Conv/Linear modules of `graphs.converted` (ptqflow.models.backends.pytorch_fx.FxGraphs)
-    where that share exceeds `min_share`, on the first CHECKED_IMAGES model-ready `images` in batches of
-    `batch_size` (a fixed batch of one ran on a single image before, where a rare saturation goes unseen). Run under
-    the engine the graphs were made for."""
+    lowering, for each quantized Conv/Linear module of `graphs.converted` (ptqflow.models.backends.pytorch_fx.FxGraphs),
+    on the first CHECKED_IMAGES model-ready `images` in batches of `batch_size` (a fixed batch of one ran on a single
+    image before, where a rare saturation goes unseen). Run under the engine the graphs were made for."""
     import torch
     from torch.ao.quantization.quantize_fx import convert_to_reference_fx
 
@@ -64,8 +67,12 @@ def engine_departures(graphs, images: np.ndarray, batch_size: int = CHECKED_IMAG
     finally:
         for hook in hooks:
             hook.remove()
-    shares = {name: far / total for name, (far, total) in counts.items() if total}
-    return {name: share for name, share in shares.items() if share > min_share}
+    return {name: far / total for name, (far, total) in counts.items() if total}
+
+
+def engine_departures(graphs, images: np.ndarray, batch_size: int = CHECKED_IMAGES) -> dict[str, float]:
+    """The layers engine_shares finds computed wrongly: more than DEPARTED_SHARE of their outputs off."""
+    return departures(engine_shares(graphs, images, batch_size))
 
 
 def _copied(args: tuple) -> tuple:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ptqflow.common.files import array_sha256
+from ptqflow.common.files import array_sha256, update_with_tensors
 
 SATURATION_POLICIES = ("float", "seven-bit", "allowed")
 SATURATION_SUMMARIES = {"float": "FP32 where fbgemm saturates", "seven-bit": "7-bit depthwise inputs",
@@ -46,18 +46,12 @@ def inexact_layers(float_model, config, calibration: np.ndarray, quantize: Calla
 
 
 def _found(float_model, config, calibration: np.ndarray, quantize: Callable) -> dict[str, str]:
-    import torch
-
-    from ptqflow.models.backends.engine_check import CHECKED_IMAGES, engine_departures
+    from ptqflow.models.backends.engine_check import departures
     from ptqflow.models.graph.fx_modules import is_depthwise
 
     probe = quantize(float_model, replace(config, fbgemm_saturation="allowed"), calibration)
-    previous, torch.backends.quantized.engine = torch.backends.quantized.engine, config.backend
-    try:  # every share, however small: the engine check's own threshold is for what it reports
-        departed = engine_departures(probe, calibration, float_model.onnx.input.batch_size or CHECKED_IMAGES,
-                                     min_share=0.0)
-    finally:
-        torch.backends.quantized.engine = previous
+    # every share, however small: the engine check's own threshold is for what it reports
+    departed = departures(probe.engine_shares, min_share=0.0)
     modules = dict(probe.source.named_modules())
     return {name: (f"fbgemm's int8 kernel saturates here: {100 * share:.3g}% of its outputs off on 8-bit inputs "
                    "(calibration images); FP32 is exact")
@@ -65,12 +59,7 @@ def _found(float_model, config, calibration: np.ndarray, quantize: Callable) -> 
 
 
 def _key(float_model, config, calibration: np.ndarray) -> str:
-    import torch
-
     digest = hashlib.sha256(repr(sorted(asdict(config).items())).encode())
-    for name, tensor in float_model.torch_module.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    update_with_tensors(digest, float_model.torch_module.state_dict().items())
     digest.update(f"\0{array_sha256(calibration)}".encode())
     return digest.hexdigest()

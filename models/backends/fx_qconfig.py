@@ -240,7 +240,7 @@ def observe_whole_input_range(prepared) -> list[str]:
             module = modules.get(user.target) if user.op == "call_module" else None
             if isinstance(module, ObserverBase):
                 if module.dtype in (torch.quint8, torch.qint8) and str(user.target) not in changed:
-                    _replace_module(prepared, str(user.target), _whole_range(module))
+                    prepared.set_submodule(str(user.target), _whole_range(module))
                     changed.append(str(user.target))
             elif user.op in ("call_function", "call_method"):
                 frontier.append(user)
@@ -252,8 +252,3 @@ def _whole_range(observer):
               if getattr(observer, "has_customized_qrange", False) else {})
     return _MinMaxObserver(dtype=observer.dtype, qscheme=observer.qscheme, reduce_range=observer.reduce_range,
                            **custom)
-
-
-def _replace_module(graph_module, target: str, module) -> None:
-    parent, _, leaf = target.rpartition(".")
-    setattr(graph_module.get_submodule(parent) if parent else graph_module, leaf, module)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ptqflow.common.errors import first_line
 from ptqflow.common.files import write_atomic
-from ptqflow.common.files import array_sha256
+from ptqflow.common.files import array_sha256, update_with_tensors
 from ptqflow.models.backends.base import WEIGHT_ROUNDINGS, FloatModel, QuantizedModel, UnsupportedVariant, batches
 from ptqflow.models.backends.fx_exactness import SATURATION_POLICIES, SATURATION_SUMMARIES, inexact_layers
 
@@ -297,6 +297,7 @@ class FxGraphs:
     float_leaves: dict = field(default_factory=dict)
     # layers the int8 engine computed away from their quantization (engine_check): module name -> share off
     engine_departures: dict = field(default_factory=dict)
+    engine_shares: dict = field(default_factory=dict)  # every int8 layer's share off, however small
     fusion_fallback: str = ""  # prepare_checked's fallback, when it took one
     speed_kept: dict = field(default_factory=dict)  # convolutions kept float for speed (speed_kept): name -> why
     # layers kept float where the engine computes them inexactly (fx_exactness.inexact_layers): name -> why
@@ -405,10 +406,7 @@ def _calibration_key(prepared, calibration: np.ndarray, batch_size: int) -> str:
             if value is None or isinstance(value, plain) or (
                     isinstance(value, tuple) and all(isinstance(v, plain) for v in value)):  # a clip's bounds
                 digest.update(f"\0{attribute}={value!r}".encode())
-    for name, tensor in prepared.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    update_with_tensors(digest, prepared.state_dict().items())
     digest.update(f"\0{array_sha256(calibration)}\0{batch_size}".encode())
     return digest.hexdigest()
 
@@ -444,7 +442,7 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
 
     from torch.ao.quantization.quantize_fx import convert_fx
 
-    from ptqflow.models.backends.engine_check import CHECKED_IMAGES, engine_departures, overwritten_residuals
+    from ptqflow.models.backends.engine_check import CHECKED_IMAGES, departures, engine_shares, overwritten_residuals
     from ptqflow.models.backends.fx_qconfig import observe_whole_input_range
     from ptqflow.models.graph.fx_prep import untraceable_modules
 
@@ -468,7 +466,8 @@ def quantize_graphs(float_model: FloatModel, config: PytorchFxConfig, calibratio
                                      "another layer reads afterwards, and its kernel writes the sum into that input")
         graphs = FxGraphs(source, prepared, converted, mapping, backend_config, example, seen, float_leaves,
                           fusion_fallback=fallback, speed_kept=slower, inexact_kept=inexact)
-        graphs.engine_departures = engine_departures(graphs, calibration, fixed or CHECKED_IMAGES)
+        graphs.engine_shares = engine_shares(graphs, calibration, fixed or CHECKED_IMAGES)
+        graphs.engine_departures = departures(graphs.engine_shares)
     return graphs
 
 
