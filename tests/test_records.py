@@ -181,18 +181,23 @@ def test_the_source_digest_changes_with_any_edit_of_the_package(tmp_path, monkey
     assert len(source_digest(SOURCE_PACKAGES)) == 64  # ptqflow's own, as installed here
 
 
-@pytest.mark.parametrize("change", ["cpu", "isa", "torch_threads"])
+@pytest.mark.parametrize("change", ["cpu", "isa", "torch_threads", "malloc"])
 def test_resume_does_not_reuse_runs_made_on_another_cpu_or_thread_count(tracking_store, tiny_model, cifar_dir,
                                                                        monkeypatch, change):
     import torch
 
+    from ptqflow.models.runtime.allocator import reuse_freed_memory
+
     first = _sweep(tiny_model, cifar_dir, variants=("ort-uint8",), register=False)
     tags = MlflowClient().get_run(first.outcomes[1].run_id).data.tags
+    assert tags[Tag.MALLOC] == reuse_freed_memory()  # the setting the variants ran and were timed under
     model, isa = tags[Tag.CPU_MODEL], tags[Tag.CPU_INT8_ISA]
     other = {"cpu": (model + " (another)", isa), "isa": (model, "avx2" if isa != "avx2" else "none"),
-             "torch_threads": (model, isa)}[change]
+             "torch_threads": (model, isa), "malloc": (model, isa)}[change]
     for module in ("ptqflow.models.runtime.machine", "ptqflow.pipelines.sweep.recording"):
         monkeypatch.setattr(f"{module}.cpu_description", lambda: other)
+    if change == "malloc":  # timings taken under another allocator setting are not this one's
+        monkeypatch.setattr("ptqflow.pipelines.sweep.recording.reuse_freed_memory", lambda: "another malloc")
     threads = torch.get_num_threads()
     if change == "torch_threads":
         torch.set_num_threads(threads + 1)
@@ -204,6 +209,7 @@ def test_resume_does_not_reuse_runs_made_on_another_cpu_or_thread_count(tracking
     tags = MlflowClient().get_run(again.outcomes[1].run_id).data.tags
     assert (tags[Tag.CPU_MODEL], tags[Tag.CPU_INT8_ISA]) == other
     assert tags[Tag.TORCH_THREADS] == str(threads + 1 if change == "torch_threads" else threads)
+    assert tags[Tag.MALLOC] == ("another malloc" if change == "malloc" else reuse_freed_memory())
 
 
 def test_the_gate_does_not_call_a_run_on_another_cpu_the_same_inputs(tracking_store, tiny_model, cifar_dir,

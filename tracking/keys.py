@@ -169,6 +169,8 @@ class Tag:
     # SHA-256 over ptqflow's own .py files as run (pipelines.sweep.recording.source_digest): the code, committed or not
     SOURCE_SHA256 = "ptqflow.source_sha256"
     TORCH_THREADS = "ptqflow.torch_threads"  # torch's intra-op threads while the variants were made
+    # the process's malloc setting while it ran and timed the models (ptqflow.models.runtime.allocator)
+    MALLOC = "ptqflow.malloc"
     CPU_MODEL = "ptqflow.cpu_model"  # results without reduce_range depend on the CPU's int8 instructions
     CPU_INT8_ISA = "ptqflow.cpu_int8_isa"  # e.g. "avx2,avx512_vnni"; "none" when it has none of them
     PID = "ptqflow.pid"

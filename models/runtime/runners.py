@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ptqflow.models.runtime.allocator import reuse_freed_memory
+
 # torch deprecates TorchScript and quantized tensors, and ptqflow's int8 models are TorchScript files with quantized
 # weights: loading one prints notices a user of ptqflow cannot act on. Only these messages are silenced.
 JIT_DEPRECATION = r"`torch\.jit\.[a-z_]+` is deprecated"
@@ -78,6 +80,7 @@ class TorchRunner:
     def __init__(self, module, engine: str | None = None):
         import torch
 
+        reuse_freed_memory()  # a torch batch's activations are large: keep them for the next call
         self._torch = torch
         self.engine = engine
         self.module = module.eval()

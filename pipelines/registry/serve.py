@@ -109,6 +109,7 @@ def load_verified(name: str, version: str | None, alias: str | None, download_di
     """Download and verify (pull), set the version's quantized engine, then load the local MLflow model."""
     import mlflow
 
+    from ptqflow.models.runtime.allocator import reuse_freed_memory
     from ptqflow.models.runtime.runners import set_quantized_engine
     from ptqflow.pipelines.registry.pull import pull
 
@@ -116,6 +117,7 @@ def load_verified(name: str, version: str | None, alias: str | None, download_di
     check_model_dir(pulled.model_dir, pulled.model_file)
     if pulled.model_file.suffix != ".onnx":  # pull checked that this torch has the engine
         set_quantized_engine(pulled.engine)  # before the pyfunc loader's torch.jit.load: weights are packed for it
+        reuse_freed_memory()  # as TorchRunner runs it, and as its latency was measured
     try:
         pyfunc = mlflow.pyfunc.load_model(str(pulled.model_dir))
     except mlflow.exceptions.MlflowException as exc:

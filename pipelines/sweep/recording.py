@@ -14,6 +14,7 @@ from typing import Callable
 from ptqflow.common.versions import package_versions
 
 from ptqflow.models.backends.mac_share import MacTable
+from ptqflow.models.runtime.allocator import reuse_freed_memory
 from ptqflow.models.runtime.latency import BenchResult
 from ptqflow.models.runtime.machine import cpu_description
 from ptqflow.pipelines.repair.fallback import mixed_params
@@ -94,6 +95,8 @@ class RunRecorder:
         self.versions = package_versions(TRACKED_PACKAGES)  # of the code that makes the numbers, as tags
         self.commit = git_commit()  # a tag: which commit, when it runs from one; source_digest is the code's identity
         self.source_sha256 = source_digest()
+        # before any model runs: torch's batches reuse freed memory (models.runtime.allocator), as they do served
+        self.malloc = reuse_freed_memory()
 
     def common_tags(self, parent_run_id: str | None) -> dict[str, str]:
         """Tags of the parent run and every variant run: what was run, on what, by which code."""
@@ -102,6 +105,7 @@ class RunRecorder:
         tags = {Tag.MODEL_SHA256: inputs.model.sha256, Tag.CPU_MODEL: cpu_model, Tag.CPU_INT8_ISA: cpu_isa,
                 Tag.DATASET_DIGEST: inputs.data.digest, Tag.CALIBRATION_DIGEST: inputs.calibration_digest,
                 Tag.SOURCE_SHA256: self.source_sha256, Tag.TORCH_THREADS: str(torch_threads()),
+                Tag.MALLOC: self.malloc,
                 **inputs.input_tags(), **runs.process_tags(),
                 **{Tag.VERSION_PREFIX + k: v for k, v in self.versions.items()}}
         if self.commit:

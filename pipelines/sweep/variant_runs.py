@@ -184,6 +184,7 @@ class VariantRuns:
                    "ptqflow": {"version": self.recorder.versions["ptqflow"],
                                "source_sha256": self.recorder.source_sha256},
                    "machine": {"cpu_model": cpu_model, "cpu_int8_isa": cpu_isa, "torch_threads": torch_threads(),
+                               "malloc": self.recorder.malloc,
                                "bench_threads": self.runner.options.bench_config.resolved_threads,
                                "latency_threads": self.runner.options.bench_config.latency_threads},
                    "choose_equalization": self.runner.options.choose_equalization}
