@@ -40,11 +40,20 @@ def _train(model, images: np.ndarray, labels: np.ndarray, steps: int = 150, seed
     return model.eval()
 
 
-def _export(model, example, path: Path, opset: int, dynamic_batch: bool) -> Path:
+def _export(model, example, path: Path, opset: int, dynamic_batch: bool, dynamo: bool = False) -> Path:
+    """The legacy TorchScript exporter at `opset`, or with `dynamo` what `torch.onnx.export(model, args, path)`
+    writes by default since torch 2.9: the dynamo exporter (onnxscript) at its own default opset (20 in torch 2.14),
+    its ONNX graph optimized (ReduceMean for pooling, allowzero on every Reshape), `opset` ignored."""
     import torch
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        if dynamo:
+            batch = {0: torch.export.Dim("n", min=1, max=4096)} if dynamic_batch else None
+            torch.onnx.export(model, (example.repeat(2, 1, 1, 1) if dynamic_batch else example,), str(path),
+                              input_names=["images"], output_names=["scores"], verbose=False,
+                              dynamic_shapes=(batch,) if batch else None)
+            return path
         torch.onnx.export(model, example, str(path), opset_version=opset, dynamo=False, input_names=["images"],
                           output_names=["scores"],
                           dynamic_axes={"images": {0: "n"}, "scores": {0: "n"}} if dynamic_batch else None)
@@ -120,10 +129,12 @@ def mobilenet_v1_opset11(path: Path, images_nhwc: np.ndarray, labels: np.ndarray
                    dynamic_batch=False)
 
 
-def mobilenet_v3_style(path: Path, images: np.ndarray, labels: np.ndarray, classes: int) -> Path:
+def mobilenet_v3_style(path: Path, images: np.ndarray, labels: np.ndarray, classes: int,
+                       dynamo: bool = False) -> Path:
     """NCHW input (0..1): inverted residual blocks (1x1 expansion, depthwise 3x3, 1x1 projection, residual Add) with
     ReLU6 or HardSwish, squeeze-excitation (pool, 1x1, ReLU, 1x1, HardSigmoid, Mul), a HardSwish head; exported at
-    opset 13, where the exporter writes HardSwish as x * HardSigmoid(x)."""
+    opset 13, where the exporter writes HardSwish as x * HardSigmoid(x), or with `dynamo` by torch's default
+    exporter (see _export) with a fixed batch of 1."""
     import torch
     from torch import nn
 
@@ -165,7 +176,7 @@ def mobilenet_v3_style(path: Path, images: np.ndarray, labels: np.ndarray, class
             return self.classifier(torch.flatten(y, 1))
 
     model = _train(_seeded(MobileNetV3), images / 255.0, labels)
-    return _export(model, torch.zeros(1, *images.shape[1:]), path, opset=13, dynamic_batch=True)
+    return _export(model, torch.zeros(1, *images.shape[1:]), path, opset=13, dynamic_batch=not dynamo, dynamo=dynamo)
 
 
 def mobilenet_v2_style(path: Path, images: np.ndarray, labels: np.ndarray, classes: int) -> Path:

@@ -2,7 +2,7 @@
 `torch.onnx.export` at opset 17 traces in FX (onnx2torch's Div asks its tensors' dtype, which FX cannot trace), a
 module FX still cannot trace stays a float leaf instead of failing the variant, and an opset-11 MobileNetV1 with
 a fixed batch of 1 and exporter-shared biases converts, is brought up to opset 13 for per-channel ONNX Runtime
-variants, and records both opsets."""
+variants, and records both opsets; what torch's default (dynamo) exporter writes at opset 20 sweeps too."""
 
 from __future__ import annotations
 
@@ -229,6 +229,30 @@ def test_a_mobilenet_v3_style_model_sweeps_in_every_default_variant(mobilenet_v3
             assert report.status == "ok" and report.agreement >= AGREEMENT_FLOOR, (report.name, report.reason)
     graph = str(__import__("torch").jit.load(str(results["pytorch-fx-int8-x86"].model_file)).inlined_graph)
     assert graph.count("quantized::hardswish") == 6 and graph.count("quantized::mul") <= 2
+
+
+def test_torch_s_default_exporter_s_mobilenet_v3_sweeps_in_every_default_variant(cifar_dir, tmp_path):
+    """`torch.onnx.export(model, args, path)` with no other argument uses the dynamo exporter since torch 2.9: opset
+    20 here, a fixed batch of 1, HardSwish and HardSigmoid as single ops, ReduceMean with its axes as an input (opset
+    18), allowzero on every Reshape. The same model and weights as the opset-13 fixture sweep alike."""
+    from exporter_fixture import mobilenet_v3_style
+
+    from ptqflow.pipelines.data.cifar import load_cifar10
+
+    train = load_cifar10(cifar_dir).train
+    path = mobilenet_v3_style(tmp_path / "dynamo.onnx", train.images.astype(np.float32), train.labels, classes=10,
+                              dynamo=True)
+    model = onnx.load(str(path))
+    assert model.opset_import[0].version >= 18
+    ops = {node.op_type for node in model.graph.node}
+    assert {"HardSwish", "HardSigmoid", "ReduceMean"} <= ops and "GlobalAveragePool" not in ops
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 32, 32]
+    results = quantize(path, cifar_dir, track=False, output_dir=tmp_path / "out", calibration_size=CALIBRATION_SIZE,
+                       preprocessing="unit", adaround_iterations=ADAROUND_ITERATIONS, bench=False)
+    assert results["fp32"].accuracy > 0.3
+    for report in results:
+        if report.name != "pytorch-fx-uint8":
+            assert report.status == "ok" and report.agreement >= AGREEMENT_FLOOR, (report.name, report.reason)
 
 
 def test_a_layer_fx_cannot_trace_is_recorded_on_the_variant_run(plain_model, grey_data, tracking_store, monkeypatch):
