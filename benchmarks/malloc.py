@@ -28,8 +28,6 @@ from ptqflow.models.runtime.runners import TorchRunner
 path, engine, shape, reuse = sys.argv[1], sys.argv[2], [int(d) for d in sys.argv[3].split(",")], sys.argv[4] == "1"
 if not reuse:  # TorchRunner applies the setting: this process keeps glibc's defaults instead
     allocator.reuse_freed_memory = lambda: allocator.DEFAULT
-    import ptqflow.models.runtime.runners as runners
-    runners.reuse_freed_memory = allocator.reuse_freed_memory
 runner = TorchRunner.from_torchscript(path, engine)
 batch = (torch.rand(shape) * 255).numpy()
 for _ in range(5):

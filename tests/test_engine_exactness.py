@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from saturating_fixture import SaturatingBlock
+
 from ptqflow.models.backends.engine_check import describe_departures, engine_departures
 from ptqflow.models.backends.fx_qconfig import activation_bounds, fbgemm_depthwise_inputs, qconfig_mapping
 
@@ -21,30 +23,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
                                         "ignore::FutureWarning")
 
 
-class Block(nn.Module):
-    """A pointwise conv with ReLU6 feeding a depthwise conv whose nine weights per channel are all the largest:
-    with activations near 6 every pair of products is 255 * 127 * 2, twice what 16 bits hold."""
-
-    def __init__(self):
-        super().__init__()
-        self.expand, self.clip = nn.Conv2d(3, 8, 1), nn.ReLU6()
-        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        with torch.no_grad():
-            self.expand.weight.fill_(0.5)
-            self.expand.bias.fill_(1.0)
-            self.depthwise.weight.fill_(0.1)
-            self.depthwise.weight[:, :, 0, 0] = -0.1
-
-    def forward(self, x):
-        return self.depthwise(self.clip(self.expand(x)))
-
 
 def _quantized(engine: str, seven_bit: bool, checked=None, batch_size: int = 64):
     import copy
 
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    graph = torch.fx.symbolic_trace(Block().eval())
+    graph = torch.fx.symbolic_trace(SaturatingBlock().eval())
     images = np.random.default_rng(0).uniform(0.0, 6.0, (32, 3, 8, 8)).astype(np.float32)
     mapping = qconfig_mapping(engine, bounded_outputs=activation_bounds(graph),
                               seven_bit_outputs=fbgemm_depthwise_inputs(graph) if seven_bit else ())
@@ -62,7 +47,7 @@ def _quantized(engine: str, seven_bit: bool, checked=None, batch_size: int = 64)
 
 
 def test_the_recipe_finds_the_clip_ranges_and_what_feeds_depthwise_layers():
-    graph = torch.fx.symbolic_trace(Block().eval())
+    graph = torch.fx.symbolic_trace(SaturatingBlock().eval())
     assert activation_bounds(graph) == {"expand": (0.0, 6.0)}
     assert fbgemm_depthwise_inputs(graph) == ["expand"]  # through the clip, to the layer whose output it keeps
 

@@ -13,30 +13,22 @@ import torch
 from torch import nn
 
 from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, runs_by_name
+from saturating_fixture import SaturatingBlock
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                         "ignore::FutureWarning")
 
 
-class Saturating(nn.Module):
-    """A pointwise conv whose ReLU6 output sits at 6 on raw pixels, feeding a depthwise conv whose nine weights per
-    channel are all the largest: every pair of fbgemm's 8-bit products is 255 * 127 * 2, twice what 16 bits hold;
-    then a pointwise conv and a small dense head."""
+class Saturating(SaturatingBlock):
+    """SaturatingBlock on raw pixels (its ReLU6 output sits at 6), then a pointwise conv and a small dense head."""
 
     def __init__(self):
-        super().__init__()
-        self.expand, self.clip = nn.Conv2d(3, 8, 1), nn.ReLU6()
-        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        super().__init__(expand_weight=0.01)
         self.project = nn.Conv2d(8, 8, 1)
         self.head = nn.Linear(8, 10)
-        with torch.no_grad():
-            self.expand.weight.fill_(0.01)
-            self.expand.bias.fill_(1.0)
-            self.depthwise.weight.fill_(0.1)
-            self.depthwise.weight[:, :, 0, 0] = -0.1
 
     def forward(self, x):
-        x = self.project(torch.relu(self.depthwise(self.clip(self.expand(x)))))
+        x = self.project(torch.relu(super().forward(x)))
         return self.head(x.mean(dim=(2, 3)))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptqflow.models.runtime.allocator import reuse_freed_memory
+from ptqflow.models.runtime import allocator
 
 # torch deprecates TorchScript and quantized tensors, and ptqflow's int8 models are TorchScript files with quantized
 # weights: loading one prints notices a user of ptqflow cannot act on. Only these messages are silenced.
@@ -80,7 +80,7 @@ class TorchRunner:
     def __init__(self, module, engine: str | None = None):
         import torch
 
-        reuse_freed_memory()  # a torch batch's activations are large: keep them for the next call
+        allocator.reuse_freed_memory()  # a torch batch's activations are large: keep them for the next call
         self._torch = torch
         self.engine = engine
         self.module = module.eval()
