@@ -94,7 +94,7 @@ def quantize(model: str | Path, data: str | Path, variants: str | list[str] | tu
     `options` are those of ptqflow.pipelines.sweep.options.SweepOptions, e.g. calibration_size=1000, calibration_seed=0,
     test_limit=None (all test images), bench=True, weight_rounding=None ("adaround" or "nearest" for every
     variant), equalization="auto" (chosen per variant on held-out images; "on" or "off" for every variant),
-    adaround_iterations=1000, input_layout, preprocessing, ort_per_channel, ort_calibration_method,
+    speed_check=True (FP32 where a layer's int8 kernel is slower here), adaround_iterations=1000, input_layout, preprocessing, ort_per_channel, ort_calibration_method,
     target_agreement=None and max_drop_pp=None (a variant that misses them is followed by its `<variant>-mixed`
     repair, ptqflow.pipelines.repair.fallback), ranking_images=1000, fallback_candidates=8; and with track=True also experiment,
     registered_model, registered_onnx_model, register, gate (a ptqflow.pipelines.registry.gate.GatePolicy), resume, run_name,

@@ -106,3 +106,34 @@ def test_a_layer_slower_in_int8_stays_fp32_and_every_record_says_why(tmp_path, c
     rows = {row["layer"]: row for row in json.loads(open(local).read())["layers"]}
     assert "int8 kernel slower here" in rows[stem]["float_reason"]
     assert rows[second]["float_reason"] == ""
+
+
+def test_no_speed_check_quantizes_the_layer_the_check_would_keep(tmp_path, cifar_dir, tracking_store, monkeypatch):
+    """`ptqflow sweep --no-speed-check` with the same seeded timings: the stem whose int8 kernel is 10x slower is
+    quantized all the same, and the records say the check was off (qconfig.json's speed_check, no kept_float)."""
+    from typer.testing import CliRunner
+
+    from ptqflow.models.backends.speed_check import conv_shapes
+    from ptqflow.pipelines.cli.app import app
+    from ptqflow.pipelines.data.cifar import load_cifar10
+    from ptqflow.tracking.keys import Artifact, Param, Tag
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    train = load_cifar10(cifar_dir).train
+    model = fit_dense_head(_named_tiny_cnn(), train.images.transpose(0, 2, 3, 1).astype(np.float32), train.labels)
+    path = tmp_path / "speedy.onnx"
+    onnx.save(model, str(path))
+    (stem, stem_shape), _ = conv_shapes(model).items()
+    _seed(stem_shape, "int8", True, fp32_us=5.0, int8_us=50.0)
+
+    result = CliRunner().invoke(app, ["sweep", "--model", str(path), "--data-dir", str(cifar_dir), "--variant",
+                                      "ort-int8", "--calibration-size", str(CALIBRATION_SIZE), "--weight-rounding",
+                                      "nearest", "--no-bench", "--no-diagnose", "--no-register", "--no-speed-check"])
+    assert result.exit_code == 0, result.output
+    run = runs_by_name()["ort-int8"]
+    assert Tag.KEPT_FLOAT not in run.data.tags
+    assert "FP32 where int8 is slower" not in run.data.params[Param.QCONFIG]
+    from mlflow.tracking import MlflowClient
+
+    local = MlflowClient().download_artifacts(run.info.run_id, Artifact.QCONFIG, str(tmp_path / "q"))
+    assert json.loads(open(local).read())["config"]["speed_check"] is False

@@ -58,6 +58,8 @@ class SweepOptions:
     # cross-layer equalization: auto (each variant's on/off chosen on the held-out images), on or off
     equalization: Equalization = Equalization.auto
     adaround_iterations: int = 1000  # optimization steps per layer
+    # keep layers whose int8 kernel is slower than FP32 on this CPU in FP32 (ptqflow.models.backends.speed_check)
+    speed_check: bool = True
     resume: bool = False  # reuse finished variant runs with identical inputs instead of recomputing them
     bench: bool = True  # measure latency and throughput of every variant
     # single images' threads, each model's runtime setting (0: chosen per model, ptqflow.models.runtime.latency)
@@ -123,7 +125,7 @@ class SweepOptions:
         """The variants to run, with the ONNX Runtime, weight-rounding and equalization overrides applied."""
         fixed = None if self.equalization == Equalization.auto else self.equalization == Equalization.on
         return select(self.variants, self.ort_per_channel, self.ort_calibration_method, self.weight_rounding,
-                      equalization=fixed)
+                      equalization=fixed, speed_check=self.speed_check)
 
     def runner_options(self) -> RunnerOptions:
         from ptqflow.models.runtime.latency import BenchConfig

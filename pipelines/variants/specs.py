@@ -188,9 +188,9 @@ assert DEFAULT_VARIANTS == VARIANT_NAMES, "pipelines/shared/choices.py lists the
 
 def select(names: tuple[str, ...] | list[str], ort_per_channel: bool | None = None,
            ort_calibration_method: str | None = None, weight_rounding: str | None = None,
-           equalization: bool | None = None) -> list[VariantSpec]:
-    """The specs for `names`, with the CLI's ORT, rounding and equalization overrides applied; unknown names are a
-    ConfigError."""
+           equalization: bool | None = None, speed_check: bool = True) -> list[VariantSpec]:
+    """The specs for `names`, with the CLI's ORT, rounding, equalization and speed-check overrides applied; unknown
+    names are a ConfigError."""
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown variant '{unknown[0]}'; choose from {', '.join(VARIANTS)}")
@@ -211,6 +211,8 @@ def select(names: tuple[str, ...] | list[str], ort_per_channel: bool | None = No
             spec = replace(spec, config=replace(spec.config, weight_rounding=weight_rounding))
         if equalization is not None:
             spec = replace(spec, config=replace(spec.config, equalization=equalization))
+        if not speed_check:  # every layer the backend can quantize in int8, however slow its kernel is here
+            spec = replace(spec, config=replace(spec.config, speed_check=False))
         if spec.config.weight_rounding == "adaround" and spec.config.adaround_scheme is None:
             # No AdaRound grid matches this backend's weight scheme, so the quantizer rounds: record what runs.
             spec = replace(spec, config=replace(spec.config, weight_rounding="nearest"))
