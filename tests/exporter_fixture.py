@@ -130,13 +130,32 @@ def mobilenet_v1_opset11(path: Path, images_nhwc: np.ndarray, labels: np.ndarray
 
 
 def mobilenet_v3_style(path: Path, images: np.ndarray, labels: np.ndarray, classes: int,
-                       dynamo: bool = False) -> Path:
+                       dynamo: bool = False, decomposed: bool = False) -> Path:
     """NCHW input (0..1): inverted residual blocks (1x1 expansion, depthwise 3x3, 1x1 projection, residual Add) with
     ReLU6 or HardSwish, squeeze-excitation (pool, 1x1, ReLU, 1x1, HardSigmoid, Mul), a HardSwish head; exported at
     opset 13, where the exporter writes HardSwish as x * HardSigmoid(x), or with `dynamo` by torch's default
-    exporter (see _export) with a fixed batch of 1."""
+    exporter (see _export) with a fixed batch of 1. With `decomposed`, the activations are written out as Keras's
+    MobileNetV3 writes them and tf2onnx keeps them (Add, Clip, Mul): hard_sigmoid(x) = relu6(x + 3) * (1/6),
+    hard_swish(x) = x * hard_sigmoid(x) in the stem and head, and the blocks' HardSwish as many PyTorch ports write
+    it, x * relu6(x + 3) / 6."""
     import torch
     from torch import nn
+
+    relu6 = nn.functional.relu6
+
+    def keras_hard_sigmoid(x):
+        return relu6(x + 3.0) * (1.0 / 6.0)
+
+    class KerasHardSwish(nn.Module):
+        def forward(self, x):
+            return x * keras_hard_sigmoid(x)
+
+    class PortHardSwish(nn.Module):
+        def forward(self, x):
+            return x * relu6(x + 3.0) / 6.0
+
+    hard_sigmoid = keras_hard_sigmoid if decomposed else nn.functional.hardsigmoid
+    stem_swish, block_swish = (KerasHardSwish, PortHardSwish) if decomposed else (nn.Hardswish, nn.Hardswish)
 
     class SqueezeExcitation(nn.Module):
         def __init__(self, channels: int):
@@ -145,7 +164,7 @@ def mobilenet_v3_style(path: Path, images: np.ndarray, labels: np.ndarray, class
 
         def forward(self, x):
             gate = torch.relu(self.reduce(nn.functional.adaptive_avg_pool2d(x, 1)))
-            return x * nn.functional.hardsigmoid(self.expand(gate))
+            return x * hard_sigmoid(self.expand(gate))
 
     class InvertedResidual(nn.Module):
         def __init__(self, cin: int, expanded: int, cout: int, stride: int, activation, excite: bool):
@@ -164,11 +183,11 @@ def mobilenet_v3_style(path: Path, images: np.ndarray, labels: np.ndarray, class
     class MobileNetV3(nn.Module):
         def __init__(self):
             super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.Hardswish())
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), stem_swish())
             self.blocks = nn.Sequential(InvertedResidual(16, 32, 16, 1, nn.ReLU6, False),
-                                        InvertedResidual(16, 48, 24, 2, nn.Hardswish, True),
-                                        InvertedResidual(24, 72, 24, 1, nn.Hardswish, True))
-            self.head = nn.Sequential(nn.Conv2d(24, 64, 1), nn.Hardswish())
+                                        InvertedResidual(16, 48, 24, 2, block_swish, True),
+                                        InvertedResidual(24, 72, 24, 1, block_swish, True))
+            self.head = nn.Sequential(nn.Conv2d(24, 64, 1), stem_swish())
             self.classifier = nn.Linear(64, classes)
 
         def forward(self, x):

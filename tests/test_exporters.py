@@ -255,6 +255,44 @@ def test_torch_s_default_exporter_s_mobilenet_v3_sweeps_in_every_default_variant
             assert report.status == "ok" and report.agreement >= AGREEMENT_FLOOR, (report.name, report.reason)
 
 
+def test_hard_activations_written_out_as_keras_and_pytorch_ports_write_them_become_one_quantized_op_each(
+        cifar_dir, tmp_path):
+    """Keras's MobileNetV3 writes hard_sigmoid as relu6(x + 3) * (1/6) and hard_swish as x * hard_sigmoid(x), and
+    tf2onnx keeps them as Add, Clip and Mul; PyTorch ports often write x * relu6(x + 3) / 6. Graph preparation makes
+    each one nn.Hardswish or nn.Hardsigmoid (the same 6 and 2 as the HardSigmoid-op export), exactly; the FX variants
+    run each as one quantized op. Before, the oneDNN variant failed on it: its convolution-add fusion took the
+    constant 3 for a residual tensor ("required rank 4 tensor to use channels_last format")."""
+    import torch
+    from exporter_fixture import mobilenet_v3_style
+
+    from ptqflow.models.graph.fx_prep import prepare_graph
+    from ptqflow.models.graph.onnx2torch_import import import_onnx2torch
+    from ptqflow.models.graph.rewrites import materialize_constants
+    from ptqflow.pipelines.data.cifar import load_cifar10
+
+    train = load_cifar10(cifar_dir).train
+    path = mobilenet_v3_style(tmp_path / "decomposed.onnx", train.images.astype(np.float32), train.labels, classes=10,
+                              decomposed=True)
+    model = onnx.load(str(path))
+    ops = [node.op_type for node in model.graph.node]
+    assert "HardSigmoid" not in ops and "HardSwish" not in ops and ops.count("Clip") == 10 and "Div" in ops  # 8 activations, 2 ReLU6
+    module = import_onnx2torch().convert(materialize_constants(model)[0]).eval()
+    example = torch.rand(4, 3, 32, 32)
+    prepared = prepare_graph(module, example_input=example)
+    kinds = [type(m).__name__ for m in prepared.modules()]
+    assert kinds.count("Hardswish") == 6 and kinds.count("Hardsigmoid") == 2 and kinds.count("ReLU6") == 2
+    with torch.no_grad():
+        assert torch.allclose(module(example), prepared(example), atol=1e-5)
+
+    results = quantize(path, cifar_dir, FX_VARIANTS, track=False, output_dir=tmp_path / "out",
+                       calibration_size=CALIBRATION_SIZE, preprocessing="unit", weight_rounding="nearest", bench=False)
+    for name in FX_VARIANTS:
+        report = results[name]
+        assert report.status == "ok" and report.agreement >= AGREEMENT_FLOOR, (name, report.reason)
+        graph = str(torch.jit.load(str(report.model_file)).inlined_graph)
+        assert graph.count("quantized::hardswish") == 6 and graph.count("quantized::mul") <= 2, name
+
+
 def test_a_layer_fx_cannot_trace_is_recorded_on_the_variant_run(plain_model, grey_data, tracking_store, monkeypatch):
     """Made untraceable here (no dtype known for Div), the layer runs in float and the run's tag says which and
     why."""

@@ -19,9 +19,10 @@ modules/ops that the fbgemm/x86 FX backends know how to quantize:
 * ``OnnxTranspose`` -> ``permute``; ``OnnxReshape`` with a constant shape ->
   ``reshape``; ``OnnxFlatten``/``OnnxGlobalAveragePoolWithKnownInputShape`` ->
   ``torch.flatten`` / ``nn.AdaptiveAvgPool{1,2,3}d``; ``ReduceMean`` with constant axes -> ``torch.mean``;
-* ``OnnxHardSigmoid`` with ONNX's HardSwish constants -> ``nn.Hardsigmoid``, and
-  ``Mul(x, Hardsigmoid(x))`` (how exporters below opset 14 write HardSwish) -> ``nn.Hardswish``: one quantized
-  op each, instead of the multiply, add and clip onnx2torch computes them with, each with its own scale;
+* HardSigmoid and HardSwish in every form exporters write them (ONNX HardSigmoid, ``x * HardSigmoid(x)``,
+  Keras's ``relu6(x + 3) * (1/6)``, ``x * relu6(x + 3) / 6``) -> ``nn.Hardsigmoid`` / ``nn.Hardswish``
+  (ptqflow.models.graph.fx_activations): one quantized op each, instead of an add, a clip and multiplies, each
+  with its own scale;
 * with ``example_input`` given, integer sub-graphs that only depend on input
   shapes (Shape->Gather->Concat->Pad ...) and do not depend on the batch size
   are constant-folded, so ``OnnxPadDynamic`` becomes foldable as well.
@@ -53,6 +54,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ptqflow.models.graph.fx_activations import hard_activations
+from ptqflow.models.graph.fx_nodes import add_module, constant, module_calls, module_of
+
 try:  # onnx2torch is optional at import time (prepare_graph also works on plain torch modules)
     from ptqflow.models.graph.onnx2torch_import import import_onnx2torch
 
@@ -60,11 +64,9 @@ try:  # onnx2torch is optional at import time (prepare_graph also works on plain
     from onnx2torch.node_converters.binary_math_operations import _onnx_div  # ONNX Div: true or integer division
     from onnx2torch.node_converters import (
         OnnxBinaryMathOperation,
-        OnnxConstant,
         OnnxFlatten,
         OnnxGemm,
         OnnxGlobalAveragePoolWithKnownInputShape,
-        OnnxHardSigmoid,
         OnnxMatMul,
         OnnxPadDynamic,
         OnnxPadStatic,
@@ -76,7 +78,7 @@ try:  # onnx2torch is optional at import time (prepare_graph also works on plain
 except ImportError:  # pragma: no cover
     OnnxBinaryMathOperation = OnnxFlatten = OnnxGemm = OnnxMatMul = OnnxPadDynamic = ()  # type: ignore
     OnnxPadStatic = OnnxReduceStaticAxes = OnnxReshape = OnnxSoftmaxV1V11 = OnnxTranspose = ()  # type: ignore
-    OnnxGlobalAveragePoolWithKnownInputShape = OnnxHardSigmoid = OnnxConstant = ()  # type: ignore
+    OnnxGlobalAveragePoolWithKnownInputShape = ()  # type: ignore
     _onnx_div = None
 
 __all__ = ["prepare_graph", "classifier_head", "FnModule", "SOFTMAX_TYPES", "SOFTMAX_FUNCS", "untraceable_modules"]
@@ -88,46 +90,6 @@ _BINOPS = {torch.add: operator.add, torch.sub: operator.sub, torch.mul: operator
 
 
 # --------------------------------------------------------------------------- helpers
-def _mod(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
-    if node.op != "call_module":
-        return None
-    return gm.get_submodule(node.target)
-
-
-def _module_calls(gm: fx.GraphModule):
-    """(node, module) for every call_module node, over a snapshot of the graph so callers may rewrite it."""
-    for node in list(gm.graph.nodes):
-        m = _mod(gm, node)
-        if m is not None:
-            yield node, m
-
-
-def _const(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
-    """Value of a get_attr node (onnx2torch initializers) or of an ONNX Constant node's module, else None."""
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        obj: Any = gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
-        if isinstance(obj, torch.Tensor):
-            return obj.detach()
-    module = _mod(gm, node) if isinstance(node, fx.Node) else None
-    if OnnxConstant and isinstance(module, OnnxConstant) and not node.args:
-        return module.value.detach() if isinstance(module.value, torch.Tensor) else None
-    return None
-
-
-_counter = [0]
-
-
-def _add_module(gm: fx.GraphModule, base: str, mod: nn.Module) -> str:
-    name = base.replace(".", "_").replace("/", "_")
-    while hasattr(gm, name):
-        _counter[0] += 1
-        name = f"{base.replace('.', '_').replace('/', '_')}_{_counter[0]}"
-    gm.add_submodule(name, mod)
-    return name
-
-
 def _finish(gm: fx.GraphModule) -> None:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -138,12 +100,12 @@ def _finish(gm: fx.GraphModule) -> None:
 # --------------------------------------------------------------------------- passes
 def _inline_sequential(gm: fx.GraphModule) -> bool:
     changed = False
-    for node, m in _module_calls(gm):
+    for node, m in module_calls(gm):
         if isinstance(m, nn.Sequential) and len(node.args) == 1 and not node.kwargs:
             cur = node.args[0]
             with gm.graph.inserting_before(node):
                 for i, child in enumerate(m):
-                    name = _add_module(gm, f"{node.target}_{i}", child)
+                    name = add_module(gm, f"{node.target}_{i}", child)
                     cur = gm.graph.call_module(name, (cur,))
             node.replace_all_uses_with(cur)
             gm.graph.erase_node(node)
@@ -153,7 +115,7 @@ def _inline_sequential(gm: fx.GraphModule) -> bool:
 
 def _simple_ops(gm: fx.GraphModule) -> None:
     g = gm.graph
-    for node, m in _module_calls(gm):
+    for node, m in module_calls(gm):
         new = None
         with g.inserting_before(node):
             if OnnxTranspose and isinstance(m, OnnxTranspose) and m.perm is not None:
@@ -169,7 +131,7 @@ def _simple_ops(gm: fx.GraphModule) -> None:
             ):
                 new = g.call_function(operator.truediv, tuple(node.args))
             elif OnnxReshape and isinstance(m, OnnxReshape) and len(node.args) == 2:
-                shape = _const(gm, node.args[1])
+                shape = constant(gm, node.args[1])
                 if shape is not None and shape.dim() == 1:
                     s = [int(v) for v in shape.tolist()]
                     x = node.args[0]
@@ -184,7 +146,7 @@ def _simple_ops(gm: fx.GraphModule) -> None:
                 m, OnnxGlobalAveragePoolWithKnownInputShape
             ) and len(m._x_dims) in (1, 2, 3):
                 pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[len(m._x_dims)]
-                name = _add_module(gm, f"{node.target}_gap", pool(1))
+                name = add_module(gm, f"{node.target}_gap", pool(1))
                 new = g.call_module(name, (node.args[0],))
             elif OnnxReduceStaticAxes and isinstance(m, OnnxReduceStaticAxes) and m.operation_type == "ReduceMean" \
                     and m.axes and len(node.args) == 1:
@@ -195,38 +157,12 @@ def _simple_ops(gm: fx.GraphModule) -> None:
             g.erase_node(node)
 
 
-def _is_hard_sigmoid(m: nn.Module) -> bool:
-    """ONNX HardSigmoid with the constants of HardSwish's gate: clip(x / 6 + 0.5, 0, 1), exactly relu6(x + 3) / 6."""
-    return bool(OnnxHardSigmoid) and isinstance(m, OnnxHardSigmoid) and math.isclose(m.alpha, 1 / 6, rel_tol=1e-6) \
-        and math.isclose(m.beta, 0.5, rel_tol=1e-6)
-
-
-def _hard_activations(gm: fx.GraphModule) -> None:
-    g = gm.graph
-    for node, m in _module_calls(gm):
-        if _is_hard_sigmoid(m):
-            with g.inserting_before(node):
-                new = g.call_module(_add_module(gm, f"{node.target}_hardsigmoid", nn.Hardsigmoid()), node.args)
-            node.replace_all_uses_with(new)
-            g.erase_node(node)
-    for node in list(g.nodes):
-        if not (node.op == "call_function" and node.target is operator.mul and len(node.args) == 2):
-            continue
-        for x, gate in (node.args, node.args[::-1]):
-            if isinstance(gate, fx.Node) and isinstance(_mod(gm, gate), nn.Hardsigmoid) and gate.args == (x,):
-                with g.inserting_before(node):
-                    new = g.call_module(_add_module(gm, f"{gate.target}_hardswish", nn.Hardswish()), (x,))
-                node.replace_all_uses_with(new)
-                g.erase_node(node)
-                break
-
-
 def _is_floating(gm: fx.GraphModule, arg: Any) -> bool:
     """Whether a node's value is floating point, as far as the graph says: a Python float, a float initializer, or a
     dtype recorded when the graph ran on the example input (_fold_shape_constants)."""
     if isinstance(arg, float):
         return True
-    value = _const(gm, arg)
+    value = constant(gm, arg)
     if value is not None:
         return value.is_floating_point()
     dtype = arg.meta.get("dtype") if isinstance(arg, fx.Node) else None
@@ -238,7 +174,7 @@ def untraceable_modules(gm: fx.GraphModule) -> dict[str, str]:
     each with the tracer's reason. prepare_fx keeps them as leaves: they run in float, between a dequantize and a
     quantize, and the rest of the graph is quantized as usual."""
     untraceable = {}
-    for node, m in _module_calls(gm):
+    for node, m in module_calls(gm):
         if not type(m).__module__.startswith("onnx2torch."):
             continue
         try:
@@ -255,32 +191,32 @@ def _linear_from(gm, node, weight_in_out: torch.Tensor, bias: Optional[torch.Ten
         lin.weight.copy_(w)
         if bias is not None:
             lin.bias.copy_(bias.reshape(-1).to(w.dtype))
-    mname = _add_module(gm, name, lin)
+    mname = add_module(gm, name, lin)
     with gm.graph.inserting_before(node):
         return gm.graph.call_module(mname, (x,))
 
 
 def _matmul_to_linear(gm: fx.GraphModule) -> None:
     g = gm.graph
-    for node, m in _module_calls(gm):
+    for node, m in module_calls(gm):
         is_mm = OnnxMatMul and isinstance(m, OnnxMatMul)
         if not is_mm and node.op == "call_function" and node.target in (torch.matmul, operator.matmul):
             is_mm = True
         if is_mm and len(node.args) == 2:
-            W = _const(gm, node.args[1])
+            W = constant(gm, node.args[1])
             if W is None or W.dim() != 2 or not W.is_floating_point():
                 continue
             bias, add_node = None, None
             users = list(node.users)
             if len(users) == 1:
                 u = users[0]
-                um = _mod(gm, u)
+                um = module_of(gm, u)
                 is_add = (OnnxBinaryMathOperation and isinstance(um, OnnxBinaryMathOperation)
                           and um.math_op_function is torch.add) or (
                     u.op == "call_function" and u.target in (operator.add, torch.add))
                 if is_add and len(u.args) == 2:
                     other = u.args[1] if u.args[0] is node else u.args[0]
-                    b = _const(gm, other)
+                    b = constant(gm, other)
                     if b is not None and b.numel() == W.shape[1] and b.dim() <= 2 and b.shape[-1] == W.shape[1]:
                         bias, add_node = b, u
             anchor = add_node or node
@@ -290,8 +226,8 @@ def _matmul_to_linear(gm: fx.GraphModule) -> None:
                 g.erase_node(add_node)
             g.erase_node(node)
         elif OnnxGemm and isinstance(m, OnnxGemm) and not m.trans_a and len(node.args) >= 2:
-            W = _const(gm, node.args[1])
-            C = _const(gm, node.args[2]) if len(node.args) > 2 else None
+            W = constant(gm, node.args[1])
+            C = constant(gm, node.args[2]) if len(node.args) > 2 else None
             if W is None or W.dim() != 2 or (len(node.args) > 2 and C is None):
                 continue
             Wio = (W.t() if m.trans_b else W) * m.alpha
@@ -319,11 +255,11 @@ def _pad_spec(m: nn.Module) -> Optional[list]:
 
 def _fold_pad_into_conv(gm: fx.GraphModule) -> None:
     g = gm.graph
-    for node, m in _module_calls(gm):
+    for node, m in module_calls(gm):
         pads = _pad_spec(m)
         if pads is None and OnnxPadDynamic and isinstance(m, OnnxPadDynamic) and m.mode == "constant":
-            p = _const(gm, node.args[1]) if len(node.args) > 1 else None
-            cv = _const(gm, node.args[2]) if len(node.args) > 2 else None
+            p = constant(gm, node.args[1]) if len(node.args) > 1 else None
+            cv = constant(gm, node.args[2]) if len(node.args) > 2 else None
             if p is not None and (cv is None or float(cv.reshape(-1)[0]) == 0.0) and not (
                 len(node.args) > 2 and cv is None and node.args[2] is not None
             ):
@@ -334,7 +270,7 @@ def _fold_pad_into_conv(gm: fx.GraphModule) -> None:
         if pads is None or len(node.users) != 1:
             continue
         conv_node = next(iter(node.users))
-        conv = _mod(gm, conv_node)
+        conv = module_of(gm, conv_node)
         if not isinstance(conv, _CONV) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             continue
         nsp = conv.weight.dim() - 2
@@ -361,7 +297,7 @@ def _fold_pad_into_conv(gm: fx.GraphModule) -> None:
             new_conv.kernel_size = tuple(new_w.shape[2:])
         new_conv.padding = tuple(new_pad)
         new_conv._reversed_padding_repeated_twice = [p for p in reversed(new_pad) for _ in range(2)]
-        name = _add_module(gm, f"{conv_node.target}_padfold", new_conv)
+        name = add_module(gm, f"{conv_node.target}_padfold", new_conv)
         with g.inserting_before(conv_node):
             nn_ = g.call_module(name, (node.args[0],))
         conv_node.replace_all_uses_with(nn_)
@@ -374,9 +310,9 @@ def _max_pool_pads(gm: fx.GraphModule) -> None:
     infinite range: every value then is wrong). Replicating the edge instead gives the same maxima whenever each pad
     is narrower than the window (every window that covers a padded pixel also covers the edge pixel it copies), and
     keeps the observed range the input's."""
-    for node, m in _module_calls(gm):
+    for node, m in module_calls(gm):
         users = list(node.users)
-        pool = _mod(gm, users[0]) if len(users) == 1 else None
+        pool = module_of(gm, users[0]) if len(users) == 1 else None
         if not (OnnxPadStatic and isinstance(m, OnnxPadStatic) and m.mode == "constant"
                 and float(m.constant_value) == -math.inf and isinstance(pool, nn.MaxPool2d) and len(m.pads) == 4
                 and not pool.ceil_mode and pool.dilation in (1, (1, 1), [1, 1])):
@@ -428,7 +364,7 @@ def _fold_shape_constants(gm: fx.GraphModule, example_input: torch.Tensor) -> No
     g = gm.graph
 
     def constant(base: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
-        name = _add_module(gm, f"folded_{base}", nn.Module())
+        name = add_module(gm, f"folded_{base}", nn.Module())
         gm.get_submodule(name).register_buffer("value", value)
         with g.inserting_before(before):
             return g.get_attr(f"{name}.value")
@@ -446,7 +382,7 @@ def _batch_carrying_reshapes(gm: fx.GraphModule, static: set, ea: dict, eb: dict
     `x.view(x.size(0), -1)` exports (Shape -> Gather -> Unsqueeze -> Concat): its output shape differs between the
     two example batches in one dimension only, so that dimension becomes -1 and the others their values. FX would
     otherwise quantize the integer shape arithmetic like activations."""
-    for n, m in _module_calls(gm):
+    for n, m in module_calls(gm):
         if not (OnnxReshape and isinstance(m, OnnxReshape) and len(n.args) == 2 and isinstance(n.args[1], fx.Node)
                 and n.args[1] not in static and isinstance(ea.get(n), torch.Tensor)
                 and isinstance(eb.get(n), torch.Tensor)):
@@ -483,7 +419,7 @@ def prepare_graph(
     _finish(gm)
     _simple_ops(gm)
     _finish(gm)
-    _hard_activations(gm)
+    hard_activations(gm)
     _finish(gm)
     if fold_pad:
         _fold_pad_into_conv(gm)
@@ -507,7 +443,7 @@ def _float_call(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
     if not passthrough or len(node.all_input_nodes) != 1 or any(isinstance(a, fx.Node) for a in node.args[1:]):
         return None
     fn = node.target if node.op == "call_function" else _method_caller(node.target)
-    name = _add_module(gm, f"head_{node.name}", FnModule(fn, tuple(node.args[1:]), dict(node.kwargs)))
+    name = add_module(gm, f"head_{node.name}", FnModule(fn, tuple(node.args[1:]), dict(node.kwargs)))
     with gm.graph.inserting_before(node):
         wrapped = gm.graph.call_module(name, (node.args[0],))
     node.replace_all_uses_with(wrapped)
@@ -520,7 +456,7 @@ def _pool_before(gm: fx.GraphModule, dense: fx.Node) -> list:
     names, up = [], list(dense.all_input_nodes)
     while up:
         u = up.pop()
-        um = _mod(gm, u)
+        um = module_of(gm, u)
         if isinstance(um, (*_POOLS, FnModule)):
             names.append(u.target)
             up.extend(u.all_input_nodes)
@@ -549,7 +485,7 @@ def classifier_head(gm: fx.GraphModule, include_pool: bool = True) -> list:
         if n in seen:
             continue
         seen.add(n)
-        m = _mod(gm, n)
+        m = module_of(gm, n)
         if isinstance(m, (nn.Linear, *_CONV)):
             heads.append(n.target)
             if include_pool:
