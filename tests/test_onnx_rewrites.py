@@ -318,3 +318,82 @@ def test_reshape_allowzero_goes_where_no_zero_can_reach_it():
         converted = convert(rewritten).eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(converted, expected)
     assert reshapes_without_allowzero(rewritten) == (rewritten, 0)
+
+
+def _channel_constants_model() -> onnx.ModelProto:
+    """conv1 -> Mul(per-channel (8,1,1)) -> Add(scalar) -> Relu -> conv2 -> Sub(c - x, (1,8,1,1)) -> Div(scalar)
+    -> Relu; conv3 reads that, and its output is read twice (Mul by a constant and a residual Add), so its constant
+    stays; a Div of a constant by conv4's output is not affine and stays too."""
+    def init(name, array):
+        return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
+
+    inits = [init("w1", RNG.normal(size=(8, 3, 3, 3)) * 0.1), init("b1", RNG.normal(size=8)),
+             init("w2", RNG.normal(size=(8, 1, 3, 3))), init("w3", RNG.normal(size=(8, 8, 1, 1)) * 0.3),
+             init("w4", RNG.normal(size=(8, 8, 1, 1)) * 0.3),
+             init("scale", RNG.uniform(0.5, 2, size=(8, 1, 1))), init("shift", 3.0),
+             init("minuend", RNG.normal(size=(1, 8, 1, 1))), init("divisor", [[[[4.0]]]]), init("gain", 0.5),
+             init("numerator", 2.0)]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Mul", ["c1", "scale"], ["m1"], name="mul1"),
+             helper.make_node("Add", ["shift", "m1"], ["a1"], name="add1"),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], group=8, name="conv2"),
+             helper.make_node("Sub", ["minuend", "c2"], ["s2"], name="sub2"),
+             helper.make_node("Div", ["s2", "divisor"], ["d2"], name="div2"),
+             helper.make_node("Relu", ["d2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["c3"], name="conv3"),
+             helper.make_node("Mul", ["c3", "gain"], ["g3"], name="mul3"),
+             helper.make_node("Add", ["g3", "c3"], ["a3"], name="residual"),
+             helper.make_node("Conv", ["a3", "w4"], ["c4"], name="conv4"),
+             helper.make_node("Div", ["numerator", "c4"], ["y"], name="inverse")]
+    graph = helper.make_graph(nodes, "channel_constants", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                          ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 16, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_constants_a_conv_s_output_is_scaled_or_shifted_by_fold_into_it(tmp_path):
+    """Mul, Add, Sub (either order) and Div by a constant with one value per channel, or one for all, after a Conv
+    that nothing else reads fold into it, chains included; the model computes the same. A Conv whose output is also
+    read elsewhere, and c / conv, stay. for_quantization records how many folded."""
+    from ptqflow.models.backends.base import FloatModel
+    from ptqflow.models.graph.onnx_model import load_classifier
+
+    model = _channel_constants_model()
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "constants.onnx"
+    onnx.save(model, str(path))
+    prepared = FloatModel(load_classifier(path), tmp_path / "work").for_quantization()
+    assert prepared.folded_channel_constants == 4 and prepared.folded_batch_norms == 0
+    folded = prepared.onnx.proto
+    ops = _ops(folded)
+    assert ops == ["Conv", "Relu", "Conv", "Relu", "Conv", "Mul", "Add", "Conv", "Div"]
+    assert not any("_as_bn_" in init.name for init in folded.graph.initializer)  # folded, not left as BatchNorms
+    x = _images(4)[:, :, :16, :16]
+    reference, result = _run(model, x), _run(folded, x)
+    np.testing.assert_allclose(result, reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
+
+
+def test_the_onednn_variant_quantizes_a_conv_followed_by_an_added_constant(tmp_path, cifar_dir):
+    """conv -> Add(constant) -> Relu: oneDNN's convolution-add-ReLU fusion took the constant for a residual tensor
+    and the variant failed ("required rank 4 tensor to use channels_last format"); folded into the Conv's bias
+    first, it quantizes, and the sweep's input to quantization holds no Add."""
+    from onnx_fixture import fit_dense_head
+
+    from ptqflow import quantize
+    from ptqflow.pipelines.data.cifar import load_cifar10
+
+    model = tiny_cnn()
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    conv.output[0] = "c1_raw"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(0.25, dtype=np.float32), "offset"))
+    index = list(model.graph.node).index(conv)
+    model.graph.node.insert(index + 1, helper.make_node("Add", ["c1_raw", "offset"], ["c1"], name="offset_add"))
+    train = load_cifar10(cifar_dir).train
+    model = fit_dense_head(model, train.images.transpose(0, 2, 3, 1).astype(np.float32), train.labels)
+    path = tmp_path / "offset.onnx"
+    onnx.save(model, str(path))
+    results = quantize(path, cifar_dir, ["pytorch-fx-int8-onednn"], track=False, output_dir=tmp_path / "out",
+                       calibration_size=64, weight_rounding="nearest", bench=False)
+    report = results["pytorch-fx-int8-onednn"]
+    assert report.status == "ok" and report.agreement >= 0.9, report.reason

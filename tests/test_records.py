@@ -439,6 +439,7 @@ def test_unfolded_batchnorm_is_folded_before_adaround_and_every_variant_agrees(t
                                         variants=variants, adaround_iterations=50))
         parent = MlflowClient().get_run(result.parent_run_id)
         assert parent.data.params[Param.BATCHNORMS_FOLDED] == ("2" if kind == "bn" else "0")
+        assert parent.data.params[Param.CHANNEL_CONSTANTS_FOLDED] == "0"
         assert result.outcomes[0].evaluation.accuracy >= 0.5  # the fitted head really classifies (chance: 0.1)
         for outcome in result.outcomes[1:]:
             assert outcome.status == "ok", outcome.reason

@@ -53,6 +53,8 @@ class Param:
     LATENCY_THREADS = "latency_threads"
     BENCH_ROUNDS = "bench_rounds"  # rounds a variant was timed in, alternating with FP32
     BATCHNORMS_FOLDED = "batchnorms_folded"  # BatchNormalization nodes folded into their Conv before quantization
+    # Mul/Add/Sub/Div nodes of a Conv's output by per-channel constants folded into that Conv before quantization
+    CHANNEL_CONSTANTS_FOLDED = "channel_constants_folded"
     MODEL_OPSET = "model_opset"  # the FP32 model's own ONNX opset
     QUANTIZATION_OPSET = "quantization_opset"  # the opset the variants quantize at (13 for a model below it)
     # On every variant run: the share of the model's MACs its recipe runs in 8-bit integers (0 for FP32; a `-mixed`

@@ -99,6 +99,8 @@ class FloatModel:
     _equalized_on_data: bool = field(default=False, repr=False)  # made with calibration maxima (Clip pairs included)
     _float_weights: dict = field(default_factory=dict, repr=False)
     folded_batch_norms: int = 0  # BatchNormalizations for_quantization folded into the Conv before them
+    # Mul/Add/Sub/Div of a Conv's output by per-channel constants for_quantization folded into that Conv
+    folded_channel_constants: int = 0
     # the model's own opset when for_quantization brought it up to rewrites.MIN_QUANTIZATION_OPSET; None: unchanged
     upgraded_from_opset: int | None = None
     equalization: "object | None" = None  # ptqflow.models.backends.equalization.EqualizationSummary once equalized
@@ -193,6 +195,7 @@ class FloatModel:
         from ptqflow.models.graph.onnx_model import read_input_spec
 
         kept = {"folded_batch_norms": self.folded_batch_norms, "upgraded_from_opset": self.upgraded_from_opset,
+                "folded_channel_constants": self.folded_channel_constants,
                 "equalization": self.equalization, "adaround_scheme": self.adaround_scheme,
                 "bias_corrected_channels": self.bias_corrected_channels}
         return FloatModel(replace(self.onnx, path=path, proto=proto, sha256=file_sha256(path),
@@ -207,23 +210,31 @@ class FloatModel:
         below opset 13 is brought up to it (per-channel QDQ needs it). `self` when there is nothing to change. The
         result records the number of folded BatchNormalizations (`folded_batch_norms`) and the original opset when
         upgraded (`upgraded_from_opset`)."""
-        from ptqflow.models.graph.rewrites import (explicit_pads, fold_batch_norms, has_unnamed_nodes,
-                                                   materialize_constants, model_opset, name_unnamed_nodes,
-                                                   upgrade_opset)
+        from ptqflow.models.graph.rewrites import (channel_constants_as_batch_norms, explicit_pads,
+                                                   fold_batch_norms, has_unnamed_nodes, materialize_constants,
+                                                   model_opset, name_unnamed_nodes, upgrade_opset)
 
         proto, materialized = materialize_constants(self.onnx.proto)
         proto, padded = explicit_pads(proto)
         proto, folded = fold_batch_norms(proto)
+        constants = 0
+        while True:  # a Conv's Mul then Add: the Add reads the Conv once the Mul is folded
+            proto, found = channel_constants_as_batch_norms(proto)
+            if not found:
+                break
+            proto, _ = fold_batch_norms(proto)
+            constants += found
         opset = model_opset(proto)
         try:
             proto = upgrade_opset(proto)
         except Exception:  # noqa: BLE001 - no adapter for an op: the backends that need opset 13 refuse (ort.py)
             pass
         upgraded = opset if model_opset(proto) != opset else None
-        if not (materialized or padded or folded or upgraded) and not has_unnamed_nodes(proto):
+        if not (materialized or padded or folded or constants or upgraded) and not has_unnamed_nodes(proto):
             return self
         return self._written(name_unnamed_nodes(proto), self.work_dir / "fp32-quantization",
-                             folded_batch_norms=self.folded_batch_norms + folded, upgraded_from_opset=upgraded)
+                             folded_batch_norms=self.folded_batch_norms + folded, upgraded_from_opset=upgraded,
+                             folded_channel_constants=self.folded_channel_constants + constants)
 
     def equalized(self, calibration: np.ndarray | None = None) -> "FloatModel":
         """The same function with cross-layer equalization of its Conv -> activation -> Conv pairs

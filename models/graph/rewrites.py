@@ -5,6 +5,8 @@ Every function takes an `onnx.ModelProto` and returns a new one; the input is ne
 - :func:`fold_batch_norms`: inference-mode BatchNormalization folded into the Conv before it. Quantization must
   start from the folded weights: onnxruntime's pre-processing (and FX's conv-bn fusion) fold BatchNorm themselves,
   which would move weights that AdaRound already put on the int8 grid off it again.
+- :func:`channel_constants_as_batch_norms`: a Conv's output multiplied, divided, shifted by a per-channel or single
+  constant, written as the BatchNormalization it equals, for :func:`fold_batch_norms` to fold.
 - :func:`name_unnamed_nodes`: a unique name for every node, since onnxruntime's `nodes_to_exclude` and other
   node-level options select nodes by name.
 - :func:`materialize_constants`: weights fed by `Constant` nodes or by an `Identity` of a shared initializer become
@@ -26,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["fold_batch_norms", "name_unnamed_nodes", "has_unnamed_nodes", "materialize_constants", "upgrade_opset",
+__all__ = ["fold_batch_norms", "channel_constants_as_batch_norms", "name_unnamed_nodes", "has_unnamed_nodes", "materialize_constants", "upgrade_opset",
            "model_opset", "explicit_pads", "symmetric_average_pools",
            "reshapes_without_allowzero"]
 
@@ -182,6 +184,94 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         del graph.input[:]
         graph.input.extend(kept_inputs)
     return result, len(folded_bn)
+
+
+# --------------------------------------------------------------------------- constants after a Conv
+_CHANNEL_OPS = ("Mul", "Add", "Sub", "Div")
+
+
+def channel_constants_as_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Each Mul, Add, Sub or Div of a Conv's output by a float constant with one value per output channel (or one
+    for all) written as the BatchNormalization it equals (epsilon 0, mean 0, variance 1), for fold_batch_norms to
+    fold into the Conv; return the new model and the number rewritten.
+
+    Exporters write a BatchNorm they could not fuse, a scaled branch or a bias as such ops. Left in the graph, each
+    is quantized as an op of its own, with a scale of its own, and oneDNN's convolution-add fusion takes an added
+    constant for a residual tensor and fails. Only what fold_batch_norms can fold is rewritten: a Conv that nothing
+    else reads, with float initializer weights (and bias); `c - conv` and `conv / c` too, not `c / conv`."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producer = {output: node for node in graph.node for output in node.output if output}
+    taken = set(initializers) | {name for g in _all_graphs(graph) for node in g.node
+                                 for name in (*node.input, *node.output)} | {value.name for value in graph.input}
+    uses = _use_counts(graph)
+    rewritten = 0
+    for index, node in enumerate(list(graph.node)):
+        if node.op_type not in _CHANNEL_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        for position in (0, 1):
+            conv, constant = producer.get(node.input[position]), node.input[1 - position]
+            channels = _foldable_conv_channels(conv, initializers, uses)
+            rank = len(initializers[conv.input[1]].dims) if channels else 0  # the Conv output's axes
+            values = _per_channel(_float_initializer(initializers, constant), channels, rank) if channels else None
+            affine = _affine(node.op_type, position, values) if values is not None else None
+            if affine is None:
+                continue
+            stem = node.name or node.output[0]
+            names = []
+            for suffix, array in zip(("scale", "shift", "mean", "variance"),
+                                     (*affine, np.zeros(channels), np.ones(channels))):
+                names.append(_unique_name(f"{stem}_as_bn_{suffix}", taken))
+                dtype = numpy_helper.to_array(initializers[conv.input[1]]).dtype
+                graph.initializer.append(numpy_helper.from_array(array.astype(dtype), names[-1]))
+            norm = helper.make_node("BatchNormalization", [node.input[position], *names], [node.output[0]],
+                                    name=node.name, epsilon=0.0)
+            graph.node.remove(node)
+            graph.node.insert(index, norm)
+            rewritten += 1
+            break
+    return result, rewritten
+
+
+def _foldable_conv_channels(conv: onnx.NodeProto | None, initializers: dict, uses: Counter) -> int | None:
+    """The output channel count of a Conv fold_batch_norms can fold a BatchNormalization into, else None."""
+    if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.input) < 2 \
+            or uses[conv.output[0]] != 1:
+        return None
+    weight = _float_initializer(initializers, conv.input[1])
+    bias = _float_initializer(initializers, conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+    if weight is None or weight.ndim < 3 or (len(conv.input) > 2 and conv.input[2] and
+                                             (bias is None or bias.shape != (weight.shape[0],))):
+        return None
+    return int(weight.shape[0])
+
+
+def _per_channel(constant: np.ndarray | None, channels: int, rank: int) -> np.ndarray | None:
+    """`constant` as one float64 value per output channel when it broadcasts against the Conv's output (of `rank`
+    axes) without changing its shape: one value, or (C, 1, ..) / (1, C, 1, ..) with at most `rank` axes."""
+    if constant is None or constant.ndim > rank:
+        return None
+    if constant.size == 1:
+        return np.full(channels, float(constant.reshape(())), dtype=np.float64)
+    shape = (1,) * (rank - constant.ndim) + tuple(constant.shape)
+    if shape[0] != 1 or shape[1] != channels or any(d != 1 for d in shape[2:]):
+        return None
+    return constant.reshape(channels).astype(np.float64)
+
+
+def _affine(op: str, conv_position: int, c: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, shift) with op(conv, c) == conv * scale + shift (op(c, conv) when conv_position is 1)."""
+    if op == "Mul":
+        return c, np.zeros_like(c)
+    if op == "Add":
+        return np.ones_like(c), c
+    if op == "Sub":
+        return (np.ones_like(c), -c) if conv_position == 0 else (-np.ones_like(c), c)
+    if op == "Div" and conv_position == 0 and np.all(c != 0):
+        return 1.0 / c, np.zeros_like(c)
+    return None
 
 
 # --------------------------------------------------------------------------- node names

@@ -122,7 +122,8 @@ class Sweep:
         if self.variants.specs:
             source = self.variants.runner.quantization_source
             opset = source.upgraded_from_opset or model_opset(source.onnx.proto)
-            records.log_params({P.BATCHNORMS_FOLDED: source.folded_batch_norms, P.MODEL_OPSET: opset,
+            records.log_params({P.BATCHNORMS_FOLDED: source.folded_batch_norms,
+                                P.CHANNEL_CONSTANTS_FOLDED: source.folded_channel_constants, P.MODEL_OPSET: opset,
                                 P.QUANTIZATION_OPSET: model_opset(source.onnx.proto)})
         if self.fallback.target.active:
             records.log_params({key: value for key, value in ((P.TARGET_AGREEMENT, self.options.target_agreement),
