@@ -1,6 +1,7 @@
 """The default sweep on one model of each small-classifier family (issue 24), trained here on real CIFAR-10 training
 images: a MobileNetV1-style opset-11 export with a fixed batch of 1 (NHWC), a MobileNetV2-style opset-12 export
-(ReLU6 as Clip), a MobileNetV3-style opset-13 export (HardSwish, squeeze-excitation) and a plain opset-17
+(ReLU6 as Clip), a MobileNetV3-style opset-13 export (HardSwish, squeeze-excitation), the same with its activations
+written out as Keras and PyTorch ports write them, and a plain opset-17
 `torch.onnx.export` of a greyscale CNN, and a model shaped like the public MobileNetV1 0.25 of the issue
 (benchmarks/vww_shaped.py: 96x96, two classes, Keras-style padding and head, dead channels; swept with `--resize` on
 the 32x32 images). For each int8 variant: agreement with FP32 on the test images with the
@@ -49,6 +50,8 @@ def _families(cifar, train_images: int, work: Path):
          "unit", {}),
         ("mobilenet-v3 (opset 13, HardSwish, SE)", mobilenet_v3_style(work / "v3.onnx", images, labels, 10), None,
          "unit", {}),
+        ("mobilenet-v3, activations written out (Keras's relu6(x + 3) * (1/6), x * relu6(x + 3) / 6)",
+         mobilenet_v3_style(work / "v3-decomposed.onnx", images, labels, 10, decomposed=True), None, "unit", {}),
         ("plain export (opset 17, greyscale)",
          plain_export_cnn(work / "plain.onnx", grey(cifar.train.images[:train_images]).astype(np.float32), labels, 10),
          grey_data, "raw", {}),

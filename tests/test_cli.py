@@ -317,8 +317,8 @@ def test_tune_and_baseline_offer_the_sweeps_input_fetch_and_tracking_options():
     # tune searches the recipe (size, rounding, ONNX Runtime grid and method), always times its trials (single
     # images on the thread count each model answers fastest on), and has a --target-agreement of its own (what a
     # feasible trial reaches)
-    assert sweep - tune == {"--variant", "--calibration-size", "--weight-rounding", "--equalization", "--speed-check",
-                            "--no-speed-check", "--per-channel",
+    assert sweep - tune == {"--variant", "--calibration-size", "--weight-rounding", "--equalization", "--no-speed-check",
+                            "--per-channel",
                             "--per-tensor", "--calibration-method", "--bench", "--no-bench", "--latency-threads",
                             "--resume", *DIAGNOSIS, *FALLBACK - {"--target-agreement"}}
     assert MIRRORS | GATE | {"--fetch", "--no-fetch", "--adaround-iterations", "--calibration-seed"} <= tune

@@ -32,8 +32,9 @@ from ptqflow.models.backends.pytorch_fx import PytorchFxConfig
 from ptqflow.pipelines.variants.specs import config_payload
 
 # nearest rounding: AdaRound has its own tests, and the repairs must show without it; every convolution in int8
-# (the speed check would keep the fixtures' 3-channel stems in FP32 here: tests/test_speed_check.py)
-FX = PytorchFxConfig(weight_rounding="nearest")
+# (each speed check keeps the fixtures' 3-channel stems in FP32 on a CPU whose int8 kernels are slow for them:
+# tests/test_speed_check.py, tests/test_fx_speed_check.py)
+FX = PytorchFxConfig(weight_rounding="nearest", speed_check=False)
 ORT = OrtStaticConfig(weight_rounding="nearest", speed_check=False)
 
 
@@ -208,7 +209,7 @@ def test_a_layer_kept_in_fp32_is_shown_as_such(models, images, tmp_path, config)
 def test_a_qoperator_variant_is_diagnosed_through_its_qdq_twin(models, images, tmp_path):
     calibration, test = images
     config = OrtStaticConfig(quant_format="QOperator", activation_dtype="uint8", weight_dtype="int8",
-                             weight_rounding="nearest")
+                             weight_rounding="nearest", speed_check=False)
     diagnosis = diagnose_ort_config(models["outlier"], models["outlier"], config, calibration, test[:64], tmp_path)
     assert diagnosis.method.startswith("QDQ twin of this QOperator model")
     assert diagnosis.worst_first()[0].layer == "conv2"
@@ -219,7 +220,7 @@ def test_a_twin_identical_to_a_diagnosed_qdq_file_reuses_its_diagnosis(models, i
     calibration, test = images
     model = models["outlier"]
     qdq = OrtStaticConfig(quant_format="QDQ", activation_dtype="uint8", weight_dtype="int8",
-                          weight_rounding="nearest")
+                          weight_rounding="nearest", speed_check=False)
     qoperator = replace(qdq, quant_format="QOperator")
     memo = {}
     first = diagnose_ort_config(model, model, qdq, calibration, test[:64], tmp_path / "a", memo=memo)
@@ -361,8 +362,9 @@ def test_uint8_weights_are_dequantized_without_wrapping_around(models, images, t
     """onnxruntime's create_weight_matching subtracts a uint8 zero point in uint8; the diagnosis must not report the
     wrapped-around values as weight noise (ort-uint8 on ResNet8 read -17 dB)."""
     calibration, test = images
+    # every convolution in int8, whatever this CPU's kernels cost (the speed check could keep them all in FP32)
     config = OrtStaticConfig(quant_format="QOperator", activation_dtype="uint8", weight_dtype="uint8",
-                             per_channel=False, weight_rounding="nearest")
+                             per_channel=False, weight_rounding="nearest", speed_check=False)
     diagnosis = diagnose_ort_config(models["clean"], models["clean"], config, calibration, test[:64], tmp_path)
     weights = [row.weight_sqnr_db for row in diagnosis.layers if row.weight_sqnr_db is not None]
     assert weights and min(weights) > 20  # 8-bit per-tensor weights of a small CNN: well above 20 dB

@@ -284,8 +284,10 @@ def test_hard_activations_written_out_as_keras_and_pytorch_ports_write_them_beco
     with torch.no_grad():
         assert torch.allclose(module(example), prepared(example), atol=1e-5)
 
+    # every layer in int8, so the counts do not depend on which kernels are slow on this CPU
     results = quantize(path, cifar_dir, FX_VARIANTS, track=False, output_dir=tmp_path / "out",
-                       calibration_size=CALIBRATION_SIZE, preprocessing="unit", weight_rounding="nearest", bench=False)
+                       calibration_size=CALIBRATION_SIZE, preprocessing="unit", weight_rounding="nearest", bench=False,
+                       speed_check=False)
     for name in FX_VARIANTS:
         report = results[name]
         assert report.status == "ok" and report.agreement >= AGREEMENT_FLOOR, (name, report.reason)

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ptqflow.models.graph.layer_map import readers_of
+from ptqflow.models.graph.rewrites import clip_bounds
 
 __all__ = ["Pair", "equalizable_pairs", "conv_kind"]
 
@@ -74,29 +75,13 @@ def conv_kind(node: onnx.NodeProto, weight: onnx.TensorProto | None) -> str | No
     return None
 
 
-def _clip_bounds(node: onnx.NodeProto, initializers: dict) -> tuple[float | None, float | None] | None:
-    """(lower, upper) of a Clip (None where absent), or None when a bound is computed rather than a constant."""
-    if _attribute(node, "min") is not None or _attribute(node, "max") is not None:  # opset 6-10
-        return _attribute(node, "min"), _attribute(node, "max")
-    bounds = []
-    for position in (1, 2):
-        name = node.input[position] if len(node.input) > position else ""
-        if not name:
-            bounds.append(None)
-        elif name in initializers:
-            bounds.append(float(numpy_helper.to_array(initializers[name]).reshape(-1)[0]))
-        else:
-            return None
-    return bounds[0], bounds[1]
-
-
 def _activation(node: onnx.NodeProto, initializers: dict) -> tuple[bool, float | None, str]:
     """(equalizable, bound, reason when not) of the activation between two convolutions."""
     if node.op_type in _HOMOGENEOUS:
         return True, None, ""
     if node.op_type != "Clip":
         return False, None, f"{node.op_type} is not positively homogeneous"
-    bounds = _clip_bounds(node, initializers)
+    bounds = clip_bounds(node, initializers)
     if bounds is None:
         return False, None, "the Clip's bounds are computed, not constants"
     lower, upper = bounds

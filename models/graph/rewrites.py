@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["fold_batch_norms", "channel_constants_as_batch_norms", "name_unnamed_nodes", "has_unnamed_nodes", "materialize_constants", "upgrade_opset",
-           "model_opset", "explicit_pads", "symmetric_average_pools",
+           "model_opset", "clip_bounds", "explicit_pads", "symmetric_average_pools",
            "reshapes_without_allowzero"]
 
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
@@ -187,6 +187,41 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 # --------------------------------------------------------------------------- constants after a Conv
+def clip_bounds(node: onnx.NodeProto, initializers: dict) -> tuple[float | None, float | None] | None:
+    """(lower, upper) of a Clip (None where absent), or None when a bound is computed rather than a constant."""
+    if _attribute(node, "min") is not None or _attribute(node, "max") is not None:  # opset 6-10
+        return _attribute(node, "min"), _attribute(node, "max")
+    bounds = []
+    for position in (1, 2):
+        name = node.input[position] if len(node.input) > position else ""
+        if not name:
+            bounds.append(None)
+        elif name in initializers:
+            bounds.append(float(numpy_helper.to_array(initializers[name]).reshape(-1)[0]))
+        else:
+            return None
+    return bounds[0], bounds[1]
+
+
+def _starts_hard_sigmoid(node: onnx.NodeProto, readers: dict, initializers: dict) -> bool:
+    """`node` is the `x + 3` of relu6(x + 3) * (1/6) (or / 6), how Keras writes hard_sigmoid: graph preparation
+    makes that one Hardsigmoid for FX, which it could no longer see with the 3 folded into x's Conv."""
+    def only_reader(tensor: str, op_type: str) -> onnx.NodeProto | None:
+        found = readers.get(tensor, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op_type else None
+
+    clip = only_reader(node.output[0], "Clip")
+    if node.op_type != "Add" or clip is None or clip_bounds(clip, initializers) != (0.0, 6.0):
+        return False
+    scale = next(iter(readers.get(clip.output[0], [])), None)
+    if scale is None or scale.op_type not in ("Mul", "Div"):
+        return False
+    expected = 1 / 6 if scale.op_type == "Mul" else 6.0
+    return any(np.isclose(value, expected, rtol=1e-6) for value in
+               (_float_initializer(initializers, name) for name in scale.input[1 if scale.op_type == "Div" else 0:])
+               if value is not None and value.size == 1)
+
+
 _CHANNEL_OPS = ("Mul", "Add", "Sub", "Div")
 
 
@@ -198,7 +233,8 @@ def channel_constants_as_batch_norms(model: onnx.ModelProto) -> tuple[onnx.Model
     Exporters write a BatchNorm they could not fuse, a scaled branch or a bias as such ops. Left in the graph, each
     is quantized as an op of its own, with a scale of its own, and oneDNN's convolution-add fusion takes an added
     constant for a residual tensor and fails. Only what fold_batch_norms can fold is rewritten: a Conv that nothing
-    else reads, with float initializer weights (and bias); `c - conv` and `conv / c` too, not `c / conv`."""
+    else reads, with float initializer weights (and bias); `c - conv` and `conv / c` too, not `c / conv`; and not the
+    `+ 3` of a written-out hard sigmoid (_starts_hard_sigmoid)."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
@@ -207,9 +243,14 @@ def channel_constants_as_batch_norms(model: onnx.ModelProto) -> tuple[onnx.Model
     taken = set(initializers) | {name for g in _all_graphs(graph) for node in g.node
                                  for name in (*node.input, *node.output)} | {value.name for value in graph.input}
     uses = _use_counts(graph)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for reader in graph.node:
+        for name in reader.input:
+            readers.setdefault(name, []).append(reader)
     rewritten = 0
     for index, node in enumerate(list(graph.node)):
-        if node.op_type not in _CHANNEL_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        if node.op_type not in _CHANNEL_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2 \
+                or _starts_hard_sigmoid(node, readers, initializers):
             continue
         for position in (0, 1):
             conv, constant = producer.get(node.input[position]), node.input[1 - position]

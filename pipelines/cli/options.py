@@ -154,10 +154,10 @@ class RecipeOptions(OptionGroup):
         help="Cross-layer equalization of Conv -> activation -> Conv pairs (depthwise ones too; through ReLU6 only "
              "where calibration images stay below its bound): auto keeps it per variant where it agrees with FP32 "
              "on more held-out training images (see --validation-size); on; off.")] = Equalization.auto
-    speed_check: Annotated[bool, typer.Option(
-        "--speed-check/--no-speed-check", rich_help_panel="Calibration",
-        help="Keep in FP32 the convolutions whose int8 kernel is slower than FP32 on this CPU (each timed alone at "
-             "batch 1, cached per CPU); --no-speed-check quantizes every layer the backend can.")] = True
+    no_speed_check: Annotated[bool, typer.Option(
+        "--no-speed-check", rich_help_panel="Calibration",
+        help="Quantize every layer the backend can; by default a convolution whose int8 kernel is slower than FP32 "
+             "on this CPU (timed alone at batch 1) stays in FP32.")] = False
     per_channel: Annotated[Optional[bool], typer.Option(
         "--per-channel/--per-tensor", rich_help_panel="ONNX Runtime",
         help="ONNX Runtime weights per channel or per tensor (default: each variant's own).",
@@ -170,7 +170,7 @@ class RecipeOptions(OptionGroup):
 
     def sweep_fields(self) -> dict[str, Any]:
         return {"calibration_size": self.calibration_size, "weight_rounding": _value(self.weight_rounding),
-                "equalization": _value(self.equalization), "speed_check": self.speed_check,
+                "equalization": _value(self.equalization), "speed_check": not self.no_speed_check,
                 "ort_per_channel": self.per_channel, "ort_calibration_method": _value(self.calibration_method)}
 
 
