@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ptqflow.models.graph.layer_map import readers_of
+
 __all__ = ["fold_batch_norms", "channel_constants_as_batch_norms", "name_unnamed_nodes", "has_unnamed_nodes", "materialize_constants", "upgrade_opset",
            "model_opset", "clip_bounds", "explicit_pads", "symmetric_average_pools",
            "reshapes_without_allowzero"]
@@ -94,6 +96,18 @@ def _unique_name(base: str, taken: set[str]) -> str:
     return name
 
 
+def _rewritable(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict, dict, set[str]]:
+    """A copy of `model` to rewrite, with its main graph's initializers by name, the node that produces each tensor,
+    and every name in use anywhere (so new initializers get unique ones)."""
+    result = _copy(model)
+    graph = result.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producer = {output: node for node in graph.node for output in node.output if output}
+    taken = set(initializers) | {name for g in _all_graphs(graph) for node in g.node
+                                 for name in (*node.input, *node.output)} | {value.name for value in graph.input}
+    return result, initializers, producer, taken
+
+
 def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Fold every inference-mode BatchNormalization of the main graph into the Conv before it; return the new
     model and the number folded.
@@ -105,14 +119,8 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     value per output channel. Grouped and depthwise convolutions fold the same way (their weight's first axis is
     still the output channel). Weights shared with other nodes are copied, never changed under the other reader.
     """
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
+    result, initializers, producer, taken = _rewritable(model)
     graph = result.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producer = {output: node for node in graph.node for output in node.output if output}
-    taken = set(initializers) | {name for g in _all_graphs(graph) for node in g.node
-                                 for name in (*node.input, *node.output)}
-    taken |= {value.name for value in graph.input}
     graph_inputs = {value.name for value in graph.input}
     folded_bn: list[onnx.NodeProto] = []
     orphan_candidates: set[str] = set()
@@ -235,38 +243,27 @@ def channel_constants_as_batch_norms(model: onnx.ModelProto) -> tuple[onnx.Model
     constant for a residual tensor and fails. Only what fold_batch_norms can fold is rewritten: a Conv that nothing
     else reads, with float initializer weights (and bias); `c - conv` and `conv / c` too, not `c / conv`; and not the
     `+ 3` of a written-out hard sigmoid (_starts_hard_sigmoid)."""
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
+    result, initializers, producer, taken = _rewritable(model)
     graph = result.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producer = {output: node for node in graph.node for output in node.output if output}
-    taken = set(initializers) | {name for g in _all_graphs(graph) for node in g.node
-                                 for name in (*node.input, *node.output)} | {value.name for value in graph.input}
-    uses = _use_counts(graph)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for reader in graph.node:
-        for name in reader.input:
-            readers.setdefault(name, []).append(reader)
+    uses, readers = _use_counts(graph), readers_of(graph)
     rewritten = 0
     for index, node in enumerate(list(graph.node)):
         if node.op_type not in _CHANNEL_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2 \
                 or _starts_hard_sigmoid(node, readers, initializers):
             continue
         for position in (0, 1):
-            conv, constant = producer.get(node.input[position]), node.input[1 - position]
-            channels = _foldable_conv_channels(conv, initializers, uses)
-            rank = len(initializers[conv.input[1]].dims) if channels else 0  # the Conv output's axes
-            values = _per_channel(_float_initializer(initializers, constant), channels, rank) if channels else None
+            weight = _foldable_conv_weight(producer.get(node.input[position]), initializers, uses)
+            constant = _float_initializer(initializers, node.input[1 - position])
+            values = _per_channel(constant, weight.shape[0], weight.ndim) if weight is not None else None
             affine = _affine(node.op_type, position, values) if values is not None else None
             if affine is None:
                 continue
             stem = node.name or node.output[0]
             names = []
             for suffix, array in zip(("scale", "shift", "mean", "variance"),
-                                     (*affine, np.zeros(channels), np.ones(channels))):
+                                     (*affine, np.zeros(len(values)), np.ones(len(values)))):
                 names.append(_unique_name(f"{stem}_as_bn_{suffix}", taken))
-                dtype = numpy_helper.to_array(initializers[conv.input[1]]).dtype
-                graph.initializer.append(numpy_helper.from_array(array.astype(dtype), names[-1]))
+                graph.initializer.append(numpy_helper.from_array(array.astype(weight.dtype), names[-1]))
             norm = helper.make_node("BatchNormalization", [node.input[position], *names], [node.output[0]],
                                     name=node.name, epsilon=0.0)
             graph.node.remove(node)
@@ -276,8 +273,8 @@ def channel_constants_as_batch_norms(model: onnx.ModelProto) -> tuple[onnx.Model
     return result, rewritten
 
 
-def _foldable_conv_channels(conv: onnx.NodeProto | None, initializers: dict, uses: Counter) -> int | None:
-    """The output channel count of a Conv fold_batch_norms can fold a BatchNormalization into, else None."""
+def _foldable_conv_weight(conv: onnx.NodeProto | None, initializers: dict, uses: Counter) -> np.ndarray | None:
+    """The weight of a Conv fold_batch_norms can fold a BatchNormalization into, else None."""
     if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.input) < 2 \
             or uses[conv.output[0]] != 1:
         return None
@@ -286,7 +283,7 @@ def _foldable_conv_channels(conv: onnx.NodeProto | None, initializers: dict, use
     if weight is None or weight.ndim < 3 or (len(conv.input) > 2 and conv.input[2] and
                                              (bias is None or bias.shape != (weight.shape[0],))):
         return None
-    return int(weight.shape[0])
+    return weight
 
 
 def _per_channel(constant: np.ndarray | None, channels: int, rank: int) -> np.ndarray | None:
