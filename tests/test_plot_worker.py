@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from concurrent.futures import CancelledError
 
 import numpy as np
 import pytest
@@ -26,6 +28,11 @@ def fails(message: str) -> bytes:
     raise ValueError(message)
 
 
+def sleeps(seconds: str) -> bytes:
+    time.sleep(float(seconds))
+    return seconds.encode()
+
+
 def _confusion_args():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 60)
@@ -42,6 +49,25 @@ def test_background_plots_are_drawn_in_another_process_with_the_same_bytes():
         assert pids and str(os.getpid()) not in pids
         assert [p.result().decode().split(":")[0] for p in pending] == ["0", "1", "2"]
         assert confusion.result() == plots.confusion_matrix(*_confusion_args())
+
+
+def test_one_process_draws_for_every_sweep_of_this_process():
+    with PlotWorker() as first:
+        drawn_first = first.submit(drawn_where, "first").result()
+    with PlotWorker() as second:
+        drawn_second = second.submit(drawn_where, "second").result()
+    worker_pid = drawn_first.decode().split(":")[1]
+    assert worker_pid != str(os.getpid()) and drawn_second.decode().split(":")[1] == worker_pid
+
+
+def test_leaving_cancels_the_plots_not_yet_started():
+    with PlotWorker() as worker:
+        worker.submit(sleeps, "0.5")
+        queued = [worker.submit(drawn_where, str(i)) for i in range(4)]
+    with pytest.raises(CancelledError):
+        queued[-1].result()
+    with PlotWorker() as worker:  # the process goes on for the next sweep
+        assert worker.submit(drawn_where, "next").result().startswith(b"next:")
 
 
 def test_the_worker_leaves_ctrl_c_to_the_sweep_and_yields_the_cpu():
