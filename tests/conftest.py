@@ -3,6 +3,7 @@ completed sweep that many read-only tests inspect."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -61,8 +62,39 @@ def tiny_float_model(tmp_path):
     return FloatModel.for_runtimes(load_classifier(path), tmp_path / "work").for_quantization()
 
 
-def _point_mlflow_at(mp: pytest.MonkeyPatch, root: Path) -> str:
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+_STORE_TEMPLATE: list[Path] = []  # the migrated empty store, made once per test session
+
+
+def seed_mlflow_store(root: Path) -> Path:
+    """root/mlflow.db as a new MLflow sqlite store: a copy of one that MLflow created and migrated once for this
+    test session, with its Default experiment's artifact location moved to root/mlruns/0, as MLflow would have
+    written it there. MLflow's schema migrations take 1-1.5 s per new store on two cores, about a quarter of the
+    suite's time; the store each test gets is still a real, empty MLflow store of its own."""
+    import shutil
+    import sqlite3
+
+    db = root / "mlflow.db"
+    if db.exists():
+        return db
+    if not _STORE_TEMPLATE:
+        from mlflow.tracking import MlflowClient
+
+        made = Path(tempfile.mkdtemp(prefix="ptqflow-test-store-"))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(made)  # MLflow resolves the Default experiment's ./mlruns against the working directory
+            MlflowClient(f"sqlite:///{made / 'mlflow.db'}").search_experiments()
+        _STORE_TEMPLATE.append(made)
+    made = _STORE_TEMPLATE[0]
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(made / "mlflow.db", db)
+    with contextlib.closing(sqlite3.connect(db)) as connection, connection:
+        connection.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+                           (str(made), str(root)))
+    return db
+
+
+def _point_mlflow_at(mp: pytest.MonkeyPatch, root: Path, seed: bool = True) -> str:
+    uri = f"sqlite:///{seed_mlflow_store(root) if seed else root / 'mlflow.db'}"
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mp.chdir(root)  # the default artifact root (./mlruns) lands in the temp dir too
     import mlflow
@@ -71,17 +103,28 @@ def _point_mlflow_at(mp: pytest.MonkeyPatch, root: Path) -> str:
     return uri
 
 
-@pytest.fixture()
-def tracking_store(tmp_path) -> Path:
-    """A fresh sqlite MLflow store in a temp dir, active for this test only."""
+def _tracking_at(root: Path, seed: bool):
     with pytest.MonkeyPatch.context() as mp:
-        _point_mlflow_at(mp, tmp_path)
-        yield tmp_path
+        _point_mlflow_at(mp, root, seed)
+        yield root
         import mlflow
 
         while mlflow.active_run():
             mlflow.end_run()
         mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture()
+def tracking_store(tmp_path) -> Path:
+    """A new, empty sqlite MLflow store in a temp dir, active for this test only."""
+    yield from _tracking_at(tmp_path, seed=True)
+
+
+@pytest.fixture()
+def untouched_tracking_dir(tmp_path) -> Path:
+    """MLflow pointed at a sqlite store in a temp dir that does not exist yet (as in a user's new working
+    directory), for tests that check what creates one."""
+    yield from _tracking_at(tmp_path, seed=False)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ def _predict_one(model_file, engine=None):
     return np.asarray(runner.predict(np.zeros((1, 32, 32, 3), np.float32)))
 
 
-def test_untracked_quantize_returns_numbers_and_files_and_writes_nothing_to_mlflow(tracking_store, tiny_model,
+def test_untracked_quantize_returns_numbers_and_files_and_writes_nothing_to_mlflow(untouched_tracking_dir, tiny_model,
                                                                                      cifar_dir, monkeypatch):
     # Any MLflow call would start a run: make that impossible, so "untracked" is proven, not assumed.
     monkeypatch.setattr(mlflow, "start_run", lambda *a, **k: pytest.fail("track=False started an MLflow run"))
@@ -65,7 +65,7 @@ def test_untracked_quantize_returns_numbers_and_files_and_writes_nothing_to_mlfl
 
     # Nothing tracked: no store in the working directory (the fixture's tracking dir) or in the output directory.
     monkeypatch.undo()
-    _nothing_tracked(tracking_store, results.output_dir)
+    _nothing_tracked(untouched_tracking_dir, results.output_dir)
 
     # The default output directory is temporary: it lives as long as the result, or until cleanup().
     output_dir = results.output_dir
@@ -73,7 +73,8 @@ def test_untracked_quantize_returns_numbers_and_files_and_writes_nothing_to_mlfl
     assert not output_dir.exists()
 
 
-def test_untracked_quantize_into_a_chosen_directory_with_latency(tracking_store, tiny_model, cifar_dir, tmp_path):
+def test_untracked_quantize_into_a_chosen_directory_with_latency(untouched_tracking_dir, tiny_model, cifar_dir,
+                                                                 tmp_path):
     out = tmp_path / "quantized"
     results = quantize(str(tiny_model), str(cifar_dir), variants="ort-int8-u8s8", track=False, output_dir=out,
                        **FAST)
@@ -82,17 +83,17 @@ def test_untracked_quantize_into_a_chosen_directory_with_latency(tracking_store,
     assert r.latency_ms > 0 and results["fp32"].latency_ms > 0
     results.cleanup()  # a chosen directory is the caller's: it stays
     assert r.model_file.is_file()
-    _nothing_tracked(tracking_store, out)
+    _nothing_tracked(untouched_tracking_dir, out)
 
 
-def test_bad_options_are_config_errors_before_any_work(tracking_store, tiny_model, cifar_dir):
+def test_bad_options_are_config_errors_before_any_work(untouched_tracking_dir, tiny_model, cifar_dir):
     with pytest.raises(ConfigError, match="experiment only apply to tracked runs"):
         quantize(tiny_model, cifar_dir, track=False, experiment="elsewhere")
     with pytest.raises(ConfigError, match="no option calibration_sise"):
         quantize(tiny_model, cifar_dir, track=False, calibration_sise=100)
     with pytest.raises(ConfigError, match="unknown variant 'ort-int3'"):
         quantize(tiny_model, cifar_dir, variants=["ort-int3"], track=False, **FAST)
-    _nothing_tracked(tracking_store)
+    _nothing_tracked(untouched_tracking_dir)
 
 
 def test_tracked_quantize_is_the_sweep_and_returns_what_mlflow_recorded(tracking_store, tiny_model, cifar_dir):

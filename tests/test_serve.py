@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE
+from conftest import ADAROUND_ITERATIONS, CALIBRATION_SIZE, seed_mlflow_store
 from processes import HOST, free_port, start_in_own_group, stop_process_groups, wait_ready
 
 pytestmark = pytest.mark.server
@@ -40,7 +40,7 @@ def champion_store(tmp_path_factory, cifar_dir, tiny_model):
     from ptqflow.pipelines.sweep.sweep import run_sweep
 
     root = tmp_path_factory.mktemp("serve_store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = f"sqlite:///{seed_mlflow_store(root)}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(root)  # ./mlruns (the artifact root) lands in the temp dir
