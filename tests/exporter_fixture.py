@@ -40,6 +40,25 @@ def _train(model, images: np.ndarray, labels: np.ndarray, steps: int = 150, seed
     return model.eval()
 
 
+_TRAINED: dict[tuple, dict] = {}  # trained weights by model family and training data, for this process
+
+
+def _trained_once(family: str, build, images: np.ndarray, labels: np.ndarray):
+    """`build()` trained by _train on (images, labels); a second call for the same family and data loads the weights
+    the first one trained instead of training again (9 s on two cores). `build` may differ between calls only in
+    modules without weights, such as the form an activation is written in."""
+    import hashlib
+
+    key = (family, images.shape, hashlib.sha256(images.tobytes() + labels.astype(np.int64).tobytes()).hexdigest())
+    if key in _TRAINED:
+        model = _seeded(build)
+        model.load_state_dict(_TRAINED[key])
+        return model.eval()
+    model = _train(_seeded(build), images, labels)
+    _TRAINED[key] = {name: value.clone() for name, value in model.state_dict().items()}
+    return model
+
+
 def _export(model, example, path: Path, opset: int, dynamic_batch: bool, dynamo: bool = False) -> Path:
     """The legacy TorchScript exporter at `opset`, or with `dynamo` what `torch.onnx.export(model, args, path)`
     writes by default since torch 2.9: the dynamo exporter (onnxscript) at its own default opset (20 in torch 2.14),
@@ -194,7 +213,8 @@ def mobilenet_v3_style(path: Path, images: np.ndarray, labels: np.ndarray, class
             y = nn.functional.adaptive_avg_pool2d(self.head(self.blocks(self.stem(x))), 1)
             return self.classifier(torch.flatten(y, 1))
 
-    model = _train(_seeded(MobileNetV3), images / 255.0, labels)
+    # The same weights in every export of this model and data: the activations' written form has none.
+    model = _trained_once(f"mobilenet_v3_style-{classes}", MobileNetV3, images / 255.0, labels)
     return _export(model, torch.zeros(1, *images.shape[1:]), path, opset=13, dynamic_batch=not dynamo, dynamo=dynamo)
 
 
