@@ -4,6 +4,7 @@ completed sweep that many read-only tests inspect."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -62,29 +63,29 @@ def tiny_float_model(tmp_path):
     return FloatModel.for_runtimes(load_classifier(path), tmp_path / "work").for_quantization()
 
 
-_STORE_TEMPLATE: list[Path] = []  # the migrated empty store, made once per test session
+@functools.cache
+def _migrated_store() -> Path:
+    """The directory of an empty MLflow sqlite store that MLflow created and migrated, once per test session."""
+    from mlflow.tracking import MlflowClient
+
+    made = Path(tempfile.mkdtemp(prefix="ptqflow-test-store-"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(made)  # MLflow resolves the Default experiment's ./mlruns against the working directory
+        MlflowClient(f"sqlite:///{made / 'mlflow.db'}").search_experiments()
+    return made
 
 
 def seed_mlflow_store(root: Path) -> Path:
-    """root/mlflow.db as a new MLflow sqlite store: a copy of one that MLflow created and migrated once for this
-    test session, with its Default experiment's artifact location moved to root/mlruns/0, as MLflow would have
-    written it there. MLflow's schema migrations take 1-1.5 s per new store on two cores, about a quarter of the
-    suite's time; the store each test gets is still a real, empty MLflow store of its own."""
+    """root/mlflow.db as a new MLflow sqlite store: a copy of _migrated_store's, with its Default experiment's
+    artifact location moved to root/mlruns/0, as MLflow would have written it there. MLflow's schema migrations take
+    1-1.5 s per new store on two cores; the store each test gets is still a real, empty MLflow store of its own."""
     import shutil
     import sqlite3
 
     db = root / "mlflow.db"
     if db.exists():
         return db
-    if not _STORE_TEMPLATE:
-        from mlflow.tracking import MlflowClient
-
-        made = Path(tempfile.mkdtemp(prefix="ptqflow-test-store-"))
-        with pytest.MonkeyPatch.context() as mp:
-            mp.chdir(made)  # MLflow resolves the Default experiment's ./mlruns against the working directory
-            MlflowClient(f"sqlite:///{made / 'mlflow.db'}").search_experiments()
-        _STORE_TEMPLATE.append(made)
-    made = _STORE_TEMPLATE[0]
+    made = _migrated_store()
     root.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(made / "mlflow.db", db)
     with contextlib.closing(sqlite3.connect(db)) as connection, connection:
